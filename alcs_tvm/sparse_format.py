@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["BlockSparseWeight", "block_mask", "num_blocks"]
+__all__ = ["BlockSparseWeight", "block_mask", "num_blocks", "random_block_sparse"]
 
 
 def num_blocks(out_channels: int, vector_width: int) -> int:
@@ -142,3 +142,22 @@ class BlockSparseWeight:
     def __repr__(self) -> str:
         return (f"BlockSparseWeight(shape={self.shape}, V={self.vector_width}, "
                 f"nnz_blocks={self.nnz_blocks}, density={self.density:.3f})")
+
+
+def random_block_sparse(weight, vector_width: int, sparsity: float, rng=None) -> np.ndarray:
+    """``weight`` with a uniformly random ``sparsity`` fraction of its (block, position) V-vectors zeroed.
+
+    Used to make benchmark and latency-table layers at a chosen SIMD-block sparsity."""
+    weight = _check_weight(weight)
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    rng = np.random.default_rng(rng)
+    nb = num_blocks(weight.shape[0], vector_width)
+    positions = weight.shape[1] * weight.shape[2] * weight.shape[3]
+    total = nb * positions
+    drop = rng.permutation(total)[: int(round(sparsity * total))]
+    keep = np.ones(total, bool)
+    keep[drop] = False
+    channel_keep = np.repeat(keep.reshape(nb, 1, positions), vector_width, axis=1)
+    channel_keep = channel_keep.reshape(nb * vector_width, positions)[: weight.shape[0]]
+    return (weight.reshape(weight.shape[0], -1) * channel_keep).reshape(weight.shape).astype(np.float32)
