@@ -1,0 +1,67 @@
+"""Hand-written schedules per target family.
+
+The sparse convolution's inner loop runs over a data-dependent range (the kept positions of one output-channel
+block), which block-level ``s_tir.Schedule`` primitives (vectorize/parallel/cache_write) cannot transform. So the
+sparse kernel is written directly as a loop-level TIR template (:mod:`.sparse_conv2d_cpu`) whose knobs - vector
+width, register tile, loop order - are chosen per target here (:mod:`.x86`, :mod:`.arm64`). Data-parallel stages
+around it that do have block structure (layout transforms, padding) are scheduled with ``s_tir.Schedule``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["SparseConvSchedule", "default_sparse_conv_schedule"]
+
+
+@dataclass(frozen=True)
+class SparseConvSchedule:
+    """Knobs of the sparse conv template.
+
+    ``tile_rows x tile_cols`` output pixels of one V-wide output block are accumulated in vector registers while
+    the kept positions of the block stream by; so a kept weight vector is loaded once per tile and used for
+    ``tile_rows * tile_cols`` FMAs. ``max_accumulators`` bounds that product by the register file (a V-wide
+    accumulator each, plus the weight vector and a few temporaries).
+
+    Block-outer task order keeps one block's weights hot while its row tiles stream the input; row-outer keeps
+    one row tile's input hot while the blocks stream by, which wins when blocks keep few positions (high
+    sparsity, few input channels) and the input rows, not the weights, are what misses the cache.
+    """
+
+    vector_width: int
+    tile_rows: int
+    tile_cols: int
+    row_outer: bool = False  # task order (n, row tile, block) instead of (n, block, row tile)
+
+    def __post_init__(self):
+        for name in ("vector_width", "tile_rows", "tile_cols"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def accumulators(self) -> int:
+        return self.tile_rows * self.tile_cols
+
+
+def choose_tile(out_height: int, out_width: int, max_accumulators: int, max_cols: int) -> tuple:
+    """Pick ``(tile_rows, tile_cols)``: columns first (contiguous input along a row), preferring a width that
+    divides the output width (no remainder tile), then as many rows as the register budget allows."""
+    if out_width <= max_cols:
+        cols = out_width
+    else:
+        divisors = [c for c in range(max_cols, max(3, max_cols // 2) - 1, -1) if out_width % c == 0]
+        cols = divisors[0] if divisors else max_cols
+    rows = max(1, min(out_height, max_accumulators // cols))
+    while rows > 1 and out_height % rows and out_height % rows < rows // 2:
+        rows -= 1  # avoid a remainder tile that wastes most of the register tile
+    return rows, cols
+
+
+def default_sparse_conv_schedule(family: str, vector_width: int, out_height: int, out_width: int
+                                 ) -> SparseConvSchedule:
+    """The hand-picked default knobs for a target family (``x86-avx512``, ``x86-avx2``, ``arm64``, ``generic``)."""
+    if family.startswith("x86"):
+        from . import x86 as module
+    else:
+        from . import arm64 as module
+    rows, cols = choose_tile(out_height, out_width, *module.register_budget(family, vector_width))
+    return SparseConvSchedule(vector_width, rows, cols)

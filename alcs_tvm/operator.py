@@ -1,0 +1,330 @@
+"""The sparse conv2d operator: conv geometry, packing a :class:`BlockSparseWeight` for a kernel, the PrimFunc.
+
+The sparsity pattern travels as runtime data (``indptr``, ``offsets``, ``values`` tensors) rather than being baked
+into the generated code: one compiled kernel then serves every mask of the same shape and kept count, code size
+stays independent of the number of kept blocks, and the Relax pass can bind the arrays as ordinary constants.
+Baking the pattern in would save one offset load per kept block (which x86 folds into the FMA's address anyway)
+at the price of code that grows linearly with the kept weights.
+
+``build_sparse_conv2d`` compiles one layer standalone for tests, benchmarks and latency tables.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .schedules import SparseConvSchedule, default_sparse_conv_schedule
+from .schedules.sparse_conv2d_cpu import ACTIVATIONS, KernelGeometry, sparse_conv2d_template
+from .sparse_format import BlockSparseWeight
+from .target import TargetInfo, resolve_target
+
+__all__ = ["Conv2dSpec", "PackedSparseConv2d", "SparseConv2dKernel", "pack_sparse_conv2d",
+           "sparse_conv2d_kernel", "build_sparse_conv2d", "CompiledSparseConv2d"]
+
+
+def _pair(value, name: str) -> tuple:
+    if isinstance(value, (int, np.integer)):
+        return int(value), int(value)
+    value = tuple(int(v) for v in value)
+    if len(value) != 2:
+        raise ValueError(f"{name} must be an int or a pair, got {value}")
+    return value
+
+
+def _padding(value) -> tuple:
+    """Normalise padding to ``(top, left, bottom, right)`` (ONNX order is top, left, bottom, right)."""
+    if isinstance(value, (int, np.integer)):
+        return (int(value),) * 4
+    value = tuple(int(v) for v in value)
+    if len(value) == 2:
+        return value[0], value[1], value[0], value[1]
+    if len(value) == 4:
+        return value
+    raise ValueError(f"padding must be an int, (pad_h, pad_w) or (top, left, bottom, right), got {value}")
+
+
+@dataclass(frozen=True)
+class Conv2dSpec:
+    """Geometry of one NCHW/OIHW ``groups == 1`` convolution."""
+
+    batch: int
+    in_channels: int
+    height: int
+    width: int
+    out_channels: int
+    kernel: tuple  # (kh, kw)
+    stride: tuple = (1, 1)
+    padding: tuple = (0, 0, 0, 0)  # (top, left, bottom, right)
+    dilation: tuple = (1, 1)
+
+    @classmethod
+    def create(cls, input_shape, weight_shape, stride=1, padding=0, dilation=1) -> "Conv2dSpec":
+        input_shape = tuple(int(d) for d in input_shape)
+        weight_shape = tuple(int(d) for d in weight_shape)
+        if len(input_shape) != 4:
+            raise ValueError(f"conv input must be 4-D NCHW, got shape {input_shape}")
+        if len(weight_shape) != 4:
+            raise ValueError(f"conv weight must be 4-D OIHW, got shape {weight_shape}")
+        if input_shape[1] != weight_shape[1]:
+            if weight_shape[1] and input_shape[1] % weight_shape[1] == 0:
+                raise ValueError(
+                    f"grouped convolution (groups={input_shape[1] // weight_shape[1]}) is not supported by the "
+                    f"sparse operator: input has {input_shape[1]} channels, weight {weight_shape[1]}")
+            raise ValueError(f"input channels {input_shape[1]} do not match weight input channels "
+                             f"{weight_shape[1]} (input {input_shape}, weight {weight_shape})")
+        spec = cls(input_shape[0], input_shape[1], input_shape[2], input_shape[3], weight_shape[0],
+                   weight_shape[2:], _pair(stride, "stride"), _padding(padding), _pair(dilation, "dilation"))
+        spec.validate()
+        return spec
+
+    def validate(self):
+        if min(self.batch, self.in_channels, self.height, self.width, self.out_channels, *self.kernel) < 1:
+            raise ValueError(f"conv dimensions must be positive: {self}")
+        if min(self.stride) < 1 or min(self.dilation) < 1 or min(self.padding) < 0:
+            raise ValueError(f"invalid stride/dilation/padding: {self.stride}/{self.dilation}/{self.padding}")
+        if self.out_height < 1 or self.out_width < 1:
+            raise ValueError(f"conv output would be empty ({self.out_height}x{self.out_width}) for {self}")
+
+    @property
+    def padded_height(self) -> int:
+        return self.height + self.padding[0] + self.padding[2]
+
+    @property
+    def padded_width(self) -> int:
+        return self.width + self.padding[1] + self.padding[3]
+
+    @property
+    def out_height(self) -> int:
+        return (self.padded_height - self.dilation[0] * (self.kernel[0] - 1) - 1) // self.stride[0] + 1
+
+    @property
+    def out_width(self) -> int:
+        return (self.padded_width - self.dilation[1] * (self.kernel[1] - 1) - 1) // self.stride[1] + 1
+
+    @property
+    def input_shape(self) -> tuple:
+        return self.batch, self.in_channels, self.height, self.width
+
+    @property
+    def weight_shape(self) -> tuple:
+        return (self.out_channels, self.in_channels) + tuple(self.kernel)
+
+    @property
+    def output_shape(self) -> tuple:
+        return self.batch, self.out_channels, self.out_height, self.out_width
+
+    @property
+    def dense_flops(self) -> int:
+        return 2 * self.batch * self.out_channels * self.out_height * self.out_width * \
+            self.in_channels * self.kernel[0] * self.kernel[1]
+
+    def describe(self) -> str:
+        kh, kw = self.kernel
+        text = f"{kh}x{kw} {self.in_channels}->{self.out_channels} @{self.height}x{self.width}"
+        if self.stride != (1, 1):
+            text += f" s{self.stride[0]}" if self.stride[0] == self.stride[1] else f" s{self.stride}"
+        if any(self.padding):
+            text += f" p{self.padding[0]}" if len(set(self.padding)) == 1 else f" p{self.padding}"
+        if self.dilation != (1, 1):
+            text += f" d{self.dilation[0]}"
+        if self.batch != 1:
+            text += f" n{self.batch}"
+        return text
+
+
+@dataclass(frozen=True, eq=False)
+class PackedSparseConv2d:
+    """The runtime arrays of one sparse conv, in kernel argument order (bias only if present)."""
+
+    indptr: np.ndarray  # int32 [nblocks + 1]
+    offsets: np.ndarray  # int32 [max(nnz, 1)]: flat offset of each kept (cin, kh, kw) in the padded input
+    values: np.ndarray  # float32 [max(nnz, 1), V]
+    bias: np.ndarray  # float32 [nblocks * V], zero-padded (all zeros when the conv has no bias)
+
+    def arrays(self) -> list:
+        return [self.indptr, self.offsets, self.values, self.bias]
+
+
+def padded_input_shape(spec: Conv2dSpec, input_block: int = 1) -> tuple:
+    """Shape of the padded input the kernel indexes: NCHW, or NCHW[b]c for ``input_block = b > 1``."""
+    hp, wp = spec.padded_height, spec.padded_width
+    if input_block == 1:
+        return spec.batch, spec.in_channels, hp, wp
+    if spec.in_channels % input_block:
+        raise ValueError(f"input channels {spec.in_channels} are not a multiple of the input block {input_block}")
+    return spec.batch, spec.in_channels // input_block, hp, wp, input_block
+
+
+def pack_sparse_conv2d(weight: BlockSparseWeight, spec: Conv2dSpec, bias=None, input_block: int = 1
+                       ) -> PackedSparseConv2d:
+    """Turn kept positions into input offsets for ``spec``'s padded input layout."""
+    if tuple(weight.shape) != spec.weight_shape:
+        raise ValueError(f"sparse weight shape {weight.shape} does not match the conv {spec.weight_shape}")
+    cin, kh, kw = (c.astype(np.int64) for c in weight.position_coords())
+    hp, wp = spec.padded_height, spec.padded_width
+    dh, dw = spec.dilation
+    b = input_block
+    offsets = (cin // b) * hp * wp * b + kh * dh * wp * b + kw * dw * b + cin % b
+    if offsets.size and offsets.max() >= np.iinfo(np.int32).max // 2:
+        raise ValueError(f"input too large for 32-bit offsets: {spec.describe()}")
+    v = weight.vector_width
+    values = weight.values
+    if weight.nnz_blocks == 0:  # keep buffers non-empty; indptr guarantees they are never read
+        offsets, values = np.zeros(1, np.int64), np.zeros((1, v), np.float32)
+    packed_bias = np.zeros(weight.num_blocks * v, np.float32)
+    if bias is not None:
+        bias = np.asarray(bias)
+        if bias.dtype != np.float32:
+            raise TypeError(f"bias must be float32, got {bias.dtype}")
+        if bias.shape != (spec.out_channels,):
+            raise ValueError(f"bias shape {bias.shape} does not match {spec.out_channels} output channels")
+        packed_bias[: spec.out_channels] = bias
+    return PackedSparseConv2d(weight.indptr.astype(np.int32), offsets.astype(np.int32),
+                              np.ascontiguousarray(values, np.float32), packed_bias)
+
+
+@dataclass(frozen=True, eq=False)
+class SparseConv2dKernel:
+    """A PrimFunc for one conv layer with the constant arrays it takes after the input."""
+
+    func: object  # tvm.tirx.PrimFunc
+    packed: PackedSparseConv2d
+    geometry: KernelGeometry
+    schedule: SparseConvSchedule
+
+    @property
+    def output_shape(self) -> tuple:
+        shape = self.geometry.output_shape
+        return shape[:-1] + (self.schedule.vector_width,) if shape[-1] is None else shape
+
+
+def sparse_conv2d_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, *, bias=None, activation=None,
+                         target="x86", schedule: SparseConvSchedule | None = None, input_prepadded=False,
+                         input_block: int = 1, output_blocked=False, output_pad=(0, 0, 0, 0),
+                         name: str = "alcs_sparse_conv2d") -> SparseConv2dKernel:
+    """Generate the sparse conv PrimFunc ``(x, indptr, offsets, values, bias, y)`` for ``spec``.
+
+    ``input_prepadded``: ``x`` already carries ``spec.padding`` as a zero border (in NCHW, or NCHW[b]c with
+    ``input_block = b``); otherwise ``x`` is plain NCHW and is padded into a workspace first.
+    ``output_blocked``: write NCHW[V]c (``[N, Cout/V, Ho, Wo, V]``) instead of NCHW. ``output_pad``: zero border
+    (top, left, bottom, right) written around the output so the next conv can read it pre-padded.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if not isinstance(weight, BlockSparseWeight):
+        raise TypeError(f"weight must be a BlockSparseWeight, got {type(weight).__name__}")
+    info = resolve_target(target, weight.vector_width)
+    if schedule is None:
+        schedule = default_sparse_conv_schedule(info.family, weight.vector_width, spec.out_height, spec.out_width)
+    if schedule.vector_width != weight.vector_width:
+        raise ValueError(f"schedule vector width {schedule.vector_width} != weight's {weight.vector_width}")
+    if input_block != 1 and not input_prepadded:
+        raise ValueError("a channel-blocked input must come pre-padded")
+    packed = pack_sparse_conv2d(weight, spec, bias, input_block)
+    padded = padded_input_shape(spec, input_block)
+    needs_pad = any(spec.padding) and not input_prepadded
+    pixel = input_block  # elements between horizontally adjacent input pixels
+    geom = KernelGeometry(
+        batch=spec.batch,
+        input_shape=spec.input_shape if not input_prepadded else padded,
+        padded_shape=padded,
+        input_pad=spec.padding if needs_pad else (0, 0, 0, 0),
+        row_step=spec.stride[0] * spec.padded_width * pixel,
+        col_step=spec.stride[1] * pixel,
+        out_channels=spec.out_channels,
+        num_blocks=weight.num_blocks,
+        out_height=spec.out_height,
+        out_width=spec.out_width,
+        out_blocked=output_blocked,
+        out_pad=tuple(int(p) for p in output_pad),
+        nnz=len(packed.offsets),
+    )
+    func = sparse_conv2d_template(geom, schedule, has_bias=bias is not None, activation=activation, name=name)
+    return SparseConv2dKernel(func, packed, geom, schedule)
+
+
+class CompiledSparseConv2d:
+    """One conv layer compiled for a target: NCHW in, NCHW out (plus a kernel-only variant for timing)."""
+
+    def __init__(self, weight: np.ndarray, spec: Conv2dSpec, bias, activation, info: TargetInfo,
+                 schedule: SparseConvSchedule | None):
+        import tvm
+
+        self.spec, self.info, self.activation = spec, info, activation
+        self.sparse_weight = BlockSparseWeight.from_dense(weight, info.vector_width)
+        self.kernel = sparse_conv2d_kernel(self.sparse_weight, spec, bias=bias, activation=activation,
+                                           target=info.target, schedule=schedule)
+        self.executable = tvm.compile(self.kernel.func, target=info.target)
+        self._bias = bias
+        self._schedule = schedule
+        self._kernel_only = None
+
+    @property
+    def density(self) -> float:
+        return self.sparse_weight.density
+
+    def export_library(self, path: str, **kwargs):
+        self.executable.export_library(path, **kwargs)
+
+    def _device_args(self, kernel: SparseConv2dKernel, x: np.ndarray, device):
+        import tvm
+
+        arrays = [x] + kernel.packed.arrays() + [np.zeros(kernel.output_shape, np.float32)]
+        return [tvm.runtime.tensor(np.ascontiguousarray(a), device) for a in arrays]
+
+    def _check_input(self, x) -> np.ndarray:
+        x = np.asarray(x)
+        if x.dtype != np.float32:
+            raise TypeError(f"input must be float32, got {x.dtype}")
+        if x.shape != self.spec.input_shape:
+            raise ValueError(f"input shape {x.shape} does not match the conv's {self.spec.input_shape}")
+        return x
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        import tvm
+
+        args = self._device_args(self.kernel, self._check_input(x), tvm.cpu())
+        self.executable.mod["alcs_sparse_conv2d"](*args)
+        return args[-1].numpy()
+
+    def time_callable(self, x: np.ndarray):
+        """A zero-argument function running one NCHW -> NCHW inference on pre-bound device tensors."""
+        import tvm
+
+        args = self._device_args(self.kernel, self._check_input(x), tvm.cpu())
+        func = self.executable.mod["alcs_sparse_conv2d"]
+        return lambda: func(*args)
+
+    def kernel_time_callable(self, x: np.ndarray):
+        """Like :meth:`time_callable`, but only the kernel as it runs inside a compiled model: input already
+        zero-padded (written so by the previous layer), output channel-blocked NCHW[V]c."""
+        import tvm
+
+        if self._kernel_only is None:
+            kernel = sparse_conv2d_kernel(self.sparse_weight, self.spec, bias=self._bias,
+                                          activation=self.activation, target=self.info.target,
+                                          schedule=self._schedule, input_prepadded=True, output_blocked=True)
+            self._kernel_only = (kernel, tvm.compile(kernel.func, target=self.info.target))
+        kernel, executable = self._kernel_only
+        pt, pl, pb, pr = self.spec.padding
+        padded = np.pad(self._check_input(x), ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+        args = self._device_args(kernel, padded, tvm.cpu())
+        func = executable.mod["alcs_sparse_conv2d"]
+        return lambda: func(*args)
+
+
+def build_sparse_conv2d(weight, *, input_shape, stride=1, padding=0, dilation=1, bias=None, activation=None,
+                        target="x86", vector_width=None, schedule: SparseConvSchedule | None = None,
+                        layout="NCHW") -> CompiledSparseConv2d:
+    """Compile one sparse conv layer from a dense (already masked) OIHW float32 weight."""
+    if layout != "NCHW":
+        raise ValueError(f"only NCHW layout is supported, got {layout!r}")
+    weight = np.asarray(weight)
+    if weight.ndim != 4:
+        raise ValueError(f"conv weight must be 4-D OIHW, got shape {weight.shape}")
+    if weight.dtype != np.float32:
+        raise TypeError(f"conv weight must be float32, got {weight.dtype}")
+    spec = Conv2dSpec.create(input_shape, weight.shape, stride, padding, dilation)
+    info = resolve_target(target, vector_width)
+    return CompiledSparseConv2d(weight, spec, bias, activation, info, schedule)

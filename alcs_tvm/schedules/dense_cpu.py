@@ -1,0 +1,391 @@
+"""Hand-written CPU schedules for everything in a legalized Relax module that is not the sparse conv.
+
+Relax's default CPU build schedules nothing: every PrimFunc produced by ``LegalizeOps`` is compiled as the naive
+loop nest it was written as (scalar, single-threaded, full-size intermediates). This module gives each such
+PrimFunc a fixed, untuned ``tvm.s_tir.Schedule``:
+
+* **injective / elementwise** (add, relu, clip, residual adds, pads, reshapes, layout transforms): producers are
+  inlined into consumers; the spatial loops are fused, the outer part runs in parallel and the innermost loop is
+  vectorized when a whole number of lanes divides it (else left scalar for LLVM).
+* **one reduction + fused elementwise epilogue** (depthwise conv2d, groups==1 conv2d fallback, max/avg pooling,
+  global average pooling, matmul/linear): the "row" schedule. Pads/producers are inlined, the epilogue chain
+  (bias add, clip, residual add) is merged into one block and moved under the reduction's tile loop. The
+  reduction's innermost spatial axis (output width for NCHW convs/pools, N for matmul) is vectorized with
+  ``lanes`` (a multiple of 4 up to ``max_regs`` SIMD registers, whole row when it fits), the reduction loops run
+  *outside* the vector lanes so the partial sums stay in registers (a small stack accumulator created with
+  ``cache_write``, < 1 KB so LLVM promotes it), the small kernel-window loops are unrolled, and the outer spatial
+  loops are fused and run in parallel. When the innermost spatial axis is trivial (global average pooling, a
+  1x1 output) the reduction is done with a vectorized partial sum over the contiguous reduction axis instead.
+* anything else (several reductions, e.g. softmax): only the outer spatial loops are parallelised.
+
+Use it after fusion and before ``tvm.compile``::
+
+    seq = tvm.transform.Sequential([
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        DenseCPUSchedule(target),            # this module
+    ])
+    mod = seq(mod)
+    ex = tvm.compile(mod, target=target)     # default relax pipeline: LegalizeOps is a no-op on call_tir,
+                                             # nothing re-schedules PrimFuncs; TIR pipeline only lowers.
+
+or simply ``build_dense(mod, target)`` which does exactly that. PrimFuncs carrying ``tirx.is_scheduled`` (e.g.
+the sparse operator, or anything scheduled by dlight/meta-schedule) are left untouched; every function this pass
+schedules gets ``tirx.is_scheduled = True``.
+"""
+from __future__ import annotations
+
+import logging
+
+import tvm
+from tvm import relax, s_tir, tirx
+from tvm.ir import IRModule
+
+from ..target import TargetInfo, resolve_target
+
+__all__ = ["DenseCPUSchedule", "apply_dense_cpu_schedules", "schedule_prim_func", "dense_build_passes",
+           "build_dense"]
+
+log = logging.getLogger(__name__)
+
+#: what schedule primitives raise when a transformation does not apply (ScheduleError is a RuntimeError)
+_SCHED_ERRORS = (RuntimeError, ValueError, TypeError, tvm.error.InternalError)
+
+_SPATIAL = 0  # tirx.IterVar.DataPar
+_REDUCE = 2   # tirx.IterVar.CommReduce
+
+#: below this many output elements x reduction extent, a parallel loop costs more than it saves
+_PARALLEL_MIN_WORK = 1 << 14
+#: unroll a reduction loop completely when its extent is at most this (3x3 / 7x7 windows, not channel sums)
+_UNROLL_MAX = 8
+
+
+def _const(expr) -> int | None:
+    return int(expr.value) if isinstance(expr, tirx.IntImm) else None
+
+
+def _is_scheduled(func) -> bool:
+    return bool(func.attrs is not None and "tirx.is_scheduled" in func.attrs
+                and int(func.attrs["tirx.is_scheduled"]) == 1)
+
+
+def _iter_types(sch: s_tir.Schedule, block) -> list[int]:
+    return [int(iv.iter_type) for iv in sch.get(block).iter_vars]
+
+
+def _is_reduction(sch: s_tir.Schedule, block) -> bool:
+    return _REDUCE in _iter_types(sch, block)
+
+
+def _is_simple_nest(sch: s_tir.Schedule, block) -> bool:
+    """Loops map one-to-one, in order, onto the block's iter vars (the shape every legalized op has)."""
+    loops = sch.get_loops(block)
+    blk = sch.get(block)
+    if not loops or len(loops) != len(blk.iter_vars):
+        return False
+    realize = sch.get(loops[-1]).body
+    if not hasattr(realize, "iter_values"):
+        return False
+    for loop, bind in zip(loops, realize.iter_values):
+        if not (isinstance(bind, tirx.Var) and bind.same_as(sch.get(loop).loop_var)):
+            return False
+    return True
+
+
+def _extent(sch, loop) -> int | None:
+    return _const(sch.get(loop).extent)
+
+
+def _choose_lanes(extent: int, vector_width: int, max_regs: int) -> int:
+    """Lanes for the vectorized innermost loop: a divisor of ``extent``, a multiple of 4 when possible, at most
+    ``max_regs`` registers of ``vector_width`` fp32. The whole extent when it fits (LLVM splits odd vector
+    lengths such as 28 or 56 lanes into full + partial registers, which beats a scalar remainder)."""
+    cap = vector_width * max_regs
+    if extent <= cap:
+        return extent if extent >= 4 else 1
+    best = 1
+    for lanes in range(cap, 3, -1):
+        if extent % lanes == 0:
+            if lanes % vector_width == 0:
+                return lanes
+            if best == 1 and lanes % 4 == 0:
+                best = lanes
+    return best
+
+
+def _inline_all(sch: s_tir.Schedule, keep_last: bool = True) -> None:
+    """Inline every spatial block into its consumer (pads, broadcasts) or, failing that, into its producer
+    (epilogue chains), until nothing changes. Output blocks stay unless they can be reverse-inlined."""
+    changed = True
+    while changed:
+        changed = False
+        root = sch.get_sblock("root") if _has_root(sch) else None
+        blocks = sch.get_child_blocks(root) if root is not None else []
+        outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)} if root is not None else set()
+        for block in blocks:
+            if _is_reduction(sch, block):
+                continue
+            name = sch.get(block).name_hint
+            if name not in outputs:
+                try:
+                    sch.compute_inline(block)
+                    changed = True
+                    break
+                except _SCHED_ERRORS:
+                    pass
+            try:
+                sch.reverse_compute_inline(block)
+                changed = True
+                break
+            except _SCHED_ERRORS:
+                pass
+
+
+def _has_root(sch) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except _SCHED_ERRORS:
+        return False
+
+
+def _parallel_fuse(sch, loops, work: int):
+    """Fuse ``loops`` and mark the result parallel when there is enough work. Returns the fused loop."""
+    if not loops:
+        return None
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    if work >= _PARALLEL_MIN_WORK and (_extent(sch, fused) or 0) > 1:
+        sch.parallel(fused)
+    return fused
+
+
+def _schedule_injective(sch: s_tir.Schedule, block, tinfo: TargetInfo) -> None:
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    extents = [_extent(sch, lp) for lp in loops]
+    if any(e is None for e in extents):
+        _parallel_fuse(sch, loops[:1], _PARALLEL_MIN_WORK)
+        return
+    total = 1
+    for e in extents:
+        total *= e
+    vw = tinfo.vector_width
+    inner = loops[-1]
+    inner_ext = extents[-1]
+    # vectorize across the innermost loop, fusing more inner loops while the run stays short
+    k = len(loops) - 1
+    while inner_ext < vw * 4 and k > 0 and _contiguous_fusable(sch, block):
+        k -= 1
+        inner_ext *= extents[k]
+    outer = loops[:k]
+    inner_loops = loops[k:]
+    inner = sch.fuse(*inner_loops) if len(inner_loops) > 1 else inner_loops[0]
+    lanes = vw if inner_ext % vw == 0 else (vw // 2 if inner_ext % (vw // 2) == 0 and vw >= 8 else
+                                             (4 if inner_ext % 4 == 0 else 1))
+    if lanes > 1:
+        io, ii = sch.split(inner, [None, lanes])
+        sch.vectorize(ii)
+        outer = outer + [io]
+    else:
+        outer = outer + [inner]
+    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    if total >= _PARALLEL_MIN_WORK and (_extent(sch, fused) or 0) > 1:
+        sch.parallel(fused)
+
+
+def _contiguous_fusable(sch, block) -> bool:
+    # fusing the inner loops is always legal for a spatial block; whether it keeps accesses contiguous is up
+    # to the op (elementwise: yes). Cheap heuristic: always allow.
+    return True
+
+
+def _schedule_reduction(sch: s_tir.Schedule, block, epilogue, tinfo: TargetInfo) -> bool:
+    """The row schedule for one reduction block (+ optional single epilogue block). False if not applicable."""
+    if not _is_simple_nest(sch, block):
+        return False
+    types = _iter_types(sch, block)
+    loops = sch.get_loops(block)
+    if any(_extent(sch, lp) is None for lp in loops):
+        return False
+    # legalized reductions list spatial iters first, then reduction iters
+    n_sp = types.index(_REDUCE)
+    if any(t != _REDUCE for t in types[n_sp:]) or any(t != _SPATIAL for t in types[:n_sp]):
+        return False
+    sp, rd = loops[:n_sp], loops[n_sp:]
+    sp_ext = [_extent(sch, lp) for lp in sp]
+    rd_ext = [_extent(sch, lp) for lp in rd]
+    work = 1
+    for e in sp_ext + rd_ext:
+        work *= e
+    vw = tinfo.vector_width
+
+    # innermost non-trivial spatial axis
+    inner_idx = max((i for i, e in enumerate(sp_ext) if e > 1), default=None)
+    if inner_idx is None or inner_idx != len(sp) - 1:
+        return _schedule_reduce_inner(sch, block, epilogue, tinfo, sp, rd, work)
+
+    max_regs = 8 if vw >= 16 else 12  # AVX-512: 32 zmm; AVX2/NEON: 16 regs, keep room for inputs
+    if vw <= 4:
+        max_regs = 6
+    lanes = _choose_lanes(sp_ext[-1], vw, max_regs)
+    # the accumulator tile is lanes fp32: it must stay < 1 KB to live on the stack (promoted to registers)
+    if lanes * 4 >= 1024:
+        lanes = _choose_lanes(sp_ext[-1], vw, max(1, 255 // vw))
+    if lanes > 1:
+        xo, xi = sch.split(sp[-1], [None, lanes])
+    else:
+        xo, xi = sp[-1], None
+    outer = sp[:-1] + [xo]
+    order = outer + rd + ([xi] if xi is not None else [])
+    sch.reorder(*order)
+    # accumulate the tile in a small buffer, write it back (through the epilogue) once
+    acc_writer = sch.cache_write(block, 0, "global")
+    sch.reverse_compute_at(acc_writer, xo, preserve_unit_loops=True)
+    if epilogue is not None:
+        try:
+            sch.compute_inline(acc_writer)  # epilogue reads the accumulator directly
+            acc_writer = None
+        except _SCHED_ERRORS:
+            pass
+        sch.reverse_compute_at(epilogue, xo, preserve_unit_loops=True)
+    for tail in (acc_writer, epilogue):
+        if tail is None:
+            continue
+        tl = sch.get_loops(tail)
+        # the tail's own loops below xo: fuse and vectorize
+        n_outer = len(outer)
+        below = tl[n_outer:]
+        if below:
+            inner = sch.fuse(*below) if len(below) > 1 else below[0]
+            if lanes > 1:
+                sch.vectorize(inner)
+    # outer loops: fuse and parallelise
+    _parallel_fuse(sch, outer, work)
+    if xi is not None:
+        sch.vectorize(xi)
+    init = sch.decompose_reduction(block, rd[0])
+    if xi is not None:
+        il = sch.get_loops(init)
+        if sch.get(il[-1]).kind != tirx.ForKind.VECTORIZED:
+            sch.vectorize(il[-1])
+    for lp, e in zip(rd, rd_ext):
+        if e <= _UNROLL_MAX:
+            sch.unroll(lp)
+    return True
+
+
+def _schedule_reduce_inner(sch, block, epilogue, tinfo, sp, rd, work) -> bool:
+    """Reductions whose output has no wide contiguous axis (global average pooling, GEMV with a transposed
+    weight): parallel over the outputs, plain reduction inside (LLVM vectorizes contiguous sums poorly without
+    reassociation, but these ops are tiny in CNNs)."""
+    if epilogue is not None:
+        loops = sch.get_loops(block)
+        sch.reverse_compute_at(epilogue, loops[len(sp) - 1], preserve_unit_loops=True)
+    _parallel_fuse(sch, sp, work)
+    return True
+
+
+def _schedule_fallback(sch: s_tir.Schedule, blocks) -> None:
+    for block in blocks:
+        loops = sch.get_loops(block)
+        types = _iter_types(sch, block)
+        if not _is_simple_nest(sch, block):
+            continue
+        lead = []
+        for lp, t in zip(loops, types):
+            if t != _SPATIAL or _extent(sch, lp) is None:
+                break
+            lead.append(lp)
+        if lead:
+            try:
+                _parallel_fuse(sch, lead, _PARALLEL_MIN_WORK)
+            except _SCHED_ERRORS:
+                pass
+
+
+def schedule_prim_func(func: tirx.PrimFunc, target) -> tirx.PrimFunc | None:
+    """Schedule one PrimFunc for ``target`` (name, dict, Target or TargetInfo). Returns the scheduled PrimFunc
+    (with ``tirx.is_scheduled``) or None when it is already scheduled or has no block structure."""
+    tinfo = target if isinstance(target, TargetInfo) else resolve_target(target)
+    if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
+        return None
+    sch = s_tir.Schedule(IRModule({"main": func}))
+    if not _has_root(sch):
+        return None
+    try:
+        _inline_all(sch)
+        root = sch.get_sblock("root")
+        blocks = list(sch.get_child_blocks(root))
+        reductions = [b for b in blocks if _is_reduction(sch, b)]
+        if not reductions:
+            for b in blocks:
+                if _is_simple_nest(sch, b):
+                    _schedule_injective(sch, b, tinfo)
+        elif len(reductions) == 1 and len(blocks) <= 2 and sch.get(blocks[0]).same_as(sch.get(reductions[0])):
+            epilogue = blocks[1] if len(blocks) == 2 else None
+            if not _schedule_reduction(sch, reductions[0], epilogue, tinfo):
+                _schedule_fallback(sch, blocks)
+        else:
+            _schedule_fallback(sch, blocks)
+    except _SCHED_ERRORS as err:  # a rule that does not fit: leave the function unscheduled but working
+        log.warning("dense_cpu: could not schedule %s: %s", func.attrs.get("global_symbol", "?") if func.attrs
+                    else "?", str(err).splitlines()[0])
+        return None
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def apply_dense_cpu_schedules(mod: IRModule, target) -> IRModule:
+    """Schedule every not-yet-scheduled PrimFunc of ``mod`` (a legalized, usually fused, Relax module)."""
+    tinfo = target if isinstance(target, TargetInfo) else resolve_target(target)
+    updates = {}
+    for gv, func in mod.functions_items():
+        if isinstance(func, tirx.PrimFunc) and not _is_scheduled(func):
+            new = schedule_prim_func(func, tinfo)
+            if new is not None:
+                updates[gv] = new
+    if not updates:
+        return mod
+    mod = mod.shallow_copy() if hasattr(mod, "shallow_copy") else mod
+    for gv, func in updates.items():
+        mod[gv] = func
+    return mod
+
+
+@tvm.transform.module_pass(opt_level=0, name="DenseCPUSchedule")
+class DenseCPUSchedule:  # pylint: disable=too-few-public-methods
+    """Module pass: hand-written CPU schedules for every unscheduled PrimFunc (see module docstring)."""
+
+    def __init__(self, target):
+        self.tinfo = target if isinstance(target, TargetInfo) else resolve_target(target)
+
+    def transform_module(self, mod: IRModule, _ctx) -> IRModule:  # noqa: D102
+        return apply_dense_cpu_schedules(mod, self.tinfo)
+
+
+def dense_build_passes(target, extra_passes=()) -> list:
+    """The Relax passes that turn an imported model into scheduled, fused PrimFuncs. ``extra_passes`` (e.g. the
+    sparse-conv rewrite) run after fusion and before scheduling, so their PrimFuncs are left alone when they
+    carry ``tirx.is_scheduled``."""
+    return [
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        *extra_passes,
+        DenseCPUSchedule(target),
+    ]
+
+
+def build_dense(mod: IRModule, target, extra_passes=()):
+    """Fuse, schedule and compile ``mod`` for ``target``; returns the VM executable of ``tvm.compile``."""
+    tinfo = target if isinstance(target, TargetInfo) else resolve_target(target)
+    with tinfo.target:
+        mod = tvm.transform.Sequential(dense_build_passes(tinfo, extra_passes))(mod)
+    return tvm.compile(mod, target=tinfo.target)

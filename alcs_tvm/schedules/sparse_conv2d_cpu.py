@@ -1,0 +1,218 @@
+"""The ALCS sparse convolution as a loop-level TIR template for CPUs (the hand-written schedule).
+
+Loop nest, outer to inner::
+
+    parallel  task over (image n, output block ob, row tile)     # consecutive tasks share a block's weights
+      serial  column tile
+        acc[rows, cols, V] = bias | 0                            # < 1 KB "global" buffer -> registers
+        for j in kept positions of block ob:                     # data-dependent CSR range
+          unrolled rows, unrolled cols, vectorised V:
+            acc[r, c, :] += values[j, :] * x[base + offsets[j] + r*row_step + c*col_step]
+        store activation(acc) (one V-wide store per pixel in NCHW[V]c; a lane scatter in NCHW)
+
+``offsets[j]`` is the flat offset of kept position ``(cin, kh, kw)`` in the (padded) input, precomputed at pack
+time, so the inner loop does one offset load, one weight-vector load and ``rows*cols`` broadcast FMAs: no index
+arithmetic, no bounds tests, and never a multiplication by a pruned zero.
+
+The input must already be padded; the op-level wrapper (:mod:`alcs_tvm.operator`) either pads into a workspace
+first or receives input that the previous layer wrote with a zero border.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm.script import tirx as T
+
+# In tirx TVMScript a plain ``x = expr`` declares a mutable scalar, which the CPU backend turns into a heap
+# workspace allocated per loop iteration; ``T.meta_var`` substitutes the expression instead.
+
+from . import SparseConvSchedule
+
+__all__ = ["KernelGeometry", "sparse_conv2d_template", "ACTIVATIONS"]
+
+ACTIVATIONS = (None, "relu", "relu6")
+
+
+@dataclass(frozen=True)
+class KernelGeometry:
+    """Memory geometry the template is specialised for (all sizes in fp32 elements).
+
+    ``input_shape``: the (already padded) input buffer as the kernel receives it; ``input_pad``: if not all
+    zero, the kernel receives the *unpadded* NCHW input and pads it into a workspace of ``padded_shape`` first.
+    """
+
+    batch: int
+    input_shape: tuple
+    padded_shape: tuple  # (N, C, Hp, Wp) or (N, C/b, Hp, Wp, b): what offsets index into
+    input_pad: tuple  # (top, left, bottom, right) done inside the kernel; zeros when pre-padded
+    row_step: int  # input elements between vertically adjacent output pixels
+    col_step: int  # input elements between horizontally adjacent output pixels
+    out_channels: int
+    num_blocks: int
+    out_height: int
+    out_width: int
+    out_blocked: bool  # NCHW[V]c output (one vector store per pixel) instead of NCHW
+    out_pad: tuple = (0, 0, 0, 0)  # zero border written around the output, for the next conv
+    nnz: int = 1  # buffer length of offsets/values (>= 1 even when every block is empty)
+
+    @property
+    def batch_stride(self) -> int:
+        return _prod(self.padded_shape[1:])
+
+    @property
+    def output_shape(self) -> tuple:
+        top, left, bottom, right = self.out_pad
+        h, w = self.out_height + top + bottom, self.out_width + left + right
+        return ((self.batch, self.num_blocks, h, w, None) if self.out_blocked
+                else (self.batch, self.out_channels, h, w))
+
+
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
+
+
+def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, has_bias: bool,
+                           activation=None, name: str = "alcs_sparse_conv2d"):
+    """Return the PrimFunc ``(x, indptr, offsets, values, bias, y)`` for one conv layer.
+
+    ``has_bias=False`` initialises the accumulators with zeros and never reads ``bias`` (pass any array)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    V = sched.vector_width
+    N, NB, Cout = geom.batch, geom.num_blocks, geom.out_channels
+    Ho, Wo = geom.out_height, geom.out_width
+    TR, TW = min(sched.tile_rows, Ho), min(sched.tile_cols, Wo)
+    RT_FULL, TR_REM = divmod(Ho, TR)
+    RT = RT_FULL + (1 if TR_REM else 0)
+    CT_FULL, TW_REM = divmod(Wo, TW)
+    HAS_ROW_REM, HAS_COL_REM = TR_REM > 0, TW_REM > 0  # TVMScript's static `if` needs real bools
+    ROW_STEP, COL_STEP = geom.row_step, geom.col_step
+    BATCH_STRIDE = geom.batch_stride
+    NNZ = max(1, geom.nnz)
+    OT, OL, OB, OR = geom.out_pad
+    HOP, WOP = Ho + OT + OB, Wo + OL + OR
+    BLOCKED = bool(geom.out_blocked)
+    PARTIAL = Cout % V != 0
+    HAS_BIAS = bool(has_bias)
+    ROW_OUTER = bool(sched.row_outer)
+    RELU = activation in ("relu", "relu6")
+    RELU6 = activation == "relu6"
+    OUT_BORDER = bool(any(geom.out_pad))
+    PT, PL, PB, PR = geom.input_pad
+    INTERNAL_PAD = bool(any(geom.input_pad))
+    PADDED_SIZE = _prod(geom.padded_shape)
+    if INTERNAL_PAD:
+        _, C, H, W = geom.input_shape
+        HP, WP = H + PT + PB, W + PL + PR
+    else:
+        C = H = W = HP = WP = 1  # unused
+    y_shape = (N, NB, HOP, WOP, V) if BLOCKED else (N, Cout, HOP, WOP)
+    x_shape = tuple(geom.input_shape)
+    bias_len = NB * V
+
+    @T.macro
+    def tile(xf, indptr, offsets, values, bias, y, n, ob, row0, col0, tr, tw):
+        acc = T.decl_buffer((tr * tw * V,), "float32", scope="global")
+        for i in T.unroll(tr * tw):
+            for v in T.vectorized(V):
+                if HAS_BIAS:
+                    acc[i * V + v] = bias[ob * V + v]
+                else:
+                    acc[i * V + v] = T.float32(0)
+        base = T.meta_var(n * BATCH_STRIDE + row0 * ROW_STEP + col0 * COL_STEP)
+        for j in range(indptr[ob], indptr[ob + 1]):
+            at = T.meta_var(base + offsets[j])
+            for r in T.unroll(tr):
+                for c in T.unroll(tw):
+                    for v in T.vectorized(V):
+                        acc[(r * tw + c) * V + v] = acc[(r * tw + c) * V + v] + values[j, v] * xf[
+                            at + r * ROW_STEP + c * COL_STEP]
+        for r in T.unroll(tr):
+            for c in T.unroll(tw):
+                if BLOCKED:
+                    for v in T.vectorized(V):
+                        if RELU6:
+                            y[n, ob, OT + row0 + r, OL + col0 + c, v] = T.min(
+                                T.max(acc[(r * tw + c) * V + v], T.float32(0)), T.float32(6))
+                        elif RELU:
+                            y[n, ob, OT + row0 + r, OL + col0 + c, v] = T.max(
+                                acc[(r * tw + c) * V + v], T.float32(0))
+                        else:
+                            y[n, ob, OT + row0 + r, OL + col0 + c, v] = acc[(r * tw + c) * V + v]
+                else:
+                    for v in range(V):
+                        if not PARTIAL or ob * V + v < Cout:
+                            if RELU6:
+                                y[n, ob * V + v, OT + row0 + r, OL + col0 + c] = T.min(
+                                    T.max(acc[(r * tw + c) * V + v], T.float32(0)), T.float32(6))
+                            elif RELU:
+                                y[n, ob * V + v, OT + row0 + r, OL + col0 + c] = T.max(
+                                    acc[(r * tw + c) * V + v], T.float32(0))
+                            else:
+                                y[n, ob * V + v, OT + row0 + r, OL + col0 + c] = acc[(r * tw + c) * V + v]
+
+    @T.macro
+    def row_tile(xf, indptr, offsets, values, bias, y, n, ob, row0, tr):
+        for ct in range(CT_FULL):
+            tile(xf, indptr, offsets, values, bias, y, n, ob, row0, ct * TW, tr, TW)
+        if HAS_COL_REM:
+            tile(xf, indptr, offsets, values, bias, y, n, ob, row0, CT_FULL * TW, tr, TW_REM)
+
+    @T.macro
+    def conv(xf, indptr, offsets, values, bias, y):
+        for task in T.parallel(N * NB * RT):
+            n = T.meta_var(task // (NB * RT))
+            if ROW_OUTER:
+                rt = T.meta_var(task // NB % RT)
+                ob = T.meta_var(task % NB)
+            else:
+                ob = T.meta_var(task // RT % NB)
+                rt = T.meta_var(task % RT)
+            if HAS_ROW_REM:
+                if rt < RT_FULL:
+                    row_tile(xf, indptr, offsets, values, bias, y, n, ob, rt * TR, TR)
+                else:
+                    row_tile(xf, indptr, offsets, values, bias, y, n, ob, RT_FULL * TR, TR_REM)
+            else:
+                row_tile(xf, indptr, offsets, values, bias, y, n, ob, rt * TR, TR)
+
+    @T.macro
+    def zero_border(y):
+        if BLOCKED:
+            for nb in T.parallel(N * NB):
+                for h in range(HOP):
+                    for w in range(WOP):
+                        if h < OT or h >= OT + Ho or w < OL or w >= OL + Wo:
+                            for v in T.vectorized(V):
+                                y[nb // NB, nb % NB, h, w, v] = T.float32(0)
+        else:
+            for nc in T.parallel(N * Cout):
+                for h in range(HOP):
+                    for w in range(WOP):
+                        if h < OT or h >= OT + Ho or w < OL or w >= OL + Wo:
+                            y[nc // Cout, nc % Cout, h, w] = T.float32(0)
+
+    @T.prim_func
+    def func(x: T.Buffer(x_shape, "float32"), indptr: T.Buffer((NB + 1,), "int32"),
+             offsets: T.Buffer((NNZ,), "int32"), values: T.Buffer((NNZ, V), "float32"),
+             bias: T.Buffer((bias_len,), "float32"), y: T.Buffer(y_shape, "float32")):
+        T.func_attr({"tirx.noalias": True})
+        if OUT_BORDER:
+            zero_border(y)
+        if INTERNAL_PAD:
+            xp = T.alloc_buffer((PADDED_SIZE,), "float32")
+            for nc in T.parallel(N * C):
+                for h in range(HP):
+                    for w in range(WP):
+                        xp[(nc * HP + h) * WP + w] = T.if_then_else(
+                            PT <= h and h < PT + H and PL <= w and w < PL + W,
+                            x[nc // C, nc % C, h - PT, w - PL], T.float32(0))
+            conv(xp, indptr, offsets, values, bias, y)
+        else:
+            xf = T.decl_buffer((PADDED_SIZE,), "float32", data=x.data)
+            conv(xf, indptr, offsets, values, bias, y)
+
+    return func.with_attr("global_symbol", name)
