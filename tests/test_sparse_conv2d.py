@@ -1,0 +1,169 @@
+"""The sparse conv2d operator against torch.nn.functional.conv2d on the same masked weight and input (x86).
+
+Every case compiles real code for this host; both x86 SIMD widths run here (an AVX-512 host runs AVX2 code).
+"""
+import numpy as np
+import pytest
+import torch
+
+from alcs_tvm.operator import Conv2dSpec, build_sparse_conv2d, sparse_conv2d_kernel
+from alcs_tvm.schedules import SparseConvSchedule
+from alcs_tvm.sparse_format import BlockSparseWeight, random_block_sparse
+
+RTOL = 1e-5
+
+
+def torch_conv(x, weight, bias, stride, padding, dilation, activation):
+    xt = torch.from_numpy(x)
+    if isinstance(padding, tuple) and len(padding) == 4:  # (top, left, bottom, right)
+        top, left, bottom, right = padding
+        xt = torch.nn.functional.pad(xt, (left, right, top, bottom))
+        padding = 0
+    out = torch.nn.functional.conv2d(xt, torch.from_numpy(weight), None if bias is None else torch.from_numpy(bias),
+                                     stride, padding, dilation)
+    if activation == "relu":
+        out = out.relu()
+    elif activation == "relu6":
+        out = out.clamp(0, 6)
+    return out.numpy()
+
+
+def make_case(seed, cin, cout, hw, kernel, sparsity, vector_width, batch=1, bias=False):
+    rng = np.random.default_rng(seed)
+    h, w = (hw, hw) if isinstance(hw, int) else hw
+    weight = rng.standard_normal((cout, cin, kernel, kernel)).astype(np.float32)
+    weight = random_block_sparse(weight, vector_width, sparsity, rng)
+    x = rng.standard_normal((batch, cin, h, w)).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32) if bias else None
+    return x, weight, b
+
+
+def assert_close(actual, expected):
+    assert actual.shape == expected.shape
+    scale = max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=RTOL * scale)
+
+
+# (cin, cout, hw, kernel, stride, padding, dilation): the layer shapes of the issue's matrix
+GEOMETRIES = {
+    "1x1": (24, 48, 12, 1, 1, 0, 1),
+    "1x1-s2": (16, 32, 13, 1, 2, 0, 1),
+    "3x3-p1": (16, 32, 14, 3, 1, 1, 1),
+    "3x3-s2-p1": (16, 32, 15, 3, 2, 1, 1),
+    "3x3-p0": (8, 16, 9, 3, 1, 0, 1),
+    "3x3-asym": (8, 16, 10, 3, 1, (0, 1, 2, 1), 1),
+    "3x3-dil2": (8, 32, 12, 3, 1, 2, 2),
+    "5x5-p2": (8, 16, 11, 5, 1, 2, 1),
+    "7x7-s2-stem": (3, 32, 32, 7, 2, 3, 1),
+    "cout-not-multiple": (8, 37, 10, 3, 1, 1, 1),
+    "wide-remainders": (8, 16, (5, 31), 3, 1, 1, 1),
+}
+
+
+@pytest.mark.parametrize("vector_width, target", [(16, "x86-avx512"), (8, "x86-avx2")])
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+def test_geometries_and_sparsities(name, sparsity, vector_width, target):
+    cin, cout, hw, kernel, stride, padding, dilation = GEOMETRIES[name]
+    x, weight, _ = make_case(hash((name, sparsity)) % 1000, cin, cout, hw, kernel, sparsity, vector_width)
+    op = build_sparse_conv2d(weight, input_shape=x.shape, stride=stride, padding=padding, dilation=dilation,
+                             target=target)
+    assert op.info.vector_width == vector_width
+    assert_close(op.run(x), torch_conv(x, weight, None, stride, padding, dilation, None))
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "relu6"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_bias_activation_batch(activation, bias, batch):
+    x, weight, b = make_case(7, 16, 40, 9, 3, 0.5, 16, batch=batch, bias=bias)
+    x *= 3  # push some outputs above 6 so relu6 clips
+    op = build_sparse_conv2d(weight, input_shape=x.shape, stride=1, padding=1, bias=b, activation=activation)
+    assert_close(op.run(x), torch_conv(x, weight, b, 1, 1, 1, activation))
+
+
+@pytest.mark.parametrize("activation", [None, "relu6"])
+def test_fully_pruned_layer_outputs_bias_and_activation(activation):
+    x, weight, b = make_case(3, 8, 20, 6, 3, 1.0, 16, bias=True)
+    assert not weight.any()
+    op = build_sparse_conv2d(weight, input_shape=x.shape, padding=1, bias=b, activation=activation)
+    assert op.sparse_weight.nnz_blocks == 0
+    expected = np.broadcast_to(b[None, :, None, None], (1, 20, 6, 6))
+    if activation == "relu6":
+        expected = np.clip(expected, 0, 6)
+    assert_close(op.run(x), expected)
+
+
+@pytest.mark.parametrize("tile", [(1, 1), (1, 5), (3, 4), (2, 14)])
+@pytest.mark.parametrize("row_outer", [False, True])
+def test_schedule_knobs_do_not_change_results(tile, row_outer):
+    x, weight, b = make_case(11, 16, 32, (11, 13), 3, 0.7, 16, batch=2, bias=True)
+    schedule = SparseConvSchedule(16, tile[0], tile[1], row_outer=row_outer)
+    op = build_sparse_conv2d(weight, input_shape=x.shape, padding=1, bias=b, activation="relu", schedule=schedule)
+    assert_close(op.run(x), torch_conv(x, weight, b, 1, 1, 1, "relu"))
+
+
+def run_kernel(kernel, x):
+    import tvm
+
+    executable = tvm.compile(kernel.func, target={"kind": "llvm"})
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev)
+            for a in [x] + kernel.packed.arrays() + [np.full(kernel.output_shape, np.nan, np.float32)]]
+    executable.mod["alcs_sparse_conv2d"](*args)
+    return args[-1].numpy()
+
+
+@pytest.mark.parametrize("input_block", [1, 4])
+@pytest.mark.parametrize("output_pad", [(0, 0, 0, 0), (1, 1, 1, 1), (0, 2, 1, 0)])
+def test_model_layouts_prepadded_blocked_in_and_out(input_block, output_pad):
+    """The layouts a compiled model chains: padded (optionally NCHW[b]c) input, NCHW[V]c output with a zero
+    border for the next layer."""
+    x, weight, b = make_case(5, 16, 36, 10, 3, 0.5, 8, bias=True)
+    spec = Conv2dSpec.create(x.shape, weight.shape, 2, 1, 1)
+    kernel = sparse_conv2d_kernel(BlockSparseWeight.from_dense(weight, 8), spec, bias=b, activation="relu",
+                                  target={"kind": "llvm"}, input_prepadded=True, input_block=input_block,
+                                  output_blocked=True, output_pad=output_pad)
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    if input_block > 1:
+        n, c, h, w = padded.shape
+        padded = padded.reshape(n, c // input_block, input_block, h, w).transpose(0, 1, 3, 4, 2)
+    out = run_kernel(kernel, padded)
+    top, left, bottom, right = output_pad
+    ref = torch_conv(x, weight, b, 2, 1, 1, "relu")
+    n, cout, ho, wo = ref.shape
+    assert out.shape == (n, 5, ho + top + bottom, wo + left + right, 8)  # 36 channels -> 5 blocks of 8
+    interior = out[:, :, top:top + ho, left:left + wo, :]
+    unblocked = interior.transpose(0, 1, 4, 2, 3).reshape(n, 40, ho, wo)
+    assert_close(unblocked[:, :cout], ref)
+    border = np.ones(out.shape, bool)
+    border[:, :, top:top + ho, left:left + wo, :] = False
+    assert np.all(out[border] == 0)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(weight=np.zeros((8, 4, 3), np.float32), input_shape=(1, 4, 8, 8)), ValueError, "4-D"),
+    (dict(weight=np.zeros((8, 4, 3, 3), np.float64), input_shape=(1, 4, 8, 8)), TypeError, "float32"),
+    (dict(weight=np.zeros((8, 2, 3, 3), np.float32), input_shape=(1, 4, 8, 8)), ValueError, "groups=2"),
+    (dict(weight=np.zeros((8, 3, 3, 3), np.float32), input_shape=(1, 4, 8, 8)), ValueError, "do not match"),
+    (dict(weight=np.zeros((8, 4, 3, 3), np.float32), input_shape=(1, 4, 8)), ValueError, "4-D NCHW"),
+    (dict(weight=np.zeros((8, 4, 9, 9), np.float32), input_shape=(1, 4, 4, 4)), ValueError, "empty"),
+    (dict(weight=np.zeros((8, 4, 3, 3), np.float32), input_shape=(1, 4, 8, 8), activation="gelu"), ValueError,
+     "activation"),
+    (dict(weight=np.zeros((8, 4, 3, 3), np.float32), input_shape=(1, 4, 8, 8), bias=np.zeros(7, np.float32)),
+     ValueError, "bias shape"),
+    (dict(weight=np.zeros((8, 4, 3, 3), np.float32), input_shape=(1, 4, 8, 8), target="riscv"), ValueError,
+     "unknown target"),
+])
+def test_bad_input_gets_a_clear_error(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        build_sparse_conv2d(**kwargs)
+
+
+def test_wrong_input_at_run_time():
+    x, weight, _ = make_case(0, 8, 16, 6, 3, 0.5, 16)
+    op = build_sparse_conv2d(weight, input_shape=x.shape, padding=1)
+    with pytest.raises(ValueError, match="input shape"):
+        op.run(np.zeros((1, 8, 7, 7), np.float32))
+    with pytest.raises(TypeError, match="float32"):
+        op.run(x.astype(np.float64))

@@ -1,0 +1,64 @@
+"""The SIMD-block sparse format: exact round trips, the keep rule, padding of the last block, bad input."""
+import numpy as np
+import pytest
+
+from alcs_tvm.sparse_format import BlockSparseWeight, block_mask, num_blocks, random_block_sparse
+
+
+@pytest.mark.parametrize("shape", [(32, 16, 3, 3), (35, 8, 1, 1), (5, 3, 7, 7), (64, 10)])
+@pytest.mark.parametrize("vector_width", [4, 8, 16])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+def test_round_trip_is_exact(shape, vector_width, sparsity):
+    rng = np.random.default_rng(0)
+    weight = random_block_sparse(rng.standard_normal(shape).astype(np.float32), vector_width, sparsity, rng)
+    sparse = BlockSparseWeight.from_dense(weight, vector_width)
+    dense = sparse.to_dense()
+    assert np.array_equal(dense, weight.reshape(dense.shape))
+    assert sparse.num_blocks == num_blocks(shape[0], vector_width)
+    assert sparse.values.shape == (sparse.nnz_blocks, vector_width)
+    assert sparse.indptr[0] == 0 and sparse.indptr[-1] == sparse.nnz_blocks
+    assert np.all(np.diff(sparse.indptr) >= 0)
+    assert sparse.density == pytest.approx(1.0 - sparsity, abs=1.0 / (sparse.num_blocks * sparse.positions_per_block))
+
+
+def test_block_kept_iff_any_lane_nonzero():
+    weight = np.zeros((8, 2, 1, 1), np.float32)
+    weight[5, 1, 0, 0] = 3.0  # one lane of block 1 at position 1
+    sparse = BlockSparseWeight.from_dense(weight, 4)
+    assert sparse.nnz_blocks == 1
+    assert list(sparse.indptr) == [0, 0, 1]
+    assert list(sparse.indices) == [1]
+    assert list(sparse.values[0]) == [0.0, 3.0, 0.0, 0.0]
+    assert block_mask(weight, 4).tolist() == [[False, False], [False, True]]
+
+
+def test_unstructured_sparsity_converts_exactly_with_less_benefit():
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    weight[rng.random(weight.shape) < 0.5] = 0  # element-wise 50%: almost every 4-block keeps a lane
+    sparse = BlockSparseWeight.from_dense(weight, 4)
+    assert np.array_equal(sparse.to_dense(), weight)
+    assert sparse.density > 0.9
+
+
+def test_position_coords_follow_oihw():
+    weight = np.zeros((4, 3, 2, 5), np.float32)
+    weight[0, 2, 1, 4] = 1.0
+    sparse = BlockSparseWeight.from_dense(weight, 4)
+    cin, kh, kw = sparse.position_coords()
+    assert (cin[0], kh[0], kw[0]) == (2, 1, 4)
+
+
+@pytest.mark.parametrize("bad, error", [
+    (np.zeros((2, 3, 4), np.float32), ValueError),
+    (np.zeros((4, 4, 3, 3), np.float64), TypeError),
+    (np.zeros((0, 4, 3, 3), np.float32), ValueError),
+])
+def test_bad_weights_are_named(bad, error):
+    with pytest.raises(error, match="weight"):
+        BlockSparseWeight.from_dense(bad, 4)
+
+
+def test_bad_vector_width():
+    with pytest.raises(ValueError, match="vector width"):
+        BlockSparseWeight.from_dense(np.ones((4, 4, 1, 1), np.float32), 0)
