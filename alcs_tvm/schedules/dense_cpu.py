@@ -65,7 +65,7 @@ _UNROLL_MAX = 8
 
 
 def _const(expr) -> int | None:
-    return int(expr.value) if isinstance(expr, tirx.IntImm) else None
+    return int(expr.value) if type(expr).__name__ == "IntImm" else None
 
 
 def _is_scheduled(func) -> bool:
@@ -117,19 +117,35 @@ def _choose_lanes(extent: int, vector_width: int, max_regs: int) -> int:
     return best
 
 
-def _inline_all(sch: s_tir.Schedule, keep_last: bool = True) -> None:
-    """Inline every spatial block into its consumer (pads, broadcasts) or, failing that, into its producer
-    (epilogue chains), until nothing changes. Output blocks stay unless they can be reverse-inlined."""
+def _is_pad_block(sch: s_tir.Schedule, block) -> bool:
+    """A spatial block computing ``if_then_else(in_bounds, load, const)`` (what LegalizeOps emits for pads)."""
+    body = sch.get(block).body
+    value = getattr(body, "value", None)
+    op = getattr(value, "op", None)
+    return (op is not None and getattr(op, "name", "").endswith("if_then_else")
+            and len(value.args) == 3 and type(value.args[1]).__name__ in ("BufferLoad", "TensorLoad"))
+
+
+def _feeds_reduction(sch: s_tir.Schedule, block) -> bool:
+    return any(_is_reduction(sch, c) for c in sch.get_consumers(block))
+
+
+def _inline_all(sch: s_tir.Schedule) -> None:
+    """Inline every spatial block into its consumer (broadcasts, copies) or, failing that, into its producer
+    (epilogue chains), until nothing changes. Pads feeding a reduction are kept (see ``_schedule_reduction``):
+    inlined, their ``if_then_else`` makes TVM's vectorizer scalarize the reduction's inner loop."""
     changed = True
     while changed:
         changed = False
-        root = sch.get_sblock("root") if _has_root(sch) else None
-        blocks = sch.get_child_blocks(root) if root is not None else []
-        outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)} if root is not None else set()
+        root = sch.get_sblock("root")
+        blocks = sch.get_child_blocks(root)
+        outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
         for block in blocks:
             if _is_reduction(sch, block):
                 continue
             name = sch.get(block).name_hint
+            if _is_pad_block(sch, block) and _feeds_reduction(sch, block):
+                continue
             if name not in outputs:
                 try:
                     sch.compute_inline(block)
@@ -204,8 +220,46 @@ def _contiguous_fusable(sch, block) -> bool:
     return True
 
 
-def _schedule_reduction(sch: s_tir.Schedule, block, epilogue, tinfo: TargetInfo) -> bool:
-    """The row schedule for one reduction block (+ optional single epilogue block). False if not applicable."""
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
+def _vectorize_inner(sch, block, max_lanes: int = 256) -> None:
+    """Vectorize the innermost loop of ``block`` when its extent is constant and small enough."""
+    loops = sch.get_loops(block)
+    if loops:
+        ext = _extent(sch, loops[-1])
+        if ext is not None and 1 < ext <= max_lanes:
+            try:
+                sch.vectorize(loops[-1])
+            except _SCHED_ERRORS:
+                pass
+
+
+def _schedule_pad_under(sch, pad, loop) -> None:
+    """Materialise a pad per iteration of ``loop`` (one padded plane of a channel): a constant fill plus an
+    in-bounds copy, both without ``if_then_else``, so the consumer's inner loop reads plain memory."""
+    sch.compute_at(pad, loop, preserve_unit_loops=True)
+    target = sch.get(loop)
+    pad_loops = list(sch.get_loops(pad))
+    n_outer = next(i for i, lp in enumerate(pad_loops) if sch.get(lp).same_as(target)) + 1
+    below = pad_loops[n_outer:]
+    if not below:
+        return
+    try:
+        fill = sch.decompose_padding(pad, below[0])
+        _vectorize_inner(sch, fill)
+    except _SCHED_ERRORS:
+        pass
+    _vectorize_inner(sch, pad)
+
+
+def _schedule_reduction(sch: s_tir.Schedule, block, epilogue, tinfo: TargetInfo, pads=()) -> bool:
+    """The row schedule for one reduction block (+ optional pads before and one epilogue block after).
+    False if not applicable (the caller falls back)."""
     if not _is_simple_nest(sch, block):
         return False
     types = _iter_types(sch, block)
@@ -214,19 +268,19 @@ def _schedule_reduction(sch: s_tir.Schedule, block, epilogue, tinfo: TargetInfo)
         return False
     # legalized reductions list spatial iters first, then reduction iters
     n_sp = types.index(_REDUCE)
-    if any(t != _REDUCE for t in types[n_sp:]) or any(t != _SPATIAL for t in types[:n_sp]):
+    if any(t != _REDUCE for t in types[n_sp:]) or any(t != _SPATIAL for t in types[:n_sp]) or n_sp == 0:
         return False
     sp, rd = loops[:n_sp], loops[n_sp:]
     sp_ext = [_extent(sch, lp) for lp in sp]
     rd_ext = [_extent(sch, lp) for lp in rd]
-    work = 1
-    for e in sp_ext + rd_ext:
-        work *= e
+    work = _prod(sp_ext + rd_ext)
     vw = tinfo.vector_width
+    # a reduction over a small window only (depthwise conv, pooling) vs one over channels (conv, matmul)
+    window = _prod(rd_ext) <= 64
 
-    # innermost non-trivial spatial axis
-    inner_idx = max((i for i, e in enumerate(sp_ext) if e > 1), default=None)
-    if inner_idx is None or inner_idx != len(sp) - 1:
+    if sp_ext[-1] == 1:
+        for pad in pads:
+            _schedule_root_pad(sch, pad, tinfo)
         return _schedule_reduce_inner(sch, block, epilogue, tinfo, sp, rd, work)
 
     max_regs = 8 if vw >= 16 else 12  # AVX-512: 32 zmm; AVX2/NEON: 16 regs, keep room for inputs
@@ -240,9 +294,13 @@ def _schedule_reduction(sch: s_tir.Schedule, block, epilogue, tinfo: TargetInfo)
         xo, xi = sch.split(sp[-1], [None, lanes])
     else:
         xo, xi = sp[-1], None
-    outer = sp[:-1] + [xo]
-    order = outer + rd + ([xi] if xi is not None else [])
-    sch.reorder(*order)
+    # parallel over (batch, channel) planes when pads are materialised per plane, else over all outer loops
+    plane_pads = bool(pads) and window and n_sp >= 3 and _prod(sp_ext[:-2]) >= 8
+    if plane_pads:
+        par, serial = sp[:-2], [sp[-2], xo]
+    else:
+        par, serial = sp[:-1] + [xo], []
+    sch.reorder(*(par + serial + rd + ([xi] if xi is not None else [])))
     # accumulate the tile in a small buffer, write it back (through the epilogue) once
     acc_writer = sch.cache_write(block, 0, "global")
     sch.reverse_compute_at(acc_writer, xo, preserve_unit_loops=True)
@@ -253,21 +311,21 @@ def _schedule_reduction(sch: s_tir.Schedule, block, epilogue, tinfo: TargetInfo)
         except _SCHED_ERRORS:
             pass
         sch.reverse_compute_at(epilogue, xo, preserve_unit_loops=True)
+    n_above_tile = len(par) + len(serial)
     for tail in (acc_writer, epilogue):
         if tail is None:
             continue
-        tl = sch.get_loops(tail)
-        # the tail's own loops below xo: fuse and vectorize
-        n_outer = len(outer)
-        below = tl[n_outer:]
-        if below:
+        below = sch.get_loops(tail)[n_above_tile:]
+        if below and lanes > 1:
             inner = sch.fuse(*below) if len(below) > 1 else below[0]
-            if lanes > 1:
-                sch.vectorize(inner)
-    # outer loops: fuse and parallelise
-    _parallel_fuse(sch, outer, work)
+            sch.vectorize(inner)
     if xi is not None:
         sch.vectorize(xi)
+    # parallel before decompose_reduction: afterwards the update block no longer counts as a reduction block
+    fused = _parallel_fuse(sch, par, work)
+    for pad in pads:
+        if plane_pads and fused is not None:
+            _schedule_pad_under(sch, pad, fused)
     init = sch.decompose_reduction(block, rd[0])
     if xi is not None:
         il = sch.get_loops(init)
@@ -276,7 +334,26 @@ def _schedule_reduction(sch: s_tir.Schedule, block, epilogue, tinfo: TargetInfo)
     for lp, e in zip(rd, rd_ext):
         if e <= _UNROLL_MAX:
             sch.unroll(lp)
+    for pad in pads:
+        if not (plane_pads and fused is not None):
+            _schedule_root_pad(sch, pad, tinfo)
     return True
+
+
+def _schedule_root_pad(sch, pad, tinfo) -> None:
+    """A pad left at the root (groups==1 conv fallback): fill + copy, each as an injective stage."""
+    loops = sch.get_loops(pad)
+    blocks = [pad]
+    try:
+        blocks.insert(0, sch.decompose_padding(pad, loops[0]))
+    except _SCHED_ERRORS:
+        pass
+    for b in blocks:
+        if _is_simple_nest(sch, b) or True:
+            try:
+                _schedule_injective(sch, b, tinfo)
+            except _SCHED_ERRORS:
+                pass
 
 
 def _schedule_reduce_inner(sch, block, epilogue, tinfo, sp, rd, work) -> bool:
@@ -288,6 +365,16 @@ def _schedule_reduce_inner(sch, block, epilogue, tinfo, sp, rd, work) -> bool:
         sch.reverse_compute_at(epilogue, loops[len(sp) - 1], preserve_unit_loops=True)
     _parallel_fuse(sch, sp, work)
     return True
+
+
+def _reduction_layout(sch, blocks, red):
+    """``blocks`` = [pads..., red, (epilogue)] -> (pads, epilogue); None for any other structure."""
+    names = [sch.get(b).name_hint for b in blocks]
+    idx = names.index(sch.get(red).name_hint)
+    pads, tail = blocks[:idx], blocks[idx + 1:]
+    if len(tail) > 1 or not all(_is_pad_block(sch, p) for p in pads):
+        return None
+    return pads, (tail[0] if tail else None)
 
 
 def _schedule_fallback(sch: s_tir.Schedule, blocks) -> None:
@@ -326,10 +413,10 @@ def schedule_prim_func(func: tirx.PrimFunc, target) -> tirx.PrimFunc | None:
             for b in blocks:
                 if _is_simple_nest(sch, b):
                     _schedule_injective(sch, b, tinfo)
-        elif len(reductions) == 1 and len(blocks) <= 2 and sch.get(blocks[0]).same_as(sch.get(reductions[0])):
-            epilogue = blocks[1] if len(blocks) == 2 else None
-            if not _schedule_reduction(sch, reductions[0], epilogue, tinfo):
-                _schedule_fallback(sch, blocks)
+        elif len(reductions) == 1 and _reduction_layout(sch, blocks, reductions[0]) is not None:
+            pads, epilogue = _reduction_layout(sch, blocks, reductions[0])
+            if not _schedule_reduction(sch, reductions[0], epilogue, tinfo, pads):
+                _schedule_fallback(sch, list(sch.get_child_blocks(sch.get_sblock("root"))))
         else:
             _schedule_fallback(sch, blocks)
     except _SCHED_ERRORS as err:  # a rule that does not fit: leave the function unscheduled but working
