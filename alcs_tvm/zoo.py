@@ -1,0 +1,342 @@
+"""The project's small CNN zoo, in plain PyTorch (torchvision cannot be installed beside the CPU torch wheel).
+
+Models (all ``nn.Module``, deterministic random init (seed 0), returned in eval mode):
+
+* ``resnet18(num_classes=1000, in_channels=3)``: torchvision's ResNet-18 layout (7x7/2 stem, 3x3/2 maxpool,
+  four stages of two BasicBlocks with 64/128/256/512 channels, global average pool, fc). The parameter names
+  match torchvision's, so a torchvision ``state_dict`` loads as is.
+* ``mobilenet_v2(num_classes=1000, width_mult=1.0)``: torchvision's MobileNetV2 (inverted residuals: 1x1
+  expand, 3x3 depthwise, 1x1 project, ReLU6; final 1x1 conv to 1280; dropout + linear). Same parameter names.
+* ``resnet_tiny`` / ``mobilenet_v2_tiny``: the same block types with few channels, for fast tests and emulated
+  devices (input e.g. 1x3x32x32).
+* ``small_cnn(num_classes=10, in_channels=1)``: MNIST / sklearn-digits sized (28x28 or 8x8 inputs): three
+  3x3 convs with 16/32/32 channels (multiples of 16, so SIMD blocks of V = 4, 8, 16 fit), global average
+  pool, linear head.
+
+``MODELS`` / ``get_model(name, **kw)`` is the registry, ``DEFAULT_INPUT_SHAPES`` a sensible input per model,
+``simd_prune_`` zeroes random SIMD blocks in place, ``export_onnx`` writes an ONNX file TVM's importer reads.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .sparse_format import random_block_sparse
+
+__all__ = [
+    "BasicBlock", "ResNet", "InvertedResidual", "MobileNetV2", "SmallCNN",
+    "resnet18", "resnet_tiny", "mobilenet_v2", "mobilenet_v2_tiny", "small_cnn",
+    "MODELS", "DEFAULT_INPUT_SHAPES", "get_model", "simd_prune_", "export_onnx",
+]
+
+ONNX_OPSET = 17
+
+
+# ---------------------------------------------------------------------------------------------- ResNet
+
+
+def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+def _conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock: conv3x3-bn-relu-conv3x3-bn (+ downsample shortcut) then relu."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = _conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """torchvision-layout ResNet of BasicBlocks. ``widths`` are the four stage widths, ``layers`` the blocks per
+    stage; ``stem_width`` the 7x7/2 stem's channels. ``small_input=True`` uses a 3x3/1 stem without maxpool
+    (for 32x32 inputs)."""
+
+    def __init__(self, layers=(2, 2, 2, 2), widths=(64, 128, 256, 512), num_classes: int = 1000,
+                 in_channels: int = 3, stem_width: int | None = None, small_input: bool = False):
+        super().__init__()
+        stem_width = widths[0] if stem_width is None else stem_width
+        self.inplanes = stem_width
+        if small_input:
+            self.conv1 = nn.Conv2d(in_channels, stem_width, 3, stride=1, padding=1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(in_channels, stem_width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem_width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity() if small_input else nn.MaxPool2d(3, stride=2, padding=1)
+        stages = []
+        for i, (n, w) in enumerate(zip(layers, widths)):
+            stages.append(self._make_layer(w, n, stride=1 if i == 0 else 2))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(widths[-1], num_classes)
+        _init_weights(self)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes:
+            downsample = nn.Sequential(_conv1x1(self.inplanes, planes, stride), nn.BatchNorm2d(planes))
+        layers = [BasicBlock(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes
+        layers += [BasicBlock(planes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(x)
+
+
+def resnet18(num_classes: int = 1000, in_channels: int = 3) -> ResNet:
+    """ResNet-18 (torchvision layout, random weights). Input ``N x in_channels x 224 x 224``."""
+    return ResNet((2, 2, 2, 2), (64, 128, 256, 512), num_classes, in_channels).eval()
+
+
+def resnet_tiny(num_classes: int = 10, in_channels: int = 3, width: int = 16) -> ResNet:
+    """A ResNet-18-shaped net with stage widths ``width * (1, 2, 4, 8)``, one BasicBlock per stage and a
+    3x3/1 stem (no maxpool). Input ``1 x in_channels x 32 x 32``."""
+    return ResNet((1, 1, 1, 1), (width, 2 * width, 4 * width, 8 * width), num_classes, in_channels,
+                  small_input=True).eval()
+
+
+# ---------------------------------------------------------------------------------------------- MobileNetV2
+
+
+def _make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """torchvision's channel rounding."""
+    min_value = divisor if min_value is None else min_value
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    if new_v < 0.9 * v:
+        new_v += divisor
+    return new_v
+
+
+class ConvBNReLU6(nn.Sequential):
+    """Conv2d (no bias) - BatchNorm2d - ReLU6, torchvision's ``Conv2dNormActivation`` layout."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int = 3, stride: int = 1, groups: int = 1):
+        super().__init__(
+            nn.Conv2d(cin, cout, kernel_size, stride, (kernel_size - 1) // 2, groups=groups, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU6(inplace=True),
+        )
+
+
+class InvertedResidual(nn.Module):
+    """torchvision's InvertedResidual: [1x1 expand-bn-relu6] - 3x3 depthwise-bn-relu6 - 1x1 project-bn
+    (+ identity when stride 1 and cin == cout)."""
+
+    def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int):
+        super().__init__()
+        self.stride = stride
+        hidden = int(round(inp * expand_ratio))
+        self.use_res_connect = stride == 1 and inp == oup
+        layers: list[nn.Module] = []
+        if expand_ratio != 1:
+            layers.append(ConvBNReLU6(inp, hidden, kernel_size=1))
+        layers += [
+            ConvBNReLU6(hidden, hidden, stride=stride, groups=hidden),
+            nn.Conv2d(hidden, oup, 1, 1, 0, bias=False),
+            nn.BatchNorm2d(oup),
+        ]
+        self.conv = nn.Sequential(*layers)
+        self.out_channels = oup
+
+    def forward(self, x):
+        if self.use_res_connect:
+            return x + self.conv(x)
+        return self.conv(x)
+
+
+_MBV2_SETTING = [  # t, c, n, s
+    [1, 16, 1, 1],
+    [6, 24, 2, 2],
+    [6, 32, 3, 2],
+    [6, 64, 4, 2],
+    [6, 96, 3, 1],
+    [6, 160, 3, 2],
+    [6, 320, 1, 1],
+]
+
+
+class MobileNetV2(nn.Module):
+    """torchvision's MobileNetV2. ``setting`` is the (t, c, n, s) table, ``first_stride`` the stem stride."""
+
+    def __init__(self, num_classes: int = 1000, width_mult: float = 1.0, setting=None,
+                 input_channel: int = 32, last_channel: int = 1280, in_channels: int = 3,
+                 first_stride: int = 2, dropout: float = 0.2, round_nearest: int = 8):
+        super().__init__()
+        setting = _MBV2_SETTING if setting is None else setting
+        input_channel = _make_divisible(input_channel * width_mult, round_nearest)
+        self.last_channel = _make_divisible(last_channel * max(1.0, width_mult), round_nearest)
+        features: list[nn.Module] = [ConvBNReLU6(in_channels, input_channel, stride=first_stride)]
+        for t, c, n, s in setting:
+            output_channel = _make_divisible(c * width_mult, round_nearest)
+            for i in range(n):
+                features.append(InvertedResidual(input_channel, output_channel, s if i == 0 else 1, t))
+                input_channel = output_channel
+        features.append(ConvBNReLU6(input_channel, self.last_channel, kernel_size=1))
+        self.features = nn.Sequential(*features)
+        self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(self.last_channel, num_classes))
+        _init_weights(self)
+
+    def forward(self, x):
+        x = self.features(x)
+        x = nn.functional.adaptive_avg_pool2d(x, (1, 1))
+        x = torch.flatten(x, 1)
+        return self.classifier(x)
+
+
+def mobilenet_v2(num_classes: int = 1000, width_mult: float = 1.0) -> MobileNetV2:
+    """MobileNetV2 (torchvision layout, random weights). Input ``N x 3 x 224 x 224``."""
+    return MobileNetV2(num_classes, width_mult).eval()
+
+
+_MBV2_TINY_SETTING = [  # t, c, n, s: every block type (no expand, expand+residual, strided)
+    [1, 16, 1, 1],
+    [4, 16, 2, 2],
+    [4, 32, 2, 2],
+]
+
+
+def mobilenet_v2_tiny(num_classes: int = 10, in_channels: int = 3) -> MobileNetV2:
+    """A few-channel MobileNetV2 (16-channel stem, 3 stages, last 1x1 to 64) for 1x3x32x32 inputs."""
+    return MobileNetV2(num_classes, 1.0, _MBV2_TINY_SETTING, input_channel=16, last_channel=64,
+                       in_channels=in_channels, first_stride=1, dropout=0.0).eval()
+
+
+# ---------------------------------------------------------------------------------------------- small CNN
+
+
+class SmallCNN(nn.Module):
+    """conv3x3(16)-relu, conv3x3/2(32)-relu, conv3x3/2(32)-relu, global avg pool, linear. Works on 28x28 and 8x8."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, widths=(16, 32, 32)):
+        super().__init__()
+        c1, c2, c3 = widths
+        self.conv1 = nn.Conv2d(in_channels, c1, 3, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv2d(c2, c3, 3, stride=2, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(c3, num_classes)
+        _init_weights(self)
+
+    def forward(self, x):
+        x = self.relu(self.conv1(x))
+        x = self.relu(self.conv2(x))
+        x = self.relu(self.conv3(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def small_cnn(num_classes: int = 10, in_channels: int = 1) -> SmallCNN:
+    """Small CNN for MNIST (1x1x28x28) or sklearn digits (1x1x8x8)."""
+    return SmallCNN(num_classes, in_channels).eval()
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _init_weights(model: nn.Module) -> None:
+    """Deterministic (seed 0) torchvision-style init, plus non-trivial BN statistics and biases so BN / bias
+    folding is actually exercised."""
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu", generator=gen)
+            if m.bias is not None:
+                nn.init.uniform_(m.bias, -0.1, 0.1, generator=gen)
+        elif isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.uniform_(-0.1, 0.1, generator=gen)
+                m.running_mean.uniform_(-0.1, 0.1, generator=gen)
+                m.running_var.uniform_(0.5, 1.5, generator=gen)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01, generator=gen)
+            nn.init.uniform_(m.bias, -0.1, 0.1, generator=gen)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": resnet18,
+    "resnet_tiny": resnet_tiny,
+    "mobilenet_v2": mobilenet_v2,
+    "mobilenet_v2_tiny": mobilenet_v2_tiny,
+    "small_cnn": small_cnn,
+}
+
+DEFAULT_INPUT_SHAPES: dict[str, tuple] = {
+    "resnet18": (1, 3, 224, 224),
+    "resnet_tiny": (1, 3, 32, 32),
+    "mobilenet_v2": (1, 3, 224, 224),
+    "mobilenet_v2_tiny": (1, 3, 32, 32),
+    "small_cnn": (1, 1, 28, 28),
+}
+
+
+def get_model(name: str, **kw) -> nn.Module:
+    """Build zoo model ``name`` (eval mode) with keyword arguments passed to its constructor."""
+    try:
+        fn = MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}") from None
+    return fn(**kw)
+
+
+@torch.no_grad()
+def simd_prune_(model: nn.Module, vector_width: int, sparsity: float, rng=None,
+                include_linear: bool = False) -> nn.Module:
+    """Zero a random ``sparsity`` fraction of the SIMD blocks (``vector_width`` consecutive output channels at
+    one ``(cin, kh, kw)``) of every ``groups == 1`` Conv2d (and of every Linear if ``include_linear``), in place.
+
+    Depthwise / grouped convs are left dense. Returns ``model``."""
+    rng = np.random.default_rng(rng)
+    for m in model.modules():
+        if (isinstance(m, nn.Conv2d) and m.groups == 1) or (include_linear and isinstance(m, nn.Linear)):
+            w = m.weight.detach().cpu().numpy().astype(np.float32)
+            pruned = random_block_sparse(w, vector_width, sparsity, rng).reshape(w.shape)
+            m.weight.copy_(torch.from_numpy(pruned))
+    return model
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape, input_name: str = "input",
+                output_name: str = "output", opset: int = ONNX_OPSET) -> str:
+    """Export ``model`` in eval mode to ONNX at ``path`` (TorchScript exporter, ``dynamo=False``; static shape).
+
+    The exporter folds eval-mode BatchNorm into the preceding conv (``do_constant_folding``), so the file holds
+    Conv(+bias) nodes. Returns ``str(path)``."""
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.randn(*input_shape)
+        with torch.no_grad():
+            torch.onnx.export(model, (x,), str(path), input_names=[input_name], output_names=[output_name],
+                              opset_version=opset, do_constant_folding=True, dynamo=False)
+    finally:
+        model.train(was_training)
+    return str(path)
