@@ -76,11 +76,12 @@ class BlockSparseWeight:
     values: np.ndarray  # float32 [nnz, V]
 
     @classmethod
-    def from_dense(cls, weight, vector_width: int) -> "BlockSparseWeight":
+    def from_dense(cls, weight, vector_width: int, keep_all: bool = False) -> "BlockSparseWeight":
+        """Convert a dense weight; ``keep_all`` keeps every block, zero or not (the dense kernel)."""
         weight = _check_weight(weight)
         vector_width = _check_vector_width(vector_width)
         blocks = _blocked(weight, vector_width)
-        kept = np.any(blocks != 0, axis=2)
+        kept = np.ones(blocks.shape[:2], bool) if keep_all else np.any(blocks != 0, axis=2)
         indptr = np.zeros(kept.shape[0] + 1, np.int32)
         np.cumsum(kept.sum(axis=1), out=indptr[1:])
         block_ids, positions = np.nonzero(kept)  # row-major: grouped by block, positions ascending

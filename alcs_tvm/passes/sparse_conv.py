@@ -1,0 +1,289 @@
+"""Relax pass: rewrite constant-weight convolutions into calls of the ALCS sparse conv kernel.
+
+Pattern (after parameters are bound as constants, see :func:`alcs_tvm.frontend.prepare_for_sparse`)::
+
+    y = R.nn.conv2d(x, W: Constant, groups=1, NCHW/OIHW, float32)
+    [y = R.add(y, b: Constant of shape [1, C, 1, 1] or [C, 1, 1])]      # bias, if y has no other user
+    [y = R.nn.relu(y) | R.clip(y, 0, 6) | R.minimum(R.maximum(y, 0), 6)]  # activation, likewise
+
+becomes ``R.call_tir(alcs_sparse_conv2d_k, (x, indptr, offsets, values, bias), R.Tensor(out_shape))`` with the
+packed constants. Per layer the pass decides sparse or dense: sparse skips pruned blocks; dense runs the same
+register-tiled kernel with every block kept (still far faster than an unscheduled Relax conv). Depthwise and
+grouped convolutions are left to the dense schedules: they are memory-bound, with no reduction over input
+channels for SIMD blocks to skip. Every decision lands in :attr:`SparseConvRewrite.report`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..operator import Conv2dSpec, sparse_conv2d_kernel
+from ..report import CompileReport, LayerDecision
+from ..sparse_format import BlockSparseWeight
+from ..target import resolve_target
+
+__all__ = ["SparseConvRewrite", "DEFAULT_DENSITY_THRESHOLD"]
+
+#: Sparse wins below this density. The kernel's time is proportional to density (measured in
+#: docs/benchmarks.md: 0.50 density -> 0.50-0.55x time), so any skipped block pays; above 0.95 the saving is
+#: within noise and the dense form avoids depending on the mask.
+DEFAULT_DENSITY_THRESHOLD = {"x86-avx512": 0.95, "x86-avx2": 0.95, "arm64": 0.95, "generic": 0.95}
+
+_ACTIVATION_OPS = {"relax.nn.relu": "relu", "relax.nn.relu6": "relu6"}
+
+
+def _is_const(expr) -> bool:
+    return isinstance(expr, tvm.ir.expr.GenericConst)
+
+
+def _const_array(expr) -> np.ndarray:
+    return expr.value.numpy()
+
+
+def _const_scalar(expr):
+    if _is_const(expr) and _const_array(expr).size == 1:
+        return float(_const_array(expr).reshape(()))
+    return None
+
+
+def _static_shape(expr):
+    ty = getattr(expr, "ty", None)
+    shape = getattr(ty, "shape", None)
+    if shape is None or not isinstance(shape, relax.ShapeExpr):
+        return None
+    try:
+        return tuple(int(d) for d in shape.values)
+    except (TypeError, ValueError):
+        return None
+
+
+def _dtype(expr) -> str:
+    return str(getattr(getattr(expr, "ty", None), "dtype", ""))
+
+
+class _Layer:
+    """A matched conv chain: the conv binding, optional bias/activation bindings, and the decision."""
+
+    def __init__(self, conv_var, call):
+        self.conv_var = conv_var
+        self.call = call
+        self.bias = None
+        self.activation = None
+        self.last_var = conv_var
+        self.fused_vars = []  # bindings folded into the call (skipped when rewriting)
+        self.decision = None
+        self.sparse_weight = None
+        self.spec = None
+
+
+@tvm.transform.module_pass(opt_level=0, name="alcs.SparseConvRewrite")
+class SparseConvRewrite:
+    """Module pass rewriting ``groups == 1`` constant-weight convs into ALCS sparse/dense kernel calls.
+
+    Parameters: ``target`` (short name, dict or Target), ``vector_width`` (override V), ``sparse`` (False: every
+    conv dense), ``density_threshold`` (sparse iff density <= it), ``latency_table`` (an object with
+    ``choose(spec, density, vector_width) -> (decision, predicted_ms_dict, reason)``; overrides the threshold),
+    ``layer_names`` (names for the convs in graph order, e.g. ONNX node names).
+    After the pass has run, :attr:`report` holds a :class:`CompileReport`.
+    """
+
+    def __init__(self, target="x86", vector_width=None, sparse=True, density_threshold=None, latency_table=None,
+                 layer_names=None):
+        self.target_info = resolve_target(target, vector_width)
+        self.sparse = sparse
+        self.threshold = (DEFAULT_DENSITY_THRESHOLD[self.target_info.family] if density_threshold is None
+                          else float(density_threshold))
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"density threshold must be in [0, 1], got {density_threshold}")
+        self.latency_table = latency_table
+        self.layer_names = list(layer_names or [])
+        self.report = CompileReport(target=self.target_info.family)
+
+    # -- analysis ---------------------------------------------------------------------------------------------
+    def _match(self, func) -> list:
+        bindings = []
+        for block in func.body.blocks:
+            bindings.extend(block.bindings)
+        value_of = {b.var: b.value for b in bindings}
+        users = {}
+        for b in bindings:
+            for v in relax.analysis.used_vars(b.value):
+                users.setdefault(v, []).append(b.var)
+        for v in relax.analysis.used_vars(func.body.body):
+            users.setdefault(v, []).append(None)  # a function output: never fuse away
+
+        def single_user(var):
+            uses = users.get(var, [])
+            return uses[0] if len(uses) == 1 and uses[0] is not None else None
+
+        layers = []
+        for b in bindings:
+            call = b.value
+            if isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d":
+                layer = _Layer(b.var, call)
+                self._extend_chain(layer, value_of, single_user)
+                layers.append(layer)
+        return layers
+
+    def _extend_chain(self, layer, value_of, single_user):
+        user = single_user(layer.last_var)
+        if user is not None and self._bias_of(value_of[user], layer.last_var, layer.call) is not None:
+            layer.bias = self._bias_of(value_of[user], layer.last_var, layer.call)
+            layer.fused_vars.append(layer.last_var)
+            layer.last_var = user
+            user = single_user(layer.last_var)
+        if user is None:
+            return
+        act = self._activation_of(value_of[user], layer.last_var)
+        if act == "relu-or-max":  # maximum(y, 0): relu, or the first half of relu6 = minimum(maximum(y, 0), 6)
+            after = single_user(user)
+            if after is not None and self._activation_of(value_of[after], user) == "min6":
+                layer.fused_vars += [layer.last_var, user]
+                layer.last_var, layer.activation = after, "relu6"
+                return
+            act = "relu"
+        if act in ("relu", "relu6"):
+            layer.fused_vars.append(layer.last_var)
+            layer.last_var, layer.activation = user, act
+
+    @staticmethod
+    def _bias_of(value, conv_out, conv_call):
+        if not (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name == "relax.add"):
+            return None
+        args = list(value.args)
+        if not any(a.same_as(conv_out) for a in args):
+            return None
+        other = args[1] if args[0].same_as(conv_out) else args[0]
+        if not _is_const(other) or _dtype(other) != "float32":
+            return None
+        cout = _static_shape(conv_call)[1] if _static_shape(conv_call) else None
+        data = _const_array(other)
+        if data.shape not in ((1, cout, 1, 1), (cout, 1, 1)):
+            return None
+        return np.ascontiguousarray(data.reshape(cout), np.float32)
+
+    @staticmethod
+    def _activation_of(value, src):
+        if not (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op)):
+            return None
+        if not value.args or not value.args[0].same_as(src):
+            return None
+        name = value.op.name
+        if name in _ACTIVATION_OPS:
+            return _ACTIVATION_OPS[name]
+        if name == "relax.clip":
+            lo, hi = (_const_scalar(a) if _is_const(a) else getattr(a, "value", None) for a in value.args[1:3])
+            if lo == 0 and hi == 6:
+                return "relu6"
+            if lo == 0 and hi is not None and hi >= 3.4e38:
+                return "relu"
+            return None
+        if name == "relax.maximum" and _const_scalar(value.args[1]) == 0.0:
+            return "relu-or-max"
+        if name == "relax.minimum" and _const_scalar(value.args[1]) == 6.0:
+            return "min6"
+        return None
+
+    def _decide(self, layer, index) -> LayerDecision:
+        call = layer.call
+        attrs = call.attrs
+        name = self.layer_names[index] if index < len(self.layer_names) else f"conv{index}"
+        data, weight = call.args
+        in_shape, w_shape = _static_shape(data), _static_shape(weight)
+        describe = f"{w_shape} on {in_shape}" if in_shape and w_shape else "dynamic shape"
+
+        def dense(reason, implementation="relax dense schedule", density=None, shape=describe):
+            return LayerDecision(name, "conv2d", shape, density, None, "dense", implementation, reason)
+
+        if int(attrs.groups) != 1:
+            kind = "depthwise" if in_shape and int(attrs.groups) == in_shape[1] else f"grouped ({attrs.groups})"
+            return dense(f"{kind} conv: memory-bound, no channel reduction for SIMD blocks to skip")
+        if not _is_const(weight):
+            return dense("weight is not a constant (bind parameters first)")
+        if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout or attrs.data_layout)) != \
+                ("NCHW", "OIHW", "NCHW"):
+            return dense(f"layout {attrs.data_layout}/{attrs.kernel_layout} (needs NCHW/OIHW)")
+        if _dtype(data) != "float32" or _dtype(weight) != "float32" or \
+                (attrs.out_dtype and str(attrs.out_dtype) not in ("", "float32", "void")):
+            return dense(f"dtype {_dtype(data)} (only float32 is supported)")
+        if in_shape is None or w_shape is None:
+            return dense("dynamic shape")
+        padding = [int(p) for p in attrs.padding]
+        spec = Conv2dSpec.create(in_shape, w_shape, [int(s) for s in attrs.strides],
+                                 (padding[0], padding[1], padding[2], padding[3]),
+                                 [int(d) for d in attrs.dilation])
+        v = self.target_info.vector_width
+        w = _const_array(weight)
+        sparse_weight = BlockSparseWeight.from_dense(w, v)
+        density = sparse_weight.density
+        predicted = {}
+        if not self.sparse:
+            decision, reason = "dense", "sparsity disabled (--no-sparse)"
+        elif self.latency_table is not None:
+            decision, predicted, reason = self.latency_table.choose(spec, density, v)
+        elif density <= self.threshold:
+            decision, reason = "sparse", f"density {density:.3f} <= threshold {self.threshold:.2f}"
+        else:
+            decision, reason = "dense", f"density {density:.3f} > threshold {self.threshold:.2f}"
+        layer.spec = spec
+        layer.sparse_weight = sparse_weight if decision == "sparse" else BlockSparseWeight.from_dense(w, v, True)
+        implementation = "alcs sparse kernel" if decision == "sparse" else "alcs dense kernel (all blocks)"
+        fused = "+".join(["conv"] + (["bias"] if layer.bias is not None else []) +
+                         ([layer.activation] if layer.activation else []))
+        return LayerDecision(name, "conv2d", spec.describe(), round(density, 4), v, decision,
+                             f"{implementation}, {fused}", reason, predicted)
+
+    # -- rewrite ----------------------------------------------------------------------------------------------
+    def transform_module(self, mod, ctx):
+        self.report = CompileReport(target=self.target_info.family)
+        plans = {}
+        index = 0
+        for gv, func in mod.functions.items():
+            if not isinstance(func, relax.Function):
+                continue
+            for layer in self._match(func):
+                decision = self._decide(layer, index)
+                index += 1
+                self.report.layers.append(decision)
+                if layer.spec is not None:
+                    plans[layer.last_var] = layer
+                    for v in layer.fused_vars:
+                        plans[v] = None  # folded into the call emitted at layer.last_var
+        if not any(plans.values()):
+            return mod
+        rewriter = _Rewriter(mod, plans, self.target_info)
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        return rewriter.builder_.get()
+
+
+@relax.expr_functor.mutator
+class _Rewriter(relax.PyExprMutator):
+    def __init__(self, mod, plans, info):
+        super().__init__(mod)
+        self.plans = plans
+        self.info = info
+        self.kernels = {}  # dedup identical kernels: key -> GlobalVar
+
+    def visit_var_binding_(self, binding):
+        if binding.var not in self.plans:
+            return super().visit_var_binding_(binding)
+        layer = self.plans[binding.var]
+        if layer is None:
+            return None  # folded into a later call
+        data = self.visit_expr(layer.call.args[0])
+        kernel = sparse_conv2d_kernel(layer.sparse_weight, layer.spec, bias=layer.bias, activation=layer.activation,
+                                      target=self.info)
+        key = (kernel.geometry, kernel.schedule, layer.bias is not None, layer.activation)
+        gv = self.kernels.get(key)
+        if gv is None:
+            gv = self.builder_.add_func(kernel.func.without_attr("global_symbol"),
+                                        f"alcs_sparse_conv2d_{len(self.kernels)}")
+            self.kernels[key] = gv
+        consts = [relax.const(a) for a in kernel.packed.arrays()]
+        call = relax.call_tir(gv, [data] + consts, relax.TensorType(kernel.output_shape, "float32"))
+        new_var = self.builder_.emit(call, name_hint=binding.var.name)
+        self.set_var_remap(binding.var, new_var)
+        return None
