@@ -47,6 +47,18 @@ def _const_scalar(expr):
     return None
 
 
+def _scalar_value(expr):
+    """A scalar constant or PrimValue (``R.clip`` bounds) as float, else None."""
+    if _is_const(expr):
+        return _const_scalar(expr)
+    value = getattr(expr, "value", None)
+    value = getattr(value, "value", value)  # PrimValue -> FloatImm -> float
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _static_shape(expr):
     ty = getattr(expr, "ty", None)
     shape = getattr(ty, "shape", None)
@@ -173,7 +185,7 @@ class SparseConvRewrite:
         if name in _ACTIVATION_OPS:
             return _ACTIVATION_OPS[name]
         if name == "relax.clip":
-            lo, hi = (_const_scalar(a) if _is_const(a) else getattr(a, "value", None) for a in value.args[1:3])
+            lo, hi = (_scalar_value(a) for a in value.args[1:3])
             if lo == 0 and hi == 6:
                 return "relu6"
             if lo == 0 and hi is not None and hi >= 3.4e38:
@@ -279,8 +291,10 @@ class _Rewriter(relax.PyExprMutator):
         key = (kernel.geometry, kernel.schedule, layer.bias is not None, layer.activation)
         gv = self.kernels.get(key)
         if gv is None:
-            gv = self.builder_.add_func(kernel.func.without_attr("global_symbol"),
-                                        f"alcs_sparse_conv2d_{len(self.kernels)}")
+            # opaque (never fused by FuseOps) and already scheduled (dense schedule rules leave it alone)
+            func = kernel.func.without_attr("global_symbol").with_attrs(
+                {"op_pattern": 8, "tirx.is_scheduled": True})
+            gv = self.builder_.add_func(func, f"alcs_sparse_conv2d_{len(self.kernels)}")
             self.kernels[key] = gv
         consts = [relax.const(a) for a in kernel.packed.arrays()]
         call = relax.call_tir(gv, [data] + consts, relax.TensorType(kernel.output_shape, "float32"))

@@ -1,0 +1,86 @@
+"""ONNX -> deployable Relax library: import, the sparse rewrite, dense schedules, build, export.
+
+The build sequence (also the one to copy when composing the pass into your own pipeline)::
+
+    mod = frontend.import_onnx(model, input_shapes)        # parameters become constants
+    mod = frontend.prepare_for_sparse(mod)                 # BN folded, conv -> add(bias) -> relu/clip
+    SparseConvRewrite(target)                              # before legalisation: it matches R.nn.conv2d
+    dense_build_passes(target)                             # legalise, fuse, hand-written CPU schedules
+    tvm.compile(mod, target)                               # Relax VM executable
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import tvm
+
+from . import frontend
+from .passes.sparse_conv import SparseConvRewrite
+from .report import CompileReport
+from .schedules.dense_cpu import dense_build_passes
+from .target import TargetInfo, resolve_target
+
+__all__ = ["compile", "compile_module", "export", "conv_node_names"]
+
+
+def conv_node_names(model) -> list:
+    """ONNX Conv node names in graph order (the order the Relax importer emits them)."""
+    return [node.name or f"Conv_{i}" for i, node in enumerate(n for n in model.graph.node if n.op_type == "Conv")]
+
+
+def compile_module(mod, target="x86", *, vector_width=None, sparse=True, density_threshold=None,
+                   latency_table=None, layer_names=None):
+    """Compile an already imported and prepared Relax module. Returns ``(executable, report, lowered_mod)``."""
+    info = resolve_target(target, vector_width)
+    rewrite = SparseConvRewrite(info.target, vector_width=info.vector_width, sparse=sparse,
+                                density_threshold=density_threshold, latency_table=latency_table,
+                                layer_names=layer_names)
+    with info.target:
+        lowered = tvm.transform.Sequential([rewrite] + dense_build_passes(info))(mod)
+    executable = tvm.compile(lowered, target=info.target)
+    return executable, rewrite.report, lowered
+
+
+def compile(model, target="x86", *, input_shapes=None, vector_width=None, sparse=True,  # noqa: A001
+            density_threshold=None, latency_table=None, verbose=False):
+    """Compile an ONNX model (path, bytes or ModelProto) for ``target``. Returns ``(executable, report)``.
+
+    ``executable.export_library(path)`` writes the deployable library (see :func:`export`, which also
+    cross-compiles for ``arm64``)."""
+    started = time.perf_counter()
+    onnx_model = frontend.load_onnx(model)
+    mod = frontend.prepare_for_sparse(frontend.import_onnx(onnx_model, input_shapes))
+    executable, report, _ = compile_module(mod, target, vector_width=vector_width, sparse=sparse,
+                                           density_threshold=density_threshold, latency_table=latency_table,
+                                           layer_names=conv_node_names(onnx_model))
+    report.notes.append(f"compiled in {time.perf_counter() - started:.1f} s")
+    report.relax_module = mod
+    if verbose:
+        print(report.table())
+    return executable, report
+
+
+def export(executable, path: str, target="x86", cross_compiler: str | None = None):
+    """Write the executable as a shared library (``.so``) or a ``.tar`` of objects; cross-compiles for targets
+    this host cannot run (aarch64 uses ``aarch64-linux-gnu-g++`` unless ``cross_compiler`` is given)."""
+    info = target if isinstance(target, TargetInfo) else resolve_target(target)
+    path = str(path)
+    if path.endswith(".tar"):
+        executable.export_library(path)
+        return path
+    fcompile = None
+    if cross_compiler or info.is_cross:
+        from tvm.support import cc
+
+        if cross_compiler is None:
+            from .device import ensure_cross_toolchain
+
+            cross_compiler = ensure_cross_toolchain(verbose=False)
+        fcompile = cc.cross_compiler(cross_compiler)
+    tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1] or '.so'}"
+    executable.export_library(tmp, fcompile=fcompile) if fcompile else executable.export_library(tmp)
+    os.replace(tmp, path)
+    return path
+
+
