@@ -7,6 +7,8 @@ import sys
 
 # (module, what it adds); each module defines ``register_cli(subparsers)`` whose parsers set ``func``.
 _COMMAND_MODULES = [
+    "alcs_tvm.compiler",
+    "alcs_tvm.run",
     "alcs_tvm.device",
 ]
 

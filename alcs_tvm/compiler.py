@@ -84,3 +84,48 @@ def export(executable, path: str, target="x86", cross_compiler: str | None = Non
     return path
 
 
+
+
+def register_cli(subparsers):
+    p = subparsers.add_parser(
+        "compile", help="compile an ONNX model into a Relax library with sparse convolutions",
+        description="Compile MODEL.onnx for a CPU target. Convolutions with SIMD-block sparse constant weights "
+                    "run the ALCS sparse kernel; the report says, per layer, what ran and why.")
+    p.add_argument("model", help="ONNX file")
+    p.add_argument("--target", default="x86",
+                   help="x86 (host features), x86-avx2, x86-avx512, arm64, or a TVM target JSON dict")
+    p.add_argument("-o", "--output", required=True, help="output library (.so, or .tar of objects)")
+    p.add_argument("--input-shapes", help="e.g. input:1x3x224x224 (needed when the model has dynamic dims)")
+    p.add_argument("--vector-width", type=int, help="override the SIMD width V in fp32 lanes")
+    p.add_argument("--no-sparse", action="store_true", help="run every conv with the dense kernel")
+    p.add_argument("--sparsity-threshold", type=float, metavar="D",
+                   help="use the sparse kernel for layers whose block density is <= D")
+    p.add_argument("--latency-table", help="latency table JSON: decide per layer by measured latency")
+    p.add_argument("--cross-compiler", help="C++ cross compiler for linking (default for arm64: "
+                                            "aarch64-linux-gnu-g++)")
+    p.add_argument("--report", help="write the per-layer report JSON here (default: OUTPUT.report.json)")
+    p.set_defaults(func=_cli_compile)
+
+
+def _cli_compile(args):
+    from .run import write_sidecar
+
+    if not os.path.isfile(args.model):
+        raise FileNotFoundError(f"no such model file: {args.model}")
+    input_shapes = frontend.parse_input_shapes(args.input_shapes) if args.input_shapes else None
+    latency_table = None
+    if args.latency_table:
+        from .latency import LatencyTable
+
+        latency_table = LatencyTable.load(args.latency_table)
+    info = resolve_target(args.target, args.vector_width)
+    executable, report = compile(args.model, info.target, input_shapes=input_shapes,
+                                 vector_width=info.vector_width, sparse=not args.no_sparse,
+                                 density_threshold=args.sparsity_threshold, latency_table=latency_table)
+    print(report.table())
+    export(executable, args.output, info, args.cross_compiler)
+    write_sidecar(args.output, report.relax_module, target=info.target)
+    report_path = args.report or f"{args.output}.report.json"
+    report.write(report_path)
+    print(f"wrote {args.output} (+ {os.path.basename(report_path)})")
+    return 0

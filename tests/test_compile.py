@@ -1,0 +1,161 @@
+"""The Relax pass and `alcs compile` on SIMD-pruned ResNet- and MobileNetV2-style networks, against ONNX Runtime."""
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from alcs_tvm import zoo
+from alcs_tvm.compiler import compile as alcs_compile
+from alcs_tvm.compiler import export
+
+RTOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def pruned_models(tmp_path_factory):
+    """Tiny ResNet / MobileNetV2 pruned with 16-wide SIMD blocks at 70%, exported to ONNX."""
+    out = {}
+    for name in ("resnet_tiny", "mobilenet_v2_tiny"):
+        model = zoo.get_model(name).eval()
+        zoo.simd_prune_(model, 16, 0.7, rng=0)
+        path = tmp_path_factory.mktemp("models") / f"{name}.onnx"
+        zoo.export_onnx(model, path, (1, 3, 32, 32))
+        out[name] = path
+    return out
+
+
+def run_vm(executable, x):
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x)).numpy()
+
+
+def onnx_runtime(path, x):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+def assert_close(actual, expected):
+    scale = float(np.abs(expected).max())
+    np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=RTOL * scale)
+
+
+@pytest.mark.parametrize("name", ["resnet_tiny", "mobilenet_v2_tiny"])
+def test_pruned_model_matches_onnx_runtime(pruned_models, name):
+    path = pruned_models[name]
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    executable, report = alcs_compile(str(path), "x86")
+    assert_close(run_vm(executable, x), onnx_runtime(path, x))
+    convs = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
+    assert len(report.layers) == len(convs)
+    for layer, node in zip(report.layers, convs):
+        assert layer.name == node.name
+        groups = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if groups == 1:  # every pruned groups=1 conv goes sparse, at the density it was pruned to
+            assert layer.decision == "sparse", layer
+            assert layer.vector_width == 16 and layer.density == pytest.approx(0.3, abs=0.05)
+        else:  # depthwise stays dense and says why
+            assert layer.decision == "dense" and "depthwise" in layer.reason
+
+
+def test_dense_and_threshold_decisions(pruned_models):
+    path = pruned_models["resnet_tiny"]
+    x = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    executable, report = alcs_compile(str(path), "x86", sparse=False)
+    assert all(layer.decision == "dense" for layer in report.layers)
+    assert_close(run_vm(executable, x), onnx_runtime(path, x))
+    _, report = alcs_compile(str(path), "x86", density_threshold=0.1)
+    assert all(layer.decision == "dense" and "> threshold 0.10" in layer.reason for layer in report.layers)
+
+
+def test_pass_composes_with_tvm_sequential(pruned_models):
+    import tvm
+    from tvm import relax
+
+    from alcs_tvm import frontend
+    from alcs_tvm.passes import SparseConvRewrite
+
+    path = pruned_models["resnet_tiny"]
+    mod = frontend.prepare_for_sparse(frontend.import_onnx(str(path)))
+    rewrite = SparseConvRewrite("x86")
+    seq = tvm.transform.Sequential([rewrite, relax.transform.LegalizeOps(), relax.transform.FoldConstant()])
+    lowered = seq(mod)
+    kernels = [gv.name_hint for gv in lowered.get_global_vars() if gv.name_hint.startswith("alcs_sparse_conv2d")]
+    assert kernels and len(rewrite.report.sparse_layers) == 12
+    assert "nn.conv2d" not in lowered["main"].script()
+    executable = tvm.compile(lowered, target=rewrite.target_info.target)
+    x = np.random.default_rng(2).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    assert_close(run_vm(executable, x), onnx_runtime(path, x))
+
+
+@pytest.mark.parametrize("name", ["resnet_tiny", "mobilenet_v2_tiny"])
+def test_arm64_library_builds(pruned_models, name, tmp_path):
+    executable, report = alcs_compile(str(pruned_models[name]), "arm64")
+    assert report.sparse_layers and all(layer.vector_width == 4 for layer in report.sparse_layers)
+    library = export(executable, tmp_path / f"{name}_arm64.so", "arm64")
+    with open(library, "rb") as f:
+        header = f.read(20)
+    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
+
+
+def alcs(*args):
+    return subprocess.run([sys.executable, "-m", "alcs_tvm.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_cli_compile_writes_library_and_report(pruned_models, tmp_path):
+    import json
+
+    out = tmp_path / "resnet_tiny.so"
+    result = alcs("compile", pruned_models["resnet_tiny"], "--target", "x86", "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert "sparse" in result.stdout and "12 sparse, 0 dense" in result.stdout
+    report = json.loads((tmp_path / "resnet_tiny.so.report.json").read_text())
+    assert report["summary"] == {"sparse": 12, "dense": 0}
+    import tvm
+    from tvm import relax
+
+    x = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(out)), tvm.cpu())
+    assert_close(vm["main"](tvm.runtime.tensor(x)).numpy(), onnx_runtime(pruned_models["resnet_tiny"], x))
+
+
+def _unsupported_op_model(path):
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("NoSuchOp", ["input"], ["output"], domain="", name="mystery")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("not-onnx", "ONNX"),
+    ("unsupported-op", "NoSuchOp"),
+    ("bad-shapes", "input"),
+    ("unknown-target", "unknown target"),
+    ("missing-file", "no such model file"),
+])
+def test_cli_errors_are_one_line(pruned_models, tmp_path, case, expect):
+    model, extra = pruned_models["resnet_tiny"], []
+    if case == "not-onnx":
+        model = tmp_path / "junk.onnx"
+        model.write_text("this is not a model")
+    elif case == "unsupported-op":
+        model = tmp_path / "odd.onnx"
+        _unsupported_op_model(model)
+    elif case == "bad-shapes":
+        extra = ["--input-shapes", "imput:1x3x32x32"]
+    elif case == "unknown-target":
+        extra = ["--target", "sparc"]
+    elif case == "missing-file":
+        model = tmp_path / "nope.onnx"
+    result = alcs("compile", model, "-o", tmp_path / "out.so", *extra)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert expect.lower() in lines[0].lower()
