@@ -1,0 +1,564 @@
+"""ONNX import for the ALCS compiler, and the canonical Relax form the sparse rewrite pass is written against.
+
+Entry points
+------------
+``load_onnx(path_or_model, check=True) -> onnx.ModelProto``
+    Reads and checks an ONNX file (or bytes, or a ModelProto); a non-ONNX or malformed file is a one-line
+    ``ValueError``.
+``parse_input_shapes("input:1x3x224x224,other:1x10") -> {"input": (1, 3, 224, 224), "other": (1, 10)}``
+``import_onnx(model, input_shapes=None, dtype="float32", check=True) -> tvm.IRModule``
+    Static input shapes come from the model, or from ``input_shapes`` (user-named inputs must exist; every
+    dynamic dimension must be given). Every op is checked against TVM's ONNX converter map before converting;
+    unsupported ops, and any other conversion failure, are one-line ``ValueError`` naming op type and node.
+    Parameters (ONNX initializers) are imported as Relax constants (``keep_params_in_input=False``), so the
+    returned module's ``main`` only takes the real inputs.
+``prepare_for_sparse(mod, params=None) -> tvm.IRModule``
+    Canonicalisation before the SIMD-block sparse rewrite (no legalisation yet): binds parameters (``params``, or
+    the ``"params"`` attribute ``from_onnx(keep_params_in_input=True)`` leaves), folds constants, folds eval-mode BatchNorm into the preceding conv, decomposes
+    the remaining composite ops for inference, turns the ONNX importer's Clip lowering (two ``call_tir``s of
+    ``maximum`` / ``minimum``) back into ``R.clip``, and removes dead code.
+
+The Relax graph after ``prepare_for_sparse``
+--------------------------------------------
+Every ONNX ``Conv`` becomes one ``R.nn.conv2d`` (NCHW / OIHW, ``groups`` as in ONNX: depthwise convs have
+``groups == Cin``) whose weight is an inline **constant** ``[Cout, Cin/groups, Kh, Kw]`` (a ``tvm.ir.GenericConst``
+in TVM 0.27; its ``.value`` is a ``tvm.runtime.Tensor``). If the conv has a bias (it always has after BatchNorm
+folding; torch's exporter already folds eval BN into ``Conv(W, b)``, and ``prepare_for_sparse`` folds any
+remaining ``conv2d [+ add] -> batch_norm``), the bias is the conv's only consumer: ``R.add(conv, b)`` with ``b``
+an inline constant of shape ``[1, Cout, 1, 1]`` (the importer's ``R.reshape`` of the 1-D ONNX bias is folded
+away). The activation, if any, follows the bias add directly: ``R.nn.relu`` (ONNX Relu) or
+``R.clip(x, T.float64(0.0), T.float64(6.0))`` (ONNX Clip, i.e. torch ReLU6; the bounds are ``PrimValue``s).
+Residual adds are ``R.add`` of two non-constant tensors placed after the bias add (and, in ResNet, before the
+relu). Excerpts of ``mod["main"].script(show_meta=False)``, ResNet-18 stem and tail::
+
+    lv: R.Tensor((1, 64, 112, 112), dtype="float32") = R.nn.conv2d(input, metadata["ir.GenericConst"][0],
+        strides=[2, 2], padding=[3, 3, 3, 3], dilation=[1, 1], groups=1, data_layout="NCHW",
+        kernel_layout="OIHW", out_layout="NCHW", out_dtype=None)
+    lv2: R.Tensor((1, 64, 112, 112), dtype="float32") = R.add(lv, metadata["ir.GenericConst"][1])
+    lv3: R.Tensor((1, 64, 112, 112), dtype="float32") = R.nn.relu(lv2)
+    lv4: R.Tensor((1, 64, 56, 56), dtype="float32") = R.nn.max_pool2d(lv3, pool_size=[3, 3], strides=[2, 2], ...)
+    ...
+    lv81: R.Tensor((1, 512, 7, 7), dtype="float32") = R.nn.conv2d(lv80, metadata["ir.GenericConst"][38], ...)
+    lv83: R.Tensor((1, 512, 7, 7), dtype="float32") = R.add(lv81, metadata["ir.GenericConst"][39])
+    lv84: R.Tensor((1, 512, 7, 7), dtype="float32") = R.add(lv83, lv76)          # residual
+    lv85: R.Tensor((1, 512, 7, 7), dtype="float32") = R.nn.relu(lv84)
+    lv86: R.Tensor((1, 512, 1, 1), dtype="float32") = R.mean(lv85, axis=[2, 3], keepdims=True)
+    lv87: R.Tensor((1, 512), dtype="float32") = R.reshape(lv86, R.shape([1, 512]))
+    lv89: R.Tensor((1, 1000), dtype="float32") = R.matmul(lv87, metadata["ir.GenericConst"][40], out_dtype=None)
+    gv: R.Tensor((1, 1000), dtype="float32") = R.add(lv89, metadata["ir.GenericConst"][41])
+
+MobileNetV2's first ConvBNReLU6 and depthwise conv::
+
+    lv: R.Tensor((1, 32, 112, 112), dtype="float32") = R.nn.conv2d(input, metadata["ir.GenericConst"][0],
+        strides=[2, 2], padding=[1, 1, 1, 1], dilation=[1, 1], groups=1, ...)
+    lv4: R.Tensor((1, 32, 112, 112), dtype="float32") = R.add(lv, metadata["ir.GenericConst"][1])
+    lv8: R.Tensor((1, 32, 112, 112), dtype="float32") = R.clip(lv4, T.float64(0.0), T.float64(6.0))
+    lv9: R.Tensor((1, 32, 112, 112), dtype="float32") = R.nn.conv2d(lv8, metadata["ir.GenericConst"][2],
+        strides=[1, 1], padding=[1, 1, 1, 1], dilation=[1, 1], groups=32, ...)
+
+So the rewrite pattern is ``conv2d(x, const W)`` [-> ``add(., const b[1,Cout,1,1])``] [-> ``nn.relu`` |
+``clip(., 0, 6)``]. Gemm becomes ``R.matmul(x, const W^T [in, out])`` + ``R.add(., const b[out])``; global average
+pool is ``R.mean(x, axis=[2, 3], keepdims=True)``; Flatten is ``R.reshape``. ``main`` has only the real inputs
+(attribute ``num_input``), one dataflow block, and no other functions in the module (no PrimFuncs: nothing is
+legalised).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import warnings
+
+import numpy as np
+import onnx
+
+__all__ = ["load_onnx", "parse_input_shapes", "model_inputs", "unsupported_ops", "import_onnx",
+           "prepare_for_sparse"]
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_onnx(path_or_model, check: bool = True) -> onnx.ModelProto:
+    """Load an ONNX model from a path, raw bytes or a ``ModelProto``; one-line ``ValueError`` if it is not one.
+
+    With ``check`` (default) ``onnx.checker.check_model`` must pass too (TVM's own importer only warns), so a
+    file truncated at a protobuf field boundary (which still parses) is rejected as well."""
+    if isinstance(path_or_model, onnx.ModelProto):
+        model, what = path_or_model, "the given ModelProto"
+    else:
+        if isinstance(path_or_model, (bytes, bytearray)):
+            data, what = bytes(path_or_model), "the given bytes"
+        else:
+            path = os.fspath(path_or_model)
+            what = repr(path)
+            if not os.path.exists(path):
+                raise ValueError(f"ONNX file {what} does not exist")
+            if not os.path.isfile(path):
+                raise ValueError(f"ONNX path {what} is not a file")
+            with open(path, "rb") as f:
+                data = f.read()
+        if not data:
+            raise ValueError(f"{what} is empty, not an ONNX model")
+        model = onnx.ModelProto()
+        try:
+            model.ParseFromString(data)
+        except Exception as err:  # protobuf DecodeError: truncated / not a protobuf
+            raise ValueError(f"{what} is not a valid ONNX model (protobuf parse failed: "
+                             f"{_one_line(err) or type(err).__name__})") from None
+    if not model.HasField("graph") or len(model.graph.node) == 0:
+        raise ValueError(f"{what} is not a valid ONNX model (no graph nodes)")
+    if check:
+        try:
+            onnx.checker.check_model(model)
+        except Exception as err:
+            raise ValueError(f"{what} is not a valid ONNX model: {_one_line(err)}") from None
+    return model
+
+
+def _one_line(err) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# ---------------------------------------------------------------------------------------------- shapes
+
+_SHAPE_ITEM = re.compile(r"^\s*([^:,\s][^:,]*?)\s*:\s*(\d+(?:\s*[xX]\s*\d+)*)\s*$")
+
+
+def parse_input_shapes(text: str) -> dict:
+    """``"name:1x3x224x224,other:1x10"`` -> ``{"name": (1, 3, 224, 224), "other": (1, 10)}``.
+
+    A name may contain anything except ``:`` and ``,``; dimensions are positive integers joined by ``x``."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"empty input-shape text {text!r}; expected e.g. 'input:1x3x224x224'")
+    shapes: dict = {}
+    for item in text.split(","):
+        m = _SHAPE_ITEM.match(item)
+        if not m:
+            raise ValueError(f"malformed input shape {item.strip()!r} in {text!r}; expected NAME:D1xD2x... "
+                             f"with positive integer dims, e.g. 'input:1x3x224x224'")
+        name = m.group(1)
+        dims = tuple(int(d) for d in re.split(r"\s*[xX]\s*", m.group(2)))
+        if any(d <= 0 for d in dims):
+            raise ValueError(f"input shape {item.strip()!r} has a non-positive dimension")
+        if name in shapes:
+            raise ValueError(f"input {name!r} is given twice in {text!r}")
+        shapes[name] = dims
+    return shapes
+
+
+def model_inputs(model: onnx.ModelProto) -> dict:
+    """Real (non-initializer) graph inputs: ``{name: [dim, ...]}`` with a dim an int, or a ``str`` for a dynamic
+    one (its ``dim_param``, or ``"?"``); ``None`` instead of a list for an input of unknown rank."""
+    inits = {t.name for t in model.graph.initializer}
+    result = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            result[vi.name] = None
+            continue
+        dims = []
+        for d in tt.shape.dim:
+            if d.HasField("dim_value") and d.dim_value > 0:
+                dims.append(int(d.dim_value))
+            else:
+                dims.append(d.dim_param or "?")
+        result[vi.name] = dims
+    return result
+
+
+def _resolve_shapes(model: onnx.ModelProto, input_shapes) -> dict:
+    declared = model_inputs(model)
+    if isinstance(input_shapes, str):
+        input_shapes = parse_input_shapes(input_shapes)
+    input_shapes = dict(input_shapes or {})
+    unknown = [n for n in input_shapes if n not in declared]
+    if unknown:
+        raise ValueError(f"unknown input name(s) {', '.join(map(repr, unknown))}; the model's inputs are "
+                         f"{', '.join(map(repr, declared)) or '(none)'}")
+    shapes = {}
+    for name, dims in declared.items():
+        if name in input_shapes:
+            given = tuple(int(d) for d in input_shapes[name])
+            if any(d <= 0 for d in given):
+                raise ValueError(f"input {name!r}: shape {given} has a non-positive dimension")
+            if dims is not None and len(given) != len(dims):
+                raise ValueError(f"input {name!r} has rank {len(dims)} {_fmt_dims(dims)} in the model but "
+                                 f"shape {'x'.join(map(str, given))} was given")
+            shapes[name] = given
+            continue
+        if dims is None:
+            raise ValueError(f"input {name!r} has unknown rank; give its shape, e.g. '{name}:1x3x224x224'")
+        dynamic = [f"dim {i} ({d})" for i, d in enumerate(dims) if isinstance(d, str)]
+        if dynamic:
+            raise ValueError(f"input {name!r} has dynamic {', '.join(dynamic)} in shape {_fmt_dims(dims)}; "
+                             f"give a static shape, e.g. '{name}:{'x'.join(str(d) if isinstance(d, int) else '1' for d in dims)}'")
+        shapes[name] = tuple(dims)
+    return shapes
+
+
+def _fmt_dims(dims) -> str:
+    return "[" + ", ".join(str(d) for d in dims) + "]"
+
+
+# ---------------------------------------------------------------------------------------------- import
+
+
+def _convert_map() -> dict:
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    return onnx_frontend._get_convert_map()  # pylint: disable=protected-access
+
+
+# Handled by the importer itself rather than the converter map.
+_DIRECT_OPS = {"Constant", "If"}
+
+
+def unsupported_ops(model: onnx.ModelProto) -> dict:
+    """``{op_type: [node names]}`` for nodes (subgraphs included) that TVM's ONNX frontend cannot convert."""
+    supported = set(_convert_map()) | _DIRECT_OPS
+    bad: dict = {}
+
+    def visit(graph):
+        for node in graph.node:
+            op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+            if node.op_type not in supported or node.domain not in ("", "ai.onnx"):
+                bad.setdefault(op, []).append(node.name or f"<unnamed {node.op_type} -> {list(node.output)}>")
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    visit(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for g in attr.graphs:
+                        visit(g)
+
+    visit(model.graph)
+    return bad
+
+
+class _ConversionError(Exception):
+    def __init__(self, op_name, node_name, err):
+        super().__init__(op_name, node_name, err)
+        self.op_name, self.node_name, self.err = op_name, node_name, err
+
+
+def _importer_class():
+    from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
+
+    class _Importer(ONNXGraphImporter):
+        """Remembers which node failed to convert."""
+
+        def _convert_operator(self, op_name, inputs, attrs, opset):
+            try:
+                return super()._convert_operator(op_name, inputs, attrs, opset)
+            except _ConversionError:
+                raise
+            except Exception as err:  # pylint: disable=broad-exception-caught
+                node = (attrs.get("tvm_custom") or {}).get("name", "?")
+                raise _ConversionError(op_name, node, err) from err
+
+    return _Importer
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            return int(op.version)
+    return 1
+
+
+def import_onnx(model, input_shapes=None, dtype: str = "float32", check: bool = True):
+    """Import an ONNX model (path, bytes or ``ModelProto``) into a Relax ``IRModule`` with function ``main``.
+
+    ``input_shapes`` is a dict ``{name: shape}`` or text ``"name:1x3x224x224,..."`` overriding / completing the
+    model's declared input shapes. Initializers become inline Relax constants (no parameter inputs). Raises a
+    one-line ``ValueError`` for unknown input names, unresolved dynamic dims, unsupported ops (listing op types
+    and node names) and any other conversion failure (naming the failing op and node). ``check=False`` skips
+    ``onnx.checker`` (see :func:`load_onnx`)."""
+    import tvm  # pylint: disable=import-outside-toplevel
+
+    model = load_onnx(model, check=check)
+    shapes = _resolve_shapes(model, input_shapes)
+    bad = unsupported_ops(model)
+    if bad:
+        listing = "; ".join(f"{op} (node{'s' if len(n) > 1 else ''} {', '.join(map(repr, n[:5]))}"
+                            f"{', ...' if len(n) > 5 else ''})" for op, n in sorted(bad.items()))
+        raise ValueError(f"ONNX op(s) not supported by TVM's ONNX frontend: {listing}")
+    if model.ir_version < 3:
+        raise ValueError(f"ONNX IR version {model.ir_version} is too old (TVM needs >= 3)")
+
+    if any(not node.name for node in model.graph.node):  # name them, so errors can point at a node
+        named = onnx.ModelProto()
+        named.CopyFrom(model)
+        for i, node in enumerate(named.graph.node):
+            if not node.name:
+                node.name = f"{node.op_type}_{i}"
+        model = named
+    importer = _importer_class()({k: list(v) for k, v in shapes.items()}, dtype, keep_params_in_input=False)
+    try:
+        # The importer prints its failing node's inputs to stdout and warns about renamed inputs; keep it quiet.
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mod = importer.from_onnx(model.graph, _opset(model))
+    except _ConversionError as err:
+        raise ValueError(f"TVM could not convert ONNX op {err.op_name} (node {err.node_name!r}, "
+                         f"opset {_opset(model)}): {type(err.err).__name__}: {_one_line(err.err)}") from err.err
+    except Exception as err:  # pylint: disable=broad-exception-caught
+        raise ValueError(f"TVM's ONNX import failed: {type(err).__name__}: {_one_line(err)}") from err
+    if not isinstance(mod, tvm.IRModule):  # pragma: no cover - defensive
+        raise ValueError("TVM's ONNX import did not return an IRModule")
+    return mod
+
+
+# ---------------------------------------------------------------------------------------------- canonicalise
+
+
+def _elementwise_kind(prim_func):
+    """``"max"`` / ``"min"`` if ``prim_func`` is a single-store ``out[...] = max|min(a[...], b[()])``, else None."""
+    from tvm import tirx  # pylint: disable=import-outside-toplevel
+
+    node = prim_func.body
+    for _ in range(64):
+        if isinstance(node, tirx.BufferStore):
+            break
+        nxt = getattr(node, "block", None)
+        if nxt is None:
+            nxt = getattr(node, "body", None)
+        if nxt is None:
+            return None
+        node = nxt
+    else:
+        return None
+    if not isinstance(node, tirx.BufferStore):
+        return None
+    if isinstance(node.value, tirx.Max):
+        return "max"
+    if isinstance(node.value, tirx.Min):
+        return "min"
+    return None
+
+
+def _const_array(expr):
+    """The numpy value of a Relax tensor constant (``tvm.ir.GenericConst`` in TVM 0.27), else None."""
+    import tvm  # pylint: disable=import-outside-toplevel
+
+    if isinstance(expr, tvm.ir.GenericConst) and isinstance(expr.value, tvm.runtime.Tensor):
+        return expr.value.numpy()
+    return None
+
+
+def _bound_value(mutator_self, expr):
+    """The value bound to ``expr`` in the function being rewritten if it is a Var with a binding, else ``expr``."""
+    from tvm import relax  # pylint: disable=import-outside-toplevel
+
+    if isinstance(expr, relax.Var):
+        bound = mutator_self.lookup_binding(expr)
+        if bound is not None:
+            return bound
+    return expr
+
+
+def _scalar_const(expr):
+    arr = _const_array(expr)
+    if arr is not None and arr.size == 1:
+        return float(arr.reshape(()))
+    return None
+
+
+def _canonicalize_clip(mod):
+    """call_tir(maximum, (x, c)) / call_tir(minimum, ...) from the ONNX Clip converter -> R.clip / R.maximum /
+    R.minimum / R.nn.relu."""
+    import tvm  # pylint: disable=import-outside-toplevel
+    from tvm import relax  # pylint: disable=import-outside-toplevel
+    from tvm.relax.expr_functor import PyExprMutator, mutator  # pylint: disable=import-outside-toplevel
+
+    call_tir_op = tvm.ir.Op.get("relax.call_tir")
+    kinds = {}
+    for gv, func in mod.functions.items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            kinds[gv] = _elementwise_kind(func)
+
+    @mutator
+    class _Clip(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if call.op != call_tir_op or len(call.args) < 2 or not isinstance(call.args[1], relax.Tuple):
+                return call
+            kind = kinds.get(call.args[0])
+            args = call.args[1].fields
+            if kind is None or len(args) != 2:
+                return call
+            x, c = args
+            value = _scalar_const(_bound_value(self, c))
+            if value is None or list(x.ty.shape) != list(call.ty.shape) or x.ty.dtype != call.ty.dtype:
+                return call
+            if kind == "min":
+                prev = _bound_value(self, x)
+                if (isinstance(prev, relax.Call) and prev.op == tvm.ir.Op.get("relax.maximum")
+                        and _scalar_const(_bound_value(self, prev.args[1])) is not None):
+                    lo = _scalar_const(_bound_value(self, prev.args[1]))
+                    if lo <= value:
+                        return relax.op.clip(prev.args[0], lo, value)
+                if (isinstance(prev, relax.Call) and prev.op == tvm.ir.Op.get("relax.nn.relu") and value >= 0):
+                    return relax.op.clip(prev.args[0], 0.0, value)
+                return relax.op.minimum(x, relax.const(value, call.ty.dtype))
+            if value == 0.0:
+                return relax.op.nn.relu(x)
+            return relax.op.maximum(x, relax.const(value, call.ty.dtype))
+
+    rewriter = _Clip(mod)
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    return rewriter.builder_.get()
+
+
+def _fold_bn_into_conv(mod):
+    """conv2d(x, const W) [+ const b] -> batch_norm(const gamma, beta, mean, var)[0]  ==>  conv2d(x, W') + b'."""
+    import tvm  # pylint: disable=import-outside-toplevel
+    from tvm import relax  # pylint: disable=import-outside-toplevel
+    from tvm.relax.expr_functor import PyExprMutator, mutator  # pylint: disable=import-outside-toplevel
+
+    conv_op, add_op, bn_op = (tvm.ir.Op.get(n) for n in ("relax.nn.conv2d", "relax.add", "relax.nn.batch_norm"))
+
+    def as_call(mutator_self, expr, op):
+        expr = _bound_value(mutator_self, expr)
+        return expr if isinstance(expr, relax.Call) and expr.op == op else None
+
+    def const(mutator_self, expr):
+        return _const_array(_bound_value(mutator_self, expr))
+
+    @mutator
+    class _FoldBN(PyExprMutator):
+        def visit_tuple_getitem_(self, tgi):
+            tgi = super().visit_tuple_getitem_(tgi)
+            if tgi.index != 0:
+                return tgi
+            bn = as_call(self, tgi.tuple_value, bn_op)
+            if bn is None or any(const(self, a) is None for a in bn.args[1:]) or bn.attrs.axis != 1:
+                return tgi
+            data, bias = bn.args[0], None
+            add = as_call(self, data, add_op)
+            if add is not None and const(self, add.args[1]) is not None:
+                data, bias = add.args[0], const(self, add.args[1])
+            conv = as_call(self, data, conv_op)
+            if (conv is None or const(self, conv.args[1]) is None or conv.attrs.data_layout != "NCHW"
+                    or conv.attrs.kernel_layout != "OIHW" or conv.attrs.out_layout != "NCHW"):
+                return tgi
+            gamma, beta, mean, var = (const(self, a).astype(np.float64) for a in bn.args[1:])
+            scale = gamma / np.sqrt(var + float(bn.attrs.epsilon))
+            weight = const(self, conv.args[1])
+            cout = weight.shape[0]
+            b = np.zeros(cout) if bias is None else bias.astype(np.float64).reshape(-1)
+            if b.size != cout:
+                return tgi
+            new_w = (weight.astype(np.float64) * scale.reshape(-1, 1, 1, 1)).astype(weight.dtype)
+            new_b = ((b - mean) * scale + beta).astype(weight.dtype).reshape(1, cout, 1, 1)
+            a = conv.attrs
+            new_conv = self.builder_.emit(relax.op.nn.conv2d(
+                conv.args[0], relax.const(new_w), strides=a.strides, padding=a.padding, dilation=a.dilation,
+                groups=a.groups, data_layout=a.data_layout, kernel_layout=a.kernel_layout,
+                out_layout=a.out_layout, out_dtype=a.out_dtype))
+            return relax.op.add(new_conv, relax.const(new_b))
+
+    rewriter = _FoldBN(mod)
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    return rewriter.builder_.get()
+
+
+_NUMPY_FOLD = {
+    "relax.add": np.add, "relax.subtract": np.subtract, "relax.multiply": np.multiply,
+    "relax.divide": np.divide, "relax.sqrt": np.sqrt, "relax.rsqrt": lambda a: 1.0 / np.sqrt(a),
+    "relax.isnan": np.isnan, "relax.where": np.where, "relax.negative": np.negative,
+}
+_NUMPY_SHAPE_OPS = ("relax.reshape", "relax.permute_dims", "relax.astype")
+
+
+def _numpy_fold(mod):
+    """Fold the importer's small constant expressions (bias reshapes, transposed Gemm weights, clip-bound
+    ``where(isnan(c))``) in numpy: Relax's FoldConstant builds one LLVM module per expression (~20 ms each), which
+    made MobileNetV2's preparation take ~7 s."""
+    import tvm  # pylint: disable=import-outside-toplevel
+    from tvm import relax  # pylint: disable=import-outside-toplevel
+    from tvm.relax.expr_functor import PyExprMutator, mutator  # pylint: disable=import-outside-toplevel
+
+    @mutator
+    class _Fold(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not isinstance(call.op, tvm.ir.Op) or not isinstance(call.ty, relax.TensorType):
+                return call
+            name = call.op.name
+            if name not in _NUMPY_FOLD and name not in _NUMPY_SHAPE_OPS:
+                return call
+            arrays = [_const_array(_bound_value(self, a))
+                      for a in (call.args[:1] if name in _NUMPY_SHAPE_OPS else call.args)]
+            if any(a is None for a in arrays):
+                return call
+            try:
+                out_shape = tuple(int(d) for d in call.ty.shape)
+            except (TypeError, ValueError):
+                return call
+            with np.errstate(all="ignore"):
+                if name == "relax.reshape":
+                    out = arrays[0].reshape(out_shape)
+                elif name == "relax.permute_dims":
+                    axes = call.attrs.axes
+                    out = np.transpose(arrays[0], None if axes is None else [int(a) for a in axes])
+                elif name == "relax.astype":
+                    out = arrays[0]
+                else:
+                    out = _NUMPY_FOLD[name](*arrays)
+            out = np.array(out, dtype=str(call.ty.dtype), order="C")
+            if out.shape != out_shape:
+                return call
+            return relax.const(out)
+
+    rewriter = _Fold(mod)
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    return rewriter.builder_.get()
+
+
+def prepare_for_sparse(mod, params: dict | None = None):
+    """Canonicalise an imported module for the SIMD-block sparse rewrite (see the module docstring for the
+    resulting pattern). No legalisation.
+
+    Parameters are bound into ``main`` as constants first: ``params`` (``{name: array}``, or a list of arrays
+    for ``main``'s parameters after its ``num_input`` real inputs) if given, else the ``"params"`` attribute that
+    ``from_onnx(keep_params_in_input=True)`` leaves on ``main``."""
+    import tvm  # pylint: disable=import-outside-toplevel
+    from tvm import relax  # pylint: disable=import-outside-toplevel
+
+    main = mod["main"]
+    if params is None and main.attrs is not None and "params" in main.attrs:
+        mod, detached = relax.frontend.detach_params(mod)
+        params = list(detached.get("main", []))
+        main = mod["main"]
+    if params is not None and not isinstance(params, dict):
+        num_input = int(main.attrs["num_input"]) if main.attrs is not None and "num_input" in main.attrs else 1
+        free = list(main.params)[num_input:]
+        if len(free) != len(params):
+            raise ValueError(f"{len(params)} parameter values given for {len(free)} parameter inputs of main")
+        params = dict(zip(free, params))  # BindParams takes the Vars themselves as keys
+    if params:
+        mod = relax.transform.BindParams("main", {k: np.asarray(v) if not isinstance(v, tvm.runtime.Tensor) else v
+                                                  for k, v in params.items()})(mod)
+    mod = relax.transform.ConvertToDataflow()(mod)
+    mod = _numpy_fold(mod)
+    mod = _fold_bn_into_conv(mod)
+    mod = relax.transform.DecomposeOpsForInference()(mod)  # leftover batch_norm etc. -> elementwise arithmetic
+    mod = _numpy_fold(mod)
+    mod = _canonicalize_clip(mod)
+    mod = tvm.transform.Sequential([
+        relax.transform.FoldConstant(),  # anything the numpy folder does not know
+        relax.transform.CanonicalizeBindings(),
+        relax.transform.DeadCodeElimination(),
+    ])(mod)
+    return mod
