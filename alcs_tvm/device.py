@@ -1,0 +1,682 @@
+"""The emulated ARM64 phone, the RPC tracker and the RPC servers (``alcs device setup|start|stop|status``).
+
+There is no ARM hardware on the build machines, so an ARM64 "phone" is emulated with qemu-user:
+
+* ``setup()`` installs the Debian packages it needs (``qemu-user-static``, ``mmdebstrap`` and the aarch64 cross
+  toolchain), builds an arm64 Debian bookworm userland with Python 3.11 (``mmdebstrap --variant=extract``: nothing
+  runs under emulation, no binfmt or chroot needed), downloads the aarch64 cp311 wheels of TVM's runtime and its
+  dependencies and unzips them into the userland. Everything is cached under ``cache_dir()``
+  (``~/.cache/alcs_tvm`` or ``$ALCS_TVM_CACHE``); a second call only checks a stamp file.
+* The device's Python runs as ``qemu-aarch64-static -L ROOTFS ROOTFS/usr/bin/python3.11`` with ``QEMU_CPU`` set to
+  a phone core and ``TVM_USE_RUNTIME_LIB=1`` (runtime-only import). TVM's RPC server re-executes
+  ``sys.executable`` for its worker, which the host kernel cannot run without binfmt; a ``.pth`` file in the
+  userland sets ``sys.executable`` from ``$ALCS_DEVICE_PYTHON``, a host shell script that re-enters qemu.
+* ``start()`` runs a TVM RPC tracker on 127.0.0.1 (port 9190), one or more emulated ARM64 RPC servers registered
+  under a key (``arm64-qemu``) and a local x86 RPC server (key ``x86-local``). Each process is its own process
+  group, so ``stop()`` also ends the server's worker and session processes (no orphaned qemu). PIDs and ports are
+  kept in a JSON state file (``cache_dir()/device-state.json`` unless ``state_path`` is given).
+
+Emulated timings are *not* phone timings: use the device for correctness and for plumbing; measure on a phone.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "DEFAULT_TRACKER_PORT", "DEFAULT_KEY", "X86_KEY", "QEMU_CPUS", "DeviceImage",
+    "cache_dir", "default_state_path", "ensure_debian_packages", "ensure_cross_toolchain", "setup",
+    "start", "stop", "status", "start_tracker", "start_arm64_server", "start_x86_server", "stop_process",
+    "wait_for_server", "register_cli",
+]
+
+DEFAULT_TRACKER_PORT = 9190
+DEFAULT_KEY = "arm64-qemu"
+X86_KEY = "x86-local"
+DEFAULT_QEMU_CPU = "cortex-a76"
+#: short names accepted for --qemu-cpu (any CPU qemu knows is accepted too).
+QEMU_CPUS = {"a53": "cortex-a53", "a72": "cortex-a72", "a76": "cortex-a76"}
+
+SUITE = "bookworm"
+CROSS_PACKAGES = ("g++-aarch64-linux-gnu", "binutils-aarch64-linux-gnu")
+DEVICE_PACKAGES = ("qemu-user-static", "mmdebstrap") + CROSS_PACKAGES
+CROSS_CXX = "aarch64-linux-gnu-g++"
+QEMU = "qemu-aarch64-static"
+#: bump when the recipe changes, so cached images are rebuilt.
+RECIPE_VERSION = 1
+_WHEEL_PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64")
+
+
+def cache_dir() -> Path:
+    """Where the device image and the default state file live (``$ALCS_TVM_CACHE`` or ``~/.cache/alcs_tvm``)."""
+    path = Path(os.environ.get("ALCS_TVM_CACHE") or Path.home() / ".cache" / "alcs_tvm")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def default_state_path() -> Path:
+    return cache_dir() / "device-state.json"
+
+
+def _log(verbose, msg):
+    if verbose:
+        print(f"[alcs device] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------- packages
+_APT_UPDATED = False
+
+
+def _missing_debs(packages) -> list[str]:
+    missing = []
+    for pkg in packages:
+        res = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True)
+        if res.returncode != 0 or "install ok installed" not in res.stdout:
+            missing.append(pkg)
+    return missing
+
+
+def ensure_debian_packages(packages, verbose: bool = True) -> None:
+    """Install the Debian ``packages`` that are missing (``apt-get update`` once per process, then install)."""
+    global _APT_UPDATED
+    missing = _missing_debs(packages)
+    if not missing:
+        return
+    if shutil.which("apt-get") is None:
+        raise RuntimeError(f"missing Debian packages {' '.join(missing)} and no apt-get on this machine")
+    sudo = [] if os.geteuid() == 0 else (["sudo", "-n"] if shutil.which("sudo") else None)
+    if sudo is None:
+        raise PermissionError(f"missing Debian packages {' '.join(missing)}; install them as root: "
+                              f"apt-get install -y {' '.join(missing)}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    lock = ["-o", "DPkg::Lock::Timeout=300"]
+    if not _APT_UPDATED:
+        _log(verbose, "apt-get update")
+        subprocess.run(sudo + ["apt-get", *lock, "update", "-q"], env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+        _APT_UPDATED = True
+    _log(verbose, f"apt-get install -y {' '.join(missing)}")
+    res = subprocess.run(sudo + ["apt-get", *lock, "install", "-y", "-q", "--no-install-recommends", *missing],
+                         env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"apt-get install {' '.join(missing)} failed:\n{res.stdout[-2000:]}{res.stderr[-2000:]}")
+
+
+def ensure_cross_toolchain(verbose: bool = True) -> str:
+    """Make sure the aarch64 cross toolchain is installed; return the path of ``aarch64-linux-gnu-g++``.
+
+    Use it before cross compiling, e.g.
+    ``lib.export_library(path, fcompile=tvm.support.cc.cross_compiler(ensure_cross_toolchain()))``.
+    """
+    path = shutil.which(CROSS_CXX)
+    if path is None or _missing_debs(CROSS_PACKAGES):
+        ensure_debian_packages(CROSS_PACKAGES, verbose=verbose)
+        path = shutil.which(CROSS_CXX)
+    if path is None:
+        raise RuntimeError(f"{CROSS_CXX} not found after installing {' '.join(CROSS_PACKAGES)}")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------- the image
+@dataclass(frozen=True)
+class DeviceImage:
+    """A built device image: the arm64 userland and the host wrapper that runs its Python under qemu."""
+
+    root: Path      # cache_dir()/arm64-bookworm
+    rootfs: Path    # the arm64 Debian userland
+    python: Path    # host shell script: runs the device's python3.11 under qemu (also its sys.executable)
+    qemu: str       # path of qemu-aarch64-static
+
+    def env(self, qemu_cpu: str = DEFAULT_QEMU_CPU) -> dict:
+        """Environment for running the device's Python."""
+        env = dict(os.environ)
+        for var in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "LD_PRELOAD"):
+            env.pop(var, None)
+        env.update(QEMU_CPU=_qemu_cpu(qemu_cpu), TVM_USE_RUNTIME_LIB="1", ALCS_DEVICE_PYTHON=str(self.python),
+                   PYTHONDONTWRITEBYTECODE="1", PYTHONNOUSERSITE="1")
+        return env
+
+
+def _qemu_cpu(name: str) -> str:
+    return QEMU_CPUS.get(name, name)
+
+
+def _debian_mirror() -> str:
+    """The Debian mirror apt is configured with (this machine may only reach that one)."""
+    if os.environ.get("ALCS_DEBIAN_MIRROR"):
+        return os.environ["ALCS_DEBIAN_MIRROR"]
+    files = [Path("/etc/apt/sources.list")] + sorted(Path("/etc/apt/sources.list.d").glob("*"))
+    for path in files:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        if path.suffix == ".sources":  # deb822 stanzas
+            for stanza in text.split("\n\n"):
+                fields = {}
+                for line in stanza.splitlines():
+                    if ":" in line and not line.startswith(("#", " ")):
+                        k, v = line.split(":", 1)
+                        fields[k.strip().lower()] = v.strip()
+                suites = fields.get("suites", "").split()
+                if "deb" in fields.get("types", "").split() and SUITE in suites:
+                    for uri in fields.get("uris", "").split():
+                        if "security" not in uri:
+                            return uri
+        else:
+            for line in text.splitlines():
+                parts = line.split("#", 1)[0].split()
+                if len(parts) >= 3 and parts[0] == "deb":
+                    rest = [p for p in parts[1:] if not p.startswith("[")]
+                    if len(rest) >= 2 and rest[1] == SUITE and "security" not in rest[0]:
+                        return rest[0]
+    return "http://deb.debian.org/debian"
+
+
+def _host_versions() -> dict:
+    from importlib import metadata
+    pins = {}
+    for dist, pkg in (("apache-tvm", "apache-tvm"), ("apache-tvm-ffi", "apache-tvm-ffi"), ("numpy", "numpy")):
+        try:
+            pins[pkg] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    pins.setdefault("apache-tvm", "0.27.0.post1")
+    pins.setdefault("apache-tvm-ffi", "0.1.14.post0")
+    return pins
+
+
+def _wheel_requirements() -> list[str]:
+    pins = _host_versions()
+    reqs = [f"{name}=={ver}" for name, ver in sorted(pins.items())]
+    return reqs + ["ml_dtypes", "typing_extensions", "cloudpickle", "psutil"]
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _image_paths(root: Path) -> DeviceImage:
+    return DeviceImage(root=root, rootfs=root / "rootfs", python=root / "device-python",
+                       qemu=shutil.which(QEMU) or f"/usr/bin/{QEMU}")
+
+
+def _write_wrapper(image: DeviceImage) -> None:
+    text = ("#!/bin/sh\n"
+            "# The emulated ARM64 device's python3.11 (generated by alcs_tvm.device; also its sys.executable)\n"
+            f"exec {image.qemu} -L '{image.rootfs}' '{image.rootfs}/usr/bin/python3.11' \"$@\"\n")
+    tmp = image.python.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.chmod(0o755)
+    tmp.replace(image.python)
+
+
+def setup(force: bool = False, verbose: bool = True) -> DeviceImage:
+    """Build (or find cached) the emulated ARM64 device image. Idempotent; seconds when cached."""
+    ensure_debian_packages(DEVICE_PACKAGES, verbose=verbose)
+    root = cache_dir() / f"arm64-{SUITE}"
+    image = _image_paths(root)
+    stamp_path = root / "stamp.json"
+    want = {"recipe": RECIPE_VERSION, "suite": SUITE, "wheels": _wheel_requirements()}
+    with _file_lock(cache_dir() / ".device-setup.lock"):
+        try:
+            have = json.loads(stamp_path.read_text())
+        except (OSError, ValueError):
+            have = None
+        if not force and have == want and (image.rootfs / "usr/bin/python3.11").exists():
+            _write_wrapper(image)  # cheap; keeps the qemu path current
+            _log(verbose, f"device image cached at {root}")
+            return image
+        t0 = time.time()
+        if root.exists():
+            shutil.rmtree(root)
+        root.mkdir(parents=True)
+        build = Path(tempfile.mkdtemp(prefix="build-", dir=root))
+        rootfs = build / "rootfs"
+        mirror = _debian_mirror()
+        _log(verbose, f"building arm64 {SUITE} userland from {mirror}")
+        res = subprocess.run(["mmdebstrap", "--mode=auto", "--variant=extract", "--architectures=arm64",
+                              "--include=python3.11,libstdc++6", SUITE, str(rootfs), mirror],
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if res.returncode != 0 or not (rootfs / "usr/bin/python3.11").exists():
+            raise RuntimeError(f"mmdebstrap failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
+        wheels = build / "wheels"
+        reqs = _wheel_requirements()
+        _log(verbose, f"downloading aarch64 wheels: {' '.join(reqs)}")
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--python-version", "3.11",
+               "--implementation", "cp", "-d", str(wheels)]
+        for plat in _WHEEL_PLATFORMS:
+            cmd += ["--platform", plat]
+        res = subprocess.run(cmd + reqs, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if res.returncode != 0:
+            raise RuntimeError(f"pip download of aarch64 wheels failed:\n{res.stderr[-3000:]}")
+        site = rootfs / "usr/local/lib/python3.11/dist-packages"
+        site.mkdir(parents=True, exist_ok=True)
+        for whl in sorted(wheels.glob("*.whl")):
+            with zipfile.ZipFile(whl) as zf:
+                zf.extractall(site)
+        # Make the device's sys.executable a host-runnable wrapper when $ALCS_DEVICE_PYTHON is set.
+        (site / "zz_alcs_device_executable.pth").write_text(
+            "import os, sys; sys.executable = os.environ.get('ALCS_DEVICE_PYTHON') or sys.executable\n")
+        shutil.rmtree(wheels)
+        rootfs.rename(image.rootfs)
+        shutil.rmtree(build)
+        _write_wrapper(image)
+        # Smoke test: the device imports TVM's runtime and sees the wrapper as sys.executable.
+        res = subprocess.run([str(image.python), "-c", "import sys, tvm, tvm.rpc.server; print(sys.executable)"],
+                             env=image.env(), capture_output=True, text=True, timeout=300)
+        if res.returncode != 0 or res.stdout.strip() != str(image.python):
+            raise RuntimeError(f"device image smoke test failed:\n{res.stdout[-1000:]}{res.stderr[-3000:]}")
+        stamp_path.write_text(json.dumps(want, indent=1))
+        _log(verbose, f"device image ready at {root} ({time.time() - t0:.1f} s)")
+        return image
+
+
+# -------------------------------------------------------------------------------------------------- processes
+_CHILDREN: dict[int, subprocess.Popen] = {}  # processes started by this Python process (reaped on stop)
+
+
+def _load_state(path: Path) -> dict:
+    try:
+        state = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        state = {}
+    state.setdefault("tracker", None)
+    state.setdefault("servers", [])
+    return state
+
+
+def _save_state(path: Path, state: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    tmp.replace(path)
+
+
+def _proc_start_time(pid: int):
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _alive(entry: dict | None) -> bool:
+    """True when the process recorded in ``entry`` still runs (same PID *and* same start time)."""
+    if not entry:
+        return False
+    pid = entry["pid"]
+    child = _CHILDREN.get(pid)
+    if child is not None and child.poll() is not None:
+        return False
+    start = _proc_start_time(pid)
+    if start is None or start != entry.get("start_time"):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(start: int, taken=()) -> int:
+    for port in range(start, start + 500):
+        if port not in taken and _port_free(port):
+            return port
+    raise RuntimeError(f"no free TCP port in [{start}, {start + 500})")
+
+
+def _spawn(cmd, env, log_path: Path, kind: str, **info) -> dict:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=str(log_path.parent))
+    _CHILDREN[proc.pid] = proc
+    start_time = None
+    for _ in range(100):
+        start_time = _proc_start_time(proc.pid)
+        if start_time is not None:
+            break
+        time.sleep(0.01)
+    return dict(kind=kind, pid=proc.pid, start_time=start_time, log=str(log_path), **info)
+
+
+def _log_tail(entry, n=15) -> str:
+    try:
+        return "\n".join(Path(entry["log"]).read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def stop_process(entry: dict | None, grace: float = 3.0) -> bool:
+    """Stop a recorded tracker/server and its whole process group (worker, sessions). True if it was running."""
+    if not entry:
+        return False
+    was_alive = _alive(entry)
+    pid = entry["pid"]
+    if was_alive:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, sig)
+                os.killpg(pid, signal.SIGCONT)  # a stopped (frozen) process must run to handle SIGTERM
+            deadline = time.time() + grace
+            while time.time() < deadline and _group_alive(pid):
+                _reap(pid)
+                time.sleep(0.05)
+            if not _group_alive(pid):
+                break
+    _reap(pid)
+    return was_alive
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while a non-zombie process of process group ``pgid`` exists."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _reap(pid: int) -> None:
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=0.05)
+            _CHILDREN.pop(pid, None)
+
+
+def _tracker_addr(entry) -> str:
+    return f"{entry['host']}:{entry['port']}"
+
+
+def start_tracker(port: int = DEFAULT_TRACKER_PORT, host: str = "127.0.0.1", log_dir: Path | None = None,
+                  timeout: float = 30.0) -> dict:
+    """Start a TVM RPC tracker on ``host:port``; return its state entry once it answers."""
+    from . import rpc as alcs_rpc
+    if not _port_free(port, host):
+        raise ConnectionError(f"port {host}:{port} is already in use; choose another --tracker-port")
+    log_dir = Path(log_dir or cache_dir() / "logs")
+    cmd = [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", host, "--port", str(port),
+           "--port-end", str(port + 1)]
+    entry = _spawn(cmd, dict(os.environ), log_dir / f"tracker-{port}.log", "tracker", host=host, port=port)
+    deadline = time.time() + timeout
+    while True:
+        try:
+            alcs_rpc.tracker_summary(_tracker_addr(entry), timeout=2)
+            return entry
+        except ConnectionError:
+            if not _alive(entry) or time.time() > deadline:
+                stop_process(entry)
+                raise RuntimeError(f"RPC tracker on {host}:{port} did not start:\n{_log_tail(entry)}")
+            time.sleep(0.2)
+
+
+def _server_cmd(python, tracker: str | None, key: str, port: int):
+    cmd = [str(python), "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port),
+           "--port-end", str(port + 1)]
+    if tracker:  # without a tracker the server is standalone: clients connect with --rpc 127.0.0.1:PORT
+        cmd += ["--tracker", tracker, "--key", key]
+    return cmd
+
+
+def start_arm64_server(tracker: str | None, key: str = DEFAULT_KEY, qemu_cpu: str = DEFAULT_QEMU_CPU,
+                       port: int | None = None, image: DeviceImage | None = None, log_dir: Path | None = None,
+                       wait: bool = True, timeout: float = 120.0, taken_ports=()) -> dict:
+    """Start one emulated ARM64 RPC server registered at ``tracker`` under ``key``; return its state entry.
+
+    With ``tracker=None`` the server is standalone (``connect(rpc="127.0.0.1:PORT")``)."""
+    image = image or setup(verbose=False)
+    port = port or _free_port(9090, taken_ports)
+    log_dir = Path(log_dir or cache_dir() / "logs")
+    entry = _spawn(_server_cmd(image.python, tracker, key, port), image.env(qemu_cpu),
+                   log_dir / f"server-{key}-{port}.log", "arm64-qemu", key=key, port=port, tracker=tracker,
+                   qemu_cpu=_qemu_cpu(qemu_cpu))
+    if wait:
+        wait_for_server(entry, timeout=timeout)
+    return entry
+
+
+def start_x86_server(tracker: str | None, key: str = X86_KEY, port: int | None = None, log_dir: Path | None = None,
+                     wait: bool = True, timeout: float = 60.0, taken_ports=()) -> dict:
+    """Start a local (host CPU) RPC server registered at ``tracker`` under ``key``; return its state entry.
+
+    With ``tracker=None`` the server is standalone (``connect(rpc="127.0.0.1:PORT")``)."""
+    port = port or _free_port(9090, taken_ports)
+    log_dir = Path(log_dir or cache_dir() / "logs")
+    entry = _spawn(_server_cmd(sys.executable, tracker, key, port), dict(os.environ),
+                   log_dir / f"server-{key}-{port}.log", "x86-local", key=key, port=port, tracker=tracker)
+    if wait:
+        wait_for_server(entry, timeout=timeout)
+    return entry
+
+
+def _registered(tracker: str | None, key: str, port: int) -> bool:
+    from . import rpc as alcs_rpc
+    if not tracker:  # standalone server: ready once it listens
+        return not _port_free(port)
+    try:
+        summary = alcs_rpc.tracker_summary(tracker, timeout=2)
+    except (ConnectionError, TimeoutError):
+        return False
+    for item in summary.get("server_info", []):
+        if item.get("key") == f"server:{key}" and int(item.get("addr", [None, -1])[1]) == port:
+            return True
+    return False
+
+
+def wait_for_server(entry: dict, timeout: float = 120.0) -> float:
+    """Wait until the server in ``entry`` is registered at its tracker (standalone: listens); return the seconds."""
+    t0 = time.time()
+    while not _registered(entry["tracker"], entry["key"], entry["port"]):
+        if not _alive(entry):
+            stop_process(entry)
+            raise RuntimeError(f"RPC server {entry['key']} on port {entry['port']} exited:\n{_log_tail(entry)}")
+        if time.time() - t0 > timeout:
+            stop_process(entry)
+            raise TimeoutError(f"RPC server {entry['key']} on port {entry['port']} did not register at "
+                               f"{entry['tracker']} within {timeout:.0f} s:\n{_log_tail(entry)}")
+        time.sleep(0.25)
+    entry["ready_s"] = round(time.time() - t0, 2)
+    return time.time() - t0
+
+
+def start(tracker_port: int = DEFAULT_TRACKER_PORT, key: str = DEFAULT_KEY, num_devices: int = 1,
+          qemu_cpu: str = DEFAULT_QEMU_CPU, x86: bool = True, x86_key: str = X86_KEY,
+          state_path: Path | str | None = None, timeout: float = 180.0, verbose: bool = True) -> dict:
+    """Start (or keep) the tracker, ``num_devices`` emulated ARM64 servers under ``key`` and the x86 server.
+
+    Idempotent: processes from the state file that still run are kept. Returns the state dict:
+    ``{"tracker": {...,"host","port","pid"}, "servers": [{"kind","key","port","pid","qemu_cpu",...}, ...]}``.
+    """
+    state_path = Path(state_path or default_state_path())
+    image = setup(verbose=verbose) if num_devices > 0 else None
+    with _file_lock(state_path.with_suffix(".lock")):
+        state = _load_state(state_path)
+        log_dir = state_path.parent / "logs"
+        tracker = state["tracker"]
+        if _alive(tracker) and tracker["port"] != tracker_port:
+            raise ValueError(f"a tracker from this state file already runs on port {tracker['port']}; "
+                             f"stop it first (alcs device stop)")
+        if not _alive(tracker):
+            for entry in state["servers"]:  # servers of a dead tracker are useless
+                stop_process(entry)
+            state["servers"] = []
+            tracker = state["tracker"] = start_tracker(tracker_port, log_dir=log_dir)
+            _log(verbose, f"tracker on {_tracker_addr(tracker)} (pid {tracker['pid']})")
+        _save_state(state_path, state)
+        addr = _tracker_addr(tracker)
+        state["servers"] = [e for e in state["servers"] if _alive(e)]
+        taken = {e["port"] for e in state["servers"]} | {tracker_port}
+        new = []
+        have = [e for e in state["servers"] if e["kind"] == "arm64-qemu" and e["key"] == key]
+        for _ in range(max(0, num_devices - len(have))):
+            entry = start_arm64_server(addr, key, qemu_cpu, image=image, log_dir=log_dir, wait=False,
+                                       taken_ports=taken)
+            taken.add(entry["port"])
+            new.append(entry)
+        if x86 and not any(e["kind"] == "x86-local" and e["key"] == x86_key for e in state["servers"]):
+            entry = start_x86_server(addr, x86_key, log_dir=log_dir, wait=False, taken_ports=taken)
+            taken.add(entry["port"])
+            new.append(entry)
+        state["servers"] += new
+        _save_state(state_path, state)
+        try:
+            for entry in new:
+                wait_for_server(entry, timeout=timeout)
+                _log(verbose, f"server {entry['key']} on 127.0.0.1:{entry['port']} (pid {entry['pid']}"
+                              + (f", {entry['qemu_cpu']}" if entry.get("qemu_cpu") else "")
+                              + f") ready after {entry['ready_s']} s")
+        finally:
+            state["servers"] = [e for e in state["servers"] if _alive(e)]
+            _save_state(state_path, state)
+        return state
+
+
+def stop(state_path: Path | str | None = None, verbose: bool = True, servers_only: bool = False) -> list[dict]:
+    """Stop everything recorded in the state file (servers first, then the tracker); return what was stopped."""
+    state_path = Path(state_path or default_state_path())
+    with _file_lock(state_path.with_suffix(".lock")):
+        state = _load_state(state_path)
+        stopped = []
+        for entry in state["servers"] + ([] if servers_only else [state["tracker"]]):
+            if entry and stop_process(entry):
+                stopped.append(entry)
+                _log(verbose, f"stopped {entry['kind']} pid {entry['pid']} port {entry['port']}")
+        state["servers"] = []
+        if not servers_only:
+            state["tracker"] = None
+        _save_state(state_path, state)
+        return stopped
+
+
+def status(state_path: Path | str | None = None) -> dict:
+    """The state file's processes with ``alive``/``registered`` flags, plus the tracker's key counts."""
+    from . import rpc as alcs_rpc
+    state = _load_state(Path(state_path or default_state_path()))
+    tracker = state["tracker"]
+    out = {"tracker": None, "servers": [], "keys": {}}
+    if tracker:
+        out["tracker"] = dict(tracker, alive=_alive(tracker))
+        if out["tracker"]["alive"]:
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                out["keys"] = alcs_rpc.tracker_keys(_tracker_addr(tracker), timeout=3)
+    for entry in state["servers"]:
+        alive = _alive(entry)
+        out["servers"].append(dict(entry, alive=alive,
+                                   registered=alive and _registered(entry["tracker"], entry["key"], entry["port"])))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+def register_cli(subparsers) -> None:
+    parser = subparsers.add_parser("device", help="the emulated ARM64 device, the RPC tracker and RPC servers",
+                                   description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="device_command", metavar="ACTION", required=True)
+    state_help = "state file (default: $ALCS_TVM_CACHE/device-state.json or ~/.cache/alcs_tvm/device-state.json)"
+
+    p = sub.add_parser("setup", help="install packages, build the arm64 userland and unpack the wheels (cached)")
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.set_defaults(func=_cli_setup)
+
+    p = sub.add_parser("start", help="start the tracker, the emulated ARM64 server(s) and the x86 server")
+    p.add_argument("--tracker-port", type=int, default=DEFAULT_TRACKER_PORT)
+    p.add_argument("--key", default=DEFAULT_KEY, help=f"key of the emulated devices (default {DEFAULT_KEY})")
+    p.add_argument("--num-devices", type=int, default=1, help="number of emulated ARM64 servers (default 1)")
+    p.add_argument("--qemu-cpu", default=DEFAULT_QEMU_CPU,
+                   help="emulated core: a53, a72, a76 or any qemu CPU name (default cortex-a76)")
+    p.add_argument("--no-x86", dest="x86", action="store_false", help=f"don't start the {X86_KEY} server")
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for servers to register")
+    p.add_argument("--state", help=state_help)
+    p.set_defaults(func=_cli_start)
+
+    p = sub.add_parser("stop", help="stop everything started by `alcs device start`")
+    p.add_argument("--state", help=state_help)
+    p.set_defaults(func=_cli_stop)
+
+    p = sub.add_parser("status", help="show the tracker, the servers and the tracker's keys")
+    p.add_argument("--state", help=state_help)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cli_status)
+
+
+def _cli_setup(args):
+    t0 = time.time()
+    image = setup(force=args.force)
+    print(f"device image: {image.root} ({time.time() - t0:.1f} s)")
+    print(f"device python: {image.python}")
+    return 0
+
+
+def _cli_start(args):
+    if args.num_devices < 0:
+        raise ValueError("--num-devices must be >= 0")
+    state = start(tracker_port=args.tracker_port, key=args.key, num_devices=args.num_devices,
+                  qemu_cpu=args.qemu_cpu, x86=args.x86, state_path=args.state, timeout=args.timeout)
+    _print_status(status(args.state))
+    return 0 if state["tracker"] else 1
+
+
+def _cli_stop(args):
+    stopped = stop(args.state)
+    print(f"stopped {len(stopped)} process(es)")
+    return 0
+
+
+def _cli_status(args):
+    info = status(args.state)
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        _print_status(info)
+    tracker_ok = bool(info["tracker"] and info["tracker"]["alive"])
+    return 0 if tracker_ok and all(s["alive"] for s in info["servers"]) else 1
+
+
+def _print_status(info):
+    tracker = info["tracker"]
+    if not tracker:
+        print("tracker: not started (alcs device start)")
+        return
+    print(f"tracker: {_tracker_addr(tracker)} pid {tracker['pid']} {'running' if tracker['alive'] else 'DEAD'}")
+    for s in info["servers"]:
+        state = "registered" if s["registered"] else ("running, not registered" if s["alive"] else "DEAD")
+        extra = f" {s['qemu_cpu']}" if s.get("qemu_cpu") else ""
+        print(f"server: {s['key']:<12} 127.0.0.1:{s['port']} pid {s['pid']} {s['kind']}{extra} {state}")
+    if info["keys"]:
+        print("tracker keys: " + ", ".join(f"{k} ({n} server{'s' if n > 1 else ''})" for k, n in sorted(info["keys"].items())))

@@ -1,0 +1,301 @@
+"""Remote sessions on RPC devices (the emulated ARM64 device, a phone, a board), with bounded waits.
+
+``connect(tracker="127.0.0.1:9190", key="arm64-qemu")`` asks the tracker for a device, ``connect(rpc="HOST:PORT")``
+connects straight to a server started without a tracker. Errors are one line and typed for the CLI:
+
+* nothing listening at the tracker/server address -> ``ConnectionError`` naming ``host:port``;
+* the tracker has no server under ``key`` -> ``UnknownKeyError`` (a ``ValueError``) listing the tracker's keys;
+* no free device / a device that stops answering -> ``TimeoutError`` (every wait is bounded);
+* a device server that dies during a call -> ``ConnectionError`` ("closed the connection during ...").
+
+TVM's RPC client blocks in C++ without a timeout, so remote calls run under :func:`guard`: a watchdog thread that,
+when the deadline passes, shuts down this process's sockets to that server, which makes the blocked call fail.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+import tarfile
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+
+import tvm
+from tvm import rpc as tvm_rpc
+from tvm.rpc import base
+
+__all__ = ["UnknownKeyError", "parse_address", "tracker_summary", "tracker_keys", "connect", "guard",
+           "upload_library", "DEFAULT_TIMEOUT"]
+
+#: default bound (seconds) on waiting for a device and on one remote call.
+DEFAULT_TIMEOUT = 300.0
+
+_LOST = ("kShutdown", "Connection reset", "Broken pipe", "connection closed", "Socket", "socket", "RPCSession",
+         "EOF", "closed")
+
+
+class UnknownKeyError(ValueError, LookupError):
+    """The tracker has no device registered under the requested key."""
+
+
+def parse_address(text: str, what: str = "address") -> tuple[str, int]:
+    """``"HOST:PORT"`` -> ``(host, port)``."""
+    if not isinstance(text, str) or ":" not in text:
+        raise ValueError(f"{what} must be HOST:PORT, got {text!r}")
+    host, port = text.rsplit(":", 1)
+    try:
+        return (host.strip("[]") or "127.0.0.1"), int(port)
+    except ValueError:
+        raise ValueError(f"{what} must be HOST:PORT, got {text!r}") from None
+
+
+def _open(addr: tuple[str, int], what: str, timeout: float) -> socket.socket:
+    host, port = addr
+    try:
+        return socket.create_connection((host, port), timeout=timeout)
+    except ConnectionRefusedError:
+        hint = "; start one with `alcs device start`" if what == "RPC tracker" else ""
+        raise ConnectionError(f"no {what} at {host}:{port} (connection refused){hint}") from None
+    except (socket.timeout, TimeoutError):
+        raise ConnectionError(f"{what} at {host}:{port} did not answer within {timeout:g} s") from None
+    except OSError as err:
+        raise ConnectionError(f"cannot reach {what} at {host}:{port}: {err.strerror or err}") from None
+
+
+def _tracker_socket(tracker: str, timeout: float) -> socket.socket:
+    addr = parse_address(tracker, "tracker address")
+    sock = _open(addr, "RPC tracker", timeout)
+    try:
+        sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+        magic = struct.unpack("<i", base.recvall(sock, 4))[0]
+    except (OSError, TimeoutError) as err:
+        sock.close()
+        raise ConnectionError(f"RPC tracker at {addr[0]}:{addr[1]} did not answer: {err}") from None
+    if magic != base.RPC_TRACKER_MAGIC:
+        sock.close()
+        raise ConnectionError(f"{addr[0]}:{addr[1]} is not a TVM RPC tracker")
+    return sock
+
+
+def tracker_summary(tracker: str, timeout: float = 10.0) -> dict:
+    """The tracker's summary: ``{"server_info": [{"key": "server:KEY", "addr": [host, port]}, ...],
+    "queue_info": {KEY: {"free": n, "pending": n}}}``."""
+    with contextlib.closing(_tracker_socket(tracker, timeout)) as sock:
+        try:
+            base.sendjson(sock, [base.TrackerCode.SUMMARY])
+            value = base.recvjson(sock)
+        except (OSError, TimeoutError) as err:
+            raise ConnectionError(f"RPC tracker at {tracker} did not answer: {err}") from None
+    if value[0] != base.TrackerCode.SUCCESS:
+        raise ConnectionError(f"RPC tracker at {tracker} returned {value!r}")
+    return value[1]
+
+
+def tracker_keys(tracker: str, timeout: float = 10.0) -> dict[str, int]:
+    """Keys with registered servers at the tracker -> number of servers."""
+    keys: dict[str, int] = {}
+    for item in tracker_summary(tracker, timeout).get("server_info", []):
+        key = str(item.get("key", ""))
+        if key.startswith("server:"):
+            key = key[len("server:"):]
+            keys[key] = keys.get(key, 0) + 1
+    return keys
+
+
+def _request(tracker: str, key: str, timeout: float, priority: int = 1) -> tuple[str, int, str]:
+    keys = tracker_keys(tracker, timeout=min(timeout, 10.0))
+    if key not in keys:
+        listed = ", ".join(f"{k} ({n})" for k, n in sorted(keys.items())) or "none"
+        raise UnknownKeyError(f"RPC tracker at {tracker} has no device with key {key!r}; its keys: {listed}")
+    with contextlib.closing(_tracker_socket(tracker, timeout)) as sock:
+        try:
+            base.sendjson(sock, [base.TrackerCode.REQUEST, key, "", priority])
+            value = base.recvjson(sock)
+        except (socket.timeout, TimeoutError):
+            raise TimeoutError(f"no free {key!r} device at tracker {tracker} within {timeout:g} s "
+                               f"({keys[key]} registered, all busy?)") from None
+        except OSError as err:
+            raise ConnectionError(f"RPC tracker at {tracker} dropped the request: {err}") from None
+    if value[0] != base.TrackerCode.SUCCESS:
+        raise ConnectionError(f"RPC tracker at {tracker} returned {value!r}")
+    url, port, matchkey = value[1]
+    return url, int(port), matchkey
+
+
+# ---------------------------------------------------------------------------------------------- the watchdog
+def _shutdown_sockets_to(addr: tuple[str, int]) -> int:
+    """Shut down every TCP socket of this process connected to ``addr``; return how many."""
+    import psutil
+
+    try:
+        ip = socket.gethostbyname(addr[0])
+    except OSError:
+        ip = addr[0]
+    count = 0
+    for conn in psutil.Process().net_connections(kind="tcp"):
+        if conn.fd is None or conn.fd < 0 or not conn.raddr:
+            continue
+        if conn.raddr.port == addr[1] and conn.raddr.ip in (ip, addr[0], f"::ffff:{ip}"):
+            with contextlib.suppress(OSError):
+                sock = socket.socket(fileno=os.dup(conn.fd))
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                    count += 1
+                finally:
+                    sock.close()
+    return count
+
+
+def _describe(session) -> str:
+    addr = getattr(session, "alcs_addr", None)
+    key = getattr(session, "alcs_key", "")
+    where = f"{addr[0]}:{addr[1]}" if addr else "?"
+    return f"device {key!r} at {where}" if key else f"device at {where}"
+
+
+@contextlib.contextmanager
+def guard(session, what: str, timeout: float | None = None):
+    """Run remote calls on ``session`` with a deadline and one-line errors.
+
+    A call still blocked after ``timeout`` seconds (default: the session's) is aborted by shutting the session's
+    socket, and raises ``TimeoutError``; a server that goes away raises ``ConnectionError``.
+    """
+    timeout = timeout if timeout is not None else getattr(session, "alcs_timeout", DEFAULT_TIMEOUT)
+    addr = getattr(session, "alcs_addr", None)
+    fired = threading.Event()
+
+    def _fire():
+        fired.set()
+        if addr:
+            _shutdown_sockets_to(addr)
+
+    timer = threading.Timer(timeout, _fire) if timeout and addr else None
+    if timer:
+        timer.daemon = True
+        timer.start()
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - classify TVM's errors
+        first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]
+        if fired.is_set():
+            raise TimeoutError(f"{_describe(session)} did not answer within {timeout:g} s during {what}; "
+                               f"the session was aborted (is the server alive? `alcs device status`)") from None
+        if "RPCSessionTimeoutError" in str(err):
+            raise TimeoutError(f"{_describe(session)}: the session expired during {what} "
+                               f"(increase the device timeout)") from None
+        if isinstance(err, (ConnectionError, TimeoutError)):
+            raise
+        if isinstance(err, OSError) or any(s in str(err) for s in _LOST):
+            raise ConnectionError(f"{_describe(session)} closed the connection during {what} "
+                                  f"(server killed or crashed?): {first}") from None
+        raise
+    finally:
+        if timer:
+            timer.cancel()
+
+
+# ------------------------------------------------------------------------------------------------- sessions
+def connect(tracker: str | None = None, key: str | None = None, *, rpc: str | None = None,
+            timeout: float = DEFAULT_TIMEOUT, session_timeout: float | None = None):
+    """A ``tvm.rpc`` session on a device.
+
+    ``connect(tracker="HOST:PORT", key="arm64-qemu")``: ask the tracker for a free device registered under
+    ``key`` (waiting at most ``timeout`` s). ``connect(rpc="HOST:PORT")``: connect straight to a server that runs
+    without a tracker. ``timeout`` also becomes the default deadline of :func:`guard` on this session;
+    ``session_timeout`` (default ``timeout``) makes the server end the session after that many seconds.
+    The session carries ``alcs_addr`` (server host, port), ``alcs_key`` and ``alcs_timeout``.
+    """
+    if (tracker is None) == (rpc is None):
+        raise ValueError("give either tracker=HOST:PORT (with key=...) or rpc=HOST:PORT")
+    session_timeout = timeout if session_timeout is None else session_timeout
+    if tracker is not None:
+        if not key:
+            raise ValueError("a device key is needed with a tracker (e.g. key='arm64-qemu')")
+        url, port, matchkey = _request(tracker, key, timeout)
+    else:
+        url, port = parse_address(rpc, "RPC server address")
+        _open((url, port), "RPC server", min(timeout, 10.0)).close()  # clear error if nothing listens
+        matchkey = key or ""
+
+    class _Pending:  # lets guard() describe/abort the connect itself
+        alcs_addr, alcs_key, alcs_timeout = (url, port), key or "", timeout
+
+    try:
+        with guard(_Pending, "connect", timeout=min(timeout, 60.0)):
+            session = tvm_rpc.connect(url, port, matchkey, session_timeout=session_timeout or 0)
+    except ConnectionError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        if "mismatch" in str(err).lower():
+            raise ConnectionError(f"RPC server at {url}:{port} expects a key (it is registered with a tracker): "
+                                  f"use tracker=HOST:PORT and key=KEY") from None
+        raise ConnectionError(f"cannot open a session with the RPC server at {url}:{port}: "
+                              f"{str(err).strip().splitlines()[-1] if str(err).strip() else err}") from None
+    session.alcs_addr = (url, port)
+    session.alcs_key = key or ""
+    session.alcs_timeout = timeout
+    return session
+
+
+def _link_tar(tar_path: Path, out_dir: Path) -> Path:
+    """Link the objects of a ``export_library(...tar)`` archive into a ``.so`` with the matching compiler."""
+    from tvm.support import cc
+
+    from . import device
+
+    with tarfile.open(tar_path) as tar:
+        tar.extractall(out_dir, filter="data")
+    objects = [str(p) for p in sorted(out_dir.iterdir()) if p.suffix in (".o", ".obj")]
+    if not objects:
+        raise ValueError(f"{tar_path} has no object files")
+    out = out_dir / (tar_path.stem + ".so")
+    if elf_machine(objects[0]) == "aarch64":
+        cc.cross_compiler(device.ensure_cross_toolchain(verbose=False))(str(out), objects)
+    else:
+        cc.create_shared(str(out), objects)
+    return out
+
+
+def upload_library(session, lib_path, timeout: float | None = None):
+    """Upload a compiled library (``.so``, or a ``.tar`` that is linked here first) and load it on the device.
+
+    Returns the remote ``tvm.runtime.Module``; e.g. ``tvm.relax.VirtualMachine(mod, session.cpu())``.
+    """
+    lib_path = Path(lib_path)
+    if not lib_path.is_file():
+        raise FileNotFoundError(f"no such library: {lib_path}")
+    with tempfile.TemporaryDirectory(prefix="alcs-upload-") as tmp:
+        if lib_path.suffix == ".tar":
+            lib_path = _link_tar(lib_path, Path(tmp))
+        remote_name = f"{uuid.uuid4().hex[:8]}_{lib_path.name}"
+        with guard(session, f"upload of {lib_path.name}", timeout):
+            session.upload(str(lib_path), remote_name)
+        try:
+            with guard(session, f"load of {lib_path.name}", timeout):
+                return session.load_module(remote_name)
+        except (ConnectionError, TimeoutError):
+            raise
+        except Exception as err:  # noqa: BLE001
+            lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+            raise ValueError(f"{_describe(session)} could not load {lib_path.name} (an {elf_machine(lib_path)} "
+                             f"library; built for another architecture?): {lines[-1][:300] if lines else err}") \
+                from None
+
+
+_ELF_MACHINES = {62: "x86_64", 183: "aarch64", 40: "arm"}
+
+
+def elf_machine(path) -> str | None:
+    """The architecture of an ELF file (``"x86_64"``, ``"aarch64"``, ...), or None if it is not ELF."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(20)
+    except OSError:
+        return None
+    if head[:4] != b"\x7fELF":
+        return None
+    return _ELF_MACHINES.get(struct.unpack("<H", head[18:20])[0], "other")
+

@@ -1,0 +1,306 @@
+"""Run a compiled model here or on an RPC device (``alcs run``), optionally timing it.
+
+``OUT.so`` is a standard Relax executable library (``tvm.compile(...).export_library(...)``). It is loaded with
+``tvm.runtime.load_module`` (or uploaded and loaded on the device) and run with ``tvm.relax.VirtualMachine``.
+
+Input names come from the VM itself (the parameter names of ``main``). Shapes and dtypes are not kept in the
+library, so a JSON *sidecar* ``OUT.so.json`` may be written next to it at compile time (:func:`write_sidecar`)::
+
+    {
+      "function": "main",                                    # optional, default "main"
+      "inputs":  [{"name": "data", "shape": [1, 3, 32, 32], "dtype": "float32"}, ...],
+      "outputs": [{"name": "out",  "shape": [1, 10],        "dtype": "float32"}, ...],   # optional
+      "target":  {"kind": "llvm", "mtriple": "aarch64-linux-gnu", ...}                 # optional, informational
+    }
+
+The sidecar is needed only to *make up* inputs (``--fill-mode``) and to check shapes before sending them; with
+``--inputs in.npz`` a library without sidecar runs fine. ``in.npz`` keys are the input names (or ``arr_0``,
+``arr_1``, ... in parameter order); ``--outputs out.npz`` keys are the sidecar's output names or ``output_0``, ...
+"""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["run_model", "read_sidecar", "write_sidecar", "sidecar_path", "make_inputs", "register_cli"]
+
+def sidecar_path(lib_path) -> Path:
+    return Path(str(lib_path) + ".json")
+
+
+def read_sidecar(lib_path) -> dict | None:
+    """The sidecar of ``lib_path`` (``lib_path + ".json"``), or None."""
+    path = sidecar_path(lib_path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("inputs"), list):
+        raise ValueError(f"{path} has no 'inputs' list")
+    return data
+
+
+def _type_entries(ty, name):
+    """Sidecar entries for a Relax type (TVM 0.27: ``relax.type.TensorType``, ``ir.TupleType``)."""
+    fields = getattr(ty, "fields", None)
+    if fields is not None:
+        out = []
+        for i, field in enumerate(fields):
+            out += _type_entries(field, f"{name}_{i}" if len(fields) > 1 else name)
+        return out
+    if hasattr(ty, "dtype") and hasattr(ty, "shape"):
+        shape = None
+        values = getattr(ty.shape, "values", None)
+        if values is not None:
+            try:
+                shape = [int(v) for v in values]
+            except TypeError:
+                shape = None  # symbolic
+        return [{"name": name, "shape": shape, "dtype": str(ty.dtype) or None}]
+    return [{"name": name, "shape": None, "dtype": None}]
+
+
+def write_sidecar(lib_path, mod, function: str = "main", target=None, output_names=None) -> Path:
+    """Write ``lib_path + ".json"`` from the Relax ``mod`` (IRModule or relax.Function) the library was built from."""
+    from tvm import relax
+    func = mod[function] if not isinstance(mod, relax.Function) else mod
+    inputs = []
+    for param in func.params:
+        inputs += _type_entries(param.ty, str(param.name))
+    outputs = _type_entries(func.ret_ty, "output")
+    for i, entry in enumerate(outputs):
+        entry["name"] = output_names[i] if output_names and i < len(output_names) else f"output_{i}"
+    data = {"function": function, "inputs": inputs, "outputs": outputs}
+    if target is not None:
+        data["target"] = {k: (list(map(str, v)) if isinstance(v, (list, tuple)) or type(v).__name__ == "Array"
+                              else str(v)) for k, v in target.export().items()} \
+            if hasattr(target, "export") else target
+    path = sidecar_path(lib_path)
+    path.write_text(json.dumps(data, indent=1))
+    return path
+
+
+def make_inputs(sidecar: dict, fill_mode: str = "random", seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs made up from the sidecar's shapes: zeros, ones, or random (normal floats / small ints)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for entry in sidecar["inputs"]:
+        if entry.get("shape") is None or entry.get("dtype") is None:
+            raise ValueError(f"input {entry.get('name')!r} has no static shape/dtype in the sidecar; pass --inputs")
+        shape, dtype = tuple(entry["shape"]), np.dtype(entry["dtype"])
+        if fill_mode == "zeros":
+            arr = np.zeros(shape, dtype)
+        elif fill_mode == "ones":
+            arr = np.ones(shape, dtype)
+        elif fill_mode == "random":
+            arr = (rng.standard_normal(shape) if dtype.kind == "f" else rng.integers(0, 8, shape)).astype(dtype)
+        else:
+            raise ValueError(f"unknown fill mode {fill_mode!r} (zeros, ones, random)")
+        out[entry["name"]] = arr
+    return out
+
+
+def _order_inputs(inputs, names: list[str]) -> list[np.ndarray]:
+    if isinstance(inputs, dict):
+        keys = list(inputs)
+        if all(k in inputs for k in names) and len(keys) == len(names):
+            return [np.asarray(inputs[k]) for k in names]
+        if keys == [f"arr_{i}" for i in range(len(keys))]:
+            inputs = [inputs[k] for k in keys]
+        else:
+            raise ValueError(f"input names {sorted(keys)} do not match the model's inputs {names}")
+    inputs = [np.asarray(a) for a in inputs]
+    if len(inputs) != len(names):
+        raise ValueError(f"the model takes {len(names)} input(s) {names}, got {len(inputs)}")
+    return inputs
+
+
+def _check_against_sidecar(arrays, names, sidecar):
+    if not sidecar:
+        return
+    by_name = {e["name"]: e for e in sidecar["inputs"]}
+    for name, arr in zip(names, arrays):
+        entry = by_name.get(name)
+        if not entry:
+            continue
+        if entry.get("shape") is not None and list(arr.shape) != list(entry["shape"]):
+            raise ValueError(f"input {name!r} has shape {list(arr.shape)}, the model expects {entry['shape']}")
+        if entry.get("dtype") and str(arr.dtype) != entry["dtype"]:
+            raise ValueError(f"input {name!r} has dtype {arr.dtype}, the model expects {entry['dtype']}")
+
+
+def _flatten(value) -> list[np.ndarray]:
+    if hasattr(value, "numpy"):
+        return [value.numpy()]
+    if isinstance(value, (list, tuple)) or type(value).__name__ in ("Array", "List"):
+        out = []
+        for item in value:
+            out += _flatten(item)
+        return out
+    if isinstance(value, (int, float, bool, np.generic)):
+        return [np.asarray(value)]
+    raise TypeError(f"unsupported model output of type {type(value).__name__}")
+
+
+def _timings(result, number, repeat) -> dict:
+    ms = [float(r) * 1e3 for r in result.results]
+    return {"mean_ms": float(np.mean(ms)), "median_ms": float(np.median(ms)), "std_ms": float(np.std(ms)),
+            "min_ms": float(np.min(ms)), "max_ms": float(np.max(ms)), "results_ms": ms,
+            "number": number, "repeat": repeat}
+
+
+def run_model(lib_path, inputs=None, *, rpc: str | None = None, tracker: str | None = None,
+              key: str | None = None, session=None, repeat: int = 0, number: int = 1,
+              fill_mode: str | None = None, function: str | None = None, timeout: float | None = None):
+    """Run the Relax executable library ``lib_path`` once; time it when ``repeat > 0``.
+
+    * ``inputs``: dict name -> array, or list of arrays in parameter order; None = made up from the sidecar
+      with ``fill_mode`` (default ``"random"``).
+    * where: here (default), ``tracker="HOST:PORT", key=KEY``, ``rpc="HOST:PORT"``, or an open ``session``
+      from :func:`alcs_tvm.rpc.connect`.
+    * ``timeout``: bound (s) on getting a device and on each remote step (default ``alcs_tvm.rpc.DEFAULT_TIMEOUT``).
+
+    Returns ``(outputs, timings)``: ``outputs`` a list of numpy arrays; ``timings`` None, or a dict with
+    ``mean_ms, median_ms, std_ms, min_ms, max_ms, results_ms, number, repeat`` (each of the ``repeat`` results
+    is the mean of ``number`` runs).
+    """
+    import tvm
+    from tvm import relax
+
+    from . import rpc as alcs_rpc
+
+    lib_path = Path(lib_path)
+    if not lib_path.is_file():
+        raise FileNotFoundError(f"no such library: {lib_path}")
+    timeout = alcs_rpc.DEFAULT_TIMEOUT if timeout is None else timeout
+    sidecar = read_sidecar(lib_path)
+    function = function or (sidecar or {}).get("function", "main")
+    if inputs is None:
+        if sidecar is None:
+            raise ValueError(f"{lib_path} has no sidecar {sidecar_path(lib_path).name} with input shapes; "
+                             f"pass the inputs (--inputs in.npz)")
+        inputs = make_inputs(sidecar, fill_mode or "random")
+    remote = session is not None or rpc is not None or tracker is not None
+    machine = alcs_rpc.elf_machine(lib_path)
+    if not remote and machine and machine != platform.machine() and lib_path.suffix == ".so":
+        raise ValueError(f"{lib_path.name} is an {machine} library and this host is {platform.machine()}: "
+                         f"run it on a device (--rpc-tracker HOST:PORT --rpc-key KEY, or --rpc HOST:PORT)")
+
+    if not remote:
+        lib = tvm.runtime.load_module(str(lib_path))
+        dev = tvm.cpu(0)
+        return _execute(lib, dev, inputs, sidecar, function, repeat, number, guard=None)
+
+    own = session is None
+    if own:
+        session = alcs_rpc.connect(tracker=tracker, key=key, rpc=rpc, timeout=timeout)
+    try:
+        lib = alcs_rpc.upload_library(session, lib_path, timeout=timeout)
+        return _execute(lib, session.cpu(0), inputs, sidecar, function, repeat, number,
+                        guard=lambda what: alcs_rpc.guard(session, what, timeout))
+    finally:
+        if own:
+            del session
+
+
+def _execute(lib, dev, inputs, sidecar, function, repeat, number, guard):
+    import contextlib
+
+    import tvm
+    from tvm import relax
+
+    guard = guard or (lambda what: contextlib.nullcontext())
+    with guard("VM creation"):
+        vm = relax.VirtualMachine(lib, dev)
+        try:
+            arity = int(vm._get_function_arity(function))
+        except Exception as err:  # noqa: BLE001
+            if "not found" in str(err).lower() or "cannot find" in str(err).lower():
+                raise ValueError(f"the library has no Relax function {function!r}") from None
+            raise
+        names = [str(vm._get_function_param_name(function, i)) for i in range(arity)]
+    arrays = _order_inputs(inputs, names)
+    _check_against_sidecar(arrays, names, sidecar)
+    with guard("input transfer"):
+        args = [tvm.runtime.tensor(a, dev) for a in arrays]
+    with guard("inference"):
+        outputs = _flatten(vm[function](*args))
+    timings = None
+    if repeat and repeat > 0:
+        with guard("timing"):
+            vm.set_input(function, *args)
+            evaluator = vm.time_evaluator("invoke_stateful", dev, number=max(1, number), repeat=repeat)
+            timings = _timings(evaluator(function), max(1, number), repeat)
+    return outputs, timings
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser("run", help="run a compiled model here or on an RPC device, optionally timing it",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("lib", metavar="OUT.so", help="Relax executable library (export_library output)")
+    p.add_argument("--inputs", metavar="IN.npz", help="inputs by name (default: made up from OUT.so.json)")
+    p.add_argument("--outputs", metavar="OUT.npz", help="save the outputs here")
+    p.add_argument("--fill-mode", choices=("zeros", "ones", "random"), default="random",
+                   help="made-up inputs when --inputs is not given (default random, seed 0)")
+    p.add_argument("--print-time", action="store_true", help="print mean/median/std latency in ms")
+    p.add_argument("--repeat", type=int, default=10, help="timing repeats (with --print-time; default 10)")
+    p.add_argument("--number", type=int, default=1, help="runs per repeat (with --print-time; default 1)")
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="RPC tracker to get a device from")
+    p.add_argument("--rpc-key", metavar="KEY", help="device key at the tracker (e.g. arm64-qemu)")
+    p.add_argument("--rpc", metavar="HOST:PORT", help="RPC server to use directly (no tracker)")
+    p.add_argument("--device-timeout", type=float, default=None, metavar="S",
+                   help="bound in seconds on getting a device and on each remote step (default 300)")
+    p.add_argument("--function", default=None, help="Relax function to run (default main)")
+    p.set_defaults(func=_cli_run)
+
+
+def _cli_run(args):
+    if args.rpc and args.rpc_tracker:
+        raise ValueError("give either --rpc-tracker (with --rpc-key) or --rpc, not both")
+    if args.rpc_tracker and not args.rpc_key:
+        raise ValueError("--rpc-tracker needs --rpc-key (e.g. arm64-qemu)")
+    if args.rpc_key and not args.rpc_tracker:
+        raise ValueError("--rpc-key needs --rpc-tracker HOST:PORT")
+    if args.repeat < 1 or args.number < 1:
+        raise ValueError("--repeat and --number must be >= 1")
+    inputs = None
+    if args.inputs:
+        with np.load(args.inputs) as data:
+            inputs = {k: data[k] for k in data.files}
+    t0 = time.time()
+    try:
+        outputs, timings = run_model(args.lib, inputs, rpc=args.rpc, tracker=args.rpc_tracker, key=args.rpc_key,
+                                     repeat=args.repeat if args.print_time else 0, number=args.number,
+                                     fill_mode=args.fill_mode, function=args.function, timeout=args.device_timeout)
+    except (ValueError, TypeError, FileNotFoundError, ConnectionError, TimeoutError):
+        raise
+    except Exception as err:  # noqa: BLE001 - a TVM error from the model: one line
+        # printed like alcs_tvm.cli prints errors (not raised: under `python -m alcs_tvm.cli` the cli module is
+        # __main__, so its UserError would be another class)
+        lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+        print(f"alcs run: error: running {Path(args.lib).name} failed: "
+              f"{lines[-1][:300] if lines else type(err).__name__}", file=sys.stderr)
+        return 2
+    where = (f"{args.rpc_key} via {args.rpc_tracker}" if args.rpc_tracker else args.rpc) or "local cpu"
+    print(f"ran {Path(args.lib).name} on {where} in {time.time() - t0:.2f} s")
+    sidecar = read_sidecar(args.lib) or {}
+    names = [e["name"] for e in sidecar.get("outputs", [])]
+    if len(names) != len(outputs):
+        names = [f"output_{i}" for i in range(len(outputs))]
+    for name, out in zip(names, outputs):
+        print(f"output {name}: shape {list(out.shape)} dtype {out.dtype}")
+    if timings:
+        print(f"time (ms): mean {timings['mean_ms']:.4f} median {timings['median_ms']:.4f} "
+              f"std {timings['std_ms']:.4f} (repeat {timings['repeat']}, number {timings['number']})")
+    if args.outputs:
+        np.savez(args.outputs, **dict(zip(names, outputs)))
+        print(f"saved outputs to {args.outputs}")
+    return 0

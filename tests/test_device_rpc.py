@@ -1,0 +1,256 @@
+"""The emulated ARM64 device, RPC sessions and ``alcs run``: real compiles, real servers, real faults."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from alcs_tvm import device, rpc
+from alcs_tvm.run import read_sidecar, run_model, write_sidecar
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def alcs(*args, timeout=120):
+    """Run the real CLI; return (exit code, stdout, stderr)."""
+    res = subprocess.run([sys.executable, "-m", "alcs_tvm.cli", *map(str, args)], capture_output=True, text=True,
+                         timeout=timeout, cwd=REPO)
+    return res.returncode, res.stdout, res.stderr
+
+
+def assert_close(out, ref):
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+
+
+@pytest.fixture(scope="module")
+def tiny_cnn(tmp_path_factory, cross_cxx):
+    """A tiny PyTorch CNN (1x3x32x32) via ONNX and Relax, built for arm64 (cross) and for this host."""
+    import onnx
+    import torch
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from alcs_tvm.target import resolve_target
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.conv2 = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+            self.fc = torch.nn.Linear(16, 10)
+
+        def forward(self, x):
+            y = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+            return self.fc(y.mean((2, 3)))
+
+    tmp = tmp_path_factory.mktemp("tiny_cnn")
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = torch.randn(1, 3, 32, 32)
+    torch.onnx.export(net, (x,), str(tmp / "net.onnx"), dynamo=False, input_names=["data"], output_names=["logits"])
+    mod = from_onnx(onnx.load(str(tmp / "net.onnx")), keep_params_in_input=False)
+    libs = {}
+    for name in ("arm64", "x86"):
+        info = resolve_target(name)
+        exe = tvm.compile(mod, target=info.target)
+        path = tmp / f"net_{name}.so"
+        if info.is_cross:
+            exe.export_library(str(path), fcompile=tvm.support.cc.cross_compiler(cross_cxx))
+        else:
+            exe.export_library(str(path))
+        write_sidecar(path, mod, target=info.target, output_names=["logits"])
+        libs[name] = path
+    np.savez(tmp / "in.npz", data=x.numpy())
+    with torch.no_grad():
+        ref = net(x).numpy()
+        ref_ones = net(torch.ones(1, 3, 32, 32)).numpy()
+    return {"libs": libs, "x": x.numpy(), "ref": ref, "ref_ones": ref_ones, "in_npz": tmp / "in.npz", "dir": tmp}
+
+
+def test_sidecar_and_arch(tiny_cnn):
+    side = read_sidecar(tiny_cnn["libs"]["arm64"])
+    assert side["inputs"] == [{"name": "data", "shape": [1, 3, 32, 32], "dtype": "float32"}]
+    assert side["outputs"] == [{"name": "logits", "shape": [1, 10], "dtype": "float32"}]
+    assert rpc.elf_machine(tiny_cnn["libs"]["arm64"]) == "aarch64"
+    # an aarch64 library cannot run here: one-line error pointing at --rpc-tracker
+    code, _, err = alcs("run", tiny_cnn["libs"]["arm64"], "--inputs", tiny_cnn["in_npz"])
+    assert code == 2 and err.count("\n") == 1 and "aarch64" in err and "--rpc-tracker" in err
+
+
+def test_status_lists_servers(rpc_devices):
+    info = device.status(rpc_devices.state_path)
+    assert info["tracker"]["alive"]
+    assert info["keys"] == {rpc_devices.arm64_key: 1, rpc_devices.x86_key: 1}
+    kinds = sorted((s["kind"], s["registered"]) for s in info["servers"])
+    assert kinds == [("arm64-qemu", True), ("x86-local", True)]
+    code, out, _ = alcs("device", "status", "--state", rpc_devices.state_path)
+    assert code == 0 and "arm64-qemu" in out and "cortex-a76" in out
+
+
+def test_arm64_cli_run_matches_torch(rpc_devices, tiny_cnn):
+    out_npz = tiny_cnn["dir"] / "out_arm64.npz"
+    code, out, err = alcs("run", tiny_cnn["libs"]["arm64"], "--inputs", tiny_cnn["in_npz"], "--outputs", out_npz,
+                          "--print-time", "--repeat", 3, "--number", 2, "--rpc-tracker", rpc_devices.tracker,
+                          "--rpc-key", rpc_devices.arm64_key, "--device-timeout", 60)
+    assert code == 0, err
+    assert "output logits: shape [1, 10] dtype float32" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("time (ms):"))
+    mean = float(line.split("mean")[1].split()[0])
+    assert mean > 0
+    with np.load(out_npz) as data:
+        assert_close(data["logits"], tiny_cnn["ref"])
+
+
+def test_arm64_fill_mode_from_sidecar(rpc_devices, tiny_cnn):
+    out_npz = tiny_cnn["dir"] / "out_ones.npz"
+    code, out, err = alcs("run", tiny_cnn["libs"]["arm64"], "--fill-mode", "ones", "--outputs", out_npz,
+                          "--rpc-tracker", rpc_devices.tracker, "--rpc-key", rpc_devices.arm64_key)
+    assert code == 0, err
+    with np.load(out_npz) as data:
+        assert_close(data["logits"], tiny_cnn["ref_ones"])
+
+
+def test_arm64_python_api(rpc_devices, tiny_cnn):
+    outputs, timings = run_model(tiny_cnn["libs"]["arm64"], {"data": tiny_cnn["x"]}, tracker=rpc_devices.tracker,
+                                 key=rpc_devices.arm64_key, repeat=3, number=2, timeout=60)
+    assert len(outputs) == 1
+    assert_close(outputs[0], tiny_cnn["ref"])
+    assert timings["repeat"] == 3 and len(timings["results_ms"]) == 3
+    assert 0 < timings["min_ms"] <= timings["median_ms"] <= timings["max_ms"]
+    # an explicit session, reused for two runs, and a list of inputs
+    sess = rpc.connect(tracker=rpc_devices.tracker, key=rpc_devices.arm64_key, timeout=60)
+    for _ in range(2):
+        outputs, timings = run_model(tiny_cnn["libs"]["arm64"], [tiny_cnn["x"]], session=sess)
+        assert timings is None
+        assert_close(outputs[0], tiny_cnn["ref"])
+
+
+def test_x86_local_and_over_rpc(rpc_devices, tiny_cnn):
+    lib = tiny_cnn["libs"]["x86"]
+    outputs, _ = run_model(lib, {"data": tiny_cnn["x"]})
+    assert_close(outputs[0], tiny_cnn["ref"])
+    outputs, timings = run_model(lib, {"data": tiny_cnn["x"]}, tracker=rpc_devices.tracker, key=rpc_devices.x86_key,
+                                 repeat=2, timeout=60)
+    assert_close(outputs[0], tiny_cnn["ref"])
+    assert timings["mean_ms"] > 0
+    code, out, err = alcs("run", lib, "--inputs", tiny_cnn["in_npz"], "--print-time", "--repeat", 2)
+    assert code == 0, err
+    assert "on local cpu" in out and "time (ms): mean" in out
+    # an x86 library on the ARM device: clear one-line error
+    code, _, err = alcs("run", lib, "--inputs", tiny_cnn["in_npz"], "--rpc-tracker", rpc_devices.tracker,
+                        "--rpc-key", rpc_devices.arm64_key)
+    assert code == 2 and err.count("\n") == 1 and "could not load" in err and "x86_64" in err
+
+
+def test_direct_rpc_server(tiny_cnn, tmp_path):
+    """``--rpc HOST:PORT`` with a server that runs without a tracker (as a phone app in standalone mode)."""
+    entry = device.start_x86_server(tracker=None, log_dir=tmp_path)
+    try:
+        addr = f"127.0.0.1:{entry['port']}"
+        code, out, err = alcs("run", tiny_cnn["libs"]["x86"], "--inputs", tiny_cnn["in_npz"], "--rpc", addr,
+                              "--outputs", tmp_path / "o.npz")
+        assert code == 0, err
+        with np.load(tmp_path / "o.npz") as data:
+            assert_close(data["logits"], tiny_cnn["ref"])
+    finally:
+        assert device.stop_process(entry)
+    assert not device._group_alive(entry["pid"])
+
+
+def test_tracker_not_running(tiny_cnn):
+    port = device._free_port(9590)
+    t0 = time.time()
+    code, out, err = alcs("run", tiny_cnn["libs"]["arm64"], "--inputs", tiny_cnn["in_npz"],
+                          "--rpc-tracker", f"127.0.0.1:{port}", "--rpc-key", "arm64-qemu")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("alcs run: error:") and f"127.0.0.1:{port}" in err
+    assert time.time() - t0 < 30
+    with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}"):
+        rpc.connect(tracker=f"127.0.0.1:{port}", key="arm64-qemu", timeout=5)
+    with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}"):
+        rpc.connect(rpc=f"127.0.0.1:{port}", timeout=5)
+
+
+def test_unknown_key(rpc_devices, tiny_cnn):
+    code, _, err = alcs("run", tiny_cnn["libs"]["arm64"], "--inputs", tiny_cnn["in_npz"],
+                        "--rpc-tracker", rpc_devices.tracker, "--rpc-key", "pixel-9")
+    assert code == 2 and err.count("\n") == 1
+    assert "'pixel-9'" in err and rpc_devices.arm64_key in err and rpc_devices.x86_key in err
+    with pytest.raises(rpc.UnknownKeyError, match=rpc_devices.arm64_key):
+        rpc.connect(tracker=rpc_devices.tracker, key="pixel-9", timeout=5)
+
+
+def _wait_busy(tracker, key, timeout=60):
+    """Wait until the tracker sees the (single) server under ``key`` taken by a session."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        queue = rpc.tracker_summary(tracker).get("queue_info", {}).get(key, {})
+        if queue.get("free", 1) == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{key} never became busy")
+
+
+def test_device_faults_then_retry(rpc_devices, tiny_cnn):
+    """A frozen device times out (bounded), a killed device fails fast, a restarted one works again."""
+    key = "arm64-victim"
+    lib = tiny_cnn["libs"]["arm64"]
+    long_run = dict(repeat=20, number=2000)  # ~1 min on the emulated device: certainly still running when hit
+    entry = device.start_arm64_server(rpc_devices.tracker, key=key, log_dir=rpc_devices.log_dir)
+    try:
+        # 1. frozen device (SIGSTOP): the client gives up after its timeout instead of hanging
+        result = {}
+
+        def run():
+            t0 = time.time()
+            try:
+                run_model(lib, {"data": tiny_cnn["x"]}, tracker=rpc_devices.tracker, key=key, timeout=8, **long_run)
+            except Exception as err:  # noqa: BLE001
+                result["err"] = err
+            result["t"] = time.time() - t0
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        _wait_busy(rpc_devices.tracker, key)
+        time.sleep(1.0)
+        os.killpg(entry["pid"], signal.SIGSTOP)
+        thread.join(60)
+        assert not thread.is_alive(), "run_model hung on a frozen device"
+        assert isinstance(result["err"], TimeoutError), repr(result.get("err"))
+        assert "did not answer within 8 s" in str(result["err"]) and key in str(result["err"])
+        assert result["t"] < 30
+        assert device.stop_process(entry)
+
+        # 2. device server killed in the middle of a run: `alcs run` fails fast with one clear line
+        entry = device.start_arm64_server(rpc_devices.tracker, key=key, log_dir=rpc_devices.log_dir)
+        proc = subprocess.Popen([sys.executable, "-m", "alcs_tvm.cli", "run", str(lib), "--inputs",
+                                 str(tiny_cnn["in_npz"]), "--print-time", "--repeat", "20", "--number", "2000",
+                                 "--rpc-tracker", rpc_devices.tracker, "--rpc-key", key, "--device-timeout", "120"],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            _wait_busy(rpc_devices.tracker, key)
+            time.sleep(1.5)
+            t_kill = time.time()
+            assert device.stop_process(entry)  # SIGTERM/SIGKILL to the server's whole process group
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert time.time() - t_kill < 20
+        assert proc.returncode == 2
+        assert err.count("\n") == 1 and "closed the connection" in err and key in err, err
+
+        # 3. retry on a restarted server succeeds
+        entry = device.start_arm64_server(rpc_devices.tracker, key=key, log_dir=rpc_devices.log_dir)
+        outputs, _ = run_model(lib, {"data": tiny_cnn["x"]}, tracker=rpc_devices.tracker, key=key, timeout=60)
+        assert_close(outputs[0], tiny_cnn["ref"])
+    finally:
+        device.stop_process(entry)
+    assert not device._group_alive(entry["pid"])
