@@ -204,12 +204,17 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
             zero_border(y)
         if INTERNAL_PAD:
             xp = T.alloc_buffer((PADDED_SIZE,), "float32")
-            for nc in T.parallel(N * C):
-                for h in range(HP):
-                    for w in range(WP):
-                        xp[(nc * HP + h) * WP + w] = T.if_then_else(
-                            PT <= h and h < PT + H and PL <= w and w < PL + W,
-                            x[nc // C, nc % C, h - PT, w - PL], T.float32(0))
+            for nch in T.parallel(N * C * HP):
+                if nch % HP < PT or nch % HP >= PT + H:
+                    for w in T.vectorized(WP):
+                        xp[nch * WP + w] = T.float32(0)
+                else:
+                    for w in T.vectorized(PL):
+                        xp[nch * WP + w] = T.float32(0)
+                    for w in T.vectorized(W):
+                        xp[nch * WP + PL + w] = x[nch // HP // C, nch // HP % C, nch % HP - PT, w]
+                    for w in T.vectorized(PR):
+                        xp[nch * WP + PL + W + w] = T.float32(0)
             conv(xp, indptr, offsets, values, bias, y)
         else:
             xf = T.decl_buffer((PADDED_SIZE,), "float32", data=x.data)
