@@ -44,6 +44,7 @@ import logging
 import tvm
 from tvm import relax, s_tir, tirx
 from tvm.ir import IRModule
+from tvm.tirx.function import IndexMap
 
 from ..target import TargetInfo, resolve_target
 
@@ -53,7 +54,7 @@ __all__ = ["DenseCPUSchedule", "apply_dense_cpu_schedules", "schedule_prim_func"
 log = logging.getLogger(__name__)
 
 #: what schedule primitives raise when a transformation does not apply (ScheduleError is a RuntimeError)
-_SCHED_ERRORS = (RuntimeError, ValueError, TypeError, tvm.error.InternalError)
+_SCHED_ERRORS = (RuntimeError, ValueError, TypeError, AssertionError, tvm.error.InternalError)
 
 _SPATIAL = 0  # tirx.IterVar.DataPar
 _REDUCE = 2   # tirx.IterVar.CommReduce
@@ -239,6 +240,35 @@ def _vectorize_inner(sch, block, max_lanes: int = 256) -> None:
                 pass
 
 
+def _deinterleave_strided_pad(sch, pad, out_width: int, kernel_width: int) -> None:
+    """For a strided window (stride-2 depthwise conv / pooling) store the padded plane column-deinterleaved,
+    ``[..., w] -> [..., w % s, w // s]``: the consumer's vector loads become contiguous instead of strided (which
+    LLVM turns into shuffles or scalar loads)."""
+    buf = sch.get(pad).writes[0].source
+    shape = [_const(d) for d in buf.shape]
+    if len(shape) < 2 or any(d is None for d in shape) or out_width < 2:
+        return
+    w_pad = shape[-1]
+    stride = (w_pad - kernel_width) // (out_width - 1)
+    if stride < 2 or (out_width - 1) * stride + kernel_width > w_pad or w_pad % stride:
+        return
+    nd = len(shape)
+
+    def deinterleave(*idx):
+        return (*idx[: nd - 1], idx[-1] % stride, idx[-1] // stride)
+
+    index_map = IndexMap.from_func(deinterleave, ndim=nd)
+
+    try:
+        sch.transform_layout(pad, ("write", 0), index_map)
+    except _SCHED_ERRORS:
+        return
+    try:  # iterate the pad in the new layout too, so its stores are contiguous (phase outer, column inner)
+        sch.transform_block_layout(pad, index_map)
+    except _SCHED_ERRORS:
+        pass
+
+
 def _schedule_pad_under(sch, pad, loop) -> None:
     """Materialise a pad per iteration of ``loop`` (one padded plane of a channel): a constant fill plus an
     in-bounds copy, both without ``if_then_else``, so the consumer's inner loop reads plain memory."""
@@ -298,6 +328,8 @@ def _schedule_reduction(sch: s_tir.Schedule, block, epilogue, tinfo: TargetInfo,
     plane_pads = bool(pads) and window and n_sp >= 3 and _prod(sp_ext[:-2]) >= 8
     if plane_pads:
         par, serial = sp[:-2], [sp[-2], xo]
+        for pad in pads:
+            _deinterleave_strided_pad(sch, pad, sp_ext[-1], rd_ext[-1])
     else:
         par, serial = sp[:-1] + [xo], []
     sch.reorder(*(par + serial + rd + ([xi] if xi is not None else [])))
