@@ -19,7 +19,7 @@ from .schedules.sparse_conv2d_cpu import ACTIVATIONS, KernelGeometry, sparse_con
 from .sparse_format import BlockSparseWeight
 from .target import TargetInfo, resolve_target
 
-__all__ = ["Conv2dSpec", "PackedSparseConv2d", "SparseConv2dKernel", "pack_sparse_conv2d",
+__all__ = ["Conv2dSpec", "PackedSparseConv2d", "SparseConv2dKernel", "pack_sparse_conv2d", "balanced_block_order",
            "sparse_conv2d_kernel", "build_sparse_conv2d", "CompiledSparseConv2d"]
 
 
@@ -135,15 +135,16 @@ class Conv2dSpec:
 
 @dataclass(frozen=True, eq=False)
 class PackedSparseConv2d:
-    """The runtime arrays of one sparse conv, in kernel argument order (bias only if present)."""
+    """The runtime arrays of one sparse conv, in kernel argument order."""
 
     indptr: np.ndarray  # int32 [nblocks + 1]
     offsets: np.ndarray  # int32 [max(nnz, 1)]: flat offset of each kept (cin, kh, kw) in the padded input
     values: np.ndarray  # float32 [max(nnz, 1), V]
     bias: np.ndarray  # float32 [nblocks * V], zero-padded (all zeros when the conv has no bias)
+    block_order: np.ndarray  # int32 [nblocks]: the order parallel tasks visit the blocks (load balance)
 
     def arrays(self) -> list:
-        return [self.indptr, self.offsets, self.values, self.bias]
+        return [self.indptr, self.offsets, self.values, self.bias, self.block_order]
 
 
 def padded_input_shape(spec: Conv2dSpec, input_block: int = 1) -> tuple:
@@ -154,6 +155,18 @@ def padded_input_shape(spec: Conv2dSpec, input_block: int = 1) -> tuple:
     if spec.in_channels % input_block:
         raise ValueError(f"input channels {spec.in_channels} are not a multiple of the input block {input_block}")
     return spec.batch, spec.in_channels // input_block, hp, wp, input_block
+
+
+def balanced_block_order(block_nnz) -> np.ndarray:
+    """Visit order that balances kept positions across contiguous thread chunks: blocks sorted by work, then
+    interleaved largest, smallest, second largest, ... so every adjacent pair (and any chunk of whole pairs)
+    carries about the same work whatever the thread count. Matters for pruned models, whose blocks keep very
+    different numbers of positions; random masks are balanced anyway."""
+    by_work = np.argsort(-np.asarray(block_nnz), kind="stable")
+    order = np.empty_like(by_work)
+    order[0::2] = by_work[: (len(by_work) + 1) // 2]
+    order[1::2] = by_work[(len(by_work) + 1) // 2:][::-1]
+    return order.astype(np.int32)
 
 
 def pack_sparse_conv2d(weight: BlockSparseWeight, spec: Conv2dSpec, bias=None, input_block: int = 1
@@ -181,7 +194,8 @@ def pack_sparse_conv2d(weight: BlockSparseWeight, spec: Conv2dSpec, bias=None, i
             raise ValueError(f"bias shape {bias.shape} does not match {spec.out_channels} output channels")
         packed_bias[: spec.out_channels] = bias
     return PackedSparseConv2d(weight.indptr.astype(np.int32), offsets.astype(np.int32),
-                              np.ascontiguousarray(values, np.float32), packed_bias)
+                              np.ascontiguousarray(values, np.float32), packed_bias,
+                              balanced_block_order(weight.block_nnz()))
 
 
 @dataclass(frozen=True, eq=False)
@@ -203,7 +217,7 @@ def sparse_conv2d_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, *, bias=No
                          target="x86", schedule: SparseConvSchedule | None = None, input_prepadded=False,
                          input_block: int = 1, output_blocked=False, output_pad=(0, 0, 0, 0),
                          name: str = "alcs_sparse_conv2d") -> SparseConv2dKernel:
-    """Generate the sparse conv PrimFunc ``(x, indptr, offsets, values, bias, y)`` for ``spec``.
+    """Generate the sparse conv PrimFunc ``(x, indptr, offsets, values, bias, block_order, y)`` for ``spec``.
 
     ``input_prepadded``: ``x`` already carries ``spec.padding`` as a zero border (in NCHW, or NCHW[b]c with
     ``input_block = b``); otherwise ``x`` is plain NCHW and is padded into a workspace first.

@@ -167,3 +167,24 @@ def test_wrong_input_at_run_time():
         op.run(np.zeros((1, 8, 7, 7), np.float32))
     with pytest.raises(TypeError, match="float32"):
         op.run(x.astype(np.float64))
+
+
+def test_uneven_blocks_are_balanced_across_threads_and_stay_correct():
+    """A pruned layer whose blocks keep very different numbers of positions (as importance-based pruning
+    produces): the visit order halves the work evenly, and results do not depend on the order."""
+    from alcs_tvm.operator import balanced_block_order
+
+    rng = np.random.default_rng(4)
+    weight = rng.standard_normal((128, 32, 3, 3)).astype(np.float32)
+    for block in range(8):  # block b keeps a fraction (b + 1) / 8 of its positions
+        keep = rng.random(32 * 9) < (block + 1) / 8
+        weight[block * 16:(block + 1) * 16] *= keep.reshape(1, 32, 3, 3)
+    x = rng.standard_normal((1, 32, 12, 12)).astype(np.float32)
+    op = build_sparse_conv2d(weight, input_shape=x.shape, padding=1)
+    nnz = op.sparse_weight.block_nnz()
+    order = balanced_block_order(nnz)
+    assert sorted(order) == list(range(8))
+    first, second = nnz[order[:4]].sum(), nnz[order[4:]].sum()
+    assert abs(int(first) - int(second)) <= nnz.max() - nnz.min()
+    assert abs(int(first) - int(second)) < abs(int(nnz[:4].sum()) - int(nnz[4:].sum()))
+    assert_close(op.run(x), torch_conv(x, weight, None, 1, 1, 1, None))

@@ -76,7 +76,11 @@ def _prod(values) -> int:
 
 def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, has_bias: bool,
                            activation=None, name: str = "alcs_sparse_conv2d"):
-    """Return the PrimFunc ``(x, indptr, offsets, values, bias, y)`` for one conv layer.
+    """Return the PrimFunc ``(x, indptr, offsets, values, bias, block_order, y)`` for one conv layer.
+
+    ``block_order`` is the order in which parallel tasks visit the output blocks: TVM splits a parallel loop into
+    equal contiguous chunks per thread, so blocks are ordered to give every chunk a similar number of kept
+    positions (see :func:`alcs_tvm.operator.balanced_block_order`).
 
     ``has_bias=False`` initialises the accumulators with zeros and never reads ``bias`` (pass any array)."""
     if activation not in ACTIVATIONS:
@@ -162,14 +166,14 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
             tile(xf, indptr, offsets, values, bias, y, n, ob, row0, CT_FULL * TW, tr, TW_REM)
 
     @T.macro
-    def conv(xf, indptr, offsets, values, bias, y):
+    def conv(xf, indptr, offsets, values, bias, order, y):
         for task in T.parallel(N * NB * RT):
             n = T.meta_var(task // (NB * RT))
             if ROW_OUTER:
                 rt = T.meta_var(task // NB % RT)
-                ob = T.meta_var(task % NB)
+                ob = T.meta_var(order[task % NB])
             else:
-                ob = T.meta_var(task // RT % NB)
+                ob = T.meta_var(order[task // RT % NB])
                 rt = T.meta_var(task % RT)
             if HAS_ROW_REM:
                 if rt < RT_FULL:
@@ -198,7 +202,8 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
     @T.prim_func
     def func(x: T.Buffer(x_shape, "float32"), indptr: T.Buffer((NB + 1,), "int32"),
              offsets: T.Buffer((NNZ,), "int32"), values: T.Buffer((NNZ, V), "float32"),
-             bias: T.Buffer((bias_len,), "float32"), y: T.Buffer(y_shape, "float32")):
+             bias: T.Buffer((bias_len,), "float32"), order: T.Buffer((NB,), "int32"),
+             y: T.Buffer(y_shape, "float32")):
         T.func_attr({"tirx.noalias": True})
         if OUT_BORDER:
             zero_border(y)
@@ -215,9 +220,9 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
                         xp[nch * WP + PL + w] = x[nch // HP // C, nch // HP % C, nch % HP - PT, w]
                     for w in T.vectorized(PR):
                         xp[nch * WP + PL + W + w] = T.float32(0)
-            conv(xp, indptr, offsets, values, bias, y)
+            conv(xp, indptr, offsets, values, bias, order, y)
         else:
             xf = T.decl_buffer((PADDED_SIZE,), "float32", data=x.data)
-            conv(xf, indptr, offsets, values, bias, y)
+            conv(xf, indptr, offsets, values, bias, order, y)
 
     return func.with_attr("global_symbol", name)
