@@ -240,18 +240,18 @@ def _vectorize_inner(sch, block, max_lanes: int = 256) -> None:
                 pass
 
 
-def _deinterleave_strided_pad(sch, pad, out_width: int, kernel_width: int) -> None:
+def _deinterleave_strided_pad(sch, pad, out_width: int, kernel_width: int) -> int:
     """For a strided window (stride-2 depthwise conv / pooling) store the padded plane column-deinterleaved,
     ``[..., w] -> [..., w % s, w // s]``: the consumer's vector loads become contiguous instead of strided (which
-    LLVM turns into shuffles or scalar loads)."""
+    LLVM turns into shuffles or scalar loads). Returns the stride applied (1: layout unchanged)."""
     buf = sch.get(pad).writes[0].source
     shape = [_const(d) for d in buf.shape]
     if len(shape) < 2 or any(d is None for d in shape) or out_width < 2:
-        return
+        return 1
     w_pad = shape[-1]
     stride = (w_pad - kernel_width) // (out_width - 1)
     if stride < 2 or (out_width - 1) * stride + kernel_width > w_pad or w_pad % stride:
-        return
+        return 1
     nd = len(shape)
 
     def deinterleave(*idx):
@@ -262,16 +262,15 @@ def _deinterleave_strided_pad(sch, pad, out_width: int, kernel_width: int) -> No
     try:
         sch.transform_layout(pad, ("write", 0), index_map)
     except _SCHED_ERRORS:
-        return
-    try:  # iterate the pad in the new layout too, so its stores are contiguous (phase outer, column inner)
-        sch.transform_block_layout(pad, index_map)
-    except _SCHED_ERRORS:
-        pass
+        return 1
+    return stride
 
 
-def _schedule_pad_under(sch, pad, loop) -> None:
+def _schedule_pad_under(sch, pad, loop, stride: int = 1) -> None:
     """Materialise a pad per iteration of ``loop`` (one padded plane of a channel): a constant fill plus an
-    in-bounds copy, both without ``if_then_else``, so the consumer's inner loop reads plain memory."""
+    in-bounds copy, both without ``if_then_else``, so the consumer's inner loop reads plain memory. With a
+    deinterleaved layout (``stride`` > 1) the copy's column loop is split by the stride and each phase gets its
+    own loop (``loop_partition``), so the phase is a constant and the stores are contiguous vectors."""
     sch.compute_at(pad, loop, preserve_unit_loops=True)
     target = sch.get(loop)
     pad_loops = list(sch.get_loops(pad))
@@ -281,10 +280,30 @@ def _schedule_pad_under(sch, pad, loop) -> None:
         return
     try:
         fill = sch.decompose_padding(pad, below[0])
-        _vectorize_inner(sch, fill)
     except _SCHED_ERRORS:
-        pass
-    _vectorize_inner(sch, pad)
+        _vectorize_inner(sch, pad)
+        return
+    for blk in (fill, pad):
+        if stride > 1 and _split_phases(sch, blk, stride):
+            continue
+        _vectorize_inner(sch, blk)
+
+
+def _split_phases(sch, block, stride: int) -> bool:
+    """Split the innermost (column) loop of ``block`` as ``col = j * stride + phase`` with one loop per phase
+    constant, then vectorize ``j``: stores into a deinterleaved buffer become contiguous."""
+    try:
+        cols = sch.get_loops(block)[-1]
+        if (_extent(sch, cols) or 1) % stride:
+            return False
+        j, phase = sch.split(cols, [None, stride])
+        sch.reorder(phase, j)
+        for part in sch.loop_partition(phase, [1] * (stride - 1) + [None]):
+            for blk in sch.get_child_blocks(part):
+                _vectorize_inner(sch, blk)
+        return True
+    except _SCHED_ERRORS:
+        return False
 
 
 def _schedule_reduction(sch: s_tir.Schedule, block, epilogue, tinfo: TargetInfo, pads=()) -> bool:
@@ -328,8 +347,7 @@ def _schedule_reduction(sch: s_tir.Schedule, block, epilogue, tinfo: TargetInfo,
     plane_pads = bool(pads) and window and n_sp >= 3 and _prod(sp_ext[:-2]) >= 8
     if plane_pads:
         par, serial = sp[:-2], [sp[-2], xo]
-        for pad in pads:
-            _deinterleave_strided_pad(sch, pad, sp_ext[-1], rd_ext[-1])
+        strides = [_deinterleave_strided_pad(sch, pad, sp_ext[-1], rd_ext[-1]) for pad in pads]
     else:
         par, serial = sp[:-1] + [xo], []
     sch.reorder(*(par + serial + rd + ([xi] if xi is not None else [])))
@@ -355,9 +373,9 @@ def _schedule_reduction(sch: s_tir.Schedule, block, epilogue, tinfo: TargetInfo,
         sch.vectorize(xi)
     # parallel before decompose_reduction: afterwards the update block no longer counts as a reduction block
     fused = _parallel_fuse(sch, par, work)
-    for pad in pads:
+    for i, pad in enumerate(pads):
         if plane_pads and fused is not None:
-            _schedule_pad_under(sch, pad, fused)
+            _schedule_pad_under(sch, pad, fused, strides[i])
     init = sch.decompose_reduction(block, rd[0])
     if xi is not None:
         il = sch.get_loops(init)
