@@ -159,3 +159,15 @@ def test_cli_errors_are_one_line(pruned_models, tmp_path, case, expect):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert expect.lower() in lines[0].lower()
+
+
+def test_pruned_linear_head_goes_sparse_batch_2(tmp_path):
+    model = zoo.get_model("resnet_tiny").eval()
+    zoo.simd_prune_(model, 16, 0.7, rng=0, include_linear=True)
+    path = tmp_path / "resnet_tiny_fc.onnx"
+    zoo.export_onnx(model, path, (2, 3, 32, 32))
+    executable, report = alcs_compile(str(path), "x86")
+    linear = [layer for layer in report.layers if layer.op == "linear"]
+    assert len(linear) == 1 and linear[0].decision == "sparse" and linear[0].density == pytest.approx(0.3, abs=0.05)
+    x = np.random.default_rng(5).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    assert_close(run_vm(executable, x), onnx_runtime(path, x))

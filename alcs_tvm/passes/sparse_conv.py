@@ -10,7 +10,9 @@ becomes ``R.call_tir(alcs_sparse_conv2d_k, (x, indptr, offsets, values, bias), R
 packed constants. Per layer the pass decides sparse or dense: sparse skips pruned blocks; dense runs the same
 register-tiled kernel with every block kept (still far faster than an unscheduled Relax conv). Depthwise and
 grouped convolutions are left to the dense schedules: they are memory-bound, with no reduction over input
-channels for SIMD blocks to skip. Every decision lands in :attr:`SparseConvRewrite.report`.
+channels for SIMD blocks to skip. Linear layers (``R.matmul(x[N, K], W: Constant[K, Out])`` [+ bias]) run the
+same kernel as a 1x1 conv on a 1x1 image (V along the output features) when their weight is sparse enough; a
+dense one stays a Relax matmul. Every decision lands in :attr:`SparseConvRewrite.report`.
 """
 from __future__ import annotations
 
@@ -75,11 +77,12 @@ def _dtype(expr) -> str:
 
 
 class _Layer:
-    """A matched conv chain: the conv binding, optional bias/activation bindings, and the decision."""
+    """A matched conv (or linear) chain: the op binding, optional bias/activation bindings, and the decision."""
 
-    def __init__(self, conv_var, call):
+    def __init__(self, conv_var, call, kind="conv2d"):
         self.conv_var = conv_var
         self.call = call
+        self.kind = kind  # "conv2d" | "linear" (a 1x1 conv on a 1x1 image)
         self.bias = None
         self.activation = None
         self.last_var = conv_var
@@ -132,11 +135,19 @@ class SparseConvRewrite:
         layers = []
         for b in bindings:
             call = b.value
-            if isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d":
-                layer = _Layer(b.var, call)
+            op = call.op.name if isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) else None
+            if op == "relax.nn.conv2d" or (op == "relax.matmul" and self._is_linear(call)):
+                layer = _Layer(b.var, call, "conv2d" if op == "relax.nn.conv2d" else "linear")
                 self._extend_chain(layer, value_of, single_user)
                 layers.append(layer)
         return layers
+
+    @staticmethod
+    def _is_linear(call) -> bool:
+        """``matmul(x[N, K], W[K, Out] constant)``: a Linear/Gemm layer as the ONNX importer emits it."""
+        x, w = call.args
+        return _is_const(w) and _dtype(w) == "float32" and _dtype(x) == "float32" and \
+            _const_array(w).ndim == 2 and _static_shape(x) is not None and len(_static_shape(x)) == 2
 
     def _extend_chain(self, layer, value_of, single_user):
         user = single_user(layer.last_var)
@@ -169,9 +180,13 @@ class SparseConvRewrite:
         other = args[1] if args[0].same_as(conv_out) else args[0]
         if not _is_const(other) or _dtype(other) != "float32":
             return None
-        cout = _static_shape(conv_call)[1] if _static_shape(conv_call) else None
+        out_shape = _static_shape(conv_call)
+        if out_shape is None:
+            return None
+        cout = out_shape[1]
         data = _const_array(other)
-        if data.shape not in ((1, cout, 1, 1), (cout, 1, 1)):
+        allowed = ((1, cout, 1, 1), (cout, 1, 1)) if len(out_shape) == 4 else ((cout,), (1, cout))
+        if data.shape not in allowed:
             return None
         return np.ascontiguousarray(data.reshape(cout), np.float32)
 
@@ -197,7 +212,29 @@ class SparseConvRewrite:
             return "min6"
         return None
 
+    def _decide_linear(self, layer, index) -> LayerDecision:
+        x, w = layer.call.args
+        (batch, k), (_, out) = _static_shape(x), _const_array(w).shape
+        name = f"linear{index}"
+        weight = np.ascontiguousarray(_const_array(w).T).reshape(out, k, 1, 1)
+        v = self.target_info.vector_width
+        sparse_weight = BlockSparseWeight.from_dense(weight, v)
+        density = sparse_weight.density
+        shape = f"linear {k}->{out}" + (f" n{batch}" if batch != 1 else "")
+        if self.sparse and density <= self.threshold:
+            layer.spec = Conv2dSpec.create((batch, k, 1, 1), weight.shape)
+            layer.sparse_weight = sparse_weight
+            return LayerDecision(name, "linear", shape, round(density, 4), v, "sparse",
+                                 "alcs sparse kernel (GEMV over kept blocks)",
+                                 f"density {density:.3f} <= threshold {self.threshold:.2f}")
+        why = "sparsity disabled (--no-sparse)" if not self.sparse else \
+            f"density {density:.3f} > threshold {self.threshold:.2f}"
+        return LayerDecision(name, "linear", shape, round(density, 4), v, "dense", "relax dense schedule (matmul)",
+                             why)
+
     def _decide(self, layer, index) -> LayerDecision:
+        if layer.kind == "linear":
+            return self._decide_linear(layer, index)
         call = layer.call
         attrs = call.attrs
         name = self.layer_names[index] if index < len(self.layer_names) else f"conv{index}"
@@ -250,13 +287,13 @@ class SparseConvRewrite:
     def transform_module(self, mod, ctx):
         self.report = CompileReport(target=self.target_info.family)
         plans = {}
-        index = 0
+        index = {"conv2d": 0, "linear": 0}
         for gv, func in mod.functions.items():
             if not isinstance(func, relax.Function):
                 continue
             for layer in self._match(func):
-                decision = self._decide(layer, index)
-                index += 1
+                decision = self._decide(layer, index[layer.kind])
+                index[layer.kind] += 1
                 self.report.layers.append(decision)
                 if layer.spec is not None:
                     plans[layer.last_var] = layer
@@ -286,6 +323,8 @@ class _Rewriter(relax.PyExprMutator):
         if layer is None:
             return None  # folded into a later call
         data = self.visit_expr(layer.call.args[0])
+        if layer.kind == "linear":  # [N, K] -> [N, K, 1, 1]: a view, no copy
+            data = self.builder_.emit(relax.op.reshape(data, layer.spec.input_shape))
         kernel = sparse_conv2d_kernel(layer.sparse_weight, layer.spec, bias=layer.bias, activation=layer.activation,
                                       target=self.info)
         key = (kernel.geometry, kernel.schedule, layer.bias is not None, layer.activation)
@@ -298,6 +337,8 @@ class _Rewriter(relax.PyExprMutator):
             self.kernels[key] = gv
         consts = [relax.const(a) for a in kernel.packed.arrays()]
         call = relax.call_tir(gv, [data] + consts, relax.TensorType(kernel.output_shape, "float32"))
+        if layer.kind == "linear":
+            call = relax.op.reshape(self.builder_.emit(call), kernel.output_shape[:2])
         new_var = self.builder_.emit(call, name_hint=binding.var.name)
         self.set_var_remap(binding.var, new_var)
         return None
