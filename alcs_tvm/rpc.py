@@ -229,7 +229,7 @@ def connect(tracker: str | None = None, key: str | None = None, *, rpc: str | No
     except ConnectionError:
         raise
     except Exception as err:  # noqa: BLE001
-        if "mismatch" in str(err).lower():
+        if "mismatch" in str(err).lower() or "matches key" in str(err):
             raise ConnectionError(f"RPC server at {url}:{port} expects a key (it is registered with a tracker): "
                                   f"use tracker=HOST:PORT and key=KEY") from None
         raise ConnectionError(f"cannot open a session with the RPC server at {url}:{port}: "
