@@ -612,7 +612,7 @@ def register_cli(subparsers) -> None:
 
     p = sub.add_parser("setup", help="install packages, build the arm64 userland and unpack the wheels (cached)")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
-    p.set_defaults(func=_cli_setup)
+    p.set_defaults(func=_one_line(_cli_setup))
 
     p = sub.add_parser("start", help="start the tracker, the emulated ARM64 server(s) and the x86 server")
     p.add_argument("--tracker-port", type=int, default=DEFAULT_TRACKER_PORT)
@@ -623,7 +623,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--no-x86", dest="x86", action="store_false", help=f"don't start the {X86_KEY} server")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for servers to register")
     p.add_argument("--state", help=state_help)
-    p.set_defaults(func=_cli_start)
+    p.set_defaults(func=_one_line(_cli_start))
 
     p = sub.add_parser("stop", help="stop everything started by `alcs device start`")
     p.add_argument("--state", help=state_help)
@@ -633,6 +633,20 @@ def register_cli(subparsers) -> None:
     p.add_argument("--state", help=state_help)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cli_status)
+
+
+def _one_line(func):
+    """Set-up failures (apt, mmdebstrap, pip, a server that exits) as ``alcs device: error: ...`` (exit 2)."""
+    def wrapper(args):
+        try:
+            return func(args)
+        except (RuntimeError, PermissionError, subprocess.SubprocessError) as err:
+            text = str(err).strip()
+            print(f"alcs device: error: {text.splitlines()[0] if text else type(err).__name__}", file=sys.stderr)
+            if "\n" in text:
+                print(text.split("\n", 1)[1], file=sys.stderr)  # the log tail, for diagnosis
+            return 2
+    return wrapper
 
 
 def _cli_setup(args):
