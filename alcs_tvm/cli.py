@@ -49,4 +49,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run as ``python -m alcs_tvm.cli``: use the importable module, so that ``alcs_tvm.cli.UserError`` raised by
+    # the command modules is the class caught in main()
+    from alcs_tvm.cli import main as _main
+
+    sys.exit(_main())
