@@ -1,0 +1,114 @@
+"""The ARM path end to end on the emulated ARM64 device: SIMD-pruned (V=4) ResNet- and MobileNetV2-style models
+compiled by `alcs compile --target arm64` and sparse conv layers of the operator's correctness matrix, run over
+the RPC tracker and compared with PyTorch. (Emulated timings are not phone timings; correctness is real.)"""
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from alcs_tvm import zoo
+from alcs_tvm.run import run_model
+
+RTOL = 1e-4
+
+
+def alcs(*args):
+    return subprocess.run([sys.executable, "-m", "alcs_tvm.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=900)
+
+
+def assert_close(actual, expected):
+    scale = float(np.abs(expected).max())
+    np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=RTOL * scale)
+
+
+@pytest.mark.parametrize("name", ["resnet_tiny", "mobilenet_v2_tiny"])
+def test_pruned_model_on_arm64_device(rpc_devices, cross_cxx, tmp_path, name):
+    model = zoo.get_model(name).eval()
+    zoo.simd_prune_(model, 4, 0.7, rng=0)
+    onnx_path = tmp_path / f"{name}.onnx"
+    zoo.export_onnx(model, onnx_path, (1, 3, 32, 32))
+    library = tmp_path / f"{name}_arm64.so"
+    result = alcs("compile", onnx_path, "--target", "arm64", "-o", library)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / f"{name}_arm64.so.report.json").read_text())
+    convs = [layer for layer in report["layers"] if layer["op"] == "conv2d"]
+    sparse = [layer for layer in convs if layer["decision"] == "sparse"]
+    assert sparse and all(layer["vector_width"] == 4 and abs(layer["density"] - 0.3) < 0.05 for layer in sparse)
+    assert all("depthwise" in layer["reason"] for layer in convs if layer["decision"] != "sparse")
+    disassembly = subprocess.run(["aarch64-linux-gnu-objdump", "-d", str(library)], capture_output=True,
+                                 text=True, check=True).stdout
+    assert re.search(r"\bfmla\s+v\d+\.4s, v\d+\.4s, v\d+\.s\[\d\]", disassembly)
+
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    outputs, _ = run_model(library, {"input": x}, tracker=rpc_devices.tracker, key=rpc_devices.arm64_key,
+                           timeout=120)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    assert_close(outputs[0], expected)
+
+
+# (cin, cout, hw, kernel, stride, padding, dilation, sparsity, bias, activation, batch): cheap cases of the
+# operator's matrix; V=4 (NEON)
+DEVICE_CASES = [
+    (8, 16, 9, 3, 1, 1, 1, 0.5, True, "relu", 1),
+    (8, 18, 10, 3, 2, 1, 1, 0.9, False, None, 1),      # Cout not a multiple of V, stride 2
+    (3, 8, 16, 7, 2, 3, 1, 0.0, True, "relu6", 1),     # 7x7 stride-2 stem, dense
+    (8, 8, 12, 3, 1, 2, 2, 0.5, False, None, 2),       # dilation 2, batch 2
+    (16, 12, 7, 1, 1, 0, 1, 1.0, True, "relu6", 1),    # every block pruned: bias + activation only
+    (4, 8, 11, 5, 1, (0, 1, 2, 1), 1, 0.3, True, None, 1),  # asymmetric padding
+]
+
+
+@pytest.fixture(scope="module")
+def device_session(rpc_devices):
+    from alcs_tvm import rpc
+
+    return rpc.connect(tracker=rpc_devices.tracker, key=rpc_devices.arm64_key, timeout=120)
+
+
+@pytest.mark.parametrize("case", DEVICE_CASES, ids=lambda c: f"{c[3]}x{c[3]}-s{c[4]}-sp{c[7]}-{c[9]}")
+def test_sparse_operator_on_arm64_device(device_session, cross_cxx, tmp_path, case):
+    import tvm
+    from tvm.support import cc
+
+    from alcs_tvm import rpc
+    from alcs_tvm.operator import Conv2dSpec, sparse_conv2d_kernel
+    from alcs_tvm.sparse_format import BlockSparseWeight, random_block_sparse
+    from alcs_tvm.target import resolve_target
+
+    cin, cout, hw, k, stride, padding, dilation, sparsity, has_bias, activation, batch = case
+    rng = np.random.default_rng(hash(case) % 1000)
+    weight = random_block_sparse(rng.standard_normal((cout, cin, k, k)).astype(np.float32), 4, sparsity, rng)
+    bias = rng.standard_normal(cout).astype(np.float32) if has_bias else None
+    x = (rng.standard_normal((batch, cin, hw, hw)) * 3).astype(np.float32)
+    info = resolve_target("arm64")
+    spec = Conv2dSpec.create(x.shape, weight.shape, stride, padding, dilation)
+    kernel = sparse_conv2d_kernel(BlockSparseWeight.from_dense(weight, 4), spec, bias=bias, activation=activation,
+                                  target=info)
+    library = tmp_path / "kernel.so"
+    tvm.compile(kernel.func, target=info.target).export_library(str(library),
+                                                                fcompile=cc.cross_compiler(cross_cxx))
+    remote = rpc.upload_library(device_session, library)
+    dev = device_session.cpu()
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev)
+            for a in [x] + kernel.packed.arrays() + [np.zeros(kernel.output_shape, np.float32)]]
+    remote["alcs_sparse_conv2d"](*args)
+    out = args[-1].numpy()
+
+    xt = torch.from_numpy(x)
+    pad = padding
+    if isinstance(padding, tuple):
+        top, left, bottom, right = padding
+        xt, pad = torch.nn.functional.pad(xt, (left, right, top, bottom)), 0
+    expected = torch.nn.functional.conv2d(xt, torch.from_numpy(weight), None if bias is None else torch.from_numpy(bias),
+                                          stride, pad, dilation)
+    if activation == "relu":
+        expected = expected.relu()
+    elif activation == "relu6":
+        expected = expected.clamp(0, 6)
+    assert_close(out, expected.numpy())
