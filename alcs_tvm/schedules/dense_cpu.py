@@ -327,6 +327,9 @@ def _schedule_reduction(sch: s_tir.Schedule, block, epilogue, tinfo: TargetInfo,
     # a reduction over a small window only (depthwise conv, pooling) vs one over channels (conv, matmul)
     window = _prod(rd_ext) <= 64
 
+    if not window and not pads and _prod(sp_ext[:-1]) == 1 and sp_ext[-1] >= 64:
+        if _schedule_gemv(sch, block, epilogue, tinfo, sp, rd, sp_ext[-1], work):
+            return True
     if sp_ext[-1] == 1:
         for pad in pads:
             _schedule_root_pad(sch, pad, tinfo)
@@ -390,6 +393,34 @@ def _schedule_reduction(sch: s_tir.Schedule, block, epilogue, tinfo: TargetInfo,
     return True
 
 
+def _schedule_gemv(sch, block, epilogue, tinfo, sp, rd, n_ext: int, work: int) -> bool:
+    """Batch-1 matmul ``y[n] = sum_k x[k] * W[k, n]`` (the classifier head): the row schedule would walk W
+    column-block by column-block (a 4 KB stride per k, one page per row, no prefetch). Instead each parallel
+    chunk of ``n`` streams W row by row (k outer) and accumulates its chunk (< 1 KB, on the stack) in place."""
+    vw = tinfo.vector_width
+    lanes = next((v for v in (vw, vw // 2, 4) if v >= 4 and n_ext % v == 0), 1)
+    if lanes == 1:
+        return False
+    divisors = [d for d in range(lanes, n_ext + 1, lanes) if n_ext % d == 0 and d * 4 < 1024]
+    if not divisors:
+        return False
+    chunk = max([d for d in divisors if n_ext // d >= 8] or [d for d in divisors if n_ext // d >= 2] or divisors)
+    c, n = sch.split(sp[-1], [None, chunk])
+    no, ni = sch.split(n, [None, lanes])
+    sch.reorder(*sp[:-1], c, *rd, no, ni)
+    sch.vectorize(ni)
+    if epilogue is not None:
+        sch.reverse_compute_at(epilogue, c, preserve_unit_loops=True)
+        below = sch.get_loops(epilogue)[len(sp):]
+        if below:
+            inner = sch.fuse(*below) if len(below) > 1 else below[0]
+            if (_extent(sch, inner) or 1) % lanes == 0:
+                sch.vectorize(sch.split(inner, [None, lanes])[1])
+    _parallel_fuse(sch, sp[:-1] + [c], work)
+    sch.decompose_reduction(block, rd[0])
+    return True
+
+
 def _schedule_root_pad(sch, pad, tinfo) -> None:
     """A pad left at the root (groups==1 conv fallback): fill + copy, each as an injective stage."""
     loops = sch.get_loops(pad)
@@ -445,7 +476,7 @@ def _schedule_fallback(sch: s_tir.Schedule, blocks) -> None:
                 pass
 
 
-def schedule_prim_func(func: tirx.PrimFunc, target) -> tirx.PrimFunc | None:
+def schedule_prim_func(func: tirx.PrimFunc, target, name: str = "?") -> tirx.PrimFunc | None:
     """Schedule one PrimFunc for ``target`` (name, dict, Target or TargetInfo). Returns the scheduled PrimFunc
     (with ``tirx.is_scheduled``) or None when it is already scheduled or has no block structure."""
     tinfo = target if isinstance(target, TargetInfo) else resolve_target(target)
@@ -470,8 +501,7 @@ def schedule_prim_func(func: tirx.PrimFunc, target) -> tirx.PrimFunc | None:
         else:
             _schedule_fallback(sch, blocks)
     except _SCHED_ERRORS as err:  # a rule that does not fit: leave the function unscheduled but working
-        log.warning("dense_cpu: could not schedule %s: %s", func.attrs.get("global_symbol", "?") if func.attrs
-                    else "?", str(err).splitlines()[0])
+        log.warning("dense_cpu: could not schedule %s (left unscheduled): %s", name, str(err).splitlines()[0])
         return None
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
@@ -482,7 +512,7 @@ def apply_dense_cpu_schedules(mod: IRModule, target) -> IRModule:
     updates = {}
     for gv, func in mod.functions_items():
         if isinstance(func, tirx.PrimFunc) and not _is_scheduled(func):
-            new = schedule_prim_func(func, tinfo)
+            new = schedule_prim_func(func, tinfo, gv.name_hint)
             if new is not None:
                 updates[gv] = new
     if not updates:
