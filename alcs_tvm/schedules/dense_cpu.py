@@ -63,6 +63,9 @@ _REDUCE = 2   # tirx.IterVar.CommReduce
 _PARALLEL_MIN_WORK = 1 << 14
 #: unroll a reduction loop completely when its extent is at most this (3x3 / 7x7 windows, not channel sums)
 _UNROLL_MAX = 8
+#: output rows computed together by the window (depthwise / pooling) schedule. 2 lets the unrolled loads of
+#: shared input rows be reused, but measured no reliable gain on the (noisy, shared) 2-core box: off by default.
+_ROW_TILE = 1
 
 
 def _const(expr) -> int | None:
@@ -348,12 +351,18 @@ def _schedule_reduction(sch: s_tir.Schedule, block, epilogue, tinfo: TargetInfo,
         xo, xi = sp[-1], None
     # parallel over (batch, channel) planes when pads are materialised per plane, else over all outer loops
     plane_pads = bool(pads) and window and n_sp >= 3 and _prod(sp_ext[:-2]) >= 8
+    inner_rows = []
     if plane_pads:
-        par, serial = sp[:-2], [sp[-2], xo]
+        rows = _ROW_TILE if (sp_ext[-2] % _ROW_TILE == 0 and _ROW_TILE * lanes * 4 < 1024) else 1
+        if rows > 1:  # several output rows per step share input rows: the unrolled loads are reused (CSE)
+            yo, yi = sch.split(sp[-2], [None, rows])
+            par, serial, inner_rows = sp[:-2], [yo, xo], [yi]
+        else:
+            par, serial = sp[:-2], [sp[-2], xo]
         strides = [_deinterleave_strided_pad(sch, pad, sp_ext[-1], rd_ext[-1]) for pad in pads]
     else:
         par, serial = sp[:-1] + [xo], []
-    sch.reorder(*(par + serial + rd + ([xi] if xi is not None else [])))
+    sch.reorder(*(par + serial + rd + inner_rows + ([xi] if xi is not None else [])))
     # accumulate the tile in a small buffer, write it back (through the epilogue) once
     acc_writer = sch.cache_write(block, 0, "global")
     sch.reverse_compute_at(acc_writer, xo, preserve_unit_loops=True)
@@ -387,6 +396,8 @@ def _schedule_reduction(sch: s_tir.Schedule, block, epilogue, tinfo: TargetInfo,
     for lp, e in zip(rd, rd_ext):
         if e <= _UNROLL_MAX:
             sch.unroll(lp)
+    for lp in inner_rows:
+        sch.unroll(lp)
     for pad in pads:
         if not (plane_pads and fused is not None):
             _schedule_root_pad(sch, pad, tinfo)
