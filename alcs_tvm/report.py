@@ -18,6 +18,7 @@ class LayerDecision:
     implementation: str  # what runs: "alcs sparse kernel", "alcs dense kernel", "relax default", ...
     reason: str
     predicted_ms: dict = field(default_factory=dict)  # {"sparse": .., "dense": ..} when a latency table decided
+    spec: dict | None = None  # the Conv2dSpec fields of a rewritable layer (what latency tables are keyed by)
 
     def row(self) -> list:
         density = "-" if self.density is None else f"{self.density:.3f}"

@@ -16,6 +16,8 @@ dense one stays a Relax matmul. Every decision lands in :attr:`SparseConvRewrite
 """
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -226,7 +228,7 @@ class SparseConvRewrite:
             layer.sparse_weight = sparse_weight
             return LayerDecision(name, "linear", shape, round(density, 4), v, "sparse",
                                  "alcs sparse kernel (GEMV over kept blocks)",
-                                 f"density {density:.3f} <= threshold {self.threshold:.2f}")
+                                 f"density {density:.3f} <= threshold {self.threshold:.2f}", spec=asdict(layer.spec))
         why = "sparsity disabled (--no-sparse)" if not self.sparse else \
             f"density {density:.3f} > threshold {self.threshold:.2f}"
         return LayerDecision(name, "linear", shape, round(density, 4), v, "dense", "relax dense schedule (matmul)",
@@ -281,7 +283,7 @@ class SparseConvRewrite:
         fused = "+".join(["conv"] + (["bias"] if layer.bias is not None else []) +
                          ([layer.activation] if layer.activation else []))
         return LayerDecision(name, "conv2d", spec.describe(), round(density, 4), v, decision,
-                             f"{implementation}, {fused}", reason, predicted)
+                             f"{implementation}, {fused}", reason, predicted, asdict(spec))
 
     # -- rewrite ----------------------------------------------------------------------------------------------
     def transform_module(self, mod, ctx):
