@@ -66,6 +66,10 @@ _UNROLL_MAX = 8
 #: output rows computed together by the window (depthwise / pooling) schedule. 2 lets the unrolled loads of
 #: shared input rows be reused, but measured no reliable gain on the (noisy, shared) 2-core box: off by default.
 _ROW_TILE = 1
+#: largest output-channel register tile of the groups==1 conv fallback
+_OC_TILE_MAX = 8
+#: vector accumulators the groups==1 conv fallback may keep live (oc_tile x vectors per row)
+_ACC_REGS = 12
 
 
 def _const(expr) -> int | None:
@@ -345,12 +349,22 @@ def _schedule_reduction(sch: s_tir.Schedule, block, epilogue, tinfo: TargetInfo,
     # the accumulator tile is lanes fp32: it must stay < 1 KB to live on the stack (promoted to registers)
     if lanes * 4 >= 1024:
         lanes = _choose_lanes(sp_ext[-1], vw, max(1, 255 // vw))
+    # a channel reduction (groups==1 conv fallback): tile output channels so each loaded input vector feeds
+    # several accumulators (oc_tile x lanes in registers) instead of one
+    oc_tile = 1
+    # (only for short rows: measured 6-10x on 7/14/28-wide outputs, but a loss on 56-wide ones)
+    if not window and n_sp == 4 and sp_ext[-1] <= 2 * vw and not plane_pads_possible(pads, window, n_sp, sp_ext):
+        budget = _ACC_REGS  # accumulator registers: a third of the register file or so
+        lanes = _choose_lanes(sp_ext[-1], vw, 4)
+        nvec = -(-lanes // vw)
+        oc_tile = next((t for t in (8, 6, 4, 3, 2) if t <= _OC_TILE_MAX and sp_ext[1] % t == 0 and t * nvec <= budget
+                        and t * lanes * 4 < 1024), 1)
     if lanes > 1:
         xo, xi = sch.split(sp[-1], [None, lanes])
     else:
         xo, xi = sp[-1], None
     # parallel over (batch, channel) planes when pads are materialised per plane, else over all outer loops
-    plane_pads = bool(pads) and window and n_sp >= 3 and _prod(sp_ext[:-2]) >= 8
+    plane_pads = plane_pads_possible(pads, window, n_sp, sp_ext)
     inner_rows = []
     if plane_pads:
         rows = _ROW_TILE if (sp_ext[-2] % _ROW_TILE == 0 and _ROW_TILE * lanes * 4 < 1024) else 1
@@ -360,6 +374,9 @@ def _schedule_reduction(sch: s_tir.Schedule, block, epilogue, tinfo: TargetInfo,
         else:
             par, serial = sp[:-2], [sp[-2], xo]
         strides = [_deinterleave_strided_pad(sch, pad, sp_ext[-1], rd_ext[-1]) for pad in pads]
+    elif oc_tile > 1:
+        oco, oci = sch.split(sp[1], [None, oc_tile])
+        par, serial, inner_rows = [sp[0], oco, sp[2], xo], [], [oci]
     else:
         par, serial = sp[:-1] + [xo], []
     sch.reorder(*(par + serial + rd + inner_rows + ([xi] if xi is not None else [])))
@@ -378,7 +395,11 @@ def _schedule_reduction(sch: s_tir.Schedule, block, epilogue, tinfo: TargetInfo,
         if tail is None:
             continue
         below = sch.get_loops(tail)[n_above_tile:]
-        if below and lanes > 1:
+        if inner_rows and below and lanes > 1:  # (tile, x): vectorize x, unroll the tile
+            sch.vectorize(below[-1])
+            for lp in below[:-1]:
+                sch.unroll(lp)
+        elif below and lanes > 1:
             inner = sch.fuse(*below) if len(below) > 1 else below[0]
             sch.vectorize(inner)
     if xi is not None:
@@ -402,6 +423,10 @@ def _schedule_reduction(sch: s_tir.Schedule, block, epilogue, tinfo: TargetInfo,
         if not (plane_pads and fused is not None):
             _schedule_root_pad(sch, pad, tinfo)
     return True
+
+
+def plane_pads_possible(pads, window: bool, n_sp: int, sp_ext) -> bool:
+    return bool(pads) and window and n_sp >= 3 and _prod(sp_ext[:-2]) >= 8
 
 
 def _schedule_gemv(sch, block, epilogue, tinfo, sp, rd, n_ext: int, work: int) -> bool:
