@@ -8,14 +8,25 @@ PrimFunc a fixed, untuned ``tvm.s_tir.Schedule``:
   inlined into consumers; the spatial loops are fused, the outer part runs in parallel and the innermost loop is
   vectorized when a whole number of lanes divides it (else left scalar for LLVM).
 * **one reduction + fused elementwise epilogue** (depthwise conv2d, groups==1 conv2d fallback, max/avg pooling,
-  global average pooling, matmul/linear): the "row" schedule. Pads/producers are inlined, the epilogue chain
-  (bias add, clip, residual add) is merged into one block and moved under the reduction's tile loop. The
-  reduction's innermost spatial axis (output width for NCHW convs/pools, N for matmul) is vectorized with
-  ``lanes`` (a multiple of 4 up to ``max_regs`` SIMD registers, whole row when it fits), the reduction loops run
-  *outside* the vector lanes so the partial sums stay in registers (a small stack accumulator created with
-  ``cache_write``, < 1 KB so LLVM promotes it), the small kernel-window loops are unrolled, and the outer spatial
-  loops are fused and run in parallel. When the innermost spatial axis is trivial (global average pooling, a
-  1x1 output) the reduction is done with a vectorized partial sum over the contiguous reduction axis instead.
+  global average pooling, matmul/linear): the "row" schedule. Producers are inlined, the epilogue chain (bias
+  add, clip, residual add) is merged into one block and moved under the reduction's tile loop. The reduction's
+  innermost spatial axis (output width for NCHW convs/pools, N for matmul) is vectorized with ``lanes`` (the
+  whole row when it fits in a few SIMD registers; LLVM splits odd lengths such as 28 or 56 into full + partial
+  registers), the reduction loops run *outside* the vector lanes so the partial sums stay in registers (a
+  ``cache_write`` accumulator < 1 KB: stack, promoted by LLVM), small kernel-window loops are unrolled, outer
+  spatial loops are fused and run in parallel.
+
+  - **window reductions with a pad** (depthwise conv, pooling): the pad is *not* inlined (its ``if_then_else``
+    makes TVM's vectorizer scalarize the inner loop, 3-5x slower). It is materialised per (batch, channel) plane
+    inside the parallel loop, split by ``decompose_padding`` into a constant fill + an in-bounds copy (both
+    vectorized). For stride 2 the plane is stored column-deinterleaved (``w -> (w % 2, w // 2)``), so the
+    window's vector loads are contiguous; the copy runs one loop per phase (``loop_partition``).
+  - **batch-1 matmul** (classifier head): k outer, each parallel chunk of N accumulates in place while
+    streaming W row by row (instead of one 4 KB-strided column block per k).
+  - **groups==1 conv fallback**: as the row schedule; for short output rows (<= 2 SIMD widths: 7/14/28) an
+    output-channel register tile (up to 8 channels) reuses each input vector. Only meant to be correct and not
+    absurdly slow: the sparse operator takes these convs.
+  - no wide spatial axis (global average pooling): parallel over channels, scalar sum over the small window.
 * anything else (several reductions, e.g. softmax): only the outer spatial loops are parallelised.
 
 Use it after fusion and before ``tvm.compile``::
