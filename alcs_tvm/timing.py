@@ -5,8 +5,8 @@ Every candidate is a zero-argument callable doing one inference on pre-bound inp
 callable so that one sample lasts at least ``min_sample_s`` (short ~20 us kernels get many inner calls, timer
 overhead stays < 0.1%). After a warm-up, ``repeat`` rounds are run; in each round every callable gives one
 sample, in turn (interleaved), so slow drift of the machine (frequency, other load) hits all candidates alike.
-Before each sample one untimed call is made and there is a short pause, so that a previous candidate's thread
-pool still spinning (OpenMP, ORT) does not steal cycles from the next one's timed calls.
+Before each sample there is a short pause (the previous candidate's thread pool, still spinning - TVM, OpenMP,
+ORT - goes idle instead of stealing cycles from the next one's timed calls), then one untimed call.
 
 Reported statistics: ``min`` (what the docs report), ``median``, ``mean`` and all samples, in milliseconds.
 """
@@ -62,7 +62,7 @@ def _sample(fn, number: int) -> float:
 
 
 def measure_interleaved(fns: dict, repeat: int = 30, *, warmup_s: float = 0.2, min_sample_s: float = 0.002,
-                        pause_s: float = 0.001, progress: Callable[[str], None] | None = None) -> dict:
+                        pause_s: float = 0.005, progress: Callable[[str], None] | None = None) -> dict:
     """Time every callable of ``fns`` (name -> callable) in interleaved rounds; returns name -> :class:`Stats`."""
     names = list(fns)
     numbers = {}
@@ -77,9 +77,9 @@ def measure_interleaved(fns: dict, repeat: int = 30, *, warmup_s: float = 0.2, m
     for r in range(repeat):
         for name in names:
             fn = fns[name]
-            fn()  # untimed: absorbs the switch from the previous candidate
-            if pause_s:
+            if pause_s:  # let the previous candidate's spinning pool threads (TVM, OpenMP, ORT) go idle
                 time.sleep(pause_s)
+            fn()  # untimed: wakes this candidate's pool, warms caches
             samples[name].append(_sample(fn, numbers[name]))
         if progress and (r + 1) % max(1, repeat // 3) == 0:
             progress(f"round {r + 1}/{repeat}")

@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -186,13 +187,14 @@ class TuneResult:
 def tune_tir(func, target, trials: int, work_dir: str | None = None, *, label: str = "tir",
              report: Callable[[str], None] | None = _default_report, num_tuning_cores="logical",
              seed: int = 0, force: bool = False, timeout_sec: float = 120.0,
-             trials_per_iter: int = 32, strategy="evolutionary") -> TuneResult:
+             trials_per_iter: int = 32, strategy="evolutionary", verbose: bool = False) -> TuneResult:
     """Tune a TIR ``PrimFunc`` (or an IRModule whose tuned function is ``main``) with MetaSchedule.
 
     ``work_dir`` defaults to a cache entry under :func:`cache_dir` keyed by (target, workload, trials); if that
     entry is complete it is reused without tuning. ``report`` receives progress lines (``None``: silent), one
     per ``trials_per_iter`` measured candidates. ``strategy`` is MetaSchedule's search strategy
-    ("evolutionary", or "replay-trace" for quick smoke runs).
+    ("evolutionary", or "replay-trace" for quick smoke runs). MetaSchedule's own console log is shown only with
+    ``verbose`` (it always goes to ``work_dir/logs``).
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -222,6 +224,9 @@ def tune_tir(func, target, trials: int, work_dir: str | None = None, *, label: s
             callbacks = list(callbacks) + [_progress_callback(trials, report, label)]
         start = time.perf_counter()
         builder, runner = _make_builder_runner(timeout_sec)
+        # MetaSchedule derives its console handler's level from this logger's level, and resets the logger to
+        # DEBUG on every run: set it each time.
+        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.DEBUG if verbose else logging.WARNING)
         database = ms.tir_integration.tune_tir(
             mod, tvm_target, work_dir, max_trials_global=trials, num_trials_per_iter=min(trials_per_iter, trials),
             builder=builder, runner=runner, strategy=strategy,

@@ -32,7 +32,7 @@ import traceback
 
 import numpy as np
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, ROOT)
 
 # ----------------------------------------------------------------------------------------------- layers
@@ -63,7 +63,7 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- tuning
-def tune_layers(names, trials: int, target: str = "x86"):
+def tune_layers(names, trials: int, target: str = "x86", verbose: bool = False):
     """Fill the tuning cache for ``names`` (sequentially); returns {name: tuning meta}."""
     from alcs_tvm.tuning import Conv2dWorkload, dense_conv2d_func, tune_tir
 
@@ -72,7 +72,7 @@ def tune_layers(names, trials: int, target: str = "x86"):
         xs, ws, stride, pad = layer_shapes(name)
         wl = Conv2dWorkload.create(xs, ws, stride, pad)
         log(f"[tune] layer {i + 1}/{len(names)}: {name} ({LAYERS[name][0]}), {trials} trials")
-        res = tune_tir(dense_conv2d_func(wl), target, trials, label=name, report=log)
+        res = tune_tir(dense_conv2d_func(wl), target, trials, label=name, report=log, verbose=verbose)
         out[name] = res.meta
     return out
 
@@ -267,23 +267,44 @@ def table_rows(res) -> list:
     return rows
 
 
-def print_layer(res) -> None:
-    rows = table_rows(res)
+def _text_table(rows) -> list:
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLS)]
+    return ["  ".join(c.rjust(w) for c, w in zip(COLS, widths))] + \
+        ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
+
+
+def print_layer(res) -> None:
     print(f"\n{res['desc']} - {res['threads']} thread(s); best dense: {res['best_dense']} "
           f"({_fmt(res['best_dense_ms'])} ms); TVM-MS: {res['notes'].get('tvm_ms')}", flush=True)
-    print("  ".join(c.rjust(w) for c, w in zip(COLS, widths)))
-    for r in rows:
-        print("  ".join(v.rjust(w) for v, w in zip(r, widths)), flush=True)
+    print("\n".join(_text_table(table_rows(res))), flush=True)
+
+
+def _by_threads(results) -> dict:
+    out = {}
+    for res in results:
+        out.setdefault(res["threads"], []).append(res)
+    return out
+
+
+def print_tables(results) -> None:
+    """One table per thread count, all layers."""
+    for n, group in _by_threads(results).items():
+        rows = [r for res in group for r in table_rows(res)]
+        print(f"\n--- {n} thread(s) (ms = min over rounds; dense columns do not depend on s) ---")
+        print("\n".join(_text_table(rows)), flush=True)
 
 
 def markdown(results, command: str) -> str:
-    out = [f"Command: `{command}`", "",
-           "| " + " | ".join(COLS) + " |", "|" + "|".join("---:" if i > 1 else "---" for i in range(len(COLS))) + "|"]
-    for res in results:
-        for r in table_rows(res):
-            out.append("| " + " | ".join(r) + " |")
-    return "\n".join(out) + "\n"
+    out = [f"Command: `{command}`", ""]
+    for n, group in _by_threads(results).items():
+        out += [f"#### {n} thread{'s' if n > 1 else ''}", "",
+                "| " + " | ".join(COLS) + " |",
+                "|" + "|".join("---" if i < 2 else "---:" for i in range(len(COLS))) + "|"]
+        for res in group:
+            for r in table_rows(res):
+                out.append("| " + " | ".join(r) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
 def summary(results) -> str:
@@ -310,13 +331,6 @@ def _machine() -> dict:
             pass
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "python": platform.python_version(), "versions": vers,
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-
-def _quiet_meta_schedule():
-    import logging
-
-    for name in ("tvm.s_tir.meta_schedule", "tvm.meta_schedule"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def main(argv=None):
@@ -346,13 +360,11 @@ def main(argv=None):
         if n not in LAYERS:
             ap.error(f"unknown layer {n!r}; choose from {', '.join(LAYERS)}")
     trials = args.tune_trials if args.tune_trials is not None else (FULL_TRIALS if args.full else 0)
-    if not args.verbose_tuning:
-        _quiet_meta_schedule()
     if args.tune_only:
         if trials <= 0:
             ap.error("--tune-only needs --tune-trials N > 0 (or --full)")
         start = time.perf_counter()
-        metas = tune_layers(names, trials)
+        metas = tune_layers(names, trials, verbose=args.verbose_tuning)
         for n, m in metas.items():
             print(f"{n:12s} trials={m.get('trials')} tune_seconds={m.get('tune_seconds', 0):.0f} "
                   f"best_ms={(m.get('best_seconds') or float('nan')) * 1e3:.3f}")
@@ -370,7 +382,7 @@ def main(argv=None):
     command = "python tools/bench_kernels.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     start = time.perf_counter()
     if trials > 0:  # tune once, up front, in this process (cached), so the workers only load records
-        tune_layers(names, trials)
+        tune_layers(names, trials, verbose=args.verbose_tuning)
     results = []
     from alcs_tvm.timing import thread_env
 
@@ -393,8 +405,7 @@ def main(argv=None):
     elapsed = time.perf_counter() - start
 
     print("\n==================== summary ====================")
-    for res in results:
-        print_layer(res)
+    print_tables(results)
     print(f"\n{summary(results)}; total {elapsed:.0f} s")
     doc = {"command": command, "machine": _machine(), "repeat": args.repeat, "tune_trials": trials,
            "threads": threads, "sparsities": sparsities, "layers": names, "seconds": elapsed,
