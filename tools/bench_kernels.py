@@ -202,6 +202,9 @@ def run_worker(names, sparsities, threads: int, trials: int, repeat: int, seed: 
                     except Exception as exc:  # noqa: BLE001 - report, keep going
                         traceback.print_exc()
                         sparse_meta[sp] = {"error": f"{type(exc).__name__}: {exc}"}
+            for k, e in errors.items():
+                if e > ERR_TOL:
+                    log(f"[bench] WARNING {name}: {k} differs from torch by {e:.2e} (relative)")
             log(f"[bench] {threads}T {name}: timing {len(fns)} callables x {repeat} interleaved rounds")
             stats = measure_interleaved(fns, repeat, progress=lambda m: log(f"[bench] {threads}T {name}: {m}"))
             results.append(_layer_result(name, threads, stats, notes, errors, sparse_meta, sparsities,
@@ -211,6 +214,7 @@ def run_worker(names, sparsities, threads: int, trials: int, repeat: int, seed: 
 
 
 BAR_RANGE = (50, 90)
+ERR_TOL = 1e-3  # max |ours - torch| / max |torch| for a result to count
 
 
 def _layer_result(name, threads, stats, notes, errors, sparse_meta, sparsities, tune_meta):
@@ -228,6 +232,8 @@ def _layer_result(name, threads, stats, notes, errors, sparse_meta, sparsities, 
                 row[f"ratio_{kind}"] = best / stats[key].min
                 row[f"pct_ideal_{kind}"] = 100.0 * row[f"ratio_{kind}"] / row["ideal"]
         row["bar"] = _bar(sp, row.get("ratio_nchw"), row["ideal"])
+        if row.get("max_rel_err", 0.0) > ERR_TOL:  # a fast wrong kernel does not pass
+            row["bar"] = "WRONG"
         rows.append(row)
     return {"layer": name, "desc": LAYERS[name][0], "threads": threads, "dense": dense, "notes": notes,
             "max_rel_err": errors, "best_dense": best_name, "best_dense_ms": best, "sparse": rows,
