@@ -335,7 +335,12 @@ def _machine() -> dict:
             vers[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001
             pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "python": platform.python_version(), "versions": vers,
+    try:
+        rev = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "git": rev, "python": platform.python_version(), "versions": vers,
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
