@@ -20,6 +20,7 @@ from .sparse_format import BlockSparseWeight
 from .target import TargetInfo, resolve_target
 
 __all__ = ["Conv2dSpec", "PackedSparseConv2d", "SparseConv2dKernel", "pack_sparse_conv2d", "balanced_block_order",
+           "max_run_length",
            "sparse_conv2d_kernel", "build_sparse_conv2d", "CompiledSparseConv2d"]
 
 
@@ -135,16 +136,22 @@ class Conv2dSpec:
 
 @dataclass(frozen=True, eq=False)
 class PackedSparseConv2d:
-    """The runtime arrays of one sparse conv, in kernel argument order."""
+    """The runtime arrays of one sparse conv, in kernel argument order.
 
-    indptr: np.ndarray  # int32 [nblocks + 1]
-    offsets: np.ndarray  # int32 [max(nnz, 1)]: flat offset of each kept (cin, kh, kw) in the padded input
-    values: np.ndarray  # float32 [max(nnz, 1), V]
+    Kept positions are grouped into *runs* of up to ``max_run`` horizontally adjacent taps (see
+    :mod:`alcs_tvm.schedules.sparse_conv2d_cpu`); with ``max_run = 1`` every kept position is its own run and
+    ``indptr`` is the format's CSR row pointer."""
+
+    indptr: np.ndarray  # int32 [nblocks * max_run + 1]: per block, one segment of runs per run length (long first)
+    offsets: np.ndarray  # int32 [max(runs, 1)]: flat offset of each run's first (cin, kh, kw) in the padded input
+    vstart: np.ndarray  # int32 [max(runs, 1)]: index in ``values`` of each run's first weight vector
+    values: np.ndarray  # float32 [max(nnz, 1), V], in run order
     bias: np.ndarray  # float32 [nblocks * V], zero-padded (all zeros when the conv has no bias)
     block_order: np.ndarray  # int32 [nblocks]: the order parallel tasks visit the blocks (load balance)
+    max_run: int = 1
 
     def arrays(self) -> list:
-        return [self.indptr, self.offsets, self.values, self.bias, self.block_order]
+        return [self.indptr, self.offsets, self.vstart, self.values, self.bias, self.block_order]
 
 
 def padded_input_shape(spec: Conv2dSpec, input_block: int = 1) -> tuple:
@@ -169,12 +176,50 @@ def balanced_block_order(block_nnz) -> np.ndarray:
     return order.astype(np.int32)
 
 
-def pack_sparse_conv2d(weight: BlockSparseWeight, spec: Conv2dSpec, bias=None, input_block: int = 1
-                       ) -> PackedSparseConv2d:
-    """Turn kept positions into input offsets for ``spec``'s padded input layout."""
+def max_run_length(spec: Conv2dSpec) -> int:
+    """Longest run of adjacent kw taps the kernel shares input loads over: only where tap ``kw+1`` of pixel ``c``
+    reads the input of tap ``kw`` of pixel ``c+1`` (stride 1 and no dilation along W)."""
+    if spec.stride[1] != 1 or spec.dilation[1] != 1:
+        return 1
+    return min(spec.kernel[1], 3)
+
+
+def _runs(weight: BlockSparseWeight, max_run: int):
+    """Split each block's kept positions into runs of <= ``max_run`` adjacent kw taps of one (cin, kh) row and
+    order them by length within the block. Returns ``(indptr, first_entry, run_length, entry_order)``."""
+    nb, kw = weight.num_blocks, weight.kernel_size[1]
+    pos = weight.indices.astype(np.int64)
+    block = np.repeat(np.arange(nb), weight.block_nnz())
+    n = len(pos)
+    starts_maximal = np.ones(n, bool)
+    if n:
+        starts_maximal[1:] = (pos[1:] != pos[:-1] + 1) | (pos[1:] % kw == 0) | (block[1:] != block[:-1])
+    maximal_id = np.cumsum(starts_maximal) - 1
+    maximal_start = np.flatnonzero(starts_maximal)
+    offset_in_maximal = np.arange(n) - maximal_start[maximal_id]
+    starts = offset_in_maximal % max_run == 0
+    first = np.flatnonzero(starts)  # entry index of each run's first tap
+    length = np.diff(np.append(first, n))
+    run_block = block[first]
+    order = np.lexsort((first, -length, run_block))  # by block, long runs first, then position order
+    first, length, run_block = first[order], length[order], run_block[order]
+    counts = np.zeros((nb, max_run), np.int64)  # [block, k]: runs of length max_run - k
+    np.add.at(counts, (run_block, max_run - length), 1)
+    indptr = np.zeros(nb * max_run + 1, np.int64)
+    np.cumsum(counts.ravel(), out=indptr[1:])
+    entry_order = np.concatenate([np.arange(f, f + l) for f, l in zip(first, length)]) if n else \
+        np.zeros(0, np.int64)
+    return indptr, first, length, entry_order
+
+
+def pack_sparse_conv2d(weight: BlockSparseWeight, spec: Conv2dSpec, bias=None, input_block: int = 1,
+                       max_run: int | None = None) -> PackedSparseConv2d:
+    """Turn kept positions into runs with input offsets for ``spec``'s padded input layout."""
     if tuple(weight.shape) != spec.weight_shape:
         raise ValueError(f"sparse weight shape {weight.shape} does not match the conv {spec.weight_shape}")
-    cin, kh, kw = (c.astype(np.int64) for c in weight.position_coords())
+    max_run = max_run_length(spec) if max_run is None else max_run
+    indptr, first, length, entry_order = _runs(weight, max_run)
+    cin, kh, kw = (c.astype(np.int64)[first] for c in weight.position_coords())
     hp, wp = spec.padded_height, spec.padded_width
     dh, dw = spec.dilation
     b = input_block
@@ -182,9 +227,10 @@ def pack_sparse_conv2d(weight: BlockSparseWeight, spec: Conv2dSpec, bias=None, i
     if offsets.size and offsets.max() >= np.iinfo(np.int32).max // 2:
         raise ValueError(f"input too large for 32-bit offsets: {spec.describe()}")
     v = weight.vector_width
-    values = weight.values
+    values = weight.values[entry_order]
+    vstart = np.cumsum(np.concatenate([[0], length[:-1]])) if len(length) else np.zeros(0, np.int64)
     if weight.nnz_blocks == 0:  # keep buffers non-empty; indptr guarantees they are never read
-        offsets, values = np.zeros(1, np.int64), np.zeros((1, v), np.float32)
+        offsets, vstart, values = np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros((1, v), np.float32)
     packed_bias = np.zeros(weight.num_blocks * v, np.float32)
     if bias is not None:
         bias = np.asarray(bias)
@@ -193,9 +239,9 @@ def pack_sparse_conv2d(weight: BlockSparseWeight, spec: Conv2dSpec, bias=None, i
         if bias.shape != (spec.out_channels,):
             raise ValueError(f"bias shape {bias.shape} does not match {spec.out_channels} output channels")
         packed_bias[: spec.out_channels] = bias
-    return PackedSparseConv2d(weight.indptr.astype(np.int32), offsets.astype(np.int32),
+    return PackedSparseConv2d(indptr.astype(np.int32), offsets.astype(np.int32), vstart.astype(np.int32),
                               np.ascontiguousarray(values, np.float32), packed_bias,
-                              balanced_block_order(weight.block_nnz()))
+                              balanced_block_order(weight.block_nnz()), max_run)
 
 
 @dataclass(frozen=True, eq=False)
@@ -217,7 +263,7 @@ def sparse_conv2d_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, *, bias=No
                          target="x86", schedule: SparseConvSchedule | None = None, input_prepadded=False,
                          input_block: int = 1, output_blocked=False, output_pad=(0, 0, 0, 0),
                          name: str = "alcs_sparse_conv2d") -> SparseConv2dKernel:
-    """Generate the sparse conv PrimFunc ``(x, indptr, offsets, values, bias, block_order, y)`` for ``spec``.
+    """Generate the sparse conv PrimFunc ``(x, indptr, offsets, vstart, values, bias, block_order, y)``.
 
     ``input_prepadded``: ``x`` already carries ``spec.padding`` as a zero border (in NCHW, or NCHW[b]c with
     ``input_block = b``); otherwise ``x`` is plain NCHW and is padded into a workspace first.
@@ -229,13 +275,15 @@ def sparse_conv2d_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, *, bias=No
     if not isinstance(weight, BlockSparseWeight):
         raise TypeError(f"weight must be a BlockSparseWeight, got {type(weight).__name__}")
     info = resolve_target(target, weight.vector_width)
+    max_run = max_run_length(spec)
     if schedule is None:
-        schedule = default_sparse_conv_schedule(info.family, weight.vector_width, spec.out_height, spec.out_width)
+        schedule = default_sparse_conv_schedule(info.family, weight.vector_width, spec.out_height, spec.out_width,
+                                                max_run)
     if schedule.vector_width != weight.vector_width:
         raise ValueError(f"schedule vector width {schedule.vector_width} != weight's {weight.vector_width}")
     if input_block != 1 and not input_prepadded:
         raise ValueError("a channel-blocked input must come pre-padded")
-    packed = pack_sparse_conv2d(weight, spec, bias, input_block)
+    packed = pack_sparse_conv2d(weight, spec, bias, input_block, max_run)
     padded = padded_input_shape(spec, input_block)
     needs_pad = any(spec.padding) and not input_prepadded
     pixel = input_block  # elements between horizontally adjacent input pixels
@@ -252,7 +300,9 @@ def sparse_conv2d_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, *, bias=No
         out_width=spec.out_width,
         out_blocked=output_blocked,
         out_pad=tuple(int(p) for p in output_pad),
-        nnz=len(packed.offsets),
+        nnz=len(packed.values),
+        nruns=len(packed.offsets),
+        max_run=max_run,
     )
     func = sparse_conv2d_template(geom, schedule, has_bias=bias is not None, activation=activation, name=name)
     return SparseConv2dKernel(func, packed, geom, schedule)

@@ -45,6 +45,7 @@ class SparseConvSchedule:
 def choose_tile(out_height: int, out_width: int, max_accumulators: int, max_cols: int) -> tuple:
     """Pick ``(tile_rows, tile_cols)``: columns first (contiguous input along a row), preferring a width that
     divides the output width (no remainder tile), then as many rows as the register budget allows."""
+    max_cols = max(1, min(max_cols, max_accumulators))
     if out_width <= max_cols:
         cols = out_width
     else:
@@ -56,12 +57,15 @@ def choose_tile(out_height: int, out_width: int, max_accumulators: int, max_cols
     return rows, cols
 
 
-def default_sparse_conv_schedule(family: str, vector_width: int, out_height: int, out_width: int
-                                 ) -> SparseConvSchedule:
-    """The hand-picked default knobs for a target family (``x86-avx512``, ``x86-avx2``, ``arm64``, ``generic``)."""
+def default_sparse_conv_schedule(family: str, vector_width: int, out_height: int, out_width: int,
+                                 max_run: int = 1) -> SparseConvSchedule:
+    """The hand-picked default knobs for a target family (``x86-avx512``, ``x86-avx2``, ``arm64``, ``generic``).
+    Runs of ``max_run`` taps keep that many weight vectors (and a broadcast input) live next to the accumulators."""
     if family.startswith("x86"):
         from . import x86 as module
     else:
         from . import arm64 as module
-    rows, cols = choose_tile(out_height, out_width, *module.register_budget(family, vector_width))
+    max_accumulators, max_cols = module.register_budget(family, vector_width)
+    max_accumulators -= 2 * (max_run - 1)
+    rows, cols = choose_tile(out_height, out_width, max_accumulators, max_cols)
     return SparseConvSchedule(vector_width, rows, cols)

@@ -5,14 +5,18 @@ Loop nest, outer to inner::
     parallel  task over (image n, output block ob, row tile)     # consecutive tasks share a block's weights
       serial  column tile
         acc[rows, cols, V] = bias | 0                            # < 1 KB "global" buffer -> registers
-        for j in kept positions of block ob:                     # data-dependent CSR range
-          unrolled rows, unrolled cols, vectorised V:
-            acc[r, c, :] += values[j, :] * x[base + offsets[j] + r*row_step + c*col_step]
+        for L in max_run .. 1:                                   # one segment per run length
+          for q in runs of length L of block ob:                 # data-dependent CSR range
+            unrolled rows, unrolled cols, unrolled l < L, vectorised V:
+              acc[r, c, :] += values[vstart[q] + l, :] * x[base + offsets[q] + r*row_step + (c + l)*col_step]
         store activation(acc) (one V-wide store per pixel in NCHW[V]c; a lane scatter in NCHW)
 
-``offsets[j]`` is the flat offset of kept position ``(cin, kh, kw)`` in the (padded) input, precomputed at pack
-time, so the inner loop does one offset load, one weight-vector load and ``rows*cols`` broadcast FMAs: no index
-arithmetic, no bounds tests, and never a multiplication by a pruned zero.
+``offsets[q]`` is the flat offset of a run's first kept position ``(cin, kh, kw)`` in the (padded) input,
+precomputed at pack time, so the inner loop does no index arithmetic, no bounds tests, and never multiplies a
+pruned zero. A *run* is up to ``max_run`` kept taps ``kw, kw+1, ..`` of one ``(cin, kh)`` (stride 1, no dilation
+along W): pixel ``c`` at tap ``kw+l`` reads the same input as pixel ``c+l`` at tap ``kw``, so one broadcast input
+load feeds ``L`` FMAs. Each FMA otherwise needs its own broadcast load, and 512-bit loads (2 per cycle on Intel
+cores) then bound the kernel below the FMA peak; dense and lightly pruned 3x3 layers are mostly long runs.
 
 The input must already be padded; the op-level wrapper (:mod:`alcs_tvm.operator`) either pads into a workspace
 first or receives input that the previous layer wrote with a zero border.
@@ -53,7 +57,9 @@ class KernelGeometry:
     out_width: int
     out_blocked: bool  # NCHW[V]c output (one vector store per pixel) instead of NCHW
     out_pad: tuple = (0, 0, 0, 0)  # zero border written around the output, for the next conv
-    nnz: int = 1  # buffer length of offsets/values (>= 1 even when every block is empty)
+    nnz: int = 1  # buffer length of values (>= 1 even when every block is empty)
+    nruns: int = 1  # buffer length of offsets/vstart: runs of horizontally adjacent kept taps (>= 1)
+    max_run: int = 1  # longest run; runs of each length 1..max_run are a segment of their own
 
     @property
     def batch_stride(self) -> int:
@@ -76,7 +82,10 @@ def _prod(values) -> int:
 
 def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, has_bias: bool,
                            activation=None, name: str = "alcs_sparse_conv2d"):
-    """Return the PrimFunc ``(x, indptr, offsets, values, bias, block_order, y)`` for one conv layer.
+    """Return the PrimFunc ``(x, indptr, offsets, vstart, values, bias, block_order, y)`` for one conv layer.
+
+    ``indptr[ob * max_run + k] : indptr[ob * max_run + k + 1]`` are the runs of length ``max_run - k`` of block
+    ``ob``; run ``q`` starts at input offset ``offsets[q]`` and weight vector ``vstart[q]``.
 
     ``block_order`` is the order in which parallel tasks visit the output blocks: TVM splits a parallel loop into
     equal contiguous chunks per thread, so blocks are ordered to give every chunk a similar number of kept
@@ -96,6 +105,10 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
     ROW_STEP, COL_STEP = geom.row_step, geom.col_step
     BATCH_STRIDE = geom.batch_stride
     NNZ = max(1, geom.nnz)
+    NRUNS = max(1, geom.nruns)
+    RMAX = geom.max_run
+    if not 1 <= RMAX <= 4:
+        raise ValueError(f"run length must be in 1..4, got {RMAX}")
     OT, OL, OB, OR = geom.out_pad
     HOP, WOP = Ho + OT + OB, Wo + OL + OR
     BLOCKED = bool(geom.out_blocked)
@@ -118,7 +131,19 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
     bias_len = NB * V
 
     @T.macro
-    def tile(xf, indptr, offsets, values, bias, y, n, ob, row0, col0, tr, tw):
+    def segment(xf, indptr, offsets, vstart, values, acc, base, ob, k, run, tr, tw):
+        for q in range(indptr[ob * RMAX + k], indptr[ob * RMAX + k + 1]):
+            at = T.meta_var(base + offsets[q])
+            vb = T.meta_var(vstart[q])
+            for r in T.unroll(tr):
+                for c in T.unroll(tw):
+                    for l in T.unroll(run):  # equal input addresses across (c, l) are loaded once (LLVM GVN)
+                        for v in T.vectorized(V):
+                            acc[(r * tw + c) * V + v] = acc[(r * tw + c) * V + v] + values[vb + l, v] * xf[
+                                at + r * ROW_STEP + (c + l) * COL_STEP]
+
+    @T.macro
+    def tile(xf, indptr, offsets, vstart, values, bias, y, n, ob, row0, col0, tr, tw):
         acc = T.decl_buffer((tr * tw * V,), "float32", scope="global")
         for i in T.unroll(tr * tw):
             for v in T.vectorized(V):
@@ -127,13 +152,13 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
                 else:
                     acc[i * V + v] = T.float32(0)
         base = T.meta_var(n * BATCH_STRIDE + row0 * ROW_STEP + col0 * COL_STEP)
-        for j in range(indptr[ob], indptr[ob + 1]):
-            at = T.meta_var(base + offsets[j])
-            for r in T.unroll(tr):
-                for c in T.unroll(tw):
-                    for v in T.vectorized(V):
-                        acc[(r * tw + c) * V + v] = acc[(r * tw + c) * V + v] + values[j, v] * xf[
-                            at + r * ROW_STEP + c * COL_STEP]
+        if RMAX >= 4:
+            segment(xf, indptr, offsets, vstart, values, acc, base, ob, RMAX - 4, 4, tr, tw)
+        if RMAX >= 3:
+            segment(xf, indptr, offsets, vstart, values, acc, base, ob, RMAX - 3, 3, tr, tw)
+        if RMAX >= 2:
+            segment(xf, indptr, offsets, vstart, values, acc, base, ob, RMAX - 2, 2, tr, tw)
+        segment(xf, indptr, offsets, vstart, values, acc, base, ob, RMAX - 1, 1, tr, tw)
         for r in T.unroll(tr):
             for c in T.unroll(tw):
                 if BLOCKED:
@@ -159,14 +184,14 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
                                 y[n, ob * V + v, OT + row0 + r, OL + col0 + c] = acc[(r * tw + c) * V + v]
 
     @T.macro
-    def row_tile(xf, indptr, offsets, values, bias, y, n, ob, row0, tr):
+    def row_tile(xf, indptr, offsets, vstart, values, bias, y, n, ob, row0, tr):
         for ct in range(CT_FULL):
-            tile(xf, indptr, offsets, values, bias, y, n, ob, row0, ct * TW, tr, TW)
+            tile(xf, indptr, offsets, vstart, values, bias, y, n, ob, row0, ct * TW, tr, TW)
         if HAS_COL_REM:
-            tile(xf, indptr, offsets, values, bias, y, n, ob, row0, CT_FULL * TW, tr, TW_REM)
+            tile(xf, indptr, offsets, vstart, values, bias, y, n, ob, row0, CT_FULL * TW, tr, TW_REM)
 
     @T.macro
-    def conv(xf, indptr, offsets, values, bias, order, y):
+    def conv(xf, indptr, offsets, vstart, values, bias, order, y):
         for task in T.parallel(N * NB * RT):
             n = T.meta_var(task // (NB * RT))
             if ROW_OUTER:
@@ -177,11 +202,11 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
                 rt = T.meta_var(task % RT)
             if HAS_ROW_REM:
                 if rt < RT_FULL:
-                    row_tile(xf, indptr, offsets, values, bias, y, n, ob, rt * TR, TR)
+                    row_tile(xf, indptr, offsets, vstart, values, bias, y, n, ob, rt * TR, TR)
                 else:
-                    row_tile(xf, indptr, offsets, values, bias, y, n, ob, RT_FULL * TR, TR_REM)
+                    row_tile(xf, indptr, offsets, vstart, values, bias, y, n, ob, RT_FULL * TR, TR_REM)
             else:
-                row_tile(xf, indptr, offsets, values, bias, y, n, ob, rt * TR, TR)
+                row_tile(xf, indptr, offsets, vstart, values, bias, y, n, ob, rt * TR, TR)
 
     @T.macro
     def zero_border(y):
@@ -200,8 +225,9 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
                             y[nc // Cout, nc % Cout, h, w] = T.float32(0)
 
     @T.prim_func
-    def func(x: T.Buffer(x_shape, "float32"), indptr: T.Buffer((NB + 1,), "int32"),
-             offsets: T.Buffer((NNZ,), "int32"), values: T.Buffer((NNZ, V), "float32"),
+    def func(x: T.Buffer(x_shape, "float32"), indptr: T.Buffer((NB * RMAX + 1,), "int32"),
+             offsets: T.Buffer((NRUNS,), "int32"), vstart: T.Buffer((NRUNS,), "int32"),
+             values: T.Buffer((NNZ, V), "float32"),
              bias: T.Buffer((bias_len,), "float32"), order: T.Buffer((NB,), "int32"),
              y: T.Buffer(y_shape, "float32")):
         T.func_attr({"tirx.noalias": True})
@@ -220,9 +246,9 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
                         xp[nch * WP + PL + w] = x[nch // HP // C, nch // HP % C, nch % HP - PT, w]
                     for w in T.vectorized(PR):
                         xp[nch * WP + PL + W + w] = T.float32(0)
-            conv(xp, indptr, offsets, values, bias, order, y)
+            conv(xp, indptr, offsets, vstart, values, bias, order, y)
         else:
             xf = T.decl_buffer((PADDED_SIZE,), "float32", data=x.data)
-            conv(xf, indptr, offsets, values, bias, order, y)
+            conv(xf, indptr, offsets, vstart, values, bias, order, y)
 
     return func.with_attr("global_symbol", name)
