@@ -298,6 +298,10 @@ def print_tables(results) -> None:
         rows = [r for res in group for r in table_rows(res)]
         print(f"\n--- {n} thread(s) (ms = min over rounds; dense columns do not depend on s) ---")
         print("\n".join(_text_table(rows)), flush=True)
+        untuned = [res["layer"] for res in group if "tvm_ms" not in res["dense"]]
+        if untuned:
+            print(f"TVM-MS left out for {', '.join(untuned)}: no tuning records cached "
+                  f"(run with --tune-trials N, e.g. 64, or --full)")
 
 
 def markdown(results, command: str) -> str:
