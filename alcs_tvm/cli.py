@@ -10,6 +10,7 @@ _COMMAND_MODULES = [
     "alcs_tvm.compiler",
     "alcs_tvm.run",
     "alcs_tvm.device",
+    "alcs_tvm.profiler",
 ]
 
 

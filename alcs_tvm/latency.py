@@ -13,7 +13,12 @@ File format (JSON)::
      "layers": {LAYER_KEY: {"spec": {...Conv2dSpec fields...}, "vector_width": 16,
                             "sparsities": [0.0, 0.1, ...], "sparse_ms": [...], "sparse_spread_ms": [...],
                             "dense_ms": 1.23, "dense_spread_ms": 0.01}},
-     "rest_ms": {MODEL_NAME: 0.8}}          # whole model minus its rewritable convs, per profiled model
+     "rest_ms": {MODEL_NAME: 0.8},         # whole model minus its rewritable convs, per profiled model
+     "models": {MODEL_NAME: {"layers": [[ONNX_NODE, LAYER_KEY], ...], "whole_dense_ms": .., "rest_ms": ..,
+                             "whole_dense_spread_ms": .., "convs_dense_ms": ..}}}   # optional
+
+``models`` ties a profiled model's architecture (its conv layer keys in graph order) to its "rest" time, so
+:meth:`LatencyTable.predict` on any ONNX file of that architecture (e.g. a pruned copy) finds it.
 """
 from __future__ import annotations
 
@@ -26,13 +31,20 @@ import numpy as np
 
 from .operator import Conv2dSpec
 
-__all__ = ["LatencyTable", "LayerProfile", "layer_key", "TableMismatchError", "FORMAT"]
+__all__ = ["LatencyTable", "LayerProfile", "layer_key", "TableMismatchError", "LayerNotProfiledError", "FORMAT"]
 
 FORMAT = "alcs-latency-table/1"
 
 
 class TableMismatchError(ValueError):
     """The table was measured for another target, TVM version or layer set than the one asked about."""
+
+
+class LayerNotProfiledError(TableMismatchError, LookupError):
+    """A layer (or a model's rest) asked about is not in the table."""
+
+    def __str__(self):  # not KeyError's quoted repr
+        return str(self.args[0]) if self.args else ""
 
 
 def layer_key(spec: Conv2dSpec, vector_width: int) -> str:
@@ -102,12 +114,14 @@ class LatencyTable:
     settings: dict = field(default_factory=dict)
     layers: dict = field(default_factory=dict)  # key -> LayerProfile
     rest_ms: dict = field(default_factory=dict)  # model name -> ms of everything but the rewritable convs
+    models: dict = field(default_factory=dict)  # model name -> {"layers": [[node, key], ..], "rest_ms", ...}
 
     # -- persistence ------------------------------------------------------------------------------------------
     def to_json(self) -> dict:
         return {"format": FORMAT, "target": self.target, "target_family": self.target_family,
                 "device_key": self.device_key, "tvm_version": self.tvm_version, "settings": self.settings,
-                "layers": {k: v.to_json() for k, v in self.layers.items()}, "rest_ms": self.rest_ms}
+                "layers": {k: v.to_json() for k, v in self.layers.items()}, "rest_ms": self.rest_ms,
+                "models": self.models}
 
     def save(self, path: str):
         """Write atomically (temp file + rename): an interrupted write never leaves a torn table."""
@@ -142,7 +156,7 @@ class LatencyTable:
                     raise ValueError(f"entry {key!r} describes layer {profile.key}")
                 layers[key] = profile
             return cls(data["target"], data["target_family"], data.get("device_key"), data["tvm_version"],
-                       data.get("settings", {}), layers, data.get("rest_ms", {}))
+                       data.get("settings", {}), layers, data.get("rest_ms", {}), data.get("models", {}))
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"latency table {path} is corrupted: {err}") from None
 
@@ -163,8 +177,8 @@ class LatencyTable:
     def profile_for(self, spec: Conv2dSpec, vector_width: int) -> LayerProfile:
         key = layer_key(spec, vector_width)
         if key not in self.layers:
-            raise KeyError(f"layer {spec.describe()} (V={vector_width}) is not in the latency table; profile the "
-                           f"model that contains it")
+            raise LayerNotProfiledError(f"layer {spec.describe()} (V={vector_width}) is not in the latency table; "
+                                        f"profile the model that contains it (alcs profile)")
         return self.layers[key]
 
     def layer_latency(self, spec: Conv2dSpec, vector_width: int, sparsity: float) -> float:
@@ -174,8 +188,8 @@ class LatencyTable:
         """The compiler's per-layer choice: ``(decision, predicted_ms, reason)``."""
         try:
             profile = self.profile_for(spec, vector_width)
-        except KeyError as err:
-            raise ValueError(str(err).strip("'\"")) from None
+        except LayerNotProfiledError:
+            raise
         sparse = profile.sparse_latency(1.0 - density)
         predicted = {"sparse": round(sparse, 5)}
         if profile.dense_ms is not None:
@@ -185,16 +199,60 @@ class LatencyTable:
                 (f"{profile.dense_ms:.3f} ms" if profile.dense_ms is not None else "(not measured)")
         return "dense", predicted, f"table: dense {profile.dense_ms:.3f} ms < sparse {sparse:.3f} ms"
 
-    def predict(self, layers, rest_model: str | None = None):
-        """Model latency: ``layers`` is an iterable of ``(name, spec, vector_width, sparsity)``. Returns
-        ``(total_ms, {name: ms})``; the rest of the model (``rest_ms[rest_model]``) is added when given."""
+    def predict(self, layers, rest_model: str | None = None, *, target=None, input_shapes=None):
+        """Model latency in ms and its per-layer breakdown ``(total_ms, {name: ms})``.
+
+        * ``predict(onnx_model, per_layer_sparsity)``: ``onnx_model`` a path, bytes or ModelProto; its convs are
+          mapped to table entries exactly as the compiler's pass maps them. ``per_layer_sparsity`` (dict ONNX node
+          name -> SIMD-block sparsity; layers not in it use their weights' own block sparsity; None: all use
+          their weights') . The rest of the model (depthwise convs, pooling, linear, ...) is added from the
+          profiled model with the same conv layers (``"(rest of model)"`` in the breakdown).
+        * ``predict(layers, rest_model)``: ``layers`` an iterable of ``(name, spec, vector_width, sparsity)``;
+          ``rest_ms[rest_model]`` is added when given.
+        """
+        if isinstance(layers, (str, bytes, os.PathLike)) or type(layers).__name__ == "ModelProto":
+            return self.predict_model(layers, rest_model, target=target, input_shapes=input_shapes)
         breakdown = {}
         for name, spec, vector_width, sparsity in layers:
             breakdown[name] = self.layer_latency(spec, vector_width, sparsity)
         total = sum(breakdown.values())
         if rest_model is not None:
             if rest_model not in self.rest_ms:
-                raise KeyError(f"no 'rest of model' time for {rest_model!r} in the table")
+                raise LayerNotProfiledError(f"no 'rest of model' time for {rest_model!r} in the table")
             breakdown["(rest of model)"] = self.rest_ms[rest_model]
             total += self.rest_ms[rest_model]
+        return total, breakdown
+
+    def target_object(self):
+        import tvm
+
+        return tvm.target.Target(dict(self.target))
+
+    def rest_model_for(self, keys) -> str:
+        """The profiled model whose conv layers (keys in graph order) are ``keys``."""
+        for name, entry in self.models.items():
+            if [k for _, k in entry.get("layers", [])] == list(keys) and name in self.rest_ms:
+                return name
+        raise LayerNotProfiledError("no model with these conv layers has its 'rest of model' time in the table; "
+                                    "profile this model (alcs profile)")
+
+    def predict_model(self, model, per_layer_sparsity=None, *, target=None, input_shapes=None,
+                      with_rest: bool = True):
+        """See :meth:`predict`. Returns ``(total_ms, {layer name: ms, "(rest of model)": ms})``."""
+        from .profiler import model_layers
+
+        layers = model_layers(model, target if target is not None else self.target_object(),
+                              input_shapes=input_shapes)
+        sparsity = dict(per_layer_sparsity or {})
+        unknown = set(sparsity) - {layer.name for layer in layers}
+        if unknown:
+            raise ValueError(f"per-layer sparsity names layers the model has no rewritable conv for: "
+                             f"{sorted(unknown)}")
+        rows = [(layer.name, layer.spec, layer.vector_width,
+                 min(1.0, max(0.0, float(sparsity.get(layer.name, 1.0 - layer.density))))) for layer in layers]
+        total, breakdown = self.predict(rows)
+        if with_rest:
+            rest = self.rest_model_for([layer.key for layer in layers])
+            breakdown["(rest of model)"] = self.rest_ms[rest]
+            total += self.rest_ms[rest]
         return total, breakdown

@@ -1,0 +1,423 @@
+"""``alcs profile``: measure a model's conv layers on a device and write the latency table.
+
+For every distinct conv configuration of the model (shape, stride, padding, dilation, V; identical layers once)
+the profiler measures, on the device, through TVM RPC ``time_evaluator``:
+
+* the dense conv as the compiler runs it: the ALCS kernel with every block kept, bias and activation fused as
+  in the model, NCHW in / NCHW out (the same :func:`~alcs_tvm.operator.sparse_conv2d_kernel` call the Relax
+  pass makes);
+* the sparse kernel at each grid sparsity with random SIMD-block masks. The mask travels as runtime data, so all
+  masks of one grid point share one compiled function; when the spread (IQR / median) of a point is above
+  ``spread_threshold`` more masks are measured and their samples pooled.
+
+All functions of one layer are built into one library (one upload per layer). Afterwards the whole model is
+measured with every conv dense; minus the sum of its dense conv layers this gives the "rest of the model"
+(depthwise convs, pooling, adds, linear layers, VM overhead), so a prediction covers the whole model.
+
+The table is saved atomically after every layer; rerunning the same command resumes (layers already in the
+table are not measured again).
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .latency import LatencyTable, LayerProfile, TableMismatchError, layer_key
+from .operator import Conv2dSpec, sparse_conv2d_kernel
+from .sparse_format import BlockSparseWeight, random_block_sparse
+from .target import resolve_target
+
+__all__ = ["ModelLayer", "model_layers", "profile_model", "Measurer", "DEFAULT_SPARSITIES", "register_cli",
+           "model_signature"]
+
+DEFAULT_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+@dataclass(frozen=True)
+class ModelLayer:
+    """A rewritable conv of a model, as the Relax pass sees it."""
+
+    name: str  # ONNX node name
+    spec: Conv2dSpec
+    vector_width: int
+    bias: bool
+    activation: str | None  # None | "relu" | "relu6"
+    density: float  # block density of the model's weight
+
+    @property
+    def key(self) -> str:
+        return layer_key(self.spec, self.vector_width)
+
+
+def _fused_from_implementation(text: str):
+    """``"alcs dense kernel (all blocks), conv+bias+relu"`` -> (True, "relu")."""
+    parts = text.rsplit(", ", 1)[-1].split("+")
+    activation = next((p for p in parts if p in ("relu", "relu6")), None)
+    return "bias" in parts, activation
+
+
+def model_layers(model, target="x86", *, input_shapes=None, vector_width=None, return_module=False):
+    """The rewritable convs of an ONNX model (path, bytes or ModelProto), in graph order, mapped exactly as the
+    Relax pass maps them (the pass itself runs, with ``sparse=False``)."""
+    from . import frontend
+    from .compiler import conv_node_names
+    from .passes.sparse_conv import SparseConvRewrite
+
+    info = resolve_target(target, vector_width)
+    onnx_model = frontend.load_onnx(model)
+    mod = frontend.prepare_for_sparse(frontend.import_onnx(onnx_model, input_shapes))
+    rewrite = SparseConvRewrite(info.target, vector_width=info.vector_width, sparse=False,
+                                layer_names=conv_node_names(onnx_model))
+    rewrite(mod)
+    layers = []
+    for d in rewrite.report.layers:
+        if d.op != "conv2d" or d.spec is None:
+            continue  # depthwise/grouped convs and linear layers: part of the "rest of the model"
+        spec = Conv2dSpec(d.spec["batch"], d.spec["in_channels"], d.spec["height"], d.spec["width"],
+                          d.spec["out_channels"], tuple(d.spec["kernel"]), tuple(d.spec["stride"]),
+                          tuple(d.spec["padding"]), tuple(d.spec["dilation"]))
+        bias, activation = _fused_from_implementation(d.implementation)
+        layers.append(ModelLayer(d.name, spec, int(d.vector_width), bias, activation, float(d.density)))
+    if return_module:
+        return layers, info, onnx_model, mod
+    return layers
+
+
+def model_signature(layers) -> list:
+    """What identifies a model's architecture in a table: the layer keys in graph order."""
+    return [layer.key for layer in layers]
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+class Measurer:
+    """Where kernels run: a device reached through RPC (tracker + key, or a server address) or this host."""
+
+    def __init__(self, info, *, tracker=None, key=None, rpc=None, local=False, timeout=None, session=None):
+        from . import rpc as alcs_rpc
+
+        if session is not None:  # an open session (e.g. shared with end-to-end measurements)
+            tracker, key = None, getattr(session, "alcs_key", None) or key
+            rpc = "%s:%s" % tuple(getattr(session, "alcs_addr", ("?", "?")))
+        if local == bool(tracker or rpc):
+            raise ValueError("give one of --rpc-tracker HOST:PORT --rpc-key KEY, --rpc HOST:PORT or --local")
+        if tracker and not key:
+            raise ValueError("--rpc-tracker needs --rpc-key (e.g. x86-local or arm64-qemu)")
+        if local and info.is_cross:
+            raise ValueError(f"target {info.family} cannot run on this host: profile it on a device over RPC")
+        self.info = info
+        self.timeout = alcs_rpc.DEFAULT_TIMEOUT if timeout is None else timeout
+        self.tracker, self.key, self.rpc = tracker, key, rpc
+        self.device_key = key if key else (f"rpc:{rpc}" if rpc else "local")
+        self.session = session
+        if not local and session is None:
+            # no session deadline: a profile takes longer than any one step; guard() bounds each remote step
+            self.session = alcs_rpc.connect(tracker=tracker, key=key, rpc=rpc, timeout=self.timeout,
+                                            session_timeout=0)
+
+    @property
+    def device(self):
+        import tvm
+
+        return self.session.cpu(0) if self.session is not None else tvm.cpu(0)
+
+    def _guard(self, what):
+        import contextlib
+
+        from . import rpc as alcs_rpc
+
+        if self.session is None:
+            return contextlib.nullcontext()
+        return alcs_rpc.guard(self.session, what, self.timeout)
+
+    def load(self, lib_path):
+        import tvm
+
+        from . import rpc as alcs_rpc
+
+        if self.session is None:
+            return tvm.runtime.load_module(str(lib_path))
+        return alcs_rpc.upload_library(self.session, lib_path, timeout=self.timeout)
+
+    def tensors(self, arrays):
+        import tvm
+
+        with self._guard("tensor transfer"):
+            return [tvm.runtime.tensor(np.ascontiguousarray(a), self.device) for a in arrays]
+
+    def time(self, module, name, args, repeat, min_repeat_ms) -> list:
+        """Per-call milliseconds of ``repeat`` samples (each sample: as many calls as fill ``min_repeat_ms``)."""
+        with self._guard(f"timing of {name}"):
+            evaluator = module.time_evaluator(name, self.device, number=1, repeat=int(repeat),
+                                              min_repeat_ms=int(min_repeat_ms))
+            return [float(r) * 1e3 for r in evaluator(*args).results]
+
+    def time_model(self, lib_path, repeat, min_repeat_ms) -> list:
+        """Per-inference milliseconds of a Relax executable library (inputs made up from its sidecar)."""
+        from .run import run_model
+
+        kw = dict(session=self.session, timeout=self.timeout)
+        _, probe = run_model(lib_path, repeat=3, number=1, **kw)
+        number = max(1, int(math.ceil(min_repeat_ms / max(probe["median_ms"], 1e-3))))
+        _, timings = run_model(lib_path, repeat=repeat, number=number, **kw)
+        return timings["results_ms"]
+
+
+def _stats(samples):
+    q1, med, q3 = np.percentile(samples, [25, 50, 75])
+    return float(med), float(q3 - q1)
+
+
+def _export(executable, path, info):
+    from .compiler import export
+
+    return export(executable, str(path), info)
+
+
+def measure_layer(layer: ModelLayer, info, measurer: Measurer, sparsities, *, repeat=20, min_repeat_ms=10,
+                  max_masks=3, spread_threshold=0.05, seed=0, workdir=None) -> LayerProfile:
+    """Measure one conv configuration: dense (all blocks kept) and the sparse kernel at every grid sparsity."""
+    import tvm
+
+    spec, v = layer.spec, layer.vector_width
+    rng = np.random.default_rng(seed)
+    weight = (rng.standard_normal(spec.weight_shape) * 0.1).astype(np.float32)
+    bias = (rng.standard_normal(spec.out_channels) * 0.1).astype(np.float32) if layer.bias else None
+    x = rng.standard_normal(spec.input_shape).astype(np.float32)
+
+    def kernel(w, name, keep_all=False):
+        return sparse_conv2d_kernel(BlockSparseWeight.from_dense(w, v, keep_all=keep_all), spec, bias=bias,
+                                    activation=layer.activation, target=info, name=name)
+
+    # every function of the layer in one module: one build, one upload
+    funcs = {"alcs_dense": kernel(weight, "alcs_dense", keep_all=True)}
+    masks = {}  # point index -> list of packed arrays, one per mask (same nnz: one compiled function)
+    for i, s in enumerate(sparsities):
+        if s == 0.0:
+            continue  # a random weight has no zero block: the sparse kernel at 0 is the dense one
+        name = f"alcs_sparse_{i}"
+        masks[i] = []
+        for m in range(max_masks):
+            k = kernel(random_block_sparse(weight, v, s, rng), name)
+            if m == 0:
+                funcs[name] = k
+            elif k.geometry != funcs[name].geometry:
+                raise RuntimeError(f"masks of sparsity {s} differ in shape")  # pragma: no cover
+            masks[i].append(k.packed.arrays())
+    mod = tvm.IRModule({tvm.ir.GlobalVar(n): k.func.with_attr("global_symbol", n) for n, k in funcs.items()})
+    executable = tvm.compile(mod, target=info.target)
+    with tempfile.TemporaryDirectory(prefix="alcs-profile-", dir=workdir) as tmp:
+        lib_path = _export(executable, Path(tmp) / f"{layer.key}.so", info)
+        module = measurer.load(lib_path)
+    y = np.zeros(funcs["alcs_dense"].output_shape, np.float32)
+
+    def run(name, arrays):
+        args = measurer.tensors([x] + list(arrays) + [y])
+        return measurer.time(module, name, args, repeat, min_repeat_ms)
+
+    dense = run("alcs_dense", funcs["alcs_dense"].packed.arrays())
+    dense_ms, dense_spread = _stats(dense)
+    sparse_ms, sparse_spread = [], []
+    for i, s in enumerate(sparsities):
+        if s == 0.0:
+            sparse_ms.append(dense_ms)
+            sparse_spread.append(dense_spread)
+            continue
+        samples = run(f"alcs_sparse_{i}", masks[i][0])
+        med, spread = _stats(samples)
+        for arrays in masks[i][1:]:  # high variance: pool the samples of more masks
+            if spread <= spread_threshold * med:
+                break
+            samples += run(f"alcs_sparse_{i}", arrays)
+            med, spread = _stats(samples)
+        sparse_ms.append(med)
+        sparse_spread.append(spread)
+    return LayerProfile(spec, v, [float(s) for s in sparsities], sparse_ms, sparse_spread, dense_ms, dense_spread)
+
+
+# ----------------------------------------------------------------------------------------------- progress
+class Progress:
+    """One-line progress bar on stderr: steps done / total and the time left."""
+
+    def __init__(self, total, label="layers", stream=None, quiet=False, width=24):
+        self.total, self.label, self.width = total, label, width
+        self.stream = stream or sys.stderr
+        self.quiet = quiet
+        self.done = 0
+        self.measured = 0
+        self.t0 = time.perf_counter()
+
+    def _fmt(self, seconds):
+        seconds = int(round(seconds))
+        return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+    def show(self, what=""):
+        if self.quiet:
+            return
+        frac = self.done / self.total if self.total else 1.0
+        bar = "#" * int(frac * self.width) + "." * (self.width - int(frac * self.width))
+        left = "?"
+        if self.measured:
+            per = (time.perf_counter() - self.t0) / self.measured
+            left = self._fmt(per * (self.total - self.done))
+        line = f"\r[{bar}] {self.done}/{self.total} {self.label}, {left} left {what}"
+        self.stream.write(line[:160].ljust(100))
+        self.stream.flush()
+
+    def step(self, measured=True, what=""):
+        self.done += 1
+        self.measured += int(measured)
+        self.show(what)
+
+    def close(self):
+        if not self.quiet:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# ----------------------------------------------------------------------------------------------- profile
+def _new_or_resumed_table(path, info, measurer, settings) -> LatencyTable:
+    import json
+
+    import tvm
+
+    if path is not None and os.path.exists(path):
+        table = LatencyTable.load(path)
+        table.check_compatible(info, tvm.__version__)
+        if table.device_key != measurer.device_key:
+            raise TableMismatchError(f"{path} was measured on device {table.device_key!r}, not "
+                                     f"{measurer.device_key!r}: write a new table (-o)")
+        if table.settings.get("sparsities") != settings["sparsities"]:
+            raise TableMismatchError(f"{path} was measured at sparsities {table.settings.get('sparsities')}, "
+                                     f"not {settings['sparsities']}: write a new table (-o) or use its grid")
+        return table
+    return LatencyTable(json.loads(info.key), info.family, measurer.device_key, tvm.__version__, dict(settings))
+
+
+def profile_model(model, output, target="x86", *, tracker=None, key=None, rpc=None, local=False,
+                  input_shapes=None, vector_width=None, sparsities=DEFAULT_SPARSITIES, repeat=20, min_repeat_ms=10,
+                  max_masks=3, spread_threshold=0.05, model_name=None, measure_rest=True, timeout=None,
+                  quiet=False, on_measured=None, seed=0, session=None) -> LatencyTable:
+    """Profile ``model`` (ONNX) into the table at ``output`` (resumed if it exists). ``on_measured(key)`` is
+    called after each layer measurement is saved; ``session`` an open RPC session to use instead of connecting.
+    Returns the table."""
+    from .compiler import compile_module, conv_node_names
+    from .run import write_sidecar
+
+    sparsities = [float(s) for s in sparsities]
+    if not sparsities or sorted(set(sparsities)) != sparsities:
+        raise ValueError(f"sparsities must be strictly ascending, got {sparsities}")
+    if sparsities[0] < 0 or sparsities[-1] >= 1:
+        raise ValueError(f"sparsities must be in [0, 1), got {sparsities}")
+    if repeat < 3 or min_repeat_ms < 0 or max_masks < 1:
+        raise ValueError("--repeat must be >= 3, --min-repeat-ms >= 0, --masks >= 1")
+    layers, info, onnx_model, mod = model_layers(model, target, input_shapes=input_shapes,
+                                                 vector_width=vector_width, return_module=True)
+    if model_name is None:
+        model_name = Path(model).stem if isinstance(model, (str, os.PathLike)) else "model"
+    measurer = Measurer(info, tracker=tracker, key=key, rpc=rpc, local=local, timeout=timeout, session=session)
+    settings = {"sparsities": sparsities, "repeat": int(repeat), "min_repeat_ms": int(min_repeat_ms),
+                "max_masks": int(max_masks), "spread_threshold": float(spread_threshold),
+                "statistic": "median; spread = interquartile range", "seed": int(seed)}
+    table = _new_or_resumed_table(output, info, measurer, settings)
+    distinct = list(dict.fromkeys(layer.key for layer in layers))
+    first = {}
+    for layer in layers:
+        first.setdefault(layer.key, layer)
+    rest_done = model_name in table.models and "rest_ms" in table.models[model_name]
+    skipped = sum(k in table.layers for k in distinct)
+    todo = len(distinct) - skipped + int(measure_rest and not rest_done)
+    progress = Progress(todo, label="to measure", quiet=quiet)
+    progress.show(f"(resumed: {skipped} layers already in the table)" if skipped else "")
+    for k in distinct:
+        if k in table.layers:
+            continue
+        table.layers[k] = measure_layer(first[k], info, measurer, sparsities, repeat=repeat,
+                                        min_repeat_ms=min_repeat_ms, max_masks=max_masks,
+                                        spread_threshold=spread_threshold, seed=seed)
+        table.save(output)
+        if on_measured:
+            on_measured(k)
+        progress.step(what=first[k].spec.describe())
+    entry = table.models.setdefault(model_name, {})
+    entry["layers"] = [[layer.name, layer.key] for layer in layers]
+    if measure_rest and not rest_done:
+        executable, _, _ = compile_module(mod, info, vector_width=info.vector_width, sparse=False,
+                                          layer_names=conv_node_names(onnx_model))
+        with tempfile.TemporaryDirectory(prefix="alcs-profile-") as tmp:
+            lib = _export(executable, Path(tmp) / "model.so", info)
+            write_sidecar(lib, mod, target=info.target)
+            samples = measurer.time_model(lib, repeat, min_repeat_ms)
+        whole, spread = _stats(samples)
+        convs = sum(table.layers[layer.key].dense_ms for layer in layers)
+        entry.update({"whole_dense_ms": whole, "whole_dense_spread_ms": spread, "convs_dense_ms": convs,
+                      "rest_ms": whole - convs})
+        table.rest_ms[model_name] = whole - convs
+        table.save(output)
+        if on_measured:
+            on_measured("(rest of model)")
+        progress.step(what="whole model")
+    else:
+        table.save(output)
+    progress.close()
+    return table
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def register_cli(subparsers):
+    p = subparsers.add_parser(
+        "profile", help="measure a model's conv layers on a device into a latency table",
+        description="Measure every distinct conv of MODEL.onnx on the device (dense, and sparse at a grid of "
+                    "SIMD-block sparsities) and the rest of the model; write the latency table used by "
+                    "`alcs compile --latency-table`. Rerunning resumes an interrupted profile.")
+    p.add_argument("model", help="ONNX file")
+    p.add_argument("--target", default="x86", help="x86, x86-avx2, x86-avx512, arm64, or a TVM target JSON dict")
+    p.add_argument("-o", "--output", required=True, help="latency table JSON (resumed if it exists)")
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="RPC tracker to get the device from")
+    p.add_argument("--rpc-key", metavar="KEY", help="device key at the tracker")
+    p.add_argument("--rpc", metavar="HOST:PORT", help="RPC server to use directly")
+    p.add_argument("--local", action="store_true", help="measure on this host (no RPC)")
+    p.add_argument("--sparsities", default=",".join(map(str, DEFAULT_SPARSITIES)),
+                   help="grid of SIMD-block sparsities, ascending, in [0, 1) (default %(default)s)")
+    p.add_argument("--repeat", type=int, default=20, help="timing samples per point (default 20)")
+    p.add_argument("--min-repeat-ms", type=int, default=10, help="minimum duration of one sample (default 10)")
+    p.add_argument("--masks", type=int, default=3,
+                   help="at most this many random masks per sparsity, used when the spread is high (default 3)")
+    p.add_argument("--input-shapes", help="e.g. input:1x3x224x224 (needed when the model has dynamic dims)")
+    p.add_argument("--vector-width", type=int, help="override the SIMD width V")
+    p.add_argument("--model-name", help="name of the model's 'rest' entry in the table (default: file stem)")
+    p.add_argument("--device-timeout", type=float, default=None, metavar="S",
+                   help="bound in seconds on getting the device and on each remote step (default 300)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cli_profile)
+
+
+def _cli_profile(args):
+    from . import frontend
+
+    if not os.path.isfile(args.model):
+        raise FileNotFoundError(f"no such model file: {args.model}")
+    if args.rpc and args.rpc_tracker:
+        raise ValueError("give either --rpc-tracker (with --rpc-key) or --rpc, not both")
+    try:
+        sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--sparsities must be comma-separated numbers, got {args.sparsities!r}") from None
+    input_shapes = frontend.parse_input_shapes(args.input_shapes) if args.input_shapes else None
+    t0 = time.time()
+    table = profile_model(args.model, args.output, args.target, tracker=args.rpc_tracker, key=args.rpc_key,
+                          rpc=args.rpc, local=args.local, input_shapes=input_shapes,
+                          vector_width=args.vector_width, sparsities=sparsities, repeat=args.repeat,
+                          min_repeat_ms=args.min_repeat_ms, max_masks=args.masks, model_name=args.model_name,
+                          timeout=args.device_timeout, quiet=args.quiet)
+    name = args.model_name or Path(args.model).stem
+    rest = table.rest_ms.get(name)
+    print(f"wrote {args.output}: {len(table.layers)} layer configurations"
+          + (f", rest of {name} {rest:.3f} ms" if rest is not None else "") + f" ({time.time() - t0:.0f} s)")
+    return 0

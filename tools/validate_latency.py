@@ -1,0 +1,222 @@
+#!/usr/bin/env python
+"""Validate the latency model: profile a model, then compare predicted and measured end-to-end latency for
+random per-layer SIMD-block sparsity configurations.
+
+For each model: ``alcs profile`` (resumed if the table exists), then ``--configs`` times: draw a sparsity per
+rewritable conv (uniform in [0, --max-sparsity]), prune a copy of the weights with random SIMD-block masks,
+export ONNX, predict with :meth:`LatencyTable.predict`, compile with ``compiler.compile(..., latency_table=)``
+(the table also makes the per-layer sparse/dense decisions), upload and time over RPC with ``run_model``.
+Prints MAPE, max error, Pearson r and Kendall tau; writes predicted-vs-measured plots and a JSON of all points.
+
+Examples::
+
+    # the x86 local RPC server (a tracker + server are started here unless --rpc-tracker is given)
+    python tools/validate_latency.py --models resnet18,mobilenet_v2 --configs 20 --png docs/latency_x86.png
+    # the emulated ARM64 device: correctness of the flow only
+    python tools/validate_latency.py --target arm64 --key arm64-qemu --models small_cnn --configs 3 \\
+        --sparsities 0,0.5,0.9 --repeat 5 --png docs/latency_arm64.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from alcs_tvm import compiler, rpc as alcs_rpc, zoo  # noqa: E402
+from alcs_tvm.latency import LatencyTable  # noqa: E402
+from alcs_tvm.profiler import DEFAULT_SPARSITIES, profile_model  # noqa: E402
+from alcs_tvm.run import run_model, write_sidecar  # noqa: E402
+from alcs_tvm.sparse_format import random_block_sparse  # noqa: E402
+from alcs_tvm.target import resolve_target  # noqa: E402
+
+
+def metrics(predicted, measured) -> dict:
+    from scipy import stats
+
+    p, m = np.asarray(predicted, float), np.asarray(measured, float)
+    err = (p - m) / m
+    out = {"n": int(len(m)), "mape_pct": float(np.mean(np.abs(err)) * 100),
+           "max_err_pct": float(np.max(np.abs(err)) * 100), "mean_err_pct": float(np.mean(err) * 100)}
+    if len(m) >= 3 and np.ptp(m) > 0 and np.ptp(p) > 0:
+        out["pearson_r"] = float(np.corrcoef(p, m)[0, 1])
+        out["kendall_tau"] = float(stats.kendalltau(p, m).statistic)
+    return out
+
+
+def prune_onnx(onnx_model, vector_width, sparsity_by_name, rng):
+    """A copy of the ONNX model whose named Conv nodes have their weight initializers pruned with random
+    SIMD-block masks at the given sparsities (in place of pruning in torch: names stay the ONNX node names)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.ModelProto()
+    model.CopyFrom(onnx_model)
+    inits = {init.name: init for init in model.graph.initializer}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    for i, node in enumerate(convs):
+        name = node.name or f"Conv_{i}"
+        if name not in sparsity_by_name:
+            continue
+        init = inits[node.input[1]]
+        w = numpy_helper.to_array(init).astype(np.float32)
+        init.CopyFrom(numpy_helper.from_array(random_block_sparse(w, vector_width, sparsity_by_name[name], rng),
+                                              init.name))
+    return model
+
+
+def validate_model(name, args, info, session, work: Path, table_path: Path, log):
+    import onnx
+    import torch
+
+    torch.manual_seed(0)
+    model = zoo.get_model(name).eval()
+    shape = zoo.DEFAULT_INPUT_SHAPES[name] if not args.input_shape else \
+        tuple(int(d) for d in args.input_shape.split("x"))
+    dense_path = work / f"{name}.onnx"
+    zoo.export_onnx(model, dense_path, shape)
+    dense_onnx = onnx.load(str(dense_path))
+    t0 = time.time()
+    table = profile_model(str(dense_path), str(table_path), info.target, tracker=args.rpc_tracker, key=args.key,
+                          rpc=args.rpc, sparsities=args.sparsities, repeat=args.repeat,
+                          min_repeat_ms=args.min_repeat_ms, model_name=name, timeout=args.timeout,
+                          quiet=args.quiet, session=session)
+    log(f"{name}: profiled in {time.time() - t0:.0f} s ({len(table.layers)} layer configurations in the table, "
+        f"rest {table.rest_ms[name]:.3f} ms)")
+    rewritable = [n for n, _ in table.models[name]["layers"]]
+    rng = np.random.default_rng(args.seed)
+    points = []
+    for c in range(args.configs):
+        sparsity = {n: float(rng.uniform(0.0, args.max_sparsity)) for n in rewritable}
+        pruned_path = work / f"{name}_cfg{c}.onnx"
+        onnx.save(prune_onnx(dense_onnx, info.vector_width, sparsity, rng), str(pruned_path))
+        predicted, breakdown = table.predict(str(pruned_path), target=info.target)
+        executable, report = compiler.compile(str(pruned_path), info.target, latency_table=table)
+        lib = compiler.export(executable, str(work / f"{name}_cfg{c}.so"), info)
+        write_sidecar(lib, report.relax_module, target=info.target)
+        _, probe = run_model(lib, session=session, repeat=3, number=1, timeout=args.timeout)
+        number = max(1, int(np.ceil(args.min_repeat_ms / max(probe["median_ms"], 1e-3))))
+        _, timing = run_model(lib, session=session, repeat=args.model_repeat, number=number, timeout=args.timeout)
+        measured = timing["median_ms"]
+        n_sparse = len(report.sparse_layers)
+        points.append({"model": name, "config": c, "predicted_ms": predicted, "measured_ms": measured,
+                       "measured_iqr_ms": float(np.subtract(*np.percentile(timing["results_ms"], [75, 25]))),
+                       "sparse_layers": n_sparse, "mean_sparsity": float(np.mean(list(sparsity.values()))),
+                       "sparsity": sparsity})
+        log(f"{name} cfg {c:2d}: mean sparsity {points[-1]['mean_sparsity']:.2f}, {n_sparse} sparse layers: "
+            f"predicted {predicted:.3f} ms, measured {measured:.3f} ms ({(predicted / measured - 1) * 100:+.1f}%)")
+        for suffix in (".so", ".so.json", ".onnx"):
+            path = work / f"{name}_cfg{c}{suffix}"
+            if path.exists():
+                path.unlink()
+    return points
+
+
+def plot(points, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for name in dict.fromkeys(p["model"] for p in points):
+        sel = [p for p in points if p["model"] == name]
+        ax.scatter([p["measured_ms"] for p in sel], [p["predicted_ms"] for p in sel], s=18, label=name)
+    lo = min(min(p["measured_ms"], p["predicted_ms"]) for p in points) * 0.9
+    hi = max(max(p["measured_ms"], p["predicted_ms"]) for p in points) * 1.1
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="y = x")
+    ax.plot([lo, hi], [lo * 1.05, hi * 1.05], "k:", lw=0.6, label="+-5%")
+    ax.plot([lo, hi], [lo * 0.95, hi * 0.95], "k:", lw=0.6)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured latency (ms, median over RPC)")
+    ax.set_ylabel("predicted latency (ms, latency table)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="resnet18,mobilenet_v2", help="zoo models, comma-separated")
+    ap.add_argument("--input-shape", help="override the zoo's default input shape, e.g. 1x3x112x112")
+    ap.add_argument("--target", default="x86")
+    ap.add_argument("--rpc-tracker", help="tracker HOST:PORT (default: start a tracker + x86 server here)")
+    ap.add_argument("--key", default="x86-local", help="device key at the tracker (default x86-local)")
+    ap.add_argument("--rpc", help="RPC server HOST:PORT (no tracker)")
+    ap.add_argument("--configs", type=int, default=20, help="random sparsity configurations per model")
+    ap.add_argument("--max-sparsity", type=float, default=0.95)
+    ap.add_argument("--sparsities", default=",".join(map(str, DEFAULT_SPARSITIES)))
+    ap.add_argument("--repeat", type=int, default=20, help="profile: samples per point")
+    ap.add_argument("--min-repeat-ms", type=int, default=10)
+    ap.add_argument("--model-repeat", type=int, default=30, help="end-to-end samples per configuration")
+    ap.add_argument("--timeout", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work-dir", help="tables, ONNX files and results (default: a temp dir)")
+    ap.add_argument("--png", help="predicted-vs-measured plot (e.g. docs/latency_x86.png)")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    args.sparsities = [float(s) for s in args.sparsities.split(",")]
+    info = resolve_target(args.target)
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="alcs-validate-"))
+    work.mkdir(parents=True, exist_ok=True)
+
+    def log(msg):
+        print(msg, flush=True)
+
+    started_state = None
+    if not args.rpc_tracker and not args.rpc:
+        from alcs_tvm import device
+
+        started_state = work / "device-state.json"
+        port = device._free_port(9490)
+        device.start(tracker_port=port, num_devices=0 if args.key == device.X86_KEY else 1, x86=True,
+                     state_path=started_state, verbose=False)
+        args.rpc_tracker = f"127.0.0.1:{port}"
+        log(f"started tracker 127.0.0.1:{port} with {args.key}")
+    try:
+        session = alcs_rpc.connect(tracker=args.rpc_tracker, key=args.key, rpc=args.rpc,
+                                   timeout=args.timeout or alcs_rpc.DEFAULT_TIMEOUT, session_timeout=0)
+        points = []
+        for name in args.models.split(","):
+            table_path = work / f"table_{info.family}_{name}.json"
+            points += validate_model(name, args, info, session, work, table_path, log)
+        del session
+    finally:
+        if started_state is not None:
+            from alcs_tvm import device
+
+            device.stop(state_path=started_state, verbose=False)
+    summary = {"target": info.family, "device_key": args.key, "settings": {k: v for k, v in vars(args).items()},
+               "overall": metrics([p["predicted_ms"] for p in points], [p["measured_ms"] for p in points]),
+               "per_model": {}, "points": points}
+    for name in dict.fromkeys(p["model"] for p in points):
+        sel = [p for p in points if p["model"] == name]
+        summary["per_model"][name] = metrics([p["predicted_ms"] for p in sel], [p["measured_ms"] for p in sel])
+    (work / "validation.json").write_text(json.dumps(summary, indent=1, default=str))
+    log("")
+    log(f"{'model':20s} {'n':>3s} {'MAPE %':>7s} {'max %':>7s} {'mean %':>7s} {'pearson':>8s} {'kendall':>8s}")
+    for name, m in list(summary["per_model"].items()) + [("all", summary["overall"])]:
+        log(f"{name:20s} {m['n']:3d} {m['mape_pct']:7.2f} {m['max_err_pct']:7.2f} {m['mean_err_pct']:+7.2f} "
+            f"{m.get('pearson_r', float('nan')):8.3f} {m.get('kendall_tau', float('nan')):8.3f}")
+    ok = summary["overall"]["mape_pct"] <= 5 and summary["overall"].get("kendall_tau", 0) >= 0.9
+    log(f"bar (MAPE <= 5%, Kendall tau >= 0.9): {'met' if ok else 'NOT met'}; results in {work / 'validation.json'}")
+    if args.png:
+        plot(points, args.png, f"{args.models} on {args.key} ({info.family}): MAPE "
+                               f"{summary['overall']['mape_pct']:.1f}%, tau "
+                               f"{summary['overall'].get('kendall_tau', float('nan')):.2f}")
+        log(f"wrote {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
