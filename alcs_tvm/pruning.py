@@ -1,0 +1,646 @@
+"""Latency-constrained SIMD-structured pruning (ALCS, Zhao et al. 2021) in PyTorch.
+
+**Structure.** A prunable group is ``V`` consecutive output channels at one ``(cin, kh, kw)`` of a ``groups == 1``
+``nn.Conv2d`` weight ``W[Cout, Cin, Kh, Kw]`` - exactly the V-wide vector the sparse kernel skips (see
+:mod:`alcs_tvm.sparse_format`; ``Cout`` not a multiple of ``V`` -> the last block is zero-padded). ``V`` comes from
+the target (16 AVX-512, 8 AVX2, 4 NEON). Linear layers and depthwise convs stay dense (their time is part of
+the latency table's "rest of model").
+
+**Latency model.** A layer's latency is ``table.layer_latency(spec, V, sparsity)`` (piece-wise linear in the
+fraction of its groups pruned, the faster of sparse and dense), ``spec`` the layer's :class:`Conv2dSpec` at the
+model's input size, captured with forward hooks. A model's latency is the sum over its prunable convs plus the
+table's ``rest_ms`` for the model (when present).
+
+**Projection (Z-step).** Given scores ``s_g`` (the squared L2 norm of each group of ``W + U``), choose per layer
+how many groups ``k_i`` to keep - always its ``k_i`` highest-scoring ones - maximising ``sum_i S_i(k_i)``
+(``S_i`` = prefix sum of the layer's sorted scores) s.t. ``sum_i L_i(k_i) + rest <= budget``. With squared
+norms as scores this *is* the Euclidean projection of ``W + U`` onto the feasible set (the discarded squared
+norm is minimised), which is what ADMM's Z-step asks for.
+
+It is solved by an **exact knapsack DP over the layers' keep counts**, not by a greedy: the latency curve is
+``min(dense, piece-wise linear sparse)``, which is flat (zero ms saved per pruned group) until the sparse kernel
+beats the dense one and need not be convex, so "least importance per marginal ms" has nothing to rank on a
+plateau and can stop in a worse local choice; the DP handles any curve. Latencies are rounded *up* to
+``budget / bins`` units, so a DP-feasible plan is feasible under the real (unrounded) model - the projection
+never exceeds the budget - at the cost of at most ``layers / bins`` of the budget left unused (0.1% for 4
+layers at 4000 bins); afterwards each layer's count is raised at full resolution while the unrounded total
+stays within the budget. Keep counts are searched on <= ``max_candidates`` points per layer (all counts for small
+layers, plus the latency grid's breakpoints), cost ``O(layers * bins * candidates)`` - milliseconds.
+
+**ADMM** (Zhang et al. 2018, as in ALCS): W-step = the user's optimiser on ``loss + rho/2 ||W - Z + U||^2``
+(:meth:`ADMMPruner.penalty`); Z-step = the projection of ``W + U``; U-step ``U += W - Z``; ``rho`` grows
+geometrically each :meth:`ADMMPruner.step` (``rho_multiplier``, capped at ``rho_max``). Then
+:meth:`ADMMPruner.hard_prune` fixes masks to Z's support (``torch.nn.utils.prune``), the model is fine-tuned with
+the masks fixed, and :meth:`ADMMPruner.squash_mask` makes the zeros permanent for export.
+
+Use in your own loop (like ``torch.ao.pruning`` sparsifiers)::
+
+    pruner = ADMMPruner(model, table, budget_ms=0.05, input_shape=(1, 1, 28, 28), target="x86")
+    pruner.prepare()
+    for epoch in range(admm_epochs):
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y) + pruner.penalty()
+            opt.zero_grad(); loss.backward(); opt.step()
+        pruner.step()                      # Z-, U-step, rho schedule
+    pruner.hard_prune()                    # masks = support of Z
+    ...fine-tune (masks stay applied)...
+    pruner.squash_mask()                   # plain weights with zeros; torch.onnx.export keeps them
+
+or :func:`prune` (the batteries-included trainer the ``alcs prune`` command uses).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+from .latency import LatencyTable, LayerProfile
+from .operator import Conv2dSpec
+from .sparse_format import num_blocks
+
+__all__ = ["PrunableLayer", "find_prunable_layers", "group_scores", "group_mask", "expand_group_mask",
+           "LatencyModel", "project", "ADMMPruner", "magnitude_prune", "PruneResult", "prune", "train_epoch",
+           "evaluate", "export_pruned", "measure_latency", "measure_latency_table", "BudgetError"]
+
+
+class BudgetError(ValueError):
+    """The latency budget cannot be met (or is not a positive number)."""
+
+
+# ------------------------------------------------------------------------------------------------ structure
+@dataclass
+class PrunableLayer:
+    name: str
+    module: nn.Conv2d
+    spec: Conv2dSpec
+    vector_width: int
+
+    @property
+    def blocks(self) -> int:
+        return num_blocks(self.spec.out_channels, self.vector_width)
+
+    @property
+    def positions(self) -> int:
+        return self.spec.in_channels * self.spec.kernel[0] * self.spec.kernel[1]
+
+    @property
+    def num_groups(self) -> int:
+        return self.blocks * self.positions
+
+
+def _conv_spec(module: nn.Conv2d, input_shape) -> Conv2dSpec:
+    if isinstance(module.padding, str):
+        raise ValueError(f"string padding {module.padding!r} is not supported; use explicit padding")
+    return Conv2dSpec.create(input_shape, module.weight.shape, module.stride, tuple(module.padding),
+                             module.dilation)
+
+
+@torch.no_grad()
+def find_prunable_layers(model: nn.Module, input_shape, vector_width: int) -> list:
+    """The ``groups == 1`` convs of ``model``, each with its :class:`Conv2dSpec` at ``input_shape`` (captured by
+    forward hooks on one zero input), in execution order."""
+    seen, hooks = [], []
+    names = {m: n for n, m in model.named_modules()}
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and module.groups == 1:
+            hooks.append(module.register_forward_hook(
+                lambda m, inputs, output: seen.append((m, tuple(inputs[0].shape)))))
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(*input_shape))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    layers, done = [], set()
+    for module, shape in seen:
+        if module in done:
+            raise ValueError(f"conv {names[module]} runs more than once per forward pass; not supported")
+        done.add(module)
+        layers.append(PrunableLayer(names[module], module, _conv_spec(module, shape), int(vector_width)))
+    if not layers:
+        raise ValueError("the model has no prunable (groups == 1) Conv2d layer")
+    return layers
+
+
+def _blocked(weight: torch.Tensor, vector_width: int) -> torch.Tensor:
+    """``[blocks, V, positions]`` view of ``weight`` (output channels zero-padded to a multiple of V)."""
+    cout = weight.shape[0]
+    flat = weight.reshape(cout, -1)
+    pad = num_blocks(cout, vector_width) * vector_width - cout
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad, flat.shape[1])])
+    return flat.reshape(-1, vector_width, flat.shape[1])
+
+
+def group_scores(weight: torch.Tensor, vector_width: int) -> torch.Tensor:
+    """Squared L2 norm of every SIMD group: ``[blocks, Cin*Kh*Kw]``."""
+    return _blocked(weight.detach().float(), vector_width).pow(2).sum(dim=1)
+
+
+def group_mask(weight: torch.Tensor, vector_width: int) -> torch.Tensor:
+    """Boolean ``[blocks, positions]``: groups with any non-zero weight (= :func:`sparse_format.block_mask`)."""
+    return (_blocked(weight.detach(), vector_width) != 0).any(dim=1)
+
+
+def expand_group_mask(keep: torch.Tensor, weight_shape, vector_width: int) -> torch.Tensor:
+    """``[blocks, positions]`` group keep-mask -> float weight mask of ``weight_shape``."""
+    cout = weight_shape[0]
+    full = keep[:, None, :].expand(-1, vector_width, -1).reshape(-1, keep.shape[1])[:cout]
+    return full.reshape(weight_shape).float()
+
+
+def _keep_top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    keep = torch.zeros(scores.numel(), dtype=torch.bool)
+    if k > 0:
+        keep[torch.argsort(scores.flatten(), descending=True, stable=True)[:k]] = True
+    return keep.reshape(scores.shape)
+
+
+# ----------------------------------------------------------------------------------------------- latency
+class LatencyModel:
+    """Predicted latency of a model's prunable layers as a function of their keep counts."""
+
+    def __init__(self, table: LatencyTable, layers: list, rest_ms: float = 0.0):
+        self.table, self.layers, self.rest_ms = table, layers, float(rest_ms)
+        missing = []
+        self.profiles: list[LayerProfile] = []
+        for layer in layers:
+            try:
+                self.profiles.append(table.profile_for(layer.spec, layer.vector_width))
+            except (KeyError, ValueError):  # (the table raises either, depending on its version)
+                missing.append(f"{layer.name} ({layer.spec.describe()}, V={layer.vector_width})")
+        if missing:
+            raise ValueError("the latency table has no entry for: " + "; ".join(missing) +
+                             " - profile this model (alcs profile) at this input size and target")
+
+    def layer_ms(self, i: int, kept: int) -> float:
+        n = self.layers[i].num_groups
+        return self.profiles[i].latency(1.0 - kept / n)
+
+    def total_ms(self, kept_counts) -> float:
+        return self.rest_ms + sum(self.layer_ms(i, k) for i, k in enumerate(kept_counts))
+
+    def breakdown(self, kept_counts) -> dict:
+        return {layer.name: self.layer_ms(i, k) for i, (layer, k) in enumerate(zip(self.layers, kept_counts))}
+
+    def dense_ms(self) -> float:
+        return self.total_ms([layer.num_groups for layer in self.layers])
+
+    def min_keep(self, min_density: float) -> list:
+        return [max(1, math.ceil(min_density * layer.num_groups)) for layer in self.layers]
+
+    def candidates(self, i: int, min_keep: int, max_candidates: int = 256) -> np.ndarray:
+        """Keep counts searched for layer ``i``: every count for small layers, else an even grid plus the counts
+        at the latency grid's breakpoints (where the piece-wise linear curve bends)."""
+        n = self.layers[i].num_groups
+        if n - min_keep + 1 <= max_candidates:
+            return np.arange(min_keep, n + 1)
+        ks = set(np.linspace(min_keep, n, max_candidates).round().astype(int).tolist())
+        for s in self.profiles[i].sparsities:
+            for k in (math.floor((1 - s) * n), math.ceil((1 - s) * n)):
+                if min_keep <= k <= n:
+                    ks.add(k)
+        return np.array(sorted(ks))
+
+    def min_plan(self, min_density: float) -> list:
+        """Per-layer keep counts of the smallest latency reachable keeping >= ``min_density`` of each layer."""
+        plan = []
+        for i, k0 in enumerate(self.min_keep(min_density)):
+            n = self.layers[i].num_groups
+            ks = self.candidates(i, k0, n + 1 if n <= 4096 else 4096)
+            plan.append(int(min(ks, key=lambda k: (self.layer_ms(i, int(k)), -k))))
+        return plan
+
+    def min_ms(self, min_density: float) -> float:
+        """The smallest latency reachable keeping at least ``min_density`` of each layer's groups."""
+        return self.total_ms(self.min_plan(min_density))
+
+
+def project(scores: list, latency: LatencyModel, budget_ms: float, *, min_density: float = 0.0,
+            bins: int = 4000, max_candidates: int = 256) -> list:
+    """Keep masks (``[blocks, positions]`` bool per layer) maximising the kept score s.t. predicted latency <=
+    ``budget_ms``: the exact DP described in the module docstring. Raises :class:`BudgetError` when infeasible."""
+    check_budget(latency, budget_ms, min_density)
+    layers = latency.layers
+    min_keep = latency.min_keep(min_density)
+    avail = budget_ms - latency.rest_ms
+    unit = avail / bins
+    sorted_scores = [torch.sort(s.flatten().double(), descending=True).values.numpy() for s in scores]
+    prefix = [np.concatenate([[0.0], np.cumsum(s)]) for s in sorted_scores]
+    best = np.zeros(bins + 1)  # best[b]: max kept score of the layers so far with rounded cost <= b
+    choices = []
+    for i, layer in enumerate(layers):
+        ks = latency.candidates(i, min_keep[i], max_candidates)
+        costs = np.array([math.ceil(latency.layer_ms(i, int(k)) / unit - 1e-9) for k in ks])
+        values = prefix[i][ks]
+        new = np.full(bins + 1, -np.inf)
+        arg = np.full(bins + 1, -1)
+        for j, (c, v) in enumerate(zip(costs, values)):
+            if c > bins:
+                continue
+            cand = np.full(bins + 1, -np.inf)
+            cand[c:] = best[: bins + 1 - c] + v
+            better = cand > new
+            new[better], arg[better] = cand[better], j
+        choices.append((ks, costs, arg))
+        best = new
+    if np.isfinite(best[bins]):
+        kept, b = [0] * len(layers), bins
+        for i in reversed(range(len(layers))):
+            ks, costs, arg = choices[i]
+            j = arg[b]
+            kept[i] = int(ks[j])
+            b -= costs[j]
+    else:  # a budget within the rounding of the minimum: start from the fastest plan
+        kept = latency.min_plan(min_density)
+    # use the slack the rounding left: raise each count at full resolution while the true total fits
+    for i, layer in enumerate(layers):
+        lo, hi = kept[i], layer.num_groups
+        if latency.total_ms(kept[:i] + [hi] + kept[i + 1:]) <= budget_ms:
+            lo = hi  # the curve need not be monotone: try the whole layer first
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            trial = kept[:i] + [mid] + kept[i + 1:]
+            if latency.total_ms(trial) <= budget_ms:
+                lo = mid
+            else:
+                hi = mid - 1
+        trial = kept[:i] + [lo] + kept[i + 1:]
+        if latency.total_ms(trial) <= budget_ms:
+            kept = trial
+    assert latency.total_ms(kept) <= budget_ms + 1e-9
+    return [_keep_top(s, k) for s, k in zip(scores, kept)]
+
+
+def check_budget(latency: LatencyModel, budget_ms, min_density: float = 0.0):
+    """Raise :class:`BudgetError` (with the minimum achievable latency) for a budget that cannot be met."""
+    minimum = latency.min_ms(min_density)
+    where = (f"the minimum achievable latency under the table is {minimum:.4f} ms (dense {latency.dense_ms():.4f} "
+             f"ms, keeping at least {min_density:.0%} of each layer's groups)")
+    if budget_ms is None or not isinstance(budget_ms, (int, float)) or not math.isfinite(budget_ms) \
+            or budget_ms <= 0:
+        raise BudgetError(f"latency budget must be a positive number of ms, got {budget_ms!r}; {where}")
+    if budget_ms < minimum:
+        raise BudgetError(f"latency budget {budget_ms:.4f} ms is below what this model can reach: {where}")
+
+
+# --------------------------------------------------------------------------------------------------- ADMM
+class ADMMPruner:
+    """ADMM latency-constrained SIMD-group pruning; see the module docstring for the loop.
+
+    ``importance``: ``"l2"`` (squared group norm of ``W + U``; the exact Euclidean projection) or ``"taylor"``
+    (gradient-aware: squared norm weighted by the group's accumulated ``(w * dL/dw)^2``, normalised per layer;
+    call :meth:`accumulate` after each ``backward``)."""
+
+    def __init__(self, model: nn.Module, table: LatencyTable, budget_ms: float, input_shape, *, target="x86",
+                 vector_width: int | None = None, rho: float = 1e-3, rho_multiplier: float = 1.6,
+                 rho_max: float = 1.0, importance: str = "l2", min_density: float = 0.01,
+                 rest_ms: float | None = None, rest_model: str | None = None, bins: int = 4000):
+        if importance not in ("l2", "taylor"):
+            raise ValueError(f"importance must be 'l2' or 'taylor', got {importance!r}")
+        if vector_width is None:
+            from .target import resolve_target
+
+            vector_width = resolve_target(target).vector_width
+        self.model, self.table, self.budget_ms = model, table, budget_ms
+        self.input_shape, self.vector_width = tuple(input_shape), int(vector_width)
+        self.rho, self.rho_multiplier, self.rho_max = rho, rho_multiplier, rho_max
+        self.importance, self.min_density, self.bins = importance, min_density, bins
+        if rest_ms is None:
+            rest_ms = table.rest_ms.get(rest_model, 0.0) if rest_model else 0.0
+        self.rest_ms = float(rest_ms)
+        self.layers: list = []
+        self.latency: LatencyModel | None = None
+        self.Z: list = []
+        self.U: list = []
+        self.keep: list = []
+        self._taylor: list = []
+        self.masks_applied = False
+
+    # -- set-up ---------------------------------------------------------------------------------------------
+    def prepare(self):
+        """Find the layers and their specs, check the budget, initialise ``Z = proj(W)``, ``U = 0``."""
+        self.layers = find_prunable_layers(self.model, self.input_shape, self.vector_width)
+        self.latency = LatencyModel(self.table, self.layers, self.rest_ms)
+        check_budget(self.latency, self.budget_ms, self.min_density)
+        self.U = [torch.zeros_like(layer.module.weight) for layer in self.layers]
+        self._taylor = [torch.zeros(layer.blocks, layer.positions) for layer in self.layers]
+        self._z_step()
+        return self
+
+    # -- the three steps --------------------------------------------------------------------------------------
+    def penalty(self) -> torch.Tensor:
+        """``rho/2 * sum ||W - Z + U||^2``: add to the task loss in the W-step."""
+        total = 0.0
+        for layer, z, u in zip(self.layers, self.Z, self.U):
+            total = total + (layer.module.weight - z + u).pow(2).sum()
+        return 0.5 * self.rho * total
+
+    def accumulate(self):
+        """For ``importance="taylor"``: add this batch's ``(w * grad)^2`` per group (call after backward)."""
+        for i, layer in enumerate(self.layers):
+            g = layer.module.weight.grad
+            if g is not None:
+                self._taylor[i] += group_scores(layer.module.weight.detach() * g, self.vector_width)
+
+    def scores(self, tensors=None) -> list:
+        tensors = tensors if tensors is not None else [layer.module.weight.detach() for layer in self.layers]
+        out = []
+        for i, t in enumerate(tensors):
+            s = group_scores(t, self.vector_width)
+            if self.importance == "taylor" and self._taylor[i].sum() > 0:
+                t_score = self._taylor[i] / self._taylor[i].mean()
+                s = s * (1.0 + t_score)
+            out.append(s)
+        return out
+
+    def _z_step(self):
+        with torch.no_grad():
+            targets = [layer.module.weight.detach() + u for layer, u in zip(self.layers, self.U)]
+            self.keep = project(self.scores(targets), self.latency, self.budget_ms, min_density=self.min_density,
+                                bins=self.bins)
+            self.Z = [t * expand_group_mask(k, t.shape, self.vector_width) for t, k in zip(targets, self.keep)]
+        for i in range(len(self._taylor)):
+            self._taylor[i].zero_()
+
+    def step(self) -> dict:
+        """Z-step (projection of ``W + U``), U-step (``U += W - Z``), then ``rho *= rho_multiplier``."""
+        self._z_step()
+        with torch.no_grad():
+            gap = 0.0
+            for layer, z, u in zip(self.layers, self.Z, self.U):
+                diff = layer.module.weight.detach() - z
+                u += diff
+                gap += float(diff.pow(2).sum())
+        stats = {"rho": self.rho, "primal_residual": math.sqrt(gap), "predicted_ms": self.predicted_ms()}
+        self.rho = min(self.rho * self.rho_multiplier, self.rho_max)
+        return stats
+
+    # -- results -----------------------------------------------------------------------------------------------
+    def kept_counts(self) -> list:
+        return [int(k.sum()) for k in self.keep]
+
+    def predicted_ms(self) -> float:
+        """Predicted latency of the current plan (Z's support)."""
+        return self.latency.total_ms(self.kept_counts())
+
+    def sparsities(self) -> dict:
+        """Fraction of each layer's SIMD groups pruned in the current plan."""
+        return {layer.name: 1.0 - int(k.sum()) / layer.num_groups for layer, k in zip(self.layers, self.keep)}
+
+    def hard_prune(self):
+        """Zero everything outside Z's support and fix the masks (``torch.nn.utils.prune``) for fine-tuning."""
+        for layer, keep in zip(self.layers, self.keep):
+            mask = expand_group_mask(keep, layer.module.weight.shape, self.vector_width)
+            torch_prune.custom_from_mask(layer.module, "weight", mask)
+        self.masks_applied = True
+
+    def squash_mask(self):
+        """Make the masks permanent: plain ``weight`` parameters with the zeros in them."""
+        for layer in self.layers:
+            if torch_prune.is_pruned(layer.module):
+                torch_prune.remove(layer.module, "weight")
+        self.masks_applied = False
+
+
+@torch.no_grad()
+def magnitude_prune(layers: list, keep_fraction: float | list):
+    """Baseline: keep the top ``keep_fraction`` (per layer, or one for all) of each layer's SIMD groups by L2
+    norm; masks fixed with ``torch.nn.utils.prune`` (squash with ``torch.nn.utils.prune.remove``)."""
+    fractions = keep_fraction if isinstance(keep_fraction, (list, tuple)) else [keep_fraction] * len(layers)
+    for layer, frac in zip(layers, fractions):
+        w = layer.module.weight
+        k = max(1, int(round(frac * layer.num_groups)))
+        keep = _keep_top(group_scores(w, layer.vector_width), k)
+        torch_prune.custom_from_mask(layer.module, "weight", expand_group_mask(keep, w.shape, layer.vector_width))
+
+
+# --------------------------------------------------------------------------------------------------- trainer
+def train_epoch(model, loader, optimizer, penalty=None, after_backward=None) -> float:
+    model.train()
+    total, n = 0.0, 0
+    for x, y in loader:
+        loss = F.cross_entropy(model(x), y)
+        full = loss + penalty() if penalty is not None else loss
+        optimizer.zero_grad()
+        full.backward()
+        if after_backward is not None:
+            after_backward()
+        optimizer.step()
+        total += loss.item() * len(y)
+        n += len(y)
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
+    model.eval()
+    correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+                  for i in range(0, len(y), batch_size))
+    return correct / len(y)
+
+
+def train_dense(model, data, epochs: int, lr: float = 3e-3, batch_size: int = 128, log=print, seed: int = 0):
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for epoch in range(epochs):
+        loss = train_epoch(model, data.loader(batch_size, seed=seed + epoch), opt)
+        log(f"dense  epoch {epoch + 1}/{epochs}: loss {loss:.4f}  test acc {evaluate(model, data.x_test, data.y_test):.4f}")
+    return model
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module
+    layers: list  # PrunableLayer
+    dense_accuracy: float
+    accuracy: float
+    dense_predicted_ms: float
+    predicted_ms: float
+    budget_ms: float
+    sparsities: dict  # layer name -> fraction of SIMD groups pruned
+    history: list = field(default_factory=list)  # per-epoch dicts
+    measured_ms: float | None = None
+    dense_measured_ms: float | None = None
+    compile_report: object = None
+
+    def table(self) -> str:
+        rows = [("layer", "shape", "groups", "sparsity", "predicted ms")]
+        for layer in self.layers:
+            s = self.sparsities[layer.name]
+            rows.append((layer.name, layer.spec.describe(), str(layer.num_groups), f"{s:.3f}",
+                         f"{self._per_layer.get(layer.name, float('nan')):.4f}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    _per_layer: dict = field(default_factory=dict)
+
+
+def prune(model: nn.Module, data, table: LatencyTable, budget_ms: float, *, target="x86",
+          vector_width: int | None = None, admm_epochs: int = 6, finetune_epochs: int = 4, lr: float = 3e-3,
+          finetune_lr: float | None = None, batch_size: int = 128, rho: float = 1e-3, rho_multiplier: float = 1.6,
+          importance: str = "l2", min_density: float = 0.01, rest_model: str | None = None,
+          rest_ms: float | None = None, log=print, seed: int = 0) -> PruneResult:
+    """ADMM -> hard prune -> fine-tune with fixed masks -> squash. ``model`` should be trained already (its
+    accuracy is the dense reference). Returns a :class:`PruneResult` (the model is pruned in place)."""
+    torch.manual_seed(seed)
+    input_shape = (1,) + tuple(data.x_train.shape[1:])
+    dense_acc = evaluate(model, data.x_test, data.y_test)
+    pruner = ADMMPruner(model, table, budget_ms, input_shape, target=target, vector_width=vector_width, rho=rho,
+                        rho_multiplier=rho_multiplier, importance=importance, min_density=min_density,
+                        rest_model=rest_model, rest_ms=rest_ms).prepare()
+    dense_ms = pruner.latency.dense_ms()
+    log(f"dense: test acc {dense_acc:.4f}, predicted {dense_ms:.4f} ms; budget {budget_ms:.4f} ms "
+        f"(minimum achievable {pruner.latency.min_ms(min_density):.4f} ms), {len(pruner.layers)} prunable convs, "
+        f"V={pruner.vector_width}")
+    history = []
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    after = pruner.accumulate if importance == "taylor" else None
+    for epoch in range(admm_epochs):
+        rho_now = pruner.rho
+        loss = train_epoch(model, data.loader(batch_size, seed=seed + 100 + epoch), opt, pruner.penalty, after)
+        stats = pruner.step()
+        # accuracy of the current projection (what hard-pruning now would give, before fine-tuning)
+        acc = _accuracy_with_plan(model, pruner, data)
+        row = {"phase": "admm", "epoch": epoch + 1, "loss": loss, "accuracy": acc,
+               "predicted_ms": stats["predicted_ms"], "rho": rho_now, "residual": stats["primal_residual"]}
+        history.append(row)
+        log(f"admm   epoch {epoch + 1}/{admm_epochs}: loss {loss:.4f}  acc(projected) {acc:.4f}  predicted "
+            f"{stats['predicted_ms']:.4f} ms  rho {rho_now:.2e}  ||W-Z|| {stats['primal_residual']:.3f}")
+    pruner.hard_prune()
+    opt = torch.optim.Adam(model.parameters(), lr=finetune_lr or lr)
+    predicted = pruner.predicted_ms()
+    for epoch in range(finetune_epochs):
+        loss = train_epoch(model, data.loader(batch_size, seed=seed + 200 + epoch), opt)
+        acc = evaluate(model, data.x_test, data.y_test)
+        history.append({"phase": "finetune", "epoch": epoch + 1, "loss": loss, "accuracy": acc,
+                        "predicted_ms": predicted, "rho": None})
+        log(f"finetune epoch {epoch + 1}/{finetune_epochs}: loss {loss:.4f}  test acc {acc:.4f}  predicted "
+            f"{predicted:.4f} ms")
+    pruner.squash_mask()
+    result = PruneResult(model, pruner.layers, dense_acc, evaluate(model, data.x_test, data.y_test), dense_ms,
+                         predicted, budget_ms, pruner.sparsities(), history)
+    result._per_layer = pruner.latency.breakdown(pruner.kept_counts())
+    result.pruner = pruner
+    return result
+
+
+@torch.no_grad()
+def _accuracy_with_plan(model, pruner: ADMMPruner, data) -> float:
+    saved = [layer.module.weight.detach().clone() for layer in pruner.layers]
+    for layer, keep in zip(pruner.layers, pruner.keep):
+        layer.module.weight.mul_(expand_group_mask(keep, layer.module.weight.shape, pruner.vector_width))
+    acc = evaluate(model, data.x_test, data.y_test)
+    for layer, w in zip(pruner.layers, saved):
+        layer.module.weight.copy_(w)
+    return acc
+
+
+# ------------------------------------------------------------------------------------------ export, measure
+def export_pruned(model: nn.Module, path: str, input_shape) -> str:
+    """``torch.onnx.export`` (via :func:`alcs_tvm.zoo.export_onnx`) with the zeros intact; masks still attached
+    by ``torch.nn.utils.prune`` are squashed on a copy first."""
+    import copy
+
+    from .zoo import export_onnx
+
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if torch_prune.is_pruned(m) and hasattr(m, "weight_mask"):
+            torch_prune.remove(m, "weight")
+    return export_onnx(model, path, input_shape)
+
+
+def measure_latency(onnx_path: str, input_shape, target="x86", *, repeat: int = 40, number: int = 0,
+                    latency_table=None, library_path: str | None = None):
+    """Compile ``onnx_path`` with :func:`alcs_tvm.compiler.compile` and time it with the Relax VM (``run_model``):
+    ``(median_ms, report)``. ``number=0`` picks the inner count so one sample lasts ~10 ms."""
+    from .compiler import compile as alcs_compile
+    from .compiler import export
+    from .run import run_model, write_sidecar
+
+    executable, report = alcs_compile(onnx_path, target, latency_table=latency_table)
+    own_dir = None
+    if library_path is None:
+        own_dir = tempfile.mkdtemp(prefix="alcs-prune-")
+        library_path = os.path.join(own_dir, "model.so")
+    export(executable, library_path, target)
+    write_sidecar(library_path, report.relax_module)
+    x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
+    if number <= 0:
+        _, t = run_model(library_path, [x], repeat=3, number=20)
+        number = max(20, int(10.0 / max(t["median_ms"], 1e-3)))
+    _, timings = run_model(library_path, [x], repeat=repeat, number=number)
+    if own_dir:
+        for f in os.listdir(own_dir):
+            os.unlink(os.path.join(own_dir, f))
+        os.rmdir(own_dir)
+    return timings["median_ms"], report
+
+
+def measure_latency_table(model: nn.Module, input_shape, target="x86", *, model_name: str = "model",
+                          sparsities=(0.0, 0.25, 0.5, 0.7, 0.85, 0.95), repeat: int = 15, seed: int = 0,
+                          log=None) -> LatencyTable:
+    """A small latency table measured on this host: every prunable conv of ``model`` at ``input_shape`` through
+    the compiled sparse kernel (``build_sparse_conv2d(...).kernel_time_callable``, the kernel as it runs inside
+    a compiled model) at each grid sparsity, random SIMD masks, median of ``repeat`` interleaved samples; plus
+    ``rest_ms[model_name]`` = the measured dense model minus its convs at sparsity 0. A stand-in for
+    ``alcs profile`` (use that when available: it profiles the dense alternative too)."""
+    import tvm
+
+    from .operator import build_sparse_conv2d
+    from .sparse_format import random_block_sparse
+    from .target import resolve_target
+    from .timing import measure_interleaved
+
+    info = resolve_target(target)
+    layers = find_prunable_layers(model, input_shape, info.vector_width)
+    rng = np.random.default_rng(seed)
+    x_rng = np.random.default_rng(seed + 1)
+    profiles = {}
+    for layer in layers:
+        key_profile = LayerProfile(layer.spec, info.vector_width)
+        if key_profile.key in profiles:
+            continue
+        w = layer.module.weight.detach().numpy().astype(np.float32)
+        bias = None if layer.module.bias is None else layer.module.bias.detach().numpy().astype(np.float32)
+        x = x_rng.standard_normal(layer.spec.input_shape).astype(np.float32)
+        fns = {}
+        for s in sparsities:
+            ws = random_block_sparse(w, info.vector_width, s, rng).reshape(w.shape)
+            conv = build_sparse_conv2d(ws, input_shape=layer.spec.input_shape, stride=layer.spec.stride,
+                                       padding=layer.spec.padding, dilation=layer.spec.dilation, bias=bias,
+                                       activation="relu", target=info.target, vector_width=info.vector_width)
+            fns[s] = conv.kernel_time_callable(x)
+        stats = measure_interleaved(fns, repeat=repeat)
+        key_profile.sparsities = [float(s) for s in sparsities]
+        key_profile.sparse_ms = [stats[s].median for s in sparsities]
+        key_profile.sparse_spread_ms = [float(np.subtract(*np.percentile(stats[s].samples, [75, 25])))
+                                        for s in sparsities]
+        profiles[key_profile.key] = key_profile
+        if log:
+            log(f"  {layer.name}: " + ", ".join(f"{s:.2f}:{ms:.4f}" for s, ms in
+                                                   zip(sparsities, key_profile.sparse_ms)) + " ms")
+    table = LatencyTable(json.loads(info.key), info.family, "local", tvm.__version__,
+                         {"repeat": repeat, "source": "alcs_tvm.pruning.measure_latency_table"}, profiles, {})
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = export_pruned(model, os.path.join(tmp, "m.onnx"), input_shape)
+        whole, _ = measure_latency(onnx_path, input_shape, info.target)
+    convs = sum(profiles[LayerProfile(layer.spec, info.vector_width).key].sparse_ms[0] for layer in layers)
+    table.rest_ms[model_name] = max(0.0, whole - convs)
+    if log:
+        log(f"  whole dense model {whole:.4f} ms, convs {convs:.4f} ms -> rest {table.rest_ms[model_name]:.4f} ms")
+    return table
+
