@@ -115,11 +115,28 @@ class Measurer:
         self.timeout = alcs_rpc.DEFAULT_TIMEOUT if timeout is None else timeout
         self.tracker, self.key, self.rpc = tracker, key, rpc
         self.device_key = key if key else (f"rpc:{rpc}" if rpc else "local")
-        self.session = session
-        if not local and session is None:
+        self.local = local
+        self._session = session
+        self._own = session is None and not local
+
+    @property
+    def session(self):
+        """The RPC session (None for local), opened on first use: nothing waits for a device until needed."""
+        from . import rpc as alcs_rpc
+
+        if self._session is None and self._own:
             # no session deadline: a profile takes longer than any one step; guard() bounds each remote step
-            self.session = alcs_rpc.connect(tracker=tracker, key=key, rpc=rpc, timeout=self.timeout,
-                                            session_timeout=0)
+            self._session = alcs_rpc.connect(tracker=self.tracker, key=self.key, rpc=self.rpc,
+                                             timeout=self.timeout, session_timeout=0)
+        return self._session
+
+    def close(self):
+        """End our own session (frees the device for the next client at once)."""
+        import gc
+
+        if self._own and self._session is not None:
+            self._session = None
+            gc.collect()
 
     @property
     def device(self):
@@ -195,47 +212,41 @@ def measure_layer(layer: ModelLayer, info, measurer: Measurer, sparsities, *, re
         return sparse_conv2d_kernel(BlockSparseWeight.from_dense(w, v, keep_all=keep_all), spec, bias=bias,
                                     activation=layer.activation, target=info, name=name)
 
-    # every function of the layer in one module: one build, one upload
-    funcs = {"alcs_dense": kernel(weight, "alcs_dense", keep_all=True)}
-    masks = {}  # point index -> list of packed arrays, one per mask (same nnz: one compiled function)
-    for i, s in enumerate(sparsities):
-        if s == 0.0:
-            continue  # a random weight has no zero block: the sparse kernel at 0 is the dense one
-        name = f"alcs_sparse_{i}"
-        masks[i] = []
-        for m in range(max_masks):
-            k = kernel(random_block_sparse(weight, v, s, rng), name)
-            if m == 0:
-                funcs[name] = k
-            elif k.geometry != funcs[name].geometry:
-                raise RuntimeError(f"masks of sparsity {s} differ in shape")  # pragma: no cover
-            masks[i].append(k.packed.arrays())
-    mod = tvm.IRModule({tvm.ir.GlobalVar(n): k.func.with_attr("global_symbol", n) for n, k in funcs.items()})
-    executable = tvm.compile(mod, target=info.target)
-    with tempfile.TemporaryDirectory(prefix="alcs-profile-", dir=workdir) as tmp:
-        lib_path = _export(executable, Path(tmp) / f"{layer.key}.so", info)
-        module = measurer.load(lib_path)
-    y = np.zeros(funcs["alcs_dense"].output_shape, np.float32)
+    def build(kernels):
+        """Build kernels (name -> SparseConv2dKernel) into one library, upload it: one round trip."""
+        mod = tvm.IRModule({tvm.ir.GlobalVar(n): k.func.with_attr("global_symbol", n) for n, k in kernels.items()})
+        executable = tvm.compile(mod, target=info.target)
+        with tempfile.TemporaryDirectory(prefix="alcs-profile-", dir=workdir) as tmp:
+            return measurer.load(_export(executable, Path(tmp) / f"{layer.key}.so", info))
 
-    def run(name, arrays):
-        args = measurer.tensors([x] + list(arrays) + [y])
-        return measurer.time(module, name, args, repeat, min_repeat_ms)
+    # masks per grid point, drawn up front (same rng sequence whether or not the extra masks get measured)
+    masks = {i: [random_block_sparse(weight, v, s, rng) for _ in range(max_masks)]
+             for i, s in enumerate(sparsities) if s > 0.0}
+    # phase 1: dense + the first mask of every point, one library
+    kernels = {"alcs_dense": kernel(weight, "alcs_dense", keep_all=True)}
+    for i, ws in masks.items():
+        kernels[f"alcs_sparse_{i}_0"] = kernel(ws[0], f"alcs_sparse_{i}_0")
+    module = build(kernels)
+    y = np.zeros(kernels["alcs_dense"].output_shape, np.float32)
 
-    dense = run("alcs_dense", funcs["alcs_dense"].packed.arrays())
-    dense_ms, dense_spread = _stats(dense)
+    def run(module, k):
+        args = measurer.tensors([x] + list(k.packed.arrays()) + [y])
+        return measurer.time(module, k.func.attrs["global_symbol"], args, repeat, min_repeat_ms)
+
+    dense_ms, dense_spread = _stats(run(module, kernels["alcs_dense"]))
+    samples = {i: run(module, kernels[f"alcs_sparse_{i}_0"]) for i in masks}
+    # phase 2: points whose spread is high get more masks (run-length packing makes every mask its own kernel)
+    noisy = [i for i in masks if _stats(samples[i])[1] > spread_threshold * _stats(samples[i])[0]]
+    if noisy and max_masks > 1:
+        extra = {f"alcs_sparse_{i}_{m}": kernel(masks[i][m], f"alcs_sparse_{i}_{m}")
+                 for i in noisy for m in range(1, max_masks)}
+        module = build(extra)
+        for i in noisy:
+            for m in range(1, max_masks):
+                samples[i] = samples[i] + run(module, extra[f"alcs_sparse_{i}_{m}"])
     sparse_ms, sparse_spread = [], []
     for i, s in enumerate(sparsities):
-        if s == 0.0:
-            sparse_ms.append(dense_ms)
-            sparse_spread.append(dense_spread)
-            continue
-        samples = run(f"alcs_sparse_{i}", masks[i][0])
-        med, spread = _stats(samples)
-        for arrays in masks[i][1:]:  # high variance: pool the samples of more masks
-            if spread <= spread_threshold * med:
-                break
-            samples += run(f"alcs_sparse_{i}", arrays)
-            med, spread = _stats(samples)
+        med, spread = (dense_ms, dense_spread) if s == 0.0 else _stats(samples[i])
         sparse_ms.append(med)
         sparse_spread.append(spread)
     return LayerProfile(spec, v, [float(s) for s in sparsities], sparse_ms, sparse_spread, dense_ms, dense_spread)
@@ -326,6 +337,18 @@ def profile_model(model, output, target="x86", *, tracker=None, key=None, rpc=No
                 "max_masks": int(max_masks), "spread_threshold": float(spread_threshold),
                 "statistic": "median; spread = interquartile range", "seed": int(seed)}
     table = _new_or_resumed_table(output, info, measurer, settings)
+    try:
+        return _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities, repeat, min_repeat_ms,
+                        max_masks, spread_threshold, model_name, measure_rest, quiet, on_measured, seed)
+    finally:
+        measurer.close()
+
+
+def _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities, repeat, min_repeat_ms, max_masks,
+             spread_threshold, model_name, measure_rest, quiet, on_measured, seed):
+    from .compiler import compile_module, conv_node_names
+    from .run import write_sidecar
+
     distinct = list(dict.fromkeys(layer.key for layer in layers))
     first = {}
     for layer in layers:

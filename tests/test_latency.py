@@ -1,0 +1,214 @@
+"""Latency tables: the piece-wise linear model, persistence and its errors, ``alcs profile`` over RPC (x86 local
+server; one flow check on the emulated ARM64 device), resuming an interrupted profile, prediction on ONNX."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tvm
+
+from alcs_tvm import zoo
+from alcs_tvm.latency import LatencyTable, LayerNotProfiledError, LayerProfile, TableMismatchError, layer_key
+from alcs_tvm.operator import Conv2dSpec
+from alcs_tvm.target import resolve_target
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = Conv2dSpec.create((1, 32, 14, 14), (64, 32, 3, 3), 1, 1)
+GRID = [0.0, 0.5, 0.9]
+
+
+def _profile(dense=1.0):
+    return LayerProfile(SPEC, 16, [0.0, 0.25, 0.5, 0.9], [2.0, 1.6, 1.0, 0.3], [0.01] * 4, dense, 0.01)
+
+
+def _table(info=None, **kw):
+    info = info or resolve_target("x86-avx512")
+    table = LatencyTable(json.loads(info.key), info.family, "x86-local", tvm.__version__, {"sparsities": GRID}, **kw)
+    p = _profile()
+    table.layers[p.key] = p
+    return table
+
+
+# ----------------------------------------------------------------------------------------------- the model
+def test_interpolation_exact_at_grid_points_and_linear_between():
+    p = _profile(dense=None)
+    for s, ms in zip(p.sparsities, p.sparse_ms):
+        assert p.sparse_latency(s) == pytest.approx(ms, abs=1e-12)
+    for (s0, m0), (s1, m1) in zip(zip(p.sparsities, p.sparse_ms), zip(p.sparsities[1:], p.sparse_ms[1:])):
+        for t in (0.1, 0.37, 0.5, 0.93):
+            assert p.sparse_latency(s0 + t * (s1 - s0)) == pytest.approx(m0 + t * (m1 - m0), rel=1e-9)
+    assert p.sparse_latency(0.99) == pytest.approx(0.3)  # clamped beyond the grid
+    with pytest.raises(ValueError):
+        p.sparse_latency(1.5)
+
+
+def test_latency_is_min_of_dense_and_sparse_like_the_compiler_choice():
+    p = _profile(dense=1.2)
+    assert p.latency(0.0) == 1.2 and p.latency(0.9) == pytest.approx(0.3)
+    table = _table()
+    decision, predicted, _ = table.choose(SPEC, 1.0, 16)  # density 1 -> sparsity 0: sparse 2.0 > dense 1.0
+    assert decision == "dense" and predicted == {"sparse": 2.0, "dense": 1.0}
+    decision, predicted, _ = table.choose(SPEC, 0.1, 16)
+    assert decision == "sparse" and predicted["sparse"] == pytest.approx(0.3)
+    total, breakdown = table.predict([("a", SPEC, 16, 0.0), ("b", SPEC, 16, 0.5)])
+    assert total == pytest.approx(2.0) and breakdown == {"a": 1.0, "b": 1.0}
+
+
+def test_layer_not_in_table_is_a_clear_error():
+    table = _table()
+    other = Conv2dSpec.create((1, 32, 14, 14), (64, 32, 1, 1))
+    with pytest.raises(LayerNotProfiledError, match=r"1x1 32->64 .*not in the latency table"):
+        table.layer_latency(other, 16, 0.5)
+    with pytest.raises(ValueError, match="not in the latency table"):  # what the pass / CLI turn into one line
+        table.choose(other, 0.5, 16)
+    with pytest.raises(LayerNotProfiledError, match="rest of model"):
+        table.predict([("a", SPEC, 16, 0.5)], rest_model="resnet18")
+
+
+def test_save_load_roundtrip_and_corrupted_or_mismatched_tables(tmp_path):
+    path = tmp_path / "t.json"
+    table = _table(rest_ms={"m": 0.5}, models={"m": {"layers": [["conv0", layer_key(SPEC, 16)]], "rest_ms": 0.5}})
+    table.save(str(path))
+    loaded = LatencyTable.load(str(path))
+    assert loaded.to_json() == table.to_json()
+    assert [p.name for p in tmp_path.iterdir()] == ["t.json"]  # no temp file left
+    # corrupted
+    path.write_text(path.read_text()[:200])
+    with pytest.raises(ValueError, match="not valid JSON"):
+        LatencyTable.load(str(path))
+    data = table.to_json()
+    data["layers"][layer_key(SPEC, 16)]["sparse_ms"] = [1.0]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="corrupted"):
+        LatencyTable.load(str(path))
+    path.write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ValueError, match="not an alcs latency table"):
+        LatencyTable.load(str(path))
+    with pytest.raises(FileNotFoundError, match="no latency table"):
+        LatencyTable.load(str(tmp_path / "missing.json"))
+    # mismatched: other target, other TVM
+    with pytest.raises(TableMismatchError, match="measured for target"):
+        table.check_compatible(resolve_target("arm64"), tvm.__version__)
+    with pytest.raises(TableMismatchError, match="measured with TVM"):
+        table.check_compatible(resolve_target("x86-avx512"), "0.1.0")
+    table.check_compatible(resolve_target("x86-avx512"), tvm.__version__)
+
+
+# ----------------------------------------------------------------------------------------------- profiling
+@pytest.fixture(scope="module")
+def onnx_models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("latency-models")
+    small = zoo.export_onnx(zoo.get_model("small_cnn"), d / "small_cnn.onnx", (1, 1, 28, 28))
+    tiny = zoo.export_onnx(zoo.get_model("resnet_tiny"), d / "resnet_tiny.onnx", (1, 3, 16, 16))
+    return {"small_cnn": small, "resnet_tiny": tiny, "dir": d}
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "alcs_tvm.cli", *args], capture_output=True, text=True,
+                          cwd=REPO, **kw)
+
+
+def test_profile_predict_and_compile_decisions_x86(rpc_devices, onnx_models, tmp_path):
+    from alcs_tvm import compiler
+    from alcs_tvm.profiler import model_layers, profile_model
+
+    out = tmp_path / "x86.json"
+    measured = []
+    table = profile_model(onnx_models["small_cnn"], str(out), "x86", tracker=rpc_devices.tracker,
+                          key=rpc_devices.x86_key, sparsities=GRID, repeat=3, min_repeat_ms=1, quiet=True,
+                          on_measured=measured.append)
+    layers = model_layers(onnx_models["small_cnn"], "x86")
+    assert measured == list(dict.fromkeys(l.key for l in layers)) + ["(rest of model)"]
+    loaded = LatencyTable.load(str(out))
+    assert loaded.to_json() == table.to_json()
+    assert loaded.device_key == rpc_devices.x86_key and loaded.settings["sparsities"] == GRID
+    for p in loaded.layers.values():
+        assert p.sparsities == GRID and len(p.sparse_ms) == 3 and all(ms > 0 for ms in p.sparse_ms)
+        assert p.sparse_ms[0] == p.dense_ms and p.dense_ms > 0
+    assert "small_cnn" in loaded.rest_ms
+    # predict on the ONNX file: per-layer breakdown + rest; named sparsities override the weights' own
+    total, breakdown = loaded.predict(onnx_models["small_cnn"])
+    assert set(breakdown) == {l.name for l in layers} | {"(rest of model)"}
+    assert total == pytest.approx(sum(breakdown.values()))
+    dense_total = sum(loaded.layers[l.key].dense_ms for l in layers) + loaded.rest_ms["small_cnn"]
+    assert total == pytest.approx(dense_total)
+    sparse_total, sparse_breakdown = loaded.predict(onnx_models["small_cnn"], {l.name: 0.9 for l in layers})
+    for l in layers:
+        assert sparse_breakdown[l.name] == pytest.approx(loaded.layers[l.key].latency(0.9))
+    with pytest.raises(ValueError, match="no rewritable conv"):
+        loaded.predict(onnx_models["small_cnn"], {"nope": 0.5})
+    # the same table drives the compiler's decisions
+    _, report = compiler.compile(onnx_models["small_cnn"], "x86", latency_table=loaded)
+    convs = [d for d in report.layers if d.op == "conv2d"]
+    assert convs and all(d.predicted_ms and "table" in d.reason for d in convs)
+    # rerun: everything is in the table, nothing measured
+    again = []
+    profile_model(onnx_models["small_cnn"], str(out), "x86", tracker=rpc_devices.tracker, key=rpc_devices.x86_key,
+                  sparsities=GRID, repeat=3, min_repeat_ms=1, quiet=True, on_measured=again.append)
+    assert again == []
+    # a resumed table must match the grid and the device
+    r = _cli("profile", onnx_models["small_cnn"], "-o", str(out), "--rpc-tracker", rpc_devices.tracker,
+             "--rpc-key", rpc_devices.x86_key, "--sparsities", "0,0.3", timeout=120)
+    assert r.returncode == 2 and "sparsities" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_profile_resumes_after_kill(rpc_devices, onnx_models, tmp_path):
+    """Kill ``alcs profile`` after its first saved layer; the rerun measures only the layers not in the table."""
+    from alcs_tvm.profiler import model_layers, profile_model
+
+    out = tmp_path / "resume.json"
+    model = onnx_models["resnet_tiny"]
+    args = [sys.executable, "-m", "alcs_tvm.cli", "profile", model, "-o", str(out), "--rpc-tracker",
+            rpc_devices.tracker, "--rpc-key", rpc_devices.x86_key, "--sparsities", "0,0.5,0.9", "--repeat", "3",
+            "--min-repeat-ms", "1", "--quiet"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    distinct = list(dict.fromkeys(l.key for l in model_layers(model, "x86")))
+    assert len(distinct) >= 3
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if out.exists() and len(json.loads(out.read_text())["layers"]) >= 1:
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+    partial = LatencyTable.load(str(out))  # atomic saves: never torn
+    before = set(partial.layers)
+    assert 1 <= len(before) < len(distinct), "the profile was not interrupted mid-way"
+    measured = []
+    table = profile_model(model, str(out), "x86", tracker=rpc_devices.tracker, key=rpc_devices.x86_key,
+                          sparsities=[0.0, 0.5, 0.9], repeat=3, min_repeat_ms=1, quiet=True,
+                          on_measured=measured.append)
+    layer_keys = [k for k in measured if k != "(rest of model)"]
+    assert not set(layer_keys) & before, "a layer was measured twice"
+    assert len(layer_keys) == len(set(layer_keys))
+    assert set(table.layers) == set(distinct) == before | set(layer_keys)
+    for k in before:  # the measurements from before the kill are kept as they were
+        assert table.layers[k].to_json() == partial.layers[k].to_json()
+    assert "resnet_tiny" in table.rest_ms
+
+
+def test_profile_flow_on_emulated_arm64(rpc_devices, onnx_models, tmp_path):
+    from alcs_tvm.profiler import profile_model
+
+    out = tmp_path / "arm64.json"
+    table = profile_model(onnx_models["small_cnn"], str(out), "arm64", tracker=rpc_devices.tracker,
+                          key=rpc_devices.arm64_key, sparsities=[0.0, 0.9], repeat=3, min_repeat_ms=0,
+                          max_masks=1, quiet=True)
+    loaded = LatencyTable.load(str(out))
+    assert loaded.target_family == "arm64" and loaded.device_key == rpc_devices.arm64_key
+    assert all(p.vector_width == 4 and p.dense_ms > 0 and p.sparse_ms[1] > 0 for p in loaded.layers.values())
+    total, breakdown = loaded.predict(onnx_models["small_cnn"])
+    assert total > 0 and "(rest of model)" in breakdown
+    with pytest.raises(TableMismatchError, match="measured for target"):
+        loaded.check_compatible(resolve_target("x86-avx512"), tvm.__version__)
+    assert table.to_json() == loaded.to_json()
