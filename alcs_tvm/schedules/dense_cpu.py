@@ -74,6 +74,8 @@ _REDUCE = 2   # tirx.IterVar.CommReduce
 _PARALLEL_MIN_WORK = 1 << 14
 #: unroll a reduction loop completely when its extent is at most this (3x3 / 7x7 windows, not channel sums)
 _UNROLL_MAX = 8
+#: at most this many window positions are unrolled
+_UNROLL_BODY_MAX = 16
 #: output rows computed together by the window (depthwise / pooling) schedule. 2 lets the unrolled loads of
 #: shared input rows be reused, but measured no reliable gain on the (noisy, shared) 2-core box: off by default.
 _ROW_TILE = 1
@@ -425,9 +427,14 @@ def _schedule_reduction(sch: s_tir.Schedule, block, epilogue, tinfo: TargetInfo,
         il = sch.get_loops(init)
         if sch.get(il[-1]).kind != tirx.ForKind.VECTORIZED:
             sch.vectorize(il[-1])
-    for lp, e in zip(rd, rd_ext):
-        if e <= _UNROLL_MAX:
-            sch.unroll(lp)
+    # unroll the innermost window loops while the unrolled body stays small (3x3: all; 7x7: the row only):
+    # a fully unrolled 7x7x3 window of strided (scalarized) vector loads takes LLVM minutes to compile
+    unrolled = 1
+    for lp, e in reversed(list(zip(rd, rd_ext))):
+        if e > _UNROLL_MAX or unrolled * e > _UNROLL_BODY_MAX:
+            break
+        sch.unroll(lp)
+        unrolled *= e
     for lp in inner_rows:
         sch.unroll(lp)
     for pad in pads:
