@@ -173,3 +173,23 @@ def test_pruned_linear_head_goes_sparse_batch_2(tmp_path):
     assert len(linear) == 1 and linear[0].decision == "sparse" and linear[0].density == pytest.approx(0.3, abs=0.05)
     x = np.random.default_rng(5).standard_normal((2, 3, 32, 32)).astype(np.float32)
     assert_close(run_vm(executable, x), onnx_runtime(path, x))
+
+
+def test_conv_to_conv_chains_write_blocked_padded_layout(pruned_models):
+    """In a ResNet basic block, conv1's only consumer is conv2: conv1 writes NCHW16c with conv2's zero border,
+    conv2 reads it as is (no transpose, no pad copy), and the result still matches ONNX Runtime."""
+    import tvm
+
+    from alcs_tvm import frontend
+    from alcs_tvm.passes import SparseConvRewrite
+
+    path = pruned_models["resnet_tiny"]
+    rewrite = SparseConvRewrite("x86")
+    lowered = rewrite(frontend.prepare_for_sparse(frontend.import_onnx(str(path))))
+    chained = [layer for layer in rewrite.report.layers if "writes NCHW16c padded" in layer.implementation]
+    assert [layer.name for layer in chained] == [f"/layer{i}/layer{i}.0/conv1/Conv" for i in (1, 2, 3, 4)]
+    script = lowered["main"].script()
+    assert "R.Tensor((1, 1, 34, 34, 16)" in script  # layer1 conv1: 16 channels, 32x32 + border 1, blocked
+    executable = tvm.compile(lowered, target=rewrite.target_info.target)
+    x = np.random.default_rng(6).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    assert_close(run_vm(executable, x), onnx_runtime(path, x))

@@ -92,6 +92,12 @@ class _Layer:
         self.decision = None
         self.sparse_weight = None
         self.spec = None
+        self.report_row = None
+        # layout chaining with the next rewritten conv (see SparseConvRewrite._chain)
+        self.output_blocked = False
+        self.output_pad = (0, 0, 0, 0)
+        self.input_prepadded = False
+        self.input_block = 1
 
 
 @tvm.transform.module_pass(opt_level=0, name="alcs.SparseConvRewrite")
@@ -133,6 +139,8 @@ class SparseConvRewrite:
         def single_user(var):
             uses = users.get(var, [])
             return uses[0] if len(uses) == 1 and uses[0] is not None else None
+
+        self._single_user = single_user
 
         layers = []
         for b in bindings:
@@ -285,6 +293,30 @@ class SparseConvRewrite:
         return LayerDecision(name, "conv2d", spec.describe(), round(density, 4), v, decision,
                              f"{implementation}, {fused}", reason, predicted, asdict(spec))
 
+    def _chain(self, layers):
+        """Let a rewritten conv whose only consumer is another rewritten conv write what that conv reads best:
+        NCHW[V]c (one vector store per pixel instead of a lane transpose) with the consumer's zero padding
+        already in place (no pad copy in the consumer)."""
+        by_input = {}
+        for layer in layers:
+            if layer.kind == "conv2d":
+                by_input.setdefault(layer.call.args[0], []).append(layer)
+        for producer in layers:
+            if producer.kind != "conv2d":
+                continue
+            consumer_var = self._single_user(producer.last_var)
+            consumers = [c for c in by_input.get(producer.last_var, []) if c.conv_var == consumer_var]
+            if len(consumers) != 1:
+                continue
+            consumer = consumers[0]
+            v = producer.sparse_weight.vector_width
+            producer.output_pad = tuple(consumer.spec.padding)
+            consumer.input_prepadded = True
+            if producer.spec.out_channels % v == 0 and consumer.sparse_weight.vector_width == v:
+                producer.output_blocked, consumer.input_block = True, v
+            layout = f"NCHW{v}c" if producer.output_blocked else "NCHW"
+            producer.report_row.implementation += f"; writes {layout} padded for {consumer.report_row.name}"
+
     # -- rewrite ----------------------------------------------------------------------------------------------
     def transform_module(self, mod, ctx):
         self.report = CompileReport(target=self.target_info.family)
@@ -293,14 +325,16 @@ class SparseConvRewrite:
         for gv, func in mod.functions.items():
             if not isinstance(func, relax.Function):
                 continue
-            for layer in self._match(func):
-                decision = self._decide(layer, index[layer.kind])
+            layers = self._match(func)
+            for layer in layers:
+                layer.report_row = self._decide(layer, index[layer.kind])
                 index[layer.kind] += 1
-                self.report.layers.append(decision)
+                self.report.layers.append(layer.report_row)
                 if layer.spec is not None:
                     plans[layer.last_var] = layer
                     for v in layer.fused_vars:
                         plans[v] = None  # folded into the call emitted at layer.last_var
+            self._chain([layer for layer in layers if layer.spec is not None])
         if not any(plans.values()):
             return mod
         rewriter = _Rewriter(mod, plans, self.target_info)
@@ -328,7 +362,9 @@ class _Rewriter(relax.PyExprMutator):
         if layer.kind == "linear":  # [N, K] -> [N, K, 1, 1]: a view, no copy
             data = self.builder_.emit(relax.op.reshape(data, layer.spec.input_shape))
         kernel = sparse_conv2d_kernel(layer.sparse_weight, layer.spec, bias=layer.bias, activation=layer.activation,
-                                      target=self.info)
+                                      target=self.info, input_prepadded=layer.input_prepadded,
+                                      input_block=layer.input_block, output_blocked=layer.output_blocked,
+                                      output_pad=layer.output_pad)
         key = (kernel.geometry, kernel.schedule, layer.bias is not None, layer.activation)
         gv = self.kernels.get(key)
         if gv is None:
