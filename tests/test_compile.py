@@ -183,8 +183,10 @@ def test_conv_to_conv_chains_write_blocked_padded_layout(pruned_models):
     from alcs_tvm import frontend
     from alcs_tvm.passes import SparseConvRewrite
 
+    from alcs_tvm.compiler import conv_node_names
+
     path = pruned_models["resnet_tiny"]
-    rewrite = SparseConvRewrite("x86")
+    rewrite = SparseConvRewrite("x86", layer_names=conv_node_names(frontend.load_onnx(str(path))))
     lowered = rewrite(frontend.prepare_for_sparse(frontend.import_onnx(str(path))))
     chained = [layer for layer in rewrite.report.layers if "writes NCHW16c padded" in layer.implementation]
     assert [layer.name for layer in chained] == [f"/layer{i}/layer{i}.0/conv1/Conv" for i in (1, 2, 3, 4)]
