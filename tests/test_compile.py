@@ -195,3 +195,15 @@ def test_conv_to_conv_chains_write_blocked_padded_layout(pruned_models):
     executable = tvm.compile(lowered, target=rewrite.target_info.target)
     x = np.random.default_rng(6).standard_normal((1, 3, 32, 32)).astype(np.float32)
     assert_close(run_vm(executable, x), onnx_runtime(path, x))
+
+
+def test_expand_depthwise_project_chain_runs_blocked(pruned_models):
+    """MobileNetV2's expand -> depthwise -> project: the depthwise conv between two rewritten convs runs the
+    channel-blocked depthwise kernel, its neighbours write/read NCHW16c, and outputs still match."""
+    path = pruned_models["mobilenet_v2_tiny"]
+    executable, report = alcs_compile(str(path), "x86")
+    depthwise = [layer for layer in report.layers if "depthwise" in layer.reason]
+    blocked = [layer for layer in depthwise if layer.implementation.startswith("alcs depthwise NCHW16c")]
+    assert blocked and len(blocked) >= len(depthwise) - 1  # the first one follows the stem's conv directly
+    x = np.random.default_rng(7).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    assert_close(run_vm(executable, x), onnx_runtime(path, x))

@@ -40,6 +40,8 @@ def log(msg):
 def categorise(symbol: str) -> str:
     if symbol.startswith("alcs_sparse_conv2d"):
         return "alcs conv kernels"
+    if symbol.startswith("alcs_depthwise"):
+        return "alcs depthwise (blocked)"
     if "conv2d" in symbol:
         return "depthwise/grouped conv"
     if "matmul" in symbol:

@@ -24,6 +24,7 @@ from tvm import relax
 
 from ..operator import Conv2dSpec, sparse_conv2d_kernel
 from ..report import CompileReport, LayerDecision
+from ..schedules.depthwise_cpu import DepthwiseGeometry, depthwise_nchwc_template
 from ..sparse_format import BlockSparseWeight
 from ..target import resolve_target
 
@@ -98,6 +99,7 @@ class _Layer:
         self.output_pad = (0, 0, 0, 0)
         self.input_prepadded = False
         self.input_block = 1
+        self.depthwise = None  # (input shape, weight shape, padding, strides, dilation) of a depthwise conv
 
 
 @tvm.transform.module_pass(opt_level=0, name="alcs.SparseConvRewrite")
@@ -256,7 +258,12 @@ class SparseConvRewrite:
             return LayerDecision(name, "conv2d", shape, density, None, "dense", implementation, reason)
 
         if int(attrs.groups) != 1:
-            kind = "depthwise" if in_shape and int(attrs.groups) == in_shape[1] else f"grouped ({attrs.groups})"
+            depthwise = in_shape and w_shape and int(attrs.groups) == in_shape[1] == w_shape[0] and w_shape[1] == 1
+            if depthwise and _is_const(weight) and _dtype(data) == "float32" and str(attrs.data_layout) == "NCHW":
+                layer.kind = "depthwise"  # may run blocked between two rewritten convs, see _chain
+                layer.depthwise = (in_shape, w_shape, [int(p) for p in attrs.padding],
+                                   [int(x) for x in attrs.strides], [int(x) for x in attrs.dilation])
+            kind = "depthwise" if depthwise else f"grouped ({attrs.groups})"
             return dense(f"{kind} conv: memory-bound, no channel reduction for SIMD blocks to skip")
         if not _is_const(weight):
             return dense("weight is not a constant (bind parameters first)")
@@ -301,12 +308,13 @@ class SparseConvRewrite:
         for layer in layers:
             if layer.kind == "conv2d":
                 by_input.setdefault(layer.call.args[0], []).append(layer)
+        self._chain_depthwise(layers, by_input)
         for producer in layers:
             if producer.kind != "conv2d":
                 continue
             consumer_var = self._single_user(producer.last_var)
             consumers = [c for c in by_input.get(producer.last_var, []) if c.conv_var == consumer_var]
-            if len(consumers) != 1:
+            if len(consumers) != 1 or producer.output_blocked or producer.kind != "conv2d":
                 continue
             consumer = consumers[0]
             v = producer.sparse_weight.vector_width
@@ -316,6 +324,39 @@ class SparseConvRewrite:
                 producer.output_blocked, consumer.input_block = True, v
             layout = f"NCHW{v}c" if producer.output_blocked else "NCHW"
             producer.report_row.implementation += f"; writes {layout} padded for {consumer.report_row.name}"
+
+    def _chain_depthwise(self, layers, by_input):
+        """conv -> depthwise -> conv (MobileNetV2's expand, depthwise, project): when the depthwise conv is the
+        producer's only consumer and feeds only a rewritten conv, all three run channel-blocked with the borders
+        written by the producers, and the depthwise conv runs the blocked depthwise kernel."""
+        planned = {layer.last_var: layer for layer in layers if layer.kind == "conv2d"}
+        for dw in self._depthwise_candidates:
+            producer = planned.get(dw.call.args[0])
+            if producer is None or self._single_user(producer.last_var) is None or \
+                    not self._single_user(producer.last_var).same_as(dw.conv_var):
+                continue
+            consumers = [c for c in by_input.get(dw.last_var, [])
+                         if self._single_user(dw.last_var) is not None and
+                         c.conv_var.same_as(self._single_user(dw.last_var))]
+            v = producer.sparse_weight.vector_width
+            channels = dw.depthwise[0][1]
+            if len(consumers) != 1 or channels % v or consumers[0].sparse_weight.vector_width != v:
+                continue
+            consumer = consumers[0]
+            in_shape, w_shape, padding, strides, dilation = dw.depthwise
+            producer.output_blocked, producer.output_pad = True, tuple(padding)
+            consumer.input_prepadded, consumer.input_block = True, v
+            dw.output_pad = tuple(consumer.spec.padding)
+            dw.vector_width = v
+            dw.planned = True
+            dw.report_row.reason = "depthwise conv (no channel reduction for SIMD blocks to skip), kept in its " \
+                                   "neighbours' blocked layout"
+            dw.report_row.implementation = f"alcs depthwise NCHW{v}c kernel (between {producer.report_row.name} " \
+                                           f"and {consumer.report_row.name})"
+            producer.report_row.implementation += f"; writes NCHW{v}c padded for {dw.report_row.name}"
+            self._plans[dw.last_var] = dw
+            for var in dw.fused_vars:
+                self._plans[var] = None
 
     # -- rewrite ----------------------------------------------------------------------------------------------
     def transform_module(self, mod, ctx):
@@ -327,13 +368,16 @@ class SparseConvRewrite:
                 continue
             layers = self._match(func)
             for layer in layers:
-                layer.report_row = self._decide(layer, index[layer.kind])
-                index[layer.kind] += 1
+                counter = "linear" if layer.kind == "linear" else "conv2d"
+                layer.report_row = self._decide(layer, index[counter])
+                index[counter] += 1
                 self.report.layers.append(layer.report_row)
                 if layer.spec is not None:
                     plans[layer.last_var] = layer
                     for v in layer.fused_vars:
                         plans[v] = None  # folded into the call emitted at layer.last_var
+            self._plans = plans
+            self._depthwise_candidates = [layer for layer in layers if layer.kind == "depthwise"]
             self._chain([layer for layer in layers if layer.spec is not None])
         if not any(plans.values()):
             return mod
@@ -342,6 +386,24 @@ class SparseConvRewrite:
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
         return rewriter.builder_.get()
+
+
+def _blocked_depthwise(layer):
+    """The depthwise kernel and its constants (weight [CB, Kh, Kw, V], bias [C]) for a chained layer."""
+    in_shape, w_shape, padding, strides, dilation = layer.depthwise
+    n, c, h, w = in_shape
+    v = layer.vector_width
+    kh, kw = w_shape[2], w_shape[3]
+    hp, wp = h + padding[0] + padding[2], w + padding[1] + padding[3]
+    ho = (hp - dilation[0] * (kh - 1) - 1) // strides[0] + 1
+    wo = (wp - dilation[1] * (kw - 1) - 1) // strides[1] + 1
+    geom = DepthwiseGeometry(n, c // v, v, hp, wp, (kh, kw), tuple(strides), tuple(dilation), ho, wo,
+                             layer.output_pad)
+    weight = _const_array(layer.call.args[1]).reshape(c // v, v, kh, kw).transpose(0, 2, 3, 1)
+    bias = np.zeros(c, np.float32) if layer.bias is None else layer.bias
+    top, left, bottom, right = layer.output_pad
+    out_shape = (n, c // v, ho + top + bottom, wo + left + right, v)
+    return geom, [np.ascontiguousarray(weight, np.float32), bias], out_shape
 
 
 @relax.expr_functor.mutator
@@ -359,6 +421,8 @@ class _Rewriter(relax.PyExprMutator):
         if layer is None:
             return None  # folded into a later call
         data = self.visit_expr(layer.call.args[0])
+        if layer.kind == "depthwise":
+            return self._emit_depthwise(binding, layer, data)
         if layer.kind == "linear":  # [N, K] -> [N, K, 1, 1]: a view, no copy
             data = self.builder_.emit(relax.op.reshape(data, layer.spec.input_shape))
         kernel = sparse_conv2d_kernel(layer.sparse_weight, layer.spec, bias=layer.bias, activation=layer.activation,
@@ -377,6 +441,20 @@ class _Rewriter(relax.PyExprMutator):
         call = relax.call_tir(gv, [data] + consts, relax.TensorType(kernel.output_shape, "float32"))
         if layer.kind == "linear":
             call = relax.op.reshape(self.builder_.emit(call), kernel.output_shape[:2])
+        new_var = self.builder_.emit(call, name_hint=binding.var.name)
+        self.set_var_remap(binding.var, new_var)
+        return None
+
+    def _emit_depthwise(self, binding, layer, data):
+        geom, consts, out_shape = _blocked_depthwise(layer)
+        key = (geom, layer.activation)
+        gv = self.kernels.get(key)
+        if gv is None:
+            func = depthwise_nchwc_template(geom, activation=layer.activation).without_attr("global_symbol")
+            gv = self.builder_.add_func(func.with_attrs({"op_pattern": 8, "tirx.is_scheduled": True}),
+                                        f"alcs_depthwise_nchwc_{len(self.kernels)}")
+            self.kernels[key] = gv
+        call = relax.call_tir(gv, [data] + [relax.const(a) for a in consts], relax.TensorType(out_shape, "float32"))
         new_var = self.builder_.emit(call, name_hint=binding.var.name)
         self.set_var_remap(binding.var, new_var)
         return None

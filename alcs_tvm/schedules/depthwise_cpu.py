@@ -1,0 +1,100 @@
+"""Depthwise conv in the channel-blocked layout the sparse kernels chain through (loop-level TIR template).
+
+Between two rewritten 1x1 convs (MobileNetV2's expand -> depthwise -> project) the activations stay NCHW[V]c with
+zero borders; this kernel reads and writes that layout directly, so the chain needs no layout transform and no
+pad copy. In NCHW[V]c, V channels of one pixel are one vector: every tap is a vector load times a vector of
+per-channel weights, any stride or dilation, no broadcasts, no shuffles::
+
+    parallel  task over (image, channel block, output row)
+      serial  column tile
+        acc[cols, V] = bias
+        unrolled taps (kh, kw), unrolled cols, vectorised V:
+          acc[c, :] += w[cb, kh, kw, :] * x[n, cb, row*sh + kh*dh, (col0 + c)*sw + kw*dw, :]
+        store activation(acc) into the (optionally bordered) output
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm.script import tirx as T
+
+from .sparse_conv2d_cpu import ACTIVATIONS
+
+__all__ = ["DepthwiseGeometry", "depthwise_nchwc_template"]
+
+
+@dataclass(frozen=True)
+class DepthwiseGeometry:
+    batch: int
+    channel_blocks: int
+    vector_width: int
+    padded_height: int  # the input buffer already carries the conv's zero padding
+    padded_width: int
+    kernel: tuple
+    stride: tuple
+    dilation: tuple
+    out_height: int
+    out_width: int
+    out_pad: tuple = (0, 0, 0, 0)  # zero border written around the output for the next conv
+    tile_cols: int = 8
+
+
+def depthwise_nchwc_template(geom: DepthwiseGeometry, *, activation=None, name="alcs_depthwise_nchwc"):
+    """PrimFunc ``(x[N, CB, Hp, Wp, V], weight[CB, Kh, Kw, V], bias[CB*V], y[N, CB, Ho', Wo', V])``."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    N, CB, V = geom.batch, geom.channel_blocks, geom.vector_width
+    HP, WP = geom.padded_height, geom.padded_width
+    KH, KW = geom.kernel
+    SH, SW = geom.stride
+    DH, DW = geom.dilation
+    Ho, Wo = geom.out_height, geom.out_width
+    OT, OL, OB, OR = geom.out_pad
+    HOP, WOP = Ho + OT + OB, Wo + OL + OR
+    TW = min(geom.tile_cols, Wo)
+    CT_FULL, TW_REM = divmod(Wo, TW)
+    HAS_COL_REM = TW_REM > 0
+    RELU = activation in ("relu", "relu6")
+    RELU6 = activation == "relu6"
+    OUT_BORDER = bool(any(geom.out_pad))
+
+    @T.macro
+    def tile(x, w, bias, y, n, cb, row, col0, tw):
+        acc = T.decl_buffer((tw * V,), "float32", scope="global")
+        for c in T.unroll(tw):
+            for v in T.vectorized(V):
+                acc[c * V + v] = bias[cb * V + v]
+        for kh in T.unroll(KH):
+            for kw in T.unroll(KW):
+                for c in T.unroll(tw):
+                    for v in T.vectorized(V):
+                        acc[c * V + v] = acc[c * V + v] + w[cb, kh, kw, v] * x[
+                            n, cb, row * SH + kh * DH, (col0 + c) * SW + kw * DW, v]
+        for c in T.unroll(tw):
+            for v in T.vectorized(V):
+                if RELU6:
+                    y[n, cb, OT + row, OL + col0 + c, v] = T.min(T.max(acc[c * V + v], T.float32(0)),
+                                                                 T.float32(6))
+                elif RELU:
+                    y[n, cb, OT + row, OL + col0 + c, v] = T.max(acc[c * V + v], T.float32(0))
+                else:
+                    y[n, cb, OT + row, OL + col0 + c, v] = acc[c * V + v]
+
+    @T.prim_func
+    def func(x: T.Buffer((N, CB, HP, WP, V), "float32"), w: T.Buffer((CB, KH, KW, V), "float32"),
+             bias: T.Buffer((CB * V,), "float32"), y: T.Buffer((N, CB, HOP, WOP, V), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        if OUT_BORDER:
+            for nb in T.parallel(N * CB):
+                for h in range(HOP):
+                    for ww in range(WOP):
+                        if h < OT or h >= OT + Ho or ww < OL or ww >= OL + Wo:
+                            for v in T.vectorized(V):
+                                y[nb // CB, nb % CB, h, ww, v] = T.float32(0)
+        for task in T.parallel(N * CB * Ho):
+            for ct in range(CT_FULL):
+                tile(x, w, bias, y, task // (CB * Ho), task // Ho % CB, task % Ho, ct * TW, TW)
+            if HAS_COL_REM:
+                tile(x, w, bias, y, task // (CB * Ho), task // Ho % CB, task % Ho, CT_FULL * TW, TW_REM)
+
+    return func.with_attr("global_symbol", name)
