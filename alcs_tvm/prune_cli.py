@@ -146,7 +146,7 @@ def _cli_prune(args):
     print(f"predicted latency: dense {result.dense_predicted_ms:.4f} ms -> pruned {result.predicted_ms:.4f} ms "
           f"(budget {args.budget_ms:.4f} ms)")
     if result.measured_ms is not None:
-        print(f"measured latency (alcs compile, Relax VM, median): dense {result.dense_measured_ms:.4f} ms -> "
+        print(f"measured latency (alcs compile, Relax VM, min): dense {result.dense_measured_ms:.4f} ms -> "
               f"pruned {result.measured_ms:.4f} ms; sparse layers: "
               f"{', '.join(layer.name for layer in result.compile_report.sparse_layers) or 'none'}")
     base = os.path.splitext(args.output)[0]

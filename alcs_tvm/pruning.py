@@ -301,12 +301,18 @@ class ADMMPruner:
 
     ``importance``: ``"l2"`` (squared group norm of ``W + U``; the exact Euclidean projection) or ``"taylor"``
     (gradient-aware: squared norm weighted by the group's accumulated ``(w * dL/dw)^2``, normalised per layer;
-    call :meth:`accumulate` after each ``backward``)."""
+    call :meth:`accumulate` after each ``backward``).
+
+    ``normalize`` (default on) divides each layer's scores by the layer's mean group score before the
+    projection: raw norms are not comparable across layers (init scale, fan-in and the following layers' scale
+    differ), and comparing them raw starved small early layers. The Z-step is then the projection in a
+    per-layer-weighted norm (exactly Euclidean with ``normalize=False``)."""
 
     def __init__(self, model: nn.Module, table: LatencyTable, budget_ms: float, input_shape, *, target="x86",
                  vector_width: int | None = None, rho: float = 1e-3, rho_multiplier: float = 1.6,
                  rho_max: float = 1.0, importance: str = "l2", min_density: float = 0.01,
-                 rest_ms: float | None = None, rest_model: str | None = None, bins: int = 4000):
+                 rest_ms: float | None = None, rest_model: str | None = None, bins: int = 4000,
+                 normalize: bool = True):
         if importance not in ("l2", "taylor"):
             raise ValueError(f"importance must be 'l2' or 'taylor', got {importance!r}")
         if vector_width is None:
@@ -317,6 +323,7 @@ class ADMMPruner:
         self.input_shape, self.vector_width = tuple(input_shape), int(vector_width)
         self.rho, self.rho_multiplier, self.rho_max = rho, rho_multiplier, rho_max
         self.importance, self.min_density, self.bins = importance, min_density, bins
+        self.normalize = normalize
         if rest_ms is None:
             rest_ms = table.rest_ms.get(rest_model, 0.0) if rest_model else 0.0
         self.rest_ms = float(rest_ms)
@@ -362,6 +369,8 @@ class ADMMPruner:
             if self.importance == "taylor" and self._taylor[i].sum() > 0:
                 t_score = self._taylor[i] / self._taylor[i].mean()
                 s = s * (1.0 + t_score)
+            if self.normalize:
+                s = s / s.mean().clamp_min(1e-30)
             out.append(s)
         return out
 
@@ -492,7 +501,7 @@ def prune(model: nn.Module, data, table: LatencyTable, budget_ms: float, *, targ
           vector_width: int | None = None, admm_epochs: int = 6, finetune_epochs: int = 4, lr: float = 3e-3,
           finetune_lr: float | None = None, batch_size: int = 128, rho: float = 1e-3, rho_multiplier: float = 1.6,
           importance: str = "l2", min_density: float = 0.01, rest_model: str | None = None,
-          rest_ms: float | None = None, log=print, seed: int = 0) -> PruneResult:
+          rest_ms: float | None = None, normalize: bool = True, log=print, seed: int = 0) -> PruneResult:
     """ADMM -> hard prune -> fine-tune with fixed masks -> squash. ``model`` should be trained already (its
     accuracy is the dense reference). Returns a :class:`PruneResult` (the model is pruned in place)."""
     torch.manual_seed(seed)
@@ -500,7 +509,7 @@ def prune(model: nn.Module, data, table: LatencyTable, budget_ms: float, *, targ
     dense_acc = evaluate(model, data.x_test, data.y_test)
     pruner = ADMMPruner(model, table, budget_ms, input_shape, target=target, vector_width=vector_width, rho=rho,
                         rho_multiplier=rho_multiplier, importance=importance, min_density=min_density,
-                        rest_model=rest_model, rest_ms=rest_ms).prepare()
+                        rest_model=rest_model, rest_ms=rest_ms, normalize=normalize).prepare()
     dense_ms = pruner.latency.dense_ms()
     log(f"dense: test acc {dense_acc:.4f}, predicted {dense_ms:.4f} ms; budget {budget_ms:.4f} ms "
         f"(minimum achievable {pruner.latency.min_ms(min_density):.4f} ms), {len(pruner.layers)} prunable convs, "
@@ -564,9 +573,11 @@ def export_pruned(model: nn.Module, path: str, input_shape) -> str:
 
 
 def measure_latency(onnx_path: str, input_shape, target="x86", *, repeat: int = 40, number: int = 0,
-                    latency_table=None, library_path: str | None = None):
+                    latency_table=None, library_path: str | None = None, statistic: str = "min_ms"):
     """Compile ``onnx_path`` with :func:`alcs_tvm.compiler.compile` and time it with the Relax VM (``run_model``):
-    ``(median_ms, report)``. ``number=0`` picks the inner count so one sample lasts ~10 ms."""
+    ``(ms, report)``, ``ms`` the ``statistic`` of the samples (default the minimum, as the project's docs
+    report: on a shared host the median carries other users' load). ``number=0`` picks the inner count so one
+    sample lasts ~10 ms."""
     from .compiler import compile as alcs_compile
     from .compiler import export
     from .run import run_model, write_sidecar
@@ -587,7 +598,7 @@ def measure_latency(onnx_path: str, input_shape, target="x86", *, repeat: int = 
         for f in os.listdir(own_dir):
             os.unlink(os.path.join(own_dir, f))
         os.rmdir(own_dir)
-    return timings["median_ms"], report
+    return timings[statistic], report
 
 
 def measure_latency_table(model: nn.Module, input_shape, target="x86", *, model_name: str = "model",
@@ -595,7 +606,7 @@ def measure_latency_table(model: nn.Module, input_shape, target="x86", *, model_
                           log=None) -> LatencyTable:
     """A small latency table measured on this host: every prunable conv of ``model`` at ``input_shape`` through
     the compiled sparse kernel (``build_sparse_conv2d(...).kernel_time_callable``, the kernel as it runs inside
-    a compiled model) at each grid sparsity, random SIMD masks, median of ``repeat`` interleaved samples; plus
+    a compiled model) at each grid sparsity, random SIMD masks, minimum of ``repeat`` interleaved samples; plus
     ``rest_ms[model_name]`` = the measured dense model minus its convs at sparsity 0. A stand-in for
     ``alcs profile`` (use that when available: it profiles the dense alternative too)."""
     import tvm
@@ -626,7 +637,7 @@ def measure_latency_table(model: nn.Module, input_shape, target="x86", *, model_
             fns[s] = conv.kernel_time_callable(x)
         stats = measure_interleaved(fns, repeat=repeat)
         key_profile.sparsities = [float(s) for s in sparsities]
-        key_profile.sparse_ms = [stats[s].median for s in sparsities]
+        key_profile.sparse_ms = [stats[s].min for s in sparsities]
         key_profile.sparse_spread_ms = [float(np.subtract(*np.percentile(stats[s].samples, [75, 25])))
                                         for s in sparsities]
         profiles[key_profile.key] = key_profile

