@@ -21,7 +21,6 @@ Emulated timings are *not* phone timings: use the device for correctness and for
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -34,6 +33,8 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from .locking import file_lock
 
 __all__ = [
     "DEFAULT_TRACKER_PORT", "DEFAULT_KEY", "X86_KEY", "QEMU_CPUS", "DeviceImage",
@@ -204,17 +205,6 @@ def _wheel_requirements() -> list[str]:
     return reqs + ["ml_dtypes", "typing_extensions", "cloudpickle", "psutil"]
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _image_paths(root: Path) -> DeviceImage:
     return DeviceImage(root=root, rootfs=root / "rootfs", python=root / "device-python",
                        qemu=shutil.which(QEMU) or f"/usr/bin/{QEMU}")
@@ -237,7 +227,7 @@ def setup(force: bool = False, verbose: bool = True) -> DeviceImage:
     image = _image_paths(root)
     stamp_path = root / "stamp.json"
     want = {"recipe": RECIPE_VERSION, "suite": SUITE, "wheels": _wheel_requirements()}
-    with _file_lock(cache_dir() / ".device-setup.lock"):
+    with file_lock(cache_dir() / ".device-setup.lock"):
         try:
             have = json.loads(stamp_path.read_text())
         except (OSError, ValueError):
@@ -526,7 +516,7 @@ def start(tracker_port: int = DEFAULT_TRACKER_PORT, key: str = DEFAULT_KEY, num_
     """
     state_path = Path(state_path or default_state_path())
     image = setup(verbose=verbose) if num_devices > 0 else None
-    with _file_lock(state_path.with_suffix(".lock")):
+    with file_lock(state_path.with_suffix(".lock")):
         state = _load_state(state_path)
         log_dir = state_path.parent / "logs"
         tracker = state["tracker"]
@@ -571,7 +561,7 @@ def start(tracker_port: int = DEFAULT_TRACKER_PORT, key: str = DEFAULT_KEY, num_
 def stop(state_path: Path | str | None = None, verbose: bool = True, servers_only: bool = False) -> list[dict]:
     """Stop everything recorded in the state file (servers first, then the tracker); return what was stopped."""
     state_path = Path(state_path or default_state_path())
-    with _file_lock(state_path.with_suffix(".lock")):
+    with file_lock(state_path.with_suffix(".lock")):
         state = _load_state(state_path)
         stopped = []
         for entry in state["servers"] + ([] if servers_only else [state["tracker"]]):

@@ -24,7 +24,7 @@ __all__ = ["Conv2dSpec", "PackedSparseConv2d", "SparseConv2dKernel", "pack_spars
            "sparse_conv2d_kernel", "build_sparse_conv2d", "CompiledSparseConv2d"]
 
 
-def _pair(value, name: str) -> tuple:
+def normalize_pair(value, name: str) -> tuple:
     if isinstance(value, (int, np.integer)):
         return int(value), int(value)
     value = tuple(int(v) for v in value)
@@ -33,7 +33,7 @@ def _pair(value, name: str) -> tuple:
     return value
 
 
-def _padding(value) -> tuple:
+def normalize_padding(value) -> tuple:
     """Normalise padding to ``(top, left, bottom, right)`` (ONNX order is top, left, bottom, right)."""
     if isinstance(value, (int, np.integer)):
         return (int(value),) * 4
@@ -75,7 +75,8 @@ class Conv2dSpec:
             raise ValueError(f"input channels {input_shape[1]} do not match weight input channels "
                              f"{weight_shape[1]} (input {input_shape}, weight {weight_shape})")
         spec = cls(input_shape[0], input_shape[1], input_shape[2], input_shape[3], weight_shape[0],
-                   weight_shape[2:], _pair(stride, "stride"), _padding(padding), _pair(dilation, "dilation"))
+                   weight_shape[2:], normalize_pair(stride, "stride"), normalize_padding(padding),
+                   normalize_pair(dilation, "dilation"))
         spec.validate()
         return spec
 

@@ -16,8 +16,6 @@ interrupted run is re-tuned instead of trusted) with the tuning time and the bes
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -29,6 +27,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
+
+from .locking import file_lock
+from .operator import normalize_padding, normalize_pair
 
 __all__ = ["cache_dir", "tune_tir", "compile_tuned", "TuneResult", "Conv2dWorkload", "dense_conv2d_func",
            "tuned_dense_conv2d", "TunedModule", "target_key", "find_cached", "fast_build"]
@@ -97,17 +98,6 @@ def _entry_key(mod, target, trials: int, extra: str = "") -> tuple[str, dict]:
     }
     digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     return digest, meta
-
-
-@contextlib.contextmanager
-def _locked(path: str):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 # ----------------------------------------------------------------------------------------------- progress
@@ -206,7 +196,7 @@ def tune_tir(func, target, trials: int, work_dir: str | None = None, *, label: s
     if work_dir is None:
         work_dir = os.path.join(cache_dir(), digest)
     done_path = os.path.join(work_dir, _DONE)
-    with _locked(work_dir.rstrip("/") + ".lock"):
+    with file_lock(work_dir.rstrip("/") + ".lock"):
         if os.path.exists(done_path) and not force:
             with open(done_path) as fh:
                 meta = json.load(fh)
@@ -284,21 +274,6 @@ def compile_tuned(result: TuneResult):
 
 
 # ----------------------------------------------------------------------------------------------- dense conv
-def _pair(v) -> tuple:
-    return (int(v), int(v)) if isinstance(v, (int, np.integer)) else tuple(int(x) for x in v)
-
-
-def _pad4(p) -> tuple:
-    if isinstance(p, (int, np.integer)):
-        return (int(p),) * 4
-    p = tuple(int(x) for x in p)
-    if len(p) == 2:
-        return (p[0], p[1], p[0], p[1])
-    if len(p) == 4:
-        return p
-    raise ValueError(f"padding must be an int, (h, w) or (top, left, bottom, right), got {p}")
-
-
 @dataclass(frozen=True)
 class Conv2dWorkload:
     """An NCHW fp32 dense conv2d (groups = 1). ``padding`` is (top, left, bottom, right)."""
@@ -313,8 +288,9 @@ class Conv2dWorkload:
 
     @classmethod
     def create(cls, input_shape, weight_shape, stride=1, padding=0, dilation=1, bias=False, relu=False):
-        return cls(tuple(int(x) for x in input_shape), tuple(int(x) for x in weight_shape), _pair(stride),
-                   _pad4(padding), _pair(dilation), bool(bias), bool(relu))
+        return cls(tuple(int(x) for x in input_shape), tuple(int(x) for x in weight_shape),
+                   normalize_pair(stride, "stride"), normalize_padding(padding), normalize_pair(dilation, "dilation"),
+                   bool(bias), bool(relu))
 
     @property
     def output_shape(self) -> tuple:

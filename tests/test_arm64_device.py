@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from reference import torch_conv
 
 from alcs_tvm import zoo
 from alcs_tvm.run import run_model
@@ -100,15 +101,4 @@ def test_sparse_operator_on_arm64_device(device_session, cross_cxx, tmp_path, ca
     remote["alcs_sparse_conv2d"](*args)
     out = args[-1].numpy()
 
-    xt = torch.from_numpy(x)
-    pad = padding
-    if isinstance(padding, tuple):
-        top, left, bottom, right = padding
-        xt, pad = torch.nn.functional.pad(xt, (left, right, top, bottom)), 0
-    expected = torch.nn.functional.conv2d(xt, torch.from_numpy(weight), None if bias is None else torch.from_numpy(bias),
-                                          stride, pad, dilation)
-    if activation == "relu":
-        expected = expected.relu()
-    elif activation == "relu6":
-        expected = expected.clamp(0, 6)
-    assert_close(out, expected.numpy())
+    assert_close(out, torch_conv(x, weight, bias, stride, padding, dilation, activation))

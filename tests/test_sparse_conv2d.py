@@ -4,28 +4,13 @@ Every case compiles real code for this host; both x86 SIMD widths run here (an A
 """
 import numpy as np
 import pytest
-import torch
+from reference import torch_conv
 
 from alcs_tvm.operator import Conv2dSpec, build_sparse_conv2d, sparse_conv2d_kernel
 from alcs_tvm.schedules import SparseConvSchedule
 from alcs_tvm.sparse_format import BlockSparseWeight, random_block_sparse
 
 RTOL = 1e-5
-
-
-def torch_conv(x, weight, bias, stride, padding, dilation, activation):
-    xt = torch.from_numpy(x)
-    if isinstance(padding, tuple) and len(padding) == 4:  # (top, left, bottom, right)
-        top, left, bottom, right = padding
-        xt = torch.nn.functional.pad(xt, (left, right, top, bottom))
-        padding = 0
-    out = torch.nn.functional.conv2d(xt, torch.from_numpy(weight), None if bias is None else torch.from_numpy(bias),
-                                     stride, padding, dilation)
-    if activation == "relu":
-        out = out.relu()
-    elif activation == "relu6":
-        out = out.clamp(0, 6)
-    return out.numpy()
 
 
 def make_case(seed, cin, cout, hw, kernel, sparsity, vector_width, batch=1, bias=False):

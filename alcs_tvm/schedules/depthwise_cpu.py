@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from tvm.script import tirx as T
 
-from .sparse_conv2d_cpu import ACTIVATIONS
+from .sparse_conv2d_cpu import ACTIVATIONS, blocked_zero_border
 
 __all__ = ["DepthwiseGeometry", "depthwise_nchwc_template"]
 
@@ -58,6 +58,8 @@ def depthwise_nchwc_template(geom: DepthwiseGeometry, *, activation=None, name="
     RELU6 = activation == "relu6"
     OUT_BORDER = bool(any(geom.out_pad))
 
+    zero_border = blocked_zero_border(N, CB, HOP, WOP, (OT, OL), (Ho, Wo), V)
+
     @T.macro
     def tile(x, w, bias, y, n, cb, row, col0, tw):
         acc = T.decl_buffer((tw * V,), "float32", scope="global")
@@ -85,12 +87,7 @@ def depthwise_nchwc_template(geom: DepthwiseGeometry, *, activation=None, name="
              bias: T.Buffer((CB * V,), "float32"), y: T.Buffer((N, CB, HOP, WOP, V), "float32")):
         T.func_attr({"tirx.noalias": True})
         if OUT_BORDER:
-            for nb in T.parallel(N * CB):
-                for h in range(HOP):
-                    for ww in range(WOP):
-                        if h < OT or h >= OT + Ho or ww < OL or ww >= OL + Wo:
-                            for v in T.vectorized(V):
-                                y[nb // CB, nb % CB, h, ww, v] = T.float32(0)
+            zero_border(y)
         for task in T.parallel(N * CB * Ho):
             for ct in range(CT_FULL):
                 tile(x, w, bias, y, task // (CB * Ho), task // Ho % CB, task % Ho, ct * TW, TW)

@@ -73,6 +73,38 @@ class KernelGeometry:
                 else (self.batch, self.out_channels, h, w))
 
 
+def blocked_zero_border(n_images, n_blocks, height, width, top_left, interior, lanes):
+    """Macro zeroing the border around the ``interior`` of an NCHW[V]c tensor (the next conv's padding)."""
+    top, left = top_left
+    rows, cols = interior
+
+    @T.macro
+    def zero_border(y):
+        for nb in T.parallel(n_images * n_blocks):
+            for h in range(height):
+                for w in range(width):
+                    if h < top or h >= top + rows or w < left or w >= left + cols:
+                        for v in T.vectorized(lanes):
+                            y[nb // n_blocks, nb % n_blocks, h, w, v] = T.float32(0)
+
+    return zero_border
+
+
+def _nchw_zero_border(n_images, channels, height, width, top_left, interior):
+    top, left = top_left
+    rows, cols = interior
+
+    @T.macro
+    def zero_border(y):
+        for nc in T.parallel(n_images * channels):
+            for h in range(height):
+                for w in range(width):
+                    if h < top or h >= top + rows or w < left or w >= left + cols:
+                        y[nc // channels, nc % channels, h, w] = T.float32(0)
+
+    return zero_border
+
+
 def _prod(values) -> int:
     out = 1
     for v in values:
@@ -208,21 +240,8 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
             else:
                 row_tile(xf, indptr, offsets, vstart, values, bias, y, n, ob, rt * TR, TR)
 
-    @T.macro
-    def zero_border(y):
-        if BLOCKED:
-            for nb in T.parallel(N * NB):
-                for h in range(HOP):
-                    for w in range(WOP):
-                        if h < OT or h >= OT + Ho or w < OL or w >= OL + Wo:
-                            for v in T.vectorized(V):
-                                y[nb // NB, nb % NB, h, w, v] = T.float32(0)
-        else:
-            for nc in T.parallel(N * Cout):
-                for h in range(HOP):
-                    for w in range(WOP):
-                        if h < OT or h >= OT + Ho or w < OL or w >= OL + Wo:
-                            y[nc // Cout, nc % Cout, h, w] = T.float32(0)
+    zero_border = blocked_zero_border(N, NB, HOP, WOP, (OT, OL), (Ho, Wo), V) if BLOCKED else \
+        _nchw_zero_border(N, Cout, HOP, WOP, (OT, OL), (Ho, Wo))
 
     @T.prim_func
     def func(x: T.Buffer(x_shape, "float32"), indptr: T.Buffer((NB * RMAX + 1,), "int32"),
