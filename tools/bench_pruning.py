@@ -123,7 +123,8 @@ def run_dataset(name, args, tmp):
         model = copy.deepcopy(dense)
         res = pruning.prune(model, data, table, budget, admm_epochs=args.admm_epochs,
                             finetune_epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size,
-                            rest_model="small_cnn", seed=args.seed, log=lambda *a: None)
+                            rest_model="small_cnn", seed=args.seed, importance=args.importance,
+                            log=lambda *a: None)
         alcs_ms, report = measure(model, shape, tmp, f"{name}_alcs{frac}")
         # uniform SIMD magnitude at the same predicted latency
         keep = uniform_keep_for(lat, res.predicted_ms)
@@ -196,6 +197,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--table-repeat", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--importance", choices=["l2", "taylor"], default="l2", help="ALCS group importance")
     p.add_argument("--out", default="/tmp/bench_pruning.json")
     p.add_argument("--plot", default="docs/pruning_bench.png")
     p.add_argument("--torch-threads", type=int, default=1,
