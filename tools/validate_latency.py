@@ -211,7 +211,7 @@ def main(argv=None):
     ok = summary["overall"]["mape_pct"] <= 5 and summary["overall"].get("kendall_tau", 0) >= 0.9
     log(f"bar (MAPE <= 5%, Kendall tau >= 0.9): {'met' if ok else 'NOT met'}; results in {work / 'validation.json'}")
     if args.png:
-        plot(points, args.png, f"{args.models} on {args.key} ({info.family}): MAPE "
+        plot(points, args.png, f"{args.models}\non {args.key} ({info.family}): MAPE "
                                f"{summary['overall']['mape_pct']:.1f}%, tau "
                                f"{summary['overall'].get('kendall_tau', float('nan')):.2f}")
         log(f"wrote {args.png}")
