@@ -50,6 +50,11 @@ class ModelLayer:
     bias: bool
     activation: str | None  # None | "relu" | "relu6"
     density: float  # block density of the model's weight
+    # the layout the pass chains this conv with its neighbours (see SparseConvRewrite._chain)
+    input_prepadded: bool = False
+    input_block: int = 1
+    output_blocked: bool = False
+    output_pad: tuple = (0, 0, 0, 0)
 
     @property
     def key(self) -> str:
@@ -76,6 +81,9 @@ def model_layers(model, target="x86", *, input_shapes=None, vector_width=None, r
     rewrite = SparseConvRewrite(info.target, vector_width=info.vector_width, sparse=False,
                                 layer_names=conv_node_names(onnx_model))
     rewrite(mod)
+    # the pass's layer plans (layout chaining): measured kernels must read/write what they do in the model
+    plans = {id(getattr(p, "report_row", None)): p for p in getattr(rewrite, "_plans", {}).values()
+             if p is not None and getattr(p, "kind", None) == "conv2d"}
     layers = []
     for d in rewrite.report.layers:
         if d.op != "conv2d" or d.spec is None:
@@ -84,7 +92,11 @@ def model_layers(model, target="x86", *, input_shapes=None, vector_width=None, r
                           d.spec["out_channels"], tuple(d.spec["kernel"]), tuple(d.spec["stride"]),
                           tuple(d.spec["padding"]), tuple(d.spec["dilation"]))
         bias, activation = _fused_from_implementation(d.implementation)
-        layers.append(ModelLayer(d.name, spec, int(d.vector_width), bias, activation, float(d.density)))
+        plan = plans.get(id(d))
+        layout = {} if plan is None else dict(
+            input_prepadded=bool(plan.input_prepadded), input_block=int(plan.input_block),
+            output_blocked=bool(plan.output_blocked), output_pad=tuple(int(p) for p in plan.output_pad))
+        layers.append(ModelLayer(d.name, spec, int(d.vector_width), bias, activation, float(d.density), **layout))
     if return_module:
         return layers, info, onnx_model, mod
     return layers
@@ -206,11 +218,12 @@ def measure_layer(layer: ModelLayer, info, measurer: Measurer, sparsities, *, re
     rng = np.random.default_rng(seed)
     weight = (rng.standard_normal(spec.weight_shape) * 0.1).astype(np.float32)
     bias = (rng.standard_normal(spec.out_channels) * 0.1).astype(np.float32) if layer.bias else None
-    x = rng.standard_normal(spec.input_shape).astype(np.float32)
 
     def kernel(w, name, keep_all=False):
         return sparse_conv2d_kernel(BlockSparseWeight.from_dense(w, v, keep_all=keep_all), spec, bias=bias,
-                                    activation=layer.activation, target=info, name=name)
+                                    activation=layer.activation, target=info, name=name,
+                                    input_prepadded=layer.input_prepadded, input_block=layer.input_block,
+                                    output_blocked=layer.output_blocked, output_pad=layer.output_pad)
 
     def build(kernels):
         """Build kernels (name -> SparseConv2dKernel) into one library, upload it: one round trip."""
@@ -227,6 +240,8 @@ def measure_layer(layer: ModelLayer, info, measurer: Measurer, sparsities, *, re
     for i, ws in masks.items():
         kernels[f"alcs_sparse_{i}_0"] = kernel(ws[0], f"alcs_sparse_{i}_0")
     module = build(kernels)
+    geom = kernels["alcs_dense"].geometry
+    x = rng.standard_normal(geom.input_shape).astype(np.float32)  # NCHW, or padded / channel-blocked
     y = np.zeros(kernels["alcs_dense"].output_shape, np.float32)
 
     def run(module, k):
