@@ -33,6 +33,8 @@ def compile_module(mod, target="x86", *, vector_width=None, sparse=True, density
                    latency_table=None, layer_names=None):
     """Compile an already imported and prepared Relax module. Returns ``(executable, report, lowered_mod)``."""
     info = resolve_target(target, vector_width)
+    if latency_table is not None:  # a table measured on another target or TVM would pick layers wrongly
+        latency_table.check_compatible(info, tvm.__version__)
     rewrite = SparseConvRewrite(info.target, vector_width=info.vector_width, sparse=sparse,
                                 density_threshold=density_threshold, latency_table=latency_table,
                                 layer_names=layer_names)

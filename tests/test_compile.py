@@ -141,6 +141,7 @@ def _unsupported_op_model(path):
     ("bad-shapes", "input"),
     ("unknown-target", "unknown target"),
     ("missing-file", "no such model file"),
+    ("table-for-another-target", "measured for target"),
 ])
 def test_cli_errors_are_one_line(pruned_models, tmp_path, case, expect):
     model, extra = pruned_models["resnet_tiny"], []
@@ -156,6 +157,18 @@ def test_cli_errors_are_one_line(pruned_models, tmp_path, case, expect):
         extra = ["--target", "sparc"]
     elif case == "missing-file":
         model = tmp_path / "nope.onnx"
+    elif case == "table-for-another-target":  # an (empty) table made for the ARM target, used for x86
+        import json as _json
+
+        import tvm
+
+        from alcs_tvm.latency import LatencyTable
+        from alcs_tvm.target import resolve_target
+
+        arm = resolve_target("arm64")
+        table = tmp_path / "arm64_table.json"
+        LatencyTable(_json.loads(arm.key), arm.family, "arm64-qemu", tvm.__version__).save(str(table))
+        extra = ["--target", "x86", "--latency-table", table]
     result = alcs("compile", model, "-o", tmp_path / "out.so", *extra)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
