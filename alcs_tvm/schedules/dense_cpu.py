@@ -589,9 +589,10 @@ class DenseCPUSchedule:  # pylint: disable=too-few-public-methods
 
 
 def dense_build_passes(target, extra_passes=()) -> list:
-    """The Relax passes that turn an imported model into scheduled, fused PrimFuncs. ``extra_passes`` (e.g. the
-    sparse-conv rewrite) run after fusion and before scheduling, so their PrimFuncs are left alone when they
-    carry ``tirx.is_scheduled``."""
+    """The Relax passes that turn an imported model into scheduled, fused PrimFuncs. ``extra_passes`` run after
+    fusion and before scheduling (for passes that work on legalised PrimFuncs; PrimFuncs carrying
+    ``tirx.is_scheduled`` are left alone). The sparse-conv rewrite is not one of them: it matches
+    ``R.nn.conv2d`` and runs before this list (see :mod:`alcs_tvm.compiler`)."""
     return [
         relax.transform.DecomposeOpsForInference(),
         relax.transform.LegalizeOps(),
