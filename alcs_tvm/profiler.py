@@ -61,13 +61,6 @@ class ModelLayer:
         return layer_key(self.spec, self.vector_width)
 
 
-def _fused_from_implementation(text: str):
-    """``"alcs dense kernel (all blocks), conv+bias+relu"`` -> (True, "relu")."""
-    parts = text.rsplit(", ", 1)[-1].split("+")
-    activation = next((p for p in parts if p in ("relu", "relu6")), None)
-    return "bias" in parts, activation
-
-
 def model_layers(model, target="x86", *, input_shapes=None, vector_width=None, return_module=False):
     """The rewritable convs of an ONNX model (path, bytes or ModelProto), in graph order, mapped exactly as the
     Relax pass maps them (the pass itself runs, with ``sparse=False``)."""
@@ -81,9 +74,6 @@ def model_layers(model, target="x86", *, input_shapes=None, vector_width=None, r
     rewrite = SparseConvRewrite(info.target, vector_width=info.vector_width, sparse=False,
                                 layer_names=conv_node_names(onnx_model))
     rewrite(mod)
-    # the pass's layer plans (layout chaining): measured kernels must read/write what they do in the model
-    plans = {id(getattr(p, "report_row", None)): p for p in getattr(rewrite, "_plans", {}).values()
-             if p is not None and getattr(p, "kind", None) == "conv2d"}
     layers = []
     for d in rewrite.report.layers:
         if d.op != "conv2d" or d.spec is None:
@@ -91,12 +81,12 @@ def model_layers(model, target="x86", *, input_shapes=None, vector_width=None, r
         spec = Conv2dSpec(d.spec["batch"], d.spec["in_channels"], d.spec["height"], d.spec["width"],
                           d.spec["out_channels"], tuple(d.spec["kernel"]), tuple(d.spec["stride"]),
                           tuple(d.spec["padding"]), tuple(d.spec["dilation"]))
-        bias, activation = _fused_from_implementation(d.implementation)
-        plan = plans.get(id(d))
-        layout = {} if plan is None else dict(
-            input_prepadded=bool(plan.input_prepadded), input_block=int(plan.input_block),
-            output_blocked=bool(plan.output_blocked), output_pad=tuple(int(p) for p in plan.output_pad))
-        layers.append(ModelLayer(d.name, spec, int(d.vector_width), bias, activation, float(d.density), **layout))
+        # measured kernels must be called as in the model: fused epilogue and chained layouts (d.kernel)
+        k = d.kernel
+        layers.append(ModelLayer(d.name, spec, int(d.vector_width), bool(k["bias"]), k["activation"],
+                                 float(d.density), input_prepadded=bool(k["input_prepadded"]),
+                                 input_block=int(k["input_block"]), output_blocked=bool(k["output_blocked"]),
+                                 output_pad=tuple(int(p) for p in k["output_pad"])))
     if return_module:
         return layers, info, onnx_model, mod
     return layers

@@ -19,6 +19,9 @@ class LayerDecision:
     reason: str
     predicted_ms: dict = field(default_factory=dict)  # {"sparse": .., "dense": ..} when a latency table decided
     spec: dict | None = None  # the Conv2dSpec fields of a rewritable layer (what latency tables are keyed by)
+    # how the kernel of a rewritten conv is called in the model: bias (bool), activation, and its layouts
+    # (input_prepadded, input_block, output_blocked, output_pad) - what a latency table must measure
+    kernel: dict = field(default_factory=dict)
 
     def row(self) -> list:
         density = "-" if self.density is None else f"{self.density:.3f}"

@@ -379,6 +379,12 @@ class SparseConvRewrite:
             self._plans = plans
             self._depthwise_candidates = [layer for layer in layers if layer.kind == "depthwise"]
             self._chain([layer for layer in layers if layer.spec is not None])
+            for layer in layers:
+                if layer.spec is not None and layer.kind == "conv2d":
+                    layer.report_row.kernel = {
+                        "bias": layer.bias is not None, "activation": layer.activation,
+                        "input_prepadded": layer.input_prepadded, "input_block": layer.input_block,
+                        "output_blocked": layer.output_blocked, "output_pad": list(layer.output_pad)}
         if not any(plans.values()):
             return mod
         rewriter = _Rewriter(mod, plans, self.target_info)
