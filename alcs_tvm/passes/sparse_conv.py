@@ -163,8 +163,9 @@ class SparseConvRewrite:
 
     def _extend_chain(self, layer, value_of, single_user):
         user = single_user(layer.last_var)
-        if user is not None and self._bias_of(value_of[user], layer.last_var, layer.call) is not None:
-            layer.bias = self._bias_of(value_of[user], layer.last_var, layer.call)
+        bias = None if user is None else self._bias_of(value_of[user], layer.last_var, layer.call)
+        if bias is not None:
+            layer.bias = bias
             layer.fused_vars.append(layer.last_var)
             layer.last_var = user
             user = single_user(layer.last_var)
@@ -308,15 +309,20 @@ class SparseConvRewrite:
         for layer in layers:
             if layer.kind == "conv2d":
                 by_input.setdefault(layer.call.args[0], []).append(layer)
-        self._chain_depthwise(layers, by_input)
+
+        def only_conv_consumer(var):
+            """The rewritten conv that is ``var``'s one and only user, reading it as its data input."""
+            user = self._single_user(var)
+            matches = [] if user is None else [c for c in by_input.get(var, []) if c.conv_var.same_as(user)]
+            return matches[0] if len(matches) == 1 else None
+
+        self._chain_depthwise(layers, only_conv_consumer)
         for producer in layers:
-            if producer.kind != "conv2d":
+            if producer.kind != "conv2d" or producer.output_blocked:
                 continue
-            consumer_var = self._single_user(producer.last_var)
-            consumers = [c for c in by_input.get(producer.last_var, []) if c.conv_var == consumer_var]
-            if len(consumers) != 1 or producer.output_blocked or producer.kind != "conv2d":
+            consumer = only_conv_consumer(producer.last_var)
+            if consumer is None:
                 continue
-            consumer = consumers[0]
             v = producer.sparse_weight.vector_width
             producer.output_pad = tuple(consumer.spec.padding)
             consumer.input_prepadded = True
@@ -325,7 +331,7 @@ class SparseConvRewrite:
             layout = f"NCHW{v}c" if producer.output_blocked else "NCHW"
             producer.report_row.implementation += f"; writes {layout} padded for {consumer.report_row.name}"
 
-    def _chain_depthwise(self, layers, by_input):
+    def _chain_depthwise(self, layers, only_conv_consumer):
         """conv -> depthwise -> conv (MobileNetV2's expand, depthwise, project): when the depthwise conv is the
         producer's only consumer and feeds only a rewritten conv, all three run channel-blocked with the borders
         written by the producers, and the depthwise conv runs the blocked depthwise kernel."""
@@ -335,20 +341,15 @@ class SparseConvRewrite:
             if producer is None or self._single_user(producer.last_var) is None or \
                     not self._single_user(producer.last_var).same_as(dw.conv_var):
                 continue
-            consumers = [c for c in by_input.get(dw.last_var, [])
-                         if self._single_user(dw.last_var) is not None and
-                         c.conv_var.same_as(self._single_user(dw.last_var))]
+            consumer = only_conv_consumer(dw.last_var)
             v = producer.sparse_weight.vector_width
-            channels = dw.depthwise[0][1]
-            if len(consumers) != 1 or channels % v or consumers[0].sparse_weight.vector_width != v:
+            if consumer is None or dw.depthwise[0][1] % v or consumer.sparse_weight.vector_width != v:
                 continue
-            consumer = consumers[0]
-            in_shape, w_shape, padding, strides, dilation = dw.depthwise
+            padding = dw.depthwise[2]
             producer.output_blocked, producer.output_pad = True, tuple(padding)
             consumer.input_prepadded, consumer.input_block = True, v
             dw.output_pad = tuple(consumer.spec.padding)
             dw.vector_width = v
-            dw.planned = True
             dw.report_row.reason = "depthwise conv (no channel reduction for SIMD blocks to skip), kept in its " \
                                    "neighbours' blocked layout"
             dw.report_row.implementation = f"alcs depthwise NCHW{v}c kernel (between {producer.report_row.name} " \
