@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .schedules import SparseConvSchedule, default_sparse_conv_schedule
-from .schedules.sparse_conv2d_cpu import ACTIVATIONS, KernelGeometry, sparse_conv2d_template
+from .schedules.sparse_conv2d_cpu import KernelGeometry, sparse_conv2d_template
 from .sparse_format import BlockSparseWeight
 from .target import TargetInfo, resolve_target
 
@@ -271,8 +271,6 @@ def sparse_conv2d_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, *, bias=No
     ``output_blocked``: write NCHW[V]c (``[N, Cout/V, Ho, Wo, V]``) instead of NCHW. ``output_pad``: zero border
     (top, left, bottom, right) written around the output so the next conv can read it pre-padded.
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if not isinstance(weight, BlockSparseWeight):
         raise TypeError(f"weight must be a BlockSparseWeight, got {type(weight).__name__}")
     info = resolve_target(target, weight.vector_width)
@@ -385,11 +383,7 @@ def build_sparse_conv2d(weight, *, input_shape, stride=1, padding=0, dilation=1,
     """Compile one sparse conv layer from a dense (already masked) OIHW float32 weight."""
     if layout != "NCHW":
         raise ValueError(f"only NCHW layout is supported, got {layout!r}")
-    weight = np.asarray(weight)
-    if weight.ndim != 4:
-        raise ValueError(f"conv weight must be 4-D OIHW, got shape {weight.shape}")
-    if weight.dtype != np.float32:
-        raise TypeError(f"conv weight must be float32, got {weight.dtype}")
+    weight = np.asarray(weight)  # rank is checked by Conv2dSpec.create, dtype by BlockSparseWeight.from_dense
     spec = Conv2dSpec.create(input_shape, weight.shape, stride, padding, dilation)
     info = resolve_target(target, vector_width)
     return CompiledSparseConv2d(weight, spec, bias, activation, info, schedule)
