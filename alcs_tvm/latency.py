@@ -71,10 +71,26 @@ class LayerProfile:
     sparse_spread_ms: list = field(default_factory=list)  # interquartile range (or std) at each grid point
     dense_ms: float | None = None  # the dense conv as the compiler would run it
     dense_spread_ms: float | None = None
+    # raw measurements behind sparse_ms/dense_ms when the profiler timed both cache states (see mix_cache_states)
+    warm_ms: list | None = None  # weights in cache, per grid point
+    cold_ms: list | None = None  # weights flushed from the caches before every call
+    dense_warm_ms: float | None = None
+    dense_cold_ms: float | None = None
 
     @property
     def key(self) -> str:
         return layer_key(self.spec, self.vector_width)
+
+    def mix_cache_states(self, cold_fraction: float):
+        """``sparse_ms``/``dense_ms`` := warm + ``cold_fraction`` x (cold - warm). Inside a model a layer's
+        weights come partly from memory (evicted by the other layers' weights since the last inference) and
+        partly from the caches; the profiler calibrates the fraction on whole-model measurements."""
+        if self.warm_ms is None or self.cold_ms is None:
+            return
+        a = float(cold_fraction)
+        self.sparse_ms = [w + a * (c - w) for w, c in zip(self.warm_ms, self.cold_ms)]
+        if self.dense_warm_ms is not None and self.dense_cold_ms is not None:
+            self.dense_ms = self.dense_warm_ms + a * (self.dense_cold_ms - self.dense_warm_ms)
 
     def sparse_latency(self, sparsity: float) -> float:
         """Piece-wise linear in sparsity between grid points, exact at them, clamped at the grid's ends."""
@@ -98,7 +114,8 @@ class LayerProfile:
     def from_json(cls, data: dict) -> "LayerProfile":
         profile = cls(_spec_from_dict(data["spec"]), int(data["vector_width"]), list(data["sparsities"]),
                       list(data["sparse_ms"]), list(data.get("sparse_spread_ms", [])), data.get("dense_ms"),
-                      data.get("dense_spread_ms"))
+                      data.get("dense_spread_ms"), data.get("warm_ms"), data.get("cold_ms"),
+                      data.get("dense_warm_ms"), data.get("dense_cold_ms"))
         if len(profile.sparsities) != len(profile.sparse_ms) or \
                 list(profile.sparsities) != sorted(profile.sparsities):
             raise ValueError(f"layer {profile.key}: sparsity grid and latencies do not match")
@@ -115,6 +132,9 @@ class LatencyTable:
     layers: dict = field(default_factory=dict)  # key -> LayerProfile
     rest_ms: dict = field(default_factory=dict)  # model name -> ms of everything but the rewritable convs
     models: dict = field(default_factory=dict)  # model name -> {"layers": [[node, key], ..], "rest_ms", ...}
+    # optional estimator for layers not measured (alcs_tvm.latency_regressor); never saved with the table
+    regressor: object = field(default=None, repr=False, compare=False)
+    _estimates: dict = field(default_factory=dict, repr=False, compare=False)
 
     # -- persistence ------------------------------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -174,12 +194,30 @@ class LatencyTable:
                                      f"{tvm_version}: re-profile")
 
     # -- the model --------------------------------------------------------------------------------------------
+    def estimate_missing(self, regressor) -> "LatencyTable":
+        """Answer for layers the table lacks with ``regressor``'s estimates (a
+        :class:`~alcs_tvm.latency_regressor.LatencyRegressor` trained for this target) instead of an error."""
+        if regressor is not None and regressor.target != self.target:
+            raise TableMismatchError(f"the regressor was trained for target {regressor.target}, the table is for "
+                                     f"{self.target}")
+        self.regressor = regressor
+        self._estimates = {}
+        return self
+
     def profile_for(self, spec: Conv2dSpec, vector_width: int) -> LayerProfile:
+        """The layer's profile; for a layer not in the table an estimate when :meth:`estimate_missing` was
+        called (``profile.estimated`` is then True), else :class:`LayerNotProfiledError`."""
         key = layer_key(spec, vector_width)
-        if key not in self.layers:
+        if key in self.layers:
+            return self.layers[key]
+        if self.regressor is None:
             raise LayerNotProfiledError(f"layer {spec.describe()} (V={vector_width}) is not in the latency table; "
-                                        f"profile the model that contains it (alcs profile)")
-        return self.layers[key]
+                                        f"profile the model that contains it (alcs profile), or estimate missing "
+                                        f"layers with a regressor (--estimate-missing)")
+        if key not in self._estimates:
+            grid = self.settings.get("sparsities") or [0.0, 0.25, 0.5, 0.7, 0.8, 0.9, 0.95]
+            self._estimates[key] = self.regressor.profile(spec, vector_width, grid)
+        return self._estimates[key]
 
     def layer_latency(self, spec: Conv2dSpec, vector_width: int, sparsity: float) -> float:
         return self.profile_for(spec, vector_width).latency(sparsity)
@@ -194,10 +232,11 @@ class LatencyTable:
         predicted = {"sparse": round(sparse, 5)}
         if profile.dense_ms is not None:
             predicted["dense"] = round(profile.dense_ms, 5)
+        source = "estimate (not in table)" if getattr(profile, "estimated", False) else "table"
         if profile.dense_ms is None or sparse <= profile.dense_ms:
-            return "sparse", predicted, f"table: sparse {sparse:.3f} ms <= dense " + \
+            return "sparse", predicted, f"{source}: sparse {sparse:.3f} ms <= dense " + \
                 (f"{profile.dense_ms:.3f} ms" if profile.dense_ms is not None else "(not measured)")
-        return "dense", predicted, f"table: dense {profile.dense_ms:.3f} ms < sparse {sparse:.3f} ms"
+        return "dense", predicted, f"{source}: dense {profile.dense_ms:.3f} ms < sparse {sparse:.3f} ms"
 
     def predict(self, layers, rest_model: str | None = None, *, target=None, input_shapes=None):
         """Model latency in ms and its per-layer breakdown ``(total_ms, {name: ms})``.

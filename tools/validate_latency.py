@@ -32,9 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from alcs_tvm import compiler, rpc as alcs_rpc, zoo  # noqa: E402
 from alcs_tvm.latency import LatencyTable  # noqa: E402
-from alcs_tvm.profiler import DEFAULT_SPARSITIES, profile_model  # noqa: E402
+from alcs_tvm.profiler import DEFAULT_SPARSITIES, profile_model, random_pruned_onnx  # noqa: E402
 from alcs_tvm.run import run_model, write_sidecar  # noqa: E402
-from alcs_tvm.sparse_format import random_block_sparse  # noqa: E402
 from alcs_tvm.target import resolve_target  # noqa: E402
 
 
@@ -49,27 +48,6 @@ def metrics(predicted, measured) -> dict:
         out["pearson_r"] = float(np.corrcoef(p, m)[0, 1])
         out["kendall_tau"] = float(stats.kendalltau(p, m).statistic)
     return out
-
-
-def prune_onnx(onnx_model, vector_width, sparsity_by_name, rng):
-    """A copy of the ONNX model whose named Conv nodes have their weight initializers pruned with random
-    SIMD-block masks at the given sparsities (in place of pruning in torch: names stay the ONNX node names)."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.ModelProto()
-    model.CopyFrom(onnx_model)
-    inits = {init.name: init for init in model.graph.initializer}
-    convs = [n for n in model.graph.node if n.op_type == "Conv"]
-    for i, node in enumerate(convs):
-        name = node.name or f"Conv_{i}"
-        if name not in sparsity_by_name:
-            continue
-        init = inits[node.input[1]]
-        w = numpy_helper.to_array(init).astype(np.float32)
-        init.CopyFrom(numpy_helper.from_array(random_block_sparse(w, vector_width, sparsity_by_name[name], rng),
-                                              init.name))
-    return model
 
 
 def validate_model(name, args, info, session, work: Path, table_path: Path, log):
@@ -96,7 +74,7 @@ def validate_model(name, args, info, session, work: Path, table_path: Path, log)
     for c in range(args.configs):
         sparsity = {n: float(rng.uniform(0.0, args.max_sparsity)) for n in rewritable}
         pruned_path = work / f"{name}_cfg{c}.onnx"
-        onnx.save(prune_onnx(dense_onnx, info.vector_width, sparsity, rng), str(pruned_path))
+        onnx.save(random_pruned_onnx(dense_onnx, info.vector_width, sparsity, rng), str(pruned_path))
         predicted, breakdown = table.predict(str(pruned_path), target=info.target)
         executable, report = compiler.compile(str(pruned_path), info.target, latency_table=table)
         lib = compiler.export(executable, str(work / f"{name}_cfg{c}.so"), info)
