@@ -103,6 +103,9 @@ def register_cli(subparsers):
     p.add_argument("--sparsity-threshold", type=float, metavar="D",
                    help="use the sparse kernel for layers whose block density is <= D")
     p.add_argument("--latency-table", help="latency table JSON: decide per layer by measured latency")
+    p.add_argument("--estimate-missing", nargs="*", metavar="TABLE",
+                   help="layers not in --latency-table: estimate them with an XGBoost regressor trained on the "
+                        "table (and on these further tables of the same target) instead of failing")
     p.add_argument("--cross-compiler", help="C++ cross compiler for linking (default for arm64: "
                                             "aarch64-linux-gnu-g++)")
     p.add_argument("--report", help="write the per-layer report JSON here (default: OUTPUT.report.json)")
@@ -120,6 +123,14 @@ def _cli_compile(args):
         from .latency import LatencyTable
 
         latency_table = LatencyTable.load(args.latency_table)
+        if args.estimate_missing is not None:
+            from .latency_regressor import LatencyRegressor
+
+            regressor = LatencyRegressor.fit([latency_table] + [LatencyTable.load(t) for t in args.estimate_missing])
+            latency_table.estimate_missing(regressor)
+            print(regressor.describe())
+    elif args.estimate_missing is not None:
+        raise ValueError("--estimate-missing needs --latency-table")
     info = resolve_target(args.target, args.vector_width)
     executable, report = compile(args.model, info.target, input_shapes=input_shapes,
                                  vector_width=info.vector_width, sparse=not args.no_sparse,
