@@ -10,7 +10,7 @@ at the price of code that grows linearly with the kept weights.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -259,10 +259,16 @@ class SparseConv2dKernel:
         shape = self.geometry.output_shape
         return shape[:-1] + (self.schedule.vector_width,) if shape[-1] is None else shape
 
+    @property
+    def residual_shape(self) -> tuple | None:
+        shape = self.geometry.residual_shape
+        return shape[:-1] + (self.schedule.vector_width,) if shape and shape[-1] is None else shape
+
 
 def sparse_conv2d_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, *, bias=None, activation=None,
                          target="x86", schedule: SparseConvSchedule | None = None, input_prepadded=False,
                          input_block: int = 1, output_blocked=False, output_pad=(0, 0, 0, 0),
+                         input_border=None, residual=None, residual_pad=(0, 0, 0, 0),
                          name: str = "alcs_sparse_conv2d") -> SparseConv2dKernel:
     """Generate the sparse conv PrimFunc ``(x, indptr, offsets, vstart, values, bias, block_order, y)``.
 
@@ -270,6 +276,10 @@ def sparse_conv2d_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, *, bias=No
     ``input_block = b``); otherwise ``x`` is plain NCHW and is padded into a workspace first.
     ``output_blocked``: write NCHW[V]c (``[N, Cout/V, Ho, Wo, V]``) instead of NCHW. ``output_pad``: zero border
     (top, left, bottom, right) written around the output so the next conv can read it pre-padded.
+    ``input_border``: the pre-padded input's zero border when it is wider than this conv's padding (one tensor
+    read by several convs, padded for the widest); the kernel reads it with its own padding.
+    ``residual``: ``"nchw"`` (``[N, Cout, Ho, Wo]``) or ``"blocked"`` (NCHW[V]c with a ``residual_pad`` border): a
+    tensor added before the activation (a ResNet shortcut), passed between ``block_order`` and the output.
     """
     if not isinstance(weight, BlockSparseWeight):
         raise TypeError(f"weight must be a BlockSparseWeight, got {type(weight).__name__}")
@@ -282,8 +292,20 @@ def sparse_conv2d_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, *, bias=No
         raise ValueError(f"schedule vector width {schedule.vector_width} != weight's {weight.vector_width}")
     if input_block != 1 and not input_prepadded:
         raise ValueError("a channel-blocked input must come pre-padded")
-    packed = pack_sparse_conv2d(weight, spec, bias, input_block, max_run)
-    padded = padded_input_shape(spec, input_block)
+    border = spec.padding if input_border is None else normalize_padding(input_border)
+    if any(b < p for b, p in zip(border, spec.padding)):
+        raise ValueError(f"input border {border} is narrower than the conv's padding {spec.padding}")
+    if border != spec.padding and not input_prepadded:
+        raise ValueError("an input border needs a pre-padded input")
+    if residual is not None and residual not in ("nchw", "blocked"):
+        raise ValueError(f"residual must be None, 'nchw' or 'blocked', got {residual!r}")
+    # offsets index the bordered buffer; the shift starts each receptive field where this conv's padding does
+    buffer_spec = replace(spec, padding=tuple(border))
+    packed = pack_sparse_conv2d(weight, buffer_spec, bias, input_block, max_run)
+    shift = ((border[0] - spec.padding[0]) * buffer_spec.padded_width + border[1] - spec.padding[1]) * input_block
+    if shift and weight.nnz_blocks:
+        packed = replace(packed, offsets=(packed.offsets + shift).astype(np.int32))
+    padded = padded_input_shape(buffer_spec, input_block)
     needs_pad = any(spec.padding) and not input_prepadded
     pixel = input_block  # elements between horizontally adjacent input pixels
     geom = KernelGeometry(
@@ -291,7 +313,7 @@ def sparse_conv2d_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, *, bias=No
         input_shape=spec.input_shape if not input_prepadded else padded,
         padded_shape=padded,
         input_pad=spec.padding if needs_pad else (0, 0, 0, 0),
-        row_step=spec.stride[0] * spec.padded_width * pixel,
+        row_step=spec.stride[0] * buffer_spec.padded_width * pixel,
         col_step=spec.stride[1] * pixel,
         out_channels=spec.out_channels,
         num_blocks=weight.num_blocks,
@@ -302,6 +324,8 @@ def sparse_conv2d_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, *, bias=No
         nnz=len(packed.values),
         nruns=len(packed.offsets),
         max_run=max_run,
+        residual=residual,
+        residual_pad=tuple(int(p) for p in residual_pad),
     )
     func = sparse_conv2d_template(geom, schedule, has_bias=bias is not None, activation=activation, name=name)
     return SparseConv2dKernel(func, packed, geom, schedule)

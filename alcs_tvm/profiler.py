@@ -62,6 +62,9 @@ class ModelLayer:
     input_block: int = 1
     output_blocked: bool = False
     output_pad: tuple = (0, 0, 0, 0)
+    input_border: tuple | None = None
+    residual: str | None = None  # a fused shortcut add: "nchw" | "blocked"
+    residual_pad: tuple = (0, 0, 0, 0)
 
     @property
     def key(self) -> str:
@@ -93,7 +96,10 @@ def model_layers(model, target="x86", *, input_shapes=None, vector_width=None, r
         layers.append(ModelLayer(d.name, spec, int(d.vector_width), bool(k["bias"]), k["activation"],
                                  float(d.density), input_prepadded=bool(k["input_prepadded"]),
                                  input_block=int(k["input_block"]), output_blocked=bool(k["output_blocked"]),
-                                 output_pad=tuple(int(p) for p in k["output_pad"])))
+                                 output_pad=tuple(int(p) for p in k["output_pad"]),
+                                 input_border=None if k.get("input_border") is None else tuple(k["input_border"]),
+                                 residual=k.get("residual"),
+                                 residual_pad=tuple(int(p) for p in k.get("residual_pad", (0, 0, 0, 0)))))
     if return_module:
         return layers, info, onnx_model, mod
     return layers
@@ -231,7 +237,9 @@ def measure_layer(layer: ModelLayer, info, measurer: Measurer, sparsities, *, re
         return sparse_conv2d_kernel(BlockSparseWeight.from_dense(w, v, keep_all=keep_all), spec, bias=bias,
                                     activation=layer.activation, target=info, name=name,
                                     input_prepadded=layer.input_prepadded, input_block=layer.input_block,
-                                    output_blocked=layer.output_blocked, output_pad=layer.output_pad)
+                                    output_blocked=layer.output_blocked, output_pad=layer.output_pad,
+                                    input_border=layer.input_border, residual=layer.residual,
+                                    residual_pad=layer.residual_pad)
 
     def build(kernels):
         """Build kernels (name -> SparseConv2dKernel) into one library, upload it: one round trip."""
@@ -251,10 +259,12 @@ def measure_layer(layer: ModelLayer, info, measurer: Measurer, sparsities, *, re
     geom = kernels["alcs_dense"].geometry
     x = rng.standard_normal(geom.input_shape).astype(np.float32)  # NCHW, or padded / channel-blocked
     y = np.zeros(kernels["alcs_dense"].output_shape, np.float32)
+    shortcut = [] if layer.residual is None else \
+        [rng.standard_normal(kernels["alcs_dense"].residual_shape).astype(np.float32)]
 
     def run(module, k):
         """(warm samples, cold samples)"""
-        args = measurer.tensors([x] + list(k.packed.arrays()) + [y])
+        args = measurer.tensors([x] + list(k.packed.arrays()) + shortcut + [y])
         name = k.func.attrs["global_symbol"]
         return (measurer.time(module, name, args, repeat, min_repeat_ms),
                 measurer.time(module, name, args, repeat, min_repeat_ms, cold_weights=True))

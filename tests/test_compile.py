@@ -188,23 +188,32 @@ def test_pruned_linear_head_goes_sparse_batch_2(tmp_path):
     assert_close(run_vm(executable, x), onnx_runtime(path, x))
 
 
-def test_conv_to_conv_chains_write_blocked_padded_layout(pruned_models):
-    """In a ResNet basic block, conv1's only consumer is conv2: conv1 writes NCHW16c with conv2's zero border,
-    conv2 reads it as is (no transpose, no pad copy), and the result still matches ONNX Runtime."""
+def test_resnet_blocks_stay_blocked_with_shortcuts_fused(pruned_models):
+    """In ResNet every rewritten conv but the last writes NCHW16c with the zero border its readers need: conv1 for
+    conv2, and a block's output for the next block's conv1 (border 1), its 1x1 stride-2 shortcut conv (reads
+    the border-1 tensor with padding 0) and the next block's conv2, whose epilogue adds it (the residual add and
+    relu are fused: no separate add op, no transpose, no pad copy). The result still matches ONNX Runtime."""
     import tvm
 
     from alcs_tvm import frontend
-    from alcs_tvm.passes import SparseConvRewrite
-
     from alcs_tvm.compiler import conv_node_names
+    from alcs_tvm.passes import SparseConvRewrite
 
     path = pruned_models["resnet_tiny"]
     rewrite = SparseConvRewrite("x86", layer_names=conv_node_names(frontend.load_onnx(str(path))))
     lowered = rewrite(frontend.prepare_for_sparse(frontend.import_onnx(str(path))))
-    chained = [layer for layer in rewrite.report.layers if "writes NCHW16c padded" in layer.implementation]
-    assert [layer.name for layer in chained] == [f"/layer{i}/layer{i}.0/conv1/Conv" for i in (1, 2, 3, 4)]
+    convs = [layer for layer in rewrite.report.layers if layer.op == "conv2d"]
+    blocked = [layer.name for layer in convs if "writes NCHW16c padded" in layer.implementation]
+    assert blocked == [layer.name for layer in convs if layer.name != "/layer4/layer4.0/conv2/Conv"]
+    kernels = {layer.name: layer.kernel for layer in convs}
+    for stage in (1, 2, 3, 4):
+        assert kernels[f"/layer{stage}/layer{stage}.0/conv2/Conv"]["residual"] == "blocked"
+    for stage in (2, 3, 4):
+        shortcut = kernels[f"/layer{stage}/layer{stage}.0/downsample/downsample.0/Conv"]
+        assert shortcut["input_block"] == 16 and shortcut["input_border"] == [1, 1, 1, 1]
     script = lowered["main"].script()
-    assert "R.Tensor((1, 1, 34, 34, 16)" in script  # layer1 conv1: 16 channels, 32x32 + border 1, blocked
+    assert "R.Tensor((1, 1, 34, 34, 16)" in script  # the stem's output: 16 channels, 32x32 + border 1, blocked
+    assert script.count("R.add(") == 1  # only the classifier's bias: every residual add is in a conv epilogue
     executable = tvm.compile(lowered, target=rewrite.target_info.target)
     x = np.random.default_rng(6).standard_normal((1, 3, 32, 32)).astype(np.float32)
     assert_close(run_vm(executable, x), onnx_runtime(path, x))

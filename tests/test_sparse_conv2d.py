@@ -126,6 +126,53 @@ def test_model_layouts_prepadded_blocked_in_and_out(input_block, output_pad):
     assert np.all(out[border] == 0)
 
 
+def _blocked(a, v, border=(0, 0, 0, 0)):
+    """NCHW -> NCHW[v]c with a zero border (top, left, bottom, right)."""
+    top, left, bottom, right = border
+    a = np.pad(a, ((0, 0), (0, (-a.shape[1]) % v), (top, bottom), (left, right)))
+    n, c, h, w = a.shape
+    return np.ascontiguousarray(a.reshape(n, c // v, v, h, w).transpose(0, 1, 3, 4, 2))
+
+
+@pytest.mark.parametrize("kernel_size, stride, pad, border", [(1, 2, 0, (1, 1, 1, 1)), (3, 1, 1, (2, 1, 1, 2)),
+                                                              (3, 2, 1, (1, 1, 1, 1))])
+def test_input_border_wider_than_padding(kernel_size, stride, pad, border):
+    """One tensor read by several convs carries the widest padding; each conv reads it with its own (ResNet's
+    1x1 stride-2 shortcut conv reads the 3x3 conv's border-1 input)."""
+    x, weight, b = make_case(7, 16, 32, 9, kernel_size, 0.5, 8, bias=True)
+    spec = Conv2dSpec.create(x.shape, weight.shape, stride, pad, 1)
+    kernel = sparse_conv2d_kernel(BlockSparseWeight.from_dense(weight, 8), spec, bias=b, target={"kind": "llvm"},
+                                  input_prepadded=True, input_block=8, input_border=border)
+    assert_close(run_kernel(kernel, _blocked(x, 8, border)), torch_conv(x, weight, b, stride, pad, 1, None))
+
+
+@pytest.mark.parametrize("residual, blocked_out", [("nchw", False), ("blocked", True), ("nchw", True),
+                                                   ("blocked", False)])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_residual_added_before_activation(residual, blocked_out, activation):
+    """conv + bias + shortcut -> activation in one kernel (a ResNet basic block's second conv and its add)."""
+    x, weight, b = make_case(8, 16, 36, 10, 3, 0.6, 8, bias=True)  # 36 channels: a partial last block
+    spec = Conv2dSpec.create(x.shape, weight.shape, 1, 1, 1)
+    shortcut = np.random.default_rng(9).standard_normal((1, 36, 10, 10)).astype(np.float32)
+    res_pad = (1, 1, 1, 1) if residual == "blocked" else (0, 0, 0, 0)
+    kernel = sparse_conv2d_kernel(BlockSparseWeight.from_dense(weight, 8), spec, bias=b, activation=activation,
+                                  target={"kind": "llvm"}, output_blocked=blocked_out, residual=residual,
+                                  residual_pad=res_pad)
+    res = _blocked(shortcut, 8, res_pad) if residual == "blocked" else shortcut
+    assert kernel.residual_shape == res.shape
+    import tvm
+
+    executable = tvm.compile(kernel.func, target={"kind": "llvm"})
+    arrays = [x] + kernel.packed.arrays() + [res, np.full(kernel.output_shape, np.nan, np.float32)]
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
+    executable.mod["alcs_sparse_conv2d"](*args)
+    out = args[-1].numpy()
+    if blocked_out:
+        out = out.transpose(0, 1, 4, 2, 3).reshape(1, 40, 10, 10)[:, :36]
+    ref = torch_conv(x, weight, b, 1, 1, 1, None) + shortcut
+    assert_close(out, np.maximum(ref, 0) if activation == "relu" else ref)
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(weight=np.zeros((8, 4, 3), np.float32), input_shape=(1, 4, 8, 8)), ValueError, "4-D"),
     (dict(weight=np.zeros((8, 4, 3, 3), np.float64), input_shape=(1, 4, 8, 8)), TypeError, "float32"),

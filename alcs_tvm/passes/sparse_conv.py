@@ -99,6 +99,12 @@ class _Layer:
         self.output_pad = (0, 0, 0, 0)
         self.input_prepadded = False
         self.input_block = 1
+        self.input_border = None  # a pre-padded input's border when wider than this conv's padding
+        # a shortcut tensor added before the activation (ResNet/MobileNetV2 residual), fused into the epilogue
+        self.residual = None  # the Relax var
+        self.residual_binding = None  # the add's binding var (folded into the call)
+        self.residual_layout = "nchw"
+        self.residual_pad = (0, 0, 0, 0)
         self.depthwise = None  # (input shape, weight shape, padding, strides, dilation) of a depthwise conv
 
 
@@ -143,6 +149,8 @@ class SparseConvRewrite:
             return uses[0] if len(uses) == 1 and uses[0] is not None else None
 
         self._single_user = single_user
+        self._users = users
+        self._claimed_adds = {}  # a shortcut add is fused into the first conv that reaches it, not both operands'
 
         layers = []
         for b in bindings:
@@ -166,6 +174,14 @@ class SparseConvRewrite:
         bias = None if user is None else self._bias_of(value_of[user], layer.last_var, layer.call)
         if bias is not None:
             layer.bias = bias
+            layer.fused_vars.append(layer.last_var)
+            layer.last_var = user
+            user = single_user(layer.last_var)
+        shortcut = None if user is None or layer.kind != "conv2d" else \
+            self._residual_of(value_of[user], layer.last_var, layer.call)
+        if shortcut is not None and user not in self._claimed_adds:
+            self._claimed_adds[user] = layer
+            layer.residual, layer.residual_binding = shortcut, user
             layer.fused_vars.append(layer.last_var)
             layer.last_var = user
             user = single_user(layer.last_var)
@@ -202,6 +218,21 @@ class SparseConvRewrite:
         if data.shape not in allowed:
             return None
         return np.ascontiguousarray(data.reshape(cout), np.float32)
+
+    @staticmethod
+    def _residual_of(value, conv_out, conv_call):
+        """``add(conv_out, shortcut)`` with a non-constant float32 shortcut of the conv's output shape."""
+        if not (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name == "relax.add"):
+            return None
+        args = list(value.args)
+        if len(args) != 2 or not any(a.same_as(conv_out) for a in args):
+            return None
+        other = args[1] if args[0].same_as(conv_out) else args[0]
+        if other.same_as(conv_out) or _is_const(other) or not isinstance(other, relax.Var) or \
+                _dtype(other) != "float32" or _static_shape(other) is None or \
+                _static_shape(other) != _static_shape(conv_call):
+            return None
+        return other
 
     @staticmethod
     def _activation_of(value, src):
@@ -302,13 +333,17 @@ class SparseConvRewrite:
                              f"{implementation}, {fused}", reason, predicted, asdict(spec))
 
     def _chain(self, layers):
-        """Let a rewritten conv whose only consumer is another rewritten conv write what that conv reads best:
-        NCHW[V]c (one vector store per pixel instead of a lane transpose) with the consumer's zero padding
-        already in place (no pad copy in the consumer)."""
-        by_input = {}
-        for layer in layers:
-            if layer.kind == "conv2d":
-                by_input.setdefault(layer.call.args[0], []).append(layer)
+        """Let a rewritten conv whose every user is a rewritten conv write what those convs read best: NCHW[V]c (one
+        vector store per pixel instead of a lane transpose) with the widest zero border its readers need already
+        in place (no pad copy in them). Its users may read it as their data input (each with its own padding) or
+        as the shortcut fused into their epilogue (a residual block's add), so ResNet's and MobileNetV2's blocks
+        stay channel-blocked from one conv to the next."""
+        convs = [layer for layer in layers if layer.kind == "conv2d"]
+        by_input, by_residual = {}, {}
+        for layer in convs:
+            by_input.setdefault(layer.call.args[0], []).append(layer)
+            if layer.residual is not None:
+                by_residual.setdefault(layer.residual, []).append(layer)
 
         def only_conv_consumer(var):
             """The rewritten conv that is ``var``'s one and only user, reading it as its data input."""
@@ -317,19 +352,32 @@ class SparseConvRewrite:
             return matches[0] if len(matches) == 1 else None
 
         self._chain_depthwise(layers, only_conv_consumer)
-        for producer in layers:
-            if producer.kind != "conv2d" or producer.output_blocked:
+        for producer in convs:
+            if producer.output_blocked:
                 continue
-            consumer = only_conv_consumer(producer.last_var)
-            if consumer is None:
-                continue
+            var = producer.last_var
+            readers, shortcut_readers = by_input.get(var, []), by_residual.get(var, [])
+            users = self._users.get(var, [])
+            expected = [c.conv_var for c in readers] + [c.residual_binding for c in shortcut_readers]
+            if not users or any(u is None for u in users) or len(users) != len(expected) or \
+                    any(not any(u.same_as(e) for e in expected) for u in users):
+                continue  # some user is not a rewritten conv: keep NCHW
             v = producer.sparse_weight.vector_width
-            producer.output_pad = tuple(consumer.spec.padding)
-            consumer.input_prepadded = True
-            if producer.spec.out_channels % v == 0 and consumer.sparse_weight.vector_width == v:
-                producer.output_blocked, consumer.input_block = True, v
-            layout = f"NCHW{v}c" if producer.output_blocked else "NCHW"
-            producer.report_row.implementation += f"; writes {layout} padded for {consumer.report_row.name}"
+            border = tuple(max(c.spec.padding[i] for c in readers) if readers else 0 for i in range(4))
+            blocked = producer.spec.out_channels % v == 0 and \
+                all(c.sparse_weight.vector_width == v for c in readers + shortcut_readers)
+            if not blocked and shortcut_readers:
+                continue  # shortcuts are read NCHW unpadded or blocked with a border
+            producer.output_pad = border
+            producer.output_blocked = blocked
+            for c in readers:
+                c.input_prepadded, c.input_block = True, (v if blocked else 1)
+                c.input_border = border if border != tuple(c.spec.padding) else None
+            for c in shortcut_readers:
+                c.residual_layout, c.residual_pad = "blocked", border
+            layout = f"NCHW{v}c" if blocked else "NCHW"
+            names = ", ".join(c.report_row.name for c in readers + shortcut_readers)
+            producer.report_row.implementation += f"; writes {layout} padded for {names}"
 
     def _chain_depthwise(self, layers, only_conv_consumer):
         """conv -> depthwise -> conv (MobileNetV2's expand, depthwise, project): when the depthwise conv is the
@@ -385,7 +433,10 @@ class SparseConvRewrite:
                     layer.report_row.kernel = {
                         "bias": layer.bias is not None, "activation": layer.activation,
                         "input_prepadded": layer.input_prepadded, "input_block": layer.input_block,
-                        "output_blocked": layer.output_blocked, "output_pad": list(layer.output_pad)}
+                        "output_blocked": layer.output_blocked, "output_pad": list(layer.output_pad),
+                        "input_border": None if layer.input_border is None else list(layer.input_border),
+                        "residual": None if layer.residual is None else layer.residual_layout,
+                        "residual_pad": list(layer.residual_pad)}
         if not any(plans.values()):
             return mod
         rewriter = _Rewriter(mod, plans, self.target_info)
@@ -435,7 +486,9 @@ class _Rewriter(relax.PyExprMutator):
         kernel = sparse_conv2d_kernel(layer.sparse_weight, layer.spec, bias=layer.bias, activation=layer.activation,
                                       target=self.info, input_prepadded=layer.input_prepadded,
                                       input_block=layer.input_block, output_blocked=layer.output_blocked,
-                                      output_pad=layer.output_pad)
+                                      output_pad=layer.output_pad, input_border=layer.input_border,
+                                      residual=None if layer.residual is None else layer.residual_layout,
+                                      residual_pad=layer.residual_pad)
         key = (kernel.geometry, kernel.schedule, layer.bias is not None, layer.activation)
         gv = self.kernels.get(key)
         if gv is None:
@@ -444,8 +497,10 @@ class _Rewriter(relax.PyExprMutator):
                 {"op_pattern": 8, "tirx.is_scheduled": True})
             gv = self.builder_.add_func(func, f"alcs_sparse_conv2d_{len(self.kernels)}")
             self.kernels[key] = gv
-        consts = [relax.const(a) for a in kernel.packed.arrays()]
-        call = relax.call_tir(gv, [data] + consts, relax.TensorType(kernel.output_shape, "float32"))
+        args = [data] + [relax.const(a) for a in kernel.packed.arrays()]
+        if layer.residual is not None:
+            args.append(self.visit_expr(layer.residual))
+        call = relax.call_tir(gv, args, relax.TensorType(kernel.output_shape, "float32"))
         if layer.kind == "linear":
             call = relax.op.reshape(self.builder_.emit(call), kernel.output_shape[:2])
         new_var = self.builder_.emit(call, name_hint=binding.var.name)

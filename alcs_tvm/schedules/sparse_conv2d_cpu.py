@@ -60,10 +60,23 @@ class KernelGeometry:
     nnz: int = 1  # buffer length of values (>= 1 even when every block is empty)
     nruns: int = 1  # buffer length of offsets/vstart: runs of horizontally adjacent kept taps (>= 1)
     max_run: int = 1  # longest run; runs of each length 1..max_run are a segment of their own
+    # a residual added before the activation (ResNet's shortcut): None, "nchw" [N, Cout, Ho, Wo], or "blocked"
+    # [N, NB, Ho + top + bottom, Wo + left + right, V] with a border of residual_pad around the values
+    residual: str | None = None
+    residual_pad: tuple = (0, 0, 0, 0)
 
     @property
     def batch_stride(self) -> int:
         return _prod(self.padded_shape[1:])
+
+    @property
+    def residual_shape(self) -> tuple | None:
+        if self.residual is None:
+            return None
+        if self.residual == "nchw":
+            return self.batch, self.out_channels, self.out_height, self.out_width
+        top, left, bottom, right = self.residual_pad
+        return self.batch, self.num_blocks, self.out_height + top + bottom, self.out_width + left + right, None
 
     @property
     def output_shape(self) -> tuple:
@@ -114,7 +127,8 @@ def _prod(values) -> int:
 
 def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, has_bias: bool,
                            activation=None, name: str = "alcs_sparse_conv2d"):
-    """Return the PrimFunc ``(x, indptr, offsets, vstart, values, bias, block_order, y)`` for one conv layer.
+    """Return the PrimFunc ``(x, indptr, offsets, vstart, values, bias, block_order, [residual,] y)`` for one
+    conv layer (``residual`` when ``geom.residual`` is set: added to the accumulators before the activation).
 
     ``indptr[ob * max_run + k] : indptr[ob * max_run + k + 1]`` are the runs of length ``max_run - k`` of block
     ``ob``; run ``q`` starts at input offset ``offsets[q]`` and weight vector ``vstart[q]``.
@@ -159,6 +173,12 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
     else:
         C = H = W = HP = WP = 1  # unused
     y_shape = (N, NB, HOP, WOP, V) if BLOCKED else (N, Cout, HOP, WOP)
+    if geom.residual not in (None, "nchw", "blocked"):
+        raise ValueError(f"residual layout must be None, 'nchw' or 'blocked', got {geom.residual!r}")
+    HAS_RES = geom.residual is not None
+    RES_BLOCKED = geom.residual == "blocked"
+    RPT, RPL = geom.residual_pad[0], geom.residual_pad[1]
+    res_shape = geom.residual_shape[:-1] + (V,) if RES_BLOCKED else geom.residual_shape
     x_shape = tuple(geom.input_shape)
     bias_len = NB * V
 
@@ -175,7 +195,7 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
                                 at + r * ROW_STEP + (c + l) * COL_STEP]
 
     @T.macro
-    def tile(xf, indptr, offsets, vstart, values, bias, y, n, ob, row0, col0, tr, tw):
+    def tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, row0, col0, tr, tw):
         acc = T.decl_buffer((tr * tw * V,), "float32", scope="global")
         for i in T.unroll(tr * tw):
             for v in T.vectorized(V):
@@ -191,6 +211,18 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
         if RMAX >= 2:
             segment(xf, indptr, offsets, vstart, values, acc, base, ob, RMAX - 2, 2, tr, tw)
         segment(xf, indptr, offsets, vstart, values, acc, base, ob, RMAX - 1, 1, tr, tw)
+        if HAS_RES:
+            for r in T.unroll(tr):
+                for c in T.unroll(tw):
+                    if RES_BLOCKED:
+                        for v in T.vectorized(V):
+                            acc[(r * tw + c) * V + v] = acc[(r * tw + c) * V + v] + res[
+                                n, ob, RPT + row0 + r, RPL + col0 + c, v]
+                    else:
+                        for v in range(V):
+                            if not PARTIAL or ob * V + v < Cout:
+                                acc[(r * tw + c) * V + v] = acc[(r * tw + c) * V + v] + res[
+                                    n, ob * V + v, row0 + r, col0 + c]
         for r in T.unroll(tr):
             for c in T.unroll(tw):
                 if BLOCKED:
@@ -216,14 +248,14 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
                                 y[n, ob * V + v, OT + row0 + r, OL + col0 + c] = acc[(r * tw + c) * V + v]
 
     @T.macro
-    def row_tile(xf, indptr, offsets, vstart, values, bias, y, n, ob, row0, tr):
+    def row_tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, row0, tr):
         for ct in range(CT_FULL):
-            tile(xf, indptr, offsets, vstart, values, bias, y, n, ob, row0, ct * TW, tr, TW)
+            tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, row0, ct * TW, tr, TW)
         if HAS_COL_REM:
-            tile(xf, indptr, offsets, vstart, values, bias, y, n, ob, row0, CT_FULL * TW, tr, TW_REM)
+            tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, row0, CT_FULL * TW, tr, TW_REM)
 
     @T.macro
-    def conv(xf, indptr, offsets, vstart, values, bias, order, y):
+    def conv(xf, indptr, offsets, vstart, values, bias, order, res, y):
         for task in T.parallel(N * NB * RT):
             n = T.meta_var(task // (NB * RT))
             if ROW_OUTER:
@@ -234,22 +266,17 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
                 rt = T.meta_var(task % RT)
             if HAS_ROW_REM:
                 if rt < RT_FULL:
-                    row_tile(xf, indptr, offsets, vstart, values, bias, y, n, ob, rt * TR, TR)
+                    row_tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, rt * TR, TR)
                 else:
-                    row_tile(xf, indptr, offsets, vstart, values, bias, y, n, ob, RT_FULL * TR, TR_REM)
+                    row_tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, RT_FULL * TR, TR_REM)
             else:
-                row_tile(xf, indptr, offsets, vstart, values, bias, y, n, ob, rt * TR, TR)
+                row_tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, rt * TR, TR)
 
     zero_border = blocked_zero_border(N, NB, HOP, WOP, (OT, OL), (Ho, Wo), V) if BLOCKED else \
         _nchw_zero_border(N, Cout, HOP, WOP, (OT, OL), (Ho, Wo))
 
-    @T.prim_func
-    def func(x: T.Buffer(x_shape, "float32"), indptr: T.Buffer((NB * RMAX + 1,), "int32"),
-             offsets: T.Buffer((NRUNS,), "int32"), vstart: T.Buffer((NRUNS,), "int32"),
-             values: T.Buffer((NNZ, V), "float32"),
-             bias: T.Buffer((bias_len,), "float32"), order: T.Buffer((NB,), "int32"),
-             y: T.Buffer(y_shape, "float32")):
-        T.func_attr({"tirx.noalias": True})
+    @T.macro
+    def body(x, indptr, offsets, vstart, values, bias, order, res, y):
         if OUT_BORDER:
             zero_border(y)
         if INTERNAL_PAD:
@@ -265,9 +292,28 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
                         xp[nch * WP + PL + w] = x[nch // HP // C, nch // HP % C, nch % HP - PT, w]
                     for w in T.vectorized(PR):
                         xp[nch * WP + PL + W + w] = T.float32(0)
-            conv(xp, indptr, offsets, vstart, values, bias, order, y)
+            conv(xp, indptr, offsets, vstart, values, bias, order, res, y)
         else:
             xf = T.decl_buffer((PADDED_SIZE,), "float32", data=x.data)
-            conv(xf, indptr, offsets, vstart, values, bias, order, y)
+            conv(xf, indptr, offsets, vstart, values, bias, order, res, y)
+
+    if HAS_RES:
+        @T.prim_func
+        def func(x: T.Buffer(x_shape, "float32"), indptr: T.Buffer((NB * RMAX + 1,), "int32"),
+                 offsets: T.Buffer((NRUNS,), "int32"), vstart: T.Buffer((NRUNS,), "int32"),
+                 values: T.Buffer((NNZ, V), "float32"),
+                 bias: T.Buffer((bias_len,), "float32"), order: T.Buffer((NB,), "int32"),
+                 res: T.Buffer(res_shape, "float32"), y: T.Buffer(y_shape, "float32")):
+            T.func_attr({"tirx.noalias": True})
+            body(x, indptr, offsets, vstart, values, bias, order, res, y)
+    else:
+        @T.prim_func
+        def func(x: T.Buffer(x_shape, "float32"), indptr: T.Buffer((NB * RMAX + 1,), "int32"),
+                 offsets: T.Buffer((NRUNS,), "int32"), vstart: T.Buffer((NRUNS,), "int32"),
+                 values: T.Buffer((NNZ, V), "float32"),
+                 bias: T.Buffer((bias_len,), "float32"), order: T.Buffer((NB,), "int32"),
+                 y: T.Buffer(y_shape, "float32")):
+            T.func_attr({"tirx.noalias": True})
+            body(x, indptr, offsets, vstart, values, bias, order, None, y)
 
     return func.with_attr("global_symbol", name)
