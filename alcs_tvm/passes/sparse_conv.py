@@ -4,10 +4,11 @@ Pattern (after parameters are bound as constants, see :func:`alcs_tvm.frontend.p
 
     y = R.nn.conv2d(x, W: Constant, groups=1, NCHW/OIHW, float32)
     [y = R.add(y, b: Constant of shape [1, C, 1, 1] or [C, 1, 1])]      # bias, if y has no other user
+    [y = R.add(y, shortcut)]                                             # a residual add, likewise
     [y = R.nn.relu(y) | R.clip(y, 0, 6) | R.minimum(R.maximum(y, 0), 6)]  # activation, likewise
 
-becomes ``R.call_tir(alcs_sparse_conv2d_k, (x, indptr, offsets, values, bias), R.Tensor(out_shape))`` with the
-packed constants. Per layer the pass decides sparse or dense: sparse skips pruned blocks; dense runs the same
+becomes ``R.call_tir(alcs_sparse_conv2d_k, (x, indptr, offsets, values, bias[, shortcut]), R.Tensor(out_shape))``
+with the packed constants (a residual add fuses into the first of its two operands' convs to reach it). Per layer the pass decides sparse or dense: sparse skips pruned blocks; dense runs the same
 register-tiled kernel with every block kept (still far faster than an unscheduled Relax conv). Depthwise and
 grouped convolutions are left to the dense schedules: they are memory-bound, with no reduction over input
 channels for SIMD blocks to skip. Linear layers (``R.matmul(x[N, K], W: Constant[K, Out])`` [+ bias]) run the

@@ -57,6 +57,9 @@ def choose_tile(out_height: int, out_width: int, max_accumulators: int, max_cols
     return rows, cols
 
 
+_NATIVE_LANES = {"x86-avx512": 16, "x86-avx2": 8, "arm64": 4}
+
+
 def default_sparse_conv_schedule(family: str, vector_width: int, out_height: int, out_width: int,
                                  max_run: int = 1) -> SparseConvSchedule:
     """The hand-picked default knobs for a target family (``x86-avx512``, ``x86-avx2``, ``arm64``, ``generic``).
@@ -67,5 +70,8 @@ def default_sparse_conv_schedule(family: str, vector_width: int, out_height: int
         from . import arm64 as module
     max_accumulators, max_cols = module.register_budget(family, vector_width)
     max_accumulators -= 2 * (max_run - 1)
-    rows, cols = choose_tile(out_height, out_width, max_accumulators, max_cols)
+    # a group wider than the SIMD register (e.g. V=32 on AVX-512) takes several registers per accumulator
+    registers = max(1, vector_width // _NATIVE_LANES.get(family, vector_width))
+    rows, cols = choose_tile(out_height, out_width, max(1, max_accumulators // registers),
+                             max(1, max_cols // registers) if registers > 1 else max_cols)
     return SparseConvSchedule(vector_width, rows, cols)

@@ -297,6 +297,7 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
             xf = T.decl_buffer((PADDED_SIZE,), "float32", data=x.data)
             conv(xf, indptr, offsets, vstart, values, bias, order, res, y)
 
+    # a PrimFunc's parameter list is fixed when it is parsed: one signature with the shortcut, one without
     if HAS_RES:
         @T.prim_func
         def func(x: T.Buffer(x_shape, "float32"), indptr: T.Buffer((NB * RMAX + 1,), "int32"),
