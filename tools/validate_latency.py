@@ -3,7 +3,8 @@
 random per-layer SIMD-block sparsity configurations.
 
 For each model: ``alcs profile`` (resumed if the table exists), then ``--configs`` times: draw a sparsity per
-rewritable conv (uniform in [0, --max-sparsity]), prune a copy of the weights with random SIMD-block masks,
+rewritable conv (``--draw levels``: a level per configuration, each layer within +-0.2 of it; ``uniform``: each
+layer uniform in [0, --max-sparsity]), prune a copy of the weights with random SIMD-block masks,
 export ONNX, predict with :meth:`LatencyTable.predict`, compile with ``compiler.compile(..., latency_table=)``
 (the table also makes the per-layer sparse/dense decisions), upload and time over RPC with ``run_model``.
 Prints MAPE, max error, Pearson r and Kendall tau; writes predicted-vs-measured plots and a JSON of all points.
@@ -72,7 +73,12 @@ def validate_model(name, args, info, session, work: Path, table_path: Path, log)
     rng = np.random.default_rng(args.seed)
     points = []
     for c in range(args.configs):
-        sparsity = {n: float(rng.uniform(0.0, args.max_sparsity)) for n in rewritable}
+        if args.draw == "uniform":
+            sparsity = {n: float(rng.uniform(0.0, args.max_sparsity)) for n in rewritable}
+        else:  # a model-wide level, each layer scattered around it: totals from near dense to very sparse
+            level = rng.uniform(0.0, args.max_sparsity)
+            sparsity = {n: float(np.clip(level + rng.uniform(-0.2, 0.2), 0.0, args.max_sparsity))
+                        for n in rewritable}
         pruned_path = work / f"{name}_cfg{c}.onnx"
         onnx.save(random_pruned_onnx(dense_onnx, info.vector_width, sparsity, rng), str(pruned_path))
         predicted, breakdown = table.predict(str(pruned_path), target=info.target)
@@ -133,6 +139,10 @@ def main(argv=None):
     ap.add_argument("--rpc", help="RPC server HOST:PORT (no tracker)")
     ap.add_argument("--configs", type=int, default=20, help="random sparsity configurations per model")
     ap.add_argument("--max-sparsity", type=float, default=0.95)
+    ap.add_argument("--draw", choices=["levels", "uniform"], default="levels",
+                    help="levels: per configuration a level ~ U(0, max), each layer level +- 0.2 (totals spread "
+                         "from dense to sparse, as a pruner explores them); uniform: each layer ~ U(0, max) "
+                         "independently (totals all near the middle)")
     ap.add_argument("--sparsities", default=",".join(map(str, DEFAULT_SPARSITIES)))
     ap.add_argument("--repeat", type=int, default=20, help="profile: samples per point")
     ap.add_argument("--min-repeat-ms", type=int, default=10)
