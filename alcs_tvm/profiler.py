@@ -43,8 +43,8 @@ __all__ = ["ModelLayer", "model_layers", "profile_model", "Measurer", "DEFAULT_S
            "model_signature"]
 
 DEFAULT_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-#: every conv of the model at these sparsities: the whole-model points (besides dense) of the cache-state fit
-CALIBRATION_SPARSITIES = (0.5, 0.8)
+#: every conv of the model at this sparsity: the second whole-model point of the cache-state calibration
+CALIBRATION_SPARSITY = 0.8
 
 
 @dataclass(frozen=True)
@@ -315,11 +315,10 @@ def random_pruned_onnx(onnx_model, vector_width, sparsity_by_name, rng):
     return model
 
 
-def calibrate_cold_fraction(layers, table, points):
-    """Fit ``whole = rest + sum(warm + a * (cold - warm))`` to whole-model measurements ``points`` = [(sparsity
-    of every conv, measured ms), ...] (all convs dense at sparsity 0) by least squares: the cold fraction ``a``
-    (clamped to [0, 1]) and ``rest``. When the two cache states differ by under 2% of the model, ``a`` is
-    irrelevant and 0."""
+def calibrate_cold_fraction(layers, table, whole_dense_ms, whole_sparse_ms, sparsity):
+    """Solve ``whole = rest + sum(warm + a * (cold - warm))`` at two whole-model points (all convs dense, all at
+    ``sparsity``) for the cold fraction ``a`` (clamped to [0, 1]) and ``rest``. When the two cache states differ
+    by under 2% of the model, ``a`` is irrelevant and 0."""
     def sums(s):
         warm = cold = 0.0
         for layer in layers:
@@ -331,15 +330,15 @@ def calibrate_cold_fraction(layers, table, points):
                 cold += float(np.interp(s, p.sparsities, p.cold_ms))
         return warm, cold
 
-    rows = [(sums(s), ms) for s, ms in points]
-    gap = np.array([c - w for (w, c), _ in rows])  # whole - warm = rest + a * gap
-    target = np.array([ms - w for (w, _), ms in rows])
-    if np.ptp(gap) < 0.02 * max(ms for _, ms in points):
+    w_d, c_d = sums(0.0)
+    w_s, c_s = sums(sparsity)
+    denominator = (c_d - w_d) - (c_s - w_s)
+    if abs(denominator) < 0.02 * whole_dense_ms:
         fraction = 0.0
     else:
-        slope, _ = np.polyfit(gap, target, 1)
-        fraction = float(min(1.0, max(0.0, slope)))
-    return fraction, float(np.mean(target - fraction * gap))
+        fraction = ((whole_dense_ms - whole_sparse_ms) - (w_d - w_s)) / denominator
+    fraction = float(min(1.0, max(0.0, fraction)))
+    return fraction, whole_dense_ms - w_d - fraction * (c_d - w_d)
 
 
 # ----------------------------------------------------------------------------------------------- progress
@@ -413,8 +412,8 @@ def profile_model(model, output, target="x86", *, tracker=None, key=None, rpc=No
 
     Every point is timed with the layer's weights in cache and flushed from it. ``cold_weights``: which one the
     table uses - ``None`` (default): the mix calibrated on two whole-model measurements (every conv dense, and
-    every conv at each of :data:`CALIBRATION_SPARSITIES`), see :func:`calibrate_cold_fraction`; ``True``: cold;
-    ``False``: warm. Returns the table."""
+    every conv at :data:`CALIBRATION_SPARSITY`), see :func:`calibrate_cold_fraction`; ``True``: cold; ``False``:
+    warm. Returns the table."""
     sparsities = [float(s) for s in sparsities]
     if not sparsities or sorted(set(sparsities)) != sparsities:
         raise ValueError(f"sparsities must be strictly ascending, got {sparsities}")
@@ -484,16 +483,15 @@ def _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities,
         whole, spread = _measure_whole(measurer, info, mod, onnx_model, repeat, min_repeat_ms, sparse=False)
         progress.step(what="whole model, dense")
         fraction = fixed_fraction
-        if fraction is None:  # the same model with every conv at the calibration sparsities, random SIMD masks
+        if fraction is None:  # the same model with every conv at the calibration sparsity, random SIMD masks
             rng = np.random.default_rng(seed)
-            points = [(0.0, whole)]
-            for s in CALIBRATION_SPARSITIES:
-                pruned = random_pruned_onnx(onnx_model, info.vector_width, {layer.name: s for layer in layers}, rng)
-                pruned_mod = frontend.prepare_for_sparse(frontend.import_onnx(pruned, None))
-                points.append((s, _measure_whole(measurer, info, pruned_mod, onnx_model, repeat, min_repeat_ms,
-                                                 sparse=True)[0]))
-            fraction, _ = calibrate_cold_fraction(layers, table, points)
-            entry["calibration"] = [[s, ms] for s, ms in points]
+            pruned = random_pruned_onnx(onnx_model, info.vector_width,
+                                        {layer.name: CALIBRATION_SPARSITY for layer in layers}, rng)
+            pruned_mod = frontend.prepare_for_sparse(frontend.import_onnx(pruned, None))
+            whole_sparse, _ = _measure_whole(measurer, info, pruned_mod, onnx_model, repeat, min_repeat_ms,
+                                             sparse=True)
+            fraction, _ = calibrate_cold_fraction(layers, table, whole, whole_sparse, CALIBRATION_SPARSITY)
+            entry.update({"whole_sparse_ms": whole_sparse, "calibration_sparsity": CALIBRATION_SPARSITY})
         progress.step(what="whole model, sparse" if fixed_fraction is None else "")
         for k in distinct:
             table.layers[k].mix_cache_states(fraction)

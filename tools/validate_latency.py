@@ -139,7 +139,7 @@ def main(argv=None):
     ap.add_argument("--rpc", help="RPC server HOST:PORT (no tracker)")
     ap.add_argument("--configs", type=int, default=20, help="random sparsity configurations per model")
     ap.add_argument("--max-sparsity", type=float, default=0.95)
-    ap.add_argument("--draw", choices=["levels", "uniform"], default="levels",
+    ap.add_argument("--draw", choices=["levels", "uniform"], default="uniform",
                     help="levels: per configuration a level ~ U(0, max), each layer level +- 0.2 (totals spread "
                          "from dense to sparse, as a pruner explores them); uniform: each layer ~ U(0, max) "
                          "independently (totals all near the middle)")
