@@ -12,6 +12,7 @@ _COMMAND_MODULES = [
     "alcs_tvm.device",
     "alcs_tvm.profiler",
     "alcs_tvm.prune_cli",
+    "alcs_tvm.flow",
 ]
 
 

@@ -1,0 +1,66 @@
+"""``alcs flow`` (the README's main job) end to end on the x86 RPC device of the session's real tracker: train,
+profile, prune under the budget, compile, run, and the compiled libraries classify like PyTorch."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from alcs_tvm import cli, flow
+
+
+@pytest.fixture(scope="module")
+def flow_run(rpc_devices, tmp_path_factory):
+    work = tmp_path_factory.mktemp("flow")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = flow.run_flow("small_cnn", "digits", "x86", work_dir=str(work), tracker=rpc_devices.tracker,
+                               key=rpc_devices.x86_key, pretrain_epochs=6, admm_epochs=2, finetune_epochs=2,
+                               batch_size=32, sparsities=(0.0, 0.5, 0.9), profile_repeat=3, run_repeat=5,
+                               log=lambda *a: None)
+    finally:
+        torch.set_num_threads(threads)
+    return work, result
+
+
+def test_flow_meets_budget_and_libraries_match_torch(flow_run):
+    work, r = flow_run
+    assert r.dense_accuracy > 0.9
+    assert r.pruned_predicted_ms <= r.budget_ms + 1e-9 < r.dense_predicted_ms
+    # the compiled libraries run the same networks as PyTorch: same test images, same answers (up to ties)
+    assert abs(r.dense_library_accuracy - r.dense_accuracy) <= 0.01
+    assert abs(r.pruned_library_accuracy - r.pruned_accuracy) <= 0.01
+    assert r.pruned_accuracy > 0.8
+    assert r.sparse_layers, "the pruned convs must run sparse"
+    assert any(s > 0.3 for s in r.sparsities.values())
+    assert r.dense_measured_ms > 0 and r.pruned_measured_ms > 0
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["budget_ms"] == pytest.approx(r.budget_ms)
+    for name in ("dense.onnx", "pruned.onnx", "dense.so", "pruned.so", "latency.json", "summary.png"):
+        assert (work / name).is_file(), name
+
+
+def test_flow_rerun_reuses_the_trained_model_and_table(flow_run, rpc_devices, capsys):
+    work, first = flow_run
+    table_before = json.loads((work / "latency.json").read_text())["layers"]
+    logs = []
+    flow.run_flow("small_cnn", "digits", "x86", work_dir=str(work), tracker=rpc_devices.tracker,
+                  key=rpc_devices.x86_key, pretrain_epochs=6, admm_epochs=1, finetune_epochs=1, batch_size=32,
+                  sparsities=(0.0, 0.5, 0.9), profile_repeat=3, run_repeat=3, eval_images=50,
+                  budget_ms=first.budget_ms, log=logs.append)
+    assert any("loaded the dense model trained by a previous run" in line for line in logs)
+    assert json.loads((work / "latency.json").read_text())["layers"] == table_before  # nothing re-measured
+
+
+def test_flow_cli_errors_are_one_line(tmp_path, capsys):
+    assert cli.main(["flow", "--data", "nosuch", "--work-dir", str(tmp_path)]) == 2
+    assert "unknown data set 'nosuch'" in capsys.readouterr().err
+    assert cli.main(["flow", "--target", "arm64", "--work-dir", str(tmp_path)]) == 2
+    assert "cannot run on this host" in capsys.readouterr().err
+    assert cli.main(["flow", "--budget-fraction", "1.5", "--work-dir", str(tmp_path)]) == 2
+    assert "budget fraction" in capsys.readouterr().err
+    assert cli.main(["flow", "--rpc-tracker", "127.0.0.1:1", "--rpc-key", "x", "--work-dir", str(tmp_path),
+                     "--device-timeout", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "127.0.0.1:1" in err and len(err.strip().splitlines()) == 1
