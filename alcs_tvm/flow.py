@@ -79,9 +79,17 @@ class _Device:
         from . import rpc as alcs_rpc
 
         self.remote = bool(tracker or rpc)
+        timeout = alcs_rpc.DEFAULT_TIMEOUT if timeout is None else timeout
         self.tracker, self.key, self.rpc, self.timeout = tracker, key, rpc, timeout
         self.session = alcs_rpc.connect(tracker=tracker, key=key, rpc=rpc, timeout=timeout,
                                          session_timeout=0) if self.remote else None
+
+    def close(self):
+        """End the session now (the device is free for the next client at once, not when GC gets to it)."""
+        import gc
+
+        self.session = None
+        gc.collect()
 
     def describe(self) -> str:
         if not self.remote:
@@ -148,108 +156,113 @@ def run_flow(model: str = "small_cnn", data: str = "mnist", target: str = "x86",
 
     # the device first: an unreachable tracker or unknown key fails before minutes of training
     device = _Device(tracker, key, rpc, device_timeout)
-    if info.is_cross and not device.remote:
-        raise ValueError(f"target {target} cannot run on this host: give the device (--rpc-tracker HOST:PORT "
-                         f"--rpc-key KEY, or --rpc HOST:PORT)")
-    log(f"alcs flow: {model} on {data}, target {target} (V={info.vector_width}), measuring on {device.describe()}, "
-        f"work directory {work}/")
+    try:
+        if info.is_cross and not device.remote:
+            raise ValueError(f"target {target} cannot run on this host: give the device (--rpc-tracker HOST:PORT "
+                             f"--rpc-key KEY, or --rpc HOST:PORT)")
+        log(f"alcs flow: {model} on {data}, target {target} (V={info.vector_width}), measuring on "
+            f"{device.describe()}, work directory {work}/")
 
-    t0 = time.time()
-    _step(log, 1, steps, "dense model")
-    dataset = load_dataset(data, seed=seed)
-    net = load_model(model, dataset.num_classes, dataset.x_train.shape[1])
-    weights = work / "dense.pt"
-    stamp = {"model": model, "data": data, "seed": seed, "epochs": pretrain_epochs}
-    saved = torch.load(weights, map_location="cpu", weights_only=True) if weights.is_file() and not retrain else None
-    if saved and saved.get("stamp") == stamp:
-        net.load_state_dict(saved["state_dict"])
-        log(f"loaded the dense model trained by a previous run from {weights} (--retrain to train again)")
-    else:
-        log(f"training {model} on {len(dataset.x_train)} {data} images for {pretrain_epochs} epochs")
-        train_dense(net, dataset, pretrain_epochs, lr=lr, batch_size=batch_size, log=log, seed=seed)
-        torch.save({"stamp": stamp, "state_dict": net.state_dict()}, weights)
-    dense_acc = evaluate(net, dataset.x_test, dataset.y_test)
-    log(f"dense test accuracy {dense_acc:.4f} ({len(dataset.x_test)} held-out images)")
-    seconds["train"] = time.time() - t0
+        t0 = time.time()
+        _step(log, 1, steps, "dense model")
+        dataset = load_dataset(data, seed=seed)
+        net = load_model(model, dataset.num_classes, dataset.x_train.shape[1])
+        weights = work / "dense.pt"
+        stamp = {"model": model, "data": data, "seed": seed, "epochs": pretrain_epochs}
+        saved = None
+        if weights.is_file() and not retrain:
+            saved = torch.load(weights, map_location="cpu", weights_only=True)
+        if saved and saved.get("stamp") == stamp:
+            net.load_state_dict(saved["state_dict"])
+            log(f"loaded the dense model trained by a previous run from {weights} (--retrain to train again)")
+        else:
+            log(f"training {model} on {len(dataset.x_train)} {data} images for {pretrain_epochs} epochs")
+            train_dense(net, dataset, pretrain_epochs, lr=lr, batch_size=batch_size, log=log, seed=seed)
+            torch.save({"stamp": stamp, "state_dict": net.state_dict()}, weights)
+        dense_acc = evaluate(net, dataset.x_test, dataset.y_test)
+        log(f"dense test accuracy {dense_acc:.4f} ({len(dataset.x_test)} held-out images)")
+        seconds["train"] = time.time() - t0
 
-    t0 = time.time()
-    _step(log, 2, steps, "latency table on the device")
-    dense_onnx = export_pruned(net, str(work / "dense.onnx"), dataset.input_shape)
-    table_path = work / "latency.json"
-    profile_model(dense_onnx, str(table_path), info.target, local=not device.remote, session=device.session,
-                  tracker=tracker, key=key, rpc=rpc, sparsities=sparsities, repeat=profile_repeat, max_masks=2,
-                  model_name=model, timeout=device_timeout, seed=seed)
-    table = LatencyTable.load(str(table_path))
-    log(f"{table_path}: {len(table.layers)} conv configurations, rest of model {table.rest_ms[model]:.4f} ms")
-    seconds["profile"] = time.time() - t0
+        t0 = time.time()
+        _step(log, 2, steps, "latency table on the device")
+        dense_onnx = export_pruned(net, str(work / "dense.onnx"), dataset.input_shape)
+        table_path = work / "latency.json"
+        profile_model(dense_onnx, str(table_path), info.target, local=not device.remote, session=device.session,
+                      tracker=tracker, key=key, rpc=rpc, sparsities=sparsities, repeat=profile_repeat, max_masks=2,
+                      model_name=model, timeout=device_timeout, seed=seed)
+        table = LatencyTable.load(str(table_path))
+        log(f"{table_path}: {len(table.layers)} conv configurations, rest of model {table.rest_ms[model]:.4f} ms")
+        seconds["profile"] = time.time() - t0
 
-    t0 = time.time()
-    _step(log, 3, steps, "latency-constrained pruning (ADMM)")
-    layers = find_prunable_layers(net, dataset.input_shape, info.vector_width)
-    latency = LatencyModel(table, layers, table.rest_ms[model])
-    dense_ms, min_ms = latency.dense_ms(), latency.min_ms(0.01)
-    if budget_ms is None:
-        fraction = 0.5 if budget_fraction is None else budget_fraction
-        budget_ms = fraction * dense_ms
-        if budget_fraction is None and budget_ms < min_ms:
-            budget_ms = min_ms + 0.15 * (dense_ms - min_ms)
-            log(f"note: 50% of the dense latency ({0.5 * dense_ms:.4f} ms) is below the fastest this model can "
-                f"run ({min_ms:.4f} ms); budget raised to {budget_ms:.4f} ms")
-    check_budget(latency, budget_ms, 0.01)
-    result = prune(net, dataset, table, budget_ms, target=info.target, vector_width=info.vector_width,
-                   admm_epochs=admm_epochs, finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size,
-                   importance=importance, rest_model=model, seed=seed, log=log)
-    pruned_onnx = export_pruned(net, str(work / "pruned.onnx"), dataset.input_shape)
-    seconds["prune"] = time.time() - t0
+        t0 = time.time()
+        _step(log, 3, steps, "latency-constrained pruning (ADMM)")
+        layers = find_prunable_layers(net, dataset.input_shape, info.vector_width)
+        latency = LatencyModel(table, layers, table.rest_ms[model])
+        dense_ms, min_ms = latency.dense_ms(), latency.min_ms(0.01)
+        if budget_ms is None:
+            fraction = 0.5 if budget_fraction is None else budget_fraction
+            budget_ms = fraction * dense_ms
+            if budget_fraction is None and budget_ms < min_ms:
+                budget_ms = min_ms + 0.15 * (dense_ms - min_ms)
+                log(f"note: 50% of the dense latency ({0.5 * dense_ms:.4f} ms) is below the fastest this model can "
+                    f"run ({min_ms:.4f} ms); budget raised to {budget_ms:.4f} ms")
+        check_budget(latency, budget_ms, 0.01)
+        result = prune(net, dataset, table, budget_ms, target=info.target, vector_width=info.vector_width,
+                       admm_epochs=admm_epochs, finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size,
+                       importance=importance, rest_model=model, seed=seed, log=log)
+        pruned_onnx = export_pruned(net, str(work / "pruned.onnx"), dataset.input_shape)
+        seconds["prune"] = time.time() - t0
 
-    t0 = time.time()
-    _step(log, 4, steps, "compile (alcs compile --latency-table)")
-    libraries, reports = {}, {}
-    for name, onnx_path in (("dense", dense_onnx), ("pruned", pruned_onnx)):
-        executable, report = compiler.compile(onnx_path, info, latency_table=table)
-        lib = str(work / f"{name}.so")
-        compiler.export(executable, lib, info)
-        write_sidecar(lib, report.relax_module)
-        with open(lib + ".report.json", "w") as f:
-            json.dump(report.to_json(), f, indent=1)
-        libraries[name], reports[name] = lib, report
-    log(reports["pruned"].table())
-    seconds["compile"] = time.time() - t0
+        t0 = time.time()
+        _step(log, 4, steps, "compile (alcs compile --latency-table)")
+        libraries, reports = {}, {}
+        for name, onnx_path in (("dense", dense_onnx), ("pruned", pruned_onnx)):
+            executable, report = compiler.compile(onnx_path, info, latency_table=table)
+            lib = str(work / f"{name}.so")
+            compiler.export(executable, lib, info)
+            write_sidecar(lib, report.relax_module)
+            with open(lib + ".report.json", "w") as f:
+                json.dump(report.to_json(), f, indent=1)
+            libraries[name], reports[name] = lib, report
+        log(reports["pruned"].table())
+        seconds["compile"] = time.time() - t0
 
-    t0 = time.time()
-    _step(log, 5, steps, f"run on {device.describe()}")
-    x_eval = dataset.x_test.numpy()[:eval_images]
-    y_eval = dataset.y_test.numpy()[:eval_images]
-    measured, lib_acc = {}, {}
-    probe = np.ascontiguousarray(x_eval[:1], np.float32)
-    for name, lib in libraries.items():
-        _, t = run_model(lib, [probe], session=device.session, repeat=3, number=20, timeout=device_timeout)
-        number = max(20, int(10.0 / max(t["median_ms"], 1e-3)))  # ~10 ms per sample
-        _, t = run_model(lib, [probe], session=device.session, repeat=run_repeat, number=number,
-                         timeout=device_timeout)
-        measured[name] = t["min_ms"]
-        lib_acc[name] = library_accuracy(lib, x_eval, y_eval, session=device.session, timeout=device_timeout)
-        log(f"{name}: {t['min_ms']:.4f} ms (min of {run_repeat} x {number} runs, median {t['median_ms']:.4f}), "
-            f"library accuracy {lib_acc[name]:.4f} on {len(x_eval)} images")
-    seconds["run"] = time.time() - t0
+        t0 = time.time()
+        _step(log, 5, steps, f"run on {device.describe()}")
+        x_eval = dataset.x_test.numpy()[:eval_images]
+        y_eval = dataset.y_test.numpy()[:eval_images]
+        measured, lib_acc = {}, {}
+        probe = np.ascontiguousarray(x_eval[:1], np.float32)
+        for name, lib in libraries.items():
+            _, t = run_model(lib, [probe], session=device.session, repeat=3, number=20, timeout=device_timeout)
+            number = max(20, int(10.0 / max(t["median_ms"], 1e-3)))  # ~10 ms per sample
+            _, t = run_model(lib, [probe], session=device.session, repeat=run_repeat, number=number,
+                             timeout=device_timeout)
+            measured[name] = t["min_ms"]
+            lib_acc[name] = library_accuracy(lib, x_eval, y_eval, session=device.session, timeout=device_timeout)
+            log(f"{name}: {t['min_ms']:.4f} ms (min of {run_repeat} x {number} runs, median {t['median_ms']:.4f}), "
+                f"library accuracy {lib_acc[name]:.4f} on {len(x_eval)} images")
+        seconds["run"] = time.time() - t0
 
-    _step(log, 6, steps, "summary")
-    report = reports["pruned"]
-    flow = FlowResult(model, data, str(target), budget_ms, dense_acc, result.accuracy, lib_acc["dense"],
-                      lib_acc["pruned"], result.dense_predicted_ms, result.predicted_ms, measured["dense"],
-                      measured["pruned"], result.sparsities, [d.name for d in report.sparse_layers],
-                      {d.name: d.reason for d in report.dense_layers}, seconds)
-    log(result.table())
-    log(flow.summary())
-    points = [("dense (measured)", flow.dense_measured_ms, dense_acc),
-              ("pruned (measured)", flow.pruned_measured_ms, result.accuracy),
-              ("pruned (predicted)", flow.pruned_predicted_ms, result.accuracy)]
-    write_plot(str(work / "summary.png"), result, points)
-    with open(work / "summary.json", "w") as f:
-        json.dump(asdict(flow), f, indent=1)
-    log(f"wrote {work}/summary.json, {work}/summary.png, {work}/pruned.onnx, {work}/pruned.so "
-        f"({sum(seconds.values()):.0f} s in all: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + ")")
-    return flow
+        _step(log, 6, steps, "summary")
+        report = reports["pruned"]
+        flow = FlowResult(model, data, str(target), budget_ms, dense_acc, result.accuracy, lib_acc["dense"],
+                          lib_acc["pruned"], result.dense_predicted_ms, result.predicted_ms, measured["dense"],
+                          measured["pruned"], result.sparsities, [d.name for d in report.sparse_layers],
+                          {d.name: d.reason for d in report.dense_layers}, seconds)
+        log(result.table())
+        log(flow.summary())
+        points = [("dense (measured)", flow.dense_measured_ms, dense_acc),
+                  ("pruned (measured)", flow.pruned_measured_ms, result.accuracy),
+                  ("pruned (predicted)", flow.pruned_predicted_ms, result.accuracy)]
+        write_plot(str(work / "summary.png"), result, points)
+        with open(work / "summary.json", "w") as f:
+            json.dump(asdict(flow), f, indent=1)
+        log(f"wrote {work}/summary.json, {work}/summary.png, {work}/pruned.onnx, {work}/pruned.so "
+            f"({sum(seconds.values()):.0f} s in all: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + ")")
+        return flow
+    finally:
+        device.close()
 
 
 def register_cli(subparsers):
