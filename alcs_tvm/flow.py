@@ -124,8 +124,8 @@ def _step(log, number, total, text):
 
 def run_flow(model: str = "small_cnn", data: str = "mnist", target: str = "x86", *, budget_ms: float | None = None,
              budget_fraction: float | None = None, work_dir: str = "alcs-flow", tracker: str | None = None,
-             key: str | None = None, rpc: str | None = None, pretrain_epochs: int = 8, admm_epochs: int = 3,
-             finetune_epochs: int = 4, lr: float = 3e-3, batch_size: int = 64, importance: str = "l2",
+             key: str | None = None, rpc: str | None = None, pretrain_epochs: int = 10, admm_epochs: int = 3,
+             finetune_epochs: int = 6, lr: float = 3e-3, batch_size: int = 32, importance: str = "l2",
              sparsities=FLOW_SPARSITIES, profile_repeat: int = 10, run_repeat: int = 30,
              eval_images: int | None = None, seed: int = 0, retrain: bool = False, device_timeout=None,
              log=print) -> FlowResult:
@@ -284,9 +284,9 @@ def register_cli(subparsers):
     p.add_argument("--rpc-key", metavar="KEY", help="device key at the tracker")
     p.add_argument("--rpc", metavar="HOST:PORT", help="measure on this RPC server")
     p.add_argument("--work-dir", default="alcs-flow", help="where every artefact goes (default alcs-flow/)")
-    p.add_argument("--pretrain-epochs", type=int, default=8)
+    p.add_argument("--pretrain-epochs", type=int, default=10)
     p.add_argument("--epochs", type=int, default=3, help="ADMM epochs")
-    p.add_argument("--finetune-epochs", type=int, default=4)
+    p.add_argument("--finetune-epochs", type=int, default=6)
     p.add_argument("--importance", choices=["l2", "taylor"], default="l2")
     p.add_argument("--sparsities", default=",".join(map(str, FLOW_SPARSITIES)), help="profiling grid")
     p.add_argument("--profile-repeat", type=int, default=10, help="timing samples per profiled point")
