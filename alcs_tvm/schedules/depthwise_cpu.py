@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from tvm.script import tirx as T
 
-from .sparse_conv2d_cpu import ACTIVATIONS, blocked_zero_border
+from .sparse_conv2d_cpu import ACTIVATIONS, zero_border
 
 __all__ = ["DepthwiseGeometry", "depthwise_nchwc_template"]
 
@@ -58,7 +58,7 @@ def depthwise_nchwc_template(geom: DepthwiseGeometry, *, activation=None, name="
     RELU6 = activation == "relu6"
     OUT_BORDER = bool(any(geom.out_pad))
 
-    zero_border = blocked_zero_border(N, CB, HOP, WOP, (OT, OL), (Ho, Wo), V)
+    zero_output_border = zero_border(N, CB, HOP, WOP, (OT, OL), (Ho, Wo), V)
 
     @T.macro
     def tile(x, w, bias, y, n, cb, row, col0, tw):
@@ -87,7 +87,7 @@ def depthwise_nchwc_template(geom: DepthwiseGeometry, *, activation=None, name="
              bias: T.Buffer((CB * V,), "float32"), y: T.Buffer((N, CB, HOP, WOP, V), "float32")):
         T.func_attr({"tirx.noalias": True})
         if OUT_BORDER:
-            zero_border(y)
+            zero_output_border(y)
         for task in T.parallel(N * CB * Ho):
             for ct in range(CT_FULL):
                 tile(x, w, bias, y, task // (CB * Ho), task // Ho % CB, task % Ho, ct * TW, TW)

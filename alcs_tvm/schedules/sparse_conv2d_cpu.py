@@ -86,36 +86,26 @@ class KernelGeometry:
                 else (self.batch, self.out_channels, h, w))
 
 
-def blocked_zero_border(n_images, n_blocks, height, width, top_left, interior, lanes):
-    """Macro zeroing the border around the ``interior`` of an NCHW[V]c tensor (the next conv's padding)."""
+def zero_border(n_images, channels, height, width, top_left, interior, lanes=None):
+    """Macro zeroing the border around the ``interior`` of the next conv's input: NCHW[lanes]c (``channels``
+    counts blocks) when ``lanes`` is given, else NCHW."""
     top, left = top_left
     rows, cols = interior
+    blocked = lanes is not None
 
     @T.macro
-    def zero_border(y):
-        for nb in T.parallel(n_images * n_blocks):
-            for h in range(height):
-                for w in range(width):
-                    if h < top or h >= top + rows or w < left or w >= left + cols:
-                        for v in T.vectorized(lanes):
-                            y[nb // n_blocks, nb % n_blocks, h, w, v] = T.float32(0)
-
-    return zero_border
-
-
-def _nchw_zero_border(n_images, channels, height, width, top_left, interior):
-    top, left = top_left
-    rows, cols = interior
-
-    @T.macro
-    def zero_border(y):
+    def zero(y):
         for nc in T.parallel(n_images * channels):
             for h in range(height):
                 for w in range(width):
                     if h < top or h >= top + rows or w < left or w >= left + cols:
-                        y[nc // channels, nc % channels, h, w] = T.float32(0)
+                        if blocked:
+                            for v in T.vectorized(lanes):
+                                y[nc // channels, nc % channels, h, w, v] = T.float32(0)
+                        else:
+                            y[nc // channels, nc % channels, h, w] = T.float32(0)
 
-    return zero_border
+    return zero
 
 
 def _prod(values) -> int:
@@ -272,13 +262,13 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
             else:
                 row_tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, rt * TR, TR)
 
-    zero_border = blocked_zero_border(N, NB, HOP, WOP, (OT, OL), (Ho, Wo), V) if BLOCKED else \
-        _nchw_zero_border(N, Cout, HOP, WOP, (OT, OL), (Ho, Wo))
+    zero_output_border = zero_border(N, NB if BLOCKED else Cout, HOP, WOP, (OT, OL), (Ho, Wo),
+                                     V if BLOCKED else None)
 
     @T.macro
     def body(x, indptr, offsets, vstart, values, bias, order, res, y):
         if OUT_BORDER:
-            zero_border(y)
+            zero_output_border(y)
         if INTERNAL_PAD:
             xp = T.alloc_buffer((PADDED_SIZE,), "float32")
             for nch in T.parallel(N * C * HP):
