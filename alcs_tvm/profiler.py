@@ -10,10 +10,11 @@ the profiler measures, on the device, through TVM RPC ``time_evaluator``:
   masks of one grid point share one compiled function; when the spread (IQR / median) of a point is above
   ``spread_threshold`` more masks are measured and their samples pooled.
 
-Each sample is one call with the layer's weights flushed from the CPU caches and its input warm (see
-:meth:`Measurer.time`): the state inside a model. Timed warm, ResNet-18's 20 convs summed to 21 ms while the same
-convs took 27 ms inside the compiled model (layer4's 9.4 MB weights stream from memory there), the "rest" absorbed
-the difference and every sparse prediction came out 13-33% high.
+Every point is timed twice: with the layer's weights in cache (warm) and flushed before each call with its input
+kept warm (cold, see :meth:`Measurer.time`). Inside a model a layer sees something in between - timed warm only,
+ResNet-18's 20 convs summed to 21 ms while they took 27 ms in the compiled model (layer4's 9.4 MB weights stream
+from memory there), and every sparse prediction came out 13-33% high - so the table's latencies are
+``warm + a * (cold - warm)`` with ``a`` calibrated on whole-model measurements (:func:`calibrate_cold_fraction`).
 
 All functions of one layer are built into one library (one upload per layer). Afterwards the whole model is
 measured with every conv dense; minus the sum of its dense conv layers this gives the "rest of the model"
