@@ -54,6 +54,8 @@ class FlowResult:
     sparsities: dict  # layer -> fraction of SIMD groups pruned
     sparse_layers: list  # what the compiler rewrote to the sparse kernel
     dense_layers: dict  # layer -> why it stayed dense
+    test_images: int = 0  # images behind the PyTorch accuracies
+    library_images: int = 0  # images behind the compiled libraries' accuracies (--eval-images)
     seconds: dict = field(default_factory=dict)  # per step
 
     def summary(self) -> str:
@@ -61,9 +63,10 @@ class FlowResult:
         over = (self.pruned_measured_ms / self.budget_ms - 1) * 100
         return "\n".join([
             f"model {self.model} on {self.data}, target {self.target}",
-            f"accuracy (PyTorch):           dense {self.dense_accuracy:.4f} -> pruned {self.pruned_accuracy:.4f}",
+            f"accuracy (PyTorch):           dense {self.dense_accuracy:.4f} -> pruned {self.pruned_accuracy:.4f} "
+            f"({self.test_images} test images)",
             f"accuracy (compiled library):  dense {self.dense_library_accuracy:.4f} -> pruned "
-            f"{self.pruned_library_accuracy:.4f}",
+            f"{self.pruned_library_accuracy:.4f} ({self.library_images} test images)",
             f"latency predicted (table):    dense {self.dense_predicted_ms:.4f} ms -> pruned "
             f"{self.pruned_predicted_ms:.4f} ms (budget {self.budget_ms:.4f} ms)",
             f"latency measured (device):    dense {self.dense_measured_ms:.4f} ms -> pruned "
@@ -249,7 +252,8 @@ def run_flow(model: str = "small_cnn", data: str = "mnist", target: str = "x86",
         flow = FlowResult(model, data, str(target), budget_ms, dense_acc, result.accuracy, lib_acc["dense"],
                           lib_acc["pruned"], result.dense_predicted_ms, result.predicted_ms, measured["dense"],
                           measured["pruned"], result.sparsities, [d.name for d in report.sparse_layers],
-                          {d.name: d.reason for d in report.dense_layers}, seconds)
+                          {d.name: d.reason for d in report.dense_layers}, len(dataset.x_test), len(x_eval),
+                          seconds)
         log(result.table())
         log(flow.summary())
         points = [("dense (measured)", flow.dense_measured_ms, dense_acc),
