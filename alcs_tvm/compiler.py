@@ -39,7 +39,11 @@ def compile_module(mod, target="x86", *, vector_width=None, sparse=True, density
                                 density_threshold=density_threshold, latency_table=latency_table,
                                 layer_names=layer_names)
     with info.target:
-        lowered = tvm.transform.Sequential([rewrite] + dense_build_passes(info))(mod)
+        try:
+            lowered = tvm.transform.Sequential([rewrite] + dense_build_passes(info))(mod)
+        except Exception:
+            rewrite.raise_user_error()
+            raise
     executable = tvm.compile(lowered, target=info.target)
     return executable, rewrite.report, lowered
 

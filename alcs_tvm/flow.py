@@ -131,7 +131,7 @@ def run_flow(model: str = "small_cnn", data: str = "mnist", target: str = "x86",
              finetune_epochs: int = 6, lr: float = 3e-3, batch_size: int = 32, importance: str = "l2",
              sparsities=FLOW_SPARSITIES, profile_repeat: int = 10, run_repeat: int = 30,
              eval_images: int | None = None, seed: int = 0, retrain: bool = False, device_timeout=None,
-             log=print) -> FlowResult:
+             vector_width: int | None = None, log=print) -> FlowResult:
     """Train -> profile -> prune under the budget -> compile -> run; see the module docstring.
 
     Budget: ``budget_ms`` if given, else ``budget_fraction`` (default 0.5) of the dense model's predicted latency;
@@ -151,7 +151,7 @@ def run_flow(model: str = "small_cnn", data: str = "mnist", target: str = "x86",
         raise ValueError("give either a budget in ms or a budget fraction, not both")
     if budget_fraction is not None and not 0 < budget_fraction <= 1:
         raise ValueError(f"budget fraction must be in (0, 1], got {budget_fraction}")
-    info = resolve_target(target)
+    info = resolve_target(target, vector_width)  # V sets the pruning group, the table's layers and the kernels
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     steps, seconds = 6, {}
@@ -192,7 +192,7 @@ def run_flow(model: str = "small_cnn", data: str = "mnist", target: str = "x86",
         table_path = work / "latency.json"
         profile_model(dense_onnx, str(table_path), info.target, local=not device.remote, session=device.session,
                       tracker=tracker, key=key, rpc=rpc, sparsities=sparsities, repeat=profile_repeat, max_masks=2,
-                      model_name=model, timeout=device_timeout, seed=seed)
+                      model_name=model, timeout=device_timeout, seed=seed, vector_width=info.vector_width)
         table = LatencyTable.load(str(table_path))
         log(f"{table_path}: {len(table.layers)} conv configurations, rest of model {table.rest_ms[model]:.4f} ms")
         seconds["profile"] = time.time() - t0
@@ -280,6 +280,9 @@ def register_cli(subparsers):
     p.add_argument("--model", default="small_cnn", help="zoo name or path/to/file.py:factory (default small_cnn)")
     p.add_argument("--data", default="mnist", help="mnist, digits or path/to/file.py:loader (default mnist)")
     p.add_argument("--target", default="x86", help="x86, x86-avx2, x86-avx512, arm64 or a TVM target JSON dict")
+    p.add_argument("--vector-width", type=int,
+                   help="override V, the pruning group (default: the target's fp32 SIMD width; 32 on AVX-512 "
+                        "measured 15-25%% faster at 80%% sparsity, see docs/benchmarks.md)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--budget-ms", type=float, help="latency budget in ms")
     budget.add_argument("--budget-fraction", type=float,
@@ -316,5 +319,6 @@ def _cli_flow(args):
              work_dir=args.work_dir, tracker=args.rpc_tracker, key=args.rpc_key, rpc=args.rpc,
              pretrain_epochs=args.pretrain_epochs, admm_epochs=args.epochs, finetune_epochs=args.finetune_epochs,
              importance=args.importance, sparsities=sparsities, profile_repeat=args.profile_repeat,
-             eval_images=args.eval_images, seed=args.seed, retrain=args.retrain, device_timeout=args.device_timeout)
+             eval_images=args.eval_images, seed=args.seed, retrain=args.retrain, device_timeout=args.device_timeout,
+             vector_width=args.vector_width)
     return 0

@@ -73,7 +73,9 @@ def _family(target: tvm.target.Target) -> str:
 def resolve_target(target, vector_width: int | None = None) -> TargetInfo:
     """Resolve a short name (``x86``, ``x86-avx2``, ``x86-avx512``, ``arm64``), a target dict, its JSON text,
     or a ``tvm.target.Target``. ``vector_width`` overrides the family's SIMD width."""
-    if isinstance(target, TargetInfo):
+    if isinstance(target, TargetInfo):  # already resolved: keep its width unless overridden
+        if vector_width is None or int(vector_width) == target.vector_width:
+            return target
         target = target.target
     if isinstance(target, str):
         text = target.strip()

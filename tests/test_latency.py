@@ -234,6 +234,12 @@ def test_regressor_estimates_missing_layers_with_reported_error(rpc_devices, onn
     del partial.layers[key]
     with pytest.raises(LayerNotProfiledError, match="--estimate-missing"):
         partial.layer_latency(left_out.spec, 16, 0.5)
+    with pytest.raises(LayerNotProfiledError, match="not in the latency table"):  # not TVM's RuntimeError
+        compiler.compile(tiny, "x86", latency_table=partial)
+    partial.save(str(tmp_path / "partial.json"))
+    r = _cli("compile", str(tiny), "-o", str(tmp_path / "t.so"), "--latency-table", str(tmp_path / "partial.json"),
+             timeout=300)
+    assert r.returncode == 2 and "not in the latency table" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     regressor = LatencyRegressor.fit(partial)
     h = regressor.holdout
     assert h["layers"] >= 1 and h["points"] >= 4 and 0 <= h["mape_pct"] <= h["max_err_pct"]

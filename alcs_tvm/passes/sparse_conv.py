@@ -411,6 +411,21 @@ class SparseConvRewrite:
 
     # -- rewrite ----------------------------------------------------------------------------------------------
     def transform_module(self, mod, ctx):
+        self.error = None
+        try:
+            return self._transform(mod)
+        except (ValueError, TypeError, LookupError) as err:
+            # TVM turns an exception leaving a pass into a RuntimeError with its own traceback; keep the original
+            # so callers (alcs compile) can report it as the user error it is: see :meth:`raise_user_error`
+            self.error = err
+            raise
+
+    def raise_user_error(self):
+        """Re-raise the input error (e.g. a layer missing from the latency table) that stopped the last run."""
+        if getattr(self, "error", None) is not None:
+            raise self.error.with_traceback(None) from None
+
+    def _transform(self, mod):
         self.report = CompileReport(target=self.target_info.family)
         plans = {}
         index = {"conv2d": 0, "linear": 0}
