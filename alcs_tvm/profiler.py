@@ -461,7 +461,10 @@ def _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities,
     first = {}
     for layer in layers:
         first.setdefault(layer.key, layer)
-    rest_done = model_name in table.models and "rest_ms" in table.models[model_name]
+    # the rest is reused only for the same architecture: a table resumed with another model under the same name
+    # (another input size, say) must not predict it with the old model's rest
+    previous = table.models.get(model_name, {})
+    rest_done = "rest_ms" in previous and [k for _, k in previous.get("layers", [])] == [l.key for l in layers]
     skipped = sum(k in table.layers for k in distinct)
     calibrate = measure_rest and not rest_done
     todo = len(distinct) - skipped + (2 if calibrate else 0)

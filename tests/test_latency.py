@@ -257,3 +257,22 @@ def test_regressor_estimates_missing_layers_with_reported_error(rpc_devices, onn
     other = LatencyTable({"kind": "llvm", "mtriple": "aarch64-linux-gnu"}, "arm64", "x", tvm.__version__)
     with pytest.raises(TableMismatchError, match="target"):
         other.estimate_missing(regressor)
+
+
+def test_resumed_table_remeasures_rest_for_another_architecture(rpc_devices, onnx_models, tmp_path):
+    """The same model name with another input size (other layers) in a resumed table: its rest is measured anew,
+    never taken from the other architecture."""
+    from alcs_tvm.profiler import profile_model
+
+    out = tmp_path / "two.json"
+    digits = zoo.export_onnx(zoo.get_model("small_cnn"), onnx_models["dir"] / "small_cnn_8x8.onnx", (1, 1, 8, 8))
+    kw = dict(tracker=rpc_devices.tracker, key=rpc_devices.x86_key, sparsities=[0.0, 0.9], repeat=3,
+              min_repeat_ms=1, max_masks=1, quiet=True, model_name="small_cnn")
+    profile_model(onnx_models["small_cnn"], str(out), "x86", **kw)
+    measured = []
+    table = profile_model(digits, str(out), "x86", on_measured=measured.append, **kw)
+    assert "(rest of model)" in measured
+    keys = [k for _, k in table.models["small_cnn"]["layers"]]
+    assert len(keys) == 3 and all("_h8_w8_" in k or "_h4_w4_" in k for k in keys)
+    total, breakdown = table.predict(digits)
+    assert breakdown["(rest of model)"] == table.rest_ms["small_cnn"] and total > 0
