@@ -144,7 +144,7 @@ def run_flow(model: str = "small_cnn", data: str = "mnist", target: str = "x86",
     from .prune_cli import load_model, write_plot
     from .pruning import (LatencyModel, check_budget, evaluate, export_pruned, find_prunable_layers, prune,
                           train_dense)
-    from .run import run_model, write_sidecar
+    from .run import time_model, write_sidecar
     from .target import resolve_target
 
     if budget_ms is not None and budget_fraction is not None:
@@ -237,13 +237,12 @@ def run_flow(model: str = "small_cnn", data: str = "mnist", target: str = "x86",
         measured, lib_acc = {}, {}
         probe = np.ascontiguousarray(x_eval[:1], np.float32)
         for name, lib in libraries.items():
-            _, t = run_model(lib, [probe], session=device.session, repeat=3, number=20, timeout=device_timeout)
-            number = max(20, int(10.0 / max(t["median_ms"], 1e-3)))  # ~10 ms per sample
-            _, t = run_model(lib, [probe], session=device.session, repeat=run_repeat, number=number,
-                             timeout=device_timeout)
+            _, t = time_model(lib, [probe], repeat=run_repeat, min_number=20, probe_number=20,
+                              session=device.session, timeout=device_timeout)
             measured[name] = t["min_ms"]
             lib_acc[name] = library_accuracy(lib, x_eval, y_eval, session=device.session, timeout=device_timeout)
-            log(f"{name}: {t['min_ms']:.4f} ms (min of {run_repeat} x {number} runs, median {t['median_ms']:.4f}), "
+            log(f"{name}: {t['min_ms']:.4f} ms (min of {run_repeat} x {t['number']} runs, median "
+                f"{t['median_ms']:.4f}), "
                 f"library accuracy {lib_acc[name]:.4f} on {len(x_eval)} images")
         seconds["run"] = time.time() - t0
 

@@ -224,10 +224,7 @@ class LatencyTable:
 
     def choose(self, spec: Conv2dSpec, density: float, vector_width: int):
         """The compiler's per-layer choice: ``(decision, predicted_ms, reason)``."""
-        try:
-            profile = self.profile_for(spec, vector_width)
-        except LayerNotProfiledError:
-            raise
+        profile = self.profile_for(spec, vector_width)
         sparse = profile.sparse_latency(1.0 - density)
         predicted = {"sparse": round(sparse, 5)}
         if profile.dense_ms is not None:

@@ -25,7 +25,6 @@ table are not measured again).
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import tempfile
@@ -202,12 +201,10 @@ class Measurer:
 
     def time_model(self, lib_path, repeat, min_repeat_ms) -> list:
         """Per-inference milliseconds of a Relax executable library (inputs made up from its sidecar)."""
-        from .run import run_model
+        from .run import time_model
 
-        kw = dict(session=self.session, timeout=self.timeout)
-        _, probe = run_model(lib_path, repeat=3, number=1, **kw)
-        number = max(1, int(math.ceil(min_repeat_ms / max(probe["median_ms"], 1e-3))))
-        _, timings = run_model(lib_path, repeat=repeat, number=number, **kw)
+        _, timings = time_model(lib_path, repeat=repeat, sample_ms=min_repeat_ms, session=self.session,
+                                timeout=self.timeout)
         return timings["results_ms"]
 
 

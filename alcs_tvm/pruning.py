@@ -584,7 +584,7 @@ def measure_latency(onnx_path: str, input_shape, target="x86", *, repeat: int = 
     sample lasts ~10 ms."""
     from .compiler import compile as alcs_compile
     from .compiler import export
-    from .run import run_model, write_sidecar
+    from .run import run_model, time_model, write_sidecar
 
     executable, report = alcs_compile(onnx_path, target, latency_table=latency_table)
     own_dir = None
@@ -595,9 +595,9 @@ def measure_latency(onnx_path: str, input_shape, target="x86", *, repeat: int = 
     write_sidecar(library_path, report.relax_module)
     x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
     if number <= 0:
-        _, t = run_model(library_path, [x], repeat=3, number=20)
-        number = max(20, int(10.0 / max(t["median_ms"], 1e-3)))
-    _, timings = run_model(library_path, [x], repeat=repeat, number=number)
+        _, timings = time_model(library_path, [x], repeat=repeat, min_number=20, probe_number=20)
+    else:
+        _, timings = run_model(library_path, [x], repeat=repeat, number=number)
     if own_dir:
         for f in os.listdir(own_dir):
             os.unlink(os.path.join(own_dir, f))

@@ -210,6 +210,15 @@ def run_model(lib_path, inputs=None, *, rpc: str | None = None, tracker: str | N
             del session
 
 
+def time_model(lib_path, inputs=None, *, repeat: int, sample_ms: float = 10.0, min_number: int = 1,
+               probe_number: int = 1, **where):
+    """:func:`run_model` timed with ``repeat`` samples of about ``sample_ms`` each: a short probe run picks how many
+    back-to-back calls (at least ``min_number``) make one sample. ``where``: as for :func:`run_model`."""
+    _, probe = run_model(lib_path, inputs, repeat=3, number=probe_number, **where)
+    number = max(min_number, int(np.ceil(sample_ms / max(probe["median_ms"], 1e-3))))
+    return run_model(lib_path, inputs, repeat=repeat, number=number, **where)
+
+
 def _execute(lib, dev, inputs, sidecar, function, repeat, number, guard):
     import contextlib
 

@@ -6,7 +6,7 @@ For each model: ``alcs profile`` (resumed if the table exists), then ``--configs
 rewritable conv (``--draw levels``: a level per configuration, each layer within +-0.2 of it; ``uniform``: each
 layer uniform in [0, --max-sparsity]), prune a copy of the weights with random SIMD-block masks,
 export ONNX, predict with :meth:`LatencyTable.predict`, compile with ``compiler.compile(..., latency_table=)``
-(the table also makes the per-layer sparse/dense decisions), upload and time over RPC with ``run_model``.
+(the table also makes the per-layer sparse/dense decisions), upload and time over RPC with ``time_model``.
 Prints MAPE, max error, Pearson r and Kendall tau; writes predicted-vs-measured plots and a JSON of all points.
 
 Examples::
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from alcs_tvm import compiler, rpc as alcs_rpc, zoo  # noqa: E402
 from alcs_tvm.latency import LatencyTable  # noqa: E402
 from alcs_tvm.profiler import DEFAULT_SPARSITIES, profile_model, random_pruned_onnx  # noqa: E402
-from alcs_tvm.run import run_model, write_sidecar  # noqa: E402
+from alcs_tvm.run import time_model, write_sidecar  # noqa: E402
 from alcs_tvm.target import resolve_target  # noqa: E402
 
 
@@ -85,9 +85,8 @@ def validate_model(name, args, info, session, work: Path, table_path: Path, log)
         executable, report = compiler.compile(str(pruned_path), info.target, latency_table=table)
         lib = compiler.export(executable, str(work / f"{name}_cfg{c}.so"), info)
         write_sidecar(lib, report.relax_module, target=info.target)
-        _, probe = run_model(lib, session=session, repeat=3, number=1, timeout=args.timeout)
-        number = max(1, int(np.ceil(args.min_repeat_ms / max(probe["median_ms"], 1e-3))))
-        _, timing = run_model(lib, session=session, repeat=args.model_repeat, number=number, timeout=args.timeout)
+        _, timing = time_model(lib, repeat=args.model_repeat, sample_ms=args.min_repeat_ms, session=session,
+                               timeout=args.timeout)
         measured = timing["median_ms"]
         n_sparse = len(report.sparse_layers)
         points.append({"model": name, "config": c, "predicted_ms": predicted, "measured_ms": measured,
