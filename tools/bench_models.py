@@ -75,7 +75,7 @@ def time_breakdown(executable, x, rounds: int = 5) -> dict:
     return {k: round(v / total, 4) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}
 
 
-def run_worker(models, sparsities, threads: int, repeat: int) -> list:
+def run_worker(models, sparsities, threads: int, repeat: int, vector_width=None) -> list:
     import onnxruntime as ort
     import torch
     import tvm
@@ -87,7 +87,7 @@ def run_worker(models, sparsities, threads: int, repeat: int) -> list:
     from alcs_tvm.timing import measure_interleaved, set_threads
 
     set_threads(threads)
-    info = resolve_target("x86")
+    info = resolve_target("x86", vector_width)
     rows = []
     tmp = tempfile.mkdtemp(prefix="bench_models_")
     for name in models:
@@ -98,7 +98,7 @@ def run_worker(models, sparsities, threads: int, repeat: int) -> list:
             path = os.path.join(tmp, f"{name}_{sparsity}.onnx")
             zoo.export_onnx(model, path, (1, 3, 224, 224))
             t0 = time.perf_counter()
-            executable, report = alcs_compile(path, info.target)
+            executable, report = alcs_compile(path, info)  # a TargetInfo carries its V
             compile_s = time.perf_counter() - t0
             x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
             vm = relax.VirtualMachine(executable, tvm.cpu())
@@ -120,7 +120,7 @@ def run_worker(models, sparsities, threads: int, repeat: int) -> list:
             stats = measure_interleaved({"alcs": lambda: vm["main"](arg),
                                          "ort": lambda: session.run(None, {"input": x}),
                                          "torch": torch_run}, repeat=repeat)
-            rows.append({"model": name, "sparsity": sparsity, "threads": threads,
+            rows.append({"model": name, "sparsity": sparsity, "threads": threads, "vector_width": info.vector_width,
                          "alcs_ms": stats["alcs"].min, "ort_ms": stats["ort"].min, "torch_ms": stats["torch"].min,
                          "alcs_median_ms": stats["alcs"].median, "ort_median_ms": stats["ort"].median,
                          "torch_median_ms": stats["torch"].median, "compile_s": compile_s,
@@ -130,14 +130,14 @@ def run_worker(models, sparsities, threads: int, repeat: int) -> list:
 
 
 def table(rows) -> list:
-    lines = ["| model | sparsity | threads | alcs ms | ORT ms | torch ms | ORT/alcs | torch/alcs | bar | "
+    lines = ["| model | V | sparsity | threads | alcs ms | ORT ms | torch ms | ORT/alcs | torch/alcs | bar | "
              "compile s | time in alcs conv kernels |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = r["ort_ms"] / r["alcs_ms"]
         bar = BARS.get(r["model"], {}).get(r["sparsity"])
         verdict = "-" if bar is None else (f"{'pass' if ratio >= bar else 'MISS'} (>= {bar:.2f})")
-        lines.append(f"| {r['model']} | {r['sparsity']}% | {r['threads']} | {r['alcs_ms']:.2f} | {r['ort_ms']:.2f} "
+        lines.append(f"| {r['model']} | {r.get('vector_width', '-')} | {r['sparsity']}% | {r['threads']} | {r['alcs_ms']:.2f} | {r['ort_ms']:.2f} "
                      f"| {r['torch_ms']:.2f} | {ratio:.2f} | {r['torch_ms'] / r['alcs_ms']:.2f} | {verdict} | "
                      f"{r['compile_s']:.1f} | {r['time_breakdown'].get('alcs conv kernels', 0):.0%} |")
     return lines
@@ -149,6 +149,8 @@ def main(argv=None):
     ap.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)), help="percent, comma separated")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument("--vector-width", type=int, default=None,
+                    help="pruning group / kernel width V (default: the host's SIMD width; 32 = two AVX-512 vectors)")
     ap.add_argument("--json", default=os.path.join(ROOT, "tools", "out", "bench_models.json"))
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -160,7 +162,7 @@ def main(argv=None):
     threads = [int(t) for t in args.threads.split(",")]
     if args._worker:
         with open(args._worker, "w") as f:
-            json.dump(run_worker(models, sparsities, threads[0], args.repeat), f)
+            json.dump(run_worker(models, sparsities, threads[0], args.repeat, args.vector_width), f)
         return 0
     from alcs_tvm.timing import thread_env
 
@@ -168,7 +170,8 @@ def main(argv=None):
     for n in threads:
         out = os.path.join(tempfile.mkdtemp(prefix="bench_models_"), "rows.json")
         subprocess.run([sys.executable, os.path.abspath(__file__), "--models", args.models, "--sparsities",
-                        args.sparsities, "--threads", str(n), "--repeat", str(args.repeat), "--_worker", out],
+                        args.sparsities, "--threads", str(n), "--repeat", str(args.repeat), "--_worker", out]
+                       + ([] if args.vector_width is None else ["--vector-width", str(args.vector_width)]),
                        check=True, env=thread_env(n))
         with open(out) as f:
             rows += json.load(f)
