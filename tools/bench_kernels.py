@@ -145,7 +145,7 @@ def _close(a, b) -> float:
     return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
 
 
-def run_worker(names, sparsities, threads: int, trials: int, repeat: int, seed: int) -> list:
+def run_worker(names, sparsities, threads: int, trials: int, repeat: int, seed: int, vector_width=None) -> list:
     """Measure every layer at one thread count (this process's runtimes are set to ``threads``)."""
     import torch
 
@@ -156,7 +156,7 @@ def run_worker(names, sparsities, threads: int, trials: int, repeat: int, seed: 
 
     got = set_threads(threads)
     log(f"[bench] {threads} thread(s): runtimes report {got}")
-    info = resolve_target("x86")
+    info = resolve_target("x86", vector_width)
     V = info.vector_width
     build_sparse, why = _sparse_builder()
     if build_sparse is None:
@@ -192,7 +192,7 @@ def run_worker(names, sparsities, threads: int, trials: int, repeat: int, seed: 
                     w = random_block_sparse(dense_w, V, sp / 100.0, np.random.default_rng(seed + sp))
                     log(f"[bench] {threads}T {name}: building ours at s={sp}%")
                     try:
-                        op = build_sparse(w, input_shape=xs, stride=stride, padding=pad, target="x86")
+                        op = build_sparse(w, input_shape=xs, stride=stride, padding=pad, target=info)
                         sref = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), None,
                                                           stride, pad).numpy()
                         err = _close(op.run(x), sref)
@@ -209,6 +209,7 @@ def run_worker(names, sparsities, threads: int, trials: int, repeat: int, seed: 
             stats = measure_interleaved(fns, repeat, progress=lambda m: log(f"[bench] {threads}T {name}: {m}"))
             results.append(_layer_result(name, threads, stats, notes, errors, sparse_meta, sparsities,
                                          tvm_mod.tune.meta if tvm_mod.tune else None))
+            results[-1]["vector_width"] = V
             print_layer(results[-1])
     return results
 
@@ -361,6 +362,8 @@ def main(argv=None):
     ap.add_argument("--verbose-tuning", action="store_true", help="keep MetaSchedule's own log output")
     ap.add_argument("--repeat", type=int, default=30, help="interleaved timing rounds (min is reported)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vector-width", type=int, default=None,
+                    help="pruning group / kernel width V (default: the host's SIMD width; 32 = two AVX-512 vectors)")
     ap.add_argument("--json", default=os.path.join(ROOT, "tools", "out", "bench_kernels.json"),
                     help="where to write the results as JSON")
     ap.add_argument("--markdown", nargs="?", const="-", default=None,
@@ -389,7 +392,7 @@ def main(argv=None):
         (FULL_SPARSITIES if args.full else QUICK_SPARSITIES)
     threads = [int(v) for v in args.threads.split(",")]
     if args._worker:  # child: one thread count, results to the given file
-        res = run_worker(names, sparsities, threads[0], trials, args.repeat, args.seed)
+        res = run_worker(names, sparsities, threads[0], trials, args.repeat, args.seed, args.vector_width)
         with open(args._worker, "w") as fh:
             json.dump(res, fh)
         return 0
@@ -403,13 +406,15 @@ def main(argv=None):
 
     for n in threads:
         if args.in_process:
-            results += run_worker(names, sparsities, n, trials, args.repeat, args.seed)
+            results += run_worker(names, sparsities, n, trials, args.repeat, args.seed, args.vector_width)
             continue
         out = os.path.join(os.path.dirname(os.path.abspath(args.json)) or ".", f".bench_kernels_{n}t.json")
         os.makedirs(os.path.dirname(out), exist_ok=True)
         cmd = [sys.executable, os.path.abspath(__file__), "--layers", ",".join(names), "--sparsities",
                ",".join(map(str, sparsities)), "--threads", str(n), "--tune-trials", str(trials),
                "--repeat", str(args.repeat), "--seed", str(args.seed), "--_worker", out]
+        if args.vector_width:
+            cmd += ["--vector-width", str(args.vector_width)]
         if args.verbose_tuning:
             cmd.append("--verbose-tuning")
         log(f"[bench] {n} thread(s): subprocess {' '.join(cmd[2:])}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -161,6 +162,8 @@ def main(argv=None):
         print(msg, flush=True)
 
     started_state = None
+    # SIGTERM (timeout, kill) would skip the finally below and leave the tracker and server running
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     if not args.rpc_tracker and not args.rpc:
         from alcs_tvm import device
 
