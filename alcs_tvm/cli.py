@@ -11,6 +11,7 @@ _COMMAND_MODULES = [
     "alcs_tvm.run",
     "alcs_tvm.device",
     "alcs_tvm.profiler",
+    "alcs_tvm.autotune",
     "alcs_tvm.prune_cli",
     "alcs_tvm.flow",
 ]

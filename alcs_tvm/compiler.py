@@ -30,14 +30,20 @@ def conv_node_names(model) -> list:
 
 
 def compile_module(mod, target="x86", *, vector_width=None, sparse=True, density_threshold=None,
-                   latency_table=None, layer_names=None):
-    """Compile an already imported and prepared Relax module. Returns ``(executable, report, lowered_mod)``."""
+                   latency_table=None, layer_names=None, tuning=None):
+    """Compile an already imported and prepared Relax module. Returns ``(executable, report, lowered_mod)``.
+    ``tuning``: :class:`~alcs_tvm.autotune.TuningRecords` (or their path) from ``alcs tune``."""
     info = resolve_target(target, vector_width)
     if latency_table is not None:  # a table measured on another target or TVM would pick layers wrongly
         latency_table.check_compatible(info, tvm.__version__)
+    if tuning is not None:
+        from .autotune import TuningRecords
+
+        tuning = tuning if isinstance(tuning, TuningRecords) else TuningRecords.load(tuning)
+        tuning.check_compatible(info, tvm.__version__)
     rewrite = SparseConvRewrite(info.target, vector_width=info.vector_width, sparse=sparse,
                                 density_threshold=density_threshold, latency_table=latency_table,
-                                layer_names=layer_names)
+                                layer_names=layer_names, tuning=tuning)
     with info.target:
         try:
             lowered = tvm.transform.Sequential([rewrite] + dense_build_passes(info))(mod)
@@ -49,7 +55,7 @@ def compile_module(mod, target="x86", *, vector_width=None, sparse=True, density
 
 
 def compile(model, target="x86", *, input_shapes=None, vector_width=None, sparse=True,  # noqa: A001
-            density_threshold=None, latency_table=None, verbose=False):
+            density_threshold=None, latency_table=None, tuning=None, verbose=False):
     """Compile an ONNX model (path, bytes or ModelProto) for ``target``. Returns ``(executable, report)``.
 
     ``executable.export_library(path)`` writes the deployable library (see :func:`export`, which also
@@ -59,7 +65,7 @@ def compile(model, target="x86", *, input_shapes=None, vector_width=None, sparse
     mod = frontend.prepare_for_sparse(frontend.import_onnx(onnx_model, input_shapes))
     executable, report, _ = compile_module(mod, target, vector_width=vector_width, sparse=sparse,
                                            density_threshold=density_threshold, latency_table=latency_table,
-                                           layer_names=conv_node_names(onnx_model))
+                                           layer_names=conv_node_names(onnx_model), tuning=tuning)
     report.notes.append(f"compiled in {time.perf_counter() - started:.1f} s")
     report.relax_module = mod
     if verbose:
@@ -110,6 +116,8 @@ def register_cli(subparsers):
     p.add_argument("--estimate-missing", nargs="*", metavar="TABLE",
                    help="layers not in --latency-table: estimate them with an XGBoost regressor trained on the "
                         "table (and on these further tables of the same target) instead of failing")
+    p.add_argument("--tuning", metavar="RECORDS",
+                   help="schedule tuning records from `alcs tune` (same target): each conv with its tuned schedule")
     p.add_argument("--cross-compiler", help="C++ cross compiler for linking (default for arm64: "
                                             "aarch64-linux-gnu-g++)")
     p.add_argument("--report", help="write the per-layer report JSON here (default: OUTPUT.report.json)")
@@ -138,7 +146,8 @@ def _cli_compile(args):
     info = resolve_target(args.target, args.vector_width)
     executable, report = compile(args.model, info.target, input_shapes=input_shapes,
                                  vector_width=info.vector_width, sparse=not args.no_sparse,
-                                 density_threshold=args.sparsity_threshold, latency_table=latency_table)
+                                 density_threshold=args.sparsity_threshold, latency_table=latency_table,
+                                 tuning=args.tuning)
     print(report.table())
     export(executable, args.output, info, args.cross_compiler)
     write_sidecar(args.output, report.relax_module, target=info.target)

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .locking import write_json_atomic
 from .operator import Conv2dSpec
 
 __all__ = ["LatencyTable", "LayerProfile", "layer_key", "TableMismatchError", "LayerNotProfiledError", "FORMAT"]
@@ -145,17 +145,7 @@ class LatencyTable:
 
     def save(self, path: str):
         """Write atomically (temp file + rename): an interrupted write never leaves a torn table."""
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".latency-", suffix=".json", dir=directory)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_json(), f, indent=1)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_json_atomic(path, self.to_json(), prefix=".latency-")
 
     @classmethod
     def load(cls, path: str) -> "LatencyTable":

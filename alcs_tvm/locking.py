@@ -1,9 +1,12 @@
-"""An exclusive advisory file lock, shared by everything that caches on disk (device image, tuning records)."""
+"""Safe on-disk state, shared by everything that caches or records measurements: an exclusive advisory file lock
+(device image, tuning caches) and atomic JSON writes (latency tables, schedule tuning records)."""
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
+import tempfile
 
 
 @contextlib.contextmanager
@@ -16,3 +19,19 @@ def file_lock(path):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def write_json_atomic(path, data, prefix=".alcs-"):
+    """Write ``data`` as JSON to ``path`` through a temp file and a rename: an interrupted write never leaves a
+    torn file, and what was there before stays until the new content is complete."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

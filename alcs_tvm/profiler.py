@@ -219,32 +219,50 @@ def _export(executable, path, info):
     return export(executable, str(path), info)
 
 
+def layer_kernel(layer: ModelLayer, weight: BlockSparseWeight, bias, info, name, schedule=None):
+    """The kernel ``layer`` runs in its model (fused bias/activation/shortcut, chained layouts) for ``weight``."""
+    return sparse_conv2d_kernel(weight, layer.spec, bias=bias, activation=layer.activation, target=info, name=name,
+                                schedule=schedule, input_prepadded=layer.input_prepadded,
+                                input_block=layer.input_block, output_blocked=layer.output_blocked,
+                                output_pad=layer.output_pad, input_border=layer.input_border,
+                                residual=layer.residual, residual_pad=layer.residual_pad)
+
+
+def build_kernels(kernels: dict, info, measurer: Measurer, stem: str, workdir=None):
+    """Build kernels (name -> SparseConv2dKernel) into one library and load it on the device: one upload."""
+    import tvm
+
+    mod = tvm.IRModule({tvm.ir.GlobalVar(n): k.func.with_attr("global_symbol", n) for n, k in kernels.items()})
+    executable = tvm.compile(mod, target=info.target)
+    with tempfile.TemporaryDirectory(prefix="alcs-profile-", dir=workdir) as tmp:
+        return measurer.load(_export(executable, Path(tmp) / f"{stem}.so", info))
+
+
+def kernel_inputs(layer: ModelLayer, kernel, rng):
+    """Random input and shortcut, and a zero output, shaped as ``kernel`` takes them: ``(x, shortcut, y)``
+    (``shortcut`` is a list: empty without a fused residual)."""
+    geom = kernel.geometry
+    x = rng.standard_normal(geom.input_shape).astype(np.float32)  # NCHW, or padded / channel-blocked
+    y = np.zeros(kernel.output_shape, np.float32)
+    shortcut = [] if layer.residual is None else [rng.standard_normal(kernel.residual_shape).astype(np.float32)]
+    return x, shortcut, y
+
+
 def measure_layer(layer: ModelLayer, info, measurer: Measurer, sparsities, *, repeat=20, min_repeat_ms=10,
                   max_masks=3, spread_threshold=0.05, seed=0, workdir=None, cold_fraction=0.0) -> LayerProfile:
     """Measure one conv configuration: dense (all blocks kept) and the sparse kernel at every grid sparsity, each
     with the weights in cache (warm) and flushed (cold, see :meth:`Measurer.time`); ``sparse_ms``/``dense_ms``
     mix the two by ``cold_fraction`` (:meth:`LayerProfile.mix_cache_states`)."""
-    import tvm
-
     spec, v = layer.spec, layer.vector_width
     rng = np.random.default_rng(seed)
     weight = (rng.standard_normal(spec.weight_shape) * 0.1).astype(np.float32)
     bias = (rng.standard_normal(spec.out_channels) * 0.1).astype(np.float32) if layer.bias else None
 
     def kernel(w, name, keep_all=False):
-        return sparse_conv2d_kernel(BlockSparseWeight.from_dense(w, v, keep_all=keep_all), spec, bias=bias,
-                                    activation=layer.activation, target=info, name=name,
-                                    input_prepadded=layer.input_prepadded, input_block=layer.input_block,
-                                    output_blocked=layer.output_blocked, output_pad=layer.output_pad,
-                                    input_border=layer.input_border, residual=layer.residual,
-                                    residual_pad=layer.residual_pad)
+        return layer_kernel(layer, BlockSparseWeight.from_dense(w, v, keep_all=keep_all), bias, info, name)
 
     def build(kernels):
-        """Build kernels (name -> SparseConv2dKernel) into one library, upload it: one round trip."""
-        mod = tvm.IRModule({tvm.ir.GlobalVar(n): k.func.with_attr("global_symbol", n) for n, k in kernels.items()})
-        executable = tvm.compile(mod, target=info.target)
-        with tempfile.TemporaryDirectory(prefix="alcs-profile-", dir=workdir) as tmp:
-            return measurer.load(_export(executable, Path(tmp) / f"{layer.key}.so", info))
+        return build_kernels(kernels, info, measurer, layer.key, workdir)
 
     # masks per grid point, drawn up front (same rng sequence whether or not the extra masks get measured)
     masks = {i: [random_block_sparse(weight, v, s, rng) for _ in range(max_masks)]
@@ -254,11 +272,7 @@ def measure_layer(layer: ModelLayer, info, measurer: Measurer, sparsities, *, re
     for i, ws in masks.items():
         kernels[f"alcs_sparse_{i}_0"] = kernel(ws[0], f"alcs_sparse_{i}_0")
     module = build(kernels)
-    geom = kernels["alcs_dense"].geometry
-    x = rng.standard_normal(geom.input_shape).astype(np.float32)  # NCHW, or padded / channel-blocked
-    y = np.zeros(kernels["alcs_dense"].output_shape, np.float32)
-    shortcut = [] if layer.residual is None else \
-        [rng.standard_normal(kernels["alcs_dense"].residual_shape).astype(np.float32)]
+    x, shortcut, y = kernel_inputs(layer, kernels["alcs_dense"], rng)
 
     def run(module, k):
         """(warm samples, cold samples)"""

@@ -108,6 +108,7 @@ class _Layer:
         self.residual_layout = "nchw"
         self.residual_pad = (0, 0, 0, 0)
         self.depthwise = None  # (input shape, weight shape, padding, strides, dilation) of a depthwise conv
+        self.schedule = None  # a tuned SparseConvSchedule (alcs tune), else the target's default
 
 
 @tvm.transform.module_pass(opt_level=0, name="alcs.SparseConvRewrite")
@@ -122,7 +123,7 @@ class SparseConvRewrite:
     """
 
     def __init__(self, target="x86", vector_width=None, sparse=True, density_threshold=None, latency_table=None,
-                 layer_names=None):
+                 layer_names=None, tuning=None):
         self.target_info = resolve_target(target, vector_width)
         self.sparse = sparse
         self.threshold = (DEFAULT_DENSITY_THRESHOLD[self.target_info.family] if density_threshold is None
@@ -130,6 +131,7 @@ class SparseConvRewrite:
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"density threshold must be in [0, 1], got {density_threshold}")
         self.latency_table = latency_table
+        self.tuning = tuning  # alcs_tvm.autotune.TuningRecords: per-conv schedules measured on the device
         self.layer_names = list(layer_names or [])
         self.report = CompileReport(target=self.target_info.family)
 
@@ -425,6 +427,17 @@ class SparseConvRewrite:
         if getattr(self, "error", None) is not None:
             raise self.error.with_traceback(None) from None
 
+    def _apply_tuning(self, layer):
+        from ..autotune import describe_schedule, kernel_layout
+        from ..latency import layer_key
+
+        row = layer.report_row
+        schedule, why = self.tuning.schedule_for(row.name, layer_key(layer.spec, row.vector_width),
+                                                 kernel_layout(**row.kernel))
+        layer.schedule = schedule
+        row.implementation += f"; default schedule ({why})" if schedule is None else \
+            f"; tuned schedule {describe_schedule(schedule)}"
+
     def _transform(self, mod):
         self.report = CompileReport(target=self.target_info.family)
         plans = {}
@@ -454,6 +467,8 @@ class SparseConvRewrite:
                         "input_border": None if layer.input_border is None else list(layer.input_border),
                         "residual": None if layer.residual is None else layer.residual_layout,
                         "residual_pad": list(layer.residual_pad)}
+                    if self.tuning is not None:
+                        self._apply_tuning(layer)
         if not any(plans.values()):
             return mod
         rewriter = _Rewriter(mod, plans, self.target_info)
@@ -505,7 +520,7 @@ class _Rewriter(relax.PyExprMutator):
                                       input_block=layer.input_block, output_blocked=layer.output_blocked,
                                       output_pad=layer.output_pad, input_border=layer.input_border,
                                       residual=None if layer.residual is None else layer.residual_layout,
-                                      residual_pad=layer.residual_pad)
+                                      residual_pad=layer.residual_pad, schedule=layer.schedule)
         key = (kernel.geometry, kernel.schedule, layer.bias is not None, layer.activation)
         gv = self.kernels.get(key)
         if gv is None:

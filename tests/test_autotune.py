@@ -1,0 +1,112 @@
+"""``alcs tune``: per-conv schedule search on a device, records, and ``alcs compile --tuning``."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from alcs_tvm import zoo
+from alcs_tvm.autotune import TuningRecords, candidate_schedules, tune_model
+from alcs_tvm.compiler import compile as alcs_compile
+from alcs_tvm.latency import TableMismatchError
+from alcs_tvm.operator import Conv2dSpec, max_run_length
+from alcs_tvm.schedules import default_sparse_conv_schedule
+from alcs_tvm.schedules.x86 import register_budget
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(executable, x):
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x)).numpy()
+
+
+def _ort(path, x):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+@pytest.fixture(scope="module")
+def pruned_resnet(tmp_path_factory):
+    model = zoo.get_model("resnet_tiny").eval()
+    zoo.simd_prune_(model, 16, 0.7, rng=1)
+    path = tmp_path_factory.mktemp("tune") / "resnet_tiny.onnx"
+    zoo.export_onnx(model, path, (1, 3, 32, 32))
+    return path
+
+
+@pytest.mark.parametrize("height,width,kernel,family,v", [(56, 56, 3, "x86-avx512", 16), (7, 7, 1, "x86-avx512", 16),
+                                                          (14, 14, 3, "x86-avx512", 32), (28, 28, 3, "arm64", 4)])
+def test_candidates_start_with_the_default_and_fit_the_register_budget(height, width, kernel, family, v):
+    spec = Conv2dSpec.create((1, 32, height, width), (64, 32, kernel, kernel), 1, kernel // 2)
+    candidates = candidate_schedules(family, spec, v, limit=12)
+    assert candidates[0] == default_sparse_conv_schedule(family, v, spec.out_height, spec.out_width,
+                                                         max_run_length(spec))
+    assert len(candidates) == len(set(candidates)) and 3 <= len(candidates) <= 12
+    assert {c.row_outer for c in candidates} == {False, True}
+    budget = register_budget(family, v)[0] if family.startswith("x86") else 14
+    lanes = {"x86-avx512": 16, "arm64": 4}[family]
+    for c in candidates:
+        assert c.vector_width == v and c.tile_cols <= spec.out_width and c.tile_rows <= spec.out_height
+        assert c.accumulators * max(1, v // lanes) <= budget
+    assert len(candidate_schedules(family, spec, v, limit=2)) == 2
+
+
+def test_tune_records_resume_and_compile_with_them(rpc_devices, pruned_resnet, tmp_path):
+    """Tuning over the real tracker's x86 server: one record per rewritable conv whose winner is never slower than
+    the default as measured; a rerun measures nothing; compiling with the records builds each conv with its
+    schedule (the report says which) and the model still equals ONNX Runtime - also with a record forced to an
+    unusual schedule, so every candidate the tuner may pick is a correct kernel."""
+    out = tmp_path / "records.json"
+    kw = dict(tracker=rpc_devices.tracker, key=rpc_devices.x86_key, repeat=3, min_repeat_ms=1, max_candidates=3,
+              quiet=True)
+    records = tune_model(str(pruned_resnet), str(out), "x86", **kw)
+    _, report = alcs_compile(str(pruned_resnet), "x86")
+    convs = [d.name for d in report.layers if d.op == "conv2d"]
+    assert sorted(records.layers) == sorted(convs)
+    for entry in records.layers.values():
+        assert entry["tuned_ms"] <= entry["default_ms"] and len(entry["candidates"]) == 3
+    assert TuningRecords.load(str(out)).layers == records.layers
+    again = tune_model(str(pruned_resnet), str(out), "x86", **kw)
+    assert again.layers == records.layers
+
+    # force one conv onto a 1-row, row-outer tile: correctness of a non-default schedule through the pass
+    data = json.loads(out.read_text())
+    forced = convs[1]
+    data["layers"][forced]["schedule"].update({"tile_rows": 1, "tile_cols": 4, "row_outer": True})
+    data["layers"][convs[2]]["key"] = "another shape"  # a stale record: ignored, and said so
+    out.write_text(json.dumps(data))
+    executable, report = alcs_compile(str(pruned_resnet), "x86", tuning=str(out))
+    rows = {d.name: d.implementation for d in report.layers}
+    assert "tuned schedule 1x4 row-outer" in rows[forced]
+    assert "default schedule (tuning record is for another shape or layout)" in rows[convs[2]]
+    assert all("tuned schedule" in rows[c] for c in convs if c != convs[2])
+    x = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    expected = _ort(pruned_resnet, x)
+    assert np.abs(_run(executable, x) - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_records_for_another_target_or_corrupted_are_one_line_errors(rpc_devices, pruned_resnet, tmp_path):
+    out = tmp_path / "records.json"
+    tune_model(str(pruned_resnet), str(out), "x86", tracker=rpc_devices.tracker, key=rpc_devices.x86_key, repeat=3,
+               min_repeat_ms=1, max_candidates=1, quiet=True)
+    with pytest.raises(TableMismatchError, match="tuning records were measured for target"):
+        alcs_compile(str(pruned_resnet), "x86-avx2", tuning=str(out))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "alcs-tvm-tuning/1", "target": {}, "target_family": "x86", "tvm_version": "0", '
+                   '"layers": {"conv": {"key": "k"}}}')
+    for path, expect in ((bad, "corrupted"), (tmp_path / "none.json", "no tuning records")):
+        r = subprocess.run([sys.executable, "-m", "alcs_tvm.cli", "compile", str(pruned_resnet), "-o",
+                            str(tmp_path / "m.so"), "--tuning", str(path)], capture_output=True, text=True,
+                           cwd=REPO, timeout=300)
+        assert r.returncode == 2 and expect in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    # the CLI over RPC prints the per-conv table; resuming on another device key is refused
+    r = subprocess.run([sys.executable, "-m", "alcs_tvm.cli", "tune", str(pruned_resnet), "-o", str(out), "--rpc",
+                        "127.0.0.1:1", "--quiet"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 2 and "tuned on device" in r.stderr
