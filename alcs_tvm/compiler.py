@@ -17,7 +17,6 @@ import tvm
 
 from . import frontend
 from .passes.sparse_conv import SparseConvRewrite
-from .report import CompileReport
 from .schedules.dense_cpu import dense_build_passes
 from .target import TargetInfo, resolve_target
 

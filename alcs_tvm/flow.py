@@ -23,7 +23,6 @@ Everything lands in ``--work-dir`` (default ``alcs-flow/``): ``dense.pt``, ``den
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

@@ -54,7 +54,6 @@ import json
 import math
 import os
 import tempfile
-import time
 from dataclasses import dataclass, field
 
 import numpy as np

@@ -75,7 +75,7 @@ def time_breakdown(executable, x, rounds: int = 5) -> dict:
     return {k: round(v / total, 4) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}
 
 
-def run_worker(models, sparsities, threads: int, repeat: int, vector_width=None) -> list:
+def run_worker(models, sparsities, threads: int, repeat: int, vector_width=None, tune=False) -> list:
     import onnxruntime as ort
     import torch
     import tvm
@@ -100,6 +100,15 @@ def run_worker(models, sparsities, threads: int, repeat: int, vector_width=None)
             t0 = time.perf_counter()
             executable, report = alcs_compile(path, info)  # a TargetInfo carries its V
             compile_s = time.perf_counter() - t0
+            tuned = None
+            if tune:  # alcs tune on this host at this thread count, then compile with the records
+                from alcs_tvm.autotune import tune_model
+
+                t0 = time.perf_counter()
+                records = tune_model(path, os.path.join(tmp, f"{name}_{sparsity}.tuning.json"), info, local=True,
+                                     quiet=True)
+                tune_s = time.perf_counter() - t0
+                tuned = relax.VirtualMachine(alcs_compile(path, info, tuning=records)[0], tvm.cpu())
             x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
             vm = relax.VirtualMachine(executable, tvm.cpu())
             arg = tvm.runtime.tensor(x)
@@ -117,29 +126,40 @@ def run_worker(models, sparsities, threads: int, repeat: int, vector_width=None)
 
             log(f"[{threads}t] {name} {sparsity}%: compiled in {compile_s:.1f} s "
                 f"({len(report.sparse_layers)} sparse layers), timing...")
-            stats = measure_interleaved({"alcs": lambda: vm["main"](arg),
-                                         "ort": lambda: session.run(None, {"input": x}),
-                                         "torch": torch_run}, repeat=repeat)
+            runs = {"alcs": lambda: vm["main"](arg), "ort": lambda: session.run(None, {"input": x}),
+                    "torch": torch_run}
+            if tuned is not None:
+                runs["alcs_tuned"] = lambda: tuned["main"](arg)
+                error = max(error, float(np.abs(tuned["main"](arg).numpy() - ref).max() / np.abs(ref).max()))
+            stats = measure_interleaved(runs, repeat=repeat)
             rows.append({"model": name, "sparsity": sparsity, "threads": threads, "vector_width": info.vector_width,
                          "alcs_ms": stats["alcs"].min, "ort_ms": stats["ort"].min, "torch_ms": stats["torch"].min,
                          "alcs_median_ms": stats["alcs"].median, "ort_median_ms": stats["ort"].median,
                          "torch_median_ms": stats["torch"].median, "compile_s": compile_s,
                          "sparse_layers": len(report.sparse_layers), "dense_layers": len(report.dense_layers),
                          "max_rel_error_vs_ort": error, "time_breakdown": time_breakdown(executable, x)})
+            if tuned is not None:
+                rows[-1].update({"alcs_tuned_ms": stats["alcs_tuned"].min, "tune_s": tune_s})
     return rows
 
 
 def table(rows) -> list:
+    tuned = any("alcs_tuned_ms" in r for r in rows)
     lines = ["| model | V | sparsity | threads | alcs ms | ORT ms | torch ms | ORT/alcs | torch/alcs | bar | "
-             "compile s | time in alcs conv kernels |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "compile s | time in alcs conv kernels |" + (" alcs tuned ms | ORT/tuned | tune s |" if tuned else ""),
+             "|---" * (15 if tuned else 12) + "|"]
     for r in rows:
         ratio = r["ort_ms"] / r["alcs_ms"]
         bar = BARS.get(r["model"], {}).get(r["sparsity"])
         verdict = "-" if bar is None else (f"{'pass' if ratio >= bar else 'MISS'} (>= {bar:.2f})")
-        lines.append(f"| {r['model']} | {r.get('vector_width', '-')} | {r['sparsity']}% | {r['threads']} | {r['alcs_ms']:.2f} | {r['ort_ms']:.2f} "
-                     f"| {r['torch_ms']:.2f} | {ratio:.2f} | {r['torch_ms'] / r['alcs_ms']:.2f} | {verdict} | "
-                     f"{r['compile_s']:.1f} | {r['time_breakdown'].get('alcs conv kernels', 0):.0%} |")
+        line = (f"| {r['model']} | {r.get('vector_width', '-')} | {r['sparsity']}% | {r['threads']} | "
+                f"{r['alcs_ms']:.2f} | {r['ort_ms']:.2f} | {r['torch_ms']:.2f} | {ratio:.2f} | "
+                f"{r['torch_ms'] / r['alcs_ms']:.2f} | {verdict} | {r['compile_s']:.1f} | "
+                f"{r['time_breakdown'].get('alcs conv kernels', 0):.0%} |")
+        if tuned:
+            line += (f" {r['alcs_tuned_ms']:.2f} | {r['ort_ms'] / r['alcs_tuned_ms']:.2f} | {r['tune_s']:.0f} |"
+                     if "alcs_tuned_ms" in r else " - | - | - |")
+        lines.append(line)
     return lines
 
 
@@ -149,6 +169,8 @@ def main(argv=None):
     ap.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)), help="percent, comma separated")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument("--tune", action="store_true",
+                    help="also `alcs tune` each model on this host and time the compile with its records")
     ap.add_argument("--vector-width", type=int, default=None,
                     help="pruning group / kernel width V (default: the host's SIMD width; 32 = two AVX-512 vectors)")
     ap.add_argument("--json", default=os.path.join(ROOT, "tools", "out", "bench_models.json"))
@@ -162,7 +184,7 @@ def main(argv=None):
     threads = [int(t) for t in args.threads.split(",")]
     if args._worker:
         with open(args._worker, "w") as f:
-            json.dump(run_worker(models, sparsities, threads[0], args.repeat, args.vector_width), f)
+            json.dump(run_worker(models, sparsities, threads[0], args.repeat, args.vector_width, args.tune), f)
         return 0
     from alcs_tvm.timing import thread_env
 
@@ -171,7 +193,8 @@ def main(argv=None):
         out = os.path.join(tempfile.mkdtemp(prefix="bench_models_"), "rows.json")
         subprocess.run([sys.executable, os.path.abspath(__file__), "--models", args.models, "--sparsities",
                         args.sparsities, "--threads", str(n), "--repeat", str(args.repeat), "--_worker", out]
-                       + ([] if args.vector_width is None else ["--vector-width", str(args.vector_width)]),
+                       + ([] if args.vector_width is None else ["--vector-width", str(args.vector_width)])
+                       + (["--tune"] if args.tune else []),
                        check=True, env=thread_env(n))
         with open(out) as f:
             rows += json.load(f)
