@@ -31,9 +31,9 @@ __all__ = ["TuningRecords", "candidate_schedules", "kernel_layout", "tune_model"
 FORMAT = "alcs-tvm-tuning/1"
 
 
-def candidate_schedules(family: str, spec, vector_width: int, limit: int = 12) -> list:
-    """The default schedule first, then other register tiles (fewer/more columns, 1 or several rows) in both task
-    orders; at most ``limit``, all within the register budget of the default."""
+def candidate_schedules(family: str, spec, vector_width: int, limit: int = 12, density: float = 1.0) -> list:
+    """The default schedule (for a weight of this block ``density``) first, then other register tiles (fewer/more
+    columns, 1 or several rows) in both task orders; at most ``limit``, all within the full register budget."""
     from .operator import max_run_length
     from .schedules import _NATIVE_LANES, choose_tile
 
@@ -42,7 +42,8 @@ def candidate_schedules(family: str, spec, vector_width: int, limit: int = 12) -
     else:
         from .schedules import arm64 as knobs
     max_run = max_run_length(spec)
-    default = default_sparse_conv_schedule(family, vector_width, spec.out_height, spec.out_width, max_run)
+    default = default_sparse_conv_schedule(family, vector_width, spec.out_height, spec.out_width, max_run,
+                                           pointwise=spec.kernel == (1, 1), density=density)
     max_acc, max_cols = knobs.register_budget(family, vector_width)
     registers = max(1, vector_width // _NATIVE_LANES.get(family, vector_width))
     max_acc = max(1, (max_acc - 2 * (max_run - 1)) // registers)
@@ -56,8 +57,7 @@ def candidate_schedules(family: str, spec, vector_width: int, limit: int = 12) -
     for row_outer in (False, True):
         for rows, cols in dict.fromkeys(tiles):
             candidates.append(SparseConvSchedule(vector_width, rows, cols, row_outer))
-    candidates = list(dict.fromkeys(candidates))
-    candidates.remove(default)
+    candidates = [c for c in dict.fromkeys(candidates) if c != default]
     return [default] + candidates[:max(0, limit - 1)]
 
 
@@ -156,7 +156,7 @@ def tune_layer(layer, info, measurer, *, repeat=10, min_repeat_ms=5, max_candida
     sparsity = min(1.0, max(0.0, 1.0 - float(layer.density)))
     weight = BlockSparseWeight.from_dense(random_block_sparse(dense, v, sparsity, rng), v)
     bias = (rng.standard_normal(spec.out_channels) * 0.1).astype(np.float32) if layer.bias else None
-    candidates = candidate_schedules(info.family, spec, v, max_candidates)
+    candidates = candidate_schedules(info.family, spec, v, max_candidates, density=weight.density)
     kernels = {f"alcs_tune_{i}": layer_kernel(layer, weight, bias, info, f"alcs_tune_{i}", schedule=s)
                for i, s in enumerate(candidates)}
     module = build_kernels(kernels, info, measurer, f"tune_{layer.key}")

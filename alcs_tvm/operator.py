@@ -287,7 +287,7 @@ def sparse_conv2d_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, *, bias=No
     max_run = max_run_length(spec)
     if schedule is None:
         schedule = default_sparse_conv_schedule(info.family, weight.vector_width, spec.out_height, spec.out_width,
-                                                max_run)
+                                                max_run, pointwise=spec.kernel == (1, 1), density=weight.density)
     if schedule.vector_width != weight.vector_width:
         raise ValueError(f"schedule vector width {schedule.vector_width} != weight's {weight.vector_width}")
     if input_block != 1 and not input_prepadded:

@@ -47,7 +47,9 @@ def test_candidates_start_with_the_default_and_fit_the_register_budget(height, w
     spec = Conv2dSpec.create((1, 32, height, width), (64, 32, kernel, kernel), 1, kernel // 2)
     candidates = candidate_schedules(family, spec, v, limit=12)
     assert candidates[0] == default_sparse_conv_schedule(family, v, spec.out_height, spec.out_width,
-                                                         max_run_length(spec))
+                                                         max_run_length(spec), pointwise=kernel == 1)
+    assert candidate_schedules(family, spec, v, density=0.1)[0] == default_sparse_conv_schedule(
+        family, v, spec.out_height, spec.out_width, max_run_length(spec), pointwise=kernel == 1, density=0.1)
     assert len(candidates) == len(set(candidates)) and 3 <= len(candidates) <= 12
     assert {c.row_outer for c in candidates} == {False, True}
     budget = register_budget(family, v)[0] if family.startswith("x86") else 14
@@ -110,3 +112,40 @@ def test_records_for_another_target_or_corrupted_are_one_line_errors(rpc_devices
     r = subprocess.run([sys.executable, "-m", "alcs_tvm.cli", "tune", str(pruned_resnet), "-o", str(out), "--rpc",
                         "127.0.0.1:1", "--quiet"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode == 2 and "tuned on device" in r.stderr
+
+
+def test_tune_on_emulated_arm64_then_compile_and_run_there(rpc_devices, cross_cxx, tmp_path):
+    """The phone path: `alcs tune --target arm64` over the tracker (kernels cross-compiled, timed on the emulated
+    ARM64 device), `alcs compile --tuning`, and the tuned library run on the device equals PyTorch."""
+    import torch
+
+    from alcs_tvm.run import run_model
+
+    model = zoo.get_model("resnet_tiny").eval()
+    zoo.simd_prune_(model, 4, 0.8, rng=2)
+    onnx_path = tmp_path / "resnet_tiny.onnx"
+    zoo.export_onnx(model, onnx_path, (1, 3, 16, 16))
+    records = tmp_path / "arm64.tuning.json"
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "alcs_tvm.cli", *map(str, args)], capture_output=True,
+                              text=True, cwd=REPO, timeout=900)
+
+    r = cli("tune", onnx_path, "--target", "arm64", "--rpc-tracker", rpc_devices.tracker, "--rpc-key",
+            rpc_devices.arm64_key, "-o", records, "--candidates", "2", "--repeat", "3", "--min-repeat-ms", "1",
+            "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout and "default" in r.stdout
+    tuned = TuningRecords.load(records)
+    assert tuned.target_family == "arm64" and tuned.device_key == rpc_devices.arm64_key
+    assert all(e["schedule"]["vector_width"] == 4 for e in tuned.layers.values())
+    library = tmp_path / "tuned_arm64.so"
+    r = cli("compile", onnx_path, "--target", "arm64", "--tuning", records, "-o", library)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("tuned schedule") == len(tuned.layers)
+    x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    outputs, _ = run_model(library, {"input": x}, tracker=rpc_devices.tracker, key=rpc_devices.arm64_key,
+                           timeout=300)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(outputs[0], expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
