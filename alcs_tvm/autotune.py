@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .latency import TableMismatchError
-from .locking import write_json_atomic
+from .locking import read_json_file, write_json_atomic
 from .schedules import SparseConvSchedule, default_sparse_conv_schedule
 
 __all__ = ["TuningRecords", "candidate_schedules", "kernel_layout", "tune_model", "register_cli", "FORMAT",
@@ -94,15 +94,7 @@ class TuningRecords:
 
     @classmethod
     def load(cls, path) -> "TuningRecords":
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no tuning records at {path}") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"tuning records {path} are not valid JSON ({err})") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ValueError(f"{path} is not an alcs tuning record file (expected format {FORMAT!r})")
+        data = read_json_file(path, "tuning records", FORMAT)
         try:
             records = cls(data["target"], data["target_family"], data.get("device_key"), data["tvm_version"],
                           dict(data.get("settings", {})), dict(data["layers"]))
@@ -223,6 +215,8 @@ def tune_model(model, output, target="x86", *, tracker=None, key=None, rpc=None,
 
 # ----------------------------------------------------------------------------------------------- CLI
 def register_cli(subparsers):
+    from . import rpc as alcs_rpc
+
     p = subparsers.add_parser(
         "tune", help="search the sparse kernel's register tile and task order per conv on a device",
         description="Time a few schedules (register tile, task order; the default among them) of every "
@@ -231,28 +225,23 @@ def register_cli(subparsers):
     p.add_argument("model", help="ONNX file (the pruned model you will compile: densities matter)")
     p.add_argument("--target", default="x86", help="x86, x86-avx2, x86-avx512, arm64, or a TVM target JSON dict")
     p.add_argument("-o", "--output", required=True, help="tuning records JSON (resumed if it exists)")
-    p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="RPC tracker to get the device from")
-    p.add_argument("--rpc-key", metavar="KEY", help="device key at the tracker")
-    p.add_argument("--rpc", metavar="HOST:PORT", help="RPC server to use directly")
-    p.add_argument("--local", action="store_true", help="measure on this host (no RPC)")
+    alcs_rpc.add_device_arguments(p)
     p.add_argument("--candidates", type=int, default=12, help="schedules tried per conv (default 12)")
     p.add_argument("--repeat", type=int, default=10, help="timing samples per schedule (default 10)")
     p.add_argument("--min-repeat-ms", type=int, default=5, help="minimum duration of one sample (default 5)")
     p.add_argument("--input-shapes", help="e.g. input:1x3x224x224 (needed when the model has dynamic dims)")
     p.add_argument("--vector-width", type=int, help="override the SIMD width V")
-    p.add_argument("--device-timeout", type=float, default=None, metavar="S",
-                   help="bound in seconds on getting the device and on each remote step (default 300)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cli_tune)
 
 
 def _cli_tune(args):
     from . import frontend
+    from . import rpc as alcs_rpc
 
     if not os.path.isfile(args.model):
         raise FileNotFoundError(f"no such model file: {args.model}")
-    if args.rpc and args.rpc_tracker:
-        raise ValueError("give either --rpc-tracker (with --rpc-key) or --rpc, not both")
+    alcs_rpc.check_device_arguments(args)
     input_shapes = frontend.parse_input_shapes(args.input_shapes) if args.input_shapes else None
     t0 = time.time()
     records = tune_model(args.model, args.output, args.target, tracker=args.rpc_tracker, key=args.rpc_key,

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .locking import write_json_atomic
+from .locking import read_json_file, write_json_atomic
 from .operator import Conv2dSpec
 
 __all__ = ["LatencyTable", "LayerProfile", "layer_key", "TableMismatchError", "LayerNotProfiledError", "FORMAT"]
@@ -149,15 +149,7 @@ class LatencyTable:
 
     @classmethod
     def load(cls, path: str) -> "LatencyTable":
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no latency table at {path}") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"latency table {path} is not valid JSON ({err})") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ValueError(f"{path} is not an alcs latency table (expected format {FORMAT!r})")
+        data = read_json_file(path, "latency table", FORMAT)
         try:
             layers = {}
             for key, entry in data["layers"].items():

@@ -1,5 +1,5 @@
 """Safe on-disk state, shared by everything that caches or records measurements: an exclusive advisory file lock
-(device image, tuning caches) and atomic JSON writes (latency tables, schedule tuning records)."""
+(device image, tuning caches) and atomic JSON writes and checked reads (latency tables, tuning records)."""
 from __future__ import annotations
 
 import contextlib
@@ -35,3 +35,18 @@ def write_json_atomic(path, data, prefix=".alcs-"):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def read_json_file(path, what: str, format_tag: str) -> dict:
+    """The JSON object at ``path`` written by :func:`write_json_atomic` with ``{"format": format_tag, ...}``;
+    one-line errors naming ``what`` (e.g. "latency table") for a missing file, bad JSON or another format."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {what} at {path}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} {path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict) or data.get("format") != format_tag:
+        raise ValueError(f"{path} is not an alcs {what} (expected format {format_tag!r})")
+    return data

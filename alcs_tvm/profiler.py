@@ -525,6 +525,8 @@ def _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities,
 
 # ----------------------------------------------------------------------------------------------- CLI
 def register_cli(subparsers):
+    from . import rpc as alcs_rpc
+
     p = subparsers.add_parser(
         "profile", help="measure a model's conv layers on a device into a latency table",
         description="Measure every distinct conv of MODEL.onnx on the device (dense, and sparse at a grid of "
@@ -533,10 +535,7 @@ def register_cli(subparsers):
     p.add_argument("model", help="ONNX file")
     p.add_argument("--target", default="x86", help="x86, x86-avx2, x86-avx512, arm64, or a TVM target JSON dict")
     p.add_argument("-o", "--output", required=True, help="latency table JSON (resumed if it exists)")
-    p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="RPC tracker to get the device from")
-    p.add_argument("--rpc-key", metavar="KEY", help="device key at the tracker")
-    p.add_argument("--rpc", metavar="HOST:PORT", help="RPC server to use directly")
-    p.add_argument("--local", action="store_true", help="measure on this host (no RPC)")
+    alcs_rpc.add_device_arguments(p)
     p.add_argument("--sparsities", default=",".join(map(str, DEFAULT_SPARSITIES)),
                    help="grid of SIMD-block sparsities, ascending, in [0, 1) (default %(default)s)")
     p.add_argument("--repeat", type=int, default=20, help="timing samples per point (default 20)")
@@ -546,8 +545,6 @@ def register_cli(subparsers):
     p.add_argument("--input-shapes", help="e.g. input:1x3x224x224 (needed when the model has dynamic dims)")
     p.add_argument("--vector-width", type=int, help="override the SIMD width V")
     p.add_argument("--model-name", help="name of the model's 'rest' entry in the table (default: file stem)")
-    p.add_argument("--device-timeout", type=float, default=None, metavar="S",
-                   help="bound in seconds on getting the device and on each remote step (default 300)")
     p.add_argument("--weights", choices=["calibrated", "cold", "warm"], default="calibrated",
                    help="which cache state the table uses for a layer's weights: in cache (warm), flushed before "
                         "every call (cold), or the mix that makes two whole-model measurements exact (default)")
@@ -557,11 +554,11 @@ def register_cli(subparsers):
 
 def _cli_profile(args):
     from . import frontend
+    from . import rpc as alcs_rpc
 
     if not os.path.isfile(args.model):
         raise FileNotFoundError(f"no such model file: {args.model}")
-    if args.rpc and args.rpc_tracker:
-        raise ValueError("give either --rpc-tracker (with --rpc-key) or --rpc, not both")
+    alcs_rpc.check_device_arguments(args)
     try:
         sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
     except ValueError:

@@ -28,7 +28,7 @@ from tvm import rpc as tvm_rpc
 from tvm.rpc import base
 
 __all__ = ["UnknownKeyError", "parse_address", "tracker_summary", "tracker_keys", "connect", "guard",
-           "upload_library", "DEFAULT_TIMEOUT"]
+           "upload_library", "DEFAULT_TIMEOUT", "add_device_arguments", "check_device_arguments"]
 
 #: default bound (seconds) on waiting for a device and on one remote call.
 DEFAULT_TIMEOUT = 300.0
@@ -39,6 +39,23 @@ _LOST = ("kShutdown", "Connection reset", "Broken pipe", "connection closed", "S
 
 class UnknownKeyError(ValueError, LookupError):
     """The tracker has no device registered under the requested key."""
+
+
+def add_device_arguments(parser):
+    """Where a measuring command (``alcs profile``, ``alcs tune``) runs: a device at a tracker, an RPC server, or
+    this host; and the bound on waiting for it."""
+    parser.add_argument("--rpc-tracker", metavar="HOST:PORT", help="RPC tracker to get the device from")
+    parser.add_argument("--rpc-key", metavar="KEY", help="device key at the tracker")
+    parser.add_argument("--rpc", metavar="HOST:PORT", help="RPC server to use directly")
+    parser.add_argument("--local", action="store_true", help="measure on this host (no RPC)")
+    parser.add_argument("--device-timeout", type=float, default=None, metavar="S",
+                        help=f"bound in seconds on getting the device and on each remote step "
+                             f"(default {DEFAULT_TIMEOUT:.0f})")
+
+
+def check_device_arguments(args):
+    if args.rpc and args.rpc_tracker:
+        raise ValueError("give either --rpc-tracker (with --rpc-key) or --rpc, not both")
 
 
 def parse_address(text: str, what: str = "address") -> tuple[str, int]:
