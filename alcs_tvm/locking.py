@@ -48,5 +48,5 @@ def read_json_file(path, what: str, format_tag: str) -> dict:
     except json.JSONDecodeError as err:
         raise ValueError(f"{what} {path} is not valid JSON ({err})") from None
     if not isinstance(data, dict) or data.get("format") != format_tag:
-        raise ValueError(f"{path} is not an alcs {what} (expected format {format_tag!r})")
+        raise ValueError(f"{path} is not an alcs {what} file (expected format {format_tag!r})")
     return data
