@@ -8,6 +8,9 @@ layer uniform in [0, --max-sparsity]), prune a copy of the weights with random S
 export ONNX, predict with :meth:`LatencyTable.predict`, compile with ``compiler.compile(..., latency_table=)``
 (the table also makes the per-layer sparse/dense decisions), upload and time over RPC with ``time_model``.
 Prints MAPE, max error, Pearson r and Kendall tau; writes predicted-vs-measured plots and a JSON of all points.
+The unpruned model is measured the same way at the start and after every 5 configurations: if the device's speed
+moves during the run, the log says by how much, and a drift-corrected line (a diagnostic, not the bar) shows
+what the errors would be without it.
 
 Examples::
 
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import tempfile
@@ -33,7 +35,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from alcs_tvm import compiler, rpc as alcs_rpc, zoo  # noqa: E402
-from alcs_tvm.latency import LatencyTable  # noqa: E402
 from alcs_tvm.profiler import DEFAULT_SPARSITIES, profile_model, random_pruned_onnx  # noqa: E402
 from alcs_tvm.run import time_model, write_sidecar  # noqa: E402
 from alcs_tvm.target import resolve_target  # noqa: E402
@@ -72,6 +73,24 @@ def validate_model(name, args, info, session, work: Path, table_path: Path, log)
         f"rest {table.rest_ms[name]:.3f} ms)")
     rewritable = [n for n, _ in table.models[name]["layers"]]
     rng = np.random.default_rng(args.seed)
+
+    def build(onnx_path, stem):
+        executable, report = compiler.compile(str(onnx_path), info.target, latency_table=table)
+        lib = compiler.export(executable, str(work / f"{stem}.so"), info)
+        write_sidecar(lib, report.relax_module, target=info.target)
+        return lib, report
+
+    def timed(lib):
+        _, timing = time_model(lib, repeat=args.model_repeat, sample_ms=args.min_repeat_ms, session=session,
+                               timeout=args.timeout)
+        return timing
+
+    # the unpruned model, measured like the configurations every few of them: if the device's speed moves during
+    # the run (a shared host does), the errors say so instead of blaming the latency model
+    reference_lib, _ = build(dense_path, f"{name}_reference")
+    references = [(-0.5, timed(reference_lib)["median_ms"])]
+    log(f"{name}: reference (unpruned) {references[0][1]:.3f} ms; table's whole-model dense "
+        f"{table.models[name].get('whole_dense_ms', float('nan')):.3f} ms")
     points = []
     for c in range(args.configs):
         if args.draw == "uniform":
@@ -83,11 +102,8 @@ def validate_model(name, args, info, session, work: Path, table_path: Path, log)
         pruned_path = work / f"{name}_cfg{c}.onnx"
         onnx.save(random_pruned_onnx(dense_onnx, info.vector_width, sparsity, rng), str(pruned_path))
         predicted, breakdown = table.predict(str(pruned_path), target=info.target)
-        executable, report = compiler.compile(str(pruned_path), info.target, latency_table=table)
-        lib = compiler.export(executable, str(work / f"{name}_cfg{c}.so"), info)
-        write_sidecar(lib, report.relax_module, target=info.target)
-        _, timing = time_model(lib, repeat=args.model_repeat, sample_ms=args.min_repeat_ms, session=session,
-                               timeout=args.timeout)
+        lib, report = build(pruned_path, f"{name}_cfg{c}")
+        timing = timed(lib)
         measured = timing["median_ms"]
         n_sparse = len(report.sparse_layers)
         points.append({"model": name, "config": c, "predicted_ms": predicted, "measured_ms": measured,
@@ -100,6 +116,13 @@ def validate_model(name, args, info, session, work: Path, table_path: Path, log)
             path = work / f"{name}_cfg{c}{suffix}"
             if path.exists():
                 path.unlink()
+        if (c + 1) % 5 == 0 or c == args.configs - 1:
+            references.append((c + 0.5, timed(reference_lib)["median_ms"]))
+    xs, ys = zip(*references)
+    for p in points:  # the device's speed at each configuration, relative to the start of the run
+        p["device_drift"] = float(np.interp(p["config"], xs, ys) / ys[0])
+    log(f"{name}: reference (unpruned) over the run: " + ", ".join(f"{y:.3f}" for y in ys)
+        + f" ms ({(ys[-1] / ys[0] - 1) * 100:+.1f}% from first to last)")
     return points
 
 
@@ -192,10 +215,14 @@ def main(argv=None):
     for name in dict.fromkeys(p["model"] for p in points):
         sel = [p for p in points if p["model"] == name]
         summary["per_model"][name] = metrics([p["predicted_ms"] for p in sel], [p["measured_ms"] for p in sel])
+    # diagnostic only (the bar is on the raw numbers): measured times divided by the device's drift
+    summary["overall_drift_corrected"] = metrics([p["predicted_ms"] for p in points],
+                                                 [p["measured_ms"] / p["device_drift"] for p in points])
     (work / "validation.json").write_text(json.dumps(summary, indent=1, default=str))
     log("")
     log(f"{'model':20s} {'n':>3s} {'MAPE %':>7s} {'max %':>7s} {'mean %':>7s} {'pearson':>8s} {'kendall':>8s}")
-    for name, m in list(summary["per_model"].items()) + [("all", summary["overall"])]:
+    for name, m in list(summary["per_model"].items()) + [("all", summary["overall"]),
+                                                          ("all, drift-corrected", summary["overall_drift_corrected"])]:
         log(f"{name:20s} {m['n']:3d} {m['mape_pct']:7.2f} {m['max_err_pct']:7.2f} {m['mean_err_pct']:+7.2f} "
             f"{m.get('pearson_r', float('nan')):8.3f} {m.get('kendall_tau', float('nan')):8.3f}")
     ok = summary["overall"]["mape_pct"] <= 5 and summary["overall"].get("kendall_tau", 0) >= 0.9
