@@ -137,7 +137,7 @@ def run_dataset(name, args, tmp):
         res = pruning.prune(model, data, table, budget, admm_epochs=args.admm_epochs,
                             finetune_epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size,
                             rest_model="small_cnn", seed=args.seed, importance=args.importance,
-                            log=lambda *a: None)
+                            rho=args.rho, rho_multiplier=args.rho_multiplier, log=lambda *a: None)
         alcs_ms, report = measure(model, shape, tmp, f"{name}_alcs{frac}")
         # uniform SIMD magnitude at the same predicted latency
         keep = uniform_keep_for(lat, res.predicted_ms)
@@ -205,6 +205,8 @@ def main():
                         "predicted latency")
     p.add_argument("--dense-epochs", type=int, default=10)
     p.add_argument("--admm-epochs", type=int, default=3)
+    p.add_argument("--rho", type=float, default=1e-3, help="ADMM penalty weight at the first epoch")
+    p.add_argument("--rho-multiplier", type=float, default=1.6, help="rho growth per ADMM epoch")
     p.add_argument("--finetune-epochs", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch-size", type=int, default=32)
