@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from .pruning import DEFAULT_RHO
+
 __all__ = ["register_cli", "load_model", "write_plot"]
 
 
@@ -89,7 +91,7 @@ def register_cli(subparsers):
     p.add_argument("--finetune-epochs", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--rho", type=float, default=1e-3, help="initial ADMM rho (x1.6 per epoch)")
+    p.add_argument("--rho", type=float, default=DEFAULT_RHO, help="initial ADMM rho (x1.6 per epoch; default %(default)g)")
     p.add_argument("--importance", choices=["l2", "taylor"], default="l2")
     p.add_argument("--min-density", type=float, default=0.01, help="keep at least this fraction per layer")
     p.add_argument("--no-measure", action="store_true", help="skip compiling and timing the result")

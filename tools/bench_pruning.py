@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
+
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 # one TVM worker thread for every measurement (table and whole models): on a shared 2-core host multi-threaded
@@ -205,7 +205,7 @@ def main():
                         "predicted latency")
     p.add_argument("--dense-epochs", type=int, default=10)
     p.add_argument("--admm-epochs", type=int, default=3)
-    p.add_argument("--rho", type=float, default=1e-3, help="ADMM penalty weight at the first epoch")
+    p.add_argument("--rho", type=float, default=pruning.DEFAULT_RHO, help="ADMM penalty weight at the first epoch")
     p.add_argument("--rho-multiplier", type=float, default=1.6, help="rho growth per ADMM epoch")
     p.add_argument("--finetune-epochs", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
