@@ -35,11 +35,6 @@ def compile_module(mod, target="x86", *, vector_width=None, sparse=True, density
     info = resolve_target(target, vector_width)
     if latency_table is not None:  # a table measured on another target or TVM would pick layers wrongly
         latency_table.check_compatible(info, tvm.__version__)
-    if tuning is not None:
-        from .autotune import TuningRecords
-
-        tuning = tuning if isinstance(tuning, TuningRecords) else TuningRecords.load(tuning)
-        tuning.check_compatible(info, tvm.__version__)
     rewrite = SparseConvRewrite(info.target, vector_width=info.vector_width, sparse=sparse,
                                 density_threshold=density_threshold, latency_table=latency_table,
                                 layer_names=layer_names, tuning=tuning)

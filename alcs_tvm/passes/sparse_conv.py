@@ -118,7 +118,8 @@ class SparseConvRewrite:
     Parameters: ``target`` (short name, dict or Target), ``vector_width`` (override V), ``sparse`` (False: every
     conv dense), ``density_threshold`` (sparse iff density <= it), ``latency_table`` (an object with
     ``choose(spec, density, vector_width) -> (decision, predicted_ms_dict, reason)``; overrides the threshold),
-    ``layer_names`` (names for the convs in graph order, e.g. ONNX node names).
+    ``layer_names`` (names for the convs in graph order, e.g. ONNX node names), ``tuning`` (``alcs tune`` records:
+    a :class:`~alcs_tvm.autotune.TuningRecords` or its path; each named conv gets its measured schedule).
     After the pass has run, :attr:`report` holds a :class:`CompileReport`.
     """
 
@@ -131,7 +132,12 @@ class SparseConvRewrite:
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"density threshold must be in [0, 1], got {density_threshold}")
         self.latency_table = latency_table
-        self.tuning = tuning  # alcs_tvm.autotune.TuningRecords: per-conv schedules measured on the device
+        if tuning is not None:  # records measured for another target or TVM would pick schedules wrongly
+            from ..autotune import TuningRecords
+
+            tuning = tuning if isinstance(tuning, TuningRecords) else TuningRecords.load(tuning)
+            tuning.check_compatible(self.target_info, tvm.__version__)
+        self.tuning = tuning  # per-conv schedules measured on the device
         self.layer_names = list(layer_names or [])
         self.report = CompileReport(target=self.target_info.family)
 
