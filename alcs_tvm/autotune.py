@@ -189,10 +189,9 @@ def tune_model(model, output, target="x86", *, tracker=None, key=None, rpc=None,
                                 {"repeat": int(repeat), "min_repeat_ms": int(min_repeat_ms),
                                  "max_candidates": int(max_candidates), "statistic": "median", "seed": int(seed)})
 
-    def done(layer):
-        entry = records.layers.get(layer.name)
-        return entry is not None and entry["key"] == layer.key and entry["layout"] == _layout(layer) and \
-            entry["density"] == round(float(layer.density), 4)
+    def done(layer):  # a record the compiler would apply, measured at this density
+        schedule, _ = records.schedule_for(layer.name, layer.key, _layout(layer))
+        return schedule is not None and records.layers[layer.name]["density"] == round(float(layer.density), 4)
 
     todo = [layer for layer in layers if not done(layer)]
     progress = Progress(len(todo), label="convs to tune", quiet=quiet)
