@@ -24,6 +24,7 @@ import numpy as np
 from .latency import TableMismatchError
 from .locking import read_json_file, write_json_atomic
 from .schedules import SparseConvSchedule, default_sparse_conv_schedule
+from .target import VECTOR_WIDTH_HELP
 
 __all__ = ["TuningRecords", "candidate_schedules", "kernel_layout", "tune_model", "register_cli", "FORMAT",
            "describe_schedule"]
@@ -62,20 +63,20 @@ def candidate_schedules(family: str, spec, vector_width: int, limit: int = 12, d
 
 
 def kernel_layout(bias, activation, input_prepadded, input_block, output_blocked, output_pad, input_border,
-                  residual, residual_pad) -> dict:
+                  residual, residual_pad, out_block=0) -> dict:
     """How a conv is called in its model (the fields of the compile report's ``kernel``): what a record must
     match to apply."""
     return {"bias": bool(bias), "activation": activation, "input_prepadded": bool(input_prepadded),
             "input_block": int(input_block), "output_blocked": bool(output_blocked),
             "output_pad": [int(p) for p in output_pad],
             "input_border": None if input_border is None else [int(p) for p in input_border],
-            "residual": residual, "residual_pad": [int(p) for p in residual_pad]}
+            "residual": residual, "residual_pad": [int(p) for p in residual_pad], "out_block": int(out_block)}
 
 
 def _layout(layer) -> dict:
     return kernel_layout(layer.bias, layer.activation, layer.input_prepadded, layer.input_block,
                          layer.output_blocked, layer.output_pad, layer.input_border, layer.residual,
-                         layer.residual_pad)
+                         layer.residual_pad, layer.out_block)
 
 
 @dataclass
@@ -229,7 +230,7 @@ def register_cli(subparsers):
     p.add_argument("--repeat", type=int, default=10, help="timing samples per schedule (default 10)")
     p.add_argument("--min-repeat-ms", type=int, default=5, help="minimum duration of one sample (default 5)")
     p.add_argument("--input-shapes", help="e.g. input:1x3x224x224 (needed when the model has dynamic dims)")
-    p.add_argument("--vector-width", type=int, help="override the SIMD width V")
+    p.add_argument("--vector-width", type=int, help=VECTOR_WIDTH_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cli_tune)
 

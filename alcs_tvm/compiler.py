@@ -18,7 +18,7 @@ import tvm
 from . import frontend
 from .passes.sparse_conv import SparseConvRewrite
 from .schedules.dense_cpu import dense_build_passes
-from .target import TargetInfo, resolve_target
+from .target import VECTOR_WIDTH_HELP, TargetInfo, resolve_target
 
 __all__ = ["compile", "compile_module", "export", "conv_node_names"]
 
@@ -35,7 +35,7 @@ def compile_module(mod, target="x86", *, vector_width=None, sparse=True, density
     info = resolve_target(target, vector_width)
     if latency_table is not None:  # a table measured on another target or TVM would pick layers wrongly
         latency_table.check_compatible(info, tvm.__version__)
-    rewrite = SparseConvRewrite(info.target, vector_width=info.vector_width, sparse=sparse,
+    rewrite = SparseConvRewrite(info, sparse=sparse,
                                 density_threshold=density_threshold, latency_table=latency_table,
                                 layer_names=layer_names, tuning=tuning)
     with info.target:
@@ -102,7 +102,7 @@ def register_cli(subparsers):
                    help="x86 (host features), x86-avx2, x86-avx512, arm64, or a TVM target JSON dict")
     p.add_argument("-o", "--output", required=True, help="output library (.so, or .tar of objects)")
     p.add_argument("--input-shapes", help="e.g. input:1x3x224x224 (needed when the model has dynamic dims)")
-    p.add_argument("--vector-width", type=int, help="override the SIMD width V in fp32 lanes")
+    p.add_argument("--vector-width", type=int, help=VECTOR_WIDTH_HELP)
     p.add_argument("--no-sparse", action="store_true", help="run every conv with the dense kernel")
     p.add_argument("--sparsity-threshold", type=float, metavar="D",
                    help="use the sparse kernel for layers whose block density is <= D")
@@ -138,8 +138,7 @@ def _cli_compile(args):
     elif args.estimate_missing is not None:
         raise ValueError("--estimate-missing needs --latency-table")
     info = resolve_target(args.target, args.vector_width)
-    executable, report = compile(args.model, info.target, input_shapes=input_shapes,
-                                 vector_width=info.vector_width, sparse=not args.no_sparse,
+    executable, report = compile(args.model, info, input_shapes=input_shapes, sparse=not args.no_sparse,
                                  density_threshold=args.sparsity_threshold, latency_table=latency_table,
                                  tuning=args.tuning)
     print(report.table())

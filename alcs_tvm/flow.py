@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .target import VECTOR_WIDTH_HELP
+
 __all__ = ["FlowResult", "run_flow", "library_accuracy", "register_cli"]
 
 #: profiling grid of the flow: fewer points than ``alcs profile``'s default, enough for the pruner's curves
@@ -162,7 +164,7 @@ def run_flow(model: str = "small_cnn", data: str = "mnist", target: str = "x86",
         if info.is_cross and not device.remote:
             raise ValueError(f"target {target} cannot run on this host: give the device (--rpc-tracker HOST:PORT "
                              f"--rpc-key KEY, or --rpc HOST:PORT)")
-        log(f"alcs flow: {model} on {data}, target {target} (V={info.vector_width}), measuring on "
+        log(f"alcs flow: {model} on {data}, target {target} (V={info.describe_widths()}), measuring on "
             f"{device.describe()}, work directory {work}/")
 
         t0 = time.time()
@@ -189,16 +191,16 @@ def run_flow(model: str = "small_cnn", data: str = "mnist", target: str = "x86",
         _step(log, 2, steps, "latency table on the device")
         dense_onnx = export_pruned(net, str(work / "dense.onnx"), dataset.input_shape)
         table_path = work / "latency.json"
-        profile_model(dense_onnx, str(table_path), info.target, local=not device.remote, session=device.session,
+        profile_model(dense_onnx, str(table_path), info, local=not device.remote, session=device.session,
                       tracker=tracker, key=key, rpc=rpc, sparsities=sparsities, repeat=profile_repeat, max_masks=2,
-                      model_name=model, timeout=device_timeout, seed=seed, vector_width=info.vector_width)
+                      model_name=model, timeout=device_timeout, seed=seed)
         table = LatencyTable.load(str(table_path))
         log(f"{table_path}: {len(table.layers)} conv configurations, rest of model {table.rest_ms[model]:.4f} ms")
         seconds["profile"] = time.time() - t0
 
         t0 = time.time()
         _step(log, 3, steps, "latency-constrained pruning (ADMM)")
-        layers = find_prunable_layers(net, dataset.input_shape, info.vector_width)
+        layers = find_prunable_layers(net, dataset.input_shape, info)
         latency = LatencyModel(table, layers, table.rest_ms[model])
         dense_ms, min_ms = latency.dense_ms(), latency.min_ms(0.01)
         if budget_ms is None:
@@ -209,7 +211,7 @@ def run_flow(model: str = "small_cnn", data: str = "mnist", target: str = "x86",
                 log(f"note: 50% of the dense latency ({0.5 * dense_ms:.4f} ms) is below the fastest this model can "
                     f"run ({min_ms:.4f} ms); budget raised to {budget_ms:.4f} ms")
         check_budget(latency, budget_ms, 0.01)
-        result = prune(net, dataset, table, budget_ms, target=info.target, vector_width=info.vector_width,
+        result = prune(net, dataset, table, budget_ms, target=info,
                        admm_epochs=admm_epochs, finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size,
                        importance=importance, rest_model=model, seed=seed, log=log)
         pruned_onnx = export_pruned(net, str(work / "pruned.onnx"), dataset.input_shape)
@@ -278,9 +280,7 @@ def register_cli(subparsers):
     p.add_argument("--model", default="small_cnn", help="zoo name or path/to/file.py:factory (default small_cnn)")
     p.add_argument("--data", default="mnist", help="mnist, digits or path/to/file.py:loader (default mnist)")
     p.add_argument("--target", default="x86", help="x86, x86-avx2, x86-avx512, arm64 or a TVM target JSON dict")
-    p.add_argument("--vector-width", type=int,
-                   help="override V, the pruning group (default: the target's fp32 SIMD width; 32 on AVX-512 "
-                        "measured 15-25%% faster at 80%% sparsity, see docs/benchmarks.md)")
+    p.add_argument("--vector-width", type=int, help=VECTOR_WIDTH_HELP)
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--budget-ms", type=float, help="latency budget in ms")
     budget.add_argument("--budget-fraction", type=float,

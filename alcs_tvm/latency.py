@@ -246,6 +246,13 @@ class LatencyTable:
 
         return tvm.target.Target(dict(self.target))
 
+    def target_info(self):
+        """The :class:`~alcs_tvm.target.TargetInfo` the table was profiled for (its group widths included)."""
+        from .target import resolve_target
+
+        widths = self.settings.get("group_widths") or []
+        return resolve_target(self.target_object(), widths[0] if len(widths) == 1 else None)
+
     def rest_model_for(self, keys) -> str:
         """The profiled model whose conv layers (keys in graph order) are ``keys``."""
         for name, entry in self.models.items():
@@ -259,7 +266,7 @@ class LatencyTable:
         """See :meth:`predict`. Returns ``(total_ms, {layer name: ms, "(rest of model)": ms})``."""
         from .profiler import model_layers
 
-        layers = model_layers(model, target if target is not None else self.target_object(),
+        layers = model_layers(model, target if target is not None else self.target_info(),
                               input_shapes=input_shapes)
         sparsity = dict(per_layer_sparsity or {})
         unknown = set(sparsity) - {layer.name for layer in layers}

@@ -15,8 +15,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .schedules import SparseConvSchedule, default_sparse_conv_schedule
-from .schedules.sparse_conv2d_cpu import KernelGeometry, sparse_conv2d_template
-from .sparse_format import BlockSparseWeight
+from .schedules.sparse_conv2d_cpu import KernelGeometry, activation_buffer_offsets, sparse_conv2d_template
+from .sparse_format import BlockSparseWeight, widest_block_format
 from .target import TargetInfo, resolve_target
 
 __all__ = ["Conv2dSpec", "PackedSparseConv2d", "SparseConv2dKernel", "pack_sparse_conv2d", "balanced_block_order",
@@ -253,6 +253,12 @@ class SparseConv2dKernel:
     packed: PackedSparseConv2d
     geometry: KernelGeometry
     schedule: SparseConvSchedule
+    one_activation_buffer: bool = False  # func takes (io, constants...): see sparse_conv2d_template
+
+    @property
+    def activation_offsets(self) -> dict:
+        """Offsets of ``"x"``, ``"residual"``, ``"y"`` and the ``"size"`` of the one-buffer variant's ``io``."""
+        return activation_buffer_offsets(self.geometry)
 
     @property
     def output_shape(self) -> tuple:
@@ -268,8 +274,8 @@ class SparseConv2dKernel:
 def sparse_conv2d_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, *, bias=None, activation=None,
                          target="x86", schedule: SparseConvSchedule | None = None, input_prepadded=False,
                          input_block: int = 1, output_blocked=False, output_pad=(0, 0, 0, 0),
-                         input_border=None, residual=None, residual_pad=(0, 0, 0, 0),
-                         name: str = "alcs_sparse_conv2d") -> SparseConv2dKernel:
+                         input_border=None, residual=None, residual_pad=(0, 0, 0, 0), out_block: int = 0,
+                         name: str = "alcs_sparse_conv2d", one_activation_buffer=False) -> SparseConv2dKernel:
     """Generate the sparse conv PrimFunc ``(x, indptr, offsets, vstart, values, bias, block_order, y)``.
 
     ``input_prepadded``: ``x`` already carries ``spec.padding`` as a zero border (in NCHW, or NCHW[b]c with
@@ -280,6 +286,9 @@ def sparse_conv2d_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, *, bias=No
     read by several convs, padded for the widest); the kernel reads it with its own padding.
     ``residual``: ``"nchw"`` (``[N, Cout, Ho, Wo]``) or ``"blocked"`` (NCHW[V]c with a ``residual_pad`` border): a
     tensor added before the activation (a ResNet shortcut), passed between ``block_order`` and the output.
+    ``out_block``: channels per block of a blocked output and residual (NCHW[b]c; 0: V). It must divide V: a
+    group of V = 32 channels is then written as two NCHW16c blocks, so convs of different V chain in one layout.
+    ``one_activation_buffer``: input, residual and output in one ``io`` argument (the profiler's cold timing).
     """
     if not isinstance(weight, BlockSparseWeight):
         raise TypeError(f"weight must be a BlockSparseWeight, got {type(weight).__name__}")
@@ -299,6 +308,8 @@ def sparse_conv2d_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, *, bias=No
         raise ValueError("an input border needs a pre-padded input")
     if residual is not None and residual not in ("nchw", "blocked"):
         raise ValueError(f"residual must be None, 'nchw' or 'blocked', got {residual!r}")
+    if out_block and (out_block < 1 or weight.vector_width % out_block):
+        raise ValueError(f"out_block {out_block} must divide the weight's vector width {weight.vector_width}")
     # offsets index the bordered buffer; the shift starts each receptive field where this conv's padding does
     buffer_spec = replace(spec, padding=tuple(border))
     packed = pack_sparse_conv2d(weight, buffer_spec, bias, input_block, max_run)
@@ -326,9 +337,12 @@ def sparse_conv2d_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, *, bias=No
         max_run=max_run,
         residual=residual,
         residual_pad=tuple(int(p) for p in residual_pad),
+        vector_width=weight.vector_width,
+        out_block=int(out_block),
     )
-    func = sparse_conv2d_template(geom, schedule, has_bias=bias is not None, activation=activation, name=name)
-    return SparseConv2dKernel(func, packed, geom, schedule)
+    func = sparse_conv2d_template(geom, schedule, has_bias=bias is not None, activation=activation, name=name,
+                                  one_activation_buffer=one_activation_buffer)
+    return SparseConv2dKernel(func, packed, geom, schedule, one_activation_buffer)
 
 
 class CompiledSparseConv2d:
@@ -339,7 +353,7 @@ class CompiledSparseConv2d:
         import tvm
 
         self.spec, self.info, self.activation = spec, info, activation
-        self.sparse_weight = BlockSparseWeight.from_dense(weight, info.vector_width)
+        self.sparse_weight = widest_block_format(weight, info.group_widths())
         self.kernel = sparse_conv2d_kernel(self.sparse_weight, spec, bias=bias, activation=activation,
                                            target=info.target, schedule=schedule)
         self.executable = tvm.compile(self.kernel.func, target=info.target)

@@ -37,7 +37,7 @@ import numpy as np
 from .latency import LatencyTable, LayerProfile, TableMismatchError, layer_key
 from .operator import Conv2dSpec, sparse_conv2d_kernel
 from .sparse_format import BlockSparseWeight, random_block_sparse
-from .target import resolve_target
+from .target import VECTOR_WIDTH_HELP, TargetInfo, resolve_target
 
 __all__ = ["ModelLayer", "model_layers", "profile_model", "Measurer", "DEFAULT_SPARSITIES", "register_cli",
            "model_signature"]
@@ -65,6 +65,7 @@ class ModelLayer:
     input_border: tuple | None = None
     residual: str | None = None  # a fused shortcut add: "nchw" | "blocked"
     residual_pad: tuple = (0, 0, 0, 0)
+    out_block: int = 0  # channels per block of a blocked output/residual (0: the group width)
 
     @property
     def key(self) -> str:
@@ -81,7 +82,7 @@ def model_layers(model, target="x86", *, input_shapes=None, vector_width=None, r
     info = resolve_target(target, vector_width)
     onnx_model = frontend.load_onnx(model)
     mod = frontend.prepare_for_sparse(frontend.import_onnx(onnx_model, input_shapes))
-    rewrite = SparseConvRewrite(info.target, vector_width=info.vector_width, sparse=False,
+    rewrite = SparseConvRewrite(info, sparse=False,
                                 layer_names=conv_node_names(onnx_model))
     rewrite(mod)
     layers = []
@@ -99,7 +100,8 @@ def model_layers(model, target="x86", *, input_shapes=None, vector_width=None, r
                                  output_pad=tuple(int(p) for p in k["output_pad"]),
                                  input_border=None if k.get("input_border") is None else tuple(k["input_border"]),
                                  residual=k.get("residual"),
-                                 residual_pad=tuple(int(p) for p in k.get("residual_pad", (0, 0, 0, 0)))))
+                                 residual_pad=tuple(int(p) for p in k.get("residual_pad", (0, 0, 0, 0))),
+                                 out_block=int(k.get("out_block", 0))))
     if return_module:
         return layers, info, onnx_model, mod
     return layers
@@ -219,13 +221,15 @@ def _export(executable, path, info):
     return export(executable, str(path), info)
 
 
-def layer_kernel(layer: ModelLayer, weight: BlockSparseWeight, bias, info, name, schedule=None):
+def layer_kernel(layer: ModelLayer, weight: BlockSparseWeight, bias, info, name, schedule=None,
+                 one_activation_buffer=False):
     """The kernel ``layer`` runs in its model (fused bias/activation/shortcut, chained layouts) for ``weight``."""
     return sparse_conv2d_kernel(weight, layer.spec, bias=bias, activation=layer.activation, target=info, name=name,
                                 schedule=schedule, input_prepadded=layer.input_prepadded,
                                 input_block=layer.input_block, output_blocked=layer.output_blocked,
                                 output_pad=layer.output_pad, input_border=layer.input_border,
-                                residual=layer.residual, residual_pad=layer.residual_pad)
+                                residual=layer.residual, residual_pad=layer.residual_pad,
+                                out_block=layer.out_block, one_activation_buffer=one_activation_buffer)
 
 
 def build_kernels(kernels: dict, info, measurer: Measurer, stem: str, workdir=None):
@@ -259,10 +263,16 @@ def measure_layer(layer: ModelLayer, info, measurer: Measurer, sparsities, *, re
     bias = (rng.standard_normal(spec.out_channels) * 0.1).astype(np.float32) if layer.bias else None
 
     def kernel(w, name, keep_all=False):
-        return layer_kernel(layer, BlockSparseWeight.from_dense(w, v, keep_all=keep_all), bias, info, name)
+        """The kernel as the model calls it (timed warm) and its one-activation-buffer twin ``<name>_io`` (timed
+        cold: TVM's stock flush of every argument but the first then flushes the weights and spares the
+        activations, which a layer inside a model finds in cache)."""
+        weight = BlockSparseWeight.from_dense(w, v, keep_all=keep_all)
+        return (layer_kernel(layer, weight, bias, info, name),
+                layer_kernel(layer, weight, bias, info, f"{name}_io", one_activation_buffer=True))
 
     def build(kernels):
-        return build_kernels(kernels, info, measurer, layer.key, workdir)
+        return build_kernels({k.func.attrs["global_symbol"]: k for pair in kernels.values() for k in pair},
+                             info, measurer, layer.key, workdir)
 
     # masks per grid point, drawn up front (same rng sequence whether or not the extra masks get measured)
     masks = {i: [random_block_sparse(weight, v, s, rng) for _ in range(max_masks)]
@@ -272,14 +282,22 @@ def measure_layer(layer: ModelLayer, info, measurer: Measurer, sparsities, *, re
     for i, ws in masks.items():
         kernels[f"alcs_sparse_{i}_0"] = kernel(ws[0], f"alcs_sparse_{i}_0")
     module = build(kernels)
-    x, shortcut, y = kernel_inputs(layer, kernels["alcs_dense"], rng)
+    x, shortcut, y = kernel_inputs(layer, kernels["alcs_dense"][0], rng)
+    at = kernels["alcs_dense"][1].activation_offsets
+    io = np.zeros(at["size"], np.float32)
+    io[at["x"]:at["x"] + x.size] = x.ravel()
+    if shortcut:
+        io[at["residual"]:at["residual"] + shortcut[0].size] = shortcut[0].ravel()
 
-    def run(module, k):
+    def run(module, pair):
         """(warm samples, cold samples)"""
-        args = measurer.tensors([x] + list(k.packed.arrays()) + shortcut + [y])
-        name = k.func.attrs["global_symbol"]
-        return (measurer.time(module, name, args, repeat, min_repeat_ms),
-                measurer.time(module, name, args, repeat, min_repeat_ms, cold_weights=True))
+        k, k_io = pair
+        constants = list(k.packed.arrays())
+        warm_args = measurer.tensors([x] + constants + shortcut + [y])
+        cold_args = [measurer.tensors([io])[0]] + warm_args[1:1 + len(constants)]
+        return (measurer.time(module, k.func.attrs["global_symbol"], warm_args, repeat, min_repeat_ms),
+                measurer.time(module, k_io.func.attrs["global_symbol"], cold_args, repeat, min_repeat_ms,
+                              cold_weights=True))
 
     dense = run(module, kernels["alcs_dense"])
     samples = {i: run(module, kernels[f"alcs_sparse_{i}_0"]) for i in masks}
@@ -308,7 +326,8 @@ def measure_layer(layer: ModelLayer, info, measurer: Measurer, sparsities, *, re
 
 def random_pruned_onnx(onnx_model, vector_width, sparsity_by_name, rng):
     """A copy of the ONNX model whose named Conv nodes have their weight initializers pruned with random
-    SIMD-block masks at the given sparsities (names are the ONNX node names, as in the compile report)."""
+    SIMD-block masks at the given sparsities (names are the ONNX node names, as in the compile report).
+    ``vector_width``: the group width, or a :class:`TargetInfo` (each conv gets its group width)."""
     import onnx
     from onnx import numpy_helper
 
@@ -322,15 +341,21 @@ def random_pruned_onnx(onnx_model, vector_width, sparsity_by_name, rng):
             continue
         init = inits[node.input[1]]
         w = numpy_helper.to_array(init).astype(np.float32)
-        init.CopyFrom(numpy_helper.from_array(random_block_sparse(w, vector_width, sparsity_by_name[name], rng),
-                                              init.name))
+        v = vector_width.group_width(w.shape[0]) if isinstance(vector_width, TargetInfo) else int(vector_width)
+        init.CopyFrom(numpy_helper.from_array(random_block_sparse(w, v, sparsity_by_name[name], rng), init.name))
     return model
+
+
+#: Upper clamp of the calibrated cold fraction. Above 1 a layer runs slower in the model than with its weights
+#: flushed: its activations miss too (MobileNetV2's 112x112 and 56x56 layers write 1-5 MB per call; measured with
+#: VM instrumentation: 1x1 16->96 @112x112 ran 322 us in the model, 240 us warm and 240 us weights-cold).
+MAX_COLD_FRACTION = 2.0
 
 
 def calibrate_cold_fraction(layers, table, whole_dense_ms, whole_sparse_ms, sparsity):
     """Solve ``whole = rest + sum(warm + a * (cold - warm))`` at two whole-model points (all convs dense, all at
-    ``sparsity``) for the cold fraction ``a`` (clamped to [0, 1]) and ``rest``. When the two cache states differ
-    by under 2% of the model, ``a`` is irrelevant and 0."""
+    ``sparsity``) for the cold fraction ``a`` (clamped to [0, :data:`MAX_COLD_FRACTION`]) and ``rest``. When the
+    two cache states differ by under 2% of the model, ``a`` is irrelevant and 0."""
     def sums(s):
         warm = cold = 0.0
         for layer in layers:
@@ -349,7 +374,7 @@ def calibrate_cold_fraction(layers, table, whole_dense_ms, whole_sparse_ms, spar
         fraction = 0.0
     else:
         fraction = ((whole_dense_ms - whole_sparse_ms) - (w_d - w_s)) / denominator
-    fraction = float(min(1.0, max(0.0, fraction)))
+    fraction = float(min(MAX_COLD_FRACTION, max(0.0, fraction)))
     return fraction, whole_dense_ms - w_d - fraction * (c_d - w_d)
 
 
@@ -408,6 +433,10 @@ def _new_or_resumed_table(path, info, measurer, settings) -> LatencyTable:
         if table.settings.get("sparsities") != settings["sparsities"]:
             raise TableMismatchError(f"{path} was measured at sparsities {table.settings.get('sparsities')}, "
                                      f"not {settings['sparsities']}: write a new table (-o) or use its grid")
+        if table.settings.get("group_widths") != settings["group_widths"]:
+            raise TableMismatchError(f"{path} was measured with pruning group widths "
+                                     f"{table.settings.get('group_widths', 'of an older version')}, not "
+                                     f"{settings['group_widths']}: write a new table (-o)")
         if table.settings.get("weights", "warm") != settings["weights"]:
             raise TableMismatchError(f"{path} was measured with {table.settings.get('weights', 'warm')} weights, "
                                      f"not {settings['weights']}: write a new table (-o)")
@@ -441,7 +470,8 @@ def profile_model(model, output, target="x86", *, tracker=None, key=None, rpc=No
     settings = {"sparsities": sparsities, "repeat": int(repeat), "min_repeat_ms": int(min_repeat_ms),
                 "max_masks": int(max_masks), "spread_threshold": float(spread_threshold),
                 "statistic": "median; spread = interquartile range", "seed": int(seed),
-                "weights": {None: "calibrated", True: "cold", False: "warm"}[cold_weights]}
+                "weights": {None: "calibrated", True: "cold", False: "warm"}[cold_weights],
+                "group_widths": list(info.group_widths())}
     table = _new_or_resumed_table(output, info, measurer, settings)
     try:
         return _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities, repeat, min_repeat_ms,
@@ -455,7 +485,7 @@ def _measure_whole(measurer, info, mod, onnx_model, repeat, min_repeat_ms, spars
     from .compiler import compile_module, conv_node_names
     from .run import write_sidecar
 
-    executable, _, _ = compile_module(mod, info, vector_width=info.vector_width, sparse=sparse,
+    executable, _, _ = compile_module(mod, info, sparse=sparse,
                                       layer_names=conv_node_names(onnx_model))
     with tempfile.TemporaryDirectory(prefix="alcs-profile-") as tmp:
         lib = _export(executable, Path(tmp) / "model.so", info)
@@ -500,7 +530,7 @@ def _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities,
         fraction = fixed_fraction
         if fraction is None:  # the same model with every conv at the calibration sparsity, random SIMD masks
             rng = np.random.default_rng(seed)
-            pruned = random_pruned_onnx(onnx_model, info.vector_width,
+            pruned = random_pruned_onnx(onnx_model, info,
                                         {layer.name: CALIBRATION_SPARSITY for layer in layers}, rng)
             pruned_mod = frontend.prepare_for_sparse(frontend.import_onnx(pruned, None))
             whole_sparse, _ = _measure_whole(measurer, info, pruned_mod, onnx_model, repeat, min_repeat_ms,
@@ -543,7 +573,7 @@ def register_cli(subparsers):
     p.add_argument("--masks", type=int, default=3,
                    help="at most this many random masks per sparsity, used when the spread is high (default 3)")
     p.add_argument("--input-shapes", help="e.g. input:1x3x224x224 (needed when the model has dynamic dims)")
-    p.add_argument("--vector-width", type=int, help="override the SIMD width V")
+    p.add_argument("--vector-width", type=int, help=VECTOR_WIDTH_HELP)
     p.add_argument("--model-name", help="name of the model's 'rest' entry in the table (default: file stem)")
     p.add_argument("--weights", choices=["calibrated", "cold", "warm"], default="calibrated",
                    help="which cache state the table uses for a layer's weights: in cache (warm), flushed before "

@@ -13,7 +13,8 @@ import os
 
 import torch
 
-from .pruning import DEFAULT_RHO
+from .pruning import DEFAULT_RHO, DEFAULT_UPDATES_PER_EPOCH
+from .target import VECTOR_WIDTH_HELP
 
 __all__ = ["register_cli", "load_model", "write_plot"]
 
@@ -83,7 +84,7 @@ def register_cli(subparsers):
     p.add_argument("--budget-ms", type=float, required=True, help="latency budget in ms")
     p.add_argument("-o", "--output", required=True, help="pruned ONNX file")
     p.add_argument("--target", default="x86", help="target (sets V and the measurement target)")
-    p.add_argument("--vector-width", type=int, help="override V")
+    p.add_argument("--vector-width", type=int, help=VECTOR_WIDTH_HELP)
     p.add_argument("--rest-model", help="model name whose 'rest of model' time in the table is added "
                                         "(default: --model when the table has it)")
     p.add_argument("--pretrain-epochs", type=int, default=4, help="dense training when --weights is not given")
@@ -92,6 +93,8 @@ def register_cli(subparsers):
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--rho", type=float, default=DEFAULT_RHO, help="initial ADMM rho (x1.6 per epoch; default %(default)g)")
+    p.add_argument("--updates-per-epoch", type=int, default=DEFAULT_UPDATES_PER_EPOCH,
+                   help="ADMM Z/U-steps per epoch (default %(default)d)")
     p.add_argument("--importance", choices=["l2", "taylor"], default="l2")
     p.add_argument("--min-density", type=float, default=0.01, help="keep at least this fraction per layer")
     p.add_argument("--no-measure", action="store_true", help="skip compiling and timing the result")
@@ -116,7 +119,7 @@ def _cli_prune(args):
     info = resolve_target(args.target, args.vector_width)
     rest_model = args.rest_model or (args.model if args.model in table.rest_ms else None)
     # fail on a bad budget before any training
-    layers = find_prunable_layers(model, data.input_shape, info.vector_width)
+    layers = find_prunable_layers(model, data.input_shape, info)
     rest = table.rest_ms.get(rest_model, 0.0) if rest_model else 0.0
     from .pruning import check_budget
 
@@ -128,10 +131,11 @@ def _cli_prune(args):
     dense_onnx = None
     if not args.no_measure:
         dense_onnx = export_pruned(model, args.output + ".dense.onnx", data.input_shape)
-    result = prune(model, data, table, args.budget_ms, target=info.target, vector_width=info.vector_width,
+    result = prune(model, data, table, args.budget_ms, target=info,
                    admm_epochs=args.epochs, finetune_epochs=args.finetune_epochs, lr=args.lr,
                    batch_size=args.batch_size, rho=args.rho, importance=args.importance,
-                   min_density=args.min_density, rest_model=rest_model, seed=args.seed)
+                   updates_per_epoch=args.updates_per_epoch, min_density=args.min_density,
+                   rest_model=rest_model, seed=args.seed)
     export_pruned(model, args.output, data.input_shape)
     points = [("dense (predicted)", result.dense_predicted_ms, dense_acc),
               ("pruned (predicted)", result.predicted_ms, result.accuracy)]

@@ -65,6 +65,7 @@ from torch.nn.utils import prune as torch_prune
 from .latency import LatencyTable, LayerProfile
 from .operator import Conv2dSpec
 from .sparse_format import num_blocks
+from .target import layer_group_width
 
 __all__ = ["PrunableLayer", "find_prunable_layers", "group_scores", "group_mask", "expand_group_mask",
            "LatencyModel", "project", "ADMMPruner", "magnitude_prune", "PruneResult", "prune", "train_epoch",
@@ -104,9 +105,10 @@ def _conv_spec(module: nn.Conv2d, input_shape) -> Conv2dSpec:
 
 
 @torch.no_grad()
-def find_prunable_layers(model: nn.Module, input_shape, vector_width: int) -> list:
+def find_prunable_layers(model: nn.Module, input_shape, vector_width) -> list:
     """The ``groups == 1`` convs of ``model``, each with its :class:`Conv2dSpec` at ``input_shape`` (captured by
-    forward hooks on one zero input), in execution order."""
+    forward hooks on one zero input), in execution order. ``vector_width``: the group width of every layer, or a
+    :class:`~alcs_tvm.target.TargetInfo` (each layer gets the group width the target gives its channels)."""
     seen, hooks = [], []
     names = {m: n for n, m in model.named_modules()}
     for module in model.modules():
@@ -126,10 +128,20 @@ def find_prunable_layers(model: nn.Module, input_shape, vector_width: int) -> li
         if module in done:
             raise ValueError(f"conv {names[module]} runs more than once per forward pass; not supported")
         done.add(module)
-        layers.append(PrunableLayer(names[module], module, _conv_spec(module, shape), int(vector_width)))
+        spec = _conv_spec(module, shape)
+        layers.append(PrunableLayer(names[module], module, spec, layer_group_width(vector_width, spec.out_channels)))
     if not layers:
         raise ValueError("the model has no prunable (groups == 1) Conv2d layer")
     return layers
+
+
+def describe_group_widths(layers) -> str:
+    """``"16"`` or ``"32/16 (12 layers at 32)"``: the layers' pruning group widths."""
+    widths = sorted({layer.vector_width for layer in layers}, reverse=True)
+    if len(widths) == 1:
+        return str(widths[0])
+    return "/".join(map(str, widths)) + f" ({sum(layer.vector_width == widths[0] for layer in layers)} of " \
+        f"{len(layers)} layers at {widths[0]})"
 
 
 def _blocked(weight: torch.Tensor, vector_width: int) -> torch.Tensor:
@@ -299,6 +311,8 @@ def check_budget(latency: LatencyModel, budget_ms, min_density: float = 0.0):
 #: 19.44 on MNIST) and hard pruning hit unprepared weights; 1e-2 over 3 seeds (docs/pruning.md, Zen 5 machine):
 #: MNIST +3.1 / +1.1 / -0.2 points at the tight / middle / loose budget, digits +0.3 / +0.1 / +0.2.
 DEFAULT_RHO = 1e-2
+#: Z/U-steps per ADMM epoch (see :func:`prune`)
+DEFAULT_UPDATES_PER_EPOCH = 1
 
 
 class ADMMPruner:
@@ -322,12 +336,12 @@ class ADMMPruner:
                  normalize: bool | str = True):
         if importance not in ("l2", "taylor"):
             raise ValueError(f"importance must be 'l2' or 'taylor', got {importance!r}")
-        if vector_width is None:
+        if vector_width is None:  # the target's group width per layer
             from .target import resolve_target
 
-            vector_width = resolve_target(target).vector_width
+            vector_width = resolve_target(target)
         self.model, self.table, self.budget_ms = model, table, budget_ms
-        self.input_shape, self.vector_width = tuple(input_shape), int(vector_width)
+        self.input_shape, self.vector_width = tuple(input_shape), vector_width
         self.rho, self.rho_multiplier, self.rho_max = rho, rho_multiplier, rho_max
         self.importance, self.min_density, self.bins = importance, min_density, bins
         self.normalize = normalize
@@ -366,13 +380,13 @@ class ADMMPruner:
         for i, layer in enumerate(self.layers):
             g = layer.module.weight.grad
             if g is not None:
-                self._taylor[i] += group_scores(layer.module.weight.detach() * g, self.vector_width)
+                self._taylor[i] += group_scores(layer.module.weight.detach() * g, layer.vector_width)
 
     def scores(self, tensors=None) -> list:
         tensors = tensors if tensors is not None else [layer.module.weight.detach() for layer in self.layers]
         out = []
-        for i, t in enumerate(tensors):
-            s = group_scores(t, self.vector_width)
+        for i, (layer, t) in enumerate(zip(self.layers, tensors)):
+            s = group_scores(t, layer.vector_width)
             if self.importance == "taylor" and self._taylor[i].sum() > 0:
                 t_score = self._taylor[i] / self._taylor[i].mean()
                 s = s * (1.0 + t_score)
@@ -388,7 +402,8 @@ class ADMMPruner:
             targets = [layer.module.weight.detach() + u for layer, u in zip(self.layers, self.U)]
             self.keep = project(self.scores(targets), self.latency, self.budget_ms, min_density=self.min_density,
                                 bins=self.bins)
-            self.Z = [t * expand_group_mask(k, t.shape, self.vector_width) for t, k in zip(targets, self.keep)]
+            self.Z = [t * expand_group_mask(k, t.shape, layer.vector_width)
+                      for layer, t, k in zip(self.layers, targets, self.keep)]
         for i in range(len(self._taylor)):
             self._taylor[i].zero_()
 
@@ -420,7 +435,7 @@ class ADMMPruner:
     def hard_prune(self):
         """Zero everything outside Z's support and fix the masks (``torch.nn.utils.prune``) for fine-tuning."""
         for layer, keep in zip(self.layers, self.keep):
-            mask = expand_group_mask(keep, layer.module.weight.shape, self.vector_width)
+            mask = expand_group_mask(keep, layer.module.weight.shape, layer.vector_width)
             torch_prune.custom_from_mask(layer.module, "weight", mask)
         self.masks_applied = True
 
@@ -445,10 +460,12 @@ def magnitude_prune(layers: list, keep_fraction: float | list):
 
 
 # --------------------------------------------------------------------------------------------------- trainer
-def train_epoch(model, loader, optimizer, penalty=None, after_backward=None) -> float:
+def train_epoch(model, loader, optimizer, penalty=None, after_backward=None, after_batch=None) -> float:
+    """One epoch; ``after_batch(i, batches)`` runs after the optimiser step of batch ``i`` (of ``batches``)."""
     model.train()
     total, n = 0.0, 0
-    for x, y in loader:
+    batches = len(loader) if hasattr(loader, "__len__") else None
+    for i, (x, y) in enumerate(loader):
         loss = F.cross_entropy(model(x), y)
         full = loss + penalty() if penalty is not None else loss
         optimizer.zero_grad()
@@ -456,6 +473,8 @@ def train_epoch(model, loader, optimizer, penalty=None, after_backward=None) -> 
         if after_backward is not None:
             after_backward()
         optimizer.step()
+        if after_batch is not None:
+            after_batch(i, batches)
         total += loss.item() * len(y)
         n += len(y)
     return total / max(n, 1)
@@ -510,25 +529,41 @@ def prune(model: nn.Module, data, table: LatencyTable, budget_ms: float, *, targ
           vector_width: int | None = None, admm_epochs: int = 6, finetune_epochs: int = 4, lr: float = 3e-3,
           finetune_lr: float | None = None, batch_size: int = 128, rho: float = DEFAULT_RHO, rho_multiplier: float = 1.6,
           importance: str = "l2", min_density: float = 0.01, rest_model: str | None = None,
-          rest_ms: float | None = None, normalize: bool | str = True, log=print, seed: int = 0) -> PruneResult:
+          rest_ms: float | None = None, normalize: bool | str = True,
+          updates_per_epoch: int = DEFAULT_UPDATES_PER_EPOCH, log=print, seed: int = 0) -> PruneResult:
     """ADMM -> hard prune -> fine-tune with fixed masks -> squash. ``model`` should be trained already (its
-    accuracy is the dense reference). Returns a :class:`PruneResult` (the model is pruned in place)."""
+    accuracy is the dense reference). Returns a :class:`PruneResult` (the model is pruned in place).
+
+    ``updates_per_epoch``: Z/U-steps per ADMM epoch (evenly spaced over its batches; the last one ends the
+    epoch); ``rho_multiplier`` stays the growth per epoch (``rho_multiplier ** (1 / updates_per_epoch)`` per
+    update)."""
+    if int(updates_per_epoch) < 1:
+        raise ValueError(f"updates_per_epoch must be >= 1, got {updates_per_epoch!r}")
+    updates_per_epoch = int(updates_per_epoch)
     torch.manual_seed(seed)
     input_shape = (1,) + tuple(data.x_train.shape[1:])
     dense_acc = evaluate(model, data.x_test, data.y_test)
     pruner = ADMMPruner(model, table, budget_ms, input_shape, target=target, vector_width=vector_width, rho=rho,
-                        rho_multiplier=rho_multiplier, importance=importance, min_density=min_density,
-                        rest_model=rest_model, rest_ms=rest_ms, normalize=normalize).prepare()
+                        rho_multiplier=rho_multiplier ** (1.0 / updates_per_epoch), importance=importance,
+                        min_density=min_density, rest_model=rest_model, rest_ms=rest_ms,
+                        normalize=normalize).prepare()
     dense_ms = pruner.latency.dense_ms()
     log(f"dense: test acc {dense_acc:.4f}, predicted {dense_ms:.4f} ms; budget {budget_ms:.4f} ms "
         f"(minimum achievable {pruner.latency.min_ms(min_density):.4f} ms), {len(pruner.layers)} prunable convs, "
-        f"V={pruner.vector_width}")
+        f"V={describe_group_widths(pruner.layers)}")
     history = []
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     after = pruner.accumulate if importance == "taylor" else None
+
+    def intermediate_update(i, batches):  # Z/U-steps inside the epoch; the epoch's last one is logged below
+        every = max(1, -(-batches // updates_per_epoch)) if batches else 0
+        if every and (i + 1) % every == 0 and i + 1 < batches:
+            pruner.step()
+
     for epoch in range(admm_epochs):
         rho_now = pruner.rho
-        loss = train_epoch(model, data.loader(batch_size, seed=seed + 100 + epoch), opt, pruner.penalty, after)
+        loss = train_epoch(model, data.loader(batch_size, seed=seed + 100 + epoch), opt, pruner.penalty, after,
+                           after_batch=intermediate_update if updates_per_epoch > 1 else None)
         stats = pruner.step()
         # accuracy of the current projection (what hard-pruning now would give, before fine-tuning)
         acc = _accuracy_with_plan(model, pruner, data)
@@ -559,7 +594,7 @@ def prune(model: nn.Module, data, table: LatencyTable, budget_ms: float, *, targ
 def _accuracy_with_plan(model, pruner: ADMMPruner, data) -> float:
     saved = [layer.module.weight.detach().clone() for layer in pruner.layers]
     for layer, keep in zip(pruner.layers, pruner.keep):
-        layer.module.weight.mul_(expand_group_mask(keep, layer.module.weight.shape, pruner.vector_width))
+        layer.module.weight.mul_(expand_group_mask(keep, layer.module.weight.shape, layer.vector_width))
     acc = evaluate(model, data.x_test, data.y_test)
     for layer, w in zip(pruner.layers, saved):
         layer.module.weight.copy_(w)
@@ -626,12 +661,12 @@ def measure_latency_table(model: nn.Module, input_shape, target="x86", *, model_
     from .timing import measure_interleaved
 
     info = resolve_target(target)
-    layers = find_prunable_layers(model, input_shape, info.vector_width)
+    layers = find_prunable_layers(model, input_shape, info)
     rng = np.random.default_rng(seed)
     x_rng = np.random.default_rng(seed + 1)
     profiles = {}
     for layer in layers:
-        key_profile = LayerProfile(layer.spec, info.vector_width)
+        key_profile = LayerProfile(layer.spec, layer.vector_width)
         if key_profile.key in profiles:
             continue
         w = layer.module.weight.detach().numpy().astype(np.float32)
@@ -639,10 +674,10 @@ def measure_latency_table(model: nn.Module, input_shape, target="x86", *, model_
         x = x_rng.standard_normal(layer.spec.input_shape).astype(np.float32)
         fns = {}
         for s in sparsities:
-            ws = random_block_sparse(w, info.vector_width, s, rng).reshape(w.shape)
+            ws = random_block_sparse(w, layer.vector_width, s, rng).reshape(w.shape)
             conv = build_sparse_conv2d(ws, input_shape=layer.spec.input_shape, stride=layer.spec.stride,
                                        padding=layer.spec.padding, dilation=layer.spec.dilation, bias=bias,
-                                       activation="relu", target=info.target, vector_width=info.vector_width)
+                                       activation="relu", target=info.target, vector_width=layer.vector_width)
             fns[s] = conv.kernel_time_callable(x)
         stats = measure_interleaved(fns, repeat=repeat)
         key_profile.sparsities = [float(s) for s in sparsities]
@@ -658,7 +693,7 @@ def measure_latency_table(model: nn.Module, input_shape, target="x86", *, model_
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = export_pruned(model, os.path.join(tmp, "m.onnx"), input_shape)
         whole, _ = measure_latency(onnx_path, input_shape, info.target)
-    convs = sum(profiles[LayerProfile(layer.spec, info.vector_width).key].sparse_ms[0] for layer in layers)
+    convs = sum(profiles[LayerProfile(layer.spec, layer.vector_width).key].sparse_ms[0] for layer in layers)
     table.rest_ms[model_name] = max(0.0, whole - convs)
     if log:
         log(f"  whole dense model {whole:.4f} ms, convs {convs:.4f} ms -> rest {table.rest_ms[model_name]:.4f} ms")

@@ -18,7 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["BlockSparseWeight", "block_mask", "num_blocks", "random_block_sparse"]
+__all__ = ["BlockSparseWeight", "block_mask", "num_blocks", "random_block_sparse", "widest_block_format",
+           "WIDE_BLOCK_DENSITY_SLACK"]
+
+#: A wider block is used only if the weight is (almost) as sparse in it as in the narrowest: a model pruned in
+#: narrow groups keeps its sparsity in narrow blocks.
+WIDE_BLOCK_DENSITY_SLACK = 0.01
 
 
 def num_blocks(out_channels: int, vector_width: int) -> int:
@@ -143,6 +148,19 @@ class BlockSparseWeight:
     def __repr__(self) -> str:
         return (f"BlockSparseWeight(shape={self.shape}, V={self.vector_width}, "
                 f"nnz_blocks={self.nnz_blocks}, density={self.density:.3f})")
+
+
+def widest_block_format(weight, widths, slack: float = WIDE_BLOCK_DENSITY_SLACK) -> BlockSparseWeight:
+    """``weight`` in the widest of ``widths`` (widest first, the last one the fallback) that divides its output
+    channels and keeps its block density within ``slack`` of the density in the last (narrowest) width."""
+    widths = [int(w) for w in widths]
+    narrow = BlockSparseWeight.from_dense(weight, widths[-1])
+    for width in widths[:-1]:
+        if narrow.out_channels % width == 0:
+            wide = BlockSparseWeight.from_dense(weight, width)
+            if wide.density <= narrow.density + slack:
+                return wide
+    return narrow
 
 
 def random_block_sparse(weight, vector_width: int, sparsity: float, rng=None) -> np.ndarray:

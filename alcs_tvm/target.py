@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import tvm
 from tvm.target import codegen
 
-__all__ = ["TargetInfo", "resolve_target", "SHORT_NAMES", "AARCH64_TRIPLE"]
+__all__ = ["TargetInfo", "resolve_target", "layer_group_width", "SHORT_NAMES", "AARCH64_TRIPLE"]
 
 AARCH64_TRIPLE = "aarch64-linux-gnu"
 
@@ -24,6 +24,17 @@ SHORT_NAMES = {
 
 _FAMILY_WIDTH = {"x86-avx512": 16, "x86-avx2": 8, "arm64": 4, "generic": 4}
 
+#: registers per pruning group where a layer's output channels allow it (by default; an explicit vector width
+#: means one group width for every layer). AVX-512 cores issue two 512-bit FMAs but only two 512-bit loads per
+#: cycle: with one register per group every FMA needs its own broadcast load of an input value and the sparse
+#: loop is load-bound (70-95% of the ideal speed-up on Zen 5); two registers per group share each broadcast
+#: (98-116%, docs/benchmarks.md).
+_FAMILY_GROUP_REGISTERS = {"x86-avx512": 2}
+
+#: ``--vector-width`` of every command
+VECTOR_WIDTH_HELP = ("pruning group width V in fp32 lanes, for every layer (default: the target's - AVX-512 32 where "
+                     "a conv's output channels are a multiple of 32, else 16; AVX2 8; NEON 4)")
+
 
 @dataclass(frozen=True)
 class TargetInfo:
@@ -31,7 +42,24 @@ class TargetInfo:
 
     target: tvm.target.Target
     family: str  # "x86-avx512" | "x86-avx2" | "arm64" | "generic"
-    vector_width: int
+    vector_width: int  # V: fp32 lanes of a vector register; also the block of the channel-blocked layouts
+    wide_group_width: int = 0  # a multiple of V used as the group width where Cout allows it (0: always V)
+
+    def group_width(self, out_channels: int) -> int:
+        """The pruning group / sparse block width for a layer with ``out_channels`` outputs: the wide width
+        where it divides ``out_channels`` (no lanes wasted), else V."""
+        wide = self.wide_group_width
+        return wide if wide and int(out_channels) % wide == 0 else self.vector_width
+
+    def describe_widths(self) -> str:
+        """``"16"``, or ``"32 where Cout % 32 == 0, else 16"``."""
+        if not self.wide_group_width:
+            return str(self.vector_width)
+        return f"{self.wide_group_width} where Cout % {self.wide_group_width} == 0, else {self.vector_width}"
+
+    def group_widths(self) -> tuple:
+        """Every group width a layer may get, widest first."""
+        return (self.wide_group_width, self.vector_width) if self.wide_group_width else (self.vector_width,)
 
     @property
     def is_cross(self) -> bool:
@@ -72,7 +100,8 @@ def _family(target: tvm.target.Target) -> str:
 
 def resolve_target(target, vector_width: int | None = None) -> TargetInfo:
     """Resolve a short name (``x86``, ``x86-avx2``, ``x86-avx512``, ``arm64``), a target dict, its JSON text,
-    or a ``tvm.target.Target``. ``vector_width`` overrides the family's SIMD width."""
+    or a ``tvm.target.Target``. ``vector_width`` overrides the family's SIMD width and makes it every layer's
+    group width (without it, AVX-512 layers whose output channels are a multiple of 32 get groups of 32)."""
     if isinstance(target, TargetInfo):  # already resolved: keep its width unless overridden
         if vector_width is None or int(vector_width) == target.vector_width:
             return target
@@ -102,4 +131,11 @@ def resolve_target(target, vector_width: int | None = None) -> TargetInfo:
     width = _FAMILY_WIDTH[family] if vector_width is None else int(vector_width)
     if width < 1:
         raise ValueError(f"vector width must be positive, got {vector_width}")
-    return TargetInfo(target, family, width)
+    registers = _FAMILY_GROUP_REGISTERS.get(family, 1) if vector_width is None else 1
+    return TargetInfo(target, family, width, width * registers if registers > 1 else 0)
+
+
+def layer_group_width(width, out_channels: int) -> int:
+    """``width``: a group width (int) or a :class:`TargetInfo` (then the group width it gives a layer with
+    ``out_channels`` outputs)."""
+    return width.group_width(out_channels) if isinstance(width, TargetInfo) else int(width)

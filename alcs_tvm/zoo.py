@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .sparse_format import random_block_sparse
+from .target import layer_group_width
 
 __all__ = [
     "BasicBlock", "ResNet", "InvertedResidual", "MobileNetV2", "SmallCNN",
@@ -313,13 +314,15 @@ def simd_prune_(model: nn.Module, vector_width: int, sparsity: float, rng=None,
                 include_linear: bool = False) -> nn.Module:
     """Zero a random ``sparsity`` fraction of the SIMD blocks (``vector_width`` consecutive output channels at
     one ``(cin, kh, kw)``) of every ``groups == 1`` Conv2d (and of every Linear if ``include_linear``), in place.
+    ``vector_width`` may be a :class:`~alcs_tvm.target.TargetInfo`: each layer then gets its group width.
 
     Depthwise / grouped convs are left dense. Returns ``model``."""
     rng = np.random.default_rng(rng)
     for m in model.modules():
         if (isinstance(m, nn.Conv2d) and m.groups == 1) or (include_linear and isinstance(m, nn.Linear)):
             w = m.weight.detach().cpu().numpy().astype(np.float32)
-            pruned = random_block_sparse(w, vector_width, sparsity, rng).reshape(w.shape)
+            v = layer_group_width(vector_width, w.shape[0])
+            pruned = random_block_sparse(w, v, sparsity, rng).reshape(w.shape)
             m.weight.copy_(torch.from_numpy(pruned))
     return model
 

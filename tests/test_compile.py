@@ -229,3 +229,46 @@ def test_expand_depthwise_project_chain_runs_blocked(pruned_models):
     assert blocked and len(blocked) >= len(depthwise) - 1  # the first one follows the stem's conv directly
     x = np.random.default_rng(7).standard_normal((1, 3, 32, 32)).astype(np.float32)
     assert_close(run_vm(executable, x), onnx_runtime(path, x))
+
+
+@pytest.fixture(scope="module")
+def wide_pruned_models(tmp_path_factory):
+    """The same tiny networks pruned as the AVX-512 target prunes them: groups of 32 output channels where a
+    conv's channels allow it, 16 elsewhere."""
+    from alcs_tvm.target import resolve_target
+
+    info = resolve_target("x86-avx512")
+    out = {}
+    for name in ("resnet_tiny", "mobilenet_v2_tiny"):
+        model = zoo.get_model(name).eval()
+        zoo.simd_prune_(model, info, 0.7, rng=1)
+        path = tmp_path_factory.mktemp("wide") / f"{name}.onnx"
+        zoo.export_onnx(model, path, (1, 3, 32, 32))
+        out[name] = path
+    return out
+
+
+@pytest.mark.parametrize("name", ["resnet_tiny", "mobilenet_v2_tiny"])
+def test_wide_groups_where_channels_allow_and_layouts_still_chain(wide_pruned_models, pruned_models, name):
+    """AVX-512: a conv whose output channels are a multiple of 32 and whose weight is pruned in 32-channel groups
+    runs with V=32 (two registers per kept position share each input broadcast); the others keep V=16; every
+    conv still reads and writes NCHW16c (a 32-group is stored as two 16c blocks), so the chains and fused
+    shortcuts are unchanged; outputs equal ONNX Runtime's. The same network pruned in 16-groups stays at V=16:
+    its zeros are not 32-structured."""
+    path = wide_pruned_models[name]
+    x = np.random.default_rng(8).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    executable, report = alcs_compile(str(path), "x86-avx512")
+    assert_close(run_vm(executable, x), onnx_runtime(path, x))
+    convs = [layer for layer in report.layers if layer.op == "conv2d" and layer.decision == "sparse"]
+    widths = {layer.name: layer.vector_width for layer in convs}
+    graph = onnx.load(str(path)).graph
+    dims = {init.name: init.dims[0] for init in graph.initializer}
+    cout = {node.name: dims[node.input[1]] for node in graph.node if node.op_type == "Conv"}
+    assert widths and all(v == (32 if cout[n] % 32 == 0 else 16) for n, v in widths.items()), widths
+    assert 32 in widths.values() and all(layer.density == pytest.approx(0.3, abs=0.06) for layer in convs)
+    for layer in convs:
+        if layer.kernel["output_blocked"]:
+            assert "NCHW16c" in layer.implementation
+            assert layer.kernel["out_block"] == (16 if layer.vector_width == 32 else 0)
+    _, narrow = alcs_compile(str(pruned_models[name]), "x86-avx512")
+    assert {layer.vector_width for layer in narrow.sparse_layers} == {16}

@@ -137,6 +137,8 @@ def test_admm_reaches_budget_and_keeps_accuracy(digits_setup):
     assert result.predicted_ms <= budget + 1e-9
     assert result.accuracy >= 0.85, result.accuracy  # stated floor: 85% on digits (dense ~95-98%)
     assert any(s > 0.05 for s in result.sparsities.values())
+    assert [layer.vector_width for layer in result.layers] == \
+        [pruning_v(table).group_width(layer.spec.out_channels) for layer in result.layers]
     for layer in result.layers:  # SIMD structure: every V-group all zero or (trained) all kept
         w = layer.module.weight.detach()
         assert not hasattr(layer.module, "weight_mask")
@@ -148,7 +150,13 @@ def test_admm_reaches_budget_and_keeps_accuracy(digits_setup):
 
 
 def pruning_v(table):
-    return next(iter(table.layers.values())).vector_width
+    """The host target, whose group width per layer the table below was measured with (32 for AVX-512 convs
+    with a multiple of 32 output channels, else the register width)."""
+    from alcs_tvm.target import resolve_target
+
+    info = resolve_target("x86")
+    assert {p.vector_width for p in table.layers.values()} <= set(info.group_widths())
+    return info
 
 
 def test_export_compile_outputs_equal(digits_setup, tmp_path):

@@ -173,6 +173,35 @@ def test_residual_added_before_activation(residual, blocked_out, activation):
     assert_close(out, np.maximum(ref, 0) if activation == "relu" else ref)
 
 
+@pytest.mark.parametrize("residual", [None, "nchw"])
+@pytest.mark.parametrize("prepadded", [False, True])
+def test_one_activation_buffer_variant_computes_the_same(residual, prepadded):
+    """The profiler's cold-timing twin: input, shortcut and output side by side in one ``io`` argument."""
+    import tvm
+
+    x, weight, b = make_case(11, 16, 36, 10, 3, 0.6, 8, bias=True)
+    spec = Conv2dSpec.create(x.shape, weight.shape, 1, 1, 1)
+    shortcut = np.random.default_rng(12).standard_normal((1, 36, 10, 10)).astype(np.float32)
+    kernel = sparse_conv2d_kernel(BlockSparseWeight.from_dense(weight, 8), spec, bias=b, activation="relu",
+                                  target={"kind": "llvm"}, residual=residual, input_prepadded=prepadded,
+                                  one_activation_buffer=True)
+    at = kernel.activation_offsets
+    assert all(at[k] % 64 == 0 for k in at) and at["y"] >= at["x"] + x.size
+    xin = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1))) if prepadded else x
+    io = np.full(at["size"], np.nan, np.float32)
+    io[at["x"]:at["x"] + xin.size] = xin.ravel()
+    if residual:
+        io[at["residual"]:at["residual"] + shortcut.size] = shortcut.ravel()
+    executable = tvm.compile(kernel.func, target={"kind": "llvm"})
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in [io] + kernel.packed.arrays()]
+    assert len(kernel.func.params) == len(args)
+    executable.mod["alcs_sparse_conv2d"](*args)
+    out = args[0].numpy()[at["y"]:at["y"] + 36 * 100].reshape(1, 36, 10, 10)
+    ref = torch_conv(x, weight, b, 1, 1, 1, None) + (shortcut if residual else 0)
+    assert_close(out, np.maximum(ref, 0))
+    np.testing.assert_array_equal(args[0].numpy()[at["x"]:at["x"] + xin.size], xin.ravel())  # input untouched
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(weight=np.zeros((8, 4, 3), np.float32), input_shape=(1, 4, 8, 8)), ValueError, "4-D"),
     (dict(weight=np.zeros((8, 4, 3, 3), np.float64), input_shape=(1, 4, 8, 8)), TypeError, "float32"),
@@ -220,3 +249,30 @@ def test_uneven_blocks_are_balanced_across_threads_and_stay_correct():
     assert abs(int(first) - int(second)) <= nnz.max() - nnz.min()
     assert abs(int(first) - int(second)) < abs(int(nnz[:4].sum()) - int(nnz[4:].sum()))
     assert_close(op.run(x), torch_conv(x, weight, None, 1, 1, 1, None))
+
+
+@pytest.mark.parametrize("residual", [None, "blocked"])
+def test_wide_group_writes_narrower_blocks(residual):
+    """V=32 groups (two AVX-512 registers) stored as NCHW16c blocks, with a blocked shortcut read the same way:
+    what lets convs of different group widths chain in one layout."""
+    import tvm
+
+    x, weight, b = make_case(13, 16, 64, 9, 3, 0.7, 32, bias=True)
+    spec = Conv2dSpec.create(x.shape, weight.shape, 1, 1, 1)
+    shortcut = np.random.default_rng(14).standard_normal((1, 64, 9, 9)).astype(np.float32)
+    kernel = sparse_conv2d_kernel(BlockSparseWeight.from_dense(weight, 32), spec, bias=b, activation="relu",
+                                  target="x86-avx512", output_blocked=True, output_pad=(1, 1, 1, 1),
+                                  residual=residual, out_block=16)
+    assert kernel.output_shape == (1, 4, 11, 11, 16)
+    arrays = [x] + kernel.packed.arrays() + ([_blocked(shortcut, 16, (0, 0, 0, 0))] if residual else []) + \
+        [np.full(kernel.output_shape, np.nan, np.float32)]
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
+    tvm.compile(kernel.func, target={"kind": "llvm"}).mod["alcs_sparse_conv2d"](*args)
+    out = args[-1].numpy()
+    assert np.all(out[:, :, 0] == 0) and np.all(out[:, :, :, -1] == 0)  # the zero border
+    out = out[:, :, 1:-1, 1:-1].transpose(0, 1, 4, 2, 3).reshape(1, 64, 9, 9)
+    ref = torch_conv(x, weight, b, 1, 1, 1, None) + (shortcut if residual else 0)
+    assert_close(out, np.maximum(ref, 0))
+    with pytest.raises(ValueError, match="must divide"):
+        sparse_conv2d_kernel(BlockSparseWeight.from_dense(weight, 32), spec, target="x86-avx512",
+                             output_blocked=True, out_block=12)

@@ -62,3 +62,33 @@ def test_bad_weights_are_named(bad, error):
 def test_bad_vector_width():
     with pytest.raises(ValueError, match="vector width"):
         BlockSparseWeight.from_dense(np.ones((4, 4, 1, 1), np.float32), 0)
+
+
+def test_group_widths_per_target_and_layer():
+    """AVX-512 groups are two registers (32 channels) where a layer's output channels allow it; an explicit
+    width is every layer's; the other families use their register width."""
+    from alcs_tvm.target import layer_group_width, resolve_target
+
+    avx512 = resolve_target("x86-avx512")
+    assert (avx512.vector_width, avx512.group_widths()) == (16, (32, 16))
+    assert [avx512.group_width(c) for c in (64, 96, 48, 24, 16)] == [32, 32, 16, 16, 16]
+    assert resolve_target("x86-avx512", 16).group_widths() == (16,)
+    assert resolve_target("x86-avx512", 32).group_width(48) == 32  # explicit: one width, padded blocks
+    assert resolve_target("x86-avx2").group_width(64) == 8 and resolve_target("arm64").group_width(64) == 4
+    assert layer_group_width(avx512, 64) == 32 and layer_group_width(8, 64) == 8
+
+
+def test_widest_block_format_keeps_the_pruning_structure():
+    """A weight pruned in 32-channel groups converts to 32-wide blocks; one pruned in 16-channel groups keeps
+    16-wide blocks (in 32-wide ones it would lose most of its sparsity); a dense one takes the widest."""
+    from alcs_tvm.sparse_format import widest_block_format
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((64, 16, 3, 3)).astype(np.float32)
+    assert widest_block_format(w, (32, 16)).vector_width == 32
+    pruned32 = random_block_sparse(w, 32, 0.8, rng)
+    pruned16 = random_block_sparse(w, 16, 0.8, rng)
+    assert widest_block_format(pruned32, (32, 16)).vector_width == 32
+    narrow = widest_block_format(pruned16, (32, 16))
+    assert narrow.vector_width == 16 and narrow.density == pytest.approx(0.2, abs=0.03)
+    assert widest_block_format(w[:48], (32, 16)).vector_width == 16  # 48 channels: no whole 32-groups

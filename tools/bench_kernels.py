@@ -157,7 +157,6 @@ def run_worker(names, sparsities, threads: int, trials: int, repeat: int, seed: 
     got = set_threads(threads)
     log(f"[bench] {threads} thread(s): runtimes report {got}")
     info = resolve_target("x86", vector_width)
-    V = info.vector_width
     build_sparse, why = _sparse_builder()
     if build_sparse is None:
         log(f"[bench] sparse columns skipped: alcs_tvm.operator.build_sparse_conv2d unavailable ({why})")
@@ -168,6 +167,7 @@ def run_worker(names, sparsities, threads: int, trials: int, repeat: int, seed: 
             rng = np.random.default_rng(seed)
             x = rng.standard_normal(xs).astype(np.float32)
             dense_w = (rng.standard_normal(ws) * np.sqrt(2.0 / np.prod(ws[1:]))).astype(np.float32)
+            V = info.group_width(ws[0])  # the pruning group the compiler gives this layer
             ref = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(dense_w), None, stride,
                                              pad).numpy()
             log(f"[bench] {threads}T layer {li + 1}/{len(names)} {name}: building baselines")

@@ -94,7 +94,7 @@ def run_worker(models, sparsities, threads: int, repeat: int, vector_width=None,
         for sparsity in sparsities:
             model = zoo.get_model(name).eval()
             if sparsity:
-                zoo.simd_prune_(model, info.vector_width, sparsity / 100, rng=0)
+                zoo.simd_prune_(model, info, sparsity / 100, rng=0)  # each conv in its group width
             path = os.path.join(tmp, f"{name}_{sparsity}.onnx")
             zoo.export_onnx(model, path, (1, 3, 224, 224))
             t0 = time.perf_counter()
@@ -132,7 +132,7 @@ def run_worker(models, sparsities, threads: int, repeat: int, vector_width=None,
                 runs["alcs_tuned"] = lambda: tuned["main"](arg)
                 error = max(error, float(np.abs(tuned["main"](arg).numpy() - ref).max() / np.abs(ref).max()))
             stats = measure_interleaved(runs, repeat=repeat)
-            rows.append({"model": name, "sparsity": sparsity, "threads": threads, "vector_width": info.vector_width,
+            rows.append({"model": name, "sparsity": sparsity, "threads": threads, "vector_width": "/".join(map(str, info.group_widths())),
                          "alcs_ms": stats["alcs"].min, "ort_ms": stats["ort"].min, "torch_ms": stats["torch"].min,
                          "alcs_median_ms": stats["alcs"].median, "ort_median_ms": stats["ort"].median,
                          "torch_median_ms": stats["torch"].median, "compile_s": compile_s,

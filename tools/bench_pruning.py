@@ -37,6 +37,7 @@ os.environ.setdefault("TVM_NUM_THREADS", "1")
 
 from alcs_tvm import pruning, zoo  # noqa: E402
 from alcs_tvm.data import load_dataset  # noqa: E402
+from alcs_tvm.target import resolve_target  # noqa: E402
 
 
 def log(*a):
@@ -113,7 +114,7 @@ def run_dataset(name, args, tmp):
     dense_acc = pruning.evaluate(dense, data.x_test, data.y_test)
     log(f"[{name} seed {args.seed}] dense acc {dense_acc:.4f} ({time.time() - t0:.0f} s); latency table")
     table = latency_table(name, dense, shape, args, tmp)
-    layers = pruning.find_prunable_layers(dense, shape, next(iter(table.layers.values())).vector_width)
+    layers = pruning.find_prunable_layers(dense, shape, resolve_target("x86"))  # the compiler's group widths
     lat = pruning.LatencyModel(table, layers, table.rest_ms["small_cnn"])
     dense_pred, min_pred = lat.dense_ms(), lat.min_ms(0.01)
     dense_ms, _ = measure(dense, shape, tmp, f"{name}_dense")
@@ -137,12 +138,13 @@ def run_dataset(name, args, tmp):
         res = pruning.prune(model, data, table, budget, admm_epochs=args.admm_epochs,
                             finetune_epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size,
                             rest_model="small_cnn", seed=args.seed, importance=args.importance,
-                            rho=args.rho, rho_multiplier=args.rho_multiplier, log=lambda *a: None)
+                            rho=args.rho, rho_multiplier=args.rho_multiplier,
+                            updates_per_epoch=args.updates_per_epoch, log=lambda *a: None)
         alcs_ms, report = measure(model, shape, tmp, f"{name}_alcs{frac}")
         # uniform SIMD magnitude at the same predicted latency
         keep = uniform_keep_for(lat, res.predicted_ms)
         uni = copy.deepcopy(dense)
-        uni_layers = pruning.find_prunable_layers(uni, shape, layers[0].vector_width)
+        uni_layers = pruning.find_prunable_layers(uni, shape, resolve_target("x86"))
         pruning.magnitude_prune(uni_layers, keep)
         uni_acc = finetune(uni, data, total_epochs, args.lr, args.batch_size, args.seed)
         for layer in uni_layers:
@@ -207,6 +209,8 @@ def main():
     p.add_argument("--admm-epochs", type=int, default=3)
     p.add_argument("--rho", type=float, default=pruning.DEFAULT_RHO, help="ADMM penalty weight at the first epoch")
     p.add_argument("--rho-multiplier", type=float, default=1.6, help="rho growth per ADMM epoch")
+    p.add_argument("--updates-per-epoch", type=int, default=pruning.DEFAULT_UPDATES_PER_EPOCH,
+                   help="ADMM Z/U-steps per epoch")
     p.add_argument("--finetune-epochs", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch-size", type=int, default=32)

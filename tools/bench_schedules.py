@@ -42,17 +42,19 @@ def main(argv=None):
 
     info = resolve_target("x86", args.vector_width)
     measurer = Measurer(info, local=True)
-    v = info.vector_width
-    print(f"{info.family}, V={v}, {args.threads} thread(s); median of 10 samples of >= 5 ms per schedule")
+    print(f"{info.family}, V={info.describe_widths()}, {args.threads} thread(s); median of 10 samples of >= 5 ms "
+          "per schedule")
     print(f"{'layer':11s} {'density':>7s}  {'default':16s} {'us':>8s}  {'best':16s} {'us':>8s}  default/best")
     for name in args.layers.split(","):
         if name not in LAYERS:
             ap.error(f"unknown layer {name!r}; choose from {', '.join(LAYERS)}")
         cin, cout, size, k = LAYERS[name]
         spec = Conv2dSpec.create((1, cin, size, size), (cout, cin, k, k), 1, k // 2)
+        v, block = info.group_width(cout), info.vector_width  # group width; the blocked layout's block
         for density in (float(d) for d in args.densities.split(",")):
             layer = ModelLayer(name, spec, v, True, "relu", density, input_prepadded=True,
-                               input_block=v if cin % v == 0 else 1, output_blocked=True)
+                               input_block=block if cin % block == 0 else 1, output_blocked=True,
+                               out_block=0 if v == block else block)
             record = tune_layer(layer, info, measurer, repeat=10, min_repeat_ms=5, max_candidates=args.candidates)
             default, best = record["candidates"][0], min(record["candidates"], key=lambda c: c["ms"])
             print(f"{name:11s} {density:7.2f}  {default['schedule']:16s} {default['ms'] * 1e3:8.1f}  "

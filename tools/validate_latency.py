@@ -65,7 +65,7 @@ def validate_model(name, args, info, session, work: Path, table_path: Path, log)
     zoo.export_onnx(model, dense_path, shape)
     dense_onnx = onnx.load(str(dense_path))
     t0 = time.time()
-    table = profile_model(str(dense_path), str(table_path), info.target, tracker=args.rpc_tracker, key=args.key,
+    table = profile_model(str(dense_path), str(table_path), info, tracker=args.rpc_tracker, key=args.key,
                           rpc=args.rpc, sparsities=args.sparsities, repeat=args.repeat,
                           min_repeat_ms=args.min_repeat_ms, model_name=name, timeout=args.timeout,
                           quiet=args.quiet, session=session)
@@ -75,7 +75,7 @@ def validate_model(name, args, info, session, work: Path, table_path: Path, log)
     rng = np.random.default_rng(args.seed)
 
     def build(onnx_path, stem):
-        executable, report = compiler.compile(str(onnx_path), info.target, latency_table=table)
+        executable, report = compiler.compile(str(onnx_path), info, latency_table=table)
         lib = compiler.export(executable, str(work / f"{stem}.so"), info)
         write_sidecar(lib, report.relax_module, target=info.target)
         return lib, report
@@ -100,7 +100,7 @@ def validate_model(name, args, info, session, work: Path, table_path: Path, log)
             sparsity = {n: float(np.clip(level + rng.uniform(-0.2, 0.2), 0.0, args.max_sparsity))
                         for n in rewritable}
         pruned_path = work / f"{name}_cfg{c}.onnx"
-        onnx.save(random_pruned_onnx(dense_onnx, info.vector_width, sparsity, rng), str(pruned_path))
+        onnx.save(random_pruned_onnx(dense_onnx, info, sparsity, rng), str(pruned_path))
         predicted, breakdown = table.predict(str(pruned_path), target=info.target)
         lib, report = build(pruned_path, f"{name}_cfg{c}")
         timing = timed(lib)

@@ -27,7 +27,7 @@ from tvm import relax
 from ..operator import Conv2dSpec, sparse_conv2d_kernel
 from ..report import CompileReport, LayerDecision
 from ..schedules.depthwise_cpu import DepthwiseGeometry, depthwise_nchwc_template
-from ..sparse_format import BlockSparseWeight
+from ..sparse_format import BlockSparseWeight, widest_block_format
 from ..target import resolve_target
 
 __all__ = ["SparseConvRewrite", "DEFAULT_DENSITY_THRESHOLD"]
@@ -36,6 +36,7 @@ __all__ = ["SparseConvRewrite", "DEFAULT_DENSITY_THRESHOLD"]
 #: docs/benchmarks.md: 0.50 density -> 0.50-0.55x time), so any skipped block pays; above 0.95 the saving is
 #: within noise and the dense form avoids depending on the mask.
 DEFAULT_DENSITY_THRESHOLD = {"x86-avx512": 0.95, "x86-avx2": 0.95, "arm64": 0.95, "generic": 0.95}
+
 
 _ACTIVATION_OPS = {"relax.nn.relu": "relu", "relax.nn.relu6": "relu6"}
 
@@ -102,6 +103,7 @@ class _Layer:
         self.input_prepadded = False
         self.input_block = 1
         self.input_border = None  # a pre-padded input's border when wider than this conv's padding
+        self.out_block = 0  # channels per block of a blocked output/residual when not the group width
         # a shortcut tensor added before the activation (ResNet/MobileNetV2 residual), fused into the epilogue
         self.residual = None  # the Relax var
         self.residual_binding = None  # the add's binding var (folded into the call)
@@ -321,9 +323,9 @@ class SparseConvRewrite:
         spec = Conv2dSpec.create(in_shape, w_shape, [int(s) for s in attrs.strides],
                                  (padding[0], padding[1], padding[2], padding[3]),
                                  [int(d) for d in attrs.dilation])
-        v = self.target_info.vector_width
         w = _const_array(weight)
-        sparse_weight = BlockSparseWeight.from_dense(w, v)
+        sparse_weight = self._sparse_weight(spec, w)
+        v = sparse_weight.vector_width
         density = sparse_weight.density
         predicted = {}
         if not self.sparse:
@@ -341,6 +343,18 @@ class SparseConvRewrite:
                          ([layer.activation] if layer.activation else []))
         return LayerDecision(name, "conv2d", spec.describe(), round(density, 4), v, decision,
                              f"{implementation}, {fused}", reason, predicted, asdict(spec))
+
+    def _sparse_weight(self, spec, w) -> BlockSparseWeight:
+        """The weight in this layer's group width: the target's wide groups where the output channels allow
+        them and the weight's zeros are structured in them (:func:`widest_block_format`; a model pruned in V-wide
+        groups keeps V-wide blocks) and, with a latency table, the table has that width for this layer."""
+        widths = self.target_info.group_widths()
+        if len(widths) > 1 and self.latency_table is not None and hasattr(self.latency_table, "layers"):
+            from ..latency import layer_key
+
+            measured = [v for v in widths if layer_key(spec, v) in self.latency_table.layers]
+            widths = tuple(v for v in widths[:-1] if v in measured or not measured) + widths[-1:]
+        return widest_block_format(w, widths)
 
     def _chain(self, layers):
         """Let a rewritten conv whose every user is a rewritten conv write what those convs read best: NCHW[V]c (one
@@ -372,10 +386,10 @@ class SparseConvRewrite:
             if not users or any(u is None for u in users) or len(users) != len(expected) or \
                     any(not any(u.same_as(e) for e in expected) for u in users):
                 continue  # some user is not a rewritten conv: keep NCHW
-            v = producer.sparse_weight.vector_width
+            v = self.target_info.vector_width  # the layout's block; each conv's group width is a multiple of it
             border = tuple(max(c.spec.padding[i] for c in readers) if readers else 0 for i in range(4))
             blocked = producer.spec.out_channels % v == 0 and \
-                all(c.sparse_weight.vector_width == v for c in readers + shortcut_readers)
+                all(c.sparse_weight.vector_width % v == 0 for c in readers + shortcut_readers)
             if not blocked and shortcut_readers:
                 continue  # shortcuts are read NCHW unpadded or blocked with a border
             producer.output_pad = border
@@ -400,8 +414,9 @@ class SparseConvRewrite:
                     not self._single_user(producer.last_var).same_as(dw.conv_var):
                 continue
             consumer = only_conv_consumer(dw.last_var)
-            v = producer.sparse_weight.vector_width
-            if consumer is None or dw.depthwise[0][1] % v or consumer.sparse_weight.vector_width != v:
+            v = self.target_info.vector_width
+            if consumer is None or dw.depthwise[0][1] % v or producer.sparse_weight.vector_width % v or \
+                    consumer.sparse_weight.vector_width % v:
                 continue
             padding = dw.depthwise[2]
             producer.output_blocked, producer.output_pad = True, tuple(padding)
@@ -432,6 +447,12 @@ class SparseConvRewrite:
         """Re-raise the input error (e.g. a layer missing from the latency table) that stopped the last run."""
         if getattr(self, "error", None) is not None:
             raise self.error.with_traceback(None) from None
+
+    def _out_block(self, layer) -> int:
+        """Channels per block of the conv's blocked output/residual: the target's V (0 = the conv's own group
+        width, which is the same number for every conv with one group width)."""
+        v = self.target_info.vector_width
+        return 0 if layer.sparse_weight.vector_width == v else v
 
     def _apply_tuning(self, layer):
         from ..autotune import describe_schedule, kernel_layout
@@ -466,13 +487,14 @@ class SparseConvRewrite:
             self._chain([layer for layer in layers if layer.spec is not None])
             for layer in layers:
                 if layer.spec is not None and layer.kind == "conv2d":
+                    layer.out_block = self._out_block(layer)
                     layer.report_row.kernel = {
                         "bias": layer.bias is not None, "activation": layer.activation,
                         "input_prepadded": layer.input_prepadded, "input_block": layer.input_block,
                         "output_blocked": layer.output_blocked, "output_pad": list(layer.output_pad),
                         "input_border": None if layer.input_border is None else list(layer.input_border),
                         "residual": None if layer.residual is None else layer.residual_layout,
-                        "residual_pad": list(layer.residual_pad)}
+                        "residual_pad": list(layer.residual_pad), "out_block": layer.out_block}
                     if self.tuning is not None:
                         self._apply_tuning(layer)
         if not any(plans.values()):
@@ -526,7 +548,8 @@ class _Rewriter(relax.PyExprMutator):
                                       input_block=layer.input_block, output_blocked=layer.output_blocked,
                                       output_pad=layer.output_pad, input_border=layer.input_border,
                                       residual=None if layer.residual is None else layer.residual_layout,
-                                      residual_pad=layer.residual_pad, schedule=layer.schedule)
+                                      residual_pad=layer.residual_pad, schedule=layer.schedule,
+                                      out_block=layer.out_block)
         key = (kernel.geometry, kernel.schedule, layer.bias is not None, layer.activation)
         gv = self.kernels.get(key)
         if gv is None:

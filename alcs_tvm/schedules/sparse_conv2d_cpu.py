@@ -32,7 +32,7 @@ from tvm.script import tirx as T
 
 from . import SparseConvSchedule
 
-__all__ = ["KernelGeometry", "sparse_conv2d_template", "ACTIVATIONS"]
+__all__ = ["KernelGeometry", "sparse_conv2d_template", "activation_buffer_offsets", "ACTIVATIONS"]
 
 ACTIVATIONS = (None, "relu", "relu6")
 
@@ -64,6 +64,21 @@ class KernelGeometry:
     # [N, NB, Ho + top + bottom, Wo + left + right, V] with a border of residual_pad around the values
     residual: str | None = None
     residual_pad: tuple = (0, 0, 0, 0)
+    vector_width: int = 0  # V, output channels per pruning group (0: not given; blocked shapes end in None)
+    # channels per block of a blocked output / residual (NCHW[b]c); 0: V. A group of V = k * b channels is
+    # stored as k blocks, so layers with different V chain in one layout.
+    out_block: int = 0
+
+    @property
+    def layout_block(self) -> int | None:
+        return self.out_block or self.vector_width or None
+
+    @property
+    def layout_blocks(self) -> int:
+        """Blocks of ``layout_block`` channels in a blocked output / residual."""
+        if self.vector_width and self.layout_block:
+            return self.num_blocks * self.vector_width // self.layout_block
+        return self.num_blocks
 
     @property
     def batch_stride(self) -> int:
@@ -76,13 +91,14 @@ class KernelGeometry:
         if self.residual == "nchw":
             return self.batch, self.out_channels, self.out_height, self.out_width
         top, left, bottom, right = self.residual_pad
-        return self.batch, self.num_blocks, self.out_height + top + bottom, self.out_width + left + right, None
+        return (self.batch, self.layout_blocks, self.out_height + top + bottom, self.out_width + left + right,
+                self.layout_block)
 
     @property
     def output_shape(self) -> tuple:
         top, left, bottom, right = self.out_pad
         h, w = self.out_height + top + bottom, self.out_width + left + right
-        return ((self.batch, self.num_blocks, h, w, None) if self.out_blocked
+        return ((self.batch, self.layout_blocks, h, w, self.layout_block) if self.out_blocked
                 else (self.batch, self.out_channels, h, w))
 
 
@@ -108,6 +124,24 @@ def zero_border(n_images, channels, height, width, top_left, interior, lanes=Non
     return zero
 
 
+ACTIVATION_ALIGN = 64  # fp32 elements (256 bytes): every array in the shared buffer starts vector-aligned
+
+
+def activation_buffer_offsets(geom: KernelGeometry) -> dict:
+    """Where input ``"x"``, ``"residual"`` and output ``"y"`` sit in the one-buffer variant (fp32 elements), and
+    the buffer's ``"size"``."""
+    offsets, end = {}, 0
+    shapes = {"x": geom.input_shape, "residual": geom.residual_shape, "y": geom.output_shape}
+    for key, shape in shapes.items():
+        if shape is None:
+            continue
+        offsets[key] = end
+        size = _prod(shape)
+        end += -(-size // ACTIVATION_ALIGN) * ACTIVATION_ALIGN
+    offsets["size"] = end
+    return offsets
+
+
 def _prod(values) -> int:
     out = 1
     for v in values:
@@ -116,9 +150,14 @@ def _prod(values) -> int:
 
 
 def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, has_bias: bool,
-                           activation=None, name: str = "alcs_sparse_conv2d"):
+                           activation=None, name: str = "alcs_sparse_conv2d", one_activation_buffer: bool = False):
     """Return the PrimFunc ``(x, indptr, offsets, vstart, values, bias, block_order, [residual,] y)`` for one
     conv layer (``residual`` when ``geom.residual`` is set: added to the accumulators before the activation).
+
+    ``one_activation_buffer``: the PrimFunc is ``(io, indptr, offsets, vstart, values, bias, block_order)``
+    instead, with input, residual and output side by side in ``io`` (at :func:`activation_buffer_offsets`).
+    The profiler times this variant with TVM's stock ``cache_flush_cpu_non_first_arg`` so that only the weights
+    are flushed: inside a model the activations are still cached, the weights are not.
 
     ``indptr[ob * max_run + k] : indptr[ob * max_run + k + 1]`` are the runs of length ``max_run - k`` of block
     ``ob``; run ``q`` starts at input offset ``offsets[q]`` and weight vector ``vstart[q]``.
@@ -131,6 +170,12 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     V = sched.vector_width
+    if geom.vector_width and geom.vector_width != V:
+        raise ValueError(f"geometry is for V={geom.vector_width}, schedule for V={V}")
+    B = geom.out_block or V  # blocked output / residual: NCHW[B]c, each group of V channels is K blocks
+    if V % B:
+        raise ValueError(f"the blocked layout's block ({B}) must divide V ({V})")
+    K = V // B
     N, NB, Cout = geom.batch, geom.num_blocks, geom.out_channels
     Ho, Wo = geom.out_height, geom.out_width
     TR, TW = min(sched.tile_rows, Ho), min(sched.tile_cols, Wo)
@@ -162,13 +207,14 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
         HP, WP = H + PT + PB, W + PL + PR
     else:
         C = H = W = HP = WP = 1  # unused
-    y_shape = (N, NB, HOP, WOP, V) if BLOCKED else (N, Cout, HOP, WOP)
+    y_shape = (N, NB * K, HOP, WOP, B) if BLOCKED else (N, Cout, HOP, WOP)
     if geom.residual not in (None, "nchw", "blocked"):
         raise ValueError(f"residual layout must be None, 'nchw' or 'blocked', got {geom.residual!r}")
     HAS_RES = geom.residual is not None
     RES_BLOCKED = geom.residual == "blocked"
     RPT, RPL = geom.residual_pad[0], geom.residual_pad[1]
-    res_shape = geom.residual_shape[:-1] + (V,) if RES_BLOCKED else geom.residual_shape
+    res_shape = (geom.residual_shape[0], NB * K) + geom.residual_shape[2:4] + (B,) if RES_BLOCKED \
+        else geom.residual_shape
     x_shape = tuple(geom.input_shape)
     bias_len = NB * V
 
@@ -205,9 +251,10 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
             for r in T.unroll(tr):
                 for c in T.unroll(tw):
                     if RES_BLOCKED:
-                        for v in T.vectorized(V):
-                            acc[(r * tw + c) * V + v] = acc[(r * tw + c) * V + v] + res[
-                                n, ob, RPT + row0 + r, RPL + col0 + c, v]
+                        for kb in T.unroll(K):
+                            for v in T.vectorized(B):
+                                acc[(r * tw + c) * V + kb * B + v] = acc[(r * tw + c) * V + kb * B + v] + res[
+                                    n, ob * K + kb, RPT + row0 + r, RPL + col0 + c, v]
                     else:
                         for v in range(V):
                             if not PARTIAL or ob * V + v < Cout:
@@ -216,15 +263,17 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
         for r in T.unroll(tr):
             for c in T.unroll(tw):
                 if BLOCKED:
-                    for v in T.vectorized(V):
-                        if RELU6:
-                            y[n, ob, OT + row0 + r, OL + col0 + c, v] = T.min(
-                                T.max(acc[(r * tw + c) * V + v], T.float32(0)), T.float32(6))
-                        elif RELU:
-                            y[n, ob, OT + row0 + r, OL + col0 + c, v] = T.max(
-                                acc[(r * tw + c) * V + v], T.float32(0))
-                        else:
-                            y[n, ob, OT + row0 + r, OL + col0 + c, v] = acc[(r * tw + c) * V + v]
+                    for kb in T.unroll(K):
+                        for v in T.vectorized(B):
+                            if RELU6:
+                                y[n, ob * K + kb, OT + row0 + r, OL + col0 + c, v] = T.min(
+                                    T.max(acc[(r * tw + c) * V + kb * B + v], T.float32(0)), T.float32(6))
+                            elif RELU:
+                                y[n, ob * K + kb, OT + row0 + r, OL + col0 + c, v] = T.max(
+                                    acc[(r * tw + c) * V + kb * B + v], T.float32(0))
+                            else:
+                                y[n, ob * K + kb, OT + row0 + r, OL + col0 + c, v] = acc[
+                                    (r * tw + c) * V + kb * B + v]
                 else:
                     for v in range(V):
                         if not PARTIAL or ob * V + v < Cout:
@@ -262,8 +311,8 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
             else:
                 row_tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, rt * TR, TR)
 
-    zero_output_border = zero_border(N, NB if BLOCKED else Cout, HOP, WOP, (OT, OL), (Ho, Wo),
-                                     V if BLOCKED else None)
+    zero_output_border = zero_border(N, NB * K if BLOCKED else Cout, HOP, WOP, (OT, OL), (Ho, Wo),
+                                     B if BLOCKED else None)
 
     @T.macro
     def body(x, indptr, offsets, vstart, values, bias, order, res, y):
@@ -284,11 +333,26 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
                         xp[nch * WP + PL + W + w] = T.float32(0)
             conv(xp, indptr, offsets, vstart, values, bias, order, res, y)
         else:
-            xf = T.decl_buffer((PADDED_SIZE,), "float32", data=x.data)
+            xf = T.decl_buffer((PADDED_SIZE,), "float32", data=x.data, elem_offset=x.elem_offset)
             conv(xf, indptr, offsets, vstart, values, bias, order, res, y)
 
     # a PrimFunc's parameter list is fixed when it is parsed: one signature with the shortcut, one without
-    if HAS_RES:
+    if one_activation_buffer:
+        io_at = activation_buffer_offsets(geom)
+        IO_SIZE, X_AT, Y_AT = io_at["size"], io_at["x"], io_at["y"]
+        RES_AT, RES_SHAPE = io_at.get("residual", 0), res_shape if HAS_RES else (1,)
+
+        @T.prim_func
+        def func(io: T.Buffer((IO_SIZE,), "float32"), indptr: T.Buffer((NB * RMAX + 1,), "int32"),
+                 offsets: T.Buffer((NRUNS,), "int32"), vstart: T.Buffer((NRUNS,), "int32"),
+                 values: T.Buffer((NNZ, V), "float32"),
+                 bias: T.Buffer((bias_len,), "float32"), order: T.Buffer((NB,), "int32")):
+            T.func_attr({"tirx.noalias": True})
+            x = T.decl_buffer(x_shape, "float32", data=io.data, elem_offset=X_AT)
+            res = T.decl_buffer(RES_SHAPE, "float32", data=io.data, elem_offset=RES_AT)
+            y = T.decl_buffer(y_shape, "float32", data=io.data, elem_offset=Y_AT)
+            body(x, indptr, offsets, vstart, values, bias, order, res, y)
+    elif HAS_RES:
         @T.prim_func
         def func(x: T.Buffer(x_shape, "float32"), indptr: T.Buffer((NB * RMAX + 1,), "int32"),
                  offsets: T.Buffer((NRUNS,), "int32"), vstart: T.Buffer((NRUNS,), "int32"),
