@@ -149,6 +149,23 @@ def test_admm_reaches_budget_and_keeps_accuracy(digits_setup):
     digits_setup[1].pruned = model
 
 
+def test_several_admm_updates_per_epoch(digits_setup):
+    """Z/U-steps inside each epoch: the plan still meets the budget, rho ends where one step per epoch would."""
+    data, dense, table = digits_setup
+    model = copy.deepcopy(dense)
+    layers = pruning.find_prunable_layers(model, data.input_shape, pruning_v(table))
+    lat = pruning.LatencyModel(table, layers, table.rest_ms["small_cnn"])
+    budget = lat.min_ms(0.01) + 0.5 * (lat.dense_ms() - lat.min_ms(0.01))
+    with pytest.raises(ValueError, match="updates_per_epoch"):
+        pruning.prune(copy.deepcopy(dense), data, table, budget, updates_per_epoch=0, rest_model="small_cnn")
+    result = pruning.prune(model, data, table, budget, admm_epochs=2, finetune_epochs=1, batch_size=32,
+                           updates_per_epoch=3, rest_model="small_cnn", log=lambda *a: None)
+    admm = [row for row in result.history if row["phase"] == "admm"]
+    assert len(admm) == 2 and result.predicted_ms <= budget + 1e-9
+    assert result.pruner.rho == pytest.approx(pruning.DEFAULT_RHO * 1.6 ** 2, rel=1e-9)  # 6 steps of 1.6^(1/3)
+    assert result.accuracy > 0.5
+
+
 def pruning_v(table):
     """The host target, whose group width per layer the table below was measured with (32 for AVX-512 convs
     with a multiple of 32 output channels, else the register width)."""
