@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .latency import TableMismatchError
+from .latency import TableMismatchError, check_same_device
 from .locking import read_json_file, write_json_atomic
 from .schedules import SparseConvSchedule, default_sparse_conv_schedule
 from .target import VECTOR_WIDTH_HELP
@@ -182,9 +182,7 @@ def tune_model(model, output, target="x86", *, tracker=None, key=None, rpc=None,
     if output is not None and os.path.exists(output):
         records = TuningRecords.load(output)
         records.check_compatible(info, tvm.__version__)
-        if records.device_key != measurer.device_key:
-            raise TableMismatchError(f"{output} was tuned on device {records.device_key!r}, not "
-                                     f"{measurer.device_key!r}: write new records (-o)")
+        check_same_device(output, records.device_key, measurer.device_key, "tuned")
     else:
         records = TuningRecords(json.loads(info.key), info.family, measurer.device_key, tvm.__version__,
                                 {"repeat": int(repeat), "min_repeat_ms": int(min_repeat_ms),

@@ -40,6 +40,13 @@ class TableMismatchError(ValueError):
     """The table was measured for another target, TVM version or layer set than the one asked about."""
 
 
+def check_same_device(path, measured_on: str, device_key: str, what: str = "measured"):
+    """Resuming a table or records measured on another device would mix two devices' numbers."""
+    if measured_on != device_key:
+        raise TableMismatchError(f"{path} was {what} on device {measured_on!r}, not {device_key!r}: write a new "
+                                 f"file (-o)")
+
+
 class LayerNotProfiledError(TableMismatchError, LookupError):
     """A layer (or a model's rest) asked about is not in the table."""
 

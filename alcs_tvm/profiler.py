@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .latency import LatencyTable, LayerProfile, TableMismatchError, layer_key
+from .latency import LatencyTable, LayerProfile, TableMismatchError, check_same_device, layer_key
 from .operator import Conv2dSpec, sparse_conv2d_kernel
 from .sparse_format import BlockSparseWeight, random_block_sparse
 from .target import VECTOR_WIDTH_HELP, TargetInfo, resolve_target
@@ -427,9 +427,7 @@ def _new_or_resumed_table(path, info, measurer, settings) -> LatencyTable:
     if path is not None and os.path.exists(path):
         table = LatencyTable.load(path)
         table.check_compatible(info, tvm.__version__)
-        if table.device_key != measurer.device_key:
-            raise TableMismatchError(f"{path} was measured on device {table.device_key!r}, not "
-                                     f"{measurer.device_key!r}: write a new table (-o)")
+        check_same_device(path, table.device_key, measurer.device_key)
         if table.settings.get("sparsities") != settings["sparsities"]:
             raise TableMismatchError(f"{path} was measured at sparsities {table.settings.get('sparsities')}, "
                                      f"not {settings['sparsities']}: write a new table (-o) or use its grid")

@@ -152,11 +152,12 @@ class BlockSparseWeight:
 
 def widest_block_format(weight, widths, slack: float = WIDE_BLOCK_DENSITY_SLACK) -> BlockSparseWeight:
     """``weight`` in the widest of ``widths`` (widest first, the last one the fallback) that divides its output
-    channels and keeps its block density within ``slack`` of the density in the last (narrowest) width."""
+    channels into two groups or more and keeps its block density within ``slack`` of the density in the last
+    (narrowest) width (the rule of :meth:`alcs_tvm.target.TargetInfo.group_width`)."""
     widths = [int(w) for w in widths]
     narrow = BlockSparseWeight.from_dense(weight, widths[-1])
     for width in widths[:-1]:
-        if narrow.out_channels % width == 0:
+        if narrow.out_channels % width == 0 and narrow.out_channels >= 2 * width:
             wide = BlockSparseWeight.from_dense(weight, width)
             if wide.density <= narrow.density + slack:
                 return wide

@@ -65,13 +65,13 @@ def test_bad_vector_width():
 
 
 def test_group_widths_per_target_and_layer():
-    """AVX-512 groups are two registers (32 channels) where a layer's output channels allow it; an explicit
+    """AVX-512 groups are two registers (32 channels) where a layer's output channels make two or more; an explicit
     width is every layer's; the other families use their register width."""
     from alcs_tvm.target import layer_group_width, resolve_target
 
     avx512 = resolve_target("x86-avx512")
     assert (avx512.vector_width, avx512.group_widths()) == (16, (32, 16))
-    assert [avx512.group_width(c) for c in (64, 96, 48, 24, 16)] == [32, 32, 16, 16, 16]
+    assert [avx512.group_width(c) for c in (64, 96, 48, 32, 24, 16)] == [32, 32, 16, 16, 16, 16]
     assert resolve_target("x86-avx512", 16).group_widths() == (16,)
     assert resolve_target("x86-avx512", 32).group_width(48) == 32  # explicit: one width, padded blocks
     assert resolve_target("x86-avx2").group_width(64) == 8 and resolve_target("arm64").group_width(64) == 4
@@ -92,3 +92,4 @@ def test_widest_block_format_keeps_the_pruning_structure():
     narrow = widest_block_format(pruned16, (32, 16))
     assert narrow.vector_width == 16 and narrow.density == pytest.approx(0.2, abs=0.03)
     assert widest_block_format(w[:48], (32, 16)).vector_width == 16  # 48 channels: no whole 32-groups
+    assert widest_block_format(w[:32], (32, 16)).vector_width == 16  # one group only
