@@ -254,10 +254,11 @@ class LatencyTable:
         return tvm.target.Target(dict(self.target))
 
     def target_info(self):
-        """The :class:`~alcs_tvm.target.TargetInfo` the table was profiled for (its group widths included)."""
+        """The :class:`~alcs_tvm.target.TargetInfo` the table was profiled for (its group widths included; a
+        table from before they were recorded has one width for every layer)."""
         from .target import resolve_target
 
-        widths = self.settings.get("group_widths") or []
+        widths = self.settings.get("group_widths") or sorted({p.vector_width for p in self.layers.values()})
         return resolve_target(self.target_object(), widths[0] if len(widths) == 1 else None)
 
     def rest_model_for(self, keys) -> str:

@@ -277,3 +277,13 @@ def test_resumed_table_remeasures_rest_for_another_architecture(rpc_devices, onn
     assert len(keys) == 3 and all("_h8_w8_" in k or "_h4_w4_" in k for k in keys)
     total, breakdown = table.predict(digits)
     assert breakdown["(rest of model)"] == table.rest_ms["small_cnn"] and total > 0
+
+
+def test_table_knows_its_group_widths():
+    """A table records the group widths it was profiled with; one from before that has one width per table."""
+    old = _table()  # layers at V=16, no group_widths in its settings
+    assert old.target_info().group_widths() == (16,)
+    new = _table()
+    new.settings["group_widths"] = [32, 16]
+    assert new.target_info().group_widths() == (32, 16)
+    assert new.target_info().group_width(64) == 32
