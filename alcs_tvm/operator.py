@@ -253,7 +253,6 @@ class SparseConv2dKernel:
     packed: PackedSparseConv2d
     geometry: KernelGeometry
     schedule: SparseConvSchedule
-    one_activation_buffer: bool = False  # func takes (io, constants...): see sparse_conv2d_template
 
     @property
     def activation_offsets(self) -> dict:
@@ -342,7 +341,7 @@ def sparse_conv2d_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, *, bias=No
     )
     func = sparse_conv2d_template(geom, schedule, has_bias=bias is not None, activation=activation, name=name,
                                   one_activation_buffer=one_activation_buffer)
-    return SparseConv2dKernel(func, packed, geom, schedule, one_activation_buffer)
+    return SparseConv2dKernel(func, packed, geom, schedule)
 
 
 class CompiledSparseConv2d:

@@ -37,7 +37,7 @@ import numpy as np
 from .latency import LatencyTable, LayerProfile, TableMismatchError, check_same_device, layer_key
 from .operator import Conv2dSpec, sparse_conv2d_kernel
 from .sparse_format import BlockSparseWeight, random_block_sparse
-from .target import VECTOR_WIDTH_HELP, TargetInfo, resolve_target
+from .target import VECTOR_WIDTH_HELP, layer_group_width, resolve_target
 
 __all__ = ["ModelLayer", "model_layers", "profile_model", "Measurer", "DEFAULT_SPARSITIES", "register_cli",
            "model_signature"]
@@ -341,7 +341,7 @@ def random_pruned_onnx(onnx_model, vector_width, sparsity_by_name, rng):
             continue
         init = inits[node.input[1]]
         w = numpy_helper.to_array(init).astype(np.float32)
-        v = vector_width.group_width(w.shape[0]) if isinstance(vector_width, TargetInfo) else int(vector_width)
+        v = layer_group_width(vector_width, w.shape[0])
         init.CopyFrom(numpy_helper.from_array(random_block_sparse(w, v, sparsity_by_name[name], rng), init.name))
     return model
 

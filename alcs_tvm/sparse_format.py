@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["BlockSparseWeight", "block_mask", "num_blocks", "random_block_sparse", "widest_block_format",
-           "WIDE_BLOCK_DENSITY_SLACK"]
+           "fits_wide_groups", "WIDE_BLOCK_DENSITY_SLACK"]
 
 #: A wider block is used only if the weight is (almost) as sparse in it as in the narrowest: a model pruned in
 #: narrow groups keeps its sparsity in narrow blocks.
@@ -150,6 +150,12 @@ class BlockSparseWeight:
                 f"nnz_blocks={self.nnz_blocks}, density={self.density:.3f})")
 
 
+def fits_wide_groups(out_channels: int, width: int) -> bool:
+    """``out_channels`` split into two or more whole groups of ``width``: no lanes wasted, and the kernel keeps its
+    parallelism over output blocks and the pruner its choice across output channels."""
+    return int(out_channels) % width == 0 and int(out_channels) >= 2 * width
+
+
 def widest_block_format(weight, widths, slack: float = WIDE_BLOCK_DENSITY_SLACK) -> BlockSparseWeight:
     """``weight`` in the widest of ``widths`` (widest first, the last one the fallback) that divides its output
     channels into two groups or more and keeps its block density within ``slack`` of the density in the last
@@ -157,7 +163,7 @@ def widest_block_format(weight, widths, slack: float = WIDE_BLOCK_DENSITY_SLACK)
     widths = [int(w) for w in widths]
     narrow = BlockSparseWeight.from_dense(weight, widths[-1])
     for width in widths[:-1]:
-        if narrow.out_channels % width == 0 and narrow.out_channels >= 2 * width:
+        if fits_wide_groups(narrow.out_channels, width):
             wide = BlockSparseWeight.from_dense(weight, width)
             if wide.density <= narrow.density + slack:
                 return wide

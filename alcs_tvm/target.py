@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import tvm
 from tvm.target import codegen
 
+from .sparse_format import fits_wide_groups
+
 __all__ = ["TargetInfo", "resolve_target", "layer_group_width", "SHORT_NAMES", "AARCH64_TRIPLE"]
 
 AARCH64_TRIPLE = "aarch64-linux-gnu"
@@ -52,8 +54,8 @@ class TargetInfo:
         group a layer would lose the kernel's parallelism over output blocks and the pruner every choice across
         its output channels: measured on small_cnn (16/32/32 channels), one 32-group per conv cost 0.1-4.3 points of
         accuracy at equal latency (docs/pruning.md)."""
-        wide, out_channels = self.wide_group_width, int(out_channels)
-        return wide if wide and out_channels % wide == 0 and out_channels >= 2 * wide else self.vector_width
+        wide = self.wide_group_width
+        return wide if wide and fits_wide_groups(out_channels, wide) else self.vector_width
 
     def describe_widths(self) -> str:
         """``"16"``, or ``"32 where Cout is a multiple of 32 and >= 64, else 16"``."""

@@ -132,7 +132,8 @@ def run_worker(models, sparsities, threads: int, repeat: int, vector_width=None,
                 runs["alcs_tuned"] = lambda: tuned["main"](arg)
                 error = max(error, float(np.abs(tuned["main"](arg).numpy() - ref).max() / np.abs(ref).max()))
             stats = measure_interleaved(runs, repeat=repeat)
-            rows.append({"model": name, "sparsity": sparsity, "threads": threads, "vector_width": "/".join(map(str, info.group_widths())),
+            rows.append({"model": name, "sparsity": sparsity, "threads": threads,
+                         "vector_width": "/".join(map(str, info.group_widths())),
                          "alcs_ms": stats["alcs"].min, "ort_ms": stats["ort"].min, "torch_ms": stats["torch"].min,
                          "alcs_median_ms": stats["alcs"].median, "ort_median_ms": stats["ort"].median,
                          "torch_median_ms": stats["torch"].median, "compile_s": compile_s,
