@@ -8,6 +8,12 @@ sample, in turn (interleaved), so slow drift of the machine (frequency, other lo
 Before each sample there is a short pause (the previous candidate's thread pool, still spinning - TVM, OpenMP,
 ORT - goes idle instead of stealing cycles from the next one's timed calls), then one untimed call.
 
+Candidates named in ``apart`` are timed after the interleaved rounds, each in rounds of its own. ONNX Runtime
+belongs there: its pool threads keep spinning for tens of milliseconds after a run (allow_spinning, the default
+that makes ORT fast back to back), longer than any pause, so with 2 threads on a 2-vCPU machine they took the
+second core from whatever was timed next - a 6 us TVM kernel timed 12 us interleaved with ORT and 6 us alone,
+with pauses of 5-20 ms (measured; 50 ms cured the kernel but slowed ORT itself 2x).
+
 Reported statistics: ``min`` (what the docs report), ``median``, ``mean`` and all samples, in milliseconds.
 """
 from __future__ import annotations
@@ -62,8 +68,21 @@ def _sample(fn, number: int) -> float:
 
 
 def measure_interleaved(fns: dict, repeat: int = 30, *, warmup_s: float = 0.2, min_sample_s: float = 0.002,
-                        pause_s: float = 0.005, progress: Callable[[str], None] | None = None) -> dict:
-    """Time every callable of ``fns`` (name -> callable) in interleaved rounds; returns name -> :class:`Stats`."""
+                        pause_s: float = 0.005, progress: Callable[[str], None] | None = None,
+                        apart: tuple = ()) -> dict:
+    """Time every callable of ``fns`` (name -> callable) in interleaved rounds; returns name -> :class:`Stats`.
+    Names in ``apart`` are timed afterwards, one at a time (see the module docstring)."""
+    kwargs = dict(repeat=repeat, warmup_s=warmup_s, min_sample_s=min_sample_s, pause_s=pause_s)
+    together = {name: fn for name, fn in fns.items() if name not in apart}
+    out = _interleaved(together, progress=progress, **kwargs) if together else {}
+    for name in fns:
+        if name in apart:
+            out.update(_interleaved({name: fns[name]}, **kwargs))
+    return {name: out[name] for name in fns}
+
+
+def _interleaved(fns: dict, repeat: int, warmup_s: float, min_sample_s: float, pause_s: float,
+                 progress: Callable[[str], None] | None = None) -> dict:
     names = list(fns)
     numbers = {}
     for name in names:  # warm-up (caches, page faults, thread pools, lazy init) + calibration

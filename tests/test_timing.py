@@ -1,0 +1,31 @@
+"""The benchmarks' timing method: interleaved rounds, and runtimes timed apart from the others."""
+import time
+
+from alcs_tvm.timing import measure_interleaved
+
+
+def _busy(calls, name, seconds):
+    def run():
+        calls.append(name)
+        t_end = time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            pass
+    return run
+
+
+def test_interleaved_rounds_and_candidates_timed_apart():
+    calls = []
+    fns = {"ours": _busy(calls, "ours", 1e-4), "ort": _busy(calls, "ort", 3e-4), "tvm": _busy(calls, "tvm", 2e-4)}
+    stats = measure_interleaved(fns, repeat=4, warmup_s=0.005, min_sample_s=0.001, pause_s=0.0, apart=("ort",))
+    assert list(stats) == ["ours", "ort", "tvm"]  # the caller's order
+    # ORT never runs between or during the others' rounds: all its calls come after theirs
+    first_ort = calls.index("ort")
+    assert set(calls[:first_ort]) == {"ours", "tvm"} and set(calls[first_ort:]) == {"ort"}
+    # the others alternate round by round: at least one switch between them per candidate and round
+    together = calls[:first_ort]
+    switches = sum(a != b for a, b in zip(together, together[1:]))
+    assert switches >= 2 * 4 - 1
+    for name, seconds in (("ours", 1e-4), ("ort", 3e-4), ("tvm", 2e-4)):
+        s = stats[name]
+        assert len(s.samples) == 4 and s.min <= s.median
+        assert seconds * 1e3 <= s.min < seconds * 1e3 * 3  # ms per call, a busy loop of known length
