@@ -15,17 +15,20 @@ def _busy(calls, name, seconds):
 
 def test_interleaved_rounds_and_candidates_timed_apart():
     calls = []
-    fns = {"ours": _busy(calls, "ours", 1e-4), "ort": _busy(calls, "ort", 3e-4), "tvm": _busy(calls, "tvm", 2e-4)}
-    stats = measure_interleaved(fns, repeat=4, warmup_s=0.005, min_sample_s=0.001, pause_s=0.0, apart=("ort",))
-    assert list(stats) == ["ours", "ort", "tvm"]  # the caller's order
-    # ORT never runs between or during the others' rounds: all its calls come after theirs
-    first_ort = calls.index("ort")
-    assert set(calls[:first_ort]) == {"ours", "tvm"} and set(calls[first_ort:]) == {"ort"}
+    fns = {"ours": _busy(calls, "ours", 1e-4), "ort": _busy(calls, "ort", 3e-4), "tvm": _busy(calls, "tvm", 2e-4),
+           "torch": _busy(calls, "torch", 1e-4)}
+    stats = measure_interleaved(fns, repeat=4, warmup_s=0.005, min_sample_s=0.001, pause_s=0.0,
+                                apart=("torch", "ort"))
+    assert list(stats) == ["ours", "ort", "tvm", "torch"]  # the caller's order
+    # the runtimes timed apart never run between or during the others' rounds, and go in the order given
+    first_torch, first_ort = calls.index("torch"), calls.index("ort")
+    assert set(calls[:first_torch]) == {"ours", "tvm"}
+    assert set(calls[first_torch:first_ort]) == {"torch"} and set(calls[first_ort:]) == {"ort"}
     # the others alternate round by round: at least one switch between them per candidate and round
-    together = calls[:first_ort]
+    together = calls[:first_torch]
     switches = sum(a != b for a, b in zip(together, together[1:]))
     assert switches >= 2 * 4 - 1
-    for name, seconds in (("ours", 1e-4), ("ort", 3e-4), ("tvm", 2e-4)):
+    for name, seconds in (("ours", 1e-4), ("ort", 3e-4), ("tvm", 2e-4), ("torch", 1e-4)):
         s = stats[name]
         assert len(s.samples) == 4 and s.min <= s.median
         assert seconds * 1e3 <= s.min < seconds * 1e3 * 3  # ms per call, a busy loop of known length

@@ -217,7 +217,7 @@ def run_worker(names, sparsities, threads: int, trials: int, repeat: int, seed: 
 
 
 BAR_RANGE = (50, 90)
-OTHER_RUNTIMES = ("ort", "torch")  # timed after the TVM columns, each on its own (alcs_tvm.timing)
+OTHER_RUNTIMES = ("torch", "ort")  # timed after the TVM columns, each on its own (alcs_tvm.timing)
 ERR_TOL = 1e-3  # max |ours - torch| / max |torch| for a result to count
 
 
