@@ -537,7 +537,9 @@ def prune(model: nn.Module, data, table: LatencyTable, budget_ms: float, *, targ
           rest_ms: float | None = None, normalize: bool | str = True,
           updates_per_epoch: int = DEFAULT_UPDATES_PER_EPOCH, log=print, seed: int = 0) -> PruneResult:
     """ADMM -> hard prune -> fine-tune with fixed masks -> squash. ``model`` should be trained already (its
-    accuracy is the dense reference). Returns a :class:`PruneResult` (the model is pruned in place).
+    accuracy is the dense reference). Returns a :class:`PruneResult` (the model is pruned in place). The ADMM
+    epochs train at ``lr``; the fine-tune decays ``finetune_lr or lr`` to 0 (cosine), so the accuracy returned
+    is where training settled, not where a constant step size left it on its last batch.
 
     ``updates_per_epoch``: Z/U-steps per ADMM epoch (evenly spaced over its batches; the last one ends the
     epoch); ``rho_multiplier`` stays the growth per epoch (``rho_multiplier ** (1 / updates_per_epoch)`` per
@@ -579,9 +581,11 @@ def prune(model: nn.Module, data, table: LatencyTable, budget_ms: float, *, targ
             f"{stats['predicted_ms']:.4f} ms  rho {rho_now:.2e}  ||W-Z|| {stats['primal_residual']:.3f}")
     pruner.hard_prune()
     opt = torch.optim.Adam(model.parameters(), lr=finetune_lr or lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, finetune_epochs))  # see train_dense
     predicted = pruner.predicted_ms()
     for epoch in range(finetune_epochs):
         loss = train_epoch(model, data.loader(batch_size, seed=seed + 200 + epoch), opt)
+        schedule.step()
         acc = evaluate(model, data.x_test, data.y_test)
         history.append({"phase": "finetune", "epoch": epoch + 1, "loss": loss, "accuracy": acc,
                         "predicted_ms": predicted, "rho": None})
