@@ -242,6 +242,9 @@ def main():
     print(f"wrote {args.out}, {args.plot}")
 
 
+TIE = 1e-9  # accuracies closer than this are equal (far below one test image: 1/1000 for MNIST-5k)
+
+
 def summary_table(rows) -> str:
     """Mean over seeds (and the spread) per data set and budget; the bar: ALCS >= both baselines in mean
     accuracy, ALCS's measured latency within 5% of the budget."""
@@ -259,7 +262,8 @@ def summary_table(rows) -> str:
         u, u_s = stat("uniform_acc")
         c, c_s = stat("channel_acc")
         ratio = {k: np.mean([r[f"{k}_ms"] / r["budget_ms"] for r in rs]) for k in ("alcs", "uniform", "channel")}
-        ok = a >= u and a >= c and abs(ratio["alcs"] - 1) <= 0.05
+        # means of equally many test-set fractions: equal correct counts may differ in the last bit of a float
+        ok = a >= u - TIE and a >= c - TIE and abs(ratio["alcs"] - 1) <= 0.05
         lines.append(f"| {data} | {frac:.2f} | {len(rs)} | {np.mean([r['budget_ms'] for r in rs]):.4f} | {a_s} | "
                      f"{u_s} | {c_s} | {ratio['alcs']:.2f} | {ratio['uniform']:.2f} | {ratio['channel']:.2f} | "
                      f"{'pass' if ok else 'MISS'} |")
