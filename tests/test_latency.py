@@ -287,3 +287,39 @@ def test_table_knows_its_group_widths():
     new.settings["group_widths"] = [32, 16]
     assert new.target_info().group_widths() == (32, 16)
     assert new.target_info().group_width(64) == 32
+
+
+def _two_layer_calibration_case(fraction, rest):
+    """Two layers' warm/cold curves and the whole-model times they give at ``fraction`` and ``rest``."""
+    from types import SimpleNamespace
+
+    grid = [0.0, 0.5, 0.8, 0.95]
+    profiles = {
+        "a": SimpleNamespace(sparsities=grid, warm_ms=[1.0, 0.5, 0.2, 0.05], cold_ms=[1.4, 0.7, 0.3, 0.1],
+                             dense_warm_ms=1.0, dense_cold_ms=1.4),
+        "b": SimpleNamespace(sparsities=grid, warm_ms=[2.0, 1.0, 0.4, 0.1], cold_ms=[2.2, 1.1, 0.45, 0.12],
+                             dense_warm_ms=2.0, dense_cold_ms=2.2),
+    }
+    layers = [SimpleNamespace(key="a"), SimpleNamespace(key="b")]
+
+    def whole(i):
+        return rest + sum(p.warm_ms[i] + fraction * (p.cold_ms[i] - p.warm_ms[i]) for p in profiles.values())
+
+    return layers, SimpleNamespace(layers=profiles), whole(0), whole(2)
+
+
+def test_cold_fraction_calibration_exact_then_bounded_by_a_non_negative_rest():
+    from alcs_tvm.profiler import calibrate_cold_fraction
+
+    # in range: both whole-model points are reproduced exactly, whatever the fraction (3 > the old cap of 2)
+    layers, table, dense, sparse = _two_layer_calibration_case(3.0, 0.5)
+    fraction, rest = calibrate_cold_fraction(layers, table, dense, sparse, 0.8)
+    assert fraction == pytest.approx(3.0) and rest == pytest.approx(0.5)
+    # measurements that would need a negative rest: the fraction stops where the rest is 0
+    layers, table, dense, sparse = _two_layer_calibration_case(3.0, -0.3)
+    fraction, rest = calibrate_cold_fraction(layers, table, dense, sparse, 0.8)
+    assert rest == pytest.approx(0.0, abs=1e-12) and 0.0 < fraction < 3.0
+    # and never above the sanity cap
+    layers, table, dense, sparse = _two_layer_calibration_case(MAX_COLD_FRACTION + 3, 5.0)
+    fraction, rest = calibrate_cold_fraction(layers, table, dense, sparse, 0.8)
+    assert fraction == MAX_COLD_FRACTION and rest > 0
