@@ -500,13 +500,11 @@ def _build_whole(info, mod, onnx_model, sparse):
 
 def _time_whole(measurer, builds, repeat, min_repeat_ms) -> list:
     """``(median, spread)`` of each distinct build of :func:`_build_whole` in ``builds``, timed in the order
-    given; a build listed twice keeps its time with the lower median."""
-    best = {}
+    given; a build listed twice pools the samples of its runs."""
+    samples = {}
     for _, lib in builds:
-        stats = _stats(measurer.time_model(lib, repeat, min_repeat_ms))
-        if lib not in best or stats[0] < best[lib][0]:
-            best[lib] = stats
-    return [best[lib] for lib in dict.fromkeys(lib for _, lib in builds)]
+        samples.setdefault(lib, []).extend(measurer.time_model(lib, repeat, min_repeat_ms))
+    return [_stats(found) for found in samples.values()]
 
 
 def _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities, repeat, min_repeat_ms, max_masks,
@@ -551,12 +549,10 @@ def _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities,
                                         {layer.name: CALIBRATION_SPARSITY for layer in layers}, rng)
             pruned_mod = frontend.prepare_for_sparse(frontend.import_onnx(pruned, None))
             sparse_build = _build_whole(info, pruned_mod, onnx_model, sparse=True)
-            # both points timed again, alternating: they fix the fraction and the rest, so neither may come from
-            # one of the host's slow episodes (the lower median of two counts)
-            (whole_sparse, _), (whole2, spread2) = _time_whole(measurer, [sparse_build, dense_build, sparse_build],
-                                                               repeat, min_repeat_ms)
-            if whole2 < whole:
-                whole, spread = whole2, spread2
+            # both points timed twice, alternating, samples pooled: they fix the fraction and the rest, so
+            # neither may come from one of the host's slow episodes alone
+            (whole, spread), (whole_sparse, _) = _time_whole(
+                measurer, [dense_build, sparse_build, dense_build, sparse_build], repeat, min_repeat_ms)
             fraction, _ = calibrate_cold_fraction(layers, table, whole, whole_sparse, CALIBRATION_SPARSITY)
             entry.update({"whole_sparse_ms": whole_sparse, "calibration_sparsity": CALIBRATION_SPARSITY})
         progress.step(what="whole model, sparse" if fixed_fraction is None else "")
