@@ -1,4 +1,5 @@
 """The Relax pass and `alcs compile` on SIMD-pruned ResNet- and MobileNetV2-style networks, against ONNX Runtime."""
+import os
 import subprocess
 import sys
 
@@ -272,3 +273,14 @@ def test_wide_groups_where_channels_allow_and_layouts_still_chain(wide_pruned_mo
             assert layer.kernel["out_block"] == (16 if layer.vector_width == 32 else 0)
     _, narrow = alcs_compile(str(pruned_models[name]), "x86-avx512")
     assert {layer.vector_width for layer in narrow.sparse_layers} == {16}
+
+
+def test_cli_gives_tvm_an_explicit_thread_count_unless_the_user_did():
+    from alcs_tvm.cli import default_tvm_threads
+
+    env = {}
+    assert default_tvm_threads(env) == env["TVM_NUM_THREADS"] == str(max(1, (os.cpu_count() or 2) // 2))
+    env = {"OMP_NUM_THREADS": "3"}
+    assert default_tvm_threads(env) == "3"
+    env = {"TVM_NUM_THREADS": "7", "OMP_NUM_THREADS": "3"}
+    assert default_tvm_threads(env) == "7" and env["TVM_NUM_THREADS"] == "7"
