@@ -134,8 +134,8 @@ DEFAULT_PRETRAIN_EPOCHS = 30
 def run_flow(model: str = "small_cnn", data: str = "mnist", target: str = "x86", *, budget_ms: float | None = None,
              budget_fraction: float | None = None, work_dir: str = "alcs-flow", tracker: str | None = None,
              key: str | None = None, rpc: str | None = None, pretrain_epochs: int = DEFAULT_PRETRAIN_EPOCHS,
-             admm_epochs: int = 3, finetune_epochs: int = 6, lr: float = 3e-3, batch_size: int = 32, importance: str = "l2",
-             sparsities=FLOW_SPARSITIES, profile_repeat: int = 10, run_repeat: int = 30,
+             admm_epochs: int = 3, finetune_epochs: int = 6, lr: float = 3e-3, batch_size: int = 32,
+             importance: str = "l2", sparsities=FLOW_SPARSITIES, profile_repeat: int = 10, run_repeat: int = 30,
              eval_images: int | None = None, seed: int = 0, retrain: bool = False, device_timeout=None,
              vector_width: int | None = None, log=print) -> FlowResult:
     """Train -> profile -> prune under the budget -> compile -> run; see the module docstring.

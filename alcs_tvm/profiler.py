@@ -540,7 +540,6 @@ def _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities,
     entry["layers"] = [[layer.name, layer.key] for layer in layers]
     if calibrate:
         dense_build = _build_whole(info, mod, onnx_model, sparse=False)
-        [(whole, spread)] = _time_whole(measurer, [dense_build], repeat, min_repeat_ms)
         progress.step(what="whole model, dense")
         fraction = fixed_fraction
         if fraction is None:  # the same model with every conv at the calibration sparsity, random SIMD masks
@@ -555,6 +554,8 @@ def _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities,
                 measurer, [dense_build, sparse_build, dense_build, sparse_build], repeat, min_repeat_ms)
             fraction, _ = calibrate_cold_fraction(layers, table, whole, whole_sparse, CALIBRATION_SPARSITY)
             entry.update({"whole_sparse_ms": whole_sparse, "calibration_sparsity": CALIBRATION_SPARSITY})
+        else:
+            [(whole, spread)] = _time_whole(measurer, [dense_build], repeat, min_repeat_ms)
         progress.step(what="whole model, sparse" if fixed_fraction is None else "")
         for k in distinct:
             table.layers[k].mix_cache_states(fraction)

@@ -10,9 +10,9 @@ export ONNX, predict with :meth:`LatencyTable.predict`, compile with ``compiler.
 Prints MAPE, max error, Pearson r and Kendall tau; writes predicted-vs-measured plots and a JSON of all points.
 All configurations are built first, then timed in ``--passes`` passes (default 2, the second in reverse
 order); a configuration's measured latency is the median of all its samples, so a slow episode of a shared
-host during one pass is at most half of them. The unpruned model is measured the same way at the start and after every 5 configurations of
-each pass: if the device's speed moves during the run, the log says by how much, and a drift-corrected line (a
-diagnostic, not the bar) shows what the errors would be without it.
+host during one pass is at most half of them. The unpruned model is measured the same way at the start and
+after every 5 configurations of each pass: if the device's speed moves during the run, the log says by how much,
+and a drift-corrected line (a diagnostic, not the bar) shows what the errors would be without it.
 
 Examples::
 
