@@ -196,6 +196,8 @@ def main(argv=None):
     ap.add_argument("--png", help="predicted-vs-measured plot (e.g. docs/latency_x86.png)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    if args.passes < 1 or args.configs < 1:
+        ap.error("--passes and --configs must be at least 1")
     args.sparsities = [float(s) for s in args.sparsities.split(",")]
     info = resolve_target(args.target)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="alcs-validate-"))
