@@ -26,7 +26,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-__all__ = ["Stats", "calibrate", "measure_interleaved", "set_threads", "thread_env"]
+__all__ = ["Stats", "calibrate", "measure_interleaved", "set_threads", "thread_env", "OTHER_RUNTIMES"]
+
+#: ``apart`` for benchmarks that time TVM against PyTorch and ONNX Runtime: ORT last (see above)
+OTHER_RUNTIMES = ("torch", "ort")
 
 
 @dataclass

@@ -154,7 +154,7 @@ def run_worker(names, sparsities, threads: int, trials: int, repeat: int, seed: 
 
     from alcs_tvm.sparse_format import random_block_sparse
     from alcs_tvm.target import resolve_target
-    from alcs_tvm.timing import measure_interleaved, set_threads
+    from alcs_tvm.timing import OTHER_RUNTIMES, measure_interleaved, set_threads
     from alcs_tvm.tuning import tuned_dense_conv2d
 
     got = set_threads(threads)
@@ -220,7 +220,6 @@ def run_worker(names, sparsities, threads: int, trials: int, repeat: int, seed: 
 
 
 BAR_RANGE = (50, 90)
-OTHER_RUNTIMES = ("torch", "ort")  # timed after the TVM columns, each on its own (alcs_tvm.timing)
 ERR_TOL = 1e-3  # max |ours - torch| / max |torch| for a result to count
 
 

@@ -84,7 +84,7 @@ def run_worker(models, sparsities, threads: int, repeat: int, vector_width=None,
     from alcs_tvm import zoo
     from alcs_tvm.compiler import compile as alcs_compile
     from alcs_tvm.target import resolve_target
-    from alcs_tvm.timing import measure_interleaved, set_threads
+    from alcs_tvm.timing import OTHER_RUNTIMES, measure_interleaved, set_threads
 
     set_threads(threads)
     info = resolve_target("x86", vector_width)
@@ -132,7 +132,7 @@ def run_worker(models, sparsities, threads: int, repeat: int, vector_width=None,
                 runs["alcs_tuned"] = lambda: tuned["main"](arg)
                 error = max(error, float(np.abs(tuned["main"](arg).numpy() - ref).max() / np.abs(ref).max()))
             # ORT's and torch's pools spin on after their runs and would steal the 2nd core: time them apart
-            stats = measure_interleaved(runs, repeat=repeat, apart=("torch", "ort"))
+            stats = measure_interleaved(runs, repeat=repeat, apart=OTHER_RUNTIMES)
             rows.append({"model": name, "sparsity": sparsity, "threads": threads,
                          "vector_width": "/".join(map(str, info.group_widths())),
                          "alcs_ms": stats["alcs"].min, "ort_ms": stats["ort"].min, "torch_ms": stats["torch"].min,

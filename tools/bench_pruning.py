@@ -73,11 +73,7 @@ def channel_prune(dense: zoo.SmallCNN, ratio: float) -> zoo.SmallCNN:
 
 def finetune(model, data, epochs, lr, batch_size, seed):
     """The baselines' fine-tune: the schedule of ALCS's fine-tune phase (cosine from ``lr`` to 0)."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs))
-    for e in range(epochs):
-        pruning.train_epoch(model, data.loader(batch_size, seed=seed + 300 + e), opt)
-        schedule.step()
+    pruning.train_dense(model, data, epochs, lr=lr, batch_size=batch_size, log=lambda *a: None, seed=seed + 300)
     return pruning.evaluate(model, data.x_test, data.y_test)
 
 
