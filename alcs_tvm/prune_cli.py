@@ -19,6 +19,17 @@ from .target import VECTOR_WIDTH_HELP
 __all__ = ["register_cli", "load_model", "write_plot"]
 
 
+def _accepted_kwargs(factory, **kwargs) -> dict:
+    """The subset of ``kwargs`` that ``factory`` names (a factory without ``in_channels`` is still called with
+    ``num_classes``; a TypeError raised inside the factory is not mistaken for a signature mismatch)."""
+    import inspect
+
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
 def load_model(spec: str, num_classes: int, in_channels: int, weights: str | None = None):
     """A zoo name or ``path/to/file.py:factory``; optional ``weights`` (a state_dict file)."""
     from . import zoo
@@ -31,10 +42,7 @@ def load_model(spec: str, num_classes: int, in_channels: int, weights: str | Non
     else:
         raise ValueError(f"unknown model {spec!r}: use one of {', '.join(sorted(zoo.MODELS))} or "
                          f"path/to/file.py:factory")
-    try:
-        model = factory(num_classes=num_classes, in_channels=in_channels)
-    except TypeError:
-        model = factory()
+    model = factory(**_accepted_kwargs(factory, num_classes=num_classes, in_channels=in_channels))
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"{spec} did not return a torch.nn.Module")
     if weights:

