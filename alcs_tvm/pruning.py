@@ -65,7 +65,7 @@ from torch.nn.utils import prune as torch_prune
 from .latency import LatencyTable, LayerProfile
 from .operator import Conv2dSpec
 from .sparse_format import num_blocks
-from .target import layer_group_width
+from .target import TargetInfo, layer_group_width, resolve_target
 
 __all__ = ["PrunableLayer", "find_prunable_layers", "group_scores", "group_mask", "expand_group_mask",
            "LatencyModel", "project", "ADMMPruner", "magnitude_prune", "PruneResult", "prune", "train_epoch",
@@ -330,15 +330,13 @@ class ADMMPruner:
     sum-normalised: 0.79 (see docs/pruning.md)."""
 
     def __init__(self, model: nn.Module, table: LatencyTable, budget_ms: float, input_shape, *, target="x86",
-                 vector_width: int | None = None, rho: float = DEFAULT_RHO, rho_multiplier: float = 1.6,
+                 vector_width: int | TargetInfo | None = None, rho: float = DEFAULT_RHO, rho_multiplier: float = 1.6,
                  rho_max: float = 1.0, importance: str = "l2", min_density: float = 0.01,
                  rest_ms: float | None = None, rest_model: str | None = None, bins: int = 4000,
                  normalize: bool | str = True):
         if importance not in ("l2", "taylor"):
             raise ValueError(f"importance must be 'l2' or 'taylor', got {importance!r}")
         if vector_width is None:  # the target's group width per layer
-            from .target import resolve_target
-
             vector_width = resolve_target(target)
         self.model, self.table, self.budget_ms = model, table, budget_ms
         self.input_shape, self.vector_width = tuple(input_shape), vector_width
@@ -531,7 +529,7 @@ class PruneResult:
 
 
 def prune(model: nn.Module, data, table: LatencyTable, budget_ms: float, *, target="x86",
-          vector_width: int | None = None, admm_epochs: int = 6, finetune_epochs: int = 4, lr: float = 3e-3,
+          vector_width: int | TargetInfo | None = None, admm_epochs: int = 6, finetune_epochs: int = 4, lr: float = 3e-3,
           finetune_lr: float | None = None, batch_size: int = 128, rho: float = DEFAULT_RHO, rho_multiplier: float = 1.6,
           importance: str = "l2", min_density: float = 0.01, rest_model: str | None = None,
           rest_ms: float | None = None, normalize: bool | str = True,
@@ -666,7 +664,6 @@ def measure_latency_table(model: nn.Module, input_shape, target="x86", *, model_
 
     from .operator import build_sparse_conv2d
     from .sparse_format import random_block_sparse
-    from .target import resolve_target
     from .timing import measure_interleaved
 
     info = resolve_target(target)
