@@ -23,7 +23,6 @@ import threading
 import uuid
 from pathlib import Path
 
-import tvm
 from tvm import rpc as tvm_rpc
 from tvm.rpc import base
 

@@ -172,7 +172,6 @@ def run_model(lib_path, inputs=None, *, rpc: str | None = None, tracker: str | N
     is the mean of ``number`` runs).
     """
     import tvm
-    from tvm import relax
 
     from . import rpc as alcs_rpc
 

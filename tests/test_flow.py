@@ -2,7 +2,6 @@
 profile, prune under the budget, compile, run, and the compiled libraries classify like PyTorch."""
 import json
 
-import numpy as np
 import pytest
 import torch
 

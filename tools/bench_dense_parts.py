@@ -35,7 +35,7 @@ import tvm  # noqa: E402
 from tvm import relax  # noqa: E402
 from tvm.relax.frontend.onnx import from_onnx  # noqa: E402
 
-from alcs_tvm.schedules.dense_cpu import build_dense, dense_build_passes  # noqa: E402
+from alcs_tvm.schedules.dense_cpu import dense_build_passes  # noqa: E402
 from alcs_tvm.target import resolve_target  # noqa: E402
 
 warnings.filterwarnings("ignore")

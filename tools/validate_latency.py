@@ -104,7 +104,7 @@ def validate_model(name, args, info, session, work: Path, table_path: Path, log)
                         for n in rewritable}
         pruned_path = work / f"{name}_cfg{c}.onnx"
         onnx.save(random_pruned_onnx(dense_onnx, info, sparsity, rng), str(pruned_path))
-        predicted, breakdown = table.predict(str(pruned_path), target=info.target)
+        predicted, _ = table.predict(str(pruned_path), target=info.target)
         lib, report = build(pruned_path, f"{name}_cfg{c}")
         libs.append(lib)
         points.append({"model": name, "config": c, "predicted_ms": predicted, "passes": [],
