@@ -177,7 +177,8 @@ def run_flow(model: str = "small_cnn", data: str = "mnist", target: str = "x86",
         dataset = load_dataset(data, seed=seed)
         net = load_model(model, dataset.num_classes, dataset.x_train.shape[1])
         weights = work / "dense.pt"
-        stamp = {"model": model, "data": data, "seed": seed, "epochs": pretrain_epochs, "lr_schedule": "cosine"}
+        stamp = {"model": model, "data": data, "seed": seed, "epochs": pretrain_epochs, "lr": lr,
+                 "lr_schedule": "cosine"}
         saved = None
         if weights.is_file() and not retrain:
             saved = torch.load(weights, map_location="cpu", weights_only=True)
@@ -298,6 +299,8 @@ def register_cli(subparsers):
                    help=f"dense training, step decayed to 0 (default {DEFAULT_PRETRAIN_EPOCHS})")
     p.add_argument("--epochs", type=int, default=3, help="ADMM epochs")
     p.add_argument("--finetune-epochs", type=int, default=6)
+    p.add_argument("--lr", type=float, default=3e-3,
+                   help="Adam step of every phase (default 3e-3; 1e-3 for pretrained features)")
     p.add_argument("--importance", choices=["l2", "taylor"], default="l2")
     p.add_argument("--sparsities", default=",".join(map(str, FLOW_SPARSITIES)), help="profiling grid")
     p.add_argument("--profile-repeat", type=int, default=10, help="timing samples per profiled point")
@@ -322,7 +325,7 @@ def _cli_flow(args):
     run_flow(args.model, args.data, args.target, budget_ms=args.budget_ms, budget_fraction=args.budget_fraction,
              work_dir=args.work_dir, tracker=args.rpc_tracker, key=args.rpc_key, rpc=args.rpc,
              pretrain_epochs=args.pretrain_epochs, admm_epochs=args.epochs, finetune_epochs=args.finetune_epochs,
-             importance=args.importance, sparsities=sparsities, profile_repeat=args.profile_repeat,
+             lr=args.lr, importance=args.importance, sparsities=sparsities, profile_repeat=args.profile_repeat,
              eval_images=args.eval_images, seed=args.seed, retrain=args.retrain, device_timeout=args.device_timeout,
              vector_width=args.vector_width)
     return 0
