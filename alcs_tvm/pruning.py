@@ -598,11 +598,29 @@ def prune(model: nn.Module, data, table: LatencyTable, budget_ms: float, *, targ
 
 
 @torch.no_grad()
-def _accuracy_with_plan(model, pruner: ADMMPruner, data) -> float:
+def _accuracy_with_plan(model, pruner: ADMMPruner, data, bn_batches: int = 16, batch_size: int = 64) -> float:
+    """Test accuracy if the current plan were hard-pruned now. BatchNorm's running statistics describe the
+    unpruned activations; with them a pruned MobileNetV2 scored at chance (0.08-0.13) and then 0.95 after one
+    fine-tune epoch, so they are re-estimated on ``bn_batches`` training batches first (on a copy)."""
     saved = [layer.module.weight.detach().clone() for layer in pruner.layers]
     for layer, keep in zip(pruner.layers, pruner.keep):
         layer.module.weight.mul_(expand_group_mask(keep, layer.module.weight.shape, layer.vector_width))
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norm_state = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
+    momenta = [m.momentum for m in norms]
+    if norms:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches below
+        model.train()
+        for i, (x, _) in enumerate(data.loader(batch_size, seed=0)):
+            if i == bn_batches:
+                break
+            model(x)
     acc = evaluate(model, data.x_test, data.y_test)
+    for m, state, momentum in zip(norms, norm_state, momenta):
+        m.load_state_dict(state)
+        m.momentum = momentum
     for layer, w in zip(pruner.layers, saved):
         layer.module.weight.copy_(w)
     return acc

@@ -232,3 +232,42 @@ def test_load_model_passes_only_what_the_factory_takes(tmp_path):
     assert load_model(f"{factories}:classes_only", num_classes=3, in_channels=1).out_features == 3
     with pytest.raises(TypeError, match="a bug inside the factory"):  # not retried as factory()
         load_model(f"{factories}:broken", num_classes=3, in_channels=1)
+
+
+def test_projected_accuracy_reestimates_batchnorm_on_a_copy_of_the_statistics():
+    from alcs_tvm.data import load_digits
+
+    data = load_digits()
+    torch.manual_seed(0)
+    model = zoo.mobilenet_v2_tiny(num_classes=10, in_channels=1)  # BatchNorm after every conv
+    pruning.train_dense(model, data, 2, batch_size=64, log=lambda *a: None)
+    layers = _layers(model, data.input_shape)
+    table = _synthetic_table(layers)
+    lat = pruning.LatencyModel(table, layers, table.rest_ms["m"])
+    budget = 0.5 * (lat.dense_ms() + lat.min_ms(0.01))
+    pruner = pruning.ADMMPruner(model, table, budget, data.input_shape, vector_width=V, rest_model="m").prepare()
+    pruner.step()
+    before = copy.deepcopy(model.state_dict())
+
+    acc = pruning._accuracy_with_plan(model, pruner, data)
+
+    after = model.state_dict()  # weights, running statistics and momenta all back
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    # the same thing written out: hard-prune a copy, re-estimate its statistics on 16 training batches
+    ref = copy.deepcopy(model)
+    ref_layers = _layers(ref, data.input_shape)
+    with torch.no_grad():
+        for layer, keep in zip(ref_layers, pruner.keep):
+            layer.module.weight.mul_(pruning.expand_group_mask(keep, layer.module.weight.shape, V))
+        for m in ref.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None
+        ref.train()
+        for i, (x, _) in enumerate(data.loader(64, seed=0)):
+            if i == 16:
+                break
+            ref(x)
+    assert acc == pruning.evaluate(ref, data.x_test, data.y_test)
+    assert sum(int((~k).sum()) for k in pruner.keep) > 0  # the plan pruned something
