@@ -609,10 +609,11 @@ def _accuracy_with_plan(model, pruner: ADMMPruner, data, bn_batches: int = 16, b
     norm_state = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
     momenta = [m.momentum for m in norms]
     if norms:
+        model.eval()  # only the norms update: dropout stays off and draws nothing from the training's RNG
         for m in norms:
             m.reset_running_stats()
             m.momentum = None  # cumulative average over the batches below
-        model.train()
+            m.train()
         for i, (x, _) in enumerate(data.loader(batch_size, seed=0)):
             if i == bn_batches:
                 break

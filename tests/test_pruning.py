@@ -248,8 +248,11 @@ def test_projected_accuracy_reestimates_batchnorm_on_a_copy_of_the_statistics():
     pruner = pruning.ADMMPruner(model, table, budget, data.input_shape, vector_width=V, rest_model="m").prepare()
     pruner.step()
     before = copy.deepcopy(model.state_dict())
+    rng = torch.get_rng_state()
 
     acc = pruning._accuracy_with_plan(model, pruner, data)
+
+    assert torch.equal(torch.get_rng_state(), rng)  # the training after it draws the same numbers
 
     after = model.state_dict()  # weights, running statistics and momenta all back
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -264,7 +267,8 @@ def test_projected_accuracy_reestimates_batchnorm_on_a_copy_of_the_statistics():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.reset_running_stats()
                 m.momentum = None
-        ref.train()
+        for m in ref.modules():
+            m.train(isinstance(m, torch.nn.BatchNorm2d))
         for i, (x, _) in enumerate(data.loader(64, seed=0)):
             if i == 16:
                 break
