@@ -601,7 +601,7 @@ def prune(model: nn.Module, data, table: LatencyTable, budget_ms: float, *, targ
 def _accuracy_with_plan(model, pruner: ADMMPruner, data, bn_batches: int = 16, batch_size: int = 64) -> float:
     """Test accuracy if the current plan were hard-pruned now. BatchNorm's running statistics describe the
     unpruned activations; with them a pruned MobileNetV2 scored at chance (0.08-0.13) and then 0.95 after one
-    fine-tune epoch, so they are re-estimated on ``bn_batches`` training batches first (on a copy)."""
+    fine-tune epoch, so they are re-estimated on ``bn_batches`` training batches first (then restored)."""
     saved = [layer.module.weight.detach().clone() for layer in pruner.layers]
     for layer, keep in zip(pruner.layers, pruner.keep):
         layer.module.weight.mul_(expand_group_mask(keep, layer.module.weight.shape, layer.vector_width))

