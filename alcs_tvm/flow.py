@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .pruning import over_budget_hint
 from .target import VECTOR_WIDTH_HELP
 
 __all__ = ["FlowResult", "run_flow", "library_accuracy", "register_cli"]
@@ -73,7 +74,8 @@ class FlowResult:
             f"latency measured (device):    dense {self.dense_measured_ms:.4f} ms -> pruned "
             f"{self.pruned_measured_ms:.4f} ms ({speedup:.2f}x faster; {over:+.0f}% vs budget)",
             f"sparse layers: {', '.join(self.sparse_layers) or 'none'}",
-        ] + [f"dense layer {name}: {why}" for name, why in self.dense_layers.items()])
+        ] + [f"dense layer {name}: {why}" for name, why in self.dense_layers.items()]
+            + over_budget_hint(self.budget_ms, self.pruned_predicted_ms, self.pruned_measured_ms))
 
 
 class _Device:

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from .pruning import DEFAULT_RHO, DEFAULT_UPDATES_PER_EPOCH
+from .pruning import DEFAULT_RHO, DEFAULT_UPDATES_PER_EPOCH, over_budget_hint
 from .target import VECTOR_WIDTH_HELP
 
 __all__ = ["register_cli", "load_model", "write_plot"]
@@ -163,6 +163,8 @@ def _cli_prune(args):
         print(f"measured latency (alcs compile, Relax VM, min): dense {result.dense_measured_ms:.4f} ms -> "
               f"pruned {result.measured_ms:.4f} ms; sparse layers: "
               f"{', '.join(layer.name for layer in result.compile_report.sparse_layers) or 'none'}")
+        for line in over_budget_hint(args.budget_ms, result.predicted_ms, result.measured_ms):
+            print(line)
     base = os.path.splitext(args.output)[0]
     write_plot(base + ".png", result, points)
     summary = {"model": args.model, "data": args.data, "budget_ms": args.budget_ms,

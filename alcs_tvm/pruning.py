@@ -69,11 +69,27 @@ from .target import TargetInfo, layer_group_width, resolve_target
 
 __all__ = ["PrunableLayer", "find_prunable_layers", "group_scores", "group_mask", "expand_group_mask",
            "LatencyModel", "project", "ADMMPruner", "magnitude_prune", "PruneResult", "prune", "train_epoch",
-           "evaluate", "export_pruned", "measure_latency", "measure_latency_table", "BudgetError"]
+           "evaluate", "export_pruned", "measure_latency", "measure_latency_table", "BudgetError",
+           "over_budget_hint"]
 
 
 class BudgetError(ValueError):
     """The latency budget cannot be met (or is not a positive number)."""
+
+
+#: measured latency above the budget by more than this gets :func:`over_budget_hint` (timings of one build
+#: repeat within ~2% on the test machine)
+OVER_BUDGET_TOLERANCE = 0.02
+
+
+def over_budget_hint(budget_ms: float, predicted_ms: float, measured_ms: float | None) -> list:
+    """``[]``, or one line when the device measured the pruned model over the budget: the budget that would have
+    put this plan's measurement on it (the plan's measured / predicted ratio, applied backwards)."""
+    if not measured_ms or measured_ms <= budget_ms * (1 + OVER_BUDGET_TOLERANCE):
+        return []
+    return [f"over budget: measured {measured_ms:.4f} ms against {budget_ms:.4f} ms; the table predicted this plan "
+            f"{(1 - predicted_ms / measured_ms) * 100:.0f}% low on this device - run again with --budget-ms "
+            f"{budget_ms * predicted_ms / measured_ms:.4f}"]
 
 
 # ------------------------------------------------------------------------------------------------ structure

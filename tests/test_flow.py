@@ -63,3 +63,18 @@ def test_flow_cli_errors_are_one_line(tmp_path, capsys):
                      "--device-timeout", "3"]) == 2
     err = capsys.readouterr().err
     assert "127.0.0.1:1" in err and len(err.strip().splitlines()) == 1
+
+
+def test_summary_says_what_budget_to_ask_for_when_the_device_measured_over_it():
+    from alcs_tvm.flow import FlowResult
+    from alcs_tvm.pruning import over_budget_hint
+
+    result = FlowResult("m", "d", "x86", budget_ms=1.0, dense_accuracy=0.9, pruned_accuracy=0.9,
+                        dense_library_accuracy=0.9, pruned_library_accuracy=0.9, dense_predicted_ms=2.0,
+                        pruned_predicted_ms=1.0, dense_measured_ms=2.0, pruned_measured_ms=1.1, sparsities={},
+                        sparse_layers=[], dense_layers={})
+    last = result.summary().splitlines()[-1]
+    assert "over budget" in last and "--budget-ms 0.9091" in last and "9% low" in last
+    result.pruned_measured_ms = 1.01  # within the 2% a build's timings repeat to: no hint
+    assert "over budget" not in result.summary()
+    assert over_budget_hint(1.0, 1.0, None) == []  # alcs prune --no-measure
