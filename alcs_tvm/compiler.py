@@ -1,4 +1,5 @@
-"""ONNX -> deployable Relax library: import, the sparse rewrite, dense schedules, build, export.
+"""ONNX -> deployable Relax library: import, the sparse rewrite, dense schedules, build, export; and the
+rewritable conv layers of a model as the pass sees them (:func:`model_layers`), which every measuring tool uses.
 
 The build sequence (also the one to copy when composing the pass into your own pipeline)::
 
@@ -12,15 +13,19 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 
 import tvm
 
 from . import frontend
+from .layer import Conv2dSpec, KernelLayout, layer_key
 from .passes.sparse_conv import SparseConvRewrite
 from .schedules.dense_cpu import dense_build_passes
-from .target import VECTOR_WIDTH_HELP, TargetInfo, resolve_target
+from .target import TargetInfo, resolve_target
+from .toolchain import cross_compile_function
+from .tuning_records import TuningRecords
 
-__all__ = ["compile", "compile_module", "export", "conv_node_names"]
+__all__ = ["compile", "compile_module", "export", "conv_node_names", "ModelLayer", "model_layers"]
 
 
 def conv_node_names(model) -> list:
@@ -31,19 +36,22 @@ def conv_node_names(model) -> list:
 def compile_module(mod, target="x86", *, vector_width=None, sparse=True, density_threshold=None,
                    latency_table=None, layer_names=None, tuning=None):
     """Compile an already imported and prepared Relax module. Returns ``(executable, report, lowered_mod)``.
-    ``tuning``: :class:`~alcs_tvm.autotune.TuningRecords` (or their path) from ``alcs tune``."""
+    ``tuning``: :class:`~alcs_tvm.tuning_records.TuningRecords` (or their path) from ``alcs tune``."""
     info = resolve_target(target, vector_width)
     if latency_table is not None:  # a table measured on another target or TVM would pick layers wrongly
         latency_table.check_compatible(info, tvm.__version__)
+    if tuning is not None and not isinstance(tuning, TuningRecords):
+        tuning = TuningRecords.load(tuning)
+    if tuning is not None:  # records measured for another target or TVM would pick schedules wrongly
+        tuning.check_compatible(info, tvm.__version__)
     rewrite = SparseConvRewrite(info, sparse=sparse,
                                 density_threshold=density_threshold, latency_table=latency_table,
                                 layer_names=layer_names, tuning=tuning)
     with info.target:
-        try:
-            lowered = tvm.transform.Sequential([rewrite] + dense_build_passes(info))(mod)
-        except Exception:
-            rewrite.raise_user_error()
-            raise
+        # the rewrite runs as a plain call, so a bad input (a layer missing from the table, say) surfaces as the
+        # error it is rather than wrapped by TVM's pass infrastructure
+        rewritten = rewrite.rewrite(mod)
+        lowered = tvm.transform.Sequential(dense_build_passes(info))(rewritten)
     executable = tvm.compile(lowered, target=info.target)
     return executable, rewrite.report, lowered
 
@@ -75,76 +83,40 @@ def export(executable, path: str, target="x86", cross_compiler: str | None = Non
     if path.endswith(".tar"):
         executable.export_library(path)
         return path
-    fcompile = None
-    if cross_compiler or info.is_cross:
-        from tvm.support import cc
-
-        if cross_compiler is None:
-            from .device import ensure_cross_toolchain
-
-            cross_compiler = ensure_cross_toolchain(verbose=False)
-        fcompile = cc.cross_compiler(cross_compiler)
+    fcompile = cross_compile_function(cross_compiler) if cross_compiler or info.is_cross else None
     tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1] or '.so'}"
     executable.export_library(tmp, fcompile=fcompile) if fcompile else executable.export_library(tmp)
     os.replace(tmp, path)
     return path
 
 
+@dataclass(frozen=True)
+class ModelLayer:
+    """A rewritable conv of a model, as the Relax pass sees it: what a latency table or a tuning record measures."""
+
+    name: str  # ONNX node name
+    spec: Conv2dSpec
+    vector_width: int  # the layer's group width
+    density: float  # block density of the model's weight
+    layout: KernelLayout  # how its kernel is called in the model: fused epilogue, chained layouts
+
+    @property
+    def key(self) -> str:
+        return layer_key(self.spec, self.vector_width)
 
 
-def register_cli(subparsers):
-    p = subparsers.add_parser(
-        "compile", help="compile an ONNX model into a Relax library with sparse convolutions",
-        description="Compile MODEL.onnx for a CPU target. Convolutions with SIMD-block sparse constant weights "
-                    "run the ALCS sparse kernel; the report says, per layer, what ran and why.")
-    p.add_argument("model", help="ONNX file")
-    p.add_argument("--target", default="x86",
-                   help="x86 (host features), x86-avx2, x86-avx512, arm64, or a TVM target JSON dict")
-    p.add_argument("-o", "--output", required=True, help="output library (.so, or .tar of objects)")
-    p.add_argument("--input-shapes", help="e.g. input:1x3x224x224 (needed when the model has dynamic dims)")
-    p.add_argument("--vector-width", type=int, help=VECTOR_WIDTH_HELP)
-    p.add_argument("--no-sparse", action="store_true", help="run every conv with the dense kernel")
-    p.add_argument("--sparsity-threshold", type=float, metavar="D",
-                   help="use the sparse kernel for layers whose block density is <= D")
-    p.add_argument("--latency-table", help="latency table JSON: decide per layer by measured latency")
-    p.add_argument("--estimate-missing", nargs="*", metavar="TABLE",
-                   help="layers not in --latency-table: estimate them with an XGBoost regressor trained on the "
-                        "table (and on these further tables of the same target) instead of failing")
-    p.add_argument("--tuning", metavar="RECORDS",
-                   help="schedule tuning records from `alcs tune` (same target): each conv with its tuned schedule")
-    p.add_argument("--cross-compiler", help="C++ cross compiler for linking (default for arm64: "
-                                            "aarch64-linux-gnu-g++)")
-    p.add_argument("--report", help="write the per-layer report JSON here (default: OUTPUT.report.json)")
-    p.set_defaults(func=_cli_compile)
-
-
-def _cli_compile(args):
-    from .run import write_sidecar
-
-    if not os.path.isfile(args.model):
-        raise FileNotFoundError(f"no such model file: {args.model}")
-    input_shapes = frontend.parse_input_shapes(args.input_shapes) if args.input_shapes else None
-    latency_table = None
-    if args.latency_table:
-        from .latency import LatencyTable
-
-        latency_table = LatencyTable.load(args.latency_table)
-        if args.estimate_missing is not None:
-            from .latency_regressor import LatencyRegressor
-
-            regressor = LatencyRegressor.fit([latency_table] + [LatencyTable.load(t) for t in args.estimate_missing])
-            latency_table.estimate_missing(regressor)
-            print(regressor.describe())
-    elif args.estimate_missing is not None:
-        raise ValueError("--estimate-missing needs --latency-table")
-    info = resolve_target(args.target, args.vector_width)
-    executable, report = compile(args.model, info, input_shapes=input_shapes, sparse=not args.no_sparse,
-                                 density_threshold=args.sparsity_threshold, latency_table=latency_table,
-                                 tuning=args.tuning)
-    print(report.table())
-    export(executable, args.output, info, args.cross_compiler)
-    write_sidecar(args.output, report.relax_module, target=info.target)
-    report_path = args.report or f"{args.output}.report.json"
-    report.write(report_path)
-    print(f"wrote {args.output} (+ {os.path.basename(report_path)})")
-    return 0
+def model_layers(model, target="x86", *, input_shapes=None, vector_width=None, return_module=False):
+    """The rewritable convs of an ONNX model (path, bytes or ModelProto), in graph order, mapped exactly as the
+    Relax pass maps them (the pass itself runs, with ``sparse=False``). With ``return_module``: ``(layers,
+    target_info, onnx_model, prepared_relax_module)``."""
+    info = resolve_target(target, vector_width)
+    onnx_model = frontend.load_onnx(model)
+    mod = frontend.prepare_for_sparse(frontend.import_onnx(onnx_model, input_shapes))
+    rewrite = SparseConvRewrite(info, sparse=False, layer_names=conv_node_names(onnx_model))
+    rewrite.rewrite(mod)
+    # depthwise/grouped convs and linear layers are part of the "rest of the model"
+    layers = [ModelLayer(d.name, d.spec, int(d.vector_width), float(d.density), d.kernel)
+              for d in rewrite.report.layers if d.op == "conv2d" and d.spec is not None]
+    if return_module:
+        return layers, info, onnx_model, mod
+    return layers

@@ -78,7 +78,7 @@ def load_mnist(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     return _split("mnist", images, labels, test_fraction, seed)
 
 
-def _import_callable(spec: str):
+def import_callable(spec: str):
     """``path/to/file.py:name`` -> the object ``name`` defined in that file."""
     path, _, attr = spec.rpartition(":")
     if not path or not attr:
@@ -94,7 +94,7 @@ def _import_callable(spec: str):
 
 
 def load_callable(spec: str) -> Dataset:
-    result = _import_callable(spec)()
+    result = import_callable(spec)()
     if isinstance(result, Dataset):
         return result
     try:

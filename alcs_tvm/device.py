@@ -34,13 +34,15 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .locking import file_lock
+from . import rpc as alcs_rpc
+from .files import cache_dir, file_lock
+from .toolchain import CROSS_PACKAGES, ensure_debian_packages
 
 __all__ = [
     "DEFAULT_TRACKER_PORT", "DEFAULT_KEY", "X86_KEY", "QEMU_CPUS", "DeviceImage",
-    "cache_dir", "default_state_path", "ensure_debian_packages", "ensure_cross_toolchain", "setup",
+    "default_state_path", "setup",
     "start", "stop", "status", "start_tracker", "start_arm64_server", "start_x86_server", "stop_process",
-    "wait_for_server", "register_cli",
+    "wait_for_server", "tracker_addr",
 ]
 
 DEFAULT_TRACKER_PORT = 9190
@@ -51,20 +53,11 @@ DEFAULT_QEMU_CPU = "cortex-a76"
 QEMU_CPUS = {"a53": "cortex-a53", "a72": "cortex-a72", "a76": "cortex-a76"}
 
 SUITE = "bookworm"
-CROSS_PACKAGES = ("g++-aarch64-linux-gnu", "binutils-aarch64-linux-gnu")
 DEVICE_PACKAGES = ("qemu-user-static", "mmdebstrap") + CROSS_PACKAGES
-CROSS_CXX = "aarch64-linux-gnu-g++"
 QEMU = "qemu-aarch64-static"
 #: bump when the recipe changes, so cached images are rebuilt.
 RECIPE_VERSION = 1
 _WHEEL_PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64")
-
-
-def cache_dir() -> Path:
-    """Where the device image and the default state file live (``$ALCS_TVM_CACHE`` or ``~/.cache/alcs_tvm``)."""
-    path = Path(os.environ.get("ALCS_TVM_CACHE") or Path.home() / ".cache" / "alcs_tvm")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def default_state_path() -> Path:
@@ -74,60 +67,6 @@ def default_state_path() -> Path:
 def _log(verbose, msg):
     if verbose:
         print(f"[alcs device] {msg}", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------------------------------- packages
-_APT_UPDATED = False
-
-
-def _missing_debs(packages) -> list[str]:
-    missing = []
-    for pkg in packages:
-        res = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True)
-        if res.returncode != 0 or "install ok installed" not in res.stdout:
-            missing.append(pkg)
-    return missing
-
-
-def ensure_debian_packages(packages, verbose: bool = True) -> None:
-    """Install the Debian ``packages`` that are missing (``apt-get update`` once per process, then install)."""
-    global _APT_UPDATED
-    missing = _missing_debs(packages)
-    if not missing:
-        return
-    if shutil.which("apt-get") is None:
-        raise RuntimeError(f"missing Debian packages {' '.join(missing)} and no apt-get on this machine")
-    sudo = [] if os.geteuid() == 0 else (["sudo", "-n"] if shutil.which("sudo") else None)
-    if sudo is None:
-        raise PermissionError(f"missing Debian packages {' '.join(missing)}; install them as root: "
-                              f"apt-get install -y {' '.join(missing)}")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    lock = ["-o", "DPkg::Lock::Timeout=300"]
-    if not _APT_UPDATED:
-        _log(verbose, "apt-get update")
-        subprocess.run(sudo + ["apt-get", *lock, "update", "-q"], env=env, check=True,
-                       stdout=subprocess.DEVNULL)
-        _APT_UPDATED = True
-    _log(verbose, f"apt-get install -y {' '.join(missing)}")
-    res = subprocess.run(sudo + ["apt-get", *lock, "install", "-y", "-q", "--no-install-recommends", *missing],
-                         env=env, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"apt-get install {' '.join(missing)} failed:\n{res.stdout[-2000:]}{res.stderr[-2000:]}")
-
-
-def ensure_cross_toolchain(verbose: bool = True) -> str:
-    """Make sure the aarch64 cross toolchain is installed; return the path of ``aarch64-linux-gnu-g++``.
-
-    Use it before cross compiling, e.g.
-    ``lib.export_library(path, fcompile=tvm.support.cc.cross_compiler(ensure_cross_toolchain()))``.
-    """
-    path = shutil.which(CROSS_CXX)
-    if path is None or _missing_debs(CROSS_PACKAGES):
-        ensure_debian_packages(CROSS_PACKAGES, verbose=verbose)
-        path = shutil.which(CROSS_CXX)
-    if path is None:
-        raise RuntimeError(f"{CROSS_CXX} not found after installing {' '.join(CROSS_PACKAGES)}")
-    return path
 
 
 # ------------------------------------------------------------------------------------------------- the image
@@ -411,14 +350,13 @@ def _reap(pid: int) -> None:
             _CHILDREN.pop(pid, None)
 
 
-def _tracker_addr(entry) -> str:
+def tracker_addr(entry) -> str:
     return f"{entry['host']}:{entry['port']}"
 
 
 def start_tracker(port: int = DEFAULT_TRACKER_PORT, host: str = "127.0.0.1", log_dir: Path | None = None,
                   timeout: float = 30.0) -> dict:
     """Start a TVM RPC tracker on ``host:port``; return its state entry once it answers."""
-    from . import rpc as alcs_rpc
     if not _port_free(port, host):
         raise ConnectionError(f"port {host}:{port} is already in use; choose another --tracker-port")
     log_dir = Path(log_dir or cache_dir() / "logs")
@@ -428,7 +366,7 @@ def start_tracker(port: int = DEFAULT_TRACKER_PORT, host: str = "127.0.0.1", log
     deadline = time.time() + timeout
     while True:
         try:
-            alcs_rpc.tracker_summary(_tracker_addr(entry), timeout=2)
+            alcs_rpc.tracker_summary(tracker_addr(entry), timeout=2)
             return entry
         except ConnectionError:
             if not _alive(entry) or time.time() > deadline:
@@ -477,7 +415,6 @@ def start_x86_server(tracker: str | None, key: str = X86_KEY, port: int | None =
 
 
 def _registered(tracker: str | None, key: str, port: int) -> bool:
-    from . import rpc as alcs_rpc
     if not tracker:  # standalone server: ready once it listens
         return not _port_free(port)
     try:
@@ -528,9 +465,9 @@ def start(tracker_port: int = DEFAULT_TRACKER_PORT, key: str = DEFAULT_KEY, num_
                 stop_process(entry)
             state["servers"] = []
             tracker = state["tracker"] = start_tracker(tracker_port, log_dir=log_dir)
-            _log(verbose, f"tracker on {_tracker_addr(tracker)} (pid {tracker['pid']})")
+            _log(verbose, f"tracker on {tracker_addr(tracker)} (pid {tracker['pid']})")
         _save_state(state_path, state)
-        addr = _tracker_addr(tracker)
+        addr = tracker_addr(tracker)
         state["servers"] = [e for e in state["servers"] if _alive(e)]
         taken = {e["port"] for e in state["servers"]} | {tracker_port}
         new = []
@@ -577,7 +514,6 @@ def stop(state_path: Path | str | None = None, verbose: bool = True, servers_onl
 
 def status(state_path: Path | str | None = None) -> dict:
     """The state file's processes with ``alive``/``registered`` flags, plus the tracker's key counts."""
-    from . import rpc as alcs_rpc
     state = _load_state(Path(state_path or default_state_path()))
     tracker = state["tracker"]
     out = {"tracker": None, "servers": [], "keys": {}}
@@ -585,7 +521,7 @@ def status(state_path: Path | str | None = None) -> dict:
         out["tracker"] = dict(tracker, alive=_alive(tracker))
         if out["tracker"]["alive"]:
             with contextlib.suppress(ConnectionError, TimeoutError):
-                out["keys"] = alcs_rpc.tracker_keys(_tracker_addr(tracker), timeout=3)
+                out["keys"] = alcs_rpc.tracker_keys(tracker_addr(tracker), timeout=3)
     for entry in state["servers"]:
         alive = _alive(entry)
         out["servers"].append(dict(entry, alive=alive,
@@ -594,93 +530,3 @@ def status(state_path: Path | str | None = None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------- CLI
-def register_cli(subparsers) -> None:
-    parser = subparsers.add_parser("device", help="the emulated ARM64 device, the RPC tracker and RPC servers",
-                                   description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="device_command", metavar="ACTION", required=True)
-    state_help = "state file (default: $ALCS_TVM_CACHE/device-state.json or ~/.cache/alcs_tvm/device-state.json)"
-
-    p = sub.add_parser("setup", help="install packages, build the arm64 userland and unpack the wheels (cached)")
-    p.add_argument("--force", action="store_true", help="rebuild even if cached")
-    p.set_defaults(func=_one_line(_cli_setup))
-
-    p = sub.add_parser("start", help="start the tracker, the emulated ARM64 server(s) and the x86 server")
-    p.add_argument("--tracker-port", type=int, default=DEFAULT_TRACKER_PORT)
-    p.add_argument("--key", default=DEFAULT_KEY, help=f"key of the emulated devices (default {DEFAULT_KEY})")
-    p.add_argument("--num-devices", type=int, default=1, help="number of emulated ARM64 servers (default 1)")
-    p.add_argument("--qemu-cpu", default=DEFAULT_QEMU_CPU,
-                   help="emulated core: a53, a72, a76 or any qemu CPU name (default cortex-a76)")
-    p.add_argument("--no-x86", dest="x86", action="store_false", help=f"don't start the {X86_KEY} server")
-    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for servers to register")
-    p.add_argument("--state", help=state_help)
-    p.set_defaults(func=_one_line(_cli_start))
-
-    p = sub.add_parser("stop", help="stop everything started by `alcs device start`")
-    p.add_argument("--state", help=state_help)
-    p.set_defaults(func=_cli_stop)
-
-    p = sub.add_parser("status", help="show the tracker, the servers and the tracker's keys")
-    p.add_argument("--state", help=state_help)
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_cli_status)
-
-
-def _one_line(func):
-    """Set-up failures (apt, mmdebstrap, pip, a server that exits) as ``alcs device: error: ...`` (exit 2)."""
-    def wrapper(args):
-        try:
-            return func(args)
-        except (RuntimeError, PermissionError, subprocess.SubprocessError) as err:
-            text = str(err).strip()
-            print(f"alcs device: error: {text.splitlines()[0] if text else type(err).__name__}", file=sys.stderr)
-            if "\n" in text:
-                print(text.split("\n", 1)[1], file=sys.stderr)  # the log tail, for diagnosis
-            return 2
-    return wrapper
-
-
-def _cli_setup(args):
-    t0 = time.time()
-    image = setup(force=args.force)
-    print(f"device image: {image.root} ({time.time() - t0:.1f} s)")
-    print(f"device python: {image.python}")
-    return 0
-
-
-def _cli_start(args):
-    if args.num_devices < 0:
-        raise ValueError("--num-devices must be >= 0")
-    state = start(tracker_port=args.tracker_port, key=args.key, num_devices=args.num_devices,
-                  qemu_cpu=args.qemu_cpu, x86=args.x86, state_path=args.state, timeout=args.timeout)
-    _print_status(status(args.state))
-    return 0 if state["tracker"] else 1
-
-
-def _cli_stop(args):
-    stopped = stop(args.state)
-    print(f"stopped {len(stopped)} process(es)")
-    return 0
-
-
-def _cli_status(args):
-    info = status(args.state)
-    if args.json:
-        print(json.dumps(info, indent=1))
-    else:
-        _print_status(info)
-    tracker_ok = bool(info["tracker"] and info["tracker"]["alive"])
-    return 0 if tracker_ok and all(s["alive"] for s in info["servers"]) else 1
-
-
-def _print_status(info):
-    tracker = info["tracker"]
-    if not tracker:
-        print("tracker: not started (alcs device start)")
-        return
-    print(f"tracker: {_tracker_addr(tracker)} pid {tracker['pid']} {'running' if tracker['alive'] else 'DEAD'}")
-    for s in info["servers"]:
-        state = "registered" if s["registered"] else ("running, not registered" if s["alive"] else "DEAD")
-        extra = f" {s['qemu_cpu']}" if s.get("qemu_cpu") else ""
-        print(f"server: {s['key']:<12} 127.0.0.1:{s['port']} pid {s['pid']} {s['kind']}{extra} {state}")
-    if info["keys"]:
-        print("tracker keys: " + ", ".join(f"{k} ({n} server{'s' if n > 1 else ''})" for k, n in sorted(info["keys"].items())))

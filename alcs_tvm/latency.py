@@ -22,29 +22,21 @@ File format (JSON)::
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .locking import read_json_file, write_json_atomic
-from .operator import Conv2dSpec
+import tvm
 
-__all__ = ["LatencyTable", "LayerProfile", "layer_key", "TableMismatchError", "LayerNotProfiledError", "FORMAT"]
+from .compiler import model_layers
+from .files import TableMismatchError, check_measured_for, read_json_file, write_json_atomic
+from .layer import Conv2dSpec, layer_key
+from .target import resolve_target
+
+__all__ = ["LatencyTable", "LayerProfile", "TableMismatchError", "LayerNotProfiledError", "FORMAT"]
 
 FORMAT = "alcs-latency-table/1"
-
-
-class TableMismatchError(ValueError):
-    """The table was measured for another target, TVM version or layer set than the one asked about."""
-
-
-def check_same_device(path, measured_on: str, device_key: str, what: str = "measured"):
-    """Resuming a table or records measured on another device would mix two devices' numbers."""
-    if measured_on != device_key:
-        raise TableMismatchError(f"{path} was {what} on device {measured_on!r}, not {device_key!r}: write a new "
-                                 f"file (-o)")
 
 
 class LayerNotProfiledError(TableMismatchError, LookupError):
@@ -52,19 +44,6 @@ class LayerNotProfiledError(TableMismatchError, LookupError):
 
     def __str__(self):  # not KeyError's quoted repr
         return str(self.args[0]) if self.args else ""
-
-
-def layer_key(spec: Conv2dSpec, vector_width: int) -> str:
-    """Identifies a conv configuration: identical layers (shape, stride, padding, dilation, V) share one entry."""
-    kh, kw = spec.kernel
-    return (f"n{spec.batch}_c{spec.in_channels}_h{spec.height}_w{spec.width}_o{spec.out_channels}_k{kh}x{kw}"
-            f"_s{spec.stride[0]}x{spec.stride[1]}_p{'-'.join(map(str, spec.padding))}"
-            f"_d{spec.dilation[0]}x{spec.dilation[1]}_v{vector_width}")
-
-
-def _spec_from_dict(data: dict) -> Conv2dSpec:
-    return Conv2dSpec(data["batch"], data["in_channels"], data["height"], data["width"], data["out_channels"],
-                      tuple(data["kernel"]), tuple(data["stride"]), tuple(data["padding"]), tuple(data["dilation"]))
 
 
 @dataclass
@@ -95,9 +74,15 @@ class LayerProfile:
         if self.warm_ms is None or self.cold_ms is None:
             return
         a = float(cold_fraction)
-        self.sparse_ms = [w + a * (c - w) for w, c in zip(self.warm_ms, self.cold_ms)]
+
+        def mix(warm, cold):
+            # a fraction above 1 extrapolates; where noise put the cold sample under the warm one, that would go
+            # below both measurements (even below zero): no state of the caches is faster than the faster one
+            return max(warm + a * (cold - warm), min(warm, cold))
+
+        self.sparse_ms = [mix(w, c) for w, c in zip(self.warm_ms, self.cold_ms)]
         if self.dense_warm_ms is not None and self.dense_cold_ms is not None:
-            self.dense_ms = self.dense_warm_ms + a * (self.dense_cold_ms - self.dense_warm_ms)
+            self.dense_ms = mix(self.dense_warm_ms, self.dense_cold_ms)
 
     def sparse_latency(self, sparsity: float) -> float:
         """Piece-wise linear in sparsity between grid points, exact at them, clamped at the grid's ends."""
@@ -119,7 +104,7 @@ class LayerProfile:
 
     @classmethod
     def from_json(cls, data: dict) -> "LayerProfile":
-        profile = cls(_spec_from_dict(data["spec"]), int(data["vector_width"]), list(data["sparsities"]),
+        profile = cls(Conv2dSpec.from_json(data["spec"]), int(data["vector_width"]), list(data["sparsities"]),
                       list(data["sparse_ms"]), list(data.get("sparse_spread_ms", [])), data.get("dense_ms"),
                       data.get("dense_spread_ms"), data.get("warm_ms"), data.get("cold_ms"),
                       data.get("dense_warm_ms"), data.get("dense_cold_ms"))
@@ -172,15 +157,8 @@ class LatencyTable:
     # -- compatibility ----------------------------------------------------------------------------------------
     def check_compatible(self, target_info=None, tvm_version: str | None = None):
         """Raise :class:`TableMismatchError` when the table was measured for another target or TVM."""
-        if target_info is not None:
-            wanted = json.loads(target_info.key)
-            if wanted != self.target:
-                raise TableMismatchError(
-                    f"latency table was measured for target {self.target} ({self.target_family}), "
-                    f"not {wanted} ({target_info.family}): profile this target with `alcs profile`")
-        if tvm_version is not None and tvm_version != self.tvm_version:
-            raise TableMismatchError(f"latency table was measured with TVM {self.tvm_version}, this is TVM "
-                                     f"{tvm_version}: re-profile")
+        check_measured_for("latency table", self.target, self.target_family, self.tvm_version, target_info,
+                           tvm_version, "profile this target and TVM with `alcs profile`")
 
     # -- the model --------------------------------------------------------------------------------------------
     def estimate_missing(self, regressor) -> "LatencyTable":
@@ -249,15 +227,11 @@ class LatencyTable:
         return total, breakdown
 
     def target_object(self):
-        import tvm
-
         return tvm.target.Target(dict(self.target))
 
     def target_info(self):
         """The :class:`~alcs_tvm.target.TargetInfo` the table was profiled for (its group widths included; a
         table from before they were recorded has one width for every layer)."""
-        from .target import resolve_target
-
         widths = self.settings.get("group_widths") or sorted({p.vector_width for p in self.layers.values()})
         return resolve_target(self.target_object(), widths[0] if len(widths) == 1 else None)
 
@@ -272,8 +246,6 @@ class LatencyTable:
     def predict_model(self, model, per_layer_sparsity=None, *, target=None, input_shapes=None,
                       with_rest: bool = True):
         """See :meth:`predict`. Returns ``(total_ms, {layer name: ms, "(rest of model)": ms})``."""
-        from .profiler import model_layers
-
         layers = model_layers(model, target if target is not None else self.target_info(),
                               input_shapes=input_shapes)
         sparsity = dict(per_layer_sparsity or {})

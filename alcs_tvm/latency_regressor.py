@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 from .latency import LatencyTable, LayerProfile, TableMismatchError
-from .operator import Conv2dSpec
+from .layer import Conv2dSpec
 
 __all__ = ["LatencyRegressor", "features"]
 

@@ -1,20 +1,21 @@
-"""``alcs profile``: measure a model's conv layers on a device and write the latency table.
+"""Everything measured on a device: latency tables (``alcs profile``), whole-model latency, and the measurer the
+tuner shares.
 
 For every distinct conv configuration of the model (shape, stride, padding, dilation, V; identical layers once)
 the profiler measures, on the device, through TVM RPC ``time_evaluator``:
 
-* the dense conv as the compiler runs it: the ALCS kernel with every block kept, bias and activation fused as
-  in the model, NCHW in / NCHW out (the same :func:`~alcs_tvm.operator.sparse_conv2d_kernel` call the Relax
-  pass makes);
+* the dense conv as the compiler runs it: the ALCS kernel with every block kept, called as in the model (its
+  :class:`~alcs_tvm.layer.KernelLayout`: fused epilogue, chained layouts), the same
+  :func:`~alcs_tvm.kernels.sparse_conv2d_kernel` call the Relax pass makes;
 * the sparse kernel at each grid sparsity with random SIMD-block masks. The mask travels as runtime data, so all
   masks of one grid point share one compiled function; when the spread (IQR / median) of a point is above
   ``spread_threshold`` more masks are measured and their samples pooled.
 
 Every point is timed twice: with the layer's weights in cache (warm) and flushed before each call with its input
-kept warm (cold, see :meth:`Measurer.time`). Inside a model a layer sees something in between - timed warm only,
-ResNet-18's 20 convs summed to 21 ms while they took 27 ms in the compiled model (layer4's 9.4 MB weights stream
-from memory there), and every sparse prediction came out 13-33% high - so the table's latencies are
-``warm + a * (cold - warm)`` with ``a`` calibrated on whole-model measurements (:func:`calibrate_cold_fraction`).
+kept warm (cold, see :meth:`Measurer.time`). Inside a model a layer sees something in between (large weights
+stream from memory there; timed warm only, every prediction comes out high: docs/latency.md), so the table's
+latencies are ``warm + a * (cold - warm)`` with ``a`` calibrated on whole-model measurements
+(:func:`calibrate_cold_fraction`).
 
 All functions of one layer are built into one library (one upload per layer). Afterwards the whole model is
 measured with every conv dense; minus the sum of its dense conv layers this gives the "rest of the model"
@@ -25,91 +26,40 @@ table are not measured again).
 """
 from __future__ import annotations
 
+import contextlib
+import gc
+import json
 import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
+import tvm
+from onnx import numpy_helper
 
-from .latency import LatencyTable, LayerProfile, TableMismatchError, check_same_device, layer_key
-from .operator import Conv2dSpec, sparse_conv2d_kernel
-from .sparse_format import BlockSparseWeight, random_block_sparse
-from .target import VECTOR_WIDTH_HELP, layer_group_width, resolve_target
+from . import frontend
+from . import rpc as alcs_rpc
+from .compiler import ModelLayer, compile_module, conv_node_names, export, model_layers
+from .compiler import compile as alcs_compile
+from .files import TableMismatchError, check_same_device
+from .kernels import build_sparse_conv2d, sparse_conv2d_kernel
+from .latency import LatencyTable, LayerProfile
+from .pruning import export_pruned, find_prunable_layers
+from .run import run_model, time_model, write_sidecar
+from .sparse_format import BlockSparseWeight, layer_group_width, random_block_sparse
+from .target import resolve_target
+from .timing import measure_interleaved
 
-__all__ = ["ModelLayer", "model_layers", "profile_model", "Measurer", "DEFAULT_SPARSITIES", "register_cli",
-           "model_signature"]
+__all__ = ["profile_model", "Measurer", "DEFAULT_SPARSITIES", "measure_layer", "layer_kernel", "build_kernels",
+           "kernel_inputs", "random_pruned_onnx", "calibrate_cold_fraction", "measure_latency",
+           "measure_latency_table", "Progress", "sample_stats"]
 
 DEFAULT_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 #: every conv of the model at this sparsity: the second whole-model point of the cache-state calibration
 CALIBRATION_SPARSITY = 0.8
-
-
-@dataclass(frozen=True)
-class ModelLayer:
-    """A rewritable conv of a model, as the Relax pass sees it."""
-
-    name: str  # ONNX node name
-    spec: Conv2dSpec
-    vector_width: int
-    bias: bool
-    activation: str | None  # None | "relu" | "relu6"
-    density: float  # block density of the model's weight
-    # the layout the pass chains this conv with its neighbours (see SparseConvRewrite._chain)
-    input_prepadded: bool = False
-    input_block: int = 1
-    output_blocked: bool = False
-    output_pad: tuple = (0, 0, 0, 0)
-    input_border: tuple | None = None
-    residual: str | None = None  # a fused shortcut add: "nchw" | "blocked"
-    residual_pad: tuple = (0, 0, 0, 0)
-    out_block: int = 0  # channels per block of a blocked output/residual (0: the group width)
-
-    @property
-    def key(self) -> str:
-        return layer_key(self.spec, self.vector_width)
-
-
-def model_layers(model, target="x86", *, input_shapes=None, vector_width=None, return_module=False):
-    """The rewritable convs of an ONNX model (path, bytes or ModelProto), in graph order, mapped exactly as the
-    Relax pass maps them (the pass itself runs, with ``sparse=False``)."""
-    from . import frontend
-    from .compiler import conv_node_names
-    from .passes.sparse_conv import SparseConvRewrite
-
-    info = resolve_target(target, vector_width)
-    onnx_model = frontend.load_onnx(model)
-    mod = frontend.prepare_for_sparse(frontend.import_onnx(onnx_model, input_shapes))
-    rewrite = SparseConvRewrite(info, sparse=False,
-                                layer_names=conv_node_names(onnx_model))
-    rewrite(mod)
-    layers = []
-    for d in rewrite.report.layers:
-        if d.op != "conv2d" or d.spec is None:
-            continue  # depthwise/grouped convs and linear layers: part of the "rest of the model"
-        spec = Conv2dSpec(d.spec["batch"], d.spec["in_channels"], d.spec["height"], d.spec["width"],
-                          d.spec["out_channels"], tuple(d.spec["kernel"]), tuple(d.spec["stride"]),
-                          tuple(d.spec["padding"]), tuple(d.spec["dilation"]))
-        # measured kernels must be called as in the model: fused epilogue and chained layouts (d.kernel)
-        k = d.kernel
-        layers.append(ModelLayer(d.name, spec, int(d.vector_width), bool(k["bias"]), k["activation"],
-                                 float(d.density), input_prepadded=bool(k["input_prepadded"]),
-                                 input_block=int(k["input_block"]), output_blocked=bool(k["output_blocked"]),
-                                 output_pad=tuple(int(p) for p in k["output_pad"]),
-                                 input_border=None if k.get("input_border") is None else tuple(k["input_border"]),
-                                 residual=k.get("residual"),
-                                 residual_pad=tuple(int(p) for p in k.get("residual_pad", (0, 0, 0, 0))),
-                                 out_block=int(k.get("out_block", 0))))
-    if return_module:
-        return layers, info, onnx_model, mod
-    return layers
-
-
-def model_signature(layers) -> list:
-    """What identifies a model's architecture in a table: the layer keys in graph order."""
-    return [layer.key for layer in layers]
 
 
 # ----------------------------------------------------------------------------------------------- measuring
@@ -117,8 +67,6 @@ class Measurer:
     """Where kernels run: a device reached through RPC (tracker + key, or a server address) or this host."""
 
     def __init__(self, info, *, tracker=None, key=None, rpc=None, local=False, timeout=None, session=None):
-        from . import rpc as alcs_rpc
-
         if session is not None:  # an open session (e.g. shared with end-to-end measurements)
             tracker, key = None, getattr(session, "alcs_key", None) or key
             rpc = "%s:%s" % tuple(getattr(session, "alcs_addr", ("?", "?")))
@@ -139,49 +87,38 @@ class Measurer:
     @property
     def session(self):
         """The RPC session (None for local), opened on first use: nothing waits for a device until needed."""
-        from . import rpc as alcs_rpc
-
         if self._session is None and self._own:
             # no session deadline: a profile takes longer than any one step; guard() bounds each remote step
             self._session = alcs_rpc.connect(tracker=self.tracker, key=self.key, rpc=self.rpc,
                                              timeout=self.timeout, session_timeout=0)
         return self._session
 
-    def close(self):
-        """End our own session (frees the device for the next client at once)."""
-        import gc
+    def describe(self) -> str:
+        if self.local:
+            return "this host"
+        return f"RPC {self.rpc}" if self.rpc else f"device {self.key!r} at tracker {self.tracker}"
 
+    def close(self):
+        """End our own session now (the device is free for the next client at once, not when GC gets to it)."""
         if self._own and self._session is not None:
             self._session = None
             gc.collect()
 
     @property
     def device(self):
-        import tvm
-
         return self.session.cpu(0) if self.session is not None else tvm.cpu(0)
 
     def _guard(self, what):
-        import contextlib
-
-        from . import rpc as alcs_rpc
-
         if self.session is None:
             return contextlib.nullcontext()
         return alcs_rpc.guard(self.session, what, self.timeout)
 
     def load(self, lib_path):
-        import tvm
-
-        from . import rpc as alcs_rpc
-
         if self.session is None:
             return tvm.runtime.load_module(str(lib_path))
         return alcs_rpc.upload_library(self.session, lib_path, timeout=self.timeout)
 
     def tensors(self, arrays):
-        import tvm
-
         with self._guard("tensor transfer"):
             return [tvm.runtime.tensor(np.ascontiguousarray(a), self.device) for a in arrays]
 
@@ -190,8 +127,8 @@ class Measurer:
 
         ``cold_weights``: every sample is one call after every argument but the first (the input) was flushed
         from the CPU caches, which is the state a layer meets inside a model: its input was just written by the
-        previous layer, its weights were evicted by the other layers' weights since the last inference
-        (measured on ResNet-18 here: layer4's 3x3 convs run 1.3 ms warm, 2.2 ms cold and 2.2 ms in the model)."""
+        previous layer, its weights were evicted by the other layers' weights since the last inference (a layer
+        whose weights exceed the caches runs as slowly in its model as cold: docs/latency.md)."""
         with self._guard(f"timing of {name}"):
             if cold_weights:
                 evaluator = module.time_evaluator(name, self.device, number=1, repeat=max(int(repeat), 30),
@@ -203,43 +140,30 @@ class Measurer:
 
     def time_model(self, lib_path, repeat, min_repeat_ms) -> list:
         """Per-inference milliseconds of a Relax executable library (inputs made up from its sidecar)."""
-        from .run import time_model
-
         _, timings = time_model(lib_path, repeat=repeat, sample_ms=min_repeat_ms, session=self.session,
                                 timeout=self.timeout)
         return timings["results_ms"]
 
 
-def _stats(samples):
+def sample_stats(samples):
+    """``(median, interquartile range)`` of timing samples."""
     q1, med, q3 = np.percentile(samples, [25, 50, 75])
     return float(med), float(q3 - q1)
-
-
-def _export(executable, path, info):
-    from .compiler import export
-
-    return export(executable, str(path), info)
 
 
 def layer_kernel(layer: ModelLayer, weight: BlockSparseWeight, bias, info, name, schedule=None,
                  one_activation_buffer=False):
     """The kernel ``layer`` runs in its model (fused bias/activation/shortcut, chained layouts) for ``weight``."""
-    return sparse_conv2d_kernel(weight, layer.spec, bias=bias, activation=layer.activation, target=info, name=name,
-                                schedule=schedule, input_prepadded=layer.input_prepadded,
-                                input_block=layer.input_block, output_blocked=layer.output_blocked,
-                                output_pad=layer.output_pad, input_border=layer.input_border,
-                                residual=layer.residual, residual_pad=layer.residual_pad,
-                                out_block=layer.out_block, one_activation_buffer=one_activation_buffer)
+    return sparse_conv2d_kernel(weight, layer.spec, layer.layout, bias=bias, target=info, name=name,
+                                schedule=schedule, one_activation_buffer=one_activation_buffer)
 
 
 def build_kernels(kernels: dict, info, measurer: Measurer, stem: str, workdir=None):
     """Build kernels (name -> SparseConv2dKernel) into one library and load it on the device: one upload."""
-    import tvm
-
     mod = tvm.IRModule({tvm.ir.GlobalVar(n): k.func.with_attr("global_symbol", n) for n, k in kernels.items()})
     executable = tvm.compile(mod, target=info.target)
     with tempfile.TemporaryDirectory(prefix="alcs-profile-", dir=workdir) as tmp:
-        return measurer.load(_export(executable, Path(tmp) / f"{stem}.so", info))
+        return measurer.load(export(executable, str(Path(tmp) / f"{stem}.so"), info))
 
 
 def kernel_inputs(layer: ModelLayer, kernel, rng):
@@ -248,7 +172,7 @@ def kernel_inputs(layer: ModelLayer, kernel, rng):
     geom = kernel.geometry
     x = rng.standard_normal(geom.input_shape).astype(np.float32)  # NCHW, or padded / channel-blocked
     y = np.zeros(kernel.output_shape, np.float32)
-    shortcut = [] if layer.residual is None else [rng.standard_normal(kernel.residual_shape).astype(np.float32)]
+    shortcut = [] if layer.layout.residual is None else [rng.standard_normal(kernel.residual_shape).astype(np.float32)]
     return x, shortcut, y
 
 
@@ -260,7 +184,7 @@ def measure_layer(layer: ModelLayer, info, measurer: Measurer, sparsities, *, re
     spec, v = layer.spec, layer.vector_width
     rng = np.random.default_rng(seed)
     weight = (rng.standard_normal(spec.weight_shape) * 0.1).astype(np.float32)
-    bias = (rng.standard_normal(spec.out_channels) * 0.1).astype(np.float32) if layer.bias else None
+    bias = (rng.standard_normal(spec.out_channels) * 0.1).astype(np.float32) if layer.layout.bias else None
 
     def kernel(w, name, keep_all=False):
         """The kernel as the model calls it (timed warm) and its one-activation-buffer twin ``<name>_io`` (timed
@@ -302,7 +226,7 @@ def measure_layer(layer: ModelLayer, info, measurer: Measurer, sparsities, *, re
     dense = run(module, kernels["alcs_dense"])
     samples = {i: run(module, kernels[f"alcs_sparse_{i}_0"]) for i in masks}
     # phase 2: points whose spread is high get more masks (run-length packing makes every mask its own kernel)
-    noisy = [i for i in masks if _stats(samples[i][0])[1] > spread_threshold * _stats(samples[i][0])[0]]
+    noisy = [i for i in masks if sample_stats(samples[i][0])[1] > spread_threshold * sample_stats(samples[i][0])[0]]
     if noisy and max_masks > 1:
         extra = {f"alcs_sparse_{i}_{m}": kernel(masks[i][m], f"alcs_sparse_{i}_{m}")
                  for i in noisy for m in range(1, max_masks)}
@@ -314,12 +238,12 @@ def measure_layer(layer: ModelLayer, info, measurer: Measurer, sparsities, *, re
     warm_ms, cold_ms, spread_ms = [], [], []
     for i, s in enumerate(sparsities):
         warm, cold = dense if s == 0.0 else samples[i]
-        warm_ms.append(_stats(warm)[0])
-        cold_ms.append(_stats(cold)[0])
-        spread_ms.append(_stats(warm)[1])
-    dense_warm, dense_spread = _stats(dense[0])
+        warm_ms.append(sample_stats(warm)[0])
+        cold_ms.append(sample_stats(cold)[0])
+        spread_ms.append(sample_stats(warm)[1])
+    dense_warm, dense_spread = sample_stats(dense[0])
     profile = LayerProfile(spec, v, [float(s) for s in sparsities], list(warm_ms), spread_ms, dense_warm,
-                           dense_spread, warm_ms, cold_ms, dense_warm, _stats(dense[1])[0])
+                           dense_spread, warm_ms, cold_ms, dense_warm, sample_stats(dense[1])[0])
     profile.mix_cache_states(cold_fraction)
     return profile
 
@@ -328,9 +252,6 @@ def random_pruned_onnx(onnx_model, vector_width, sparsity_by_name, rng):
     """A copy of the ONNX model whose named Conv nodes have their weight initializers pruned with random
     SIMD-block masks at the given sparsities (names are the ONNX node names, as in the compile report).
     ``vector_width``: the group width, or a :class:`TargetInfo` (each conv gets its group width)."""
-    import onnx
-    from onnx import numpy_helper
-
     model = onnx.ModelProto()
     model.CopyFrom(onnx_model)
     inits = {init.name: init for init in model.graph.initializer}
@@ -347,11 +268,9 @@ def random_pruned_onnx(onnx_model, vector_width, sparsity_by_name, rng):
 
 
 #: Upper clamp of the calibrated cold fraction, a sanity bound; the binding one is physical: the rest of the model
-#: (what is not a conv) cannot take negative time. Above 1 a layer runs slower in the model than with its weights
-#: flushed: its activations miss too (MobileNetV2's 112x112 and 56x56 layers write 1-5 MB per call; measured with
-#: VM instrumentation: 1x1 16->96 @112x112 ran 322 us in the model, 240 us warm and 240 us weights-cold).
-#: MobileNetV2's fit wanted 1.67 in one session and 3.49 in the next; clamped at the former cap of 2, the second
-#: table over-predicted every sparse configuration (+6.2 % mean error; refitted unclamped: +2.9 %, rest 0.16 ms).
+#: (what is not a conv) cannot take negative time. A fraction above 1 is real: a layer with large activations
+#: (MobileNetV2's 112x112 and 56x56 layers write megabytes per call) misses on its activations inside the model
+#: too, so it runs slower there than with only its weights flushed (docs/latency.md).
 MAX_COLD_FRACTION = 4.0
 
 
@@ -426,10 +345,6 @@ class Progress:
 
 # ----------------------------------------------------------------------------------------------- profile
 def _new_or_resumed_table(path, info, measurer, settings) -> LatencyTable:
-    import json
-
-    import tvm
-
     if path is not None and os.path.exists(path):
         table = LatencyTable.load(path)
         table.check_compatible(info, tvm.__version__)
@@ -488,12 +403,9 @@ def profile_model(model, output, target="x86", *, tracker=None, key=None, rpc=No
 def _build_whole(info, mod, onnx_model, sparse):
     """The whole model compiled as ``alcs compile`` would (every conv sparse, or every conv dense), exported to a
     temporary directory that lives as long as the returned handle."""
-    from .compiler import compile_module, conv_node_names
-    from .run import write_sidecar
-
     executable, _, _ = compile_module(mod, info, sparse=sparse, layer_names=conv_node_names(onnx_model))
     tmp = tempfile.TemporaryDirectory(prefix="alcs-profile-")
-    lib = _export(executable, Path(tmp.name) / "model.so", info)
+    lib = export(executable, str(Path(tmp.name) / "model.so"), info)
     write_sidecar(lib, mod, target=info.target)
     return tmp, lib
 
@@ -504,13 +416,11 @@ def _time_whole(measurer, builds, repeat, min_repeat_ms) -> list:
     samples = {}
     for _, lib in builds:
         samples.setdefault(lib, []).extend(measurer.time_model(lib, repeat, min_repeat_ms))
-    return [_stats(found) for found in samples.values()]
+    return [sample_stats(found) for found in samples.values()]
 
 
 def _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities, repeat, min_repeat_ms, max_masks,
              spread_threshold, model_name, measure_rest, quiet, on_measured, seed, cold_weights):
-    from . import frontend
-
     fixed_fraction = None if cold_weights is None else float(bool(cold_weights))
     distinct = list(dict.fromkeys(layer.key for layer in layers))
     first = {}
@@ -572,56 +482,76 @@ def _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities,
     return table
 
 
-# ----------------------------------------------------------------------------------------------- CLI
-def register_cli(subparsers):
-    from . import rpc as alcs_rpc
-
-    p = subparsers.add_parser(
-        "profile", help="measure a model's conv layers on a device into a latency table",
-        description="Measure every distinct conv of MODEL.onnx on the device (dense, and sparse at a grid of "
-                    "SIMD-block sparsities) and the rest of the model; write the latency table used by "
-                    "`alcs compile --latency-table`. Rerunning resumes an interrupted profile.")
-    p.add_argument("model", help="ONNX file")
-    p.add_argument("--target", default="x86", help="x86, x86-avx2, x86-avx512, arm64, or a TVM target JSON dict")
-    p.add_argument("-o", "--output", required=True, help="latency table JSON (resumed if it exists)")
-    alcs_rpc.add_device_arguments(p)
-    p.add_argument("--sparsities", default=",".join(map(str, DEFAULT_SPARSITIES)),
-                   help="grid of SIMD-block sparsities, ascending, in [0, 1) (default %(default)s)")
-    p.add_argument("--repeat", type=int, default=20, help="timing samples per point (default 20)")
-    p.add_argument("--min-repeat-ms", type=int, default=10, help="minimum duration of one sample (default 10)")
-    p.add_argument("--masks", type=int, default=3,
-                   help="at most this many random masks per sparsity, used when the spread is high (default 3)")
-    p.add_argument("--input-shapes", help="e.g. input:1x3x224x224 (needed when the model has dynamic dims)")
-    p.add_argument("--vector-width", type=int, help=VECTOR_WIDTH_HELP)
-    p.add_argument("--model-name", help="name of the model's 'rest' entry in the table (default: file stem)")
-    p.add_argument("--weights", choices=["calibrated", "cold", "warm"], default="calibrated",
-                   help="which cache state the table uses for a layer's weights: in cache (warm), flushed before "
-                        "every call (cold), or the mix that makes two whole-model measurements exact (default)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cli_profile)
+# ------------------------------------------------------------------------------------- whole-model latency
+def measure_latency(onnx_path: str, input_shape, target="x86", *, repeat: int = 40, number: int = 0,
+                    latency_table=None, library_path: str | None = None, statistic: str = "min_ms"):
+    """Compile ``onnx_path`` with :func:`alcs_tvm.compiler.compile` and time it with the Relax VM (``run_model``):
+    ``(ms, report)``, ``ms`` the ``statistic`` of the samples (default the minimum, as the project's docs
+    report: on a shared host the median carries other users' load). ``number=0`` picks the inner count so one
+    sample lasts ~10 ms."""
+    executable, report = alcs_compile(onnx_path, target, latency_table=latency_table)
+    own_dir = None
+    if library_path is None:
+        own_dir = tempfile.mkdtemp(prefix="alcs-prune-")
+        library_path = os.path.join(own_dir, "model.so")
+    export(executable, library_path, target)
+    write_sidecar(library_path, report.relax_module)
+    x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
+    if number <= 0:
+        _, timings = time_model(library_path, [x], repeat=repeat, min_number=20, probe_number=20)
+    else:
+        _, timings = run_model(library_path, [x], repeat=repeat, number=number)
+    if own_dir:
+        for f in os.listdir(own_dir):
+            os.unlink(os.path.join(own_dir, f))
+        os.rmdir(own_dir)
+    return timings[statistic], report
 
 
-def _cli_profile(args):
-    from . import frontend
-    from . import rpc as alcs_rpc
+def measure_latency_table(model, input_shape, target="x86", *, model_name: str = "model",
+                          sparsities=(0.0, 0.25, 0.5, 0.7, 0.85, 0.95), repeat: int = 15, seed: int = 0,
+                          log=None) -> LatencyTable:
+    """A small latency table measured on this host: every prunable conv of ``model`` at ``input_shape`` through
+    the compiled sparse kernel (``build_sparse_conv2d(...).kernel_time_callable``, the kernel as it runs inside
+    a compiled model) at each grid sparsity, random SIMD masks, minimum of ``repeat`` interleaved samples; plus
+    ``rest_ms[model_name]`` = the measured dense model minus its convs at sparsity 0. A stand-in for
+    ``alcs profile`` (use that when available: it profiles the dense alternative too)."""
+    info = resolve_target(target)
+    layers = find_prunable_layers(model, input_shape, info)
+    rng = np.random.default_rng(seed)
+    x_rng = np.random.default_rng(seed + 1)
+    profiles = {}
+    for layer in layers:
+        key_profile = LayerProfile(layer.spec, layer.group_width)
+        if key_profile.key in profiles:
+            continue
+        w = layer.module.weight.detach().numpy().astype(np.float32)
+        bias = None if layer.module.bias is None else layer.module.bias.detach().numpy().astype(np.float32)
+        x = x_rng.standard_normal(layer.spec.input_shape).astype(np.float32)
+        fns = {}
+        for s in sparsities:
+            ws = random_block_sparse(w, layer.group_width, s, rng).reshape(w.shape)
+            conv = build_sparse_conv2d(ws, input_shape=layer.spec.input_shape, stride=layer.spec.stride,
+                                       padding=layer.spec.padding, dilation=layer.spec.dilation, bias=bias,
+                                       activation="relu", target=info.target, vector_width=layer.group_width)
+            fns[s] = conv.kernel_time_callable(x)
+        stats = measure_interleaved(fns, repeat=repeat)
+        key_profile.sparsities = [float(s) for s in sparsities]
+        key_profile.sparse_ms = [stats[s].min for s in sparsities]
+        key_profile.sparse_spread_ms = [float(np.subtract(*np.percentile(stats[s].samples, [75, 25])))
+                                        for s in sparsities]
+        profiles[key_profile.key] = key_profile
+        if log:
+            log(f"  {layer.name}: " + ", ".join(f"{s:.2f}:{ms:.4f}" for s, ms in
+                                                   zip(sparsities, key_profile.sparse_ms)) + " ms")
+    table = LatencyTable(json.loads(info.key), info.family, "local", tvm.__version__,
+                         {"repeat": repeat, "source": "alcs_tvm.profiler.measure_latency_table"}, profiles, {})
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = export_pruned(model, os.path.join(tmp, "m.onnx"), input_shape)
+        whole, _ = measure_latency(onnx_path, input_shape, info.target)
+    convs = sum(profiles[LayerProfile(layer.spec, layer.group_width).key].sparse_ms[0] for layer in layers)
+    table.rest_ms[model_name] = max(0.0, whole - convs)
+    if log:
+        log(f"  whole dense model {whole:.4f} ms, convs {convs:.4f} ms -> rest {table.rest_ms[model_name]:.4f} ms")
+    return table
 
-    if not os.path.isfile(args.model):
-        raise FileNotFoundError(f"no such model file: {args.model}")
-    alcs_rpc.check_device_arguments(args)
-    try:
-        sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(f"--sparsities must be comma-separated numbers, got {args.sparsities!r}") from None
-    input_shapes = frontend.parse_input_shapes(args.input_shapes) if args.input_shapes else None
-    t0 = time.time()
-    table = profile_model(args.model, args.output, args.target, tracker=args.rpc_tracker, key=args.rpc_key,
-                          rpc=args.rpc, local=args.local, input_shapes=input_shapes,
-                          vector_width=args.vector_width, sparsities=sparsities, repeat=args.repeat,
-                          min_repeat_ms=args.min_repeat_ms, max_masks=args.masks, model_name=args.model_name,
-                          timeout=args.device_timeout, quiet=args.quiet,
-                          cold_weights={"calibrated": None, "cold": True, "warm": False}[args.weights])
-    name = args.model_name or Path(args.model).stem
-    rest = table.rest_ms.get(name)
-    print(f"wrote {args.output}: {len(table.layers)} layer configurations"
-          + (f", rest of {name} {rest:.3f} ms" if rest is not None else "") + f" ({time.time() - t0:.0f} s)")
-    return 0

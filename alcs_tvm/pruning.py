@@ -35,7 +35,7 @@ the masks fixed, and :meth:`ADMMPruner.squash_mask` makes the zeros permanent fo
 
 Use in your own loop (like ``torch.ao.pruning`` sparsifiers)::
 
-    pruner = ADMMPruner(model, table, budget_ms=0.05, input_shape=(1, 1, 28, 28), target="x86")
+    pruner = ADMMPruner(model, table, budget_ms=0.05, input_shape=(1, 1, 28, 28))  # table: a LatencyTable
     pruner.prepare()
     for epoch in range(admm_epochs):
         for x, y in loader:
@@ -46,39 +46,37 @@ Use in your own loop (like ``torch.ao.pruning`` sparsifiers)::
     ...fine-tune (masks stay applied)...
     pruner.squash_mask()                   # plain weights with zeros; torch.onnx.export keeps them
 
-or :func:`prune` (the batteries-included trainer the ``alcs prune`` command uses).
+or :func:`alcs_tvm.training.prune` (the batteries-included trainer the ``alcs prune`` command uses).
+
+This module imports torch and nothing of TVM: the latency model comes in as an object (``table``), and the pruning
+group widths as a number or an object that gives each layer's (``group_width``).
 """
 from __future__ import annotations
 
-import json
+import copy
 import math
-import os
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from .latency import LatencyTable, LayerProfile
-from .operator import Conv2dSpec
-from .sparse_format import num_blocks
-from .target import TargetInfo, layer_group_width, resolve_target
+from .layer import Conv2dSpec
+from .sparse_format import layer_group_width, num_blocks
+from .zoo import export_onnx
 
 __all__ = ["PrunableLayer", "find_prunable_layers", "group_scores", "group_mask", "expand_group_mask",
-           "LatencyModel", "project", "ADMMPruner", "magnitude_prune", "PruneResult", "prune", "train_epoch",
-           "evaluate", "export_pruned", "measure_latency", "measure_latency_table", "BudgetError",
-           "over_budget_hint"]
+           "LatencyModel", "project", "ADMMPruner", "magnitude_prune", "export_pruned", "BudgetError",
+           "over_budget_hint", "check_budget", "describe_group_widths"]
 
 
 class BudgetError(ValueError):
     """The latency budget cannot be met (or is not a positive number)."""
 
 
-#: measured latency above the budget by more than this gets :func:`over_budget_hint` (timings of one build
-#: repeat within ~2% on the test machine)
+#: measured latency above the budget by more than this gets :func:`over_budget_hint` (about the spread of
+#: repeated timings of one build)
 OVER_BUDGET_TOLERANCE = 0.02
 
 
@@ -98,11 +96,11 @@ class PrunableLayer:
     name: str
     module: nn.Conv2d
     spec: Conv2dSpec
-    vector_width: int
+    group_width: int  # V: output channels per pruning group
 
     @property
     def blocks(self) -> int:
-        return num_blocks(self.spec.out_channels, self.vector_width)
+        return num_blocks(self.spec.out_channels, self.group_width)
 
     @property
     def positions(self) -> int:
@@ -121,10 +119,10 @@ def _conv_spec(module: nn.Conv2d, input_shape) -> Conv2dSpec:
 
 
 @torch.no_grad()
-def find_prunable_layers(model: nn.Module, input_shape, vector_width) -> list:
+def find_prunable_layers(model: nn.Module, input_shape, group_width) -> list:
     """The ``groups == 1`` convs of ``model``, each with its :class:`Conv2dSpec` at ``input_shape`` (captured by
-    forward hooks on one zero input), in execution order. ``vector_width``: the group width of every layer, or a
-    :class:`~alcs_tvm.target.TargetInfo` (each layer gets the group width the target gives its channels)."""
+    forward hooks on one zero input), in execution order. ``group_width``: the group width of every layer, or an
+    object whose ``group_width(out_channels)`` gives each layer's (a :class:`~alcs_tvm.target.TargetInfo`)."""
     seen, hooks = [], []
     names = {m: n for n, m in model.named_modules()}
     for module in model.modules():
@@ -145,7 +143,7 @@ def find_prunable_layers(model: nn.Module, input_shape, vector_width) -> list:
             raise ValueError(f"conv {names[module]} runs more than once per forward pass; not supported")
         done.add(module)
         spec = _conv_spec(module, shape)
-        layers.append(PrunableLayer(names[module], module, spec, layer_group_width(vector_width, spec.out_channels)))
+        layers.append(PrunableLayer(names[module], module, spec, layer_group_width(group_width, spec.out_channels)))
     if not layers:
         raise ValueError("the model has no prunable (groups == 1) Conv2d layer")
     return layers
@@ -153,37 +151,37 @@ def find_prunable_layers(model: nn.Module, input_shape, vector_width) -> list:
 
 def describe_group_widths(layers) -> str:
     """``"16"`` or ``"32/16 (12 layers at 32)"``: the layers' pruning group widths."""
-    widths = sorted({layer.vector_width for layer in layers}, reverse=True)
+    widths = sorted({layer.group_width for layer in layers}, reverse=True)
     if len(widths) == 1:
         return str(widths[0])
-    return "/".join(map(str, widths)) + f" ({sum(layer.vector_width == widths[0] for layer in layers)} of " \
+    return "/".join(map(str, widths)) + f" ({sum(layer.group_width == widths[0] for layer in layers)} of " \
         f"{len(layers)} layers at {widths[0]})"
 
 
-def _blocked(weight: torch.Tensor, vector_width: int) -> torch.Tensor:
+def _blocked(weight: torch.Tensor, group_width: int) -> torch.Tensor:
     """``[blocks, V, positions]`` view of ``weight`` (output channels zero-padded to a multiple of V)."""
     cout = weight.shape[0]
     flat = weight.reshape(cout, -1)
-    pad = num_blocks(cout, vector_width) * vector_width - cout
+    pad = num_blocks(cout, group_width) * group_width - cout
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad, flat.shape[1])])
-    return flat.reshape(-1, vector_width, flat.shape[1])
+    return flat.reshape(-1, group_width, flat.shape[1])
 
 
-def group_scores(weight: torch.Tensor, vector_width: int) -> torch.Tensor:
+def group_scores(weight: torch.Tensor, group_width: int) -> torch.Tensor:
     """Squared L2 norm of every SIMD group: ``[blocks, Cin*Kh*Kw]``."""
-    return _blocked(weight.detach().float(), vector_width).pow(2).sum(dim=1)
+    return _blocked(weight.detach().float(), group_width).pow(2).sum(dim=1)
 
 
-def group_mask(weight: torch.Tensor, vector_width: int) -> torch.Tensor:
+def group_mask(weight: torch.Tensor, group_width: int) -> torch.Tensor:
     """Boolean ``[blocks, positions]``: groups with any non-zero weight (= :func:`sparse_format.block_mask`)."""
-    return (_blocked(weight.detach(), vector_width) != 0).any(dim=1)
+    return (_blocked(weight.detach(), group_width) != 0).any(dim=1)
 
 
-def expand_group_mask(keep: torch.Tensor, weight_shape, vector_width: int) -> torch.Tensor:
+def expand_group_mask(keep: torch.Tensor, weight_shape, group_width: int) -> torch.Tensor:
     """``[blocks, positions]`` group keep-mask -> float weight mask of ``weight_shape``."""
     cout = weight_shape[0]
-    full = keep[:, None, :].expand(-1, vector_width, -1).reshape(-1, keep.shape[1])[:cout]
+    full = keep[:, None, :].expand(-1, group_width, -1).reshape(-1, keep.shape[1])[:cout]
     return full.reshape(weight_shape).float()
 
 
@@ -196,17 +194,21 @@ def _keep_top(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------- latency
 class LatencyModel:
-    """Predicted latency of a model's prunable layers as a function of their keep counts."""
+    """Predicted latency of a model's prunable layers as a function of their keep counts.
 
-    def __init__(self, table: LatencyTable, layers: list, rest_ms: float = 0.0):
+    ``table``: any object with ``profile_for(spec, group_width)`` returning a layer's latency curve (an object with
+    ``latency(sparsity)`` and its grid ``sparsities``), such as :class:`alcs_tvm.latency.LatencyTable`; ``rest_ms``:
+    the time of everything else in the model."""
+
+    def __init__(self, table, layers: list, rest_ms: float = 0.0):
         self.table, self.layers, self.rest_ms = table, layers, float(rest_ms)
         missing = []
-        self.profiles: list[LayerProfile] = []
+        self.profiles = []
         for layer in layers:
             try:
-                self.profiles.append(table.profile_for(layer.spec, layer.vector_width))
+                self.profiles.append(table.profile_for(layer.spec, layer.group_width))
             except (KeyError, ValueError):  # (the table raises either, depending on its version)
-                missing.append(f"{layer.name} ({layer.spec.describe()}, V={layer.vector_width})")
+                missing.append(f"{layer.name} ({layer.spec.describe()}, V={layer.group_width})")
         if missing:
             raise ValueError("the latency table has no entry for: " + "; ".join(missing) +
                              " - profile this model (alcs profile) at this input size and target")
@@ -323,9 +325,9 @@ def check_budget(latency: LatencyModel, budget_ms, min_density: float = 0.0):
 
 
 # --------------------------------------------------------------------------------------------------- ADMM
-#: initial ADMM penalty weight. With 1e-3 the primal residual ||W - Z|| barely moved in 3 ADMM epochs (19.57 ->
-#: 19.44 on MNIST) and hard pruning hit unprepared weights; 1e-2 over 3 seeds (docs/pruning.md, Zen 5 machine):
-#: MNIST +3.1 / +1.1 / -0.2 points at the tight / middle / loose budget, digits +0.3 / +0.1 / +0.2.
+#: initial ADMM penalty weight: small enough for the W-step to keep learning the task, large enough that the
+#: primal residual ||W - Z|| shrinks within a few epochs, so hard pruning meets prepared weights (the runs that
+#: chose it: docs/pruning.md)
 DEFAULT_RHO = 1e-2
 #: Z/U-steps per ADMM epoch (see :func:`prune`)
 DEFAULT_UPDATES_PER_EPOCH = 1
@@ -341,21 +343,19 @@ class ADMMPruner:
     ``normalize`` (default ``True`` = ``"sum"``) divides each layer's scores by the layer's total, so a group is
     worth its share of its layer's squared norm; ``"mean"`` divides by the mean group score; ``False`` keeps raw
     squared norms (then the Z-step is exactly the Euclidean projection; normalised, it is the projection in a
-    per-layer-weighted norm). Raw or mean-normalised scores value one of conv1's 9 groups like one of conv2's
-    288 and pruned 8 of 9 taps of a 1-channel input conv on MNIST (0.57 test accuracy at the tightest budget);
-    sum-normalised: 0.79 (see docs/pruning.md)."""
+    per-layer-weighted norm). Raw or mean-normalised scores value one of a small first conv's few groups like one
+    of a wide layer's hundreds, and prune the first layer to nearly nothing (docs/pruning.md)."""
 
-    def __init__(self, model: nn.Module, table: LatencyTable, budget_ms: float, input_shape, *, target="x86",
-                 vector_width: int | TargetInfo | None = None, rho: float = DEFAULT_RHO, rho_multiplier: float = 1.6,
-                 rho_max: float = 1.0, importance: str = "l2", min_density: float = 0.01,
-                 rest_ms: float | None = None, rest_model: str | None = None, bins: int = 4000,
-                 normalize: bool | str = True):
+    def __init__(self, model: nn.Module, table, budget_ms: float, input_shape, *, group_width=None,
+                 rho: float = DEFAULT_RHO, rho_multiplier: float = 1.6, rho_max: float = 1.0, importance: str = "l2",
+                 min_density: float = 0.01, rest_ms: float | None = None, rest_model: str | None = None,
+                 bins: int = 4000, normalize: bool | str = True):
         if importance not in ("l2", "taylor"):
             raise ValueError(f"importance must be 'l2' or 'taylor', got {importance!r}")
-        if vector_width is None:  # the target's group width per layer
-            vector_width = resolve_target(target)
+        if group_width is None:  # the group widths of the target the table was measured on, per layer
+            group_width = table.target_info()
         self.model, self.table, self.budget_ms = model, table, budget_ms
-        self.input_shape, self.vector_width = tuple(input_shape), vector_width
+        self.input_shape, self.group_width = tuple(input_shape), group_width
         self.rho, self.rho_multiplier, self.rho_max = rho, rho_multiplier, rho_max
         self.importance, self.min_density, self.bins = importance, min_density, bins
         self.normalize = normalize
@@ -373,7 +373,7 @@ class ADMMPruner:
     # -- set-up ---------------------------------------------------------------------------------------------
     def prepare(self):
         """Find the layers and their specs, check the budget, initialise ``Z = proj(W)``, ``U = 0``."""
-        self.layers = find_prunable_layers(self.model, self.input_shape, self.vector_width)
+        self.layers = find_prunable_layers(self.model, self.input_shape, self.group_width)
         self.latency = LatencyModel(self.table, self.layers, self.rest_ms)
         check_budget(self.latency, self.budget_ms, self.min_density)
         self.U = [torch.zeros_like(layer.module.weight) for layer in self.layers]
@@ -394,13 +394,13 @@ class ADMMPruner:
         for i, layer in enumerate(self.layers):
             g = layer.module.weight.grad
             if g is not None:
-                self._taylor[i] += group_scores(layer.module.weight.detach() * g, layer.vector_width)
+                self._taylor[i] += group_scores(layer.module.weight.detach() * g, layer.group_width)
 
     def scores(self, tensors=None) -> list:
         tensors = tensors if tensors is not None else [layer.module.weight.detach() for layer in self.layers]
         out = []
         for i, (layer, t) in enumerate(zip(self.layers, tensors)):
-            s = group_scores(t, layer.vector_width)
+            s = group_scores(t, layer.group_width)
             if self.importance == "taylor" and self._taylor[i].sum() > 0:
                 t_score = self._taylor[i] / self._taylor[i].mean()
                 s = s * (1.0 + t_score)
@@ -416,7 +416,7 @@ class ADMMPruner:
             targets = [layer.module.weight.detach() + u for layer, u in zip(self.layers, self.U)]
             self.keep = project(self.scores(targets), self.latency, self.budget_ms, min_density=self.min_density,
                                 bins=self.bins)
-            self.Z = [t * expand_group_mask(k, t.shape, layer.vector_width)
+            self.Z = [t * expand_group_mask(k, t.shape, layer.group_width)
                       for layer, t, k in zip(self.layers, targets, self.keep)]
         for i in range(len(self._taylor)):
             self._taylor[i].zero_()
@@ -449,9 +449,28 @@ class ADMMPruner:
     def hard_prune(self):
         """Zero everything outside Z's support and fix the masks (``torch.nn.utils.prune``) for fine-tuning."""
         for layer, keep in zip(self.layers, self.keep):
-            mask = expand_group_mask(keep, layer.module.weight.shape, layer.vector_width)
+            mask = expand_group_mask(keep, layer.module.weight.shape, layer.group_width)
             torch_prune.custom_from_mask(layer.module, "weight", mask)
         self.masks_applied = True
+
+    def state_dict(self) -> dict:
+        """The pruner's state (``rho``, ``Z``, ``U``, the current plan, Taylor scores), as in ``torch.ao.pruning``:
+        save it beside the model's to resume ADMM where it stopped."""
+        return {"rho": self.rho, "Z": [z.clone() for z in self.Z], "U": [u.clone() for u in self.U],
+                "keep": [k.clone() for k in self.keep], "taylor": [t.clone() for t in self._taylor],
+                "layers": [layer.name for layer in self.layers]}
+
+    def load_state_dict(self, state: dict):
+        """Restore :meth:`state_dict` into a pruner prepared (:meth:`prepare`) on the same model."""
+        names = [layer.name for layer in self.layers]
+        if list(state.get("layers", [])) != names:
+            raise ValueError(f"pruner state is for layers {state.get('layers')}, this pruner has {names}")
+        self.rho = float(state["rho"])
+        self.Z = [z.clone() for z in state["Z"]]
+        self.U = [u.clone() for u in state["U"]]
+        self.keep = [k.clone() for k in state["keep"]]
+        self._taylor = [t.clone() for t in state["taylor"]]
+        return self
 
     def squash_mask(self):
         """Make the masks permanent: plain ``weight`` parameters with the zeros in them."""
@@ -469,274 +488,18 @@ def magnitude_prune(layers: list, keep_fraction: float | list):
     for layer, frac in zip(layers, fractions):
         w = layer.module.weight
         k = max(1, int(round(frac * layer.num_groups)))
-        keep = _keep_top(group_scores(w, layer.vector_width), k)
-        torch_prune.custom_from_mask(layer.module, "weight", expand_group_mask(keep, w.shape, layer.vector_width))
+        keep = _keep_top(group_scores(w, layer.group_width), k)
+        torch_prune.custom_from_mask(layer.module, "weight", expand_group_mask(keep, w.shape, layer.group_width))
 
 
-# --------------------------------------------------------------------------------------------------- trainer
-def train_epoch(model, loader, optimizer, penalty=None, after_backward=None, after_batch=None) -> float:
-    """One epoch; ``after_batch(i, batches)`` runs after the optimiser step of batch ``i`` (of ``batches``)."""
-    model.train()
-    total, n = 0.0, 0
-    batches = len(loader) if hasattr(loader, "__len__") else None
-    for i, (x, y) in enumerate(loader):
-        loss = F.cross_entropy(model(x), y)
-        full = loss + penalty() if penalty is not None else loss
-        optimizer.zero_grad()
-        full.backward()
-        if after_backward is not None:
-            after_backward()
-        optimizer.step()
-        if after_batch is not None:
-            after_batch(i, batches)
-        total += loss.item() * len(y)
-        n += len(y)
-    return total / max(n, 1)
-
-
-@torch.no_grad()
-def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
-    model.eval()
-    correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
-                  for i in range(0, len(y), batch_size))
-    return correct / len(y)
-
-
-def train_dense(model, data, epochs: int, lr: float = 3e-3, batch_size: int = 128, log=print, seed: int = 0):
-    """Adam with the learning rate decayed to 0 over ``epochs`` (cosine): at a constant 3e-3 small_cnn's MNIST-5k
-    test accuracy still swung between 0.91 and 0.95 from epoch to epoch after 40 epochs; decayed over 40 it ends
-    at 0.945-0.950, so pruning starts from a converged model rather than one caught on a swing."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs))
-    for epoch in range(epochs):
-        loss = train_epoch(model, data.loader(batch_size, seed=seed + epoch), opt)
-        schedule.step()
-        log(f"dense  epoch {epoch + 1}/{epochs}: loss {loss:.4f}  test acc {evaluate(model, data.x_test, data.y_test):.4f}")
-    return model
-
-
-@dataclass
-class PruneResult:
-    model: nn.Module
-    layers: list  # PrunableLayer
-    dense_accuracy: float
-    accuracy: float
-    dense_predicted_ms: float
-    predicted_ms: float
-    budget_ms: float
-    sparsities: dict  # layer name -> fraction of SIMD groups pruned
-    history: list = field(default_factory=list)  # per-epoch dicts
-    measured_ms: float | None = None
-    dense_measured_ms: float | None = None
-    compile_report: object = None
-
-    def table(self) -> str:
-        rows = [("layer", "shape", "groups", "sparsity", "predicted ms")]
-        for layer in self.layers:
-            s = self.sparsities[layer.name]
-            rows.append((layer.name, layer.spec.describe(), str(layer.num_groups), f"{s:.3f}",
-                         f"{self._per_layer.get(layer.name, float('nan')):.4f}"))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines)
-
-    _per_layer: dict = field(default_factory=dict)
-
-
-def prune(model: nn.Module, data, table: LatencyTable, budget_ms: float, *, target="x86",
-          vector_width: int | TargetInfo | None = None, admm_epochs: int = 6, finetune_epochs: int = 4, lr: float = 3e-3,
-          finetune_lr: float | None = None, batch_size: int = 128, rho: float = DEFAULT_RHO, rho_multiplier: float = 1.6,
-          importance: str = "l2", min_density: float = 0.01, rest_model: str | None = None,
-          rest_ms: float | None = None, normalize: bool | str = True,
-          updates_per_epoch: int = DEFAULT_UPDATES_PER_EPOCH, log=print, seed: int = 0) -> PruneResult:
-    """ADMM -> hard prune -> fine-tune with fixed masks -> squash. ``model`` should be trained already (its
-    accuracy is the dense reference). Returns a :class:`PruneResult` (the model is pruned in place). The ADMM
-    epochs train at ``lr``; the fine-tune decays ``finetune_lr or lr`` to 0 (cosine), so the accuracy returned
-    is where training settled, not where a constant step size left it on its last batch.
-
-    ``updates_per_epoch``: Z/U-steps per ADMM epoch (evenly spaced over its batches; the last one ends the
-    epoch); ``rho_multiplier`` stays the growth per epoch (``rho_multiplier ** (1 / updates_per_epoch)`` per
-    update)."""
-    if int(updates_per_epoch) < 1:
-        raise ValueError(f"updates_per_epoch must be >= 1, got {updates_per_epoch!r}")
-    updates_per_epoch = int(updates_per_epoch)
-    torch.manual_seed(seed)
-    input_shape = (1,) + tuple(data.x_train.shape[1:])
-    dense_acc = evaluate(model, data.x_test, data.y_test)
-    pruner = ADMMPruner(model, table, budget_ms, input_shape, target=target, vector_width=vector_width, rho=rho,
-                        rho_multiplier=rho_multiplier ** (1.0 / updates_per_epoch), importance=importance,
-                        min_density=min_density, rest_model=rest_model, rest_ms=rest_ms,
-                        normalize=normalize).prepare()
-    dense_ms = pruner.latency.dense_ms()
-    log(f"dense: test acc {dense_acc:.4f}, predicted {dense_ms:.4f} ms; budget {budget_ms:.4f} ms "
-        f"(minimum achievable {pruner.latency.min_ms(min_density):.4f} ms), {len(pruner.layers)} prunable convs, "
-        f"V={describe_group_widths(pruner.layers)}")
-    history = []
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    after = pruner.accumulate if importance == "taylor" else None
-
-    def intermediate_update(i, batches):  # Z/U-steps inside the epoch; the epoch's last one is logged below
-        every = max(1, -(-batches // updates_per_epoch)) if batches else 0
-        if every and (i + 1) % every == 0 and i + 1 < batches:
-            pruner.step()
-
-    for epoch in range(admm_epochs):
-        rho_now = pruner.rho
-        loss = train_epoch(model, data.loader(batch_size, seed=seed + 100 + epoch), opt, pruner.penalty, after,
-                           after_batch=intermediate_update if updates_per_epoch > 1 else None)
-        stats = pruner.step()
-        # accuracy of the current projection (what hard-pruning now would give, before fine-tuning)
-        acc = _accuracy_with_plan(model, pruner, data)
-        row = {"phase": "admm", "epoch": epoch + 1, "loss": loss, "accuracy": acc,
-               "predicted_ms": stats["predicted_ms"], "rho": rho_now, "residual": stats["primal_residual"]}
-        history.append(row)
-        log(f"admm   epoch {epoch + 1}/{admm_epochs}: loss {loss:.4f}  acc(projected) {acc:.4f}  predicted "
-            f"{stats['predicted_ms']:.4f} ms  rho {rho_now:.2e}  ||W-Z|| {stats['primal_residual']:.3f}")
-    pruner.hard_prune()
-    opt = torch.optim.Adam(model.parameters(), lr=finetune_lr or lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, finetune_epochs))  # see train_dense
-    predicted = pruner.predicted_ms()
-    for epoch in range(finetune_epochs):
-        loss = train_epoch(model, data.loader(batch_size, seed=seed + 200 + epoch), opt)
-        schedule.step()
-        acc = evaluate(model, data.x_test, data.y_test)
-        history.append({"phase": "finetune", "epoch": epoch + 1, "loss": loss, "accuracy": acc,
-                        "predicted_ms": predicted, "rho": None})
-        log(f"finetune epoch {epoch + 1}/{finetune_epochs}: loss {loss:.4f}  test acc {acc:.4f}  predicted "
-            f"{predicted:.4f} ms")
-    pruner.squash_mask()
-    result = PruneResult(model, pruner.layers, dense_acc, evaluate(model, data.x_test, data.y_test), dense_ms,
-                         predicted, budget_ms, pruner.sparsities(), history)
-    result._per_layer = pruner.latency.breakdown(pruner.kept_counts())
-    result.pruner = pruner
-    return result
-
-
-@torch.no_grad()
-def _accuracy_with_plan(model, pruner: ADMMPruner, data, bn_batches: int = 16, batch_size: int = 64) -> float:
-    """Test accuracy if the current plan were hard-pruned now. BatchNorm's running statistics describe the
-    unpruned activations; with them a pruned MobileNetV2 scored at chance (0.08-0.13) and then 0.95 after one
-    fine-tune epoch, so they are re-estimated on ``bn_batches`` training batches first (then restored)."""
-    saved = [layer.module.weight.detach().clone() for layer in pruner.layers]
-    for layer, keep in zip(pruner.layers, pruner.keep):
-        layer.module.weight.mul_(expand_group_mask(keep, layer.module.weight.shape, layer.vector_width))
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    norm_state = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
-    momenta = [m.momentum for m in norms]
-    if norms:
-        model.eval()  # only the norms update: dropout stays off and draws nothing from the training's RNG
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the batches below
-            m.train()
-        for i, (x, _) in enumerate(data.loader(batch_size, seed=0)):
-            if i == bn_batches:
-                break
-            model(x)
-    acc = evaluate(model, data.x_test, data.y_test)
-    for m, state, momentum in zip(norms, norm_state, momenta):
-        m.load_state_dict(state)
-        m.momentum = momentum
-    for layer, w in zip(pruner.layers, saved):
-        layer.module.weight.copy_(w)
-    return acc
-
-
-# ------------------------------------------------------------------------------------------ export, measure
+# --------------------------------------------------------------------------------------------------- export
 def export_pruned(model: nn.Module, path: str, input_shape) -> str:
     """``torch.onnx.export`` (via :func:`alcs_tvm.zoo.export_onnx`) with the zeros intact; masks still attached
     by ``torch.nn.utils.prune`` are squashed on a copy first."""
-    import copy
-
-    from .zoo import export_onnx
-
     model = copy.deepcopy(model)
     for m in model.modules():
         if torch_prune.is_pruned(m) and hasattr(m, "weight_mask"):
             torch_prune.remove(m, "weight")
     return export_onnx(model, path, input_shape)
 
-
-def measure_latency(onnx_path: str, input_shape, target="x86", *, repeat: int = 40, number: int = 0,
-                    latency_table=None, library_path: str | None = None, statistic: str = "min_ms"):
-    """Compile ``onnx_path`` with :func:`alcs_tvm.compiler.compile` and time it with the Relax VM (``run_model``):
-    ``(ms, report)``, ``ms`` the ``statistic`` of the samples (default the minimum, as the project's docs
-    report: on a shared host the median carries other users' load). ``number=0`` picks the inner count so one
-    sample lasts ~10 ms."""
-    from .compiler import compile as alcs_compile
-    from .compiler import export
-    from .run import run_model, time_model, write_sidecar
-
-    executable, report = alcs_compile(onnx_path, target, latency_table=latency_table)
-    own_dir = None
-    if library_path is None:
-        own_dir = tempfile.mkdtemp(prefix="alcs-prune-")
-        library_path = os.path.join(own_dir, "model.so")
-    export(executable, library_path, target)
-    write_sidecar(library_path, report.relax_module)
-    x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
-    if number <= 0:
-        _, timings = time_model(library_path, [x], repeat=repeat, min_number=20, probe_number=20)
-    else:
-        _, timings = run_model(library_path, [x], repeat=repeat, number=number)
-    if own_dir:
-        for f in os.listdir(own_dir):
-            os.unlink(os.path.join(own_dir, f))
-        os.rmdir(own_dir)
-    return timings[statistic], report
-
-
-def measure_latency_table(model: nn.Module, input_shape, target="x86", *, model_name: str = "model",
-                          sparsities=(0.0, 0.25, 0.5, 0.7, 0.85, 0.95), repeat: int = 15, seed: int = 0,
-                          log=None) -> LatencyTable:
-    """A small latency table measured on this host: every prunable conv of ``model`` at ``input_shape`` through
-    the compiled sparse kernel (``build_sparse_conv2d(...).kernel_time_callable``, the kernel as it runs inside
-    a compiled model) at each grid sparsity, random SIMD masks, minimum of ``repeat`` interleaved samples; plus
-    ``rest_ms[model_name]`` = the measured dense model minus its convs at sparsity 0. A stand-in for
-    ``alcs profile`` (use that when available: it profiles the dense alternative too)."""
-    import tvm
-
-    from .operator import build_sparse_conv2d
-    from .sparse_format import random_block_sparse
-    from .timing import measure_interleaved
-
-    info = resolve_target(target)
-    layers = find_prunable_layers(model, input_shape, info)
-    rng = np.random.default_rng(seed)
-    x_rng = np.random.default_rng(seed + 1)
-    profiles = {}
-    for layer in layers:
-        key_profile = LayerProfile(layer.spec, layer.vector_width)
-        if key_profile.key in profiles:
-            continue
-        w = layer.module.weight.detach().numpy().astype(np.float32)
-        bias = None if layer.module.bias is None else layer.module.bias.detach().numpy().astype(np.float32)
-        x = x_rng.standard_normal(layer.spec.input_shape).astype(np.float32)
-        fns = {}
-        for s in sparsities:
-            ws = random_block_sparse(w, layer.vector_width, s, rng).reshape(w.shape)
-            conv = build_sparse_conv2d(ws, input_shape=layer.spec.input_shape, stride=layer.spec.stride,
-                                       padding=layer.spec.padding, dilation=layer.spec.dilation, bias=bias,
-                                       activation="relu", target=info.target, vector_width=layer.vector_width)
-            fns[s] = conv.kernel_time_callable(x)
-        stats = measure_interleaved(fns, repeat=repeat)
-        key_profile.sparsities = [float(s) for s in sparsities]
-        key_profile.sparse_ms = [stats[s].min for s in sparsities]
-        key_profile.sparse_spread_ms = [float(np.subtract(*np.percentile(stats[s].samples, [75, 25])))
-                                        for s in sparsities]
-        profiles[key_profile.key] = key_profile
-        if log:
-            log(f"  {layer.name}: " + ", ".join(f"{s:.2f}:{ms:.4f}" for s, ms in
-                                                   zip(sparsities, key_profile.sparse_ms)) + " ms")
-    table = LatencyTable(json.loads(info.key), info.family, "local", tvm.__version__,
-                         {"repeat": repeat, "source": "alcs_tvm.pruning.measure_latency_table"}, profiles, {})
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = export_pruned(model, os.path.join(tmp, "m.onnx"), input_shape)
-        whole, _ = measure_latency(onnx_path, input_shape, info.target)
-    convs = sum(profiles[LayerProfile(layer.spec, layer.vector_width).key].sparse_ms[0] for layer in layers)
-    table.rest_ms[model_name] = max(0.0, whole - convs)
-    if log:
-        log(f"  whole dense model {whole:.4f} ms, convs {convs:.4f} ms -> rest {table.rest_ms[model_name]:.4f} ms")
-    return table
 

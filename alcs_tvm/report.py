@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from .layer import Conv2dSpec, KernelLayout
+
 __all__ = ["LayerDecision", "CompileReport"]
 
 
@@ -18,10 +20,8 @@ class LayerDecision:
     implementation: str  # what runs: "alcs sparse kernel", "alcs dense kernel", "relax default", ...
     reason: str
     predicted_ms: dict = field(default_factory=dict)  # {"sparse": .., "dense": ..} when a latency table decided
-    spec: dict | None = None  # the Conv2dSpec fields of a rewritable layer (what latency tables are keyed by)
-    # how the kernel of a rewritten conv is called in the model: bias (bool), activation, and its layouts
-    # (input_prepadded, input_block, output_blocked, output_pad) - what a latency table must measure
-    kernel: dict = field(default_factory=dict)
+    spec: Conv2dSpec | None = None  # a rewritable layer's geometry (what latency tables are keyed by)
+    kernel: KernelLayout | None = None  # how a rewritten conv's kernel is called in the model
 
     def row(self) -> list:
         density = "-" if self.density is None else f"{self.density:.3f}"

@@ -25,6 +25,9 @@ from pathlib import Path
 
 from tvm import rpc as tvm_rpc
 from tvm.rpc import base
+from tvm.support import cc
+
+from .toolchain import cross_compile_function
 
 __all__ = ["UnknownKeyError", "parse_address", "tracker_summary", "tracker_keys", "connect", "guard",
            "upload_library", "DEFAULT_TIMEOUT", "add_device_arguments", "check_device_arguments"]
@@ -258,10 +261,6 @@ def connect(tracker: str | None = None, key: str | None = None, *, rpc: str | No
 
 def _link_tar(tar_path: Path, out_dir: Path) -> Path:
     """Link the objects of a ``export_library(...tar)`` archive into a ``.so`` with the matching compiler."""
-    from tvm.support import cc
-
-    from . import device
-
     with tarfile.open(tar_path) as tar:
         tar.extractall(out_dir, filter="data")
     objects = [str(p) for p in sorted(out_dir.iterdir()) if p.suffix in (".o", ".obj")]
@@ -269,7 +268,7 @@ def _link_tar(tar_path: Path, out_dir: Path) -> Path:
         raise ValueError(f"{tar_path} has no object files")
     out = out_dir / (tar_path.stem + ".so")
     if elf_machine(objects[0]) == "aarch64":
-        cc.cross_compiler(device.ensure_cross_toolchain(verbose=False))(str(out), objects)
+        cross_compile_function()(str(out), objects)
     else:
         cc.create_shared(str(out), objects)
     return out

@@ -1,4 +1,4 @@
-"""Run a compiled model here or on an RPC device (``alcs run``), optionally timing it.
+"""Run a compiled model here or on an RPC device, optionally timing it (the library behind ``alcs run``).
 
 ``OUT.so`` is a standard Relax executable library (``tvm.compile(...).export_library(...)``). It is loaded with
 ``tvm.runtime.load_module`` (or uploaded and loaded on the device) and run with ``tvm.relax.VirtualMachine``.
@@ -19,15 +19,19 @@ The sidecar is needed only to *make up* inputs (``--fill-mode``) and to check sh
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
+import tvm
+from tvm import relax
 
-__all__ = ["run_model", "read_sidecar", "write_sidecar", "sidecar_path", "make_inputs", "register_cli"]
+from . import rpc as alcs_rpc
+
+__all__ = ["run_model", "time_model", "read_sidecar", "write_sidecar", "sidecar_path", "make_inputs",
+           "flatten_outputs"]
 
 def sidecar_path(lib_path) -> Path:
     return Path(str(lib_path) + ".json")
@@ -69,7 +73,6 @@ def _type_entries(ty, name):
 
 def write_sidecar(lib_path, mod, function: str = "main", target=None, output_names=None) -> Path:
     """Write ``lib_path + ".json"`` from the Relax ``mod`` (IRModule or relax.Function) the library was built from."""
-    from tvm import relax
     func = mod[function] if not isinstance(mod, relax.Function) else mod
     inputs = []
     for param in func.params:
@@ -136,13 +139,13 @@ def _check_against_sidecar(arrays, names, sidecar):
             raise ValueError(f"input {name!r} has dtype {arr.dtype}, the model expects {entry['dtype']}")
 
 
-def _flatten(value) -> list[np.ndarray]:
+def flatten_outputs(value) -> list[np.ndarray]:
     if hasattr(value, "numpy"):
         return [value.numpy()]
     if isinstance(value, (list, tuple)) or type(value).__name__ in ("Array", "List"):
         out = []
         for item in value:
-            out += _flatten(item)
+            out += flatten_outputs(item)
         return out
     if isinstance(value, (int, float, bool, np.generic)):
         return [np.asarray(value)]
@@ -171,9 +174,6 @@ def run_model(lib_path, inputs=None, *, rpc: str | None = None, tracker: str | N
     ``mean_ms, median_ms, std_ms, min_ms, max_ms, results_ms, number, repeat`` (each of the ``repeat`` results
     is the mean of ``number`` runs).
     """
-    import tvm
-
-    from . import rpc as alcs_rpc
 
     lib_path = Path(lib_path)
     if not lib_path.is_file():
@@ -219,10 +219,6 @@ def time_model(lib_path, inputs=None, *, repeat: int, sample_ms: float = 10.0, m
 
 
 def _execute(lib, dev, inputs, sidecar, function, repeat, number, guard):
-    import contextlib
-
-    import tvm
-    from tvm import relax
 
     guard = guard or (lambda what: contextlib.nullcontext())
     with guard("VM creation"):
@@ -239,7 +235,7 @@ def _execute(lib, dev, inputs, sidecar, function, repeat, number, guard):
     with guard("input transfer"):
         args = [tvm.runtime.tensor(a, dev) for a in arrays]
     with guard("inference"):
-        outputs = _flatten(vm[function](*args))
+        outputs = flatten_outputs(vm[function](*args))
     timings = None
     if repeat and repeat > 0:
         with guard("timing"):
@@ -250,65 +246,3 @@ def _execute(lib, dev, inputs, sidecar, function, repeat, number, guard):
 
 
 # ------------------------------------------------------------------------------------------------------- CLI
-def register_cli(subparsers) -> None:
-    p = subparsers.add_parser("run", help="run a compiled model here or on an RPC device, optionally timing it",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("lib", metavar="OUT.so", help="Relax executable library (export_library output)")
-    p.add_argument("--inputs", metavar="IN.npz", help="inputs by name (default: made up from OUT.so.json)")
-    p.add_argument("--outputs", metavar="OUT.npz", help="save the outputs here")
-    p.add_argument("--fill-mode", choices=("zeros", "ones", "random"), default="random",
-                   help="made-up inputs when --inputs is not given (default random, seed 0)")
-    p.add_argument("--print-time", action="store_true", help="print mean/median/std latency in ms")
-    p.add_argument("--repeat", type=int, default=10, help="timing repeats (with --print-time; default 10)")
-    p.add_argument("--number", type=int, default=1, help="runs per repeat (with --print-time; default 1)")
-    p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="RPC tracker to get a device from")
-    p.add_argument("--rpc-key", metavar="KEY", help="device key at the tracker (e.g. arm64-qemu)")
-    p.add_argument("--rpc", metavar="HOST:PORT", help="RPC server to use directly (no tracker)")
-    p.add_argument("--device-timeout", type=float, default=None, metavar="S",
-                   help="bound in seconds on getting a device and on each remote step (default 300)")
-    p.add_argument("--function", default=None, help="Relax function to run (default main)")
-    p.set_defaults(func=_cli_run)
-
-
-def _cli_run(args):
-    if args.rpc and args.rpc_tracker:
-        raise ValueError("give either --rpc-tracker (with --rpc-key) or --rpc, not both")
-    if args.rpc_tracker and not args.rpc_key:
-        raise ValueError("--rpc-tracker needs --rpc-key (e.g. arm64-qemu)")
-    if args.rpc_key and not args.rpc_tracker:
-        raise ValueError("--rpc-key needs --rpc-tracker HOST:PORT")
-    if args.repeat < 1 or args.number < 1:
-        raise ValueError("--repeat and --number must be >= 1")
-    inputs = None
-    if args.inputs:
-        with np.load(args.inputs) as data:
-            inputs = {k: data[k] for k in data.files}
-    t0 = time.time()
-    try:
-        outputs, timings = run_model(args.lib, inputs, rpc=args.rpc, tracker=args.rpc_tracker, key=args.rpc_key,
-                                     repeat=args.repeat if args.print_time else 0, number=args.number,
-                                     fill_mode=args.fill_mode, function=args.function, timeout=args.device_timeout)
-    except (ValueError, TypeError, FileNotFoundError, ConnectionError, TimeoutError):
-        raise
-    except Exception as err:  # noqa: BLE001 - a TVM error from the model: one line
-        # printed like alcs_tvm.cli prints errors (not raised: under `python -m alcs_tvm.cli` the cli module is
-        # __main__, so its UserError would be another class)
-        lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
-        print(f"alcs run: error: running {Path(args.lib).name} failed: "
-              f"{lines[-1][:300] if lines else type(err).__name__}", file=sys.stderr)
-        return 2
-    where = (f"{args.rpc_key} via {args.rpc_tracker}" if args.rpc_tracker else args.rpc) or "local cpu"
-    print(f"ran {Path(args.lib).name} on {where} in {time.time() - t0:.2f} s")
-    sidecar = read_sidecar(args.lib) or {}
-    names = [e["name"] for e in sidecar.get("outputs", [])]
-    if len(names) != len(outputs):
-        names = [f"output_{i}" for i in range(len(outputs))]
-    for name, out in zip(names, outputs):
-        print(f"output {name}: shape {list(out.shape)} dtype {out.dtype}")
-    if timings:
-        print(f"time (ms): mean {timings['mean_ms']:.4f} median {timings['median_ms']:.4f} "
-              f"std {timings['std_ms']:.4f} (repeat {timings['repeat']}, number {timings['number']})")
-    if args.outputs:
-        np.savez(args.outputs, **dict(zip(names, outputs)))
-        print(f"saved outputs to {args.outputs}")
-    return 0

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["BlockSparseWeight", "block_mask", "num_blocks", "random_block_sparse", "widest_block_format",
-           "fits_wide_groups", "WIDE_BLOCK_DENSITY_SLACK"]
+           "fits_wide_groups", "layer_group_width", "WIDE_BLOCK_DENSITY_SLACK"]
 
 #: A wider block is used only if the weight is (almost) as sparse in it as in the narrowest: a model pruned in
 #: narrow groups keeps its sparsity in narrow blocks.
@@ -29,6 +29,12 @@ WIDE_BLOCK_DENSITY_SLACK = 0.01
 def num_blocks(out_channels: int, vector_width: int) -> int:
     """Output-channel blocks needed for ``out_channels`` at ``vector_width`` lanes (last one padded)."""
     return -(-out_channels // vector_width)
+
+
+def layer_group_width(width, out_channels: int) -> int:
+    """``width``: a group width (int), or an object whose ``group_width(out_channels)`` gives a layer's (a
+    :class:`~alcs_tvm.target.TargetInfo`: the target's wide groups where the layer's channels allow them)."""
+    return width.group_width(out_channels) if hasattr(width, "group_width") else int(width)
 
 
 def _check_weight(weight) -> np.ndarray:

@@ -13,7 +13,7 @@ from tvm.target import codegen
 
 from .sparse_format import fits_wide_groups
 
-__all__ = ["TargetInfo", "resolve_target", "layer_group_width", "SHORT_NAMES", "AARCH64_TRIPLE"]
+__all__ = ["TargetInfo", "resolve_target", "SHORT_NAMES", "AARCH64_TRIPLE"]
 
 AARCH64_TRIPLE = "aarch64-linux-gnu"
 
@@ -29,15 +29,8 @@ _FAMILY_WIDTH = {"x86-avx512": 16, "x86-avx2": 8, "arm64": 4, "generic": 4}
 #: registers per pruning group where a layer's output channels allow it (by default; an explicit vector width
 #: means one group width for every layer). AVX-512 cores issue two 512-bit FMAs but only two 512-bit loads per
 #: cycle: with one register per group every FMA needs its own broadcast load of an input value and the sparse
-#: loop is load-bound (70-95% of the ideal speed-up on Zen 5); two registers per group share each broadcast
-#: (98-116%, docs/benchmarks.md).
+#: loop is load-bound; two registers per group share each broadcast (docs/benchmarks.md).
 _FAMILY_GROUP_REGISTERS = {"x86-avx512": 2}
-
-#: ``--vector-width`` of every command
-VECTOR_WIDTH_HELP = ("pruning group width V in fp32 lanes, for every layer (default: the target's - AVX-512 32 where "
-                     "a conv's output channels are 64, 96, ... (a multiple of 32, two groups or more), else 16; "
-                     "AVX2 8; NEON 4)")
-
 
 @dataclass(frozen=True)
 class TargetInfo:
@@ -52,8 +45,7 @@ class TargetInfo:
         """The pruning group / sparse block width for a layer with ``out_channels`` outputs: the wide width
         where it divides ``out_channels`` (no lanes wasted) into at least two groups, else V. With a single
         group a layer would lose the kernel's parallelism over output blocks and the pruner every choice across
-        its output channels: measured on small_cnn (16/32/32 channels), one 32-group per conv cost 0.1-4.3 points of
-        accuracy at equal latency (docs/pruning.md)."""
+        its output channels (docs/pruning.md)."""
         wide = self.wide_group_width
         return wide if wide and fits_wide_groups(out_channels, wide) else self.vector_width
 
@@ -141,9 +133,3 @@ def resolve_target(target, vector_width: int | None = None) -> TargetInfo:
         raise ValueError(f"vector width must be positive, got {vector_width}")
     registers = _FAMILY_GROUP_REGISTERS.get(family, 1) if vector_width is None else 1
     return TargetInfo(target, family, width, width * registers if registers > 1 else 0)
-
-
-def layer_group_width(width, out_channels: int) -> int:
-    """``width``: a group width (int) or a :class:`TargetInfo` (then the group width it gives a layer with
-    ``out_channels`` outputs)."""
-    return width.group_width(out_channels) if isinstance(width, TargetInfo) else int(width)

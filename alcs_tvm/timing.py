@@ -10,10 +10,9 @@ ORT - goes idle instead of stealing cycles from the next one's timed calls), the
 
 Candidates named in ``apart`` are timed after the interleaved rounds, each in rounds of its own. ONNX Runtime
 belongs there: its pool threads keep spinning for tens of milliseconds after a run (allow_spinning, the default
-that makes ORT fast back to back), longer than any pause, so with 2 threads on a 2-vCPU machine they took the
-second core from whatever was timed next - a 6 us TVM kernel timed 12 us interleaved with ORT and 6 us alone,
-with pauses of 5-20 ms (measured; 50 ms cured the kernel but slowed ORT itself 2x). They are timed in the
-order given, so ORT goes last: timed right after ORT, PyTorch's 2-thread conv took 1 ms instead of 0.13.
+that makes ORT fast back to back), longer than any pause, so with 2 threads on a 2-vCPU machine they take the
+second core from whatever is timed next, and a pause long enough to stop them slows ORT itself
+(docs/benchmarks.md). They are timed in the order given, so ORT goes last.
 
 Reported statistics: ``min`` (what the docs report), ``median``, ``mean`` and all samples, in milliseconds.
 """

@@ -21,6 +21,7 @@ Models (all ``nn.Module``, deterministic random init (seed 0), returned in eval 
 """
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Callable
 
@@ -28,13 +29,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .sparse_format import random_block_sparse
-from .target import layer_group_width
+from .data import import_callable
+from .sparse_format import layer_group_width, random_block_sparse
 
 __all__ = [
     "BasicBlock", "ResNet", "InvertedResidual", "MobileNetV2", "SmallCNN",
     "resnet18", "resnet_tiny", "mobilenet_v2", "mobilenet_v2_tiny", "mobilenet_v2_imagenet", "small_cnn",
-    "MODELS", "DEFAULT_INPUT_SHAPES", "get_model", "simd_prune_", "export_onnx",
+    "MODELS", "DEFAULT_INPUT_SHAPES", "get_model", "load_model", "simd_prune_", "export_onnx",
 ]
 
 ONNX_OPSET = 17
@@ -370,6 +371,35 @@ def get_model(name: str, **kw) -> nn.Module:
     except KeyError:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}") from None
     return fn(**kw)
+
+
+def _accepted_kwargs(factory, **kwargs) -> dict:
+    """The subset of ``kwargs`` that ``factory`` names (a factory without ``in_channels`` is still called with
+    ``num_classes``; a TypeError raised inside the factory is not mistaken for a signature mismatch)."""
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def load_model(spec: str, num_classes: int, in_channels: int, weights: str | None = None):
+    """A zoo name or ``path/to/file.py:factory``; optional ``weights`` (a state_dict file)."""
+    if ":" in spec:
+        factory = import_callable(spec)
+    elif spec in MODELS:
+        factory = MODELS[spec]
+    else:
+        raise ValueError(f"unknown model {spec!r}: use one of {', '.join(sorted(MODELS))} or "
+                         f"path/to/file.py:factory")
+    model = factory(**_accepted_kwargs(factory, num_classes=num_classes, in_channels=in_channels))
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"{spec} did not return a torch.nn.Module")
+    if weights:
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"no such weights file: {weights}")
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    return model
 
 
 @torch.no_grad()

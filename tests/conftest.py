@@ -29,8 +29,8 @@ class RpcDevices:
 @pytest.fixture(scope="session")
 def cross_cxx() -> str:
     """Path of aarch64-linux-gnu-g++ (installed if missing)."""
-    from alcs_tvm import device
-    return device.ensure_cross_toolchain()
+    from alcs_tvm import toolchain
+    return toolchain.ensure_cross_toolchain()
 
 
 @pytest.fixture(scope="session")

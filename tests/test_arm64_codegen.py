@@ -7,14 +7,15 @@ import subprocess
 import numpy as np
 import pytest
 
-from alcs_tvm.operator import Conv2dSpec, sparse_conv2d_kernel
+from alcs_tvm.kernels import sparse_conv2d_kernel
+from alcs_tvm.layer import Conv2dSpec, KernelLayout
 from alcs_tvm.sparse_format import BlockSparseWeight, random_block_sparse
 from alcs_tvm.target import resolve_target
 
 
 @pytest.fixture(scope="module")
 def cross_compiler():
-    from alcs_tvm.device import ensure_cross_toolchain
+    from alcs_tvm.toolchain import ensure_cross_toolchain
 
     return ensure_cross_toolchain()
 
@@ -30,8 +31,8 @@ def test_arm64_library_has_neon_fmla(tmp_path, cross_compiler, kernel, stride, o
     weight = random_block_sparse(rng.standard_normal((32, 16, kernel, kernel)).astype(np.float32), 4, 0.5, rng)
     spec = Conv2dSpec.create((1, 16, 14, 14), weight.shape, stride, kernel // 2, 1)
     sparse = BlockSparseWeight.from_dense(weight, info.vector_width)
-    op = sparse_conv2d_kernel(sparse, spec, target=info, bias=np.ones(32, np.float32), activation="relu",
-                              output_blocked=output_blocked)
+    layout = KernelLayout(bias=True, activation="relu", output_blocked=output_blocked)
+    op = sparse_conv2d_kernel(sparse, spec, layout, target=info, bias=np.ones(32, np.float32))
     executable = tvm.compile(op.func, target=info.target)
     library = tmp_path / "sparse_conv_arm64.so"
     executable.export_library(str(library), fcompile=cc.cross_compiler(cross_compiler))

@@ -78,7 +78,8 @@ def test_sparse_operator_on_arm64_device(device_session, cross_cxx, tmp_path, ca
     from tvm.support import cc
 
     from alcs_tvm import rpc
-    from alcs_tvm.operator import Conv2dSpec, sparse_conv2d_kernel
+    from alcs_tvm.kernels import sparse_conv2d_kernel
+    from alcs_tvm.layer import Conv2dSpec, KernelLayout
     from alcs_tvm.sparse_format import BlockSparseWeight, random_block_sparse
     from alcs_tvm.target import resolve_target
 
@@ -89,8 +90,8 @@ def test_sparse_operator_on_arm64_device(device_session, cross_cxx, tmp_path, ca
     x = (rng.standard_normal((batch, cin, hw, hw)) * 3).astype(np.float32)
     info = resolve_target("arm64")
     spec = Conv2dSpec.create(x.shape, weight.shape, stride, padding, dilation)
-    kernel = sparse_conv2d_kernel(BlockSparseWeight.from_dense(weight, 4), spec, bias=bias, activation=activation,
-                                  target=info)
+    layout = KernelLayout(bias=bias is not None, activation=activation)
+    kernel = sparse_conv2d_kernel(BlockSparseWeight.from_dense(weight, 4), spec, layout, bias=bias, target=info)
     library = tmp_path / "kernel.so"
     tvm.compile(kernel.func, target=info.target).export_library(str(library),
                                                                 fcompile=cc.cross_compiler(cross_cxx))
@@ -98,7 +99,7 @@ def test_sparse_operator_on_arm64_device(device_session, cross_cxx, tmp_path, ca
     dev = device_session.cpu()
     args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev)
             for a in [x] + kernel.packed.arrays() + [np.zeros(kernel.output_shape, np.float32)]]
-    remote["alcs_sparse_conv2d"](*args)
+    remote[kernel.func.attrs["global_symbol"]](*args)
     out = args[-1].numpy()
 
     assert_close(out, torch_conv(x, weight, bias, stride, padding, dilation, activation))

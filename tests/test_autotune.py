@@ -9,10 +9,12 @@ import onnxruntime as ort
 import pytest
 
 from alcs_tvm import zoo
-from alcs_tvm.autotune import TuningRecords, candidate_schedules, tune_model
+from alcs_tvm.autotune import candidate_schedules, tune_model
+from alcs_tvm.tuning_records import TuningRecords
 from alcs_tvm.compiler import compile as alcs_compile
-from alcs_tvm.latency import TableMismatchError
-from alcs_tvm.operator import Conv2dSpec, max_run_length
+from alcs_tvm.files import TableMismatchError
+from alcs_tvm.kernels import max_run_length
+from alcs_tvm.layer import Conv2dSpec
 from alcs_tvm.schedules import default_sparse_conv_schedule
 from alcs_tvm.schedules.x86 import register_budget
 

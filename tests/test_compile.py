@@ -87,7 +87,7 @@ def test_pass_composes_with_tvm_sequential(pruned_models):
     rewrite = SparseConvRewrite("x86")
     seq = tvm.transform.Sequential([rewrite, relax.transform.LegalizeOps(), relax.transform.FoldConstant()])
     lowered = seq(mod)
-    kernels = [gv.name_hint for gv in lowered.get_global_vars() if gv.name_hint.startswith("alcs_sparse_conv2d")]
+    kernels = [gv.name_hint for gv in lowered.get_global_vars() if gv.name_hint.startswith("alcs_spconv_")]
     assert kernels and len(rewrite.report.sparse_layers) == 12
     assert "nn.conv2d" not in lowered["main"].script()
     executable = tvm.compile(lowered, target=rewrite.target_info.target)
@@ -208,10 +208,10 @@ def test_resnet_blocks_stay_blocked_with_shortcuts_fused(pruned_models):
     assert blocked == [layer.name for layer in convs if layer.name != "/layer4/layer4.0/conv2/Conv"]
     kernels = {layer.name: layer.kernel for layer in convs}
     for stage in (1, 2, 3, 4):
-        assert kernels[f"/layer{stage}/layer{stage}.0/conv2/Conv"]["residual"] == "blocked"
+        assert kernels[f"/layer{stage}/layer{stage}.0/conv2/Conv"].residual == "blocked"
     for stage in (2, 3, 4):
         shortcut = kernels[f"/layer{stage}/layer{stage}.0/downsample/downsample.0/Conv"]
-        assert shortcut["input_block"] == 16 and shortcut["input_border"] == [1, 1, 1, 1]
+        assert shortcut.input_block == 16 and shortcut.input_border == (1, 1, 1, 1)
     script = lowered["main"].script()
     assert "R.Tensor((1, 1, 34, 34, 16)" in script  # the stem's output: 16 channels, 32x32 + border 1, blocked
     assert script.count("R.add(") == 1  # only the classifier's bias: every residual add is in a conv epilogue
@@ -268,9 +268,9 @@ def test_wide_groups_where_channels_allow_and_layouts_still_chain(wide_pruned_mo
     assert widths and all(v == (32 if cout[n] % 32 == 0 and cout[n] >= 64 else 16) for n, v in widths.items())
     assert 32 in widths.values() and all(layer.density == pytest.approx(0.3, abs=0.06) for layer in convs)
     for layer in convs:
-        if layer.kernel["output_blocked"]:
+        if layer.kernel.output_blocked:
             assert "NCHW16c" in layer.implementation
-            assert layer.kernel["out_block"] == (16 if layer.vector_width == 32 else 0)
+            assert layer.kernel.out_block == (16 if layer.vector_width == 32 else 0)
     _, narrow = alcs_compile(str(pruned_models[name]), "x86-avx512")
     assert {layer.vector_width for layer in narrow.sparse_layers} == {16}
 

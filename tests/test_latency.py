@@ -14,8 +14,9 @@ import pytest
 import tvm
 
 from alcs_tvm import zoo
-from alcs_tvm.latency import LatencyTable, LayerNotProfiledError, LayerProfile, TableMismatchError, layer_key
-from alcs_tvm.operator import Conv2dSpec
+from alcs_tvm.latency import LatencyTable, LayerNotProfiledError, LayerProfile, TableMismatchError
+from alcs_tvm.layer import layer_key
+from alcs_tvm.layer import Conv2dSpec
 from alcs_tvm.profiler import MAX_COLD_FRACTION
 from alcs_tvm.target import resolve_target
 
@@ -116,7 +117,8 @@ def _cli(*args, **kw):
 
 def test_profile_predict_and_compile_decisions_x86(rpc_devices, onnx_models, tmp_path):
     from alcs_tvm import compiler
-    from alcs_tvm.profiler import model_layers, profile_model
+    from alcs_tvm.compiler import model_layers
+    from alcs_tvm.profiler import profile_model
 
     out = tmp_path / "x86.json"
     measured = []
@@ -160,7 +162,8 @@ def test_profile_predict_and_compile_decisions_x86(rpc_devices, onnx_models, tmp
 
 def test_profile_resumes_after_kill(rpc_devices, onnx_models, tmp_path):
     """Kill ``alcs profile`` after its first saved layer; the rerun measures only the layers not in the table."""
-    from alcs_tvm.profiler import model_layers, profile_model
+    from alcs_tvm.compiler import model_layers
+    from alcs_tvm.profiler import profile_model
 
     out = tmp_path / "resume.json"
     model = onnx_models["small_cnn"]

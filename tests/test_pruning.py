@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from alcs_tvm import pruning, zoo
+from alcs_tvm import profiler, pruning, training, zoo
 from alcs_tvm.latency import LatencyTable, LayerProfile
 from alcs_tvm.sparse_format import block_mask
 
@@ -22,7 +22,7 @@ def _synthetic_table(layers, seed=0, rest=0.01):
         grid = [0.0, 0.25, 0.5, 0.7, 0.85, 0.95]
         base = rng.uniform(0.01, 0.05)
         ms = [base * (1 - 0.8 * s) * rng.uniform(0.9, 1.1) for s in grid]
-        p = LayerProfile(layer.spec, layer.vector_width, grid, ms, [0.0] * len(grid),
+        p = LayerProfile(layer.spec, layer.group_width, grid, ms, [0.0] * len(grid),
                          dense_ms=base * rng.uniform(0.6, 1.0))
         profiles[p.key] = p
     return LatencyTable({"kind": "llvm"}, "x86-avx512", "test", "0", {}, profiles, {"m": rest})
@@ -97,14 +97,14 @@ def test_bad_budgets_give_the_minimum():
     model = zoo.small_cnn()
     for budget in (-1.0, 0.0, float("nan"), 1e-5):
         with pytest.raises(pruning.BudgetError, match=r"minimum achievable latency under the table is \d+\.\d+ ms"):
-            pruning.ADMMPruner(model, table, budget, (1, 1, 28, 28), vector_width=V, rest_model="m").prepare()
+            pruning.ADMMPruner(model, table, budget, (1, 1, 28, 28), group_width=V, rest_model="m").prepare()
 
 
 def test_missing_layer_in_table_is_a_clear_error():
     layers = _layers(zoo.small_cnn())
     table = _synthetic_table(layers[:2])
     with pytest.raises(ValueError, match="no entry for: conv3"):
-        pruning.ADMMPruner(zoo.small_cnn(), table, 1.0, (1, 1, 28, 28), vector_width=V).prepare()
+        pruning.ADMMPruner(zoo.small_cnn(), table, 1.0, (1, 1, 28, 28), group_width=V).prepare()
 
 
 # ------------------------------------------------------------------- measured on this host: ADMM and export
@@ -117,8 +117,8 @@ def digits_setup():
     data = load_digits()
     torch.manual_seed(0)
     model = zoo.small_cnn()
-    pruning.train_dense(model, data, 8, batch_size=32, log=lambda *a: None)
-    table = pruning.measure_latency_table(model, data.input_shape, "x86", model_name="small_cnn",
+    training.train_dense(model, data, 8, batch_size=32, log=lambda *a: None)
+    table = profiler.measure_latency_table(model, data.input_shape, "x86", model_name="small_cnn",
                                           sparsities=(0.0, 0.6, 0.95), repeat=5)
     yield data, model, table
     torch.set_num_threads(threads)
@@ -127,25 +127,25 @@ def digits_setup():
 def test_admm_reaches_budget_and_keeps_accuracy(digits_setup):
     data, dense, table = digits_setup
     model = copy.deepcopy(dense)
-    dense_acc = pruning.evaluate(model, data.x_test, data.y_test)
+    dense_acc = training.evaluate(model, data.x_test, data.y_test)
     assert dense_acc > 0.9
     layers = pruning.find_prunable_layers(model, data.input_shape, pruning_v(table))
     lat = pruning.LatencyModel(table, layers, table.rest_ms["small_cnn"])
     budget = lat.min_ms(0.01) + 0.4 * (lat.dense_ms() - lat.min_ms(0.01))
-    result = pruning.prune(model, data, table, budget, vector_width=pruning_v(table), admm_epochs=4,
-                           finetune_epochs=3, batch_size=32, rest_model="small_cnn", log=lambda *a: None)
+    result = training.prune(model, data, table, budget, group_width=pruning_v(table), admm_epochs=4,
+                            finetune_epochs=3, batch_size=32, rest_model="small_cnn", log=lambda *a: None)
     assert result.predicted_ms <= budget + 1e-9
     assert result.accuracy >= 0.85, result.accuracy  # stated floor: 85% on digits (dense ~95-98%)
     assert any(s > 0.05 for s in result.sparsities.values())
-    assert [layer.vector_width for layer in result.layers] == \
+    assert [layer.group_width for layer in result.layers] == \
         [pruning_v(table).group_width(layer.spec.out_channels) for layer in result.layers]
     for layer in result.layers:  # SIMD structure: every V-group all zero or (trained) all kept
         w = layer.module.weight.detach()
         assert not hasattr(layer.module, "weight_mask")
-        kept = pruning.group_mask(w, layer.vector_width)
+        kept = pruning.group_mask(w, layer.group_width)
         assert 1.0 - int(kept.sum()) / kept.numel() == pytest.approx(result.sparsities[layer.name], abs=1e-12)
-        lanes = (pruning._blocked(w, layer.vector_width) != 0).sum(dim=1)  # non-zero lanes per group
-        assert torch.all((lanes == 0) | (lanes == layer.vector_width))
+        lanes = (pruning._blocked(w, layer.group_width) != 0).sum(dim=1)  # non-zero lanes per group
+        assert torch.all((lanes == 0) | (lanes == layer.group_width))
     digits_setup[1].pruned = model
 
 
@@ -157,9 +157,11 @@ def test_several_admm_updates_per_epoch(digits_setup):
     lat = pruning.LatencyModel(table, layers, table.rest_ms["small_cnn"])
     budget = lat.min_ms(0.01) + 0.5 * (lat.dense_ms() - lat.min_ms(0.01))
     with pytest.raises(ValueError, match="updates_per_epoch"):
-        pruning.prune(copy.deepcopy(dense), data, table, budget, updates_per_epoch=0, rest_model="small_cnn")
-    result = pruning.prune(model, data, table, budget, admm_epochs=2, finetune_epochs=1, batch_size=32,
-                           updates_per_epoch=3, rest_model="small_cnn", log=lambda *a: None)
+        training.prune(copy.deepcopy(dense), data, table, budget, group_width=pruning_v(table), updates_per_epoch=0,
+                       rest_model="small_cnn")
+    result = training.prune(model, data, table, budget, group_width=pruning_v(table), admm_epochs=2,
+                            finetune_epochs=1, batch_size=32, updates_per_epoch=3, rest_model="small_cnn",
+                            log=lambda *a: None)
     admm = [row for row in result.history if row["phase"] == "admm"]
     assert len(admm) == 2 and result.predicted_ms <= budget + 1e-9
     assert result.pruner.rho == pytest.approx(pruning.DEFAULT_RHO * 1.6 ** 2, rel=1e-9)  # 6 steps of 1.6^(1/3)
@@ -203,13 +205,13 @@ def test_export_compile_outputs_equal(digits_setup, tmp_path):
 
 
 def test_cli_bad_budget_exit_2(digits_setup, tmp_path, capsys):
-    from alcs_tvm import prune_cli
+    from alcs_tvm import cli
 
     _, _, table = digits_setup
     path = str(tmp_path / "t.json")
     table.save(path)
     for budget in ("-1", "1e-6"):
-        code = prune_cli.main(["--model", "small_cnn", "--data", "digits", "--latency-table", path,
+        code = cli.main(["prune", "--model", "small_cnn", "--data", "digits", "--latency-table", path,
                                "--budget-ms", budget, "-o", str(tmp_path / "x.onnx")])
         assert code == 2
         err = capsys.readouterr().err
@@ -218,7 +220,7 @@ def test_cli_bad_budget_exit_2(digits_setup, tmp_path, capsys):
 
 
 def test_load_model_passes_only_what_the_factory_takes(tmp_path):
-    from alcs_tvm.prune_cli import load_model
+    from alcs_tvm.zoo import load_model
 
     model = load_model("mobilenet_v2", num_classes=10, in_channels=1)  # 1-channel MNIST into a zoo MobileNetV2
     assert model.features[0][0].in_channels == 1 and model.classifier[1].out_features == 10
@@ -240,12 +242,12 @@ def test_projected_accuracy_reestimates_batchnorm_on_a_copy_of_the_statistics():
     data = load_digits()
     torch.manual_seed(0)
     model = zoo.mobilenet_v2_tiny(num_classes=10, in_channels=1)  # BatchNorm after every conv
-    pruning.train_dense(model, data, 2, batch_size=64, log=lambda *a: None)
+    training.train_dense(model, data, 2, batch_size=64, log=lambda *a: None)
     layers = _layers(model, data.input_shape)
     table = _synthetic_table(layers)
     lat = pruning.LatencyModel(table, layers, table.rest_ms["m"])
     budget = 0.5 * (lat.dense_ms() + lat.min_ms(0.01))
-    pruner = pruning.ADMMPruner(model, table, budget, data.input_shape, vector_width=V, rest_model="m").prepare()
+    pruner = pruning.ADMMPruner(model, table, budget, data.input_shape, group_width=V, rest_model="m").prepare()
     pruner.step()
     before = copy.deepcopy(model.state_dict())
     rng = torch.get_rng_state()
@@ -273,5 +275,5 @@ def test_projected_accuracy_reestimates_batchnorm_on_a_copy_of_the_statistics():
             if i == 16:
                 break
             ref(x)
-    assert acc == pruning.evaluate(ref, data.x_test, data.y_test)
+    assert acc == training.evaluate(ref, data.x_test, data.y_test)
     assert sum(int((~k).sum()) for k in pruner.keep) > 0  # the plan pruned something

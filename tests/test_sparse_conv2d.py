@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from reference import torch_conv
 
-from alcs_tvm.operator import Conv2dSpec, build_sparse_conv2d, sparse_conv2d_kernel
+from alcs_tvm.kernels import build_sparse_conv2d, sparse_conv2d_kernel
+from alcs_tvm.layer import Conv2dSpec, KernelLayout
 from alcs_tvm.schedules import SparseConvSchedule
 from alcs_tvm.sparse_format import BlockSparseWeight, random_block_sparse
 
@@ -95,7 +96,7 @@ def run_kernel(kernel, x):
     dev = tvm.cpu()
     args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev)
             for a in [x] + kernel.packed.arrays() + [np.full(kernel.output_shape, np.nan, np.float32)]]
-    executable.mod["alcs_sparse_conv2d"](*args)
+    executable.mod[kernel.func.attrs["global_symbol"]](*args)
     return args[-1].numpy()
 
 
@@ -106,9 +107,7 @@ def test_model_layouts_prepadded_blocked_in_and_out(input_block, output_pad):
     border for the next layer."""
     x, weight, b = make_case(5, 16, 36, 10, 3, 0.5, 8, bias=True)
     spec = Conv2dSpec.create(x.shape, weight.shape, 2, 1, 1)
-    kernel = sparse_conv2d_kernel(BlockSparseWeight.from_dense(weight, 8), spec, bias=b, activation="relu",
-                                  target={"kind": "llvm"}, input_prepadded=True, input_block=input_block,
-                                  output_blocked=True, output_pad=output_pad)
+    kernel = sparse_conv2d_kernel(BlockSparseWeight.from_dense(weight, 8), spec, KernelLayout(bias=b is not None, activation="relu", input_prepadded=True, input_block=input_block, output_blocked=True, output_pad=output_pad), bias=b, target={"kind": "llvm"})
     padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
     if input_block > 1:
         n, c, h, w = padded.shape
@@ -141,8 +140,7 @@ def test_input_border_wider_than_padding(kernel_size, stride, pad, border):
     1x1 stride-2 shortcut conv reads the 3x3 conv's border-1 input)."""
     x, weight, b = make_case(7, 16, 32, 9, kernel_size, 0.5, 8, bias=True)
     spec = Conv2dSpec.create(x.shape, weight.shape, stride, pad, 1)
-    kernel = sparse_conv2d_kernel(BlockSparseWeight.from_dense(weight, 8), spec, bias=b, target={"kind": "llvm"},
-                                  input_prepadded=True, input_block=8, input_border=border)
+    kernel = sparse_conv2d_kernel(BlockSparseWeight.from_dense(weight, 8), spec, KernelLayout(bias=b is not None, input_prepadded=True, input_block=8, input_border=border), bias=b, target={"kind": "llvm"})
     assert_close(run_kernel(kernel, _blocked(x, 8, border)), torch_conv(x, weight, b, stride, pad, 1, None))
 
 
@@ -155,9 +153,7 @@ def test_residual_added_before_activation(residual, blocked_out, activation):
     spec = Conv2dSpec.create(x.shape, weight.shape, 1, 1, 1)
     shortcut = np.random.default_rng(9).standard_normal((1, 36, 10, 10)).astype(np.float32)
     res_pad = (1, 1, 1, 1) if residual == "blocked" else (0, 0, 0, 0)
-    kernel = sparse_conv2d_kernel(BlockSparseWeight.from_dense(weight, 8), spec, bias=b, activation=activation,
-                                  target={"kind": "llvm"}, output_blocked=blocked_out, residual=residual,
-                                  residual_pad=res_pad)
+    kernel = sparse_conv2d_kernel(BlockSparseWeight.from_dense(weight, 8), spec, KernelLayout(bias=b is not None, activation=activation, output_blocked=blocked_out, residual=residual, residual_pad=res_pad), bias=b, target={"kind": "llvm"})
     res = _blocked(shortcut, 8, res_pad) if residual == "blocked" else shortcut
     assert kernel.residual_shape == res.shape
     import tvm
@@ -165,7 +161,7 @@ def test_residual_added_before_activation(residual, blocked_out, activation):
     executable = tvm.compile(kernel.func, target={"kind": "llvm"})
     arrays = [x] + kernel.packed.arrays() + [res, np.full(kernel.output_shape, np.nan, np.float32)]
     args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
-    executable.mod["alcs_sparse_conv2d"](*args)
+    executable.mod[kernel.func.attrs["global_symbol"]](*args)
     out = args[-1].numpy()
     if blocked_out:
         out = out.transpose(0, 1, 4, 2, 3).reshape(1, 40, 10, 10)[:, :36]
@@ -182,9 +178,7 @@ def test_one_activation_buffer_variant_computes_the_same(residual, prepadded):
     x, weight, b = make_case(11, 16, 36, 10, 3, 0.6, 8, bias=True)
     spec = Conv2dSpec.create(x.shape, weight.shape, 1, 1, 1)
     shortcut = np.random.default_rng(12).standard_normal((1, 36, 10, 10)).astype(np.float32)
-    kernel = sparse_conv2d_kernel(BlockSparseWeight.from_dense(weight, 8), spec, bias=b, activation="relu",
-                                  target={"kind": "llvm"}, residual=residual, input_prepadded=prepadded,
-                                  one_activation_buffer=True)
+    kernel = sparse_conv2d_kernel(BlockSparseWeight.from_dense(weight, 8), spec, KernelLayout(bias=b is not None, activation="relu", residual=residual, input_prepadded=prepadded), bias=b, target={"kind": "llvm"}, one_activation_buffer=True)
     at = kernel.activation_offsets
     assert all(at[k] % 64 == 0 for k in at) and at["y"] >= at["x"] + x.size
     xin = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1))) if prepadded else x
@@ -195,7 +189,7 @@ def test_one_activation_buffer_variant_computes_the_same(residual, prepadded):
     executable = tvm.compile(kernel.func, target={"kind": "llvm"})
     args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in [io] + kernel.packed.arrays()]
     assert len(kernel.func.params) == len(args)
-    executable.mod["alcs_sparse_conv2d"](*args)
+    executable.mod[kernel.func.attrs["global_symbol"]](*args)
     out = args[0].numpy()[at["y"]:at["y"] + 36 * 100].reshape(1, 36, 10, 10)
     ref = torch_conv(x, weight, b, 1, 1, 1, None) + (shortcut if residual else 0)
     assert_close(out, np.maximum(ref, 0))
@@ -233,7 +227,7 @@ def test_wrong_input_at_run_time():
 def test_uneven_blocks_are_balanced_across_threads_and_stay_correct():
     """A pruned layer whose blocks keep very different numbers of positions (as importance-based pruning
     produces): the visit order halves the work evenly, and results do not depend on the order."""
-    from alcs_tvm.operator import balanced_block_order
+    from alcs_tvm.kernels import balanced_block_order
 
     rng = np.random.default_rng(4)
     weight = rng.standard_normal((128, 32, 3, 3)).astype(np.float32)
@@ -260,19 +254,16 @@ def test_wide_group_writes_narrower_blocks(residual):
     x, weight, b = make_case(13, 16, 64, 9, 3, 0.7, 32, bias=True)
     spec = Conv2dSpec.create(x.shape, weight.shape, 1, 1, 1)
     shortcut = np.random.default_rng(14).standard_normal((1, 64, 9, 9)).astype(np.float32)
-    kernel = sparse_conv2d_kernel(BlockSparseWeight.from_dense(weight, 32), spec, bias=b, activation="relu",
-                                  target="x86-avx512", output_blocked=True, output_pad=(1, 1, 1, 1),
-                                  residual=residual, out_block=16)
+    kernel = sparse_conv2d_kernel(BlockSparseWeight.from_dense(weight, 32), spec, KernelLayout(bias=b is not None, activation="relu", output_blocked=True, output_pad=(1, 1, 1, 1), residual=residual, out_block=16), bias=b, target="x86-avx512")
     assert kernel.output_shape == (1, 4, 11, 11, 16)
     arrays = [x] + kernel.packed.arrays() + ([_blocked(shortcut, 16, (0, 0, 0, 0))] if residual else []) + \
         [np.full(kernel.output_shape, np.nan, np.float32)]
     args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
-    tvm.compile(kernel.func, target={"kind": "llvm"}).mod["alcs_sparse_conv2d"](*args)
+    tvm.compile(kernel.func, target={"kind": "llvm"}).mod[kernel.func.attrs["global_symbol"]](*args)
     out = args[-1].numpy()
     assert np.all(out[:, :, 0] == 0) and np.all(out[:, :, :, -1] == 0)  # the zero border
     out = out[:, :, 1:-1, 1:-1].transpose(0, 1, 4, 2, 3).reshape(1, 64, 9, 9)
     ref = torch_conv(x, weight, b, 1, 1, 1, None) + (shortcut if residual else 0)
     assert_close(out, np.maximum(ref, 0))
     with pytest.raises(ValueError, match="must divide"):
-        sparse_conv2d_kernel(BlockSparseWeight.from_dense(weight, 32), spec, target="x86-avx512",
-                             output_blocked=True, out_block=12)
+        sparse_conv2d_kernel(BlockSparseWeight.from_dense(weight, 32), spec, KernelLayout(output_blocked=True, out_block=12), target="x86-avx512")

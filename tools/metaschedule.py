@@ -1,4 +1,5 @@
-"""MetaSchedule tuning with an on-disk cache.
+"""MetaSchedule tuning with an on-disk cache: the tuned dense baselines the benchmarks compare against (the
+package itself never uses MetaSchedule).
 
 Two levels:
 
@@ -23,13 +24,18 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import tvm
 
-from .locking import file_lock
-from .operator import normalize_padding, normalize_pair
+sys.path.insert(0, os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")))
+
+from alcs_tvm.files import cache_dir as alcs_cache_dir  # noqa: E402
+from alcs_tvm.files import file_lock  # noqa: E402
+from alcs_tvm.layer import normalize_padding, normalize_pair  # noqa: E402
+from alcs_tvm.target import TargetInfo, resolve_target  # noqa: E402
 
 __all__ = ["cache_dir", "tune_tir", "compile_tuned", "TuneResult", "Conv2dWorkload", "dense_conv2d_func",
            "tuned_dense_conv2d", "TunedModule", "target_key", "find_cached", "fast_build"]
@@ -40,17 +46,10 @@ _DONE = "done.json"
 # ----------------------------------------------------------------------------------------------- cache
 def cache_dir() -> str:
     """Root of the tuning cache (``$ALCS_TVM_CACHE/tuning`` or ``~/.cache/alcs_tvm/tuning``)."""
-    root = os.environ.get("ALCS_TVM_CACHE")
-    if root:
-        return os.path.join(os.path.expanduser(root), "tuning")
-    return os.path.join(os.path.expanduser("~"), ".cache", "alcs_tvm", "tuning")
+    return str(alcs_cache_dir() / "tuning")
 
 
 def _to_target(target):
-    import tvm
-
-    from .target import TargetInfo, resolve_target
-
     if isinstance(target, TargetInfo):
         return target.target
     if isinstance(target, tvm.target.Target):
@@ -60,8 +59,6 @@ def _to_target(target):
 
 def _with_num_cores(target):
     """MetaSchedule needs ``num-cores`` on CPU targets; default to this host's logical CPU count."""
-    import tvm
-
     cfg = {k: v for k, v in target.export().items()}
     if int(cfg.get("num-cores", 0) or 0) > 0:
         return target
@@ -71,24 +68,18 @@ def _with_num_cores(target):
 
 def target_key(target) -> str:
     """Stable text for a target (the fields that change generated code)."""
-    from .target import TargetInfo, resolve_target
-
     if not isinstance(target, TargetInfo):
         target = resolve_target(_to_target(target))
     return target.key
 
 
 def _normalize(mod):
-    import tvm
-
     if isinstance(mod, tvm.tirx.PrimFunc):
         mod = tvm.IRModule({"main": mod.with_attr("global_symbol", "main")})
     return mod
 
 
 def _entry_key(mod, target, trials: int, extra: str = "") -> tuple[str, dict]:
-    import tvm
-
     meta = {
         "target": target_key(target),
         "workload": hashlib.sha256(mod.script().encode()).hexdigest(),
@@ -265,7 +256,6 @@ def find_cached(func, target) -> TuneResult | None:
 def compile_tuned(result: TuneResult):
     """Compile the best schedule of a :class:`TuneResult` (falls back to the untuned function when the
     database has no valid record). Returns the ``tvm.compile`` executable (``.mod["main"]``)."""
-    import tvm
     from tvm.s_tir import meta_schedule as ms
 
     sch = ms.tir_integration.compile_tir(result.database(), result.mod, result.target)
@@ -367,8 +357,6 @@ def tuned_dense_conv2d(input_shape, weight_shape, *, stride=1, padding=0, dilati
     ``trials=0`` tunes nothing: it uses the cache entry with the most trials for this workload if there is one
     (``use_cached``), else compiles the untuned TIR (naive loops: correct but slow; ``module.tune is None``).
     ``tune_kwargs`` go to :func:`tune_tir` (e.g. ``strategy``, ``trials_per_iter``, ``num_tuning_cores``)."""
-    import tvm
-
     wl = Conv2dWorkload.create(input_shape, weight_shape, stride, padding, dilation, bias, relu)
     func = dense_conv2d_func(wl)
     tvm_target = _to_target(target)
@@ -381,7 +369,3 @@ def tuned_dense_conv2d(input_shape, weight_shape, *, stride=1, padding=0, dilati
         return TunedModule(wl, tvm.compile(_normalize(func), target=tvm_target), None)
     result = tune_tir(func, target, trials, work_dir, label=wl.name(), report=report, **tune_kwargs)
     return TunedModule(wl, compile_tuned(result), result)
-
-
-def workload_dict(wl: Conv2dWorkload) -> dict:
-    return asdict(wl)

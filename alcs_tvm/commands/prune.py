@@ -13,74 +13,19 @@ import os
 
 import torch
 
-from .pruning import DEFAULT_RHO, DEFAULT_UPDATES_PER_EPOCH, over_budget_hint
-from .target import VECTOR_WIDTH_HELP
-
-__all__ = ["register_cli", "load_model", "write_plot"]
-
-
-def _accepted_kwargs(factory, **kwargs) -> dict:
-    """The subset of ``kwargs`` that ``factory`` names (a factory without ``in_channels`` is still called with
-    ``num_classes``; a TypeError raised inside the factory is not mistaken for a signature mismatch)."""
-    import inspect
-
-    params = inspect.signature(factory).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return kwargs
-    return {k: v for k, v in kwargs.items() if k in params}
+from ..data import load_dataset
+from ..latency import LatencyTable
+from ..plots import write_plot
+from ..profiler import measure_latency
+from ..pruning import (DEFAULT_RHO, DEFAULT_UPDATES_PER_EPOCH, LatencyModel, check_budget, export_pruned,
+                       find_prunable_layers, over_budget_hint)
+from ..target import resolve_target
+from ..training import evaluate, prune, train_dense
+from ..zoo import load_model
+from .common import TARGET_HELP, VECTOR_WIDTH_HELP
 
 
-def load_model(spec: str, num_classes: int, in_channels: int, weights: str | None = None):
-    """A zoo name or ``path/to/file.py:factory``; optional ``weights`` (a state_dict file)."""
-    from . import zoo
-    from .data import _import_callable
-
-    if ":" in spec:
-        factory = _import_callable(spec)
-    elif spec in zoo.MODELS:
-        factory = zoo.MODELS[spec]
-    else:
-        raise ValueError(f"unknown model {spec!r}: use one of {', '.join(sorted(zoo.MODELS))} or "
-                         f"path/to/file.py:factory")
-    model = factory(**_accepted_kwargs(factory, num_classes=num_classes, in_channels=in_channels))
-    if not isinstance(model, torch.nn.Module):
-        raise ValueError(f"{spec} did not return a torch.nn.Module")
-    if weights:
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"no such weights file: {weights}")
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
-    return model
-
-
-def write_plot(path: str, result, points: list | None = None):
-    """Left: per-layer fraction of SIMD groups pruned. Right: accuracy vs latency points
-    (``points``: ``[(label, ms, accuracy)]``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    names = list(result.sparsities)
-    a.bar(range(len(names)), [result.sparsities[n] for n in names], color="tab:blue")
-    a.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-    a.set_ylabel("SIMD groups pruned")
-    a.set_ylim(0, 1)
-    a.set_title("per-layer sparsity")
-    for label, ms, acc in points or []:
-        b.scatter(ms, acc, label=label)
-    b.axvline(result.budget_ms, color="grey", ls="--", label="budget")
-    b.set_xlabel("latency (ms)")
-    b.set_ylabel("test accuracy")
-    b.set_title("accuracy vs latency")
-    b.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def register_cli(subparsers):
+def register(subparsers):
     p = subparsers.add_parser(
         "prune", help="latency-constrained SIMD-structured pruning (ADMM), exported to ONNX",
         description="Prune MODEL's convolutions in SIMD groups (V output channels at one (cin, kh, kw)) so that "
@@ -91,7 +36,7 @@ def register_cli(subparsers):
     p.add_argument("--latency-table", required=True, help="latency table JSON (alcs profile)")
     p.add_argument("--budget-ms", type=float, required=True, help="latency budget in ms")
     p.add_argument("-o", "--output", required=True, help="pruned ONNX file")
-    p.add_argument("--target", default="x86", help="target (sets V and the measurement target)")
+    p.add_argument("--target", default="x86", help=TARGET_HELP + " (sets V and the measurement target)")
     p.add_argument("--vector-width", type=int, help=VECTOR_WIDTH_HELP)
     p.add_argument("--rest-model", help="model name whose 'rest of model' time in the table is added "
                                         "(default: --model when the table has it)")
@@ -109,16 +54,10 @@ def register_cli(subparsers):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--torch-threads", type=int, default=1,
                    help="threads for training (small models: 1 is fastest, and far faster on a busy host)")
-    p.set_defaults(func=_cli_prune)
+    p.set_defaults(func=run)
 
 
-def _cli_prune(args):
-    from .data import load_dataset
-    from .latency import LatencyTable
-    from .pruning import (LatencyModel, evaluate, export_pruned, find_prunable_layers,
-                          measure_latency, prune, train_dense)
-    from .target import resolve_target
-
+def run(args):
     table = LatencyTable.load(args.latency_table)
     torch.set_num_threads(max(1, args.torch_threads))
     torch.manual_seed(args.seed)
@@ -129,17 +68,14 @@ def _cli_prune(args):
     # fail on a bad budget before any training
     layers = find_prunable_layers(model, data.input_shape, info)
     rest = table.rest_ms.get(rest_model, 0.0) if rest_model else 0.0
-    from .pruning import check_budget
-
     check_budget(LatencyModel(table, layers, rest), args.budget_ms, args.min_density)
     if not args.weights:
         train_dense(model, data, args.pretrain_epochs, lr=args.lr, batch_size=args.batch_size)
-    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     dense_acc = evaluate(model, data.x_test, data.y_test)
     dense_onnx = None
     if not args.no_measure:
         dense_onnx = export_pruned(model, args.output + ".dense.onnx", data.input_shape)
-    result = prune(model, data, table, args.budget_ms, target=info,
+    result = prune(model, data, table, args.budget_ms, group_width=info,
                    admm_epochs=args.epochs, finetune_epochs=args.finetune_epochs, lr=args.lr,
                    batch_size=args.batch_size, rho=args.rho, importance=args.importance,
                    updates_per_epoch=args.updates_per_epoch, min_density=args.min_density,
@@ -174,25 +110,5 @@ def _cli_prune(args):
                "sparsities": result.sparsities, "history": result.history}
     with open(base + ".json", "w") as f:
         json.dump(summary, f, indent=1)
-    del dense_state
     print(f"wrote {args.output}, {base}.png, {base}.json")
     return 0
-
-
-def main(argv=None) -> int:
-    """``python -m alcs_tvm.prune_cli ...`` (same as ``alcs prune ...``; same one-line errors, exit 2)."""
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(prog="alcs")
-    register_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["prune"] + list(sys.argv[1:] if argv is None else argv))
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"alcs prune: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""``alcs compile``: an ONNX model into a deployable Relax library, with the per-layer report."""
+from __future__ import annotations
+
+import os
+
+from .. import compiler, frontend
+from ..latency import LatencyTable
+from ..latency_regressor import LatencyRegressor
+from ..run import write_sidecar
+from ..target import resolve_target
+from .common import TARGET_HELP, VECTOR_WIDTH_HELP, input_shapes_arg, require_file
+
+
+def register(subparsers):
+    p = subparsers.add_parser(
+        "compile", help="compile an ONNX model into a Relax library with sparse convolutions",
+        description="Compile MODEL.onnx for a CPU target. Convolutions with SIMD-block sparse constant weights "
+                    "run the ALCS sparse kernel; the report says, per layer, what ran and why.")
+    p.add_argument("model", help="ONNX file")
+    p.add_argument("--target", default="x86", help=TARGET_HELP)
+    p.add_argument("-o", "--output", required=True, help="output library (.so, or .tar of objects)")
+    input_shapes_arg(p)
+    p.add_argument("--vector-width", type=int, help=VECTOR_WIDTH_HELP)
+    p.add_argument("--no-sparse", action="store_true", help="run every conv with the dense kernel")
+    p.add_argument("--sparsity-threshold", type=float, metavar="D",
+                   help="use the sparse kernel for layers whose block density is <= D")
+    p.add_argument("--latency-table", help="latency table JSON: decide per layer by measured latency")
+    p.add_argument("--estimate-missing", nargs="*", metavar="TABLE",
+                   help="layers not in --latency-table: estimate them with an XGBoost regressor trained on the "
+                        "table (and on these further tables of the same target) instead of failing")
+    p.add_argument("--tuning", metavar="RECORDS",
+                   help="schedule tuning records from `alcs tune` (same target): each conv with its tuned schedule")
+    p.add_argument("--cross-compiler", help="C++ cross compiler for linking (default for arm64: "
+                                            "aarch64-linux-gnu-g++)")
+    p.add_argument("--report", help="write the per-layer report JSON here (default: OUTPUT.report.json)")
+    p.set_defaults(func=run)
+
+
+def run(args):
+    require_file(args.model)
+    input_shapes = frontend.parse_input_shapes(args.input_shapes) if args.input_shapes else None
+    latency_table = None
+    if args.latency_table:
+        latency_table = LatencyTable.load(args.latency_table)
+        if args.estimate_missing is not None:
+            regressor = LatencyRegressor.fit([latency_table] + [LatencyTable.load(t) for t in args.estimate_missing])
+            latency_table.estimate_missing(regressor)
+            print(regressor.describe())
+    elif args.estimate_missing is not None:
+        raise ValueError("--estimate-missing needs --latency-table")
+    info = resolve_target(args.target, args.vector_width)
+    executable, report = compiler.compile(args.model, info, input_shapes=input_shapes, sparse=not args.no_sparse,
+                                 density_threshold=args.sparsity_threshold, latency_table=latency_table,
+                                 tuning=args.tuning)
+    print(report.table())
+    compiler.export(executable, args.output, info, args.cross_compiler)
+    write_sidecar(args.output, report.relax_module, target=info.target)
+    report_path = args.report or f"{args.output}.report.json"
+    report.write(report_path)
+    print(f"wrote {args.output} (+ {os.path.basename(report_path)})")
+    return 0

@@ -1,0 +1,88 @@
+"""Safe on-disk state, shared by everything that caches or records measurements: the cache directory, an exclusive
+advisory file lock (device image, tuning caches) and atomic JSON writes and checked reads (latency tables, tuning
+records)."""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["cache_dir", "file_lock", "write_json_atomic", "read_json_file", "TableMismatchError", "check_same_device",
+           "check_measured_for"]
+
+
+def cache_dir() -> Path:
+    """Where the device image and the default state file live (``$ALCS_TVM_CACHE`` or ``~/.cache/alcs_tvm``)."""
+    path = Path(os.environ.get("ALCS_TVM_CACHE") or Path.home() / ".cache" / "alcs_tvm")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def file_lock(path):
+    """Hold an exclusive ``flock`` on ``path`` (created, with its directory, if missing) for the block."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def write_json_atomic(path, data, prefix=".alcs-"):
+    """Write ``data`` as JSON to ``path`` through a temp file and a rename: an interrupted write never leaves a
+    torn file, and what was there before stays until the new content is complete."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_json_file(path, what: str, format_tag: str) -> dict:
+    """The JSON object at ``path`` written by :func:`write_json_atomic` with ``{"format": format_tag, ...}``;
+    one-line errors naming ``what`` (e.g. "latency table") for a missing file, bad JSON or another format."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {what} at {path}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} {path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict) or data.get("format") != format_tag:
+        raise ValueError(f"{path} is not an alcs {what} file (expected format {format_tag!r})")
+    return data
+
+
+class TableMismatchError(ValueError):
+    """A measurement file was made for another target, TVM version, device or layer set than the one asked about."""
+
+
+def check_same_device(path, measured_on: str, device_key: str, what: str = "measured"):
+    """Resuming a table or records measured on another device would mix two devices' numbers."""
+    if measured_on != device_key:
+        raise TableMismatchError(f"{path} was {what} on device {measured_on!r}, not {device_key!r}: write a new "
+                                 f"file (-o)")
+
+
+def check_measured_for(what: str, target: dict, family: str, tvm_version: str, target_info=None,
+                       current_tvm: str | None = None, remedy: str = "re-measure"):
+    """Raise :class:`TableMismatchError` when ``what`` (e.g. "latency table") was measured for another target
+    (``target_info.key``) or TVM version than the ones given; measurements of one do not hold for the other."""
+    if target_info is not None:
+        wanted = json.loads(target_info.key)
+        if wanted != target:
+            raise TableMismatchError(f"{what} was measured for target {target} ({family}), not {wanted} "
+                                     f"({target_info.family}): {remedy}")
+    if current_tvm is not None and current_tvm != tvm_version:
+        raise TableMismatchError(f"{what} was measured with TVM {tvm_version}, this is TVM {current_tvm}: {remedy}")

@@ -1,0 +1,79 @@
+"""The host's build tools: Debian packages installed on demand, and the aarch64 cross compiler."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+__all__ = ["ensure_debian_packages", "ensure_cross_toolchain", "cross_compile_function", "CROSS_PACKAGES",
+           "CROSS_CXX"]
+
+CROSS_PACKAGES = ("g++-aarch64-linux-gnu", "binutils-aarch64-linux-gnu")
+CROSS_CXX = "aarch64-linux-gnu-g++"
+
+
+def _log(verbose, msg):
+    if verbose:
+        print(f"[alcs] {msg}", file=sys.stderr, flush=True)
+
+
+_APT_UPDATED = False
+
+
+def _missing_debs(packages) -> list[str]:
+    missing = []
+    for pkg in packages:
+        res = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True)
+        if res.returncode != 0 or "install ok installed" not in res.stdout:
+            missing.append(pkg)
+    return missing
+
+
+def ensure_debian_packages(packages, verbose: bool = True) -> None:
+    """Install the Debian ``packages`` that are missing (``apt-get update`` once per process, then install)."""
+    global _APT_UPDATED
+    missing = _missing_debs(packages)
+    if not missing:
+        return
+    if shutil.which("apt-get") is None:
+        raise RuntimeError(f"missing Debian packages {' '.join(missing)} and no apt-get on this machine")
+    sudo = [] if os.geteuid() == 0 else (["sudo", "-n"] if shutil.which("sudo") else None)
+    if sudo is None:
+        raise PermissionError(f"missing Debian packages {' '.join(missing)}; install them as root: "
+                              f"apt-get install -y {' '.join(missing)}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    lock = ["-o", "DPkg::Lock::Timeout=300"]
+    if not _APT_UPDATED:
+        _log(verbose, "apt-get update")
+        subprocess.run(sudo + ["apt-get", *lock, "update", "-q"], env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+        _APT_UPDATED = True
+    _log(verbose, f"apt-get install -y {' '.join(missing)}")
+    res = subprocess.run(sudo + ["apt-get", *lock, "install", "-y", "-q", "--no-install-recommends", *missing],
+                         env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"apt-get install {' '.join(missing)} failed:\n{res.stdout[-2000:]}{res.stderr[-2000:]}")
+
+
+def ensure_cross_toolchain(verbose: bool = True) -> str:
+    """Make sure the aarch64 cross toolchain is installed; return the path of ``aarch64-linux-gnu-g++``.
+
+    Use it before cross compiling, e.g.
+    ``lib.export_library(path, fcompile=tvm.support.cc.cross_compiler(ensure_cross_toolchain()))``.
+    """
+    path = shutil.which(CROSS_CXX)
+    if path is None or _missing_debs(CROSS_PACKAGES):
+        ensure_debian_packages(CROSS_PACKAGES, verbose=verbose)
+        path = shutil.which(CROSS_CXX)
+    if path is None:
+        raise RuntimeError(f"{CROSS_CXX} not found after installing {' '.join(CROSS_PACKAGES)}")
+    return path
+
+
+def cross_compile_function(cross_compiler: str | None = None):
+    """TVM's ``fcompile`` linking aarch64 objects with ``cross_compiler`` (default: the Debian cross g++,
+    installed if missing)."""
+    from tvm.support import cc  # deferred: this module is also used where TVM is not needed
+
+    return cc.cross_compiler(cross_compiler or ensure_cross_toolchain(verbose=False))
