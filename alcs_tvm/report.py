@@ -22,6 +22,7 @@ class LayerDecision:
     predicted_ms: dict = field(default_factory=dict)  # {"sparse": .., "dense": ..} when a latency table decided
     spec: Conv2dSpec | None = None  # a rewritable layer's geometry (what latency tables are keyed by)
     kernel: KernelLayout | None = None  # how a rewritten conv's kernel is called in the model
+    symbol: str | None = None  # the kernel function a rewritten layer runs (what a profile names)
 
     def row(self) -> list:
         density = "-" if self.density is None else f"{self.density:.3f}"

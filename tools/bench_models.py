@@ -25,6 +25,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from alcs_tvm.kernel_profile import kernel_kind  # noqa: E402
+
 MODELS = ("resnet18", "mobilenet_v2")
 SPARSITIES = (0, 50, 70, 80, 90)
 BARS = {  # (sparsity %, minimum ORT/alcs ratio) from the issue; at 0 % alcs may be at most 1.25x slower
@@ -35,20 +37,6 @@ BARS = {  # (sparsity %, minimum ORT/alcs ratio) from the issue; at 0 % alcs may
 
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
-
-
-def categorise(symbol: str) -> str:
-    if symbol.startswith("alcs_spconv_"):
-        return "alcs conv kernels"
-    if symbol.startswith("alcs_depthwise"):
-        return "alcs depthwise (blocked)"
-    if "conv2d" in symbol:
-        return "depthwise/grouped conv"
-    if "matmul" in symbol:
-        return "matmul (head)"
-    if symbol.startswith("vm.builtin"):
-        return "vm overhead"
-    return "pool/elementwise/other"
 
 
 def time_breakdown(executable, x, rounds: int = 5) -> dict:
@@ -65,7 +53,9 @@ def time_breakdown(executable, x, rounds: int = 5) -> dict:
         if before:
             started[0] = time.perf_counter()
         else:
-            spent[categorise(str(symbol))] += time.perf_counter() - started[0]
+            symbol = str(symbol)
+            spent["vm overhead" if symbol.startswith("vm.builtin") else kernel_kind(symbol)] += \
+                time.perf_counter() - started[0]
         return 0
 
     vm.set_instrument(instrument)
@@ -157,7 +147,7 @@ def table(rows) -> list:
         line = (f"| {r['model']} | {r.get('vector_width', '-')} | {r['sparsity']}% | {r['threads']} | "
                 f"{r['alcs_ms']:.2f} | {r['ort_ms']:.2f} | {r['torch_ms']:.2f} | {ratio:.2f} | "
                 f"{r['torch_ms'] / r['alcs_ms']:.2f} | {verdict} | {r['compile_s']:.1f} | "
-                f"{r['time_breakdown'].get('alcs conv kernels', 0):.0%} |")
+                f"{r['time_breakdown'].get('alcs conv', 0):.0%} |")
         if tuned:
             line += (f" {r['alcs_tuned_ms']:.2f} | {r['ort_ms'] / r['alcs_tuned_ms']:.2f} | {r['tune_s']:.0f} |"
                      if "alcs_tuned_ms" in r else " - | - | - |")

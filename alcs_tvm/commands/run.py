@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import run as run_module
+from ..kernel_profile import format_profile, profile_library
 from ..run import read_sidecar, run_model
 from .common import add_device_arguments, check_device_arguments
 
@@ -25,6 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--number", type=int, default=1, help="runs per repeat (with --print-time; default 1)")
     add_device_arguments(p, local=False)
     p.add_argument("--function", default=None, help="Relax function to run (default main)")
+    p.add_argument("--profile", action="store_true",
+                   help="time every kernel of one inference on its own and print where the time goes (this host)")
     p.set_defaults(func=run)
 
 
@@ -36,6 +39,13 @@ def run(args):
     if args.inputs:
         with np.load(args.inputs) as data:
             inputs = {k: data[k] for k in data.files}
+    if args.profile:
+        if args.rpc or args.rpc_tracker:
+            raise ValueError("--profile runs on this host only: TVM's RPC cannot carry the VM's instrument "
+                             "callback to a device")
+        rows, whole_ms = profile_library(args.lib, inputs, repeat=args.repeat, function=args.function or "main")
+        print(format_profile(rows, whole_ms))
+        return 0
     t0 = time.time()
     try:
         outputs, timings = run_model(args.lib, inputs, rpc=args.rpc, tracker=args.rpc_tracker, key=args.rpc_key,

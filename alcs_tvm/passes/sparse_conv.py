@@ -449,6 +449,7 @@ class _Rewriter(relax.PyExprMutator):
                 {"op_pattern": 8, "tirx.is_scheduled": True})
             gv = self.builder_.add_func(func, self._unique(kernel.func.attrs["global_symbol"]))
             self.kernels[key] = gv
+        layer.report_row.symbol = gv.name_hint
         args = [data] + [relax.const(a) for a in kernel.packed.arrays()]
         if layer.residual is not None:
             args.append(self.visit_expr(layer.residual))
@@ -471,6 +472,7 @@ class _Rewriter(relax.PyExprMutator):
             gv = self.builder_.add_func(func.with_attrs({"op_pattern": 8, "tirx.is_scheduled": True}),
                                         self._unique(name))
             self.kernels[key] = gv
+        layer.report_row.symbol = gv.name_hint
         call = relax.call_tir(gv, [data] + [relax.const(a) for a in consts], relax.TensorType(out_shape, "float32"))
         new_var = self.builder_.emit(call, name_hint=binding.var.name)
         self.set_var_remap(binding.var, new_var)
