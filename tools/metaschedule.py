@@ -30,7 +30,12 @@ from typing import Callable
 import numpy as np
 import tvm
 
-sys.path.insert(0, os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")))
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.normpath(os.path.join(TOOLS, "..")))
+# MetaSchedule's builder pickles fast_build by reference into fresh worker processes, which must import this module
+# (and alcs_tvm) by name: they find both through PYTHONPATH
+os.environ["PYTHONPATH"] = os.pathsep.join([TOOLS, os.path.dirname(TOOLS)] + [p for p in
+                                           os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 from alcs_tvm.files import cache_dir as alcs_cache_dir  # noqa: E402
 from alcs_tvm.files import file_lock  # noqa: E402
