@@ -11,14 +11,15 @@ per-channel weights, any stride or dilation, no broadcasts, no shuffles::
         unrolled taps (kh, kw), unrolled cols, vectorised V:
           acc[c, :] += w[cb, kh, kw, :] * x[n, cb, row*sh + kh*dh, (col0 + c)*sw + kw*dw, :]
         store activation(acc) into the (optionally bordered) output
+
+Built with TVM's IRBuilder from plain Python functions like :mod:`.sparse_conv2d_cpu` (see :mod:`.tir_builder`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tvm.script import tirx as T
-
-from .sparse_conv2d_cpu import ACTIVATIONS, zero_border
+from .sparse_conv2d_cpu import ACTIVATIONS, activate, zero_border
+from .tir_builder import IRBuilder, T, loop, named
 
 __all__ = ["DepthwiseGeometry", "depthwise_nchwc_template"]
 
@@ -54,44 +55,39 @@ def depthwise_nchwc_template(geom: DepthwiseGeometry, *, activation=None, name="
     TW = min(geom.tile_cols, Wo)
     CT_FULL, TW_REM = divmod(Wo, TW)
     HAS_COL_REM = TW_REM > 0
-    RELU = activation in ("relu", "relu6")
-    RELU6 = activation == "relu6"
     OUT_BORDER = bool(any(geom.out_pad))
 
     zero_output_border = zero_border(N, CB, HOP, WOP, (OT, OL), (Ho, Wo), V)
 
-    @T.macro
     def tile(x, w, bias, y, n, cb, row, col0, tw):
-        acc = T.decl_buffer((tw * V,), "float32", scope="global")
-        for c in T.unroll(tw):
-            for v in T.vectorized(V):
-                acc[c * V + v] = bias[cb * V + v]
-        for kh in T.unroll(KH):
-            for kw in T.unroll(KW):
-                for c in T.unroll(tw):
-                    for v in T.vectorized(V):
-                        acc[c * V + v] = acc[c * V + v] + w[cb, kh, kw, v] * x[
-                            n, cb, row * SH + kh * DH, (col0 + c) * SW + kw * DW, v]
-        for c in T.unroll(tw):
-            for v in T.vectorized(V):
-                if RELU6:
-                    y[n, cb, OT + row, OL + col0 + c, v] = T.min(T.max(acc[c * V + v], T.float32(0)),
-                                                                 T.float32(6))
-                elif RELU:
-                    y[n, cb, OT + row, OL + col0 + c, v] = T.max(acc[c * V + v], T.float32(0))
-                else:
-                    y[n, cb, OT + row, OL + col0 + c, v] = acc[c * V + v]
+        acc = named("acc", T.decl_buffer((tw * V,), "float32", scope="global"))
+        with loop("c", T.unroll(tw)) as c:
+            with loop("v", T.vectorized(V)) as v:
+                T.buffer_store(acc, bias[cb * V + v], [c * V + v])
+        with loop("kh", T.unroll(KH)) as kh:
+            with loop("kw", T.unroll(KW)) as kw:
+                with loop("c", T.unroll(tw)) as c:
+                    with loop("v", T.vectorized(V)) as v:
+                        T.buffer_store(acc, acc[c * V + v] + w[cb, kh, kw, v] * x[
+                            n, cb, row * SH + kh * DH, (col0 + c) * SW + kw * DW, v], [c * V + v])
+        with loop("c", T.unroll(tw)) as c:
+            with loop("v", T.vectorized(V)) as v:
+                T.buffer_store(y, activate(activation, acc[c * V + v]), [n, cb, OT + row, OL + col0 + c, v])
 
-    @T.prim_func
-    def func(x: T.Buffer((N, CB, HP, WP, V), "float32"), w: T.Buffer((CB, KH, KW, V), "float32"),
-             bias: T.Buffer((CB * V,), "float32"), y: T.Buffer((N, CB, HOP, WOP, V), "float32")):
-        T.func_attr({"tirx.noalias": True})
-        if OUT_BORDER:
-            zero_output_border(y)
-        for task in T.parallel(N * CB * Ho):
-            for ct in range(CT_FULL):
-                tile(x, w, bias, y, task // (CB * Ho), task // Ho % CB, task % Ho, ct * TW, TW)
-            if HAS_COL_REM:
-                tile(x, w, bias, y, task // (CB * Ho), task // Ho % CB, task % Ho, CT_FULL * TW, TW_REM)
-
-    return func.with_attr("global_symbol", name)
+    with IRBuilder() as builder:
+        with T.prim_func():
+            T.func_name(name)
+            T.func_attr({"tirx.noalias": True})
+            x = T.arg("x", T.buffer((N, CB, HP, WP, V), "float32"))
+            w = T.arg("w", T.buffer((CB, KH, KW, V), "float32"))
+            bias = T.arg("bias", T.buffer((CB * V,), "float32"))
+            y = T.arg("y", T.buffer((N, CB, HOP, WOP, V), "float32"))
+            if OUT_BORDER:
+                zero_output_border(y)
+            with loop("task", T.parallel(N * CB * Ho)) as task:
+                n, cb, row = task // (CB * Ho), task // Ho % CB, task % Ho
+                with loop("ct", T.serial(CT_FULL)) as ct:
+                    tile(x, w, bias, y, n, cb, row, ct * TW, TW)
+                if HAS_COL_REM:
+                    tile(x, w, bias, y, n, cb, row, CT_FULL * TW, TW_REM)
+    return builder.get()

@@ -20,17 +20,19 @@ cores) then bound the kernel below the FMA peak; dense and lightly pruned 3x3 la
 
 The input must already be padded; the op-level wrapper (:mod:`alcs_tvm.operator`) either pads into a workspace
 first or receives input that the previous layer wrote with a zero border.
+
+The template is built with TVM's IRBuilder from plain Python functions, not parsed as TVMScript macros: see
+:mod:`.tir_builder` for why, and for how each TVMScript construct reads in that style.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-from tvm.script import tirx as T
-
-# In tirx TVMScript a plain ``x = expr`` declares a mutable scalar, which the CPU backend turns into a heap
-# workspace allocated per loop iteration; ``T.meta_var`` substitutes the expression instead.
+import tvm
 
 from . import SparseConvSchedule
+from .tir_builder import IRBuilder, T, loop, named
 
 __all__ = ["KernelGeometry", "sparse_conv2d_template", "activation_buffer_offsets", "ACTIVATIONS"]
 
@@ -103,25 +105,35 @@ class KernelGeometry:
 
 
 def zero_border(n_images, channels, height, width, top_left, interior, lanes=None):
-    """Macro zeroing the border around the ``interior`` of the next conv's input: NCHW[lanes]c (``channels``
-    counts blocks) when ``lanes`` is given, else NCHW."""
+    """Emitter ``zero(y)`` zeroing the border around the ``interior`` of the next conv's input: NCHW[lanes]c
+    (``channels`` counts blocks) when ``lanes`` is given, else NCHW. Call it inside a PrimFunc being built
+    (:mod:`.tir_builder`)."""
     top, left = top_left
     rows, cols = interior
     blocked = lanes is not None
 
-    @T.macro
     def zero(y):
-        for nc in T.parallel(n_images * channels):
-            for h in range(height):
-                for w in range(width):
-                    if h < top or h >= top + rows or w < left or w >= left + cols:
-                        if blocked:
-                            for v in T.vectorized(lanes):
-                                y[nc // channels, nc % channels, h, w, v] = T.float32(0)
-                        else:
-                            y[nc // channels, nc % channels, h, w] = T.float32(0)
+        with loop("nc", T.parallel(n_images * channels)) as nc:
+            with loop("h", T.serial(height)) as h:
+                with loop("w", T.serial(width)) as w:
+                    with T.If(tvm.tirx.any(h < top, h >= top + rows, w < left, w >= left + cols)):
+                        with T.Then():
+                            if blocked:
+                                with loop("v", T.vectorized(lanes)) as v:
+                                    T.buffer_store(y, T.float32(0), [nc // channels, nc % channels, h, w, v])
+                            else:
+                                T.buffer_store(y, T.float32(0), [nc // channels, nc % channels, h, w])
 
     return zero
+
+
+def activate(activation, value):
+    """``value`` (a TIR expression) through ``activation``, one of :data:`ACTIVATIONS`."""
+    if activation == "relu6":
+        return T.min(T.max(value, T.float32(0)), T.float32(6))
+    if activation == "relu":
+        return T.max(value, T.float32(0))
+    return value
 
 
 ACTIVATION_ALIGN = 64  # fp32 elements (256 bytes): every array in the shared buffer starts vector-aligned
@@ -182,7 +194,7 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
     RT_FULL, TR_REM = divmod(Ho, TR)
     RT = RT_FULL + (1 if TR_REM else 0)
     CT_FULL, TW_REM = divmod(Wo, TW)
-    HAS_ROW_REM, HAS_COL_REM = TR_REM > 0, TW_REM > 0  # TVMScript's static `if` needs real bools
+    HAS_ROW_REM, HAS_COL_REM = TR_REM > 0, TW_REM > 0
     ROW_STEP, COL_STEP = geom.row_step, geom.col_step
     BATCH_STRIDE = geom.batch_stride
     NNZ = max(1, geom.nnz)
@@ -196,8 +208,6 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
     PARTIAL = Cout % V != 0
     HAS_BIAS = bool(has_bias)
     ROW_OUTER = bool(sched.row_outer)
-    RELU = activation in ("relu", "relu6")
-    RELU6 = activation == "relu6"
     OUT_BORDER = bool(any(geom.out_pad))
     PT, PL, PB, PR = geom.input_pad
     INTERNAL_PAD = bool(any(geom.input_pad))
@@ -217,158 +227,137 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
         else geom.residual_shape
     x_shape = tuple(geom.input_shape)
     bias_len = NB * V
+    if one_activation_buffer:
+        io_at = activation_buffer_offsets(geom)
+        IO_SIZE, X_AT, Y_AT = io_at["size"], io_at["x"], io_at["y"]
+        RES_AT, RES_SHAPE = io_at.get("residual", 0), res_shape if HAS_RES else (1,)
 
-    @T.macro
     def segment(xf, indptr, offsets, vstart, values, acc, base, ob, k, run, tr, tw):
-        for q in range(indptr[ob * RMAX + k], indptr[ob * RMAX + k + 1]):
-            at = T.meta_var(base + offsets[q])
-            vb = T.meta_var(vstart[q])
-            for r in T.unroll(tr):
-                for c in T.unroll(tw):
-                    for l in T.unroll(run):  # equal input addresses across (c, l) are loaded once (LLVM GVN)
-                        for v in T.vectorized(V):
-                            acc[(r * tw + c) * V + v] = acc[(r * tw + c) * V + v] + values[vb + l, v] * xf[
-                                at + r * ROW_STEP + (c + l) * COL_STEP]
+        with loop("q", T.serial(indptr[ob * RMAX + k], indptr[ob * RMAX + k + 1])) as q:
+            at = base + offsets[q]
+            vb = vstart[q]
+            with loop("r", T.unroll(tr)) as r:
+                with loop("c", T.unroll(tw)) as c:
+                    # equal input addresses across (c, l) are loaded once (LLVM GVN)
+                    with loop("l", T.unroll(run)) as l:
+                        with loop("v", T.vectorized(V)) as v:
+                            i = (r * tw + c) * V + v
+                            T.buffer_store(acc, acc[i] + values[vb + l, v] * xf[
+                                at + r * ROW_STEP + (c + l) * COL_STEP], [i])
 
-    @T.macro
+    @contextmanager
+    def channel_exists(channel):
+        """What is emitted inside runs only for ``channel < Cout``: a run-time test when the last block is partial."""
+        if PARTIAL:
+            with T.If(channel < Cout):
+                with T.Then():
+                    yield
+        else:
+            yield
+
     def tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, row0, col0, tr, tw):
-        acc = T.decl_buffer((tr * tw * V,), "float32", scope="global")
-        for i in T.unroll(tr * tw):
-            for v in T.vectorized(V):
-                if HAS_BIAS:
-                    acc[i * V + v] = bias[ob * V + v]
-                else:
-                    acc[i * V + v] = T.float32(0)
-        base = T.meta_var(n * BATCH_STRIDE + row0 * ROW_STEP + col0 * COL_STEP)
-        if RMAX >= 4:
-            segment(xf, indptr, offsets, vstart, values, acc, base, ob, RMAX - 4, 4, tr, tw)
-        if RMAX >= 3:
-            segment(xf, indptr, offsets, vstart, values, acc, base, ob, RMAX - 3, 3, tr, tw)
-        if RMAX >= 2:
-            segment(xf, indptr, offsets, vstart, values, acc, base, ob, RMAX - 2, 2, tr, tw)
-        segment(xf, indptr, offsets, vstart, values, acc, base, ob, RMAX - 1, 1, tr, tw)
+        acc = named("acc", T.decl_buffer((tr * tw * V,), "float32", scope="global"))
+        with loop("i", T.unroll(tr * tw)) as i:
+            with loop("v", T.vectorized(V)) as v:
+                T.buffer_store(acc, bias[ob * V + v] if HAS_BIAS else T.float32(0), [i * V + v])
+        base = n * BATCH_STRIDE + row0 * ROW_STEP + col0 * COL_STEP
+        for run in range(RMAX, 0, -1):  # one segment per run length, longest first
+            segment(xf, indptr, offsets, vstart, values, acc, base, ob, RMAX - run, run, tr, tw)
         if HAS_RES:
-            for r in T.unroll(tr):
-                for c in T.unroll(tw):
+            with loop("r", T.unroll(tr)) as r:
+                with loop("c", T.unroll(tw)) as c:
                     if RES_BLOCKED:
-                        for kb in T.unroll(K):
-                            for v in T.vectorized(B):
-                                acc[(r * tw + c) * V + kb * B + v] = acc[(r * tw + c) * V + kb * B + v] + res[
-                                    n, ob * K + kb, RPT + row0 + r, RPL + col0 + c, v]
+                        with loop("kb", T.unroll(K)) as kb:
+                            with loop("v", T.vectorized(B)) as v:
+                                i = (r * tw + c) * V + kb * B + v
+                                T.buffer_store(acc, acc[i] + res[n, ob * K + kb, RPT + row0 + r, RPL + col0 + c, v],
+                                               [i])
                     else:
-                        for v in range(V):
-                            if not PARTIAL or ob * V + v < Cout:
-                                acc[(r * tw + c) * V + v] = acc[(r * tw + c) * V + v] + res[
-                                    n, ob * V + v, row0 + r, col0 + c]
-        for r in T.unroll(tr):
-            for c in T.unroll(tw):
+                        with loop("v", T.serial(V)) as v, channel_exists(ob * V + v):
+                            i = (r * tw + c) * V + v
+                            T.buffer_store(acc, acc[i] + res[n, ob * V + v, row0 + r, col0 + c], [i])
+        with loop("r", T.unroll(tr)) as r:
+            with loop("c", T.unroll(tw)) as c:
                 if BLOCKED:
-                    for kb in T.unroll(K):
-                        for v in T.vectorized(B):
-                            if RELU6:
-                                y[n, ob * K + kb, OT + row0 + r, OL + col0 + c, v] = T.min(
-                                    T.max(acc[(r * tw + c) * V + kb * B + v], T.float32(0)), T.float32(6))
-                            elif RELU:
-                                y[n, ob * K + kb, OT + row0 + r, OL + col0 + c, v] = T.max(
-                                    acc[(r * tw + c) * V + kb * B + v], T.float32(0))
-                            else:
-                                y[n, ob * K + kb, OT + row0 + r, OL + col0 + c, v] = acc[
-                                    (r * tw + c) * V + kb * B + v]
+                    with loop("kb", T.unroll(K)) as kb:
+                        with loop("v", T.vectorized(B)) as v:
+                            T.buffer_store(y, activate(activation, acc[(r * tw + c) * V + kb * B + v]),
+                                           [n, ob * K + kb, OT + row0 + r, OL + col0 + c, v])
                 else:
-                    for v in range(V):
-                        if not PARTIAL or ob * V + v < Cout:
-                            if RELU6:
-                                y[n, ob * V + v, OT + row0 + r, OL + col0 + c] = T.min(
-                                    T.max(acc[(r * tw + c) * V + v], T.float32(0)), T.float32(6))
-                            elif RELU:
-                                y[n, ob * V + v, OT + row0 + r, OL + col0 + c] = T.max(
-                                    acc[(r * tw + c) * V + v], T.float32(0))
-                            else:
-                                y[n, ob * V + v, OT + row0 + r, OL + col0 + c] = acc[(r * tw + c) * V + v]
+                    with loop("v", T.serial(V)) as v, channel_exists(ob * V + v):
+                        T.buffer_store(y, activate(activation, acc[(r * tw + c) * V + v]),
+                                       [n, ob * V + v, OT + row0 + r, OL + col0 + c])
 
-    @T.macro
     def row_tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, row0, tr):
-        for ct in range(CT_FULL):
+        with loop("ct", T.serial(CT_FULL)) as ct:
             tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, row0, ct * TW, tr, TW)
         if HAS_COL_REM:
             tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, row0, CT_FULL * TW, tr, TW_REM)
 
-    @T.macro
     def conv(xf, indptr, offsets, vstart, values, bias, order, res, y):
-        for task in T.parallel(N * NB * RT):
-            n = T.meta_var(task // (NB * RT))
+        with loop("task", T.parallel(N * NB * RT)) as task:
+            n = task // (NB * RT)
             if ROW_OUTER:
-                rt = T.meta_var(task // NB % RT)
-                ob = T.meta_var(order[task % NB])
+                rt = task // NB % RT
+                ob = order[task % NB]
             else:
-                ob = T.meta_var(order[task // RT % NB])
-                rt = T.meta_var(task % RT)
+                ob = order[task // RT % NB]
+                rt = task % RT
             if HAS_ROW_REM:
-                if rt < RT_FULL:
-                    row_tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, rt * TR, TR)
-                else:
-                    row_tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, RT_FULL * TR, TR_REM)
+                with T.If(rt < RT_FULL):
+                    with T.Then():
+                        row_tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, rt * TR, TR)
+                    with T.Else():
+                        row_tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, RT_FULL * TR, TR_REM)
             else:
                 row_tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, rt * TR, TR)
 
     zero_output_border = zero_border(N, NB * K if BLOCKED else Cout, HOP, WOP, (OT, OL), (Ho, Wo),
                                      B if BLOCKED else None)
 
-    @T.macro
     def body(x, indptr, offsets, vstart, values, bias, order, res, y):
         if OUT_BORDER:
             zero_output_border(y)
         if INTERNAL_PAD:
-            xp = T.alloc_buffer((PADDED_SIZE,), "float32")
-            for nch in T.parallel(N * C * HP):
-                if nch % HP < PT or nch % HP >= PT + H:
-                    for w in T.vectorized(WP):
-                        xp[nch * WP + w] = T.float32(0)
-                else:
-                    for w in T.vectorized(PL):
-                        xp[nch * WP + w] = T.float32(0)
-                    for w in T.vectorized(W):
-                        xp[nch * WP + PL + w] = x[nch // HP // C, nch // HP % C, nch % HP - PT, w]
-                    for w in T.vectorized(PR):
-                        xp[nch * WP + PL + W + w] = T.float32(0)
+            xp = named("xp", T.alloc_buffer((PADDED_SIZE,), "float32"))
+            with loop("nch", T.parallel(N * C * HP)) as nch:
+                with T.If(tvm.tirx.any(nch % HP < PT, nch % HP >= PT + H)):
+                    with T.Then():
+                        with loop("w", T.vectorized(WP)) as w:
+                            T.buffer_store(xp, T.float32(0), [nch * WP + w])
+                    with T.Else():
+                        with loop("w", T.vectorized(PL)) as w:
+                            T.buffer_store(xp, T.float32(0), [nch * WP + w])
+                        with loop("w", T.vectorized(W)) as w:
+                            T.buffer_store(xp, x[nch // HP // C, nch // HP % C, nch % HP - PT, w], [nch * WP + PL + w])
+                        with loop("w", T.vectorized(PR)) as w:
+                            T.buffer_store(xp, T.float32(0), [nch * WP + PL + W + w])
             conv(xp, indptr, offsets, vstart, values, bias, order, res, y)
         else:
-            xf = T.decl_buffer((PADDED_SIZE,), "float32", data=x.data, elem_offset=x.elem_offset)
+            xf = named("xf", T.decl_buffer((PADDED_SIZE,), "float32", data=x.data, elem_offset=x.elem_offset))
             conv(xf, indptr, offsets, vstart, values, bias, order, res, y)
 
-    # a PrimFunc's parameter list is fixed when it is parsed: one signature with the shortcut, one without
-    if one_activation_buffer:
-        io_at = activation_buffer_offsets(geom)
-        IO_SIZE, X_AT, Y_AT = io_at["size"], io_at["x"], io_at["y"]
-        RES_AT, RES_SHAPE = io_at.get("residual", 0), res_shape if HAS_RES else (1,)
-
-        @T.prim_func
-        def func(io: T.Buffer((IO_SIZE,), "float32"), indptr: T.Buffer((NB * RMAX + 1,), "int32"),
-                 offsets: T.Buffer((NRUNS,), "int32"), vstart: T.Buffer((NRUNS,), "int32"),
-                 values: T.Buffer((NNZ, V), "float32"),
-                 bias: T.Buffer((bias_len,), "float32"), order: T.Buffer((NB,), "int32")):
+    # the parameter list: (io, ...) holding input, residual and output side by side, or (x, ..., [res,] y)
+    with IRBuilder() as builder:
+        with T.prim_func():
+            T.func_name(name)
             T.func_attr({"tirx.noalias": True})
-            x = T.decl_buffer(x_shape, "float32", data=io.data, elem_offset=X_AT)
-            res = T.decl_buffer(RES_SHAPE, "float32", data=io.data, elem_offset=RES_AT)
-            y = T.decl_buffer(y_shape, "float32", data=io.data, elem_offset=Y_AT)
+            if one_activation_buffer:
+                io = T.arg("io", T.buffer((IO_SIZE,), "float32"))
+            else:
+                x = T.arg("x", T.buffer(x_shape, "float32"))
+            indptr = T.arg("indptr", T.buffer((NB * RMAX + 1,), "int32"))
+            offsets = T.arg("offsets", T.buffer((NRUNS,), "int32"))
+            vstart = T.arg("vstart", T.buffer((NRUNS,), "int32"))
+            values = T.arg("values", T.buffer((NNZ, V), "float32"))
+            bias = T.arg("bias", T.buffer((bias_len,), "float32"))
+            order = T.arg("order", T.buffer((NB,), "int32"))
+            if one_activation_buffer:
+                x = named("x", T.decl_buffer(x_shape, "float32", data=io.data, elem_offset=X_AT))
+                res = named("res", T.decl_buffer(RES_SHAPE, "float32", data=io.data, elem_offset=RES_AT))
+                y = named("y", T.decl_buffer(y_shape, "float32", data=io.data, elem_offset=Y_AT))
+            else:
+                res = T.arg("res", T.buffer(res_shape, "float32")) if HAS_RES else None
+                y = T.arg("y", T.buffer(y_shape, "float32"))
             body(x, indptr, offsets, vstart, values, bias, order, res, y)
-    elif HAS_RES:
-        @T.prim_func
-        def func(x: T.Buffer(x_shape, "float32"), indptr: T.Buffer((NB * RMAX + 1,), "int32"),
-                 offsets: T.Buffer((NRUNS,), "int32"), vstart: T.Buffer((NRUNS,), "int32"),
-                 values: T.Buffer((NNZ, V), "float32"),
-                 bias: T.Buffer((bias_len,), "float32"), order: T.Buffer((NB,), "int32"),
-                 res: T.Buffer(res_shape, "float32"), y: T.Buffer(y_shape, "float32")):
-            T.func_attr({"tirx.noalias": True})
-            body(x, indptr, offsets, vstart, values, bias, order, res, y)
-    else:
-        @T.prim_func
-        def func(x: T.Buffer(x_shape, "float32"), indptr: T.Buffer((NB * RMAX + 1,), "int32"),
-                 offsets: T.Buffer((NRUNS,), "int32"), vstart: T.Buffer((NRUNS,), "int32"),
-                 values: T.Buffer((NNZ, V), "float32"),
-                 bias: T.Buffer((bias_len,), "float32"), order: T.Buffer((NB,), "int32"),
-                 y: T.Buffer(y_shape, "float32")):
-            T.func_attr({"tirx.noalias": True})
-            body(x, indptr, offsets, vstart, values, bias, order, None, y)
-
-    return func.with_attr("global_symbol", name)
+    return builder.get()
