@@ -13,15 +13,8 @@ from alcs_tvm.sparse_format import BlockSparseWeight, random_block_sparse
 from alcs_tvm.target import resolve_target
 
 
-@pytest.fixture(scope="module")
-def cross_compiler():
-    from alcs_tvm.toolchain import ensure_cross_toolchain
-
-    return ensure_cross_toolchain()
-
-
 @pytest.mark.parametrize("kernel, stride, output_blocked", [(3, 1, True), (1, 1, False), (3, 2, True)])
-def test_arm64_library_has_neon_fmla(tmp_path, cross_compiler, kernel, stride, output_blocked):
+def test_arm64_library_has_neon_fmla(tmp_path, cross_cxx, kernel, stride, output_blocked):
     import tvm
     from tvm.support import cc
 
@@ -35,7 +28,7 @@ def test_arm64_library_has_neon_fmla(tmp_path, cross_compiler, kernel, stride, o
     op = sparse_conv2d_kernel(sparse, spec, layout, target=info, bias=np.ones(32, np.float32))
     executable = tvm.compile(op.func, target=info.target)
     library = tmp_path / "sparse_conv_arm64.so"
-    executable.export_library(str(library), fcompile=cc.cross_compiler(cross_compiler))
+    executable.export_library(str(library), fcompile=cc.cross_compiler(cross_cxx))
     objdump = shutil.which("aarch64-linux-gnu-objdump")
     assert objdump, "binutils-aarch64-linux-gnu must come with the cross toolchain"
     file_type = subprocess.run(["file", str(library)], capture_output=True, text=True).stdout \

@@ -1,12 +1,9 @@
 """``alcs tune``: per-conv schedule search on a device, records, and ``alcs compile --tuning``."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
+from helpers import assert_close, run_cli, run_onnxruntime, run_vm
 
 from alcs_tvm import zoo
 from alcs_tvm.autotune import candidate_schedules, tune_model
@@ -17,21 +14,6 @@ from alcs_tvm.kernels import max_run_length
 from alcs_tvm.layer import Conv2dSpec
 from alcs_tvm.schedules import default_sparse_conv_schedule
 from alcs_tvm.schedules.x86 import register_budget
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _run(executable, x):
-    import tvm
-    from tvm import relax
-
-    vm = relax.VirtualMachine(executable, tvm.cpu())
-    return vm["main"](tvm.runtime.tensor(x)).numpy()
-
-
-def _ort(path, x):
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +74,9 @@ def test_tune_records_resume_and_compile_with_them(rpc_devices, pruned_resnet, t
     assert "default schedule (tuning record is for another shape or layout)" in rows[convs[2]]
     assert all("tuned schedule" in rows[c] for c in convs if c != convs[2])
     x = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype(np.float32)
-    expected = _ort(pruned_resnet, x)
-    assert np.abs(_run(executable, x) - expected).max() <= 1e-4 * np.abs(expected).max()
+    # |out - expected| <= 1e-4 * max |expected|, no relative term
+    expected = run_onnxruntime(pruned_resnet, x)
+    assert_close(run_vm(executable, x), expected, rtol=0, atol=1e-4 * np.abs(expected).max())
 
 
 def test_records_for_another_target_or_corrupted_are_one_line_errors(rpc_devices, pruned_resnet, tmp_path):
@@ -106,13 +89,10 @@ def test_records_for_another_target_or_corrupted_are_one_line_errors(rpc_devices
     bad.write_text('{"format": "alcs-tvm-tuning/1", "target": {}, "target_family": "x86", "tvm_version": "0", '
                    '"layers": {"conv": {"key": "k"}}}')
     for path, expect in ((bad, "corrupted"), (tmp_path / "none.json", "no tuning records")):
-        r = subprocess.run([sys.executable, "-m", "alcs_tvm.cli", "compile", str(pruned_resnet), "-o",
-                            str(tmp_path / "m.so"), "--tuning", str(path)], capture_output=True, text=True,
-                           cwd=REPO, timeout=300)
+        r = run_cli("compile", pruned_resnet, "-o", tmp_path / "m.so", "--tuning", path, timeout=300)
         assert r.returncode == 2 and expect in r.stderr and len(r.stderr.strip().splitlines()) == 1
     # the CLI over RPC prints the per-conv table; resuming on another device key is refused
-    r = subprocess.run([sys.executable, "-m", "alcs_tvm.cli", "tune", str(pruned_resnet), "-o", str(out), "--rpc",
-                        "127.0.0.1:1", "--quiet"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    r = run_cli("tune", pruned_resnet, "-o", out, "--rpc", "127.0.0.1:1", "--quiet", timeout=300)
     assert r.returncode == 2 and "tuned on device" in r.stderr
 
 
@@ -128,21 +108,16 @@ def test_tune_on_emulated_arm64_then_compile_and_run_there(rpc_devices, cross_cx
     onnx_path = tmp_path / "resnet_tiny.onnx"
     zoo.export_onnx(model, onnx_path, (1, 3, 16, 16))
     records = tmp_path / "arm64.tuning.json"
-
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "alcs_tvm.cli", *map(str, args)], capture_output=True,
-                              text=True, cwd=REPO, timeout=900)
-
-    r = cli("tune", onnx_path, "--target", "arm64", "--rpc-tracker", rpc_devices.tracker, "--rpc-key",
-            rpc_devices.arm64_key, "-o", records, "--candidates", "2", "--repeat", "3", "--min-repeat-ms", "1",
-            "--quiet")
+    r = run_cli("tune", onnx_path, "--target", "arm64", "--rpc-tracker", rpc_devices.tracker, "--rpc-key",
+                rpc_devices.arm64_key, "-o", records, "--candidates", "2", "--repeat", "3", "--min-repeat-ms", "1",
+                "--quiet", timeout=900)
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stdout and "default" in r.stdout
     tuned = TuningRecords.load(records)
     assert tuned.target_family == "arm64" and tuned.device_key == rpc_devices.arm64_key
     assert all(e["schedule"]["vector_width"] == 4 for e in tuned.layers.values())
     library = tmp_path / "tuned_arm64.so"
-    r = cli("compile", onnx_path, "--target", "arm64", "--tuning", records, "-o", library)
+    r = run_cli("compile", onnx_path, "--target", "arm64", "--tuning", records, "-o", library, timeout=900)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("tuned schedule") == len(tuned.layers)
     x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
@@ -150,4 +125,4 @@ def test_tune_on_emulated_arm64_then_compile_and_run_there(rpc_devices, cross_cx
                            timeout=300)
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(outputs[0], expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
+    assert_close(outputs[0], expected, rtol=1e-4)  # atol: 1e-4 * max |expected|
