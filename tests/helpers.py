@@ -1,9 +1,10 @@
 """What several test modules share (pytest puts tests/ on sys.path): comparing outputs, the reference conv, running
-the CLI, a compiled Relax executable or ONNX Runtime."""
+the CLI, a compiled Relax executable or ONNX Runtime; stable seeds."""
 from __future__ import annotations
 
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -68,3 +69,10 @@ def run_onnxruntime(model, x):
     session = ort.InferenceSession(model if isinstance(model, bytes) else str(model),
                                    providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+# ----------------------------------------------------------------------------------------------- seeds
+def stable_seed(*parts) -> int:
+    """A seed from ``parts`` (strings, numbers, None, tuples of them) that is the same in every process, unlike
+    ``hash()`` of a string (randomised per process): a failing case can be replayed."""
+    return zlib.crc32(repr(parts).encode())

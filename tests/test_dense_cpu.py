@@ -23,7 +23,12 @@ warnings.filterwarnings("ignore")
 
 HOST = resolve_target("x86")
 ARM = resolve_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
-RNG = np.random.RandomState(0)
+RNG = np.random.RandomState(0)  # reseeded before every test (below): a test draws the same data run alone or not
+
+
+@pytest.fixture(autouse=True)
+def _reseed_rng():
+    RNG.seed(0)
 
 
 def _tensor(shape):
