@@ -1,15 +1,24 @@
 """What several test modules share (pytest puts tests/ on sys.path): comparing outputs, the reference conv, running
-the CLI, a compiled Relax executable or ONNX Runtime; stable seeds."""
+the CLI, a compiled Relax executable or ONNX Runtime; stable seeds; the host CPU check."""
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 import zlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# the CPU features LLVM may use for each x86 target family (``-mcpu=skylake-avx512`` for x86-avx512, see
+# alcs_tvm/target.py): code built for one of them runs only on a host that has all of them
+HOST_FEATURES = {
+    "x86-avx512": ("avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"),
+    "x86-avx2": ("avx2", "fma"),
+}
 
 
 # ----------------------------------------------------------------------------------------------- comparing
@@ -76,3 +85,31 @@ def stable_seed(*parts) -> int:
     """A seed from ``parts`` (strings, numbers, None, tuples of them) that is the same in every process, unlike
     ``hash()`` of a string (randomised per process): a failing case can be replayed."""
     return zlib.crc32(repr(parts).encode())
+
+
+# ----------------------------------------------------------------------------------------------- the host
+@functools.lru_cache(maxsize=None)
+def host_cpu_flags() -> frozenset:
+    """The host CPU's feature flags (``/proc/cpuinfo``), or LLVM's view of the host CPU where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    from tvm.target import Target, codegen
+
+    host = Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+    return frozenset(f for features in HOST_FEATURES.values() for f in features
+                     if codegen.llvm_cpu_has_features([f], host))
+
+
+def skip_unless_host_runs(family: str):
+    """A skip mark for tests that *run* code compiled for the x86 target ``family`` (``x86-avx512``,
+    ``x86-avx2``): they skip on a host whose CPU lacks one of its features. (Compiling works on every host.)"""
+    missing = sorted(set(HOST_FEATURES[family]) - host_cpu_flags())
+    return pytest.mark.skipif(bool(missing), reason=f"runs {family} code; the host CPU lacks {', '.join(missing)}")
+
+
+requires_avx512 = skip_unless_host_runs("x86-avx512")
