@@ -1,5 +1,5 @@
 """What several test modules share (pytest puts tests/ on sys.path): comparing outputs, the reference conv, running
-the CLI, a compiled Relax executable or ONNX Runtime; stable seeds; the host CPU check."""
+the CLI, a compiled Relax executable or ONNX Runtime; stable seeds; the host CPU check; the ELF header check."""
 from __future__ import annotations
 
 import functools
@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+EM_AARCH64 = 183  # ELF e_machine of aarch64 objects
 
 # the CPU features LLVM may use for each x86 target family (``-mcpu=skylake-avx512`` for x86-avx512, see
 # alcs_tvm/target.py): code built for one of them runs only on a host that has all of them
@@ -113,3 +115,18 @@ def skip_unless_host_runs(family: str):
 
 
 requires_avx512 = skip_unless_host_runs("x86-avx512")
+
+
+# ----------------------------------------------------------------------------------------------- files
+def assert_aarch64_elf(path):
+    """``path`` is a 64-bit little-endian ELF object for aarch64 (e_machine 183), read from its header, and the
+    package's own ``rpc.elf_machine`` says so too."""
+    from alcs_tvm import rpc
+
+    with open(path, "rb") as f:
+        header = f.read(20)
+    assert header[:4] == b"\x7fELF", f"{path} is not an ELF file: {header[:4]!r}"
+    assert header[4] == 2 and header[5] == 1, f"{path}: not 64-bit little-endian (EI_CLASS/EI_DATA {header[4:6]})"
+    machine = int.from_bytes(header[18:20], "little")
+    assert machine == EM_AARCH64, f"{path}: e_machine {machine}, not aarch64 ({EM_AARCH64})"
+    assert rpc.elf_machine(path) == "aarch64"

@@ -6,6 +6,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from helpers import assert_aarch64_elf
 
 from alcs_tvm.kernels import sparse_conv2d_kernel
 from alcs_tvm.layer import Conv2dSpec, KernelLayout
@@ -31,9 +32,10 @@ def test_arm64_library_has_neon_fmla(tmp_path, cross_cxx, kernel, stride, output
     executable.export_library(str(library), fcompile=cc.cross_compiler(cross_cxx))
     objdump = shutil.which("aarch64-linux-gnu-objdump")
     assert objdump, "binutils-aarch64-linux-gnu must come with the cross toolchain"
-    file_type = subprocess.run(["file", str(library)], capture_output=True, text=True).stdout \
-        if shutil.which("file") else "aarch64"
-    assert "aarch64" in file_type.lower() or "arm" in file_type.lower()
+    assert_aarch64_elf(library)  # the ELF header itself, whether or not `file` is installed
+    if shutil.which("file"):
+        file_type = subprocess.run(["file", str(library)], capture_output=True, text=True, check=True).stdout
+        assert "aarch64" in file_type.lower() or "arm" in file_type.lower(), file_type
     disassembly = subprocess.run([objdump, "-d", str(library)], capture_output=True, text=True, check=True).stdout
     fmla = re.findall(r"\bfmla\s+v\d+\.4s, v\d+\.4s, v\d+\.s\[\d\]", disassembly)
     tile = op.schedule.tile_rows * op.schedule.tile_cols

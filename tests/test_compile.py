@@ -6,7 +6,7 @@ import helpers
 import numpy as np
 import onnx
 import pytest
-from helpers import requires_avx512, run_cli, run_onnxruntime, run_vm
+from helpers import assert_aarch64_elf, requires_avx512, run_cli, run_onnxruntime, run_vm
 
 from alcs_tvm import zoo
 from alcs_tvm.compiler import compile as alcs_compile
@@ -85,10 +85,7 @@ def test_pass_composes_with_tvm_sequential(pruned_models):
 def test_arm64_library_builds(pruned_models, name, tmp_path):
     executable, report = alcs_compile(str(pruned_models[name]), "arm64")
     assert report.sparse_layers and all(layer.vector_width == 4 for layer in report.sparse_layers)
-    library = export(executable, tmp_path / f"{name}_arm64.so", "arm64")
-    with open(library, "rb") as f:
-        header = f.read(20)
-    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
+    assert_aarch64_elf(export(executable, tmp_path / f"{name}_arm64.so", "arm64"))
 
 
 def test_cli_compile_writes_library_and_report(pruned_models, tmp_path):
