@@ -1,6 +1,6 @@
 """Shared fixtures: the RPC tracker with one emulated ARM64 device and the local x86 server (session scoped), the
-aarch64 cross compiler; every test starts from the same global random state. (Shared helper
-functions are in helpers.py.)
+aarch64 cross compiler; every test starts from the same global random state; a test that uses the tracker is
+marked ``device``. (Shared helper functions are in helpers.py.)
 
 ``rpc_devices`` runs ``alcs_tvm.device.setup()`` (cached under ``$ALCS_TVM_CACHE`` or ``~/.cache/alcs_tvm``; the
 first run on a fresh machine installs packages and builds the device image, ~20-60 s), starts a tracker on a
@@ -66,3 +66,11 @@ def pytest_runtest_setup(item):
     np.random.seed(0)
     if "torch" in sys.modules:  # not imported yet: its generator still has its fixed default seed
         sys.modules["torch"].manual_seed(0)
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that uses the tracker (``rpc_devices``, directly or through another fixture) is marked
+    ``device``, also where its module forgot to: ``-m "not device"`` never starts the tracker."""
+    for item in items:
+        if "rpc_devices" in getattr(item, "fixturenames", ()) and item.get_closest_marker("device") is None:
+            item.add_marker(pytest.mark.device)

@@ -15,6 +15,8 @@ from helpers import run_cli, stable_seed, torch_conv
 from alcs_tvm import zoo
 from alcs_tvm.run import run_model
 
+pytestmark = pytest.mark.device  # every test here runs on the emulated ARM64 device
+
 RTOL = 1e-4
 
 

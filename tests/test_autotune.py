@@ -60,6 +60,7 @@ def test_candidates_start_with_the_default_and_fit_the_register_budget(height, w
     assert len(candidate_schedules(family, spec, v, limit=2)) == 2
 
 
+@pytest.mark.device
 def test_tune_records_resume_and_compile_with_them(rpc_devices, pruned_resnet, tmp_path):
     """Tuning over the real tracker's x86 server: one record per rewritable conv whose schedule is the fastest of
     its measured candidates; a rerun measures nothing; compiling with the records builds each conv with its
@@ -95,6 +96,7 @@ def test_tune_records_resume_and_compile_with_them(rpc_devices, pruned_resnet, t
     assert_close(run_vm(executable, x), expected, rtol=0, atol=1e-4 * np.abs(expected).max())
 
 
+@pytest.mark.device
 def test_records_for_another_target_or_corrupted_are_one_line_errors(rpc_devices, pruned_resnet, tmp_path):
     out = tmp_path / "records.json"
     tune_model(str(pruned_resnet), str(out), "x86", tracker=rpc_devices.tracker, key=rpc_devices.x86_key, repeat=3,
@@ -112,6 +114,7 @@ def test_records_for_another_target_or_corrupted_are_one_line_errors(rpc_devices
     assert r.returncode == 2 and "tuned on device" in r.stderr
 
 
+@pytest.mark.device
 def test_tune_on_emulated_arm64_then_compile_and_run_there(rpc_devices, cross_cxx, tmp_path):
     """The phone path: `alcs tune --target arm64` over the tracker (kernels cross-compiled, timed on the emulated
     ARM64 device), `alcs compile --tuning`, and the tuned library run on the device equals PyTorch."""

@@ -77,6 +77,7 @@ def test_sidecar_and_arch(tiny_cnn):
     assert "aarch64" in r.stderr and "--rpc-tracker" in r.stderr
 
 
+@pytest.mark.device
 def test_status_lists_servers(rpc_devices):
     info = device.status(rpc_devices.state_path)
     assert info["tracker"]["alive"]
@@ -87,6 +88,7 @@ def test_status_lists_servers(rpc_devices):
     assert r.returncode == 0 and "arm64-qemu" in r.stdout and "cortex-a76" in r.stdout
 
 
+@pytest.mark.device
 def test_arm64_cli_run_matches_torch(rpc_devices, tiny_cnn):
     out_npz = tiny_cnn["dir"] / "out_arm64.npz"
     r = alcs("run", tiny_cnn["libs"]["arm64"], "--inputs", tiny_cnn["in_npz"], "--outputs", out_npz, "--print-time",
@@ -101,6 +103,7 @@ def test_arm64_cli_run_matches_torch(rpc_devices, tiny_cnn):
         assert_close(data["logits"], tiny_cnn["ref"])
 
 
+@pytest.mark.device
 def test_arm64_fill_mode_from_sidecar(rpc_devices, tiny_cnn):
     out_npz = tiny_cnn["dir"] / "out_ones.npz"
     r = alcs("run", tiny_cnn["libs"]["arm64"], "--fill-mode", "ones", "--outputs", out_npz,
@@ -110,6 +113,7 @@ def test_arm64_fill_mode_from_sidecar(rpc_devices, tiny_cnn):
         assert_close(data["logits"], tiny_cnn["ref_ones"])
 
 
+@pytest.mark.device
 def test_arm64_python_api(rpc_devices, tiny_cnn):
     outputs, timings = run_model(tiny_cnn["libs"]["arm64"], {"data": tiny_cnn["x"]}, tracker=rpc_devices.tracker,
                                  key=rpc_devices.arm64_key, repeat=3, number=2, timeout=60)
@@ -125,6 +129,7 @@ def test_arm64_python_api(rpc_devices, tiny_cnn):
         assert_close(outputs[0], tiny_cnn["ref"])
 
 
+@pytest.mark.device
 def test_x86_local_and_over_rpc(rpc_devices, tiny_cnn):
     lib = tiny_cnn["libs"]["x86"]
     outputs, _ = run_model(lib, {"data": tiny_cnn["x"]})
@@ -173,6 +178,7 @@ def test_tracker_not_running(tiny_cnn):
         rpc.connect(rpc=f"127.0.0.1:{port}", timeout=5)
 
 
+@pytest.mark.device
 def test_unknown_key(rpc_devices, tiny_cnn):
     r = alcs("run", tiny_cnn["libs"]["arm64"], "--inputs", tiny_cnn["in_npz"],
              "--rpc-tracker", rpc_devices.tracker, "--rpc-key", "pixel-9")
@@ -193,6 +199,7 @@ def _wait_busy(tracker, key, timeout=60):
     raise AssertionError(f"{key} never became busy")
 
 
+@pytest.mark.device
 def test_device_faults_then_retry(rpc_devices, tiny_cnn):
     """A frozen device times out (bounded), a killed device fails fast, a restarted one works again."""
     key = "arm64-victim"

@@ -24,6 +24,7 @@ def flow_run(rpc_devices, tmp_path_factory):
     return work, result
 
 
+@pytest.mark.device
 def test_flow_meets_budget_and_libraries_match_torch(flow_run):
     work, r = flow_run
     assert r.dense_accuracy > 0.9
@@ -41,6 +42,7 @@ def test_flow_meets_budget_and_libraries_match_torch(flow_run):
         assert (work / name).is_file(), name
 
 
+@pytest.mark.device
 def test_flow_rerun_reuses_the_trained_model_and_table(flow_run, rpc_devices, tmp_path):
     """A rerun in a copy of the first run's work directory (the first run's files stay as that run left them, for
     the other tests) loads its dense model and measures nothing again."""

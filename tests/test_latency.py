@@ -108,6 +108,7 @@ def onnx_models(tmp_path_factory):
     return {"small_cnn": small, "dir": d}
 
 
+@pytest.mark.device
 def test_profile_predict_and_compile_decisions_x86(rpc_devices, onnx_models, tmp_path):
     from alcs_tvm import compiler
     from alcs_tvm.compiler import model_layers
@@ -153,6 +154,7 @@ def test_profile_predict_and_compile_decisions_x86(rpc_devices, onnx_models, tmp
     assert r.returncode == 2 and "sparsities" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.device
 def test_profile_resumes_after_kill(rpc_devices, onnx_models, tmp_path):
     """Kill ``alcs profile`` after its first saved layer; the rerun measures only the layers not in the table."""
     from alcs_tvm.compiler import model_layers
@@ -195,6 +197,7 @@ def test_profile_resumes_after_kill(rpc_devices, onnx_models, tmp_path):
     assert "small_cnn" in table.rest_ms
 
 
+@pytest.mark.device
 def test_profile_flow_on_emulated_arm64(rpc_devices, onnx_models, tmp_path):
     from alcs_tvm.profiler import profile_model
 
@@ -213,6 +216,7 @@ def test_profile_flow_on_emulated_arm64(rpc_devices, onnx_models, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- estimates
+@pytest.mark.device
 def test_regressor_estimates_missing_layers_with_reported_error(rpc_devices, onnx_models, tmp_path):
     """Layers not in the table: an error by default; with ``estimate_missing`` an XGBoost estimate trained on the
     measured points (held-out error reported), which the compiler uses and the report marks."""
@@ -255,6 +259,7 @@ def test_regressor_estimates_missing_layers_with_reported_error(rpc_devices, onn
         other.estimate_missing(regressor)
 
 
+@pytest.mark.device
 def test_resumed_table_remeasures_rest_for_another_architecture(rpc_devices, onnx_models, tmp_path):
     """The same model name with another input size (other layers) in a resumed table: its rest is measured anew,
     never taken from the other architecture."""
