@@ -257,7 +257,7 @@ def test_projected_accuracy_reestimates_batchnorm_on_a_copy_of_the_statistics():
     before = copy.deepcopy(model.state_dict())
     rng = torch.get_rng_state()
 
-    acc = pruning._accuracy_with_plan(model, pruner, data)
+    acc = training._accuracy_with_plan(model, pruner, data)
 
     assert torch.equal(torch.get_rng_state(), rng)  # the training after it draws the same numbers
 
