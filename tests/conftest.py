@@ -1,4 +1,6 @@
-"""Shared fixtures: the RPC tracker with one emulated ARM64 device and the local x86 server (session scoped).
+"""Shared fixtures: the RPC tracker with one emulated ARM64 device and the local x86 server (session scoped), the
+aarch64 cross compiler; every test starts from the same global random state; a test that uses the tracker is
+marked ``device``. (Shared helper functions are in helpers.py.)
 
 ``rpc_devices`` runs ``alcs_tvm.device.setup()`` (cached under ``$ALCS_TVM_CACHE`` or ``~/.cache/alcs_tvm``; the
 first run on a fresh machine installs packages and builds the device image, ~20-60 s), starts a tracker on a
@@ -7,9 +9,12 @@ the end of the session, checking that no process of theirs is left.
 """
 from __future__ import annotations
 
+import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 
@@ -50,3 +55,22 @@ def rpc_devices(tmp_path_factory) -> RpcDevices:
         device.stop(state_path=state_path, verbose=False)
         left = [e for e in started if device._group_alive(e["pid"])]
         assert not left, f"processes left after stop: {left}"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Seed the global random generators (Python, numpy, torch) before each test and its fixtures are set up:
+    what a test draws from them, and what a module fixture set up for it draws (e.g. a zoo model's initial
+    weights), does not depend on which tests ran before it, so a failure replays when the test is run alone."""
+    random.seed(0)
+    np.random.seed(0)
+    if "torch" in sys.modules:  # not imported yet: its generator still has its fixed default seed
+        sys.modules["torch"].manual_seed(0)
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that uses the tracker (``rpc_devices``, directly or through another fixture) is marked
+    ``device``, also where its module forgot to: ``-m "not device"`` never starts the tracker."""
+    for item in items:
+        if "rpc_devices" in getattr(item, "fixturenames", ()) and item.get_closest_marker("device") is None:
+            item.add_marker(pytest.mark.device)

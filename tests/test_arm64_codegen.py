@@ -6,6 +6,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from helpers import assert_aarch64_elf
 
 from alcs_tvm.kernels import sparse_conv2d_kernel
 from alcs_tvm.layer import Conv2dSpec, KernelLayout
@@ -13,15 +14,8 @@ from alcs_tvm.sparse_format import BlockSparseWeight, random_block_sparse
 from alcs_tvm.target import resolve_target
 
 
-@pytest.fixture(scope="module")
-def cross_compiler():
-    from alcs_tvm.toolchain import ensure_cross_toolchain
-
-    return ensure_cross_toolchain()
-
-
 @pytest.mark.parametrize("kernel, stride, output_blocked", [(3, 1, True), (1, 1, False), (3, 2, True)])
-def test_arm64_library_has_neon_fmla(tmp_path, cross_compiler, kernel, stride, output_blocked):
+def test_arm64_library_has_neon_fmla(tmp_path, cross_cxx, kernel, stride, output_blocked):
     import tvm
     from tvm.support import cc
 
@@ -35,12 +29,13 @@ def test_arm64_library_has_neon_fmla(tmp_path, cross_compiler, kernel, stride, o
     op = sparse_conv2d_kernel(sparse, spec, layout, target=info, bias=np.ones(32, np.float32))
     executable = tvm.compile(op.func, target=info.target)
     library = tmp_path / "sparse_conv_arm64.so"
-    executable.export_library(str(library), fcompile=cc.cross_compiler(cross_compiler))
+    executable.export_library(str(library), fcompile=cc.cross_compiler(cross_cxx))
     objdump = shutil.which("aarch64-linux-gnu-objdump")
     assert objdump, "binutils-aarch64-linux-gnu must come with the cross toolchain"
-    file_type = subprocess.run(["file", str(library)], capture_output=True, text=True).stdout \
-        if shutil.which("file") else "aarch64"
-    assert "aarch64" in file_type.lower() or "arm" in file_type.lower()
+    assert_aarch64_elf(library)  # the ELF header itself, whether or not `file` is installed
+    if shutil.which("file"):
+        file_type = subprocess.run(["file", str(library)], capture_output=True, text=True, check=True).stdout
+        assert "aarch64" in file_type.lower() or "arm" in file_type.lower(), file_type
     disassembly = subprocess.run([objdump, "-d", str(library)], capture_output=True, text=True, check=True).stdout
     fmla = re.findall(r"\bfmla\s+v\d+\.4s, v\d+\.4s, v\d+\.s\[\d\]", disassembly)
     tile = op.schedule.tile_rows * op.schedule.tile_cols

@@ -1,30 +1,26 @@
 """The ARM path end to end on the emulated ARM64 device: SIMD-pruned (V=4) ResNet- and MobileNetV2-style models
 compiled by `alcs compile --target arm64` and sparse conv layers of the operator's correctness matrix, run over
 the RPC tracker and compared with PyTorch. (Emulated timings are not phone timings; correctness is real.)"""
+import functools
 import json
 import re
 import subprocess
-import sys
 
+import helpers
 import numpy as np
 import pytest
 import torch
-from reference import torch_conv
+from helpers import run_cli, stable_seed, torch_conv
 
 from alcs_tvm import zoo
 from alcs_tvm.run import run_model
 
+pytestmark = pytest.mark.device  # every test here runs on the emulated ARM64 device
+
 RTOL = 1e-4
 
 
-def alcs(*args):
-    return subprocess.run([sys.executable, "-m", "alcs_tvm.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=900)
-
-
-def assert_close(actual, expected):
-    scale = float(np.abs(expected).max())
-    np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=RTOL * scale)
+assert_close = functools.partial(helpers.assert_close, rtol=RTOL)  # atol: RTOL * max |expected|
 
 
 @pytest.mark.parametrize("name", ["resnet_tiny", "mobilenet_v2_tiny"])
@@ -34,7 +30,7 @@ def test_pruned_model_on_arm64_device(rpc_devices, cross_cxx, tmp_path, name):
     onnx_path = tmp_path / f"{name}.onnx"
     zoo.export_onnx(model, onnx_path, (1, 3, 32, 32))
     library = tmp_path / f"{name}_arm64.so"
-    result = alcs("compile", onnx_path, "--target", "arm64", "-o", library)
+    result = run_cli("compile", onnx_path, "--target", "arm64", "-o", library, timeout=900)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / f"{name}_arm64.so.report.json").read_text())
     convs = [layer for layer in report["layers"] if layer["op"] == "conv2d"]
@@ -84,7 +80,7 @@ def test_sparse_operator_on_arm64_device(device_session, cross_cxx, tmp_path, ca
     from alcs_tvm.target import resolve_target
 
     cin, cout, hw, k, stride, padding, dilation, sparsity, has_bias, activation, batch = case
-    rng = np.random.default_rng(hash(case) % 1000)
+    rng = np.random.default_rng(stable_seed(*case))
     weight = random_block_sparse(rng.standard_normal((cout, cin, k, k)).astype(np.float32), 4, sparsity, rng)
     bias = rng.standard_normal(cout).astype(np.float32) if has_bias else None
     x = (rng.standard_normal((batch, cin, hw, hw)) * 3).astype(np.float32)

@@ -1,12 +1,9 @@
 """``alcs tune``: per-conv schedule search on a device, records, and ``alcs compile --tuning``."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
+from helpers import assert_close, run_cli, run_onnxruntime, run_vm
 
 from alcs_tvm import zoo
 from alcs_tvm.autotune import candidate_schedules, tune_model
@@ -18,20 +15,21 @@ from alcs_tvm.layer import Conv2dSpec
 from alcs_tvm.schedules import default_sparse_conv_schedule
 from alcs_tvm.schedules.x86 import register_budget
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def _run(executable, x):
-    import tvm
-    from tvm import relax
-
-    vm = relax.VirtualMachine(executable, tvm.cpu())
-    return vm["main"](tvm.runtime.tensor(x)).numpy()
-
-
-def _ort(path, x):
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x})[0]
+def assert_picks_the_measured_fastest(entry, candidates):
+    """A tuning record chose the candidate its own measurements found fastest: its schedule is the argmin of the
+    ``candidates`` times (which differ: a real choice was made), ``tuned_ms`` is that minimum and ``default_ms``
+    the first candidate's (the default schedule's) time."""
+    measured = entry["candidates"]
+    times = [c["ms"] for c in measured]
+    assert len(measured) == candidates and all(t > 0 for t in times), measured
+    assert len(set(times)) > 1, f"all {candidates} candidates timed the same: no choice was tested ({times})"
+    fastest = min(range(len(times)), key=times.__getitem__)
+    assert TuningRecords.schedule_of(entry).describe() == measured[fastest]["schedule"], measured
+    assert entry["tuned_ms"] == times[fastest] == min(times)
+    assert entry["default_ms"] == times[0]
+    assert TuningRecords.schedule_of(dict(entry, schedule=entry["default_schedule"])).describe() == \
+        measured[0]["schedule"]
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +60,10 @@ def test_candidates_start_with_the_default_and_fit_the_register_budget(height, w
     assert len(candidate_schedules(family, spec, v, limit=2)) == 2
 
 
+@pytest.mark.device
 def test_tune_records_resume_and_compile_with_them(rpc_devices, pruned_resnet, tmp_path):
-    """Tuning over the real tracker's x86 server: one record per rewritable conv whose winner is never slower than
-    the default as measured; a rerun measures nothing; compiling with the records builds each conv with its
+    """Tuning over the real tracker's x86 server: one record per rewritable conv whose schedule is the fastest of
+    its measured candidates; a rerun measures nothing; compiling with the records builds each conv with its
     schedule (the report says which) and the model still equals ONNX Runtime - also with a record forced to an
     unusual schedule, so every candidate the tuner may pick is a correct kernel."""
     out = tmp_path / "records.json"
@@ -75,7 +74,7 @@ def test_tune_records_resume_and_compile_with_them(rpc_devices, pruned_resnet, t
     convs = [d.name for d in report.layers if d.op == "conv2d"]
     assert sorted(records.layers) == sorted(convs)
     for entry in records.layers.values():
-        assert entry["tuned_ms"] <= entry["default_ms"] and len(entry["candidates"]) == 3
+        assert_picks_the_measured_fastest(entry, 3)
     assert TuningRecords.load(str(out)).layers == records.layers
     again = tune_model(str(pruned_resnet), str(out), "x86", **kw)
     assert again.layers == records.layers
@@ -92,10 +91,12 @@ def test_tune_records_resume_and_compile_with_them(rpc_devices, pruned_resnet, t
     assert "default schedule (tuning record is for another shape or layout)" in rows[convs[2]]
     assert all("tuned schedule" in rows[c] for c in convs if c != convs[2])
     x = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype(np.float32)
-    expected = _ort(pruned_resnet, x)
-    assert np.abs(_run(executable, x) - expected).max() <= 1e-4 * np.abs(expected).max()
+    # |out - expected| <= 1e-4 * max |expected|, no relative term
+    expected = run_onnxruntime(pruned_resnet, x)
+    assert_close(run_vm(executable, x), expected, rtol=0, atol=1e-4 * np.abs(expected).max())
 
 
+@pytest.mark.device
 def test_records_for_another_target_or_corrupted_are_one_line_errors(rpc_devices, pruned_resnet, tmp_path):
     out = tmp_path / "records.json"
     tune_model(str(pruned_resnet), str(out), "x86", tracker=rpc_devices.tracker, key=rpc_devices.x86_key, repeat=3,
@@ -106,16 +107,14 @@ def test_records_for_another_target_or_corrupted_are_one_line_errors(rpc_devices
     bad.write_text('{"format": "alcs-tvm-tuning/1", "target": {}, "target_family": "x86", "tvm_version": "0", '
                    '"layers": {"conv": {"key": "k"}}}')
     for path, expect in ((bad, "corrupted"), (tmp_path / "none.json", "no tuning records")):
-        r = subprocess.run([sys.executable, "-m", "alcs_tvm.cli", "compile", str(pruned_resnet), "-o",
-                            str(tmp_path / "m.so"), "--tuning", str(path)], capture_output=True, text=True,
-                           cwd=REPO, timeout=300)
+        r = run_cli("compile", pruned_resnet, "-o", tmp_path / "m.so", "--tuning", path, timeout=300)
         assert r.returncode == 2 and expect in r.stderr and len(r.stderr.strip().splitlines()) == 1
     # the CLI over RPC prints the per-conv table; resuming on another device key is refused
-    r = subprocess.run([sys.executable, "-m", "alcs_tvm.cli", "tune", str(pruned_resnet), "-o", str(out), "--rpc",
-                        "127.0.0.1:1", "--quiet"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    r = run_cli("tune", pruned_resnet, "-o", out, "--rpc", "127.0.0.1:1", "--quiet", timeout=300)
     assert r.returncode == 2 and "tuned on device" in r.stderr
 
 
+@pytest.mark.device
 def test_tune_on_emulated_arm64_then_compile_and_run_there(rpc_devices, cross_cxx, tmp_path):
     """The phone path: `alcs tune --target arm64` over the tracker (kernels cross-compiled, timed on the emulated
     ARM64 device), `alcs compile --tuning`, and the tuned library run on the device equals PyTorch."""
@@ -128,21 +127,18 @@ def test_tune_on_emulated_arm64_then_compile_and_run_there(rpc_devices, cross_cx
     onnx_path = tmp_path / "resnet_tiny.onnx"
     zoo.export_onnx(model, onnx_path, (1, 3, 16, 16))
     records = tmp_path / "arm64.tuning.json"
-
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "alcs_tvm.cli", *map(str, args)], capture_output=True,
-                              text=True, cwd=REPO, timeout=900)
-
-    r = cli("tune", onnx_path, "--target", "arm64", "--rpc-tracker", rpc_devices.tracker, "--rpc-key",
-            rpc_devices.arm64_key, "-o", records, "--candidates", "2", "--repeat", "3", "--min-repeat-ms", "1",
-            "--quiet")
+    r = run_cli("tune", onnx_path, "--target", "arm64", "--rpc-tracker", rpc_devices.tracker, "--rpc-key",
+                rpc_devices.arm64_key, "-o", records, "--candidates", "2", "--repeat", "3", "--min-repeat-ms", "1",
+                "--quiet", timeout=900)
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stdout and "default" in r.stdout
     tuned = TuningRecords.load(records)
     assert tuned.target_family == "arm64" and tuned.device_key == rpc_devices.arm64_key
     assert all(e["schedule"]["vector_width"] == 4 for e in tuned.layers.values())
+    for entry in tuned.layers.values():
+        assert_picks_the_measured_fastest(entry, 2)
     library = tmp_path / "tuned_arm64.so"
-    r = cli("compile", onnx_path, "--target", "arm64", "--tuning", records, "-o", library)
+    r = run_cli("compile", onnx_path, "--target", "arm64", "--tuning", records, "-o", library, timeout=900)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("tuned schedule") == len(tuned.layers)
     x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
@@ -150,4 +146,4 @@ def test_tune_on_emulated_arm64_then_compile_and_run_there(rpc_devices, cross_cx
                            timeout=300)
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(outputs[0], expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
+    assert_close(outputs[0], expected, rtol=1e-4)  # atol: 1e-4 * max |expected|

@@ -7,10 +7,12 @@ import io
 import warnings
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn as nn
 import tvm
+from helpers import assert_close, run_onnxruntime, run_vm
 from tvm import relax
 
 from alcs_tvm.schedules.dense_cpu import (DenseCPUSchedule, apply_dense_cpu_schedules, build_dense,
@@ -21,7 +23,12 @@ warnings.filterwarnings("ignore")
 
 HOST = resolve_target("x86")
 ARM = resolve_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
-RNG = np.random.RandomState(0)
+RNG = np.random.RandomState(0)  # reseeded before every test (below): a test draws the same data run alone or not
+
+
+@pytest.fixture(autouse=True)
+def _reseed_rng():
+    RNG.seed(0)
 
 
 def _tensor(shape):
@@ -41,9 +48,7 @@ def _graph(inputs: dict, body):
 
 def _run(mod, arrays, target=HOST):
     _assert_all_scheduled(_scheduled(mod, target))
-    ex = build_dense(mod, target)
-    vm = relax.VirtualMachine(ex, tvm.cpu())
-    return vm["main"](*[tvm.runtime.tensor(a) for a in arrays]).numpy()
+    return run_vm(build_dense(mod, target), *arrays)
 
 
 def _scheduled(mod, target=HOST):
@@ -233,7 +238,6 @@ class TinyResNet(nn.Module):
 
 
 def _onnx_relax(model, shape):
-    onnx = pytest.importorskip("onnx")
     from tvm.relax.frontend.onnx import from_onnx
 
     torch.manual_seed(0)
@@ -257,15 +261,13 @@ def network(request):
 
 
 def test_network_matches_onnxruntime(network):
-    ort = pytest.importorskip("onnxruntime")
     model_bytes, mod, shape = network
     x = RNG.randn(*shape).astype("float32")
-    ref = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    ref = run_onnxruntime(model_bytes, x)
     scheduled = _scheduled(mod)
     _assert_all_scheduled(scheduled)
-    vm = relax.VirtualMachine(tvm.compile(scheduled, target=HOST.target), tvm.cpu())
-    got = vm["main"](tvm.runtime.tensor(x)).numpy()
-    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    got = run_vm(tvm.compile(scheduled, target=HOST.target), x)
+    assert_close(got, ref, rtol=1e-4)  # atol: 1e-4 * max |ref|
 
 
 def test_network_compiles_for_aarch64(network):

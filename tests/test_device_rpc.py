@@ -1,6 +1,7 @@
 """The emulated ARM64 device, RPC sessions and ``alcs run``: real compiles, real servers, real faults."""
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -8,24 +9,16 @@ import sys
 import threading
 import time
 
+import helpers
 import numpy as np
 import pytest
+from helpers import REPO, run_cli
 
 from alcs_tvm import device, rpc
 from alcs_tvm.run import read_sidecar, run_model, write_sidecar
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def alcs(*args, timeout=120):
-    """Run the real CLI; return (exit code, stdout, stderr)."""
-    res = subprocess.run([sys.executable, "-m", "alcs_tvm.cli", *map(str, args)], capture_output=True, text=True,
-                         timeout=timeout, cwd=REPO)
-    return res.returncode, res.stdout, res.stderr
-
-
-def assert_close(out, ref):
-    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+alcs = functools.partial(run_cli, timeout=120)  # the real CLI, bounded: a hang fails the test in 2 minutes
+assert_close = functools.partial(helpers.assert_close, rtol=1e-4)  # atol: 1e-4 * max |ref|
 
 
 @pytest.fixture(scope="module")
@@ -79,43 +72,48 @@ def test_sidecar_and_arch(tiny_cnn):
     assert side["outputs"] == [{"name": "logits", "shape": [1, 10], "dtype": "float32"}]
     assert rpc.elf_machine(tiny_cnn["libs"]["arm64"]) == "aarch64"
     # an aarch64 library cannot run here: one-line error pointing at --rpc-tracker
-    code, _, err = alcs("run", tiny_cnn["libs"]["arm64"], "--inputs", tiny_cnn["in_npz"])
-    assert code == 2 and err.count("\n") == 1 and "aarch64" in err and "--rpc-tracker" in err
+    r = alcs("run", tiny_cnn["libs"]["arm64"], "--inputs", tiny_cnn["in_npz"])
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "aarch64" in r.stderr and "--rpc-tracker" in r.stderr
 
 
+@pytest.mark.device
 def test_status_lists_servers(rpc_devices):
     info = device.status(rpc_devices.state_path)
     assert info["tracker"]["alive"]
     assert info["keys"] == {rpc_devices.arm64_key: 1, rpc_devices.x86_key: 1}
     kinds = sorted((s["kind"], s["registered"]) for s in info["servers"])
     assert kinds == [("arm64-qemu", True), ("x86-local", True)]
-    code, out, _ = alcs("device", "status", "--state", rpc_devices.state_path)
-    assert code == 0 and "arm64-qemu" in out and "cortex-a76" in out
+    r = alcs("device", "status", "--state", rpc_devices.state_path)
+    assert r.returncode == 0 and "arm64-qemu" in r.stdout and "cortex-a76" in r.stdout
 
 
+@pytest.mark.device
 def test_arm64_cli_run_matches_torch(rpc_devices, tiny_cnn):
     out_npz = tiny_cnn["dir"] / "out_arm64.npz"
-    code, out, err = alcs("run", tiny_cnn["libs"]["arm64"], "--inputs", tiny_cnn["in_npz"], "--outputs", out_npz,
-                          "--print-time", "--repeat", 3, "--number", 2, "--rpc-tracker", rpc_devices.tracker,
-                          "--rpc-key", rpc_devices.arm64_key, "--device-timeout", 60)
-    assert code == 0, err
-    assert "output logits: shape [1, 10] dtype float32" in out
-    line = next(ln for ln in out.splitlines() if ln.startswith("time (ms):"))
+    r = alcs("run", tiny_cnn["libs"]["arm64"], "--inputs", tiny_cnn["in_npz"], "--outputs", out_npz, "--print-time",
+             "--repeat", 3, "--number", 2, "--rpc-tracker", rpc_devices.tracker, "--rpc-key", rpc_devices.arm64_key,
+             "--device-timeout", 60)
+    assert r.returncode == 0, r.stderr
+    assert "output logits: shape [1, 10] dtype float32" in r.stdout
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("time (ms):"))
     mean = float(line.split("mean")[1].split()[0])
     assert mean > 0
     with np.load(out_npz) as data:
         assert_close(data["logits"], tiny_cnn["ref"])
 
 
+@pytest.mark.device
 def test_arm64_fill_mode_from_sidecar(rpc_devices, tiny_cnn):
     out_npz = tiny_cnn["dir"] / "out_ones.npz"
-    code, out, err = alcs("run", tiny_cnn["libs"]["arm64"], "--fill-mode", "ones", "--outputs", out_npz,
-                          "--rpc-tracker", rpc_devices.tracker, "--rpc-key", rpc_devices.arm64_key)
-    assert code == 0, err
+    r = alcs("run", tiny_cnn["libs"]["arm64"], "--fill-mode", "ones", "--outputs", out_npz,
+             "--rpc-tracker", rpc_devices.tracker, "--rpc-key", rpc_devices.arm64_key)
+    assert r.returncode == 0, r.stderr
     with np.load(out_npz) as data:
         assert_close(data["logits"], tiny_cnn["ref_ones"])
 
 
+@pytest.mark.device
 def test_arm64_python_api(rpc_devices, tiny_cnn):
     outputs, timings = run_model(tiny_cnn["libs"]["arm64"], {"data": tiny_cnn["x"]}, tracker=rpc_devices.tracker,
                                  key=rpc_devices.arm64_key, repeat=3, number=2, timeout=60)
@@ -131,6 +129,7 @@ def test_arm64_python_api(rpc_devices, tiny_cnn):
         assert_close(outputs[0], tiny_cnn["ref"])
 
 
+@pytest.mark.device
 def test_x86_local_and_over_rpc(rpc_devices, tiny_cnn):
     lib = tiny_cnn["libs"]["x86"]
     outputs, _ = run_model(lib, {"data": tiny_cnn["x"]})
@@ -139,13 +138,14 @@ def test_x86_local_and_over_rpc(rpc_devices, tiny_cnn):
                                  repeat=2, timeout=60)
     assert_close(outputs[0], tiny_cnn["ref"])
     assert timings["mean_ms"] > 0
-    code, out, err = alcs("run", lib, "--inputs", tiny_cnn["in_npz"], "--print-time", "--repeat", 2)
-    assert code == 0, err
-    assert "on local cpu" in out and "time (ms): mean" in out
+    r = alcs("run", lib, "--inputs", tiny_cnn["in_npz"], "--print-time", "--repeat", 2)
+    assert r.returncode == 0, r.stderr
+    assert "on local cpu" in r.stdout and "time (ms): mean" in r.stdout
     # an x86 library on the ARM device: clear one-line error
-    code, _, err = alcs("run", lib, "--inputs", tiny_cnn["in_npz"], "--rpc-tracker", rpc_devices.tracker,
-                        "--rpc-key", rpc_devices.arm64_key)
-    assert code == 2 and err.count("\n") == 1 and "could not load" in err and "x86_64" in err
+    r = alcs("run", lib, "--inputs", tiny_cnn["in_npz"], "--rpc-tracker", rpc_devices.tracker,
+             "--rpc-key", rpc_devices.arm64_key)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "could not load" in r.stderr and "x86_64" in r.stderr
 
 
 def test_direct_rpc_server(tiny_cnn, tmp_path):
@@ -153,9 +153,9 @@ def test_direct_rpc_server(tiny_cnn, tmp_path):
     entry = device.start_x86_server(tracker=None, log_dir=tmp_path)
     try:
         addr = f"127.0.0.1:{entry['port']}"
-        code, out, err = alcs("run", tiny_cnn["libs"]["x86"], "--inputs", tiny_cnn["in_npz"], "--rpc", addr,
-                              "--outputs", tmp_path / "o.npz")
-        assert code == 0, err
+        r = alcs("run", tiny_cnn["libs"]["x86"], "--inputs", tiny_cnn["in_npz"], "--rpc", addr,
+                 "--outputs", tmp_path / "o.npz")
+        assert r.returncode == 0, r.stderr
         with np.load(tmp_path / "o.npz") as data:
             assert_close(data["logits"], tiny_cnn["ref"])
     finally:
@@ -166,10 +166,11 @@ def test_direct_rpc_server(tiny_cnn, tmp_path):
 def test_tracker_not_running(tiny_cnn):
     port = device._free_port(9590)
     t0 = time.time()
-    code, out, err = alcs("run", tiny_cnn["libs"]["arm64"], "--inputs", tiny_cnn["in_npz"],
-                          "--rpc-tracker", f"127.0.0.1:{port}", "--rpc-key", "arm64-qemu")
-    assert code == 2 and out == ""
-    assert err.count("\n") == 1 and err.startswith("alcs run: error:") and f"127.0.0.1:{port}" in err
+    r = alcs("run", tiny_cnn["libs"]["arm64"], "--inputs", tiny_cnn["in_npz"],
+             "--rpc-tracker", f"127.0.0.1:{port}", "--rpc-key", "arm64-qemu")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("alcs run: error:")
+    assert f"127.0.0.1:{port}" in r.stderr
     assert time.time() - t0 < 30
     with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}"):
         rpc.connect(tracker=f"127.0.0.1:{port}", key="arm64-qemu", timeout=5)
@@ -177,11 +178,12 @@ def test_tracker_not_running(tiny_cnn):
         rpc.connect(rpc=f"127.0.0.1:{port}", timeout=5)
 
 
+@pytest.mark.device
 def test_unknown_key(rpc_devices, tiny_cnn):
-    code, _, err = alcs("run", tiny_cnn["libs"]["arm64"], "--inputs", tiny_cnn["in_npz"],
-                        "--rpc-tracker", rpc_devices.tracker, "--rpc-key", "pixel-9")
-    assert code == 2 and err.count("\n") == 1
-    assert "'pixel-9'" in err and rpc_devices.arm64_key in err and rpc_devices.x86_key in err
+    r = alcs("run", tiny_cnn["libs"]["arm64"], "--inputs", tiny_cnn["in_npz"],
+             "--rpc-tracker", rpc_devices.tracker, "--rpc-key", "pixel-9")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "'pixel-9'" in r.stderr and rpc_devices.arm64_key in r.stderr and rpc_devices.x86_key in r.stderr
     with pytest.raises(rpc.UnknownKeyError, match=rpc_devices.arm64_key):
         rpc.connect(tracker=rpc_devices.tracker, key="pixel-9", timeout=5)
 
@@ -197,6 +199,7 @@ def _wait_busy(tracker, key, timeout=60):
     raise AssertionError(f"{key} never became busy")
 
 
+@pytest.mark.device
 def test_device_faults_then_retry(rpc_devices, tiny_cnn):
     """A frozen device times out (bounded), a killed device fails fast, a restarted one works again."""
     key = "arm64-victim"

@@ -1,6 +1,7 @@
 """``alcs flow`` (the README's main job) end to end on the x86 RPC device of the session's real tracker: train,
 profile, prune under the budget, compile, run, and the compiled libraries classify like PyTorch."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ def flow_run(rpc_devices, tmp_path_factory):
     return work, result
 
 
+@pytest.mark.device
 def test_flow_meets_budget_and_libraries_match_torch(flow_run):
     work, r = flow_run
     assert r.dense_accuracy > 0.9
@@ -40,8 +42,13 @@ def test_flow_meets_budget_and_libraries_match_torch(flow_run):
         assert (work / name).is_file(), name
 
 
-def test_flow_rerun_reuses_the_trained_model_and_table(flow_run, rpc_devices, capsys):
-    work, first = flow_run
+@pytest.mark.device
+def test_flow_rerun_reuses_the_trained_model_and_table(flow_run, rpc_devices, tmp_path):
+    """A rerun in a copy of the first run's work directory (the first run's files stay as that run left them, for
+    the other tests) loads its dense model and measures nothing again."""
+    first_work, first = flow_run
+    work = tmp_path / "flow"
+    shutil.copytree(first_work, work)
     table_before = json.loads((work / "latency.json").read_text())["layers"]
     logs = []
     flow.run_flow("small_cnn", "digits", "x86", work_dir=str(work), tracker=rpc_devices.tracker,

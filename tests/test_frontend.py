@@ -1,10 +1,13 @@
 """ONNX import + prepare_for_sparse: numerics against ONNX Runtime, the canonical conv pattern, error messages."""
+import functools
+
+import helpers
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 import tvm
+from helpers import run_onnxruntime, run_vm
 from onnx import TensorProto, helper
 from torch import nn
 from tvm import relax
@@ -22,18 +25,10 @@ def _export(tmp_path, name, model, shape, **kw):
 
 
 def _run_tvm(mod, x):
-    ex = tvm.compile(mod, target=tvm.target.Target(LLVM))
-    vm = relax.VirtualMachine(ex, tvm.cpu())
-    return vm["main"](tvm.runtime.tensor(x)).numpy()
+    return run_vm(tvm.compile(mod, target=tvm.target.Target(LLVM)), x)
 
 
-def _run_ort(path, x):
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
-
-
-def _assert_close(out, ref):
-    assert out.shape == ref.shape
-    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+_assert_close = functools.partial(helpers.assert_close, rtol=1e-4)  # atol: 1e-4 * max |ref|
 
 
 def _const(expr):
@@ -103,7 +98,7 @@ def test_tiny_models_match_onnxruntime(tmp_path, name, prune):
     path = _export(tmp_path, name, model, shape)
     mod = frontend.prepare_for_sparse(frontend.import_onnx(path))
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
-    _assert_close(_run_tvm(mod, x), _run_ort(path, x))
+    _assert_close(_run_tvm(mod, x), run_onnxruntime(path, x))
 
 
 def test_unfolded_batchnorm_is_folded_into_conv(tmp_path):
@@ -127,7 +122,7 @@ def test_unfolded_batchnorm_is_folded_into_conv(tmp_path):
     nconv, after = _check_conv_pattern(mod, ("relax.nn.relu", "relax.clip", "relax.subtract"))
     assert nconv == 2 and after[0] == ["relax.nn.relu"] and after[1] == ["relax.clip"]
     x = np.random.default_rng(2).standard_normal((1, 3, 8, 8)).astype(np.float32)
-    _assert_close(_run_tvm(mod, x), _run_ort(path, x))
+    _assert_close(_run_tvm(mod, x), run_onnxruntime(path, x))
 
 
 def test_user_shape_for_dynamic_batch(tmp_path):
@@ -140,7 +135,7 @@ def test_user_shape_for_dynamic_batch(tmp_path):
     assert "\n" not in str(err.value)
     mod = frontend.prepare_for_sparse(frontend.import_onnx(path, "input:3x1x8x8"))
     x = np.random.default_rng(3).standard_normal((3, 1, 8, 8)).astype(np.float32)
-    _assert_close(_run_tvm(mod, x), _run_ort(path, x))
+    _assert_close(_run_tvm(mod, x), run_onnxruntime(path, x))
 
 
 # ---------------------------------------------------------------------------------------------- pattern
@@ -178,7 +173,7 @@ def test_prepare_binds_params(tmp_path):
     mod = from_onnx(onnx.load(path), keep_params_in_input=True)
     assert len(mod["main"].params) > 1
     x = np.random.default_rng(4).standard_normal((1, 1, 8, 8)).astype(np.float32)
-    ref = _run_ort(path, x)
+    ref = run_onnxruntime(path, x)
     # From the "params" attribute ...
     prepared = frontend.prepare_for_sparse(mod)
     assert _check_conv_pattern(prepared, ("relax.nn.relu",))[0] == 3 and len(prepared["main"].params) == 1

@@ -8,19 +8,17 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import tvm
+from helpers import REPO, run_cli
 
 from alcs_tvm import zoo
 from alcs_tvm.latency import LatencyTable, LayerNotProfiledError, LayerProfile, TableMismatchError
-from alcs_tvm.layer import layer_key
-from alcs_tvm.layer import Conv2dSpec
+from alcs_tvm.layer import Conv2dSpec, layer_key
 from alcs_tvm.profiler import MAX_COLD_FRACTION
 from alcs_tvm.target import resolve_target
 
-REPO = Path(__file__).resolve().parents[1]
 SPEC = Conv2dSpec.create((1, 32, 14, 14), (64, 32, 3, 3), 1, 1)
 GRID = [0.0, 0.5, 0.9]
 
@@ -110,11 +108,7 @@ def onnx_models(tmp_path_factory):
     return {"small_cnn": small, "dir": d}
 
 
-def _cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "alcs_tvm.cli", *args], capture_output=True, text=True,
-                          cwd=REPO, **kw)
-
-
+@pytest.mark.device
 def test_profile_predict_and_compile_decisions_x86(rpc_devices, onnx_models, tmp_path):
     from alcs_tvm import compiler
     from alcs_tvm.compiler import model_layers
@@ -155,11 +149,12 @@ def test_profile_predict_and_compile_decisions_x86(rpc_devices, onnx_models, tmp
                   sparsities=GRID, repeat=3, min_repeat_ms=1, max_masks=1, quiet=True, on_measured=again.append)
     assert again == []
     # a resumed table must match the grid and the device
-    r = _cli("profile", onnx_models["small_cnn"], "-o", str(out), "--rpc-tracker", rpc_devices.tracker,
-             "--rpc-key", rpc_devices.x86_key, "--sparsities", "0,0.3", timeout=120)
+    r = run_cli("profile", onnx_models["small_cnn"], "-o", out, "--rpc-tracker", rpc_devices.tracker,
+                "--rpc-key", rpc_devices.x86_key, "--sparsities", "0,0.3", timeout=120)
     assert r.returncode == 2 and "sparsities" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.device
 def test_profile_resumes_after_kill(rpc_devices, onnx_models, tmp_path):
     """Kill ``alcs profile`` after its first saved layer; the rerun measures only the layers not in the table."""
     from alcs_tvm.compiler import model_layers
@@ -202,6 +197,7 @@ def test_profile_resumes_after_kill(rpc_devices, onnx_models, tmp_path):
     assert "small_cnn" in table.rest_ms
 
 
+@pytest.mark.device
 def test_profile_flow_on_emulated_arm64(rpc_devices, onnx_models, tmp_path):
     from alcs_tvm.profiler import profile_model
 
@@ -220,6 +216,7 @@ def test_profile_flow_on_emulated_arm64(rpc_devices, onnx_models, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- estimates
+@pytest.mark.device
 def test_regressor_estimates_missing_layers_with_reported_error(rpc_devices, onnx_models, tmp_path):
     """Layers not in the table: an error by default; with ``estimate_missing`` an XGBoost estimate trained on the
     measured points (held-out error reported), which the compiler uses and the report marks."""
@@ -240,8 +237,8 @@ def test_regressor_estimates_missing_layers_with_reported_error(rpc_devices, onn
     with pytest.raises(LayerNotProfiledError, match="not in the latency table"):  # not TVM's RuntimeError
         compiler.compile(tiny, "x86", latency_table=partial)
     partial.save(str(tmp_path / "partial.json"))
-    r = _cli("compile", str(tiny), "-o", str(tmp_path / "t.so"), "--latency-table", str(tmp_path / "partial.json"),
-             timeout=300)
+    r = run_cli("compile", tiny, "-o", tmp_path / "t.so", "--latency-table", tmp_path / "partial.json",
+                timeout=300)
     assert r.returncode == 2 and "not in the latency table" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     regressor = LatencyRegressor.fit(partial)
     h = regressor.holdout
@@ -262,6 +259,7 @@ def test_regressor_estimates_missing_layers_with_reported_error(rpc_devices, onn
         other.estimate_missing(regressor)
 
 
+@pytest.mark.device
 def test_resumed_table_remeasures_rest_for_another_architecture(rpc_devices, onnx_models, tmp_path):
     """The same model name with another input size (other layers) in a resumed table: its rest is measured anew,
     never taken from the other architecture."""

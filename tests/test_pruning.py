@@ -124,16 +124,25 @@ def digits_setup():
     torch.set_num_threads(threads)
 
 
-def test_admm_reaches_budget_and_keeps_accuracy(digits_setup):
+@pytest.fixture(scope="module")
+def admm_pruned(digits_setup):
+    """``(budget, result)``: the digits model pruned by ADMM to 40% of the way from its minimum latency to its
+    dense one (``result.model`` is a pruned copy; the tests that read it must not change it)."""
     data, dense, table = digits_setup
     model = copy.deepcopy(dense)
-    dense_acc = training.evaluate(model, data.x_test, data.y_test)
-    assert dense_acc > 0.9
     layers = pruning.find_prunable_layers(model, data.input_shape, pruning_v(table))
     lat = pruning.LatencyModel(table, layers, table.rest_ms["small_cnn"])
     budget = lat.min_ms(0.01) + 0.4 * (lat.dense_ms() - lat.min_ms(0.01))
     result = training.prune(model, data, table, budget, group_width=pruning_v(table), admm_epochs=4,
                             finetune_epochs=3, batch_size=32, rest_model="small_cnn", log=lambda *a: None)
+    return budget, result
+
+
+def test_admm_reaches_budget_and_keeps_accuracy(digits_setup, admm_pruned):
+    data, dense, table = digits_setup
+    dense_acc = training.evaluate(copy.deepcopy(dense), data.x_test, data.y_test)
+    assert dense_acc > 0.9
+    budget, result = admm_pruned
     assert result.predicted_ms <= budget + 1e-9
     assert result.accuracy >= 0.85, result.accuracy  # stated floor: 85% on digits (dense ~95-98%)
     assert any(s > 0.05 for s in result.sparsities.values())
@@ -146,7 +155,6 @@ def test_admm_reaches_budget_and_keeps_accuracy(digits_setup):
         assert 1.0 - int(kept.sum()) / kept.numel() == pytest.approx(result.sparsities[layer.name], abs=1e-12)
         lanes = (pruning._blocked(w, layer.group_width) != 0).sum(dim=1)  # non-zero lanes per group
         assert torch.all((lanes == 0) | (lanes == layer.group_width))
-    digits_setup[1].pruned = model
 
 
 def test_several_admm_updates_per_epoch(digits_setup):
@@ -178,16 +186,13 @@ def pruning_v(table):
     return info
 
 
-def test_export_compile_outputs_equal(digits_setup, tmp_path):
+def test_export_compile_outputs_equal(digits_setup, admm_pruned, tmp_path):
     from alcs_tvm.compiler import compile as alcs_compile
-    from alcs_tvm.run import run_model, write_sidecar
     from alcs_tvm.compiler import export
+    from alcs_tvm.run import run_model, write_sidecar
 
-    data, dense, table = digits_setup
-    model = getattr(dense, "pruned", None)
-    if model is None:  # test run alone: a quick magnitude-pruned stand-in with the same structure
-        model = copy.deepcopy(dense)
-        pruning.magnitude_prune(pruning.find_prunable_layers(model, data.input_shape, pruning_v(table)), 0.4)
+    data, _, _ = digits_setup
+    model = copy.deepcopy(admm_pruned[1].model)
     path = pruning.export_pruned(model, str(tmp_path / "p.onnx"), data.input_shape)
     executable, report = alcs_compile(path, "x86")
     # every layer the pruner thinned below the compiler's dense threshold (0.95) runs the sparse kernel

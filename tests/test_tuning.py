@@ -3,17 +3,13 @@ import os
 import sys
 
 import numpy as np
-import pytest
+from helpers import torch_conv
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
 
-torch = pytest.importorskip("torch")
-
 
 def _ref(x, w, b, stride, pad, relu):
-    y = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w),
-                                   None if b is None else torch.from_numpy(b), stride, pad)
-    return (torch.relu(y) if relu else y).numpy()
+    return torch_conv(x, w, b, stride, pad, 1, "relu" if relu else None)
 
 
 def test_tune_conv_matches_torch_and_reuses_cache(tmp_path, monkeypatch):

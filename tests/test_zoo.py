@@ -3,6 +3,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import assert_close, run_onnxruntime
 from torch import nn
 
 from alcs_tvm import zoo
@@ -124,12 +125,9 @@ def test_export_onnx(tmp_path):
     assert "Conv" in ops and "BatchNormalization" not in ops  # eval-mode BN folded into conv by the exporter
     assert [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 32, 32]
 
-    import onnxruntime as ort
-
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     ref = model(torch.from_numpy(x)).detach().numpy()
-    out = ort.InferenceSession(path).run(None, {"input": x})[0]
-    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    assert_close(run_onnxruntime(path, x), ref, rtol=1e-4)  # atol: 1e-4 * max |ref|
 
 
 def test_export_keeps_training_mode(tmp_path):

@@ -1,0 +1,132 @@
+"""What several test modules share (pytest puts tests/ on sys.path): comparing outputs, the reference conv, running
+the CLI, a compiled Relax executable or ONNX Runtime; stable seeds; the host CPU check; the ELF header check."""
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+EM_AARCH64 = 183  # ELF e_machine of aarch64 objects
+
+# the CPU features LLVM may use for each x86 target family (``-mcpu=skylake-avx512`` for x86-avx512, see
+# alcs_tvm/target.py): code built for one of them runs only on a host that has all of them
+HOST_FEATURES = {
+    "x86-avx512": ("avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"),
+    "x86-avx2": ("avx2", "fma"),
+}
+
+
+# ----------------------------------------------------------------------------------------------- comparing
+def assert_close(actual, expected, rtol, atol=None, scale_floor=0.0):
+    """``actual == expected`` (same shape) up to ``rtol`` relative and ``atol`` absolute error; ``atol`` defaults
+    to ``rtol`` times the largest magnitude of ``expected`` (at least ``scale_floor``). Each test module keeps its
+    own tolerances: pass them explicitly."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, f"shape {actual.shape} != expected {expected.shape}"
+    if atol is None:
+        atol = rtol * max(float(scale_floor), float(np.abs(expected).max()) if expected.size else 0.0)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol)
+
+
+def torch_conv(x, weight, bias, stride, padding, dilation, activation):
+    """``torch.nn.functional.conv2d`` (+ relu / relu6) on numpy arrays: the reference of the sparse conv tests;
+    ``padding`` may be (top, left, bottom, right)."""
+    import torch
+
+    xt = torch.from_numpy(x)
+    if isinstance(padding, tuple) and len(padding) == 4:
+        top, left, bottom, right = padding
+        xt = torch.nn.functional.pad(xt, (left, right, top, bottom))
+        padding = 0
+    out = torch.nn.functional.conv2d(xt, torch.from_numpy(weight), None if bias is None else torch.from_numpy(bias),
+                                     stride, padding, dilation)
+    if activation == "relu":
+        out = out.relu()
+    elif activation == "relu6":
+        out = out.clamp(0, 6)
+    return out.numpy()
+
+
+# ----------------------------------------------------------------------------------------------- running
+def run_cli(*args, timeout=600) -> subprocess.CompletedProcess:
+    """``python -m alcs_tvm.cli ARGS`` from the repository root (the package comes from ``PYTHONPATH`` if set);
+    arguments may be paths or numbers."""
+    return subprocess.run([sys.executable, "-m", "alcs_tvm.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, timeout=timeout)
+
+
+def run_vm(executable, *inputs):
+    """Run ``main`` of a compiled Relax executable (or a library loaded with ``tvm.runtime.load_module``) on the
+    local CPU; returns its output as a numpy array."""
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    return vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs]).numpy()
+
+
+def run_onnxruntime(model, x):
+    """The first output of an ONNX model (a path or the serialised bytes) on ONNX Runtime's CPU provider, ``x``
+    fed to its first input."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model if isinstance(model, bytes) else str(model),
+                                   providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+# ----------------------------------------------------------------------------------------------- seeds
+def stable_seed(*parts) -> int:
+    """A seed from ``parts`` (strings, numbers, None, tuples of them) that is the same in every process, unlike
+    ``hash()`` of a string (randomised per process): a failing case can be replayed."""
+    return zlib.crc32(repr(parts).encode())
+
+
+# ----------------------------------------------------------------------------------------------- the host
+@functools.lru_cache(maxsize=None)
+def host_cpu_flags() -> frozenset:
+    """The host CPU's feature flags (``/proc/cpuinfo``), or LLVM's view of the host CPU where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    from tvm.target import Target, codegen
+
+    host = Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+    return frozenset(f for features in HOST_FEATURES.values() for f in features
+                     if codegen.llvm_cpu_has_features([f], host))
+
+
+def skip_unless_host_runs(family: str):
+    """A skip mark for tests that *run* code compiled for the x86 target ``family`` (``x86-avx512``,
+    ``x86-avx2``): they skip on a host whose CPU lacks one of its features. (Compiling works on every host.)"""
+    missing = sorted(set(HOST_FEATURES[family]) - host_cpu_flags())
+    return pytest.mark.skipif(bool(missing), reason=f"runs {family} code; the host CPU lacks {', '.join(missing)}")
+
+
+requires_avx512 = skip_unless_host_runs("x86-avx512")
+
+
+# ----------------------------------------------------------------------------------------------- files
+def assert_aarch64_elf(path):
+    """``path`` is a 64-bit little-endian ELF object for aarch64 (e_machine 183), read from its header, and the
+    package's own ``rpc.elf_machine`` says so too."""
+    from alcs_tvm import rpc
+
+    with open(path, "rb") as f:
+        header = f.read(20)
+    assert header[:4] == b"\x7fELF", f"{path} is not an ELF file: {header[:4]!r}"
+    assert header[4] == 2 and header[5] == 1, f"{path}: not 64-bit little-endian (EI_CLASS/EI_DATA {header[4:6]})"
+    machine = int.from_bytes(header[18:20], "little")
+    assert machine == EM_AARCH64, f"{path}: e_machine {machine}, not aarch64 ({EM_AARCH64})"
+    assert rpc.elf_machine(path) == "aarch64"
