@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -33,13 +34,27 @@ def file_lock(path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _new_file_mode(path) -> int:
+    """The mode ``open(path, "w")`` gives: an existing file keeps its own, a new one gets 0666 less the umask
+    (``mkstemp`` alone would make every table and record 0600, unreadable to the user's group whatever the
+    umask says)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def write_json_atomic(path, data, prefix=".alcs-"):
     """Write ``data`` as JSON to ``path`` through a temp file and a rename: an interrupted write never leaves a
-    torn file, and what was there before stays until the new content is complete."""
+    torn file, and what was there before stays until the new content is complete. The file gets the mode
+    ``open(path, "w")`` would give it."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".json", dir=directory)
     try:
+        os.fchmod(fd, _new_file_mode(path))
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1)
         os.replace(tmp, path)

@@ -1,0 +1,183 @@
+"""The files that hold measurements - latency tables and tuning records - and the commands that write and read
+them, under concurrent runs, bad input, interruption and dynamic-batch models.
+
+Every case runs the real thing: ``alcs`` processes (``python -m alcs_tvm.cli``) on small ONNX models, measured on
+this host (``--local``), real table files. Tables that must hold particular numbers (inflated layers, a rest for
+another architecture, another target) are written as files the way ``alcs profile`` writes them, with the layer
+keys of the real model."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+import tvm
+
+from alcs_tvm import zoo
+from alcs_tvm.compiler import model_layers
+from alcs_tvm.latency import LatencyTable, LayerProfile
+from alcs_tvm.target import resolve_target
+from alcs_tvm.tuning_records import TuningRecords
+
+REPO = Path(__file__).resolve().parents[1]
+GRID = [0.0, 0.9]
+FAST_PROFILE = ["--local", "--sparsities", "0,0.9", "--repeat", "3", "--min-repeat-ms", "1", "--masks", "1",
+                "--quiet"]
+FAST_TUNE = ["--local", "--repeat", "3", "--min-repeat-ms", "1", "--candidates", "2", "--quiet"]
+
+
+def _env(**extra):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update(extra)
+    return env
+
+
+def _command(*args):
+    return [sys.executable, "-m", "alcs_tvm.cli", *map(str, args)]
+
+
+def _cli(*args, timeout=600, **kw):
+    return subprocess.run(_command(*args), capture_output=True, text=True, cwd=REPO, env=_env(), timeout=timeout,
+                          **kw)
+
+
+def _one_line_error(result, command, *needles):
+    """``result`` failed the way a user error must: exit 2, one line ``alcs COMMAND: error: ...`` naming
+    ``needles``, no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith(f"alcs {command}: error: "), result.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Small ONNX models at 8x8: ``small_a`` (1 input channel, what ``alcs prune --model small_cnn --data digits``
+    builds), ``small_b`` (3 channels: its first conv differs, the other two are the same layers), ``small_b_renamed``
+    (small_b with other node names: its tuning records do not collide with small_a's), ``dyn`` (small_a with a
+    dynamic batch dimension, as most exported models have)."""
+    d = tmp_path_factory.mktemp("models")
+    a = zoo.export_onnx(zoo.get_model("small_cnn", in_channels=1), d / "small_a.onnx", (1, 1, 8, 8))
+    b = zoo.export_onnx(zoo.get_model("small_cnn", in_channels=3), d / "small_b.onnx", (1, 3, 8, 8))
+    renamed = onnx.load(b)
+    for node in renamed.graph.node:
+        node.name = "b" + node.name
+    onnx.save(renamed, str(d / "small_b_renamed.onnx"))
+    dyn = d / "dyn.onnx"
+    with torch.no_grad():
+        torch.onnx.export(zoo.get_model("small_cnn").eval(), (torch.randn(1, 1, 8, 8),), str(dyn), input_names=["x"],
+                          output_names=["y"], opset_version=zoo.ONNX_OPSET, dynamic_axes={"x": {0: "batch"}},
+                          dynamo=False)
+    return {"a": Path(a), "b": Path(b), "b_renamed": d / "small_b_renamed.onnx", "dyn": dyn, "dir": d}
+
+
+@functools.lru_cache(maxsize=None)
+def _model_layers(path, target="x86"):
+    """The model's rewritable convs as the compiler sees them (imported once per model and target)."""
+    return tuple(model_layers(str(path), resolve_target(target)))
+
+
+def _layer_keys(path, target="x86"):
+    return [layer.key for layer in _model_layers(path, target)]
+
+
+def _table(onnx_path, *, target="x86", name="model", rest=0.05, dense=0.01, tvm_version=None, weights="calibrated",
+           layers_of=None):
+    """A table as ``alcs profile --local`` writes it for the model at ``onnx_path`` (its real layer keys), every
+    conv ``dense`` ms dense, and ``rest`` ms for the rest of ``name`` (whose conv layers are ``layers_of``'s,
+    default the same model's)."""
+    info = resolve_target(target)
+    layers = _model_layers(onnx_path, target)
+    table = LatencyTable(json.loads(info.key), info.family, "local", tvm_version or tvm.__version__,
+                         {"sparsities": GRID, "group_widths": list(info.group_widths()), "weights": weights})
+    for layer in layers:
+        curve = [dense, 0.3 * dense]
+        table.layers[layer.key] = LayerProfile(layer.spec, layer.vector_width, list(GRID), list(curve), [0.0, 0.0],
+                                               dense, 0.0, list(curve), list(curve), dense, dense)
+    owner = layers if layers_of is None else _model_layers(layers_of, target)
+    table.models[name] = {"layers": [[layer.name, layer.key] for layer in owner], "rest_ms": rest}
+    table.rest_ms[name] = rest
+    return table
+
+
+def _write(table, path) -> str:
+    Path(path).write_text(json.dumps(table.to_json(), indent=1))
+    return str(path)
+
+
+def _run_together(commands, timeout=900):
+    procs = [subprocess.Popen(c, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in commands]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        results.append((p.returncode, out, err))
+    return results
+
+
+PRUNE_FAST = ["--data", "digits", "--budget-ms", "1", "--pretrain-epochs", "1", "--epochs", "1",
+              "--finetune-epochs", "0", "--no-measure", "--batch-size", "256"]
+
+
+def _prune(table_path, out, *extra, model="small_cnn"):
+    return _cli("prune", "--model", model, "--latency-table", table_path, "-o", out / "p.onnx", *PRUNE_FAST, *extra)
+
+
+def _predicted_dense(stdout) -> float:
+    line = next(l for l in stdout.splitlines() if l.startswith("predicted latency: dense"))
+    return float(line.split("dense ")[1].split(" ms")[0])
+
+
+def _corrupt(tmp_path, models, change, name="bad.json"):
+    data = json.loads(json.dumps(_table(models["a"], name="small_a").to_json()))
+    change(data, next(iter(data["layers"])))
+    path = tmp_path / name
+    path.write_text(json.dumps(data))  # Python's json writes NaN / Infinity tokens as they are
+    return str(path)
+
+
+def _records(tmp_path, change):
+    info = resolve_target("x86")
+    entry = {"key": "k", "layout": {}, "density": 0.5, "tuned_ms": 0.01, "default_ms": 0.02,
+             "schedule": {"vector_width": 16, "tile_rows": 2, "tile_cols": 4, "row_outer": False},
+             "default_schedule": {"vector_width": 16, "tile_rows": 2, "tile_cols": 4, "row_outer": False}}
+    data = {"format": "alcs-tvm-tuning/1", "target": json.loads(info.key), "target_family": info.family,
+            "device_key": "local", "tvm_version": tvm.__version__, "settings": {}, "layers": {"/conv1/Conv": entry}}
+    change(data, entry)
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+# -------------------------------------------------------------------- 8. files get the umask's permissions
+def test_tables_and_records_get_the_mode_the_umask_gives(models, tmp_path):
+    table = _table(models["a"])
+    records = TuningRecords.load(_records(tmp_path, lambda d, e: None))
+    for umask in (0o022, 0o002, 0o077):
+        previous = os.umask(umask)
+        try:
+            for name, thing in (("table", table), ("records", records)):
+                path = tmp_path / f"{name}-{umask:o}.json"
+                thing.save(str(path))
+                assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, (name, oct(umask))
+        finally:
+            os.umask(previous)
+    # a file that exists keeps the mode its owner gave it
+    path = tmp_path / "shared.json"
+    table.save(str(path))
+    path.chmod(0o664)
+    previous = os.umask(0o077)
+    try:
+        table.save(str(path))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o664
