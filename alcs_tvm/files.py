@@ -6,13 +6,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import stat
 import tempfile
 from pathlib import Path
 
-__all__ = ["cache_dir", "file_lock", "write_json_atomic", "read_json_file", "TableMismatchError", "check_same_device",
-           "check_measured_for"]
+__all__ = ["cache_dir", "file_lock", "write_json_atomic", "read_json_file", "json_kind", "require_object",
+           "checked_number", "checked_numbers", "TableMismatchError", "check_same_device", "check_measured_for"]
 
 
 def cache_dir() -> Path:
@@ -67,16 +68,61 @@ def write_json_atomic(path, data, prefix=".alcs-"):
 def read_json_file(path, what: str, format_tag: str) -> dict:
     """The JSON object at ``path`` written by :func:`write_json_atomic` with ``{"format": format_tag, ...}``;
     one-line errors naming ``what`` (e.g. "latency table") for a missing file, bad JSON or another format."""
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path} is a directory, not a file")
     try:
         with open(path) as f:
             data = json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"no {what} at {path}") from None
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{what} {path} is not valid JSON ({err})") from None
+    except OSError as err:
+        raise ValueError(f"cannot read {what} {path}: {err.strerror or err}") from None
     if not isinstance(data, dict) or data.get("format") != format_tag:
         raise ValueError(f"{path} is not an alcs {what} file (expected format {format_tag!r})")
     return data
+
+
+def json_kind(value) -> str:
+    """What a JSON value is, in JSON's words (for errors about a file's content)."""
+    if value is None:
+        return "null"
+    for kind, name in ((bool, "a boolean"), (str, "a string"), ((int, float), "a number"), (list, "a list"),
+                       (dict, "an object")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def require_object(value, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be an object, got {json_kind(value)}")
+    return value
+
+
+def checked_number(value, what: str, low: float | None = 0.0, high: float | None = None,
+                   integer: bool = False):
+    """``value`` if it is a finite JSON number (not a string or a boolean) in ``[low, high]`` (an integer when
+    ``integer``); else a one-line ``ValueError`` naming ``what``. A measurement file's numbers are checked so
+    on load: a NaN or negative latency would otherwise drive decisions silently, a string fail later in numpy
+    without naming the file."""
+    bounds = (f" >= {low:g}" if low is not None else "") + (f" and <= {high:g}" if high is not None else "")
+    wanted = ("an integer" if integer else "a finite number") + bounds
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (integer and not float(value).is_integer()) or not math.isfinite(value) or \
+            (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{what} must be {wanted}, got {value!r}")
+    return int(value) if integer else value
+
+
+def checked_numbers(values, what: str, length: int | None = None, **bounds) -> list:
+    """A list of :func:`checked_number` (``length`` of them when given)."""
+    if not isinstance(values, list):
+        raise ValueError(f"{what} must be a list of numbers, got {json_kind(values)}")
+    if length is not None and len(values) != length:
+        raise ValueError(f"{what} has {len(values)} values, the sparsity grid {length}")
+    return [checked_number(v, f"{what}[{i}]", **bounds) for i, v in enumerate(values)]
 
 
 class TableMismatchError(ValueError):

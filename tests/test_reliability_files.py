@@ -158,6 +158,89 @@ def _records(tmp_path, change):
     return str(path)
 
 
+# ------------------------------------------------------------------------------- 5. tables checked on load
+@pytest.mark.parametrize("change,needles", [
+    (lambda d, k: d["layers"][k].update(dense_ms=float("nan")), ["dense_ms", "nan"]),
+    (lambda d, k: d["layers"][k].update(sparse_ms=[0.01, -0.002]), ["sparse_ms", "-0.002"]),
+    (lambda d, k: d["layers"][k].update(dense_ms=-2.231), ["dense_ms", "-2.231"]),
+    (lambda d, k: d["layers"][k].update(sparsities=[0.0, 1.5]), ["sparsities", "1.5"]),
+    (lambda d, k: d["layers"][k].update(sparsities=[-0.1, 0.9]), ["sparsities", "-0.1"]),
+    (lambda d, k: d["layers"][k].update(dense_ms="1.0"), ["dense_ms", "'1.0'"]),
+    (lambda d, k: d["layers"][k].update(sparse_ms=["0.01", "0.003"]), ["sparse_ms", "'0.01'"]),
+    (lambda d, k: d["layers"][k].update(warm_ms=[0.01, float("inf")]), ["warm_ms", "inf"]),
+    (lambda d, k: d["layers"][k].update(vector_width="16"), ["vector_width"]),
+    (lambda d, k: d["layers"][k]["spec"].update(stride="1x1"), ["stride"]),
+    (lambda d, k: d["layers"][k].pop("spec"), ["spec"]),
+])
+def test_bad_layer_measurements_are_one_line_errors_naming_file_and_layer(models, tmp_path, change, needles):
+    path = _corrupt(tmp_path, models, change)
+    key = next(iter(json.loads(Path(path).read_text())["layers"]))
+    with pytest.raises(ValueError) as err:
+        LatencyTable.load(path)
+    message = str(err.value)
+    assert "\n" not in message and path in message and key in message, message
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+@pytest.mark.parametrize("change,needles", [
+    (lambda d, k: d.update(layers=[]), ["'layers'", "list"]),
+    (lambda d, k: d.update(layers=None), ["'layers'", "null"]),
+    (lambda d, k: d.update(rest_ms={"small_a": -0.015}), ["small_a", "-0.015"]),
+    (lambda d, k: d.update(rest_ms={"small_a": float("nan")}), ["small_a", "nan"]),
+    (lambda d, k: d.update(rest_ms={"small_a": "0.05"}), ["small_a", "'0.05'"]),
+    (lambda d, k: d.update(rest_ms=[0.05]), ["'rest_ms'"]),
+    (lambda d, k: d.update(models={"small_a": {"layers": "conv1"}}), ["small_a", "layers"]),
+    (lambda d, k: d.update(target="x86"), ["'target'"]),
+    (lambda d, k: d.update(settings=None), ["'settings'"]),
+])
+def test_bad_table_structure_is_a_one_line_error_naming_the_file(models, tmp_path, change, needles):
+    path = _corrupt(tmp_path, models, change)
+    with pytest.raises(ValueError) as err:
+        LatencyTable.load(path)
+    message = str(err.value)
+    assert "\n" not in message and path in message, message
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+def test_bad_tables_through_the_commands_are_one_line_errors(models, tmp_path):
+    """A directory as the table, and a NaN latency, through ``alcs compile`` and ``alcs prune``."""
+    folder = tmp_path / "folder.json"
+    folder.mkdir()
+    _one_line_error(_cli("compile", models["a"], "-o", tmp_path / "m.so", "--latency-table", folder), "compile",
+                    str(folder), "directory")
+    nan = _corrupt(tmp_path, models, lambda d, k: d["layers"][k].update(dense_ms=float("nan")))
+    _one_line_error(_cli("compile", models["a"], "-o", tmp_path / "m.so", "--latency-table", nan), "compile",
+                    nan, "dense_ms")
+    _one_line_error(_prune(folder, tmp_path), "prune", str(folder), "directory")
+
+
+@pytest.mark.parametrize("change,needles", [
+    (lambda d, e: e.update(tuned_ms=float("nan")), ["/conv1/Conv", "tuned_ms", "nan"]),
+    (lambda d, e: e.update(default_ms=-1.0), ["/conv1/Conv", "default_ms", "-1.0"]),
+    (lambda d, e: e.update(tuned_ms="0.01"), ["/conv1/Conv", "tuned_ms", "'0.01'"]),
+    (lambda d, e: e.update(density=2.0), ["/conv1/Conv", "density", "2.0"]),
+    (lambda d, e: e["schedule"].update(tile_rows="x"), ["/conv1/Conv", "tile_rows", "'x'"]),
+    (lambda d, e: e["schedule"].update(tile_cols=0), ["/conv1/Conv", "tile_cols", "0"]),
+    (lambda d, e: e["schedule"].update(tile_cols=2.5), ["/conv1/Conv", "tile_cols", "2.5"]),
+    (lambda d, e: e.update(layout="nchw"), ["/conv1/Conv", "layout"]),
+    (lambda d, e: d.update(layers=[]), ["'layers'", "list"]),
+    (lambda d, e: d.update(layers=None), ["'layers'", "null"]),
+])
+def test_bad_tuning_records_are_one_line_errors_naming_file_and_conv(tmp_path, change, needles):
+    path = _records(tmp_path, change)
+    with pytest.raises(ValueError) as err:
+        TuningRecords.load(path)
+    message = str(err.value)
+    assert "\n" not in message and path in message, message
+    for needle in needles:
+        assert needle in message, (needle, message)
+    TuningRecords.load(_records(tmp_path, lambda d, e: None))  # the unchanged file loads
+    with pytest.raises(ValueError, match="directory"):
+        TuningRecords.load(str(tmp_path))
+
+
 # -------------------------------------------------------------------- 8. files get the umask's permissions
 def test_tables_and_records_get_the_mode_the_umask_gives(models, tmp_path):
     table = _table(models["a"])
