@@ -12,8 +12,9 @@ import stat
 import tempfile
 from pathlib import Path
 
-__all__ = ["cache_dir", "file_lock", "write_json_atomic", "read_json_file", "json_kind", "require_object",
-           "checked_number", "checked_numbers", "TableMismatchError", "check_same_device", "check_measured_for"]
+__all__ = ["cache_dir", "file_lock", "directory_lock", "write_json_atomic", "read_json_file", "merge_entries",
+           "save_merged", "json_copy", "json_kind", "require_object", "checked_number", "checked_numbers",
+           "TableMismatchError", "check_same_device", "check_measured_for"]
 
 
 def cache_dir() -> Path:
@@ -33,6 +34,21 @@ def file_lock(path):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def directory_lock(path):
+    """Hold an exclusive ``flock`` on the directory of ``path`` for the block: the lock of a file that is replaced
+    by a rename (:func:`write_json_atomic`), since a lock on the file itself would stay with the replaced inode,
+    and a lock file beside it would be left behind in the user's directory."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _new_file_mode(path) -> int:
@@ -123,6 +139,56 @@ def checked_numbers(values, what: str, length: int | None = None, **bounds) -> l
     if length is not None and len(values) != length:
         raise ValueError(f"{what} has {len(values)} values, the sparsity grid {length}")
     return [checked_number(v, f"{what}[{i}]", **bounds) for i, v in enumerate(values)]
+
+
+_ABSENT = object()
+
+
+def json_copy(data):
+    """``data`` as it reads back from a JSON file (tuples become lists, keys strings): what saved entries are
+    compared in."""
+    return json.loads(json.dumps(data))
+
+
+def merge_entries(ours: dict, base: dict, theirs: dict) -> dict:
+    """Three-way merge of one JSON object of a measurement file, entry by entry: an entry this process added or
+    changed since ``base`` (the entries as it last read or wrote the file) is ours; every other entry is the
+    file's as it is now (``theirs``), so what another process saved meanwhile - new entries and new values of
+    old ones - is kept. All three in :func:`json_copy` form."""
+    merged = dict(theirs)
+    for key, value in ours.items():
+        if key not in theirs or base.get(key, _ABSENT) != value:
+            merged[key] = value
+    return merged
+
+
+def save_merged(path, ours: dict, merge, prefix: str, what: str) -> dict:
+    """Save a measurement file that other processes may be writing too: under :func:`directory_lock`, re-read the
+    file, ``merge(on_disk)`` it with ``ours`` (``on_disk`` None when there is no file yet; ``merge`` raises
+    :class:`TableMismatchError` when the file now holds measurements of another kind) and write the result
+    atomically. Returns what was written.
+
+    Nothing measured is lost: when the file cannot take ``ours`` (another target, a corrupted file), ``ours`` is
+    written beside it and the error names that file."""
+    with directory_lock(path):
+        try:
+            on_disk = read_json_file(path, what, ours["format"]) if os.path.exists(path) else None
+            data = ours if on_disk is None else merge(on_disk)
+        except ValueError as err:
+            aside = _aside_path(path)
+            write_json_atomic(aside, ours, prefix=prefix)
+            raise type(err)(f"{err}; this run's measurements are saved in {aside}") from None
+        write_json_atomic(path, data, prefix=prefix)
+    return data
+
+
+def _aside_path(path) -> str:
+    stem, ext = os.path.splitext(os.path.abspath(path))
+    for n in range(1, 1000):
+        candidate = f"{stem}.unsaved-{os.getpid()}-{n}{ext or '.json'}"
+        if not os.path.exists(candidate):
+            return candidate
+    raise FileExistsError(f"no free name beside {path}")
 
 
 class TableMismatchError(ValueError):

@@ -30,14 +30,18 @@ import numpy as np
 import tvm
 
 from .compiler import model_layers
-from .files import (TableMismatchError, check_measured_for, checked_number, checked_numbers, json_kind,
-                    read_json_file, require_object, write_json_atomic)
+from .files import (TableMismatchError, check_measured_for, checked_number, checked_numbers, json_copy, json_kind,
+                    merge_entries, read_json_file, require_object, save_merged)
 from .layer import Conv2dSpec, layer_key
 from .target import resolve_target
 
 __all__ = ["LatencyTable", "LayerProfile", "TableMismatchError", "LayerNotProfiledError", "FORMAT"]
 
 FORMAT = "alcs-latency-table/1"
+#: the parts of a table that runs sharing it add to, entry by entry
+_MERGED = ("layers", "rest_ms", "models")
+#: the settings every measurement of one table shares (what a resumed profile checks too)
+_SAME_SETTINGS = ("sparsities", "group_widths", "weights")
 
 
 class LayerNotProfiledError(TableMismatchError, LookupError):
@@ -162,6 +166,8 @@ class LatencyTable:
     # optional estimator for layers not measured (alcs_tvm.latency_regressor); never saved with the table
     regressor: object = field(default=None, repr=False, compare=False)
     _estimates: dict = field(default_factory=dict, repr=False, compare=False)
+    # the entries as this table last read or wrote its file: what save() tells its own changes from others' by
+    _saved: dict = field(default_factory=dict, repr=False, compare=False)
 
     # -- persistence ------------------------------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -171,8 +177,41 @@ class LatencyTable:
                 "models": self.models}
 
     def save(self, path: str):
-        """Write atomically (temp file + rename): an interrupted write never leaves a torn table."""
-        write_json_atomic(path, self.to_json(), prefix=".latency-")
+        """Add this table's measurements to the table at ``path``, atomically and under a lock: what other runs
+        saved there since this one loaded or last saved it is kept (two ``alcs profile`` runs may share a table);
+        entries this table added or changed since then are written. Afterwards this table holds what the file
+        holds. An interrupted write never leaves a torn table."""
+        ours = json_copy(self.to_json())
+
+        def merge(on_disk):
+            theirs = json_copy(LatencyTable.from_json(on_disk, path).to_json())
+            self._check_same_kind(theirs, path)
+            merged = dict(theirs)
+            for section in _MERGED:
+                merged[section] = merge_entries(ours[section], self._saved.get(section, {}), theirs[section])
+            return merged
+
+        written = save_merged(path, ours, merge, ".latency-", "latency table")
+        for key, entry in written["layers"].items():
+            if ours["layers"].get(key) != entry:
+                self.layers[key] = LayerProfile.from_json(entry)
+        self.rest_ms.update(written["rest_ms"])
+        for name, entry in written["models"].items():
+            if ours["models"].get(name) != entry:
+                self.models[name] = entry
+        self._saved = {section: written[section] for section in _MERGED}
+
+    def _check_same_kind(self, theirs: dict, path):
+        """Measurements of another target, TVM, device or grid cannot join this table's."""
+        differ = [what for what, ours, other in (
+            ("another target", self.target, theirs["target"]),
+            ("another TVM version", self.tvm_version, theirs["tvm_version"]),
+            ("another device", self.device_key, theirs["device_key"]),
+            *((f"another {name} setting", self.settings.get(name), theirs["settings"].get(name))
+              for name in _SAME_SETTINGS)) if json_copy(ours) != other]
+        if differ:
+            raise TableMismatchError(f"{path} now holds a latency table measured for {', '.join(differ)} (written "
+                                     f"by another run meanwhile): the two cannot share one table")
 
     @classmethod
     def load(cls, path: str) -> "LatencyTable":
@@ -221,8 +260,11 @@ class LatencyTable:
             where = ""
         except ValueError as err:
             raise ValueError(f"latency table {path} is corrupted: {where}{err}") from None
-        return cls(data["target"], data["target_family"], data.get("device_key"), data["tvm_version"],
-                   data.get("settings", {}), layers, rest_ms, models)
+        table = cls(data["target"], data["target_family"], data.get("device_key"), data["tvm_version"],
+                    data.get("settings", {}), layers, rest_ms, models)
+        table._saved = {section: json_copy(part) for section, part in table.to_json().items()
+                        if section in _MERGED}
+        return table
 
     # -- compatibility ----------------------------------------------------------------------------------------
     def check_compatible(self, target_info=None, tvm_version: str | None = None):

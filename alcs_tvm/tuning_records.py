@@ -7,9 +7,10 @@ report, never applied wrongly.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
-from .files import check_measured_for, checked_number, json_kind, read_json_file, require_object, write_json_atomic
+from .files import (TableMismatchError, check_measured_for, checked_number, json_copy, json_kind, merge_entries,
+                    read_json_file, require_object, save_merged)
 from .layer import KernelLayout
 from .schedules import SparseConvSchedule
 
@@ -29,8 +30,34 @@ class TuningRecords:
     settings: dict = field(default_factory=dict)
     layers: dict = field(default_factory=dict)  # conv name -> {"key", "layout", "density", "schedule", "tuned_ms", ..}
 
+    # the layers as these records last read or wrote their file: what save() tells its own changes from others' by
+    _saved: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "target": self.target, "target_family": self.target_family,
+                "device_key": self.device_key, "tvm_version": self.tvm_version, "settings": self.settings,
+                "layers": self.layers}
+
     def save(self, path):
-        write_json_atomic(path, {"format": FORMAT, **asdict(self)}, prefix=".tuning-")
+        """Add these records to the file at ``path``, atomically and under a lock: convs other runs recorded there
+        since these records were loaded or last saved are kept (two ``alcs tune`` runs may share a file); convs
+        recorded or re-tuned here are written. Afterwards the records hold what the file holds."""
+        ours = json_copy(self.to_json())
+
+        def merge(on_disk):
+            theirs = json_copy(TuningRecords.from_json(on_disk, path).to_json())
+            differ = [what for what, field_name in (("another target", "target"),
+                                                    ("another TVM version", "tvm_version"),
+                                                    ("another device", "device_key"))
+                      if ours[field_name] != theirs[field_name]]
+            if differ:
+                raise TableMismatchError(f"{path} now holds tuning records measured for {', '.join(differ)} "
+                                         f"(written by another run meanwhile): the two cannot share one file")
+            return {**theirs, "layers": merge_entries(ours["layers"], self._saved, theirs["layers"])}
+
+        written = save_merged(path, ours, merge, ".tuning-", "tuning records")
+        self.layers.update(written["layers"])
+        self._saved = written["layers"]
 
     @classmethod
     def load(cls, path) -> "TuningRecords":
@@ -56,8 +83,10 @@ class TuningRecords:
                 _check_record(entry)
         except ValueError as err:
             raise ValueError(f"tuning records {path} are corrupted: {where}{err}") from None
-        return cls(data["target"], data["target_family"], data.get("device_key"), data["tvm_version"],
-                   dict(data.get("settings", {})), dict(data["layers"]))
+        records = cls(data["target"], data["target_family"], data.get("device_key"), data["tvm_version"],
+                      dict(data.get("settings", {})), dict(data["layers"]))
+        records._saved = json_copy(records.layers)
+        return records
 
     def check_compatible(self, target_info, tvm_version: str):
         """Raise :class:`TableMismatchError` when the records were measured for another target or TVM."""

@@ -22,6 +22,7 @@ import tvm
 
 from alcs_tvm import zoo
 from alcs_tvm.compiler import model_layers
+from alcs_tvm.files import TableMismatchError
 from alcs_tvm.latency import LatencyTable, LayerProfile
 from alcs_tvm.target import resolve_target
 from alcs_tvm.tuning_records import TuningRecords
@@ -156,6 +157,69 @@ def _records(tmp_path, change):
     path = tmp_path / "records.json"
     path.write_text(json.dumps(data))
     return str(path)
+
+
+# ------------------------------------------------------------------------ 1. concurrent runs lose nothing
+def test_two_profiles_writing_one_table_keep_both_models(models, tmp_path):
+    """Two ``alcs profile`` runs on two models (sharing two of their three conv layers) write one table at the same
+    time: both exit 0 and the table holds every layer and the 'rest of model' of both."""
+    table_path = tmp_path / "table.json"
+    results = _run_together([_command("profile", models["a"], "-o", table_path, *FAST_PROFILE),
+                             _command("profile", models["b"], "-o", table_path, *FAST_PROFILE)])
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+    table = LatencyTable.load(str(table_path))
+    assert set(table.rest_ms) == {"small_a", "small_b"}, table.rest_ms
+    assert set(table.models) == {"small_a", "small_b"}
+    assert set(_layer_keys(models["a"])) | set(_layer_keys(models["b"])) == set(table.layers)
+    for name in ("small_a", "small_b"):  # each prediction finds its own rest
+        total, breakdown = table.predict(str(models[name[-1]]))
+        assert breakdown["(rest of model)"] == table.rest_ms[name] and total > 0
+
+
+def test_two_tunes_writing_one_records_file_keep_both_models(models, tmp_path):
+    out = tmp_path / "records.json"
+    results = _run_together([_command("tune", models["a"], "-o", out, *FAST_TUNE),
+                             _command("tune", models["b_renamed"], "-o", out, *FAST_TUNE)])
+    for code, _, err in results:
+        assert code == 0, err[-3000:]
+    records = TuningRecords.load(str(out))
+    expected = [layer.name for path in (models["a"], models["b_renamed"]) for layer in _model_layers(path)]
+    assert sorted(records.layers) == sorted(expected)
+
+
+def test_a_stale_copy_never_overwrites_what_another_run_saved_since(models, tmp_path):
+    """Two handles on one table (two processes, in effect): each save adds its own changes to what is in the file
+    by then; an entry the other run updated is not reverted to the copy this one loaded."""
+    path = _write(_table(models["a"], name="small_a"), tmp_path / "t.json")
+    first, second = LatencyTable.load(path), LatencyTable.load(path)
+    second.rest_ms["small_a"] = 0.07  # re-measured by the second run
+    second.models["small_a"]["rest_ms"] = 0.07
+    second.save(path)
+    extra = _table(models["b"], name="small_b")
+    first.layers.update(extra.layers)  # the first run adds small_b
+    first.rest_ms["small_b"], first.models["small_b"] = 0.04, extra.models["small_b"]
+    first.save(path)
+    merged = LatencyTable.load(path)
+    assert merged.rest_ms == {"small_a": 0.07, "small_b": 0.04}
+    assert set(merged.layers) == set(_layer_keys(models["a"])) | set(_layer_keys(models["b"]))
+    # the saving handle now holds what the file holds
+    assert first.to_json() == merged.to_json()
+
+
+def test_save_into_a_table_for_another_target_keeps_the_measurements_aside(models, tmp_path):
+    """A run that finds the file rewritten for another target (two first runs with different targets) must not mix
+    the two, nor drop its own measurements."""
+    path = str(tmp_path / "t.json")
+    _table(models["a"], target="arm64", name="small_a").save(path)
+    ours = _table(models["a"], name="small_a")
+    with pytest.raises(TableMismatchError, match="another target") as err:
+        ours.save(path)
+    assert "\n" not in str(err.value)
+    aside = [p for p in tmp_path.iterdir() if p.name != "t.json"]
+    assert len(aside) == 1 and aside[0].name in str(err.value)
+    assert LatencyTable.load(str(aside[0])).to_json() == ours.to_json()
+    assert LatencyTable.load(path).target_family == "arm64"  # the other run's table is untouched
 
 
 # ------------------------------------------------------------------------------- 5. tables checked on load
