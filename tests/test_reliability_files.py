@@ -222,6 +222,19 @@ def test_save_into_a_table_for_another_target_keeps_the_measurements_aside(model
     assert LatencyTable.load(path).target_family == "arm64"  # the other run's table is untouched
 
 
+# -------------------------------------------------------------------- 4. the rest of a model is never < 0
+def test_profile_bounds_a_negative_rest_at_zero_and_says_so(models, tmp_path):
+    """A table whose layers were measured on a busy host (30 ms each for a model that runs in well under 1 ms):
+    the rest fitted from the whole model comes out negative; the table stores 0 and the summary says why."""
+    path = _write(_table(models["a"], name="other", dense=30.0, weights="warm"), tmp_path / "t.json")
+    r = _cli("profile", models["a"], "-o", path, *FAST_PROFILE, "--weights", "warm")
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = LatencyTable.load(path)
+    assert table.rest_ms["small_a"] == 0.0 and table.models["small_a"]["rest_ms"] == 0.0
+    assert table.models["small_a"]["rest_fit_ms"] < -80  # what the fit wanted, kept for the record
+    assert "rest of small_a 0.000 ms" in r.stdout and "bounded at 0" in r.stdout
+
+
 # ------------------------------------------------------------------------------- 5. tables checked on load
 @pytest.mark.parametrize("change,needles", [
     (lambda d, k: d["layers"][k].update(dense_ms=float("nan")), ["dense_ms", "nan"]),
