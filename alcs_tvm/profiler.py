@@ -554,6 +554,10 @@ def measure_latency_table(model, input_shape, target="x86", *, model_name: str =
         whole, _ = measure_latency(onnx_path, input_shape, info.target)
     convs = sum(profiles[LayerProfile(layer.spec, layer.group_width).key].sparse_ms[0] for layer in layers)
     table.rest_ms[model_name] = max(0.0, whole - convs)
+    # the model's conv layers, so the rest is found by architecture (LatencyTable.rest_model_for), not by name
+    table.models[model_name] = {"layers": [[layer.name, LayerProfile(layer.spec, layer.group_width).key]
+                                           for layer in layers],
+                                "rest_ms": table.rest_ms[model_name], "rest_fit_ms": whole - convs}
     if log:
         log(f"  whole dense model {whole:.4f} ms, convs {convs:.4f} ms -> rest {table.rest_ms[model_name]:.4f} ms")
     return table

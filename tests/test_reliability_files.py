@@ -222,6 +222,35 @@ def test_save_into_a_table_for_another_target_keeps_the_measurements_aside(model
     assert LatencyTable.load(path).target_family == "arm64"  # the other run's table is untouched
 
 
+# ---------------------------------------------------------------------- 2./3. alcs prune and the table's rest
+def test_prune_finds_the_rest_by_the_models_conv_layers(models, tmp_path):
+    """README's sequence: ``alcs profile model.onnx`` names the entry 'model', ``alcs prune --model small_cnn``: the
+    rest of the model with small_cnn's conv layers is added (3 convs x 0.01 + 0.05 ms), not silently dropped."""
+    table = _write(_table(models["a"], name="model", rest=0.05, dense=0.01), tmp_path / "t.json")
+    r = _prune(table, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _predicted_dense(r.stdout) == pytest.approx(0.08, abs=1e-4)
+
+
+def test_prune_with_a_rest_model_not_in_the_table_is_one_line(models, tmp_path):
+    table = _write(_table(models["a"], name="model"), tmp_path / "t.json")
+    _one_line_error(_prune(table, tmp_path, "--rest-model", "smal_cnn"), "prune", "'smal_cnn'", "'model'")
+    assert not (tmp_path / "p.onnx").exists()
+
+
+def test_prune_without_a_rest_for_its_architecture_refuses_naming_what_the_table_holds(models, tmp_path):
+    """The table has small_cnn's conv layers, but the only rest it holds is another architecture's."""
+    table = _write(_table(models["a"], name="resnet_tiny", layers_of=models["b"]), tmp_path / "t.json")
+    _one_line_error(_prune(table, tmp_path), "prune", "'resnet_tiny'", "--rest-model")
+
+
+def test_prune_checks_the_tables_target_and_tvm_version(models, tmp_path):
+    old_tvm = _write(_table(models["a"], tvm_version="0.1.0"), tmp_path / "old.json")
+    _one_line_error(_prune(old_tvm, tmp_path), "prune", "TVM 0.1.0")
+    avx2 = _write(_table(models["a"], target="x86-avx2"), tmp_path / "avx2.json")  # layers at V=8
+    _one_line_error(_prune(avx2, tmp_path, "--vector-width", "8"), "prune", "measured for target")
+
+
 # -------------------------------------------------------------------- 4. the rest of a model is never < 0
 def test_profile_bounds_a_negative_rest_at_zero_and_says_so(models, tmp_path):
     """A table whose layers were measured on a busy host (30 ms each for a model that runs in well under 1 ms):
