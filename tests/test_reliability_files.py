@@ -10,9 +10,11 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import onnx
@@ -345,6 +347,34 @@ def test_bad_tuning_records_are_one_line_errors_naming_file_and_conv(tmp_path, c
     TuningRecords.load(_records(tmp_path, lambda d, e: None))  # the unchanged file loads
     with pytest.raises(ValueError, match="directory"):
         TuningRecords.load(str(tmp_path))
+
+
+# --------------------------------------------------------------------------- 7. Ctrl-C leaves nothing behind
+def test_interrupted_prune_leaves_no_file_behind(models, tmp_path):
+    table = _write(_table(models["a"], name="model"), tmp_path / "t.json")
+    weights = tmp_path / "w.pt"
+    torch.save(zoo.get_model("small_cnn").state_dict(), weights)
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    out.mkdir()
+    tmp.mkdir()
+    proc = subprocess.Popen(_command("prune", "--model", "small_cnn", "--weights", weights, "--data", "digits",
+                                     "--latency-table", table, "--budget-ms", "1", "-o", out / "p.onnx",
+                                     "--epochs", "500"),
+                            cwd=REPO, env=_env(PYTHONUNBUFFERED="1", TMPDIR=str(tmp)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(300, proc.kill)
+    watchdog.start()
+    try:
+        for line in proc.stdout:  # the pruner's first line: the dense model is exported, ADMM starts
+            if line.startswith("dense: test acc"):
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        watchdog.cancel()
+    assert proc.returncode == 130, err[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == []
+    assert sorted(p.name for p in tmp.iterdir()) == []
 
 
 # -------------------------------------------------------------------- 8. files get the umask's permissions

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import torch
 import tvm
@@ -94,17 +95,22 @@ def run(args):
     layers = find_prunable_layers(model, data.input_shape, info)
     rest = rest_model(table, args.latency_table, layers, args.rest_model, args.model)
     check_budget(LatencyModel(table, layers, table.rest_ms[rest]), args.budget_ms, args.min_density)
+    with tempfile.TemporaryDirectory(prefix="alcs-prune-") as tmp:  # the dense copy goes on Ctrl-C too
+        return _prune(args, table, info, data, model, rest, os.path.join(tmp, "dense.onnx"))
+
+
+def _prune(args, table, info, data, model, rest_model, dense_path):
     if not args.weights:
         train_dense(model, data, args.pretrain_epochs, lr=args.lr, batch_size=args.batch_size)
     dense_acc = evaluate(model, data.x_test, data.y_test)
     dense_onnx = None
     if not args.no_measure:
-        dense_onnx = export_pruned(model, args.output + ".dense.onnx", data.input_shape)
+        dense_onnx = export_pruned(model, dense_path, data.input_shape)
     result = prune(model, data, table, args.budget_ms, group_width=info,
                    admm_epochs=args.epochs, finetune_epochs=args.finetune_epochs, lr=args.lr,
                    batch_size=args.batch_size, rho=args.rho, importance=args.importance,
                    updates_per_epoch=args.updates_per_epoch, min_density=args.min_density,
-                   rest_model=rest, seed=args.seed)
+                   rest_model=rest_model, seed=args.seed)
     export_pruned(model, args.output, data.input_shape)
     points = [("dense (predicted)", result.dense_predicted_ms, dense_acc),
               ("pruned (predicted)", result.predicted_ms, result.accuracy)]
@@ -114,7 +120,6 @@ def run(args):
         result.compile_report = report
         points += [("dense (measured)", result.dense_measured_ms, dense_acc),
                    ("pruned (measured)", result.measured_ms, result.accuracy)]
-        os.unlink(dense_onnx)
     print()
     print(result.table())
     print(f"accuracy: dense {dense_acc:.4f} -> pruned {result.accuracy:.4f}")
