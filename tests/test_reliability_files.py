@@ -349,6 +349,30 @@ def test_bad_tuning_records_are_one_line_errors_naming_file_and_conv(tmp_path, c
         TuningRecords.load(str(tmp_path))
 
 
+# ------------------------------------------------------------------------------ 6. --weights that do not fit
+def test_wrong_weights_are_one_line_errors(models, tmp_path):
+    from alcs_tvm.zoo import load_model
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not a state dict\n")
+    tensor = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), tensor)
+    other = tmp_path / "resnet.pt"
+    torch.save(zoo.get_model("resnet_tiny").state_dict(), other)
+    wide = tmp_path / "wide.pt"
+    torch.save(zoo.get_model("small_cnn", in_channels=3).state_dict(), wide)  # same names, another shape
+    for path, needle in ((text, "not a PyTorch"), (tensor, "not a state dict"), (other, "missing"),
+                         (wide, "conv1.weight")):
+        with pytest.raises(ValueError) as err:
+            load_model("small_cnn", 10, 1, str(path))
+        assert "\n" not in str(err.value) and str(path) in str(err.value) and needle in str(err.value), str(err.value)
+    good = tmp_path / "good.pt"
+    torch.save(zoo.get_model("small_cnn").state_dict(), good)
+    assert load_model("small_cnn", 10, 1, str(good)) is not None
+    table = _write(_table(models["a"], name="model"), tmp_path / "t.json")
+    _one_line_error(_prune(table, tmp_path, "--weights", other), "prune", str(other), "small_cnn")
+
+
 # --------------------------------------------------------------------------- 7. Ctrl-C leaves nothing behind
 def test_interrupted_prune_leaves_no_file_behind(models, tmp_path):
     table = _write(_table(models["a"], name="model"), tmp_path / "t.json")
