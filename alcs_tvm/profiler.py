@@ -395,7 +395,7 @@ def profile_model(model, output, target="x86", *, tracker=None, key=None, rpc=No
     try:
         return _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities, repeat, min_repeat_ms,
                         max_masks, spread_threshold, model_name, measure_rest, quiet, on_measured, seed,
-                        cold_weights)
+                        cold_weights, input_shapes)
     finally:
         measurer.close()
 
@@ -420,7 +420,7 @@ def _time_whole(measurer, builds, repeat, min_repeat_ms) -> list:
 
 
 def _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities, repeat, min_repeat_ms, max_masks,
-             spread_threshold, model_name, measure_rest, quiet, on_measured, seed, cold_weights):
+             spread_threshold, model_name, measure_rest, quiet, on_measured, seed, cold_weights, input_shapes=None):
     fixed_fraction = None if cold_weights is None else float(bool(cold_weights))
     distinct = list(dict.fromkeys(layer.key for layer in layers))
     first = {}
@@ -456,7 +456,8 @@ def _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities,
             rng = np.random.default_rng(seed)
             pruned = random_pruned_onnx(onnx_model, info,
                                         {layer.name: CALIBRATION_SPARSITY for layer in layers}, rng)
-            pruned_mod = frontend.prepare_for_sparse(frontend.import_onnx(pruned, None))
+            # the copy has the model's declared inputs: a dynamic dim needs the shapes the model was imported with
+            pruned_mod = frontend.prepare_for_sparse(frontend.import_onnx(pruned, input_shapes))
             sparse_build = _build_whole(info, pruned_mod, onnx_model, sparse=True)
             # both points timed twice, alternating, samples pooled: they fix the fraction and the rest, so
             # neither may come from one of the host's slow episodes alone
@@ -490,9 +491,13 @@ def measure_latency(onnx_path: str, input_shape, target="x86", *, repeat: int = 
                     latency_table=None, library_path: str | None = None, statistic: str = "min_ms"):
     """Compile ``onnx_path`` with :func:`alcs_tvm.compiler.compile` and time it with the Relax VM (``run_model``):
     ``(ms, report)``, ``ms`` the ``statistic`` of the samples (default the minimum, as the project's docs
-    report: on a shared host the median carries other users' load). ``number=0`` picks the inner count so one
-    sample lasts ~10 ms."""
-    executable, report = alcs_compile(onnx_path, target, latency_table=latency_table)
+    report: on a shared host the median carries other users' load). ``input_shape``: the shape of the model's
+    (first) input it is compiled and timed for (a dynamic batch dimension included). ``number=0`` picks the
+    inner count so one sample lasts ~10 ms."""
+    model = frontend.load_onnx(onnx_path)
+    name = next(iter(frontend.model_inputs(model)))
+    executable, report = alcs_compile(model, target, latency_table=latency_table,
+                                      input_shapes={name: tuple(input_shape)})
     with tempfile.TemporaryDirectory(prefix="alcs-prune-") as own_dir:  # gone on Ctrl-C too
         if library_path is None:
             library_path = os.path.join(own_dir, "model.so")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import signal
 import stat
@@ -424,3 +425,32 @@ def test_tables_and_records_get_the_mode_the_umask_gives(models, tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE(path.stat().st_mode) == 0o664
+
+
+# ------------------------------------------------------------------------------ 9. dynamic-batch ONNX files
+def test_profile_of_a_dynamic_batch_model_with_input_shapes(models, tmp_path):
+    path = tmp_path / "t.json"
+    r = _cli("profile", models["dyn"], "-o", path, *FAST_PROFILE, "--input-shapes", "x:1x1x8x8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = LatencyTable.load(str(path))
+    assert "dyn" in table.rest_ms and set(table.layers) == set(_layer_keys(models["a"]))
+    total, breakdown = table.predict(str(models["dyn"]), input_shapes={"x": (1, 1, 8, 8)})
+    assert total > 0 and breakdown["(rest of model)"] == table.rest_ms["dyn"]
+
+
+def test_tune_and_compile_of_a_dynamic_batch_model_with_input_shapes(models, tmp_path):
+    out = tmp_path / "records.json"
+    r = _cli("tune", models["dyn"], "-o", out, *FAST_TUNE, "--input-shapes", "x:1x1x8x8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(TuningRecords.load(str(out)).layers) == 3
+    r = _cli("compile", models["dyn"], "-o", tmp_path / "m.so", "--tuning", out, "--input-shapes", "x:1x1x8x8")
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_measure_latency_of_a_dynamic_batch_model(models):
+    """What ``alcs prune`` and ``alcs flow`` time (``profiler.measure_latency``): the input shape given is the
+    shape the model is compiled for."""
+    from alcs_tvm.profiler import measure_latency
+
+    ms, report = measure_latency(str(models["dyn"]), (1, 1, 8, 8), "x86", repeat=3)
+    assert math.isfinite(ms) and ms > 0 and len([d for d in report.layers if d.op == "conv2d"]) == 3
