@@ -204,12 +204,14 @@ def check_same_device(path, measured_on: str, device_key: str, what: str = "meas
 
 def check_measured_for(what: str, target: dict, family: str, tvm_version: str, target_info=None,
                        current_tvm: str | None = None, remedy: str = "re-measure"):
-    """Raise :class:`TableMismatchError` when ``what`` (e.g. "latency table") was measured for another target
-    (``target_info.key``) or TVM version than the ones given; measurements of one do not hold for the other."""
+    """Raise :class:`TableMismatchError` when ``what`` (e.g. "latency table", "tuning records") was measured for
+    another target (``target_info.key``) or TVM version than the ones given; measurements of one do not hold for
+    the other."""
+    was = "were" if what.endswith("s") else "was"  # "tuning records were measured", "latency table was measured"
     if target_info is not None:
         wanted = json.loads(target_info.key)
         if wanted != target:
-            raise TableMismatchError(f"{what} was measured for target {target} ({family}), not {wanted} "
+            raise TableMismatchError(f"{what} {was} measured for target {target} ({family}), not {wanted} "
                                      f"({target_info.family}): {remedy}")
     if current_tvm is not None and current_tvm != tvm_version:
-        raise TableMismatchError(f"{what} was measured with TVM {tvm_version}, this is TVM {current_tvm}: {remedy}")
+        raise TableMismatchError(f"{what} {was} measured with TVM {tvm_version}, this is TVM {current_tvm}: {remedy}")
