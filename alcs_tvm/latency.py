@@ -30,13 +30,18 @@ import numpy as np
 import tvm
 
 from .compiler import model_layers
-from .files import TableMismatchError, check_measured_for, read_json_file, write_json_atomic
+from .files import (TableMismatchError, check_measured_for, checked_number, checked_numbers, json_copy, json_kind,
+                    merge_entries, read_json_file, require_object, save_merged)
 from .layer import Conv2dSpec, layer_key
 from .target import resolve_target
 
 __all__ = ["LatencyTable", "LayerProfile", "TableMismatchError", "LayerNotProfiledError", "FORMAT"]
 
 FORMAT = "alcs-latency-table/1"
+#: the parts of a table that runs sharing it add to, entry by entry
+_MERGED = ("layers", "rest_ms", "models")
+#: the settings every measurement of one table shares (what a resumed profile checks too)
+_SAME_SETTINGS = ("sparsities", "group_widths", "weights")
 
 
 class LayerNotProfiledError(TableMismatchError, LookupError):
@@ -104,14 +109,48 @@ class LayerProfile:
 
     @classmethod
     def from_json(cls, data: dict) -> "LayerProfile":
-        profile = cls(Conv2dSpec.from_json(data["spec"]), int(data["vector_width"]), list(data["sparsities"]),
-                      list(data["sparse_ms"]), list(data.get("sparse_spread_ms", [])), data.get("dense_ms"),
-                      data.get("dense_spread_ms"), data.get("warm_ms"), data.get("cold_ms"),
-                      data.get("dense_warm_ms"), data.get("dense_cold_ms"))
-        if len(profile.sparsities) != len(profile.sparse_ms) or \
-                list(profile.sparsities) != sorted(profile.sparsities):
-            raise ValueError(f"layer {profile.key}: sparsity grid and latencies do not match")
-        return profile
+        """The profile ``data`` describes; a one-line ``ValueError`` naming the field that is missing, of the wrong
+        type, or out of range (latencies finite and >= 0, sparsities in [0, 1] and ascending)."""
+        require_object(data, "the layer")
+        missing = [name for name in ("spec", "vector_width", "sparsities", "sparse_ms") if name not in data]
+        if missing:
+            raise ValueError(f"lacks {', '.join(missing)}")
+        sparsities = checked_numbers(data["sparsities"], "sparsities", high=1.0)
+        if sparsities != sorted(sparsities):
+            raise ValueError(f"sparsities must be ascending, got {sparsities}")
+        n = len(sparsities)
+
+        def ms(name):
+            value = data.get(name)
+            return None if value is None else checked_number(value, name)
+
+        def ms_list(name, length=None):
+            value = data.get(name)
+            return None if value is None else checked_numbers(value, name, length)
+
+        return cls(_spec_from_json(data["spec"]), checked_number(data["vector_width"], "vector_width", 1,
+                                                                    integer=True),
+                   sparsities, checked_numbers(data["sparse_ms"], "sparse_ms", n), ms_list("sparse_spread_ms") or [],
+                   ms("dense_ms"), ms("dense_spread_ms"), ms_list("warm_ms", n), ms_list("cold_ms", n),
+                   ms("dense_warm_ms"), ms("dense_cold_ms"))
+
+
+def _spec_from_json(data) -> Conv2dSpec:
+    """A :class:`Conv2dSpec` from a table, every field checked (``int("x")`` would not say which one)."""
+    require_object(data, "spec")
+    sizes = {"batch": 1, "in_channels": 1, "height": 1, "width": 1, "out_channels": 1}
+    pairs = {"kernel": (2, 1), "stride": (2, 1), "padding": (4, 0), "dilation": (2, 1)}
+    missing = [name for name in (*sizes, *pairs) if name not in data]
+    if missing:
+        raise ValueError(f"spec lacks {', '.join(missing)}")
+    for name, low in sizes.items():
+        checked_number(data[name], f"spec.{name}", low, integer=True)
+    for name, (length, low) in pairs.items():
+        if not isinstance(data[name], list) or len(data[name]) != length:
+            raise ValueError(f"spec.{name} must be a list of {length} integers, got {data[name]!r}")
+        for value in data[name]:
+            checked_number(value, f"spec.{name}", low, integer=True)
+    return Conv2dSpec.from_json(data)
 
 
 @dataclass
@@ -127,6 +166,8 @@ class LatencyTable:
     # optional estimator for layers not measured (alcs_tvm.latency_regressor); never saved with the table
     regressor: object = field(default=None, repr=False, compare=False)
     _estimates: dict = field(default_factory=dict, repr=False, compare=False)
+    # the entries as this table last read or wrote its file: what save() tells its own changes from others' by
+    _saved: dict = field(default_factory=dict, repr=False, compare=False)
 
     # -- persistence ------------------------------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -136,23 +177,94 @@ class LatencyTable:
                 "models": self.models}
 
     def save(self, path: str):
-        """Write atomically (temp file + rename): an interrupted write never leaves a torn table."""
-        write_json_atomic(path, self.to_json(), prefix=".latency-")
+        """Add this table's measurements to the table at ``path``, atomically and under a lock: what other runs
+        saved there since this one loaded or last saved it is kept (two ``alcs profile`` runs may share a table);
+        entries this table added or changed since then are written. Afterwards this table holds what the file
+        holds. An interrupted write never leaves a torn table."""
+        ours = json_copy(self.to_json())
+
+        def merge(on_disk):
+            theirs = json_copy(LatencyTable.from_json(on_disk, path).to_json())
+            self._check_same_kind(theirs, path)
+            merged = dict(theirs)
+            for section in _MERGED:
+                merged[section] = merge_entries(ours[section], self._saved.get(section, {}), theirs[section])
+            return merged
+
+        written = save_merged(path, ours, merge, ".latency-", "latency table")
+        for key, entry in written["layers"].items():
+            if ours["layers"].get(key) != entry:
+                self.layers[key] = LayerProfile.from_json(entry)
+        self.rest_ms.update(written["rest_ms"])
+        for name, entry in written["models"].items():
+            if ours["models"].get(name) != entry:
+                self.models[name] = entry
+        self._saved = {section: written[section] for section in _MERGED}
+
+    def _check_same_kind(self, theirs: dict, path):
+        """Measurements of another target, TVM, device or grid cannot join this table's."""
+        differ = [what for what, ours, other in (
+            ("another target", self.target, theirs["target"]),
+            ("another TVM version", self.tvm_version, theirs["tvm_version"]),
+            ("another device", self.device_key, theirs["device_key"]),
+            *((f"another {name} setting", self.settings.get(name), theirs["settings"].get(name))
+              for name in _SAME_SETTINGS)) if json_copy(ours) != other]
+        if differ:
+            raise TableMismatchError(f"{path} now holds a latency table measured for {', '.join(differ)} (written "
+                                     f"by another run meanwhile): the two cannot share one table")
 
     @classmethod
     def load(cls, path: str) -> "LatencyTable":
-        data = read_json_file(path, "latency table", FORMAT)
+        """The table at ``path``, every entry checked: a one-line ``ValueError`` naming the file and the layer (or
+        model) for a missing field, a wrong type, a NaN or negative latency or a sparsity outside [0, 1]."""
+        return cls.from_json(read_json_file(path, "latency table", FORMAT), path)
+
+    @classmethod
+    def from_json(cls, data: dict, path="(table)") -> "LatencyTable":
+        where = ""
         try:
+            for name in ("target", "target_family", "tvm_version", "layers"):
+                if name not in data:
+                    raise ValueError(f"lacks {name!r}")
+            require_object(data["target"], "'target'")
+            for name in ("target_family", "tvm_version"):
+                if not isinstance(data[name], str):
+                    raise ValueError(f"{name!r} must be a string, got {json_kind(data[name])}")
+            if data.get("device_key") is not None and not isinstance(data["device_key"], str):
+                raise ValueError(f"'device_key' must be a string, got {json_kind(data['device_key'])}")
+            for name in ("settings", "layers", "rest_ms", "models"):
+                require_object(data.get(name, {}), f"{name!r}" + (" (layer key -> measurements)"
+                                                                  if name == "layers" else ""))
             layers = {}
             for key, entry in data["layers"].items():
+                where = f"layer {key}: "
                 profile = LayerProfile.from_json(entry)
                 if profile.key != key:
-                    raise ValueError(f"entry {key!r} describes layer {profile.key}")
+                    raise ValueError(f"the entry describes layer {profile.key}")
                 layers[key] = profile
-            return cls(data["target"], data["target_family"], data.get("device_key"), data["tvm_version"],
-                       data.get("settings", {}), layers, data.get("rest_ms", {}), data.get("models", {}))
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"latency table {path} is corrupted: {err}") from None
+            rest_ms = {}
+            for name, ms in data.get("rest_ms", {}).items():
+                where = f"model {name!r}: "
+                if isinstance(ms, (int, float)) and not isinstance(ms, bool) and ms < 0:
+                    raise ValueError(f"its 'rest of model' time (rest_ms) is {ms!r} ms, below 0 (older versions of "
+                                     f"alcs profile stored such fits): profile the model into a new table")
+                rest_ms[name] = checked_number(ms, "its 'rest of model' time (rest_ms)")
+            models = data.get("models", {})
+            for name, entry in models.items():
+                where = f"model {name!r}: "
+                require_object(entry, "its entry in 'models'")
+                pairs = entry.get("layers", [])
+                if not isinstance(pairs, list) or not all(
+                        isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs):
+                    raise ValueError(f"'layers' must be a list of [conv name, layer key] pairs, got {pairs!r:.80}")
+            where = ""
+        except ValueError as err:
+            raise ValueError(f"latency table {path} is corrupted: {where}{err}") from None
+        table = cls(data["target"], data["target_family"], data.get("device_key"), data["tvm_version"],
+                    data.get("settings", {}), layers, rest_ms, models)
+        table._saved = {section: json_copy(part) for section, part in table.to_json().items()
+                        if section in _MERGED}
+        return table
 
     # -- compatibility ----------------------------------------------------------------------------------------
     def check_compatible(self, target_info=None, tvm_version: str | None = None):

@@ -395,7 +395,7 @@ def profile_model(model, output, target="x86", *, tracker=None, key=None, rpc=No
     try:
         return _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities, repeat, min_repeat_ms,
                         max_masks, spread_threshold, model_name, measure_rest, quiet, on_measured, seed,
-                        cold_weights)
+                        cold_weights, input_shapes)
     finally:
         measurer.close()
 
@@ -420,7 +420,7 @@ def _time_whole(measurer, builds, repeat, min_repeat_ms) -> list:
 
 
 def _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities, repeat, min_repeat_ms, max_masks,
-             spread_threshold, model_name, measure_rest, quiet, on_measured, seed, cold_weights):
+             spread_threshold, model_name, measure_rest, quiet, on_measured, seed, cold_weights, input_shapes=None):
     fixed_fraction = None if cold_weights is None else float(bool(cold_weights))
     distinct = list(dict.fromkeys(layer.key for layer in layers))
     first = {}
@@ -456,7 +456,8 @@ def _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities,
             rng = np.random.default_rng(seed)
             pruned = random_pruned_onnx(onnx_model, info,
                                         {layer.name: CALIBRATION_SPARSITY for layer in layers}, rng)
-            pruned_mod = frontend.prepare_for_sparse(frontend.import_onnx(pruned, None))
+            # the copy has the model's declared inputs: a dynamic dim needs the shapes the model was imported with
+            pruned_mod = frontend.prepare_for_sparse(frontend.import_onnx(pruned, input_shapes))
             sparse_build = _build_whole(info, pruned_mod, onnx_model, sparse=True)
             # both points timed twice, alternating, samples pooled: they fix the fraction and the rest, so
             # neither may come from one of the host's slow episodes alone
@@ -470,9 +471,12 @@ def _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities,
         for k in distinct:
             table.layers[k].mix_cache_states(fraction)
         convs = sum(table.layers[layer.key].dense_ms for layer in layers)
+        # the rest takes no negative time: when the convs timed alone sum to more than the whole model (a busy
+        # host, or the cache state fixed by --weights), the fit's value is kept for the record and 0 is used
+        rest = max(0.0, whole - convs)
         entry.update({"whole_dense_ms": whole, "whole_dense_spread_ms": spread, "convs_dense_ms": convs,
-                      "rest_ms": whole - convs, "cold_fraction": fraction})
-        table.rest_ms[model_name] = whole - convs
+                      "rest_ms": rest, "rest_fit_ms": whole - convs, "cold_fraction": fraction})
+        table.rest_ms[model_name] = rest
         table.save(output)
         if on_measured:
             on_measured("(rest of model)")
@@ -487,24 +491,23 @@ def measure_latency(onnx_path: str, input_shape, target="x86", *, repeat: int = 
                     latency_table=None, library_path: str | None = None, statistic: str = "min_ms"):
     """Compile ``onnx_path`` with :func:`alcs_tvm.compiler.compile` and time it with the Relax VM (``run_model``):
     ``(ms, report)``, ``ms`` the ``statistic`` of the samples (default the minimum, as the project's docs
-    report: on a shared host the median carries other users' load). ``number=0`` picks the inner count so one
-    sample lasts ~10 ms."""
-    executable, report = alcs_compile(onnx_path, target, latency_table=latency_table)
-    own_dir = None
-    if library_path is None:
-        own_dir = tempfile.mkdtemp(prefix="alcs-prune-")
-        library_path = os.path.join(own_dir, "model.so")
-    export(executable, library_path, target)
-    write_sidecar(library_path, report.relax_module)
-    x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
-    if number <= 0:
-        _, timings = time_model(library_path, [x], repeat=repeat, min_number=20, probe_number=20)
-    else:
-        _, timings = run_model(library_path, [x], repeat=repeat, number=number)
-    if own_dir:
-        for f in os.listdir(own_dir):
-            os.unlink(os.path.join(own_dir, f))
-        os.rmdir(own_dir)
+    report: on a shared host the median carries other users' load). ``input_shape``: the shape of the model's
+    (first) input it is compiled and timed for (a dynamic batch dimension included). ``number=0`` picks the
+    inner count so one sample lasts ~10 ms."""
+    model = frontend.load_onnx(onnx_path)
+    name = next(iter(frontend.model_inputs(model)))
+    executable, report = alcs_compile(model, target, latency_table=latency_table,
+                                      input_shapes={name: tuple(input_shape)})
+    with tempfile.TemporaryDirectory(prefix="alcs-prune-") as own_dir:  # gone on Ctrl-C too
+        if library_path is None:
+            library_path = os.path.join(own_dir, "model.so")
+        export(executable, library_path, target)
+        write_sidecar(library_path, report.relax_module)
+        x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
+        if number <= 0:
+            _, timings = time_model(library_path, [x], repeat=repeat, min_number=20, probe_number=20)
+        else:
+            _, timings = run_model(library_path, [x], repeat=repeat, number=number)
     return timings[statistic], report
 
 
@@ -551,6 +554,10 @@ def measure_latency_table(model, input_shape, target="x86", *, model_name: str =
         whole, _ = measure_latency(onnx_path, input_shape, info.target)
     convs = sum(profiles[LayerProfile(layer.spec, layer.group_width).key].sparse_ms[0] for layer in layers)
     table.rest_ms[model_name] = max(0.0, whole - convs)
+    # the model's conv layers, so the rest is found by architecture (LatencyTable.rest_model_for), not by name
+    table.models[model_name] = {"layers": [[layer.name, LayerProfile(layer.spec, layer.group_width).key]
+                                           for layer in layers],
+                                "rest_ms": table.rest_ms[model_name], "rest_fit_ms": whole - convs}
     if log:
         log(f"  whole dense model {whole:.4f} ms, convs {convs:.4f} ms -> rest {table.rest_ms[model_name]:.4f} ms")
     return table

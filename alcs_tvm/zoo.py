@@ -395,11 +395,42 @@ def load_model(spec: str, num_classes: int, in_channels: int, weights: str | Non
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"{spec} did not return a torch.nn.Module")
     if weights:
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"no such weights file: {weights}")
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        model.load_state_dict(_state_dict_for(model, spec, weights))
     return model
+
+
+def _names(names, most=3) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _state_dict_for(model: nn.Module, spec: str, weights: str) -> dict:
+    """The state dict in the file ``weights`` (``torch.save(model.state_dict())``, or a dict holding one under
+    ``"state_dict"`` as ``alcs flow`` saves it), checked against ``model``: a one-line ``ValueError`` for a file
+    that is not one, or whose parameters are not ``model``'s (names and shapes), where ``load_state_dict`` would
+    print a page of names."""
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"no such weights file: {weights}")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # pylint: disable=broad-exception-caught  # unpickling fails in many ways
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"weights {weights} are not a PyTorch state dict file ({reason[:200]})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"weights {weights} hold a {type(state).__name__}, not a state dict (parameter name -> "
+                         f"tensor) for model {spec}")
+    expected = model.state_dict()
+    missing = [name for name in expected if name not in state]
+    unexpected = [name for name in state if name not in expected]
+    resized = [f"{name} {list(state[name].shape)} (the model's is {list(tensor.shape)})"
+               for name, tensor in expected.items() if name in state and state[name].shape != tensor.shape]
+    problems = ([f"{len(missing)} missing ({_names(missing)})"] if missing else []) + \
+        ([f"{len(unexpected)} unexpected ({_names(unexpected)})"] if unexpected else []) + \
+        ([f"other shapes: {_names(resized)}"] if resized else [])
+    if problems:
+        raise ValueError(f"weights {weights} do not fit model {spec}: " + "; ".join(problems))
+    return state
 
 
 @torch.no_grad()

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import torch
+import tvm
 
 from ..data import load_dataset
-from ..latency import LatencyTable
+from ..latency import LatencyTable, LayerNotProfiledError
+from ..layer import layer_key
 from ..plots import write_plot
 from ..profiler import measure_latency
 from ..pruning import (DEFAULT_RHO, DEFAULT_UPDATES_PER_EPOCH, LatencyModel, check_budget, export_pruned,
@@ -39,7 +42,7 @@ def register(subparsers):
     p.add_argument("--target", default="x86", help=TARGET_HELP + " (sets V and the measurement target)")
     p.add_argument("--vector-width", type=int, help=VECTOR_WIDTH_HELP)
     p.add_argument("--rest-model", help="model name whose 'rest of model' time in the table is added "
-                                        "(default: --model when the table has it)")
+                                        "(default: the profiled model with the same conv layers)")
     p.add_argument("--pretrain-epochs", type=int, default=4, help="dense training when --weights is not given")
     p.add_argument("--epochs", type=int, default=6, help="ADMM epochs")
     p.add_argument("--finetune-epochs", type=int, default=4)
@@ -57,24 +60,52 @@ def register(subparsers):
     p.set_defaults(func=run)
 
 
+def rest_model(table, path, layers, rest_model=None, model_name=None) -> str:
+    """The entry of ``table`` whose 'rest of model' time the budget includes: ``rest_model`` when given, else the
+    profiled model with ``layers``' conv layers (``alcs profile model.onnx`` names it after the file, not after
+    the zoo name), else ``model_name`` in a table that records no conv layers for it. A one-line error naming
+    the entries the table holds otherwise: without the rest the prediction is low and the budget looser than
+    asked."""
+    held = ", ".join(map(repr, sorted(table.rest_ms))) or "none"
+    if rest_model:
+        if rest_model not in table.rest_ms:
+            raise ValueError(f"latency table {path} has no 'rest of model' time for {rest_model!r} (--rest-model); "
+                             f"it holds: {held}")
+        return rest_model
+    try:
+        return table.rest_model_for([layer_key(layer.spec, layer.group_width) for layer in layers])
+    except LayerNotProfiledError:
+        pass
+    if model_name in table.rest_ms and "layers" not in table.models.get(model_name, {}):
+        return model_name
+    raise ValueError(f"latency table {path} has no 'rest of model' time for a model with {model_name}'s conv layers "
+                     f"(it holds: {held}): profile this model (alcs profile), or name the entry to use with "
+                     f"--rest-model")
+
+
 def run(args):
     table = LatencyTable.load(args.latency_table)
+    info = resolve_target(args.target, args.vector_width)
+    table.check_compatible(info, tvm.__version__)
     torch.set_num_threads(max(1, args.torch_threads))
     torch.manual_seed(args.seed)
     data = load_dataset(args.data, seed=args.seed)
     model = load_model(args.model, data.num_classes, data.x_train.shape[1], args.weights)
-    info = resolve_target(args.target, args.vector_width)
-    rest_model = args.rest_model or (args.model if args.model in table.rest_ms else None)
-    # fail on a bad budget before any training
+    # fail on a bad budget or a missing rest before any training
     layers = find_prunable_layers(model, data.input_shape, info)
-    rest = table.rest_ms.get(rest_model, 0.0) if rest_model else 0.0
-    check_budget(LatencyModel(table, layers, rest), args.budget_ms, args.min_density)
+    rest = rest_model(table, args.latency_table, layers, args.rest_model, args.model)
+    check_budget(LatencyModel(table, layers, table.rest_ms[rest]), args.budget_ms, args.min_density)
+    with tempfile.TemporaryDirectory(prefix="alcs-prune-") as tmp:  # the dense copy goes on Ctrl-C too
+        return _prune(args, table, info, data, model, rest, os.path.join(tmp, "dense.onnx"))
+
+
+def _prune(args, table, info, data, model, rest_model, dense_path):
     if not args.weights:
         train_dense(model, data, args.pretrain_epochs, lr=args.lr, batch_size=args.batch_size)
     dense_acc = evaluate(model, data.x_test, data.y_test)
     dense_onnx = None
     if not args.no_measure:
-        dense_onnx = export_pruned(model, args.output + ".dense.onnx", data.input_shape)
+        dense_onnx = export_pruned(model, dense_path, data.input_shape)
     result = prune(model, data, table, args.budget_ms, group_width=info,
                    admm_epochs=args.epochs, finetune_epochs=args.finetune_epochs, lr=args.lr,
                    batch_size=args.batch_size, rho=args.rho, importance=args.importance,
@@ -89,7 +120,6 @@ def run(args):
         result.compile_report = report
         points += [("dense (measured)", result.dense_measured_ms, dense_acc),
                    ("pruned (measured)", result.measured_ms, result.accuracy)]
-        os.unlink(dense_onnx)
     print()
     print(result.table())
     print(f"accuracy: dense {dense_acc:.4f} -> pruned {result.accuracy:.4f}")
