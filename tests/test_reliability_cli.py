@@ -1,0 +1,178 @@
+"""What a user meets when things go wrong: a cut-short library, a server that lost its loop, a frozen tracker or
+device, Ctrl-C, an output path that cannot be written, a planted symlink. Real processes, a real tracker and real
+servers on 127.0.0.1, real compiled code; every fault is made for real (truncation, SIGSTOP, SIGINT)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from alcs_tvm import device, rpc
+from alcs_tvm.run import run_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def alcs(*args, timeout=300):
+    """Run the real CLI; return (exit code, stdout, stderr, seconds)."""
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "alcs_tvm.cli", *map(str, args)], capture_output=True, text=True,
+                         timeout=timeout, cwd=REPO)
+    return res.returncode, res.stdout, res.stderr, time.monotonic() - t0
+
+
+def start_alcs(*args):
+    """The real CLI in its own process group, with Python's Ctrl-C handling whatever the test runner inherited
+    (a shell starts background jobs with SIGINT ignored)."""
+    return subprocess.Popen([sys.executable, "-m", "alcs_tvm.cli", *map(str, args)], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def ctrl_c(proc, timeout=120):
+    """Ctrl-C as a terminal sends it (SIGINT to the whole process group); (exit code, stdout, stderr, seconds)."""
+    t0 = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    return proc.returncode, out, err, time.monotonic() - t0
+
+
+def cpu_seconds(pid) -> float:
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def one_line(err: str) -> bool:
+    return err.count("\n") == 1 and err.endswith("\n") and "Traceback" not in err
+
+
+def files_in(directory) -> list:
+    return sorted(os.listdir(directory))
+
+
+# ---------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, cross_cxx):
+    """A tiny CNN through ``alcs_tvm.compiler`` (ONNX import, sparse pass, export with sidecar) for this host and
+    for arm64, plus cut-short copies of both libraries."""
+    import onnx  # noqa: F401 - torch's exporter needs it
+    import torch
+
+    from alcs_tvm import compiler
+    from alcs_tvm.run import write_sidecar
+    from alcs_tvm.target import resolve_target
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.conv2 = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+            self.fc = torch.nn.Linear(16, 10)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean((2, 3)))
+
+    tmp = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 16, 16)
+    torch.onnx.export(Net().eval(), (x,), str(tmp / "net.onnx"), dynamo=False, input_names=["data"],
+                      output_names=["logits"])
+    libs, cut = {}, {}
+    for name in ("x86", "arm64"):
+        info = resolve_target(name)
+        executable, report = compiler.compile(str(tmp / "net.onnx"), info)
+        libs[name] = tmp / f"net_{name}.so"
+        compiler.export(executable, str(libs[name]), info)
+        write_sidecar(libs[name], report.relax_module, target=info.target)
+        data = libs[name].read_bytes()
+        cut[name] = tmp / f"cut_{name}.so"
+        cut[name].write_bytes(data[:len(data) // 2])  # a copy that stopped halfway
+        shutil.copy(f"{libs[name]}.json", f"{cut[name]}.json")
+    np.savez(tmp / "in.npz", data=x.numpy())
+    return SimpleNamespace(dir=tmp, onnx=tmp / "net.onnx", libs=libs, cut=cut, in_npz=tmp / "in.npz")
+
+
+@pytest.fixture(scope="module")
+def private_devices(tmp_path_factory):
+    """A tracker and an x86 server of this module's own (the tests freeze and break them; the session's
+    ``rpc_devices`` stay healthy for the other tests)."""
+    state_path = tmp_path_factory.mktemp("private-devices") / "device-state.json"
+    port = device._free_port(9690)
+    setup = SimpleNamespace(state_path=state_path, port=port, tracker=f"127.0.0.1:{port}", key=device.X86_KEY)
+    setup.restore = lambda: device.start(tracker_port=port, num_devices=0, x86=True, state_path=state_path,
+                                         verbose=False)
+    started = [setup.restore()["tracker"]]
+    try:
+        yield setup
+    finally:
+        state = device._load_state(state_path)
+        started += [state["tracker"]] + state["servers"]
+        for entry in state["servers"] + [state["tracker"]]:  # a frozen one must be able to handle SIGTERM
+            if entry:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(entry["pid"], signal.SIGCONT)
+        device.stop(state_path=state_path, verbose=False)
+        left = [e for e in started if e and device._group_alive(e["pid"])]
+        assert not left, f"processes left after stop: {left}"
+
+
+def server_entry(setup) -> dict:
+    (entry,) = device.status(setup.state_path)["servers"]
+    return entry
+
+
+@pytest.fixture(scope="module")
+def prune_setup(tmp_path_factory):
+    """small_cnn on digits with a latency table measured on this host, and a budget between its extremes."""
+    import torch
+
+    from alcs_tvm import profiler, pruning
+    from alcs_tvm.data import load_dataset
+    from alcs_tvm.target import resolve_target
+    from alcs_tvm.zoo import load_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = load_dataset("digits")
+        model = load_model("small_cnn", data.num_classes, data.x_train.shape[1], None)
+        table = profiler.measure_latency_table(model, data.input_shape, "x86", model_name="small_cnn",
+                                               sparsities=(0.0, 0.6, 0.95), repeat=3)
+    finally:
+        torch.set_num_threads(threads)
+    path = tmp_path_factory.mktemp("prune") / "table.json"
+    table.save(str(path))
+    layers = pruning.find_prunable_layers(model, data.input_shape, resolve_target("x86"))
+    latency = pruning.LatencyModel(table, layers, table.rest_ms["small_cnn"])
+    budget = (latency.min_ms(0.01) + latency.dense_ms()) / 2
+    return SimpleNamespace(table=path, budget=budget)
+
+
+# ------------------------------------------------------------------------- 5. the state file and a planted link
+def test_state_file_is_not_written_through_a_planted_symlink(tmp_path):
+    state_path = tmp_path / "device-state.json"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "device-state.tmp").symlink_to(victim)  # the fixed temporary name the state used to go through
+    device.stop(state_path=state_path, verbose=False)  # saves the (empty) state
+    assert victim.read_text() == "precious\n"
+    assert json.loads(state_path.read_text()) == {"tracker": None, "servers": []}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["device-state.json", "device-state.lock",
+                                                         "device-state.tmp", "victim.txt"]
