@@ -165,6 +165,38 @@ def prune_setup(tmp_path_factory):
     return SimpleNamespace(table=path, budget=budget)
 
 
+# ----------------------------------------------------------------------------- 1. a cut-short library (SIGBUS)
+def test_cut_short_library_is_refused_before_it_is_loaded(tiny):
+    """Loading a truncated library used to kill `alcs run` with SIGBUS: exit 135, no message."""
+    code, out, err, _ = alcs("run", tiny.cut["x86"], "--fill-mode", "zeros")
+    assert code == 2 and out == "" and one_line(err), (code, err)
+    assert err.startswith("alcs run: error: cut_x86.so is cut short") and "copy or build it again" in err
+    # one byte short (the section headers at the end) is caught as well, and the whole library still runs
+    short = tiny.dir / "short_x86.so"
+    short.write_bytes(tiny.libs["x86"].read_bytes()[:-1])
+    shutil.copy(f"{tiny.libs['x86']}.json", f"{short}.json")
+    with pytest.raises(ValueError, match="short_x86.so is cut short.*section header table"):
+        run_model(short, fill_mode="zeros")
+    outputs, _ = run_model(tiny.libs["x86"], fill_mode="zeros")
+    assert outputs[0].shape == (1, 10)
+    # an aarch64 library is read the same way; an ONNX file is no library at all
+    with pytest.raises(ValueError, match="cut_arm64.so is cut short"):
+        rpc.check_library(tiny.cut["arm64"], relax=True)
+    rpc.check_library(tiny.libs["arm64"], relax=True)
+    with pytest.raises(ValueError, match="not a shared library"):
+        rpc.check_library(tiny.onnx)
+
+
+def test_cut_short_library_never_reaches_the_device(rpc_devices, tiny):
+    """Sent over RPC, it used to kill the emulated device's session worker and with it the server's loop: the
+    server stayed up, unregistered, serving nobody."""
+    code, out, err, _ = alcs("run", tiny.cut["arm64"], "--rpc-tracker", rpc_devices.tracker, "--rpc-key",
+                             rpc_devices.arm64_key)
+    assert code == 2 and out == "" and one_line(err) and "cut_arm64.so is cut short" in err, err
+    servers = device.status(rpc_devices.state_path)["servers"]
+    assert servers and all(s["registered"] for s in servers), servers
+
+
 # ------------------------------------------------------------------------- 5. the state file and a planted link
 def test_state_file_is_not_written_through_a_planted_symlink(tmp_path):
     state_path = tmp_path / "device-state.json"
