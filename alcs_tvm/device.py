@@ -273,6 +273,23 @@ def _alive(entry: dict | None) -> bool:
         return False
 
 
+def _stopped(entry: dict | None) -> bool:
+    """True when a process of the recorded process group is stopped (SIGSTOP, a debugger): it runs but cannot
+    answer. (TVM's tracker serves from a worker process in its group.)"""
+    if not entry:
+        return False
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == entry["pid"] and fields[0] in ("T", "t"):
+            return True
+    return False
+
+
 def _port_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -426,10 +443,27 @@ def _registered(tracker: str | None, key: str, port: int) -> bool:
         summary = alcs_rpc.tracker_summary(tracker, timeout=2)
     except (ConnectionError, TimeoutError):
         return False
-    for item in summary.get("server_info", []):
-        if item.get("key") == f"server:{key}" and int(item.get("addr", [None, -1])[1]) == port:
-            return True
-    return False
+    return _registered_in(summary, key, port)
+
+
+def _registered_in(summary: dict, key: str, port: int) -> bool:
+    """Whether a tracker's summary lists the server on ``port`` under ``key``. A server whose session worker
+    crashed (SIGBUS, SIGSEGV in a model) keeps running with its server loop ended: it is then not listed."""
+    return any(item.get("key") == f"server:{key}" and int(item.get("addr", [None, -1])[1]) == port
+               for item in summary.get("server_info", []))
+
+
+#: seconds a tracker has to answer before it counts as frozen (stopped or hung)
+PROBE_TIMEOUT = 3.0
+
+
+def _tracker_summary(tracker: dict) -> tuple[dict | None, str]:
+    """``(summary, "")`` from a running tracker, or ``(None, why not)`` if it did not answer within
+    ``PROBE_TIMEOUT`` s: a stopped or hung tracker still runs, so only asking it tells."""
+    try:
+        return alcs_rpc.tracker_summary(tracker_addr(tracker), timeout=PROBE_TIMEOUT), ""
+    except (ConnectionError, TimeoutError) as err:
+        return None, str(err)
 
 
 def wait_for_server(entry: dict, timeout: float = 120.0) -> float:
@@ -462,6 +496,9 @@ def start(tracker_port: int = DEFAULT_TRACKER_PORT, key: str = DEFAULT_KEY, num_
         state = _load_state(state_path)
         log_dir = state_path.parent / "logs"
         tracker = state["tracker"]
+        if _alive(tracker) and _tracker_summary(tracker)[0] is None:
+            _log(verbose, f"tracker on {tracker_addr(tracker)} (pid {tracker['pid']}) does not answer: restarting it")
+            stop_process(tracker)
         if _alive(tracker) and tracker["port"] != tracker_port:
             raise ValueError(f"a tracker from this state file already runs on port {tracker['port']}; "
                              f"stop it first (alcs device stop)")
@@ -473,7 +510,17 @@ def start(tracker_port: int = DEFAULT_TRACKER_PORT, key: str = DEFAULT_KEY, num_
             _log(verbose, f"tracker on {tracker_addr(tracker)} (pid {tracker['pid']})")
         _save_state(state_path, state)
         addr = tracker_addr(tracker)
-        state["servers"] = [e for e in state["servers"] if _alive(e)]
+        summary = _tracker_summary(tracker)[0] or {}
+        kept = []
+        for entry in state["servers"]:
+            if _alive(entry) and entry["tracker"] == addr and not _registered_in(summary, entry["key"], entry["port"]):
+                # running but not registered: its server loop ended (a session crashed); only a restart helps
+                _log(verbose, f"server {entry['key']} on 127.0.0.1:{entry['port']} (pid {entry['pid']}) is not "
+                              f"registered: restarting it")
+                stop_process(entry)
+            if _alive(entry):
+                kept.append(entry)
+        state["servers"] = kept
         taken = {e["port"] for e in state["servers"]} | {tracker_port}
         new = []
         have = [e for e in state["servers"] if e["kind"] == "arm64-qemu" and e["key"] == key]
@@ -518,20 +565,35 @@ def stop(state_path: Path | str | None = None, verbose: bool = True, servers_onl
 
 
 def status(state_path: Path | str | None = None) -> dict:
-    """The state file's processes with ``alive``/``registered`` flags, plus the tracker's key counts."""
+    """The state file's processes with ``alive``/``registered`` flags, plus the tracker's key counts.
+
+    The tracker is asked for its summary (at most ``PROBE_TIMEOUT`` s): ``answering`` says whether it did (with
+    ``error`` when not), ``stopped`` whether its process is stopped. A server's ``registered`` is None when the
+    tracker did not answer (unknown)."""
     state = _load_state(Path(state_path or default_state_path()))
     tracker = state["tracker"]
     out = {"tracker": None, "servers": [], "keys": {}}
+    summary, addr = None, None
     if tracker:
-        out["tracker"] = dict(tracker, alive=_alive(tracker))
-        if out["tracker"]["alive"]:
-            with contextlib.suppress(ConnectionError, TimeoutError):
-                out["keys"] = alcs_rpc.tracker_keys(tracker_addr(tracker), timeout=3)
+        addr = tracker_addr(tracker)
+        alive = _alive(tracker)
+        out["tracker"] = dict(tracker, alive=alive, answering=False, stopped=alive and _stopped(tracker))
+        if alive:
+            summary, error = _tracker_summary(tracker)
+            out["tracker"]["answering"] = summary is not None
+            if error:
+                out["tracker"]["error"] = error
+        for item in (summary or {}).get("server_info", []):
+            key = str(item.get("key", ""))
+            if key.startswith("server:"):
+                out["keys"][key[len("server:"):]] = out["keys"].get(key[len("server:"):], 0) + 1
     for entry in state["servers"]:
         alive = _alive(entry)
-        out["servers"].append(dict(entry, alive=alive,
-                                   registered=alive and _registered(entry["tracker"], entry["key"], entry["port"])))
+        if not alive:
+            registered = False
+        elif entry["tracker"] == addr:
+            registered = None if summary is None else _registered_in(summary, entry["key"], entry["port"])
+        else:
+            registered = _registered(entry["tracker"], entry["key"], entry["port"])
+        out["servers"].append(dict(entry, alive=alive, registered=registered))
     return out
-
-
-# ------------------------------------------------------------------------------------------------------- CLI

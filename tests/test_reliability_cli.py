@@ -197,6 +197,61 @@ def test_cut_short_library_never_reaches_the_device(rpc_devices, tiny):
     assert servers and all(s["registered"] for s in servers), servers
 
 
+def test_status_and_start_handle_a_server_that_lost_its_loop(private_devices, tiny):
+    """A client without the check (TVM's own) still crashes the server's session; `alcs device status` used to
+    call such a server fine (exit 0) and `alcs device start` left it as it was."""
+    from tvm import rpc as tvm_rpc
+
+    setup = private_devices
+    before = server_entry(setup)
+    session = tvm_rpc.connect_tracker("127.0.0.1", setup.port).request(setup.key, session_timeout=60)
+    session.upload(str(tiny.cut["x86"]), "cut.so")
+    with pytest.raises(Exception):  # noqa: B017 - the session worker dies of SIGBUS: any error
+        session.load_module("cut.so")
+    del session
+    deadline = time.monotonic() + 30
+    while device.status(setup.state_path)["servers"][0]["registered"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+    code, out, _, _ = alcs("device", "status", "--state", setup.state_path)
+    assert code == 1 and "NOT REGISTERED" in out and "alcs device start" in out, out
+    code, out, err, _ = alcs("device", "start", "--state", setup.state_path, "--tracker-port", setup.port,
+                             "--num-devices", 0)
+    assert code == 0, err
+    assert "not registered: restarting it" in err
+    after = server_entry(setup)
+    assert after["registered"] and after["pid"] != before["pid"]
+    assert not device._group_alive(before["pid"])  # the broken server is gone, not orphaned
+    code, out, _, _ = alcs("device", "status", "--state", setup.state_path)
+    assert code == 0 and "registered" in out
+
+
+# ----------------------------------------------------------------------------------------- 2. a frozen tracker
+def test_status_reports_a_frozen_tracker_and_start_replaces_it(private_devices):
+    setup = private_devices
+    tracker = device.status(setup.state_path)["tracker"]
+    os.killpg(tracker["pid"], signal.SIGSTOP)  # the tracker and the worker that serves for it
+    try:
+        t0 = time.monotonic()
+        info = device.status(setup.state_path)
+        assert time.monotonic() - t0 < 3 + 10  # bounded (a 3 s probe), not hanging
+        assert info["tracker"]["alive"] and not info["tracker"]["answering"] and info["tracker"]["stopped"]
+        assert info["servers"][0]["registered"] is None  # unknown: nobody to ask
+        code, out, _, _ = alcs("device", "status", "--state", setup.state_path)
+        assert code == 1 and "NOT ANSWERING" in out and "process stopped" in out, out
+        code, out, err, _ = alcs("device", "start", "--state", setup.state_path, "--tracker-port", setup.port,
+                                 "--num-devices", 0)
+        assert code == 0, err
+        assert "does not answer: restarting it" in err
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(tracker["pid"], signal.SIGCONT)
+    info = device.status(setup.state_path)
+    assert info["tracker"]["answering"] and info["tracker"]["pid"] != tracker["pid"]
+    assert not device._group_alive(tracker["pid"])
+    assert all(s["registered"] for s in info["servers"])
+
+
 # ------------------------------------------------------------------------- 5. the state file and a planted link
 def test_state_file_is_not_written_through_a_planted_symlink(tmp_path):
     state_path = tmp_path / "device-state.json"
