@@ -252,6 +252,33 @@ def test_status_reports_a_frozen_tracker_and_start_replaces_it(private_devices):
     assert all(s["registered"] for s in info["servers"])
 
 
+# -------------------------------------------------------------------------------- 4. output paths, checked first
+def test_output_paths_are_checked_before_the_work(tiny, prune_setup, tmp_path):
+    """Each used to fail after the work (a compile's traceback, `IsADirectoryError` with `out.tmp<pid>.so` left
+    behind) or, for the resumable tables, to create the missing directory."""
+    missing = tmp_path / "no" / "such"
+    taken = tmp_path / "a-directory"
+    taken.mkdir()
+    cases = [
+        (["compile", tiny.onnx, "-o", missing / "m.so"], "-o"),
+        (["compile", tiny.onnx, "-o", taken], "-o"),
+        (["compile", tiny.onnx, "-o", tmp_path / "m.so", "--report", missing / "r.json"], "--report"),
+        (["run", tiny.libs["x86"], "--outputs", missing / "o.npz"], "--outputs"),
+        (["profile", tiny.onnx, "--local", "-o", missing / "t.json", "--sparsities", "0.5", "--repeat", 2], "-o"),
+        (["tune", tiny.onnx, "--local", "-o", taken, "--candidates", 2], "-o"),
+        (["prune", "--model", "small_cnn", "--data", "digits", "--latency-table", prune_setup.table, "--budget-ms",
+          f"{prune_setup.budget:.6f}", "-o", missing / "p.onnx", "--epochs", 1, "--finetune-epochs", 1], "-o"),
+    ]
+    for args, option in cases:
+        code, out, err, _ = alcs(*args)
+        command = args[0]
+        assert code == 2 and one_line(err), (args, code, err[-2000:])
+        assert err.startswith(f"alcs {command}: error: {option} ") and str(args[args.index(option) + 1]) in err
+        assert out == "", (args, out)  # nothing compiled, run, trained or measured first
+    assert not (tmp_path / "no").exists()
+    assert files_in(tmp_path) == ["a-directory"] and files_in(taken) == []
+
+
 # ------------------------------------------------------------------------- 5. the state file and a planted link
 def test_state_file_is_not_written_through_a_planted_symlink(tmp_path):
     state_path = tmp_path / "device-state.json"

@@ -22,7 +22,7 @@ from ..pruning import (DEFAULT_RHO, DEFAULT_UPDATES_PER_EPOCH, LatencyModel, che
 from ..target import resolve_target
 from ..training import evaluate, prune, train_dense
 from ..zoo import load_model
-from .common import TARGET_HELP, VECTOR_WIDTH_HELP
+from .common import TARGET_HELP, VECTOR_WIDTH_HELP, OutputFiles
 
 
 def register(subparsers):
@@ -58,6 +58,9 @@ def register(subparsers):
 
 
 def run(args):
+    base = os.path.splitext(args.output)[0]
+    # checked before any training; written together at the end (an interrupted measurement leaves none of them)
+    outputs = OutputFiles(("-o", args.output), ("-o", base + ".png"), ("-o", base + ".json"))
     table = LatencyTable.load(args.latency_table)
     torch.set_num_threads(max(1, args.torch_threads))
     torch.manual_seed(args.seed)
@@ -69,27 +72,34 @@ def run(args):
     layers = find_prunable_layers(model, data.input_shape, info)
     rest = table.rest_ms.get(rest_model, 0.0) if rest_model else 0.0
     check_budget(LatencyModel(table, layers, rest), args.budget_ms, args.min_density)
+    with outputs:
+        _prune(args, outputs, base, table, data, model, info, rest_model)
+    print(f"wrote {args.output}, {base}.png, {base}.json")
+    return 0
+
+
+def _prune(args, outputs, base, table, data, model, info, rest_model):
     if not args.weights:
         train_dense(model, data, args.pretrain_epochs, lr=args.lr, batch_size=args.batch_size)
     dense_acc = evaluate(model, data.x_test, data.y_test)
     dense_onnx = None
-    if not args.no_measure:
-        dense_onnx = export_pruned(model, args.output + ".dense.onnx", data.input_shape)
+    if not args.no_measure:  # a temporary too: removed at the end, or by Ctrl-C
+        dense_onnx = export_pruned(model, outputs.path(args.output + ".dense.onnx"), data.input_shape)
     result = prune(model, data, table, args.budget_ms, group_width=info,
                    admm_epochs=args.epochs, finetune_epochs=args.finetune_epochs, lr=args.lr,
                    batch_size=args.batch_size, rho=args.rho, importance=args.importance,
                    updates_per_epoch=args.updates_per_epoch, min_density=args.min_density,
                    rest_model=rest_model, seed=args.seed)
-    export_pruned(model, args.output, data.input_shape)
+    pruned_onnx = export_pruned(model, outputs.path(args.output), data.input_shape)
     points = [("dense (predicted)", result.dense_predicted_ms, dense_acc),
               ("pruned (predicted)", result.predicted_ms, result.accuracy)]
     if not args.no_measure:
         result.dense_measured_ms, _ = measure_latency(dense_onnx, data.input_shape, info.target)
-        result.measured_ms, report = measure_latency(args.output, data.input_shape, info.target)
+        result.measured_ms, report = measure_latency(pruned_onnx, data.input_shape, info.target)
         result.compile_report = report
         points += [("dense (measured)", result.dense_measured_ms, dense_acc),
                    ("pruned (measured)", result.measured_ms, result.accuracy)]
-        os.unlink(dense_onnx)
+        outputs.drop(args.output + ".dense.onnx")
     print()
     print(result.table())
     print(f"accuracy: dense {dense_acc:.4f} -> pruned {result.accuracy:.4f}")
@@ -101,14 +111,11 @@ def run(args):
               f"{', '.join(layer.name for layer in result.compile_report.sparse_layers) or 'none'}")
         for line in over_budget_hint(args.budget_ms, result.predicted_ms, result.measured_ms):
             print(line)
-    base = os.path.splitext(args.output)[0]
-    write_plot(base + ".png", result, points)
+    write_plot(outputs.path(base + ".png"), result, points)
     summary = {"model": args.model, "data": args.data, "budget_ms": args.budget_ms,
                "dense_accuracy": dense_acc, "accuracy": result.accuracy,
                "dense_predicted_ms": result.dense_predicted_ms, "predicted_ms": result.predicted_ms,
                "dense_measured_ms": result.dense_measured_ms, "measured_ms": result.measured_ms,
                "sparsities": result.sparsities, "history": result.history}
-    with open(base + ".json", "w") as f:
+    with open(outputs.path(base + ".json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"wrote {args.output}, {base}.png, {base}.json")
-    return 0

@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import run as run_module
 from ..run import read_sidecar, run_model
-from .common import add_device_arguments, check_device_arguments
+from .common import OutputFiles, add_device_arguments, check_device_arguments
 
 
 def register(subparsers) -> None:
@@ -32,6 +32,9 @@ def run(args):
     check_device_arguments(args)
     if args.repeat < 1 or args.number < 1:
         raise ValueError("--repeat and --number must be >= 1")
+    # numpy adds .npz to a name without it
+    saved = None if not args.outputs else args.outputs if args.outputs.endswith(".npz") else args.outputs + ".npz"
+    outputs_file = OutputFiles(("--outputs", saved))
     inputs = None
     if args.inputs:
         with np.load(args.inputs) as data:
@@ -59,7 +62,8 @@ def run(args):
     if timings:
         print(f"time (ms): mean {timings['mean_ms']:.4f} median {timings['median_ms']:.4f} "
               f"std {timings['std_ms']:.4f} (repeat {timings['repeat']}, number {timings['number']})")
-    if args.outputs:
-        np.savez(args.outputs, **dict(zip(names, outputs)))
-        print(f"saved outputs to {args.outputs}")
+    if saved:
+        with outputs_file:
+            np.savez(outputs_file.path(saved), **dict(zip(names, outputs)))
+        print(f"saved outputs to {saved}")
     return 0
