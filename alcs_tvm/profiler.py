@@ -490,21 +490,17 @@ def measure_latency(onnx_path: str, input_shape, target="x86", *, repeat: int = 
     report: on a shared host the median carries other users' load). ``number=0`` picks the inner count so one
     sample lasts ~10 ms."""
     executable, report = alcs_compile(onnx_path, target, latency_table=latency_table)
-    own_dir = None
-    if library_path is None:
-        own_dir = tempfile.mkdtemp(prefix="alcs-prune-")
-        library_path = os.path.join(own_dir, "model.so")
-    export(executable, library_path, target)
-    write_sidecar(library_path, report.relax_module)
-    x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
-    if number <= 0:
-        _, timings = time_model(library_path, [x], repeat=repeat, min_number=20, probe_number=20)
-    else:
-        _, timings = run_model(library_path, [x], repeat=repeat, number=number)
-    if own_dir:
-        for f in os.listdir(own_dir):
-            os.unlink(os.path.join(own_dir, f))
-        os.rmdir(own_dir)
+    with contextlib.ExitStack() as stack:
+        if library_path is None:  # removed however the measurement ends (an error, Ctrl-C)
+            own_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="alcs-prune-"))
+            library_path = os.path.join(own_dir, "model.so")
+        export(executable, library_path, target)
+        write_sidecar(library_path, report.relax_module)
+        x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
+        if number <= 0:
+            _, timings = time_model(library_path, [x], repeat=repeat, min_number=20, probe_number=20)
+        else:
+            _, timings = run_model(library_path, [x], repeat=repeat, number=number)
     return timings[statistic], report
 
 

@@ -252,6 +252,44 @@ def test_status_reports_a_frozen_tracker_and_start_replaces_it(private_devices):
     assert all(s["registered"] for s in info["servers"])
 
 
+# ------------------------------------------------------------------------------------------------- 3. Ctrl-C
+def test_ctrl_c_during_compile(tmp_path):
+    """Ctrl-C in the middle of a compile used to print a 70-300 line traceback (exit 1), or to be swallowed by
+    TVM's FoldConstant, the compile finishing and writing its library (exit 0)."""
+    import onnx
+
+    model = os.path.join(os.path.dirname(onnx.__file__), "backend/test/data/light/light_resnet50.onnx")
+    for cpu in (1, 8, 20):  # loading TVM; folding constants (prepare_for_sparse); the rewrite and the build
+        out_dir = tmp_path / f"cpu{cpu}"
+        out_dir.mkdir()
+        proc = start_alcs("compile", model, "-o", out_dir / "model.so")
+        while proc.poll() is None and cpu_seconds(proc.pid) < cpu:
+            time.sleep(0.1)
+        assert proc.poll() is None, f"the compile ended before {cpu} s of CPU: {proc.communicate()}"
+        code, out, err, seconds = ctrl_c(proc)
+        assert code == 130 and err == "alcs compile: interrupted\n", (cpu, code, err[-3000:])
+        assert seconds < 30, seconds
+        assert files_in(out_dir) == [], (cpu, files_in(out_dir))  # no library, sidecar, report or temporary
+
+
+def test_ctrl_c_during_prunes_measuring_step(prune_setup, tmp_path):
+    """Ctrl-C while `alcs prune` compiled and timed its result used to print a traceback and leave the pruned
+    ONNX (and the dense one it was measuring) behind, without its plot and summary."""
+    proc = start_alcs("prune", "--model", "small_cnn", "--data", "digits", "--latency-table", prune_setup.table,
+                      "--budget-ms", f"{prune_setup.budget:.6f}", "-o", tmp_path / "pruned.onnx",
+                      "--pretrain-epochs", 1, "--epochs", 1, "--finetune-epochs", 1)
+    # the measuring step starts once the pruned model is exported (to its temporary, or before the fix in place)
+    while proc.poll() is None and not any("pruned.onnx" in f and "dense" not in f for f in files_in(tmp_path)):
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    time.sleep(1.0)  # into the compile of the dense model
+    code, out, err, seconds = ctrl_c(proc)
+    assert code == 130 and "Traceback" not in err and err.splitlines()[-1] == "alcs prune: interrupted", err[-3000:]
+    assert "epoch" in out  # it got as far as meant
+    assert seconds < 30
+    assert files_in(tmp_path) == [], files_in(tmp_path)
+
+
 # -------------------------------------------------------------------------------- 4. output paths, checked first
 def test_output_paths_are_checked_before_the_work(tiny, prune_setup, tmp_path):
     """Each used to fail after the work (a compile's traceback, `IsADirectoryError` with `out.tmp<pid>.so` left

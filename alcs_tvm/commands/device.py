@@ -7,6 +7,7 @@ import sys
 import time
 
 from .. import device
+from .common import INTERRUPTS
 
 
 def register(subparsers) -> None:
@@ -47,6 +48,8 @@ def _one_line(func):
         try:
             return func(args)
         except (RuntimeError, PermissionError, subprocess.SubprocessError) as err:
+            if INTERRUPTS.fired.is_set():  # a child process that Ctrl-C ended too: the interrupt is the news
+                raise
             text = str(err).strip()
             print(f"alcs device: error: {text.splitlines()[0] if text else type(err).__name__}", file=sys.stderr)
             if "\n" in text:

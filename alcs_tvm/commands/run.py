@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import run as run_module
 from ..run import read_sidecar, run_model
-from .common import OutputFiles, add_device_arguments, check_device_arguments
+from .common import INTERRUPTS, OutputFiles, add_device_arguments, check_device_arguments
 
 
 def register(subparsers) -> None:
@@ -47,6 +47,8 @@ def run(args):
     except (ValueError, TypeError, FileNotFoundError, ConnectionError, TimeoutError):
         raise
     except Exception as err:  # noqa: BLE001 - a TVM error from the model: one line
+        if INTERRUPTS.fired.is_set():  # the error is how TVM passed Ctrl-C on
+            raise
         lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
         print(f"alcs run: error: running {Path(args.lib).name} failed: "
               f"{lines[-1][:300] if lines else type(err).__name__}", file=sys.stderr)
