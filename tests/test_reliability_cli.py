@@ -328,3 +328,56 @@ def test_state_file_is_not_written_through_a_planted_symlink(tmp_path):
     assert json.loads(state_path.read_text()) == {"tracker": None, "servers": []}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["device-state.json", "device-state.lock",
                                                          "device-state.tmp", "victim.txt"]
+
+
+# ------------------------------------------------------------------- 7. a frozen device: bounded by what it took
+def test_frozen_device_mid_session_fails_within_the_learnt_bound(private_devices, tiny):
+    """With no --device-timeout, a device frozen in the middle of a session used to block for 300 s per step;
+    now a step may take 10x what the same kind of step took before, at least 30 s."""
+    setup = private_devices
+    session = rpc.connect(tracker=setup.tracker, key=setup.key)
+    run_model(tiny.libs["x86"], fill_mode="zeros", session=session, repeat=2)  # the steps' times are learnt
+    entry = server_entry(setup)
+    os.killpg(entry["pid"], signal.SIGSTOP)
+    result = {}
+
+    def again():
+        t0 = time.monotonic()
+        try:
+            run_model(tiny.libs["x86"], fill_mode="zeros", session=session, repeat=2)
+        except Exception as err:  # noqa: BLE001
+            result["err"] = err
+        result["seconds"] = time.monotonic() - t0
+
+    thread = threading.Thread(target=again, daemon=True)
+    thread.start()
+    try:
+        thread.join(30 + 30)
+        assert not thread.is_alive(), "still blocked well after the learnt bound"
+        assert isinstance(result.get("err"), TimeoutError), repr(result.get("err"))
+        message = str(result["err"])
+        assert "did not answer within 30 s during upload of net_x86.so" in message, message
+        assert "--device-timeout" in message and "\n" not in message
+        assert 30 <= result["seconds"] < 30 + 15  # the learnt bound: max(30 s, 10x a millisecond upload)
+    finally:
+        device.stop_process(entry)
+        del session
+        setup.restore()
+
+
+def test_frozen_device_fails_alcs_run_with_one_line(private_devices, tiny):
+    setup = private_devices
+    entry = server_entry(setup)
+    os.killpg(entry["pid"], signal.SIGSTOP)  # registered, so the tracker hands it out
+    try:
+        code, out, err, _ = alcs("run", tiny.libs["x86"], "--fill-mode", "zeros", "--rpc-tracker", setup.tracker,
+                                 "--rpc-key", setup.key, timeout=300)
+        assert code == 2 and out == "" and one_line(err), (code, err)
+        assert "did not answer within 30 s during connect" in err and setup.key in err  # was 60 s
+        # an explicit --device-timeout still rules (the tracker handed the frozen server out and has no other)
+        code, _, err, _ = alcs("run", tiny.libs["x86"], "--fill-mode", "zeros", "--rpc-tracker", setup.tracker,
+                               "--rpc-key", setup.key, "--device-timeout", 5)
+        assert code == 2 and one_line(err) and f"no free '{setup.key}' device" in err and "within 5 s" in err
+    finally:
+        device.stop_process(entry)
+        setup.restore()

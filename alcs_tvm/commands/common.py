@@ -13,7 +13,7 @@ import threading
 import time
 import traceback
 
-from ..rpc import DEFAULT_TIMEOUT
+from ..rpc import CONNECT_TIMEOUT, FIRST_STEP_TIMEOUT, MIN_STEP_TIMEOUT, STEP_TIMEOUT_FACTOR
 
 __all__ = ["TARGET_HELP", "VECTOR_WIDTH_HELP", "add_device_arguments", "check_device_arguments",
            "parse_sparsities", "require_file", "input_shapes_arg", "check_output", "OutputFiles", "Interrupts",
@@ -35,8 +35,10 @@ def add_device_arguments(parser, *, local: bool = True):
     if local:
         parser.add_argument("--local", action="store_true", help="measure on this host (no RPC)")
     parser.add_argument("--device-timeout", type=float, default=None, metavar="S",
-                        help=f"bound in seconds on getting the device and on each remote step "
-                             f"(default {DEFAULT_TIMEOUT:.0f})")
+                        help=f"bound in seconds on getting the device and on each remote step (default: "
+                             f"{CONNECT_TIMEOUT:g} s to get the device, {FIRST_STEP_TIMEOUT:g} s for a kind of step "
+                             f"not done before, then {STEP_TIMEOUT_FACTOR:g}x what that kind of step took, at "
+                             f"least {MIN_STEP_TIMEOUT:g} s)")
 
 
 def check_device_arguments(args):
