@@ -381,3 +381,28 @@ def test_frozen_device_fails_alcs_run_with_one_line(private_devices, tiny):
     finally:
         device.stop_process(entry)
         setup.restore()
+
+
+# ------------------------------------------------------------------ 6. NaN/Inf and pruned positions, documented
+def test_nan_does_not_propagate_through_pruned_positions_as_documented():
+    """The sparse kernel never reads an input at a pruned (cin, kh, kw): a NaN or Inf there does not reach the
+    output, which a dense convolution of the same weights (0 * NaN = NaN) spreads. Users comparing against a
+    dense run need to know; the README's design notes say it."""
+    import torch
+
+    from alcs_tvm.kernels import build_sparse_conv2d
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((32, 4, 3, 3)).astype(np.float32)
+    weight[:, 0] = 0.0  # input channel 0 pruned at every tap
+    x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    x[0, 0, 3, 3], x[0, 0, 6, 1] = np.nan, np.inf
+    dense = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(weight), padding=1).numpy()
+    assert np.isnan(dense).any()  # what ONNX Runtime, PyTorch or --no-sparse give
+    sparse = build_sparse_conv2d(weight, input_shape=x.shape, padding=1).run(x)
+    assert np.isfinite(sparse).all()
+    clean = np.nan_to_num(x, nan=0.0, posinf=0.0)
+    expected = torch.nn.functional.conv2d(torch.from_numpy(clean), torch.from_numpy(weight), padding=1).numpy()
+    np.testing.assert_allclose(sparse, expected, rtol=1e-4, atol=1e-4)
+    notes = Path(REPO, "README.md").read_text().split("## Design notes", 1)[1]
+    assert "NaN" in notes and "Inf" in notes and "pruned" in notes and "does not reach an output" in notes
