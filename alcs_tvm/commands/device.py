@@ -108,8 +108,8 @@ def _print_status(info):
     elif tracker["answering"]:
         state = "running"
     else:
-        state = (f"NOT ANSWERING within {device.PROBE_TIMEOUT:g} s" + (" (process stopped)" if tracker["stopped"] else "")
-                 + ": `alcs device start` restarts it")
+        stopped = " (process stopped)" if tracker["stopped"] else ""
+        state = f"NOT ANSWERING within {device.PROBE_TIMEOUT:g} s{stopped}: `alcs device start` restarts it"
     print(f"tracker: {device.tracker_addr(tracker)} pid {tracker['pid']} {state}")
     for s in info["servers"]:
         if not s["alive"]:
