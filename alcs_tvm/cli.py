@@ -1,12 +1,22 @@
 """The ``alcs`` command line: one module per command under :mod:`alcs_tvm.commands`, each with
-``register(subparsers)`` whose parser sets ``func``; errors a user can fix print as one line (exit 2)."""
+``register(subparsers)`` whose parser sets ``func``; errors a user can fix print as one line (exit 2), Ctrl-C as
+``alcs CMD: interrupted`` (exit 130)."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 
-from .commands import COMMANDS
+try:
+    from .commands import COMMANDS
+    from .commands.common import INTERRUPTS
+except KeyboardInterrupt:  # Ctrl-C while TVM and torch load, which takes seconds on a busy machine
+    _COMMAND = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+    print(f"alcs {_COMMAND}: interrupted" if _COMMAND else "alcs: interrupted", file=sys.stderr)
+    sys.exit(130)
+
+#: what a user can fix: printed as one line, exit 2
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ConnectionError, TimeoutError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,14 +44,24 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    INTERRUPTS.install(args.command)
+    err = None
     try:
-        return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, ConnectionError, TimeoutError) as err:
-        print(f"alcs {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"alcs {args.command}: interrupted", file=sys.stderr)
+        code = int(args.func(args) or 0)
+    except BaseException as caught:  # noqa: BLE001 - after Ctrl-C, whatever TVM raised instead is the interrupt
+        err = caught
+        if not (INTERRUPTS.fired.is_set() or isinstance(caught, KeyboardInterrupt)):
+            if isinstance(caught, USER_ERRORS):
+                print(f"alcs {args.command}: error: {caught}", file=sys.stderr)
+                return 2
+            raise
+    finally:
+        INTERRUPTS.uninstall()
+    if err is not None or INTERRUPTS.fired.is_set():
+        INTERRUPTS.report()
+        INTERRUPTS.settle(err)
         return 130
+    return code
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ The build sequence (also the one to copy when composing the pass into your own p
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -85,8 +86,13 @@ def export(executable, path: str, target="x86", cross_compiler: str | None = Non
         return path
     fcompile = cross_compile_function(cross_compiler) if cross_compiler or info.is_cross else None
     tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1] or '.so'}"
-    executable.export_library(tmp, fcompile=fcompile) if fcompile else executable.export_library(tmp)
-    os.replace(tmp, path)
+    try:
+        executable.export_library(tmp, fcompile=fcompile) if fcompile else executable.export_library(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a failed or interrupted link leaves no partial library behind
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return path
 
 

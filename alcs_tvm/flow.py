@@ -22,6 +22,7 @@ Everything lands in ``--work-dir`` (default ``alcs-flow/``): ``dense.pt``, ``den
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -97,10 +98,17 @@ def library_accuracy(lib_path, x: np.ndarray, y: np.ndarray, *, session=None, ti
         lib, dev = tvm.runtime.load_module(str(lib_path)), tvm.cpu(0)
     else:
         lib, dev = alcs_rpc.upload_library(session, lib_path, timeout=timeout), session.cpu(0)
-    vm = relax.VirtualMachine(lib, dev)
+
+    def remote(what):  # every call on a device is bounded: a frozen one must not hang the flow
+        return contextlib.nullcontext() if session is None else alcs_rpc.guard(session, what, timeout)
+
+    with remote("VM creation"):
+        vm = relax.VirtualMachine(lib, dev)
     correct = 0
     for image, label in zip(x, y):
-        logits = flatten_outputs(vm["main"](tvm.runtime.tensor(np.ascontiguousarray(image[None], np.float32), dev)))[0]
+        with remote("inference"):
+            logits = flatten_outputs(vm["main"](tvm.runtime.tensor(np.ascontiguousarray(image[None], np.float32),
+                                                                    dev)))[0]
         correct += int(np.argmax(logits) == int(label))
     return correct / max(1, len(x))
 

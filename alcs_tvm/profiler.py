@@ -77,7 +77,7 @@ class Measurer:
         if local and info.is_cross:
             raise ValueError(f"target {info.family} cannot run on this host: profile it on a device over RPC")
         self.info = info
-        self.timeout = alcs_rpc.DEFAULT_TIMEOUT if timeout is None else timeout
+        self.timeout = timeout  # None: each remote step bounded by what its kind took before (rpc.StepBudget)
         self.tracker, self.key, self.rpc = tracker, key, rpc
         self.device_key = key if key else (f"rpc:{rpc}" if rpc else "local")
         self.local = local
@@ -108,10 +108,10 @@ class Measurer:
     def device(self):
         return self.session.cpu(0) if self.session is not None else tvm.cpu(0)
 
-    def _guard(self, what):
+    def _guard(self, what, **step):
         if self.session is None:
             return contextlib.nullcontext()
-        return alcs_rpc.guard(self.session, what, self.timeout)
+        return alcs_rpc.guard(self.session, what, self.timeout, **step)
 
     def load(self, lib_path):
         if self.session is None:
@@ -119,7 +119,7 @@ class Measurer:
         return alcs_rpc.upload_library(self.session, lib_path, timeout=self.timeout)
 
     def tensors(self, arrays):
-        with self._guard("tensor transfer"):
+        with self._guard("tensor transfer", kind="transfer", units=sum(np.asarray(a).nbytes for a in arrays)):
             return [tvm.runtime.tensor(np.ascontiguousarray(a), self.device) for a in arrays]
 
     def time(self, module, name, args, repeat, min_repeat_ms, cold_weights=False) -> list:
@@ -129,9 +129,22 @@ class Measurer:
         from the CPU caches, which is the state a layer meets inside a model: its input was just written by the
         previous layer, its weights were evicted by the other layers' weights since the last inference (a layer
         whose weights exceed the caches runs as slowly in its model as cold: docs/latency.md)."""
-        with self._guard(f"timing of {name}"):
+        samples = max(int(repeat), 30) if cold_weights else int(repeat)
+        expected = None
+        if self.session is not None and self.timeout is None:
+            # one call first, for the expected time of the timing below: a kernel many times slower than the ones
+            # timed before must not trip its bound (the call's own bound is learnt from earlier calls). Its wall
+            # time, round trip included, overestimates a sample's: the bound errs on the long side.
+            started = time.monotonic()
+            with self._guard(f"first call of {name}", kind="kernel call"):
+                module.time_evaluator(name, self.device, number=1, repeat=1)(*args)
+            call = time.monotonic() - started
+            # a warm sample lasts at least min_repeat_ms; reaching it may take the evaluator two tries
+            sample = call if cold_weights else 2 * max(call, min_repeat_ms / 1e3)
+            expected = (samples + 1) * sample
+        with self._guard(f"timing of {name}", kind="timing", expected=expected):
             if cold_weights:
-                evaluator = module.time_evaluator(name, self.device, number=1, repeat=max(int(repeat), 30),
+                evaluator = module.time_evaluator(name, self.device, number=1, repeat=samples,
                                                   f_preproc="cache_flush_cpu_non_first_arg")
             else:
                 evaluator = module.time_evaluator(name, self.device, number=1, repeat=int(repeat),
@@ -498,8 +511,9 @@ def measure_latency(onnx_path: str, input_shape, target="x86", *, repeat: int = 
     name = next(iter(frontend.model_inputs(model)))
     executable, report = alcs_compile(model, target, latency_table=latency_table,
                                       input_shapes={name: tuple(input_shape)})
-    with tempfile.TemporaryDirectory(prefix="alcs-prune-") as own_dir:  # gone on Ctrl-C too
-        if library_path is None:
+    with contextlib.ExitStack() as stack:
+        if library_path is None:  # removed however the measurement ends (an error, Ctrl-C)
+            own_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="alcs-prune-"))
             library_path = os.path.join(own_dir, "model.so")
         export(executable, library_path, target)
         write_sidecar(library_path, report.relax_module)

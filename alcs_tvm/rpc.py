@@ -6,10 +6,17 @@ connects straight to a server started without a tracker. Errors are one line and
 * nothing listening at the tracker/server address -> ``ConnectionError`` naming ``host:port``;
 * the tracker has no server under ``key`` -> ``UnknownKeyError`` (a ``ValueError``) listing the tracker's keys;
 * no free device / a device that stops answering -> ``TimeoutError`` (every wait is bounded);
-* a device server that dies during a call -> ``ConnectionError`` ("closed the connection during ...").
+* a device server that dies during a call -> ``ConnectionError`` ("closed the connection during ...");
+* a library that is not a whole shared library -> ``ValueError``, before anything is sent (:func:`check_library`).
 
 TVM's RPC client blocks in C++ without a timeout, so remote calls run under :func:`guard`: a watchdog thread that,
 when the deadline passes, shuts down this process's sockets to that server, which makes the blocked call fail.
+
+How long a step may take (:class:`StepBudget`, one per session): getting a device and opening the session
+``CONNECT_TIMEOUT`` (30 s); a kind of step not yet timed on the session ``FIRST_STEP_TIMEOUT`` (60 s); afterwards
+``max(MIN_STEP_TIMEOUT, STEP_TIMEOUT_FACTOR x`` what the same kind of step took before, per unit of work``)`` -
+at least 30 s, 10x the expected. A device that freezes is thus given up on in well under a minute, a device that
+is merely slow is not, and ``timeout=`` (``--device-timeout``) sets one fixed bound for every step instead.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import struct
 import tarfile
 import tempfile
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -30,10 +38,16 @@ from tvm.support import cc
 from .toolchain import cross_compile_function
 
 __all__ = ["UnknownKeyError", "parse_address", "tracker_summary", "tracker_keys", "connect", "guard",
-           "upload_library", "DEFAULT_TIMEOUT", "add_device_arguments", "check_device_arguments"]
+           "upload_library", "check_library", "elf_machine", "StepBudget", "CONNECT_TIMEOUT",
+           "FIRST_STEP_TIMEOUT", "MIN_STEP_TIMEOUT", "STEP_TIMEOUT_FACTOR"]
 
-#: default bound (seconds) on waiting for a device and on one remote call.
-DEFAULT_TIMEOUT = 300.0
+#: bound (s) on getting a device from the tracker (a busy one included) and on opening a session with it.
+CONNECT_TIMEOUT = 30.0
+#: bound (s) on a kind of remote step that has not been timed on the session yet (nothing to scale from).
+FIRST_STEP_TIMEOUT = 60.0
+#: a remote step may take STEP_TIMEOUT_FACTOR times what the same kind of step took before, and at least this.
+MIN_STEP_TIMEOUT = 30.0
+STEP_TIMEOUT_FACTOR = 10.0
 
 _LOST = ("kShutdown", "Connection reset", "Broken pipe", "connection closed", "Socket", "socket", "RPCSession",
          "EOF", "closed")
@@ -41,23 +55,6 @@ _LOST = ("kShutdown", "Connection reset", "Broken pipe", "connection closed", "S
 
 class UnknownKeyError(ValueError, LookupError):
     """The tracker has no device registered under the requested key."""
-
-
-def add_device_arguments(parser):
-    """Where a measuring command (``alcs profile``, ``alcs tune``) runs: a device at a tracker, an RPC server, or
-    this host; and the bound on waiting for it."""
-    parser.add_argument("--rpc-tracker", metavar="HOST:PORT", help="RPC tracker to get the device from")
-    parser.add_argument("--rpc-key", metavar="KEY", help="device key at the tracker")
-    parser.add_argument("--rpc", metavar="HOST:PORT", help="RPC server to use directly")
-    parser.add_argument("--local", action="store_true", help="measure on this host (no RPC)")
-    parser.add_argument("--device-timeout", type=float, default=None, metavar="S",
-                        help=f"bound in seconds on getting the device and on each remote step "
-                             f"(default {DEFAULT_TIMEOUT:.0f})")
-
-
-def check_device_arguments(args):
-    if args.rpc and args.rpc_tracker:
-        raise ValueError("give either --rpc-tracker (with --rpc-key) or --rpc, not both")
 
 
 def parse_address(text: str, what: str = "address") -> tuple[str, int]:
@@ -175,14 +172,73 @@ def _describe(session) -> str:
     return f"device {key!r} at {where}" if key else f"device at {where}"
 
 
+def _seconds(value: float) -> str:
+    return f"{value:g}" if value == int(value) else f"{value:.1f}"
+
+
+class StepBudget:
+    """How long each remote step of one session may take before the device counts as frozen.
+
+    With ``fixed`` (``--device-timeout``) every step gets that many seconds (0: no bound). Otherwise the bound is
+    learnt per kind of step ("upload", "inference", ...): ``FIRST_STEP_TIMEOUT`` for a kind not yet timed, then
+    ``max(MIN_STEP_TIMEOUT, STEP_TIMEOUT_FACTOR x expected)``, the expected time being the slowest time per unit of
+    work that kind took before times the step's units (bytes for an upload). A caller that knows a step's
+    expected time from another kind (timing = repeat x number inferences) passes it as ``expected``. A frozen
+    phone thus blocks its user for about half a minute, not the five a fixed default took, and a slow device or
+    a long measurement is not mistaken for a frozen one."""
+
+    def __init__(self, fixed: float | None = None, reason: str = "--device-timeout"):
+        self.fixed, self.reason = fixed, reason
+        self._per_unit: dict[str, float] = {}
+
+    def per_unit(self, kind: str) -> float | None:
+        """The slowest seconds per unit a ``kind`` of step took on this session so far (None: never timed)."""
+        return self._per_unit.get(kind)
+
+    def bound(self, kind: str, units: float = 1.0, expected: float | None = None) -> tuple[float, str]:
+        """``(seconds, why)``: the bound on the next ``kind`` step and how it was chosen, for the error message."""
+        if self.fixed is not None:
+            return self.fixed, self.reason
+        if expected is None:
+            rate = self._per_unit.get(kind)
+            if rate is None:
+                return FIRST_STEP_TIMEOUT, f"the bound on a first {kind}; --device-timeout S to wait longer"
+            expected = rate * units
+        seconds = max(MIN_STEP_TIMEOUT, STEP_TIMEOUT_FACTOR * expected)
+        return seconds, (f"{STEP_TIMEOUT_FACTOR:g}x the expected {expected:.2g} s, at least "
+                         f"{MIN_STEP_TIMEOUT:g} s; --device-timeout S to wait longer")
+
+    def record(self, kind: str, seconds: float, units: float = 1.0) -> None:
+        rate = seconds / max(units, 1e-9)
+        self._per_unit[kind] = max(self._per_unit.get(kind, 0.0), rate)
+
+
+def session_budget(session) -> StepBudget:
+    """The :class:`StepBudget` of a session from :func:`connect` (a session opened otherwise gets a learning one)."""
+    budget = getattr(session, "alcs_budget", None)
+    if budget is None:
+        budget = StepBudget(getattr(session, "alcs_timeout", None))
+        with contextlib.suppress(AttributeError):
+            session.alcs_budget = budget
+    return budget
+
+
 @contextlib.contextmanager
-def guard(session, what: str, timeout: float | None = None):
+def guard(session, what: str, timeout: float | None = None, *, kind: str | None = None, units: float = 1.0,
+          expected: float | None = None):
     """Run remote calls on ``session`` with a deadline and one-line errors.
 
-    A call still blocked after ``timeout`` seconds (default: the session's) is aborted by shutting the session's
-    socket, and raises ``TimeoutError``; a server that goes away raises ``ConnectionError``.
+    The deadline is ``timeout`` seconds when given, else the session's :class:`StepBudget` for a ``kind`` (default
+    ``what``) of step with ``units`` of work or an ``expected`` duration; the time the step took is recorded for
+    the next step of its kind. A call still blocked at the deadline is aborted by shutting the session's socket,
+    and raises ``TimeoutError``; a server that goes away raises ``ConnectionError``.
     """
-    timeout = timeout if timeout is not None else getattr(session, "alcs_timeout", DEFAULT_TIMEOUT)
+    kind = kind or what
+    budget = session_budget(session)
+    if timeout is not None:
+        why = "--device-timeout"
+    else:
+        timeout, why = budget.bound(kind, units, expected)
     addr = getattr(session, "alcs_addr", None)
     fired = threading.Event()
 
@@ -195,13 +251,15 @@ def guard(session, what: str, timeout: float | None = None):
     if timer:
         timer.daemon = True
         timer.start()
+    started = time.monotonic()
     try:
         yield
     except Exception as err:  # noqa: BLE001 - classify TVM's errors
         first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]
         if fired.is_set():
-            raise TimeoutError(f"{_describe(session)} did not answer within {timeout:g} s during {what}; "
-                               f"the session was aborted (is the server alive? `alcs device status`)") from None
+            raise TimeoutError(f"{_describe(session)} did not answer within {_seconds(timeout)} s during {what} "
+                               f"({why}); the session was aborted (is the server alive? `alcs device status`)") \
+                from None
         if "RPCSessionTimeoutError" in str(err):
             raise TimeoutError(f"{_describe(session)}: the session expired during {what} "
                                f"(increase the device timeout)") from None
@@ -211,6 +269,8 @@ def guard(session, what: str, timeout: float | None = None):
             raise ConnectionError(f"{_describe(session)} closed the connection during {what} "
                                   f"(server killed or crashed?): {first}") from None
         raise
+    else:
+        budget.record(kind, time.monotonic() - started, units)
     finally:
         if timer:
             timer.cancel()
@@ -218,34 +278,41 @@ def guard(session, what: str, timeout: float | None = None):
 
 # ------------------------------------------------------------------------------------------------- sessions
 def connect(tracker: str | None = None, key: str | None = None, *, rpc: str | None = None,
-            timeout: float = DEFAULT_TIMEOUT, session_timeout: float | None = None):
+            timeout: float | None = None, session_timeout: float | None = None):
     """A ``tvm.rpc`` session on a device.
 
     ``connect(tracker="HOST:PORT", key="arm64-qemu")``: ask the tracker for a free device registered under
-    ``key`` (waiting at most ``timeout`` s). ``connect(rpc="HOST:PORT")``: connect straight to a server that runs
-    without a tracker. ``timeout`` also becomes the default deadline of :func:`guard` on this session;
-    ``session_timeout`` (default ``timeout``) makes the server end the session after that many seconds.
-    The session carries ``alcs_addr`` (server host, port), ``alcs_key`` and ``alcs_timeout``.
+    ``key``. ``connect(rpc="HOST:PORT")``: connect straight to a server that runs without a tracker.
+
+    ``timeout=None`` (default): getting the device and opening the session may take ``CONNECT_TIMEOUT`` s, each
+    later remote step what the session's :class:`StepBudget` learns. ``timeout=S``: S s for getting the device and
+    for every step (the handshake at most 60 s), and ``session_timeout`` (default S) makes the server end the
+    session after that many seconds. The session carries ``alcs_addr`` (server host, port), ``alcs_key``,
+    ``alcs_timeout`` (``timeout``) and ``alcs_budget``.
     """
     if (tracker is None) == (rpc is None):
         raise ValueError("give either tracker=HOST:PORT (with key=...) or rpc=HOST:PORT")
-    session_timeout = timeout if session_timeout is None else session_timeout
+    wait = CONNECT_TIMEOUT if timeout is None else timeout
+    if session_timeout is None:
+        session_timeout = timeout or 0  # learnt bounds: the server does not end a long profile halfway
     if tracker is not None:
         if not key:
             raise ValueError("a device key is needed with a tracker (e.g. key='arm64-qemu')")
-        url, port, matchkey = _request(tracker, key, timeout)
+        url, port, matchkey = _request(tracker, key, wait)
     else:
         url, port = parse_address(rpc, "RPC server address")
-        _open((url, port), "RPC server", min(timeout, 10.0)).close()  # clear error if nothing listens
+        _open((url, port), "RPC server", min(wait, 10.0)).close()  # clear error if nothing listens
         matchkey = key or ""
 
     class _Pending:  # lets guard() describe/abort the connect itself
         alcs_addr, alcs_key, alcs_timeout = (url, port), key or "", timeout
+        alcs_budget = StepBudget(min(wait, 60.0), "--device-timeout" if timeout is not None else
+                                 f"the bound on connecting; --device-timeout S to wait longer")
 
     try:
-        with guard(_Pending, "connect", timeout=min(timeout, 60.0)):
+        with guard(_Pending, "connect"):
             session = tvm_rpc.connect(url, port, matchkey, session_timeout=session_timeout or 0)
-    except ConnectionError:
+    except (ConnectionError, TimeoutError):
         raise
     except Exception as err:  # noqa: BLE001
         if "mismatch" in str(err).lower() or "matches key" in str(err):
@@ -256,6 +323,7 @@ def connect(tracker: str | None = None, key: str | None = None, *, rpc: str | No
     session.alcs_addr = (url, port)
     session.alcs_key = key or ""
     session.alcs_timeout = timeout
+    session.alcs_budget = StepBudget(timeout)
     return session
 
 
@@ -277,19 +345,22 @@ def _link_tar(tar_path: Path, out_dir: Path) -> Path:
 def upload_library(session, lib_path, timeout: float | None = None):
     """Upload a compiled library (``.so``, or a ``.tar`` that is linked here first) and load it on the device.
 
-    Returns the remote ``tvm.runtime.Module``; e.g. ``tvm.relax.VirtualMachine(mod, session.cpu())``.
+    Returns the remote ``tvm.runtime.Module``; e.g. ``tvm.relax.VirtualMachine(mod, session.cpu())``. The library
+    is checked first (:func:`check_library`): a cut-short one would kill the server's session, and with it the
+    server (it stays up but unregistered).
     """
     lib_path = Path(lib_path)
-    if not lib_path.is_file():
-        raise FileNotFoundError(f"no such library: {lib_path}")
+    check_library(lib_path)
     with tempfile.TemporaryDirectory(prefix="alcs-upload-") as tmp:
         if lib_path.suffix == ".tar":
             lib_path = _link_tar(lib_path, Path(tmp))
+            check_library(lib_path)
         remote_name = f"{uuid.uuid4().hex[:8]}_{lib_path.name}"
-        with guard(session, f"upload of {lib_path.name}", timeout):
+        size = lib_path.stat().st_size
+        with guard(session, f"upload of {lib_path.name}", timeout, kind="upload", units=size):
             session.upload(str(lib_path), remote_name)
         try:
-            with guard(session, f"load of {lib_path.name}", timeout):
+            with guard(session, f"load of {lib_path.name}", timeout, kind="load", units=size):
                 return session.load_module(remote_name)
         except (ConnectionError, TimeoutError):
             raise
@@ -298,6 +369,97 @@ def upload_library(session, lib_path, timeout: float | None = None):
             raise ValueError(f"{_describe(session)} could not load {lib_path.name} (an {elf_machine(lib_path)} "
                              f"library; built for another architecture?): {lines[-1][:300] if lines else err}") \
                 from None
+
+
+#: the symbol through which a library exported by ``tvm.compile(...).export_library`` carries its Relax executable
+RELAX_LIBRARY_SYMBOL = b"__tvm_ffi__library_bin"
+_TVM_SYMBOL_PREFIX = b"__tvm_ffi_"
+_ELF_TYPES = {1: "an object file (.o)", 2: "an executable", 4: "a core dump"}
+
+
+def check_library(path, relax: bool = False) -> None:
+    """Raise ``ValueError`` (``FileNotFoundError`` if missing) unless ``path`` is a whole TVM library: an ELF
+    shared object whose segments and sections all lie inside the file and that exports TVM functions (with
+    ``relax``: a Relax executable), or a readable ``.tar`` of objects.
+
+    Loading a cut-short library maps pages past the end of the file, and the first touch of one kills the loading
+    process with SIGBUS: here ``alcs run`` would die with exit 135 and no message; on a device the server's
+    session worker dies, which ends TVM's RPC server loop. The headers say how long the file must be, so a
+    truncated copy is caught without loading it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such library: {path}")
+    if path.suffix == ".tar":
+        _check_tar(path)
+        return
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        def reach(end: int, what: str) -> None:
+            if end > size:
+                raise ValueError(f"{path.name} is cut short: {size} bytes, but its {what} runs to byte {end} "
+                                 f"(an interrupted copy or build? copy or build it again)")
+
+        def read(offset: int, count: int, what: str) -> bytes:
+            reach(offset + count, what)
+            fh.seek(offset)
+            return fh.read(count)
+
+        ident = fh.read(16)
+        if ident[:4] != b"\x7fELF" or ident[4] not in (1, 2) or ident[5] not in (1, 2):
+            raise ValueError(f"{path.name} is not a shared library (no ELF header): export it with "
+                             f"`alcs compile` or tvm.compile(...).export_library()")
+        wide, order = ident[4] == 2, "<" if ident[5] == 1 else ">"
+        header = struct.Struct(order + ("HHIQQQIHHHHHH" if wide else "HHIIIIIHHHHHH"))
+        (e_type, _, _, _, phoff, shoff, _, _, phentsize, phnum, shentsize, shnum, _) = \
+            header.unpack(read(16, header.size, "ELF header"))
+        if e_type != 3:
+            raise ValueError(f"{path.name} is {_ELF_TYPES.get(e_type, f'an ELF file of type {e_type}')}, not a "
+                             f"shared library")
+        program = read(phoff, phentsize * phnum, "program header table")
+        for i in range(phnum):
+            entry = program[i * phentsize:(i + 1) * phentsize]
+            if wide:
+                p_type, _, p_offset, _, _, p_filesz = struct.unpack_from(order + "IIQQQQ", entry)
+            else:
+                p_type, p_offset, _, _, p_filesz = struct.unpack_from(order + "IIIII", entry)
+            if p_type == 1:  # PT_LOAD: mapped from the file
+                reach(p_offset + p_filesz, f"loadable segment {i}")
+        table = read(shoff, shentsize * shnum, "section header table")
+        sections = []
+        for i in range(shnum):
+            entry = table[i * shentsize:(i + 1) * shentsize]
+            if wide:
+                _, sh_type, _, _, sh_offset, sh_size, sh_link = struct.unpack_from(order + "IIQQQQI", entry)
+            else:
+                _, sh_type, _, _, sh_offset, sh_size, sh_link = struct.unpack_from(order + "IIIIIII", entry)
+            if sh_type not in (0, 8):  # SHT_NULL and SHT_NOBITS (.bss) take no room in the file
+                reach(sh_offset + sh_size, f"section {i}")
+            sections.append((sh_type, sh_offset, sh_size, sh_link))
+        names = set()
+        for sh_type, sh_offset, sh_size, sh_link in sections:
+            if sh_type != 11 or sh_link >= len(sections):  # SHT_DYNSYM, with its string table
+                continue
+            strings = read(sections[sh_link][1], sections[sh_link][2], "dynamic string table")
+            symbols = read(sh_offset, sh_size, "dynamic symbol table")
+            step = 24 if wide else 16
+            for k in range(0, len(symbols) - step + 1, step):
+                start = struct.unpack_from(order + "I", symbols, k)[0]
+                names.add(strings[start:strings.find(b"\0", start)])
+    wanted = RELAX_LIBRARY_SYMBOL if relax else _TVM_SYMBOL_PREFIX
+    if not any(name.startswith(wanted) for name in names):
+        what = "no Relax executable" if relax else "no TVM functions"
+        raise ValueError(f"{path.name} holds {what} (no {wanted.decode()}* symbol): build it with `alcs compile` "
+                         f"or tvm.compile(...).export_library()")
+
+
+def _check_tar(path: Path) -> None:
+    try:
+        with tarfile.open(path) as tar:
+            members = tar.getnames()
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise ValueError(f"{path.name} is not a whole tar archive ({err}): copy or export it again") from None
+    if not any(name.endswith((".o", ".obj")) for name in members):
+        raise ValueError(f"{path.name} holds no object files: export it with tvm.compile(...).export_library()")
 
 
 _ELF_MACHINES = {62: "x86_64", 183: "aarch64", 40: "arm"}

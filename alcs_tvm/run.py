@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import platform
+import time
 from pathlib import Path
 
 import numpy as np
@@ -168,7 +169,8 @@ def run_model(lib_path, inputs=None, *, rpc: str | None = None, tracker: str | N
       with ``fill_mode`` (default ``"random"``).
     * where: here (default), ``tracker="HOST:PORT", key=KEY``, ``rpc="HOST:PORT"``, or an open ``session``
       from :func:`alcs_tvm.rpc.connect`.
-    * ``timeout``: bound (s) on getting a device and on each remote step (default ``alcs_tvm.rpc.DEFAULT_TIMEOUT``).
+    * ``timeout``: bound (s) on getting a device and on each remote step (default: learnt per kind of step,
+      :class:`alcs_tvm.rpc.StepBudget`).
 
     Returns ``(outputs, timings)``: ``outputs`` a list of numpy arrays; ``timings`` None, or a dict with
     ``mean_ms, median_ms, std_ms, min_ms, max_ms, results_ms, number, repeat`` (each of the ``repeat`` results
@@ -176,9 +178,7 @@ def run_model(lib_path, inputs=None, *, rpc: str | None = None, tracker: str | N
     """
 
     lib_path = Path(lib_path)
-    if not lib_path.is_file():
-        raise FileNotFoundError(f"no such library: {lib_path}")
-    timeout = alcs_rpc.DEFAULT_TIMEOUT if timeout is None else timeout
+    alcs_rpc.check_library(lib_path, relax=True)  # a cut-short library kills whoever loads it (SIGBUS)
     sidecar = read_sidecar(lib_path)
     function = function or (sidecar or {}).get("function", "main")
     if inputs is None:
@@ -203,7 +203,7 @@ def run_model(lib_path, inputs=None, *, rpc: str | None = None, tracker: str | N
     try:
         lib = alcs_rpc.upload_library(session, lib_path, timeout=timeout)
         return _execute(lib, session.cpu(0), inputs, sidecar, function, repeat, number,
-                        guard=lambda what: alcs_rpc.guard(session, what, timeout))
+                        guard=lambda what, **step: alcs_rpc.guard(session, what, timeout, **step))
     finally:
         if own:
             del session
@@ -220,7 +220,7 @@ def time_model(lib_path, inputs=None, *, repeat: int, sample_ms: float = 10.0, m
 
 def _execute(lib, dev, inputs, sidecar, function, repeat, number, guard):
 
-    guard = guard or (lambda what: contextlib.nullcontext())
+    guard = guard or (lambda what, **step: contextlib.nullcontext())
     with guard("VM creation"):
         vm = relax.VirtualMachine(lib, dev)
         try:
@@ -232,17 +232,17 @@ def _execute(lib, dev, inputs, sidecar, function, repeat, number, guard):
         names = [str(vm._get_function_param_name(function, i)) for i in range(arity)]
     arrays = _order_inputs(inputs, names)
     _check_against_sidecar(arrays, names, sidecar)
-    with guard("input transfer"):
+    with guard("input transfer", kind="transfer", units=sum(a.nbytes for a in arrays)):
         args = [tvm.runtime.tensor(a, dev) for a in arrays]
+    started = time.monotonic()
     with guard("inference"):
         outputs = flatten_outputs(vm[function](*args))
+    inference = time.monotonic() - started  # with the outputs' transfer: an upper bound on one run
     timings = None
     if repeat and repeat > 0:
-        with guard("timing"):
+        # the time evaluator runs the model once to warm up, then repeat x number times
+        with guard("timing", expected=inference * (repeat * max(1, number) + 1)):
             vm.set_input(function, *args)
             evaluator = vm.time_evaluator("invoke_stateful", dev, number=max(1, number), repeat=repeat)
             timings = _timings(evaluator(function), max(1, number), repeat)
     return outputs, timings
-
-
-# ------------------------------------------------------------------------------------------------------- CLI

@@ -220,7 +220,7 @@ def main(argv=None):
         log(f"started tracker 127.0.0.1:{port} with {args.key}")
     try:
         session = alcs_rpc.connect(tracker=args.rpc_tracker, key=args.key, rpc=args.rpc,
-                                   timeout=args.timeout or alcs_rpc.DEFAULT_TIMEOUT, session_timeout=0)
+                                   timeout=args.timeout, session_timeout=0)
         points = []
         for name in args.models.split(","):
             table_path = work / f"table_{info.family}_{name}.json"

@@ -6,9 +6,9 @@ import os
 from .. import compiler, frontend
 from ..latency import LatencyTable
 from ..latency_regressor import LatencyRegressor
-from ..run import write_sidecar
+from ..run import sidecar_path, write_sidecar
 from ..target import resolve_target
-from .common import TARGET_HELP, VECTOR_WIDTH_HELP, input_shapes_arg, require_file
+from .common import TARGET_HELP, VECTOR_WIDTH_HELP, OutputFiles, input_shapes_arg, require_file
 
 
 def register(subparsers):
@@ -38,6 +38,9 @@ def register(subparsers):
 
 def run(args):
     require_file(args.model)
+    report_path = args.report or f"{args.output}.report.json"
+    sidecar = str(sidecar_path(args.output))
+    outputs = OutputFiles(("-o", args.output), ("-o", sidecar), ("--report", report_path))
     input_shapes = frontend.parse_input_shapes(args.input_shapes) if args.input_shapes else None
     latency_table = None
     if args.latency_table:
@@ -53,9 +56,11 @@ def run(args):
                                  density_threshold=args.sparsity_threshold, latency_table=latency_table,
                                  tuning=args.tuning)
     print(report.table())
-    compiler.export(executable, args.output, info, args.cross_compiler)
-    write_sidecar(args.output, report.relax_module, target=info.target)
-    report_path = args.report or f"{args.output}.report.json"
-    report.write(report_path)
+    with outputs:  # the library, its sidecar and the report appear together or not at all
+        library = outputs.path(args.output)
+        outputs.path(sidecar, temp=str(sidecar_path(library)))
+        compiler.export(executable, library, info, args.cross_compiler)
+        write_sidecar(library, report.relax_module, target=info.target)
+        report.write(outputs.path(report_path))
     print(f"wrote {args.output} (+ {os.path.basename(report_path)})")
     return 0

@@ -7,6 +7,7 @@ import sys
 import time
 
 from .. import device
+from .common import INTERRUPTS
 
 
 def register(subparsers) -> None:
@@ -47,6 +48,8 @@ def _one_line(func):
         try:
             return func(args)
         except (RuntimeError, PermissionError, subprocess.SubprocessError) as err:
+            if INTERRUPTS.fired.is_set():  # a child process that Ctrl-C ended too: the interrupt is the news
+                raise
             text = str(err).strip()
             print(f"alcs device: error: {text.splitlines()[0] if text else type(err).__name__}", file=sys.stderr)
             if "\n" in text:
@@ -66,10 +69,11 @@ def _cli_setup(args):
 def _cli_start(args):
     if args.num_devices < 0:
         raise ValueError("--num-devices must be >= 0")
-    state = device.start(tracker_port=args.tracker_port, key=args.key, num_devices=args.num_devices,
-                  qemu_cpu=args.qemu_cpu, x86=args.x86, state_path=args.state, timeout=args.timeout)
-    _print_status(device.status(args.state))
-    return 0 if state["tracker"] else 1
+    device.start(tracker_port=args.tracker_port, key=args.key, num_devices=args.num_devices,
+                 qemu_cpu=args.qemu_cpu, x86=args.x86, state_path=args.state, timeout=args.timeout)
+    info = device.status(args.state)
+    _print_status(info)
+    return 0 if _healthy(info) else 1
 
 
 def _cli_stop(args):
@@ -84,8 +88,14 @@ def _cli_status(args):
         print(json.dumps(info, indent=1))
     else:
         _print_status(info)
-    tracker_ok = bool(info["tracker"] and info["tracker"]["alive"])
-    return 0 if tracker_ok and all(s["alive"] for s in info["servers"]) else 1
+    return 0 if _healthy(info) else 1
+
+
+def _healthy(info) -> bool:
+    """Usable: the tracker answers and every server is registered with it (a running server that is not has
+    lost its server loop and serves nobody)."""
+    tracker = info["tracker"]
+    return bool(tracker and tracker["alive"] and tracker["answering"]) and all(s["registered"] for s in info["servers"])
 
 
 def _print_status(info):
@@ -93,9 +103,23 @@ def _print_status(info):
     if not tracker:
         print("tracker: not started (alcs device start)")
         return
-    print(f"tracker: {device.tracker_addr(tracker)} pid {tracker['pid']} {'running' if tracker['alive'] else 'DEAD'}")
+    if not tracker["alive"]:
+        state = "DEAD"
+    elif tracker["answering"]:
+        state = "running"
+    else:
+        stopped = " (process stopped)" if tracker["stopped"] else ""
+        state = f"NOT ANSWERING within {device.PROBE_TIMEOUT:g} s{stopped}: `alcs device start` restarts it"
+    print(f"tracker: {device.tracker_addr(tracker)} pid {tracker['pid']} {state}")
     for s in info["servers"]:
-        state = "registered" if s["registered"] else ("running, not registered" if s["alive"] else "DEAD")
+        if not s["alive"]:
+            state = "DEAD"
+        elif s["registered"]:
+            state = "registered"
+        elif s["registered"] is None:
+            state = "running, registration unknown (the tracker does not answer)"
+        else:
+            state = "running, NOT REGISTERED (serves nobody): `alcs device start` restarts it"
         extra = f" {s['qemu_cpu']}" if s.get("qemu_cpu") else ""
         print(f"server: {s['key']:<12} 127.0.0.1:{s['port']} pid {s['pid']} {s['kind']}{extra} {state}")
     if info["keys"]:

@@ -1,6 +1,8 @@
 """``alcs flow``: the whole ALCS flow on one model and data set, end to end (see :mod:`alcs_tvm.flow`)."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..flow import DEFAULT_PRETRAIN_EPOCHS, FLOW_SPARSITIES, run_flow
@@ -43,6 +45,8 @@ def register(subparsers):
 
 
 def run(args):
+    if os.path.exists(args.work_dir) and not os.path.isdir(args.work_dir):
+        raise ValueError(f"--work-dir {args.work_dir} is a file, not a directory")
     check_device_arguments(args)
     sparsities = parse_sparsities(args.sparsities)
     torch.set_num_threads(max(1, args.torch_threads))

@@ -7,7 +7,7 @@ from pathlib import Path
 from .. import frontend
 from ..profiler import DEFAULT_SPARSITIES, profile_model
 from .common import (TARGET_HELP, VECTOR_WIDTH_HELP, add_device_arguments, check_device_arguments,
-                     input_shapes_arg, parse_sparsities, require_file)
+                     check_output, input_shapes_arg, parse_sparsities, require_file)
 
 
 def register(subparsers):
@@ -38,6 +38,7 @@ def register(subparsers):
 
 def run(args):
     require_file(args.model)
+    check_output(args.output)  # saved after every layer (resumable): a bad path fails now, not after the first
     check_device_arguments(args)
     sparsities = parse_sparsities(args.sparsities)
     input_shapes = frontend.parse_input_shapes(args.input_shapes) if args.input_shapes else None

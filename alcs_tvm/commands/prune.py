@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 import tvm
@@ -25,7 +24,7 @@ from ..pruning import (DEFAULT_RHO, DEFAULT_UPDATES_PER_EPOCH, LatencyModel, che
 from ..target import resolve_target
 from ..training import evaluate, prune, train_dense
 from ..zoo import load_model
-from .common import TARGET_HELP, VECTOR_WIDTH_HELP
+from .common import TARGET_HELP, VECTOR_WIDTH_HELP, OutputFiles
 
 
 def register(subparsers):
@@ -84,6 +83,9 @@ def rest_model(table, path, layers, rest_model=None, model_name=None) -> str:
 
 
 def run(args):
+    base = os.path.splitext(args.output)[0]
+    # checked before any training; written together at the end (an interrupted measurement leaves none of them)
+    outputs = OutputFiles(("-o", args.output), ("-o", base + ".png"), ("-o", base + ".json"))
     table = LatencyTable.load(args.latency_table)
     info = resolve_target(args.target, args.vector_width)
     table.check_compatible(info, tvm.__version__)
@@ -95,31 +97,34 @@ def run(args):
     layers = find_prunable_layers(model, data.input_shape, info)
     rest = rest_model(table, args.latency_table, layers, args.rest_model, args.model)
     check_budget(LatencyModel(table, layers, table.rest_ms[rest]), args.budget_ms, args.min_density)
-    with tempfile.TemporaryDirectory(prefix="alcs-prune-") as tmp:  # the dense copy goes on Ctrl-C too
-        return _prune(args, table, info, data, model, rest, os.path.join(tmp, "dense.onnx"))
+    with outputs:
+        _prune(args, outputs, base, table, data, model, info, rest)
+    print(f"wrote {args.output}, {base}.png, {base}.json")
+    return 0
 
 
-def _prune(args, table, info, data, model, rest_model, dense_path):
+def _prune(args, outputs, base, table, data, model, info, rest_model):
     if not args.weights:
         train_dense(model, data, args.pretrain_epochs, lr=args.lr, batch_size=args.batch_size)
     dense_acc = evaluate(model, data.x_test, data.y_test)
     dense_onnx = None
-    if not args.no_measure:
-        dense_onnx = export_pruned(model, dense_path, data.input_shape)
+    if not args.no_measure:  # a temporary too: removed at the end, or by Ctrl-C
+        dense_onnx = export_pruned(model, outputs.path(args.output + ".dense.onnx"), data.input_shape)
     result = prune(model, data, table, args.budget_ms, group_width=info,
                    admm_epochs=args.epochs, finetune_epochs=args.finetune_epochs, lr=args.lr,
                    batch_size=args.batch_size, rho=args.rho, importance=args.importance,
                    updates_per_epoch=args.updates_per_epoch, min_density=args.min_density,
                    rest_model=rest_model, seed=args.seed)
-    export_pruned(model, args.output, data.input_shape)
+    pruned_onnx = export_pruned(model, outputs.path(args.output), data.input_shape)
     points = [("dense (predicted)", result.dense_predicted_ms, dense_acc),
               ("pruned (predicted)", result.predicted_ms, result.accuracy)]
     if not args.no_measure:
         result.dense_measured_ms, _ = measure_latency(dense_onnx, data.input_shape, info.target)
-        result.measured_ms, report = measure_latency(args.output, data.input_shape, info.target)
+        result.measured_ms, report = measure_latency(pruned_onnx, data.input_shape, info.target)
         result.compile_report = report
         points += [("dense (measured)", result.dense_measured_ms, dense_acc),
                    ("pruned (measured)", result.measured_ms, result.accuracy)]
+        outputs.drop(args.output + ".dense.onnx")
     print()
     print(result.table())
     print(f"accuracy: dense {dense_acc:.4f} -> pruned {result.accuracy:.4f}")
@@ -131,14 +136,11 @@ def _prune(args, table, info, data, model, rest_model, dense_path):
               f"{', '.join(layer.name for layer in result.compile_report.sparse_layers) or 'none'}")
         for line in over_budget_hint(args.budget_ms, result.predicted_ms, result.measured_ms):
             print(line)
-    base = os.path.splitext(args.output)[0]
-    write_plot(base + ".png", result, points)
+    write_plot(outputs.path(base + ".png"), result, points)
     summary = {"model": args.model, "data": args.data, "budget_ms": args.budget_ms,
                "dense_accuracy": dense_acc, "accuracy": result.accuracy,
                "dense_predicted_ms": result.dense_predicted_ms, "predicted_ms": result.predicted_ms,
                "dense_measured_ms": result.dense_measured_ms, "measured_ms": result.measured_ms,
                "sparsities": result.sparsities, "history": result.history}
-    with open(base + ".json", "w") as f:
+    with open(outputs.path(base + ".json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"wrote {args.output}, {base}.png, {base}.json")
-    return 0

@@ -10,7 +10,7 @@ import numpy as np
 from .. import run as run_module
 from ..kernel_profile import format_profile, profile_library
 from ..run import read_sidecar, run_model
-from .common import add_device_arguments, check_device_arguments
+from .common import INTERRUPTS, OutputFiles, add_device_arguments, check_device_arguments
 
 
 def register(subparsers) -> None:
@@ -35,6 +35,9 @@ def run(args):
     check_device_arguments(args)
     if args.repeat < 1 or args.number < 1:
         raise ValueError("--repeat and --number must be >= 1")
+    # numpy adds .npz to a name without it
+    saved = None if not args.outputs else args.outputs if args.outputs.endswith(".npz") else args.outputs + ".npz"
+    outputs_file = OutputFiles(("--outputs", saved))
     inputs = None
     if args.inputs:
         with np.load(args.inputs) as data:
@@ -54,6 +57,8 @@ def run(args):
     except (ValueError, TypeError, FileNotFoundError, ConnectionError, TimeoutError):
         raise
     except Exception as err:  # noqa: BLE001 - a TVM error from the model: one line
+        if INTERRUPTS.fired.is_set():  # the error is how TVM passed Ctrl-C on
+            raise
         lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
         print(f"alcs run: error: running {Path(args.lib).name} failed: "
               f"{lines[-1][:300] if lines else type(err).__name__}", file=sys.stderr)
@@ -69,7 +74,8 @@ def run(args):
     if timings:
         print(f"time (ms): mean {timings['mean_ms']:.4f} median {timings['median_ms']:.4f} "
               f"std {timings['std_ms']:.4f} (repeat {timings['repeat']}, number {timings['number']})")
-    if args.outputs:
-        np.savez(args.outputs, **dict(zip(names, outputs)))
-        print(f"saved outputs to {args.outputs}")
+    if saved:
+        with outputs_file:
+            np.savez(outputs_file.path(saved), **dict(zip(names, outputs)))
+        print(f"saved outputs to {saved}")
     return 0

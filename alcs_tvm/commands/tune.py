@@ -9,7 +9,7 @@ from ..autotune import tune_model
 from ..schedules import SparseConvSchedule
 from ..tuning_records import TuningRecords
 from .common import (TARGET_HELP, VECTOR_WIDTH_HELP, add_device_arguments, check_device_arguments,
-                     input_shapes_arg, require_file)
+                     check_output, input_shapes_arg, require_file)
 
 
 def register(subparsers):
@@ -33,6 +33,7 @@ def register(subparsers):
 
 def run(args):
     require_file(args.model)
+    check_output(args.output)  # saved after every layer (resumable): a bad path fails now, not after the first
     check_device_arguments(args)
     input_shapes = frontend.parse_input_shapes(args.input_shapes) if args.input_shapes else None
     t0 = time.time()
