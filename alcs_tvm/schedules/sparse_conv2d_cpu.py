@@ -325,12 +325,14 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
                     for w in T.vectorized(WP):
                         xp[nch * WP + w] = T.float32(0)
                 else:
-                    for w in T.vectorized(PL):
-                        xp[nch * WP + w] = T.float32(0)
+                    if PL > 0:  # a loop of extent 0 cannot be vectorized: pads like [1, 0, 1, 0] have none
+                        for w in T.vectorized(PL):
+                            xp[nch * WP + w] = T.float32(0)
                     for w in T.vectorized(W):
                         xp[nch * WP + PL + w] = x[nch // HP // C, nch // HP % C, nch % HP - PT, w]
-                    for w in T.vectorized(PR):
-                        xp[nch * WP + PL + W + w] = T.float32(0)
+                    if PR > 0:
+                        for w in T.vectorized(PR):
+                            xp[nch * WP + PL + W + w] = T.float32(0)
             conv(xp, indptr, offsets, vstart, values, bias, order, res, y)
         else:
             xf = T.decl_buffer((PADDED_SIZE,), "float32", data=x.data, elem_offset=x.elem_offset)
