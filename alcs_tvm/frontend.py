@@ -4,7 +4,8 @@ Entry points
 ------------
 ``load_onnx(path_or_model, check=True) -> onnx.ModelProto``
     Reads and checks an ONNX file (or bytes, or a ModelProto); a non-ONNX or malformed file is a one-line
-    ``ValueError``.
+    ``ValueError``. Graph outputs declared without a shape (ONNX Runtime runs them) get the shape ONNX shape
+    inference finds.
 ``parse_input_shapes("input:1x3x224x224,other:1x10") -> {"input": (1, 3, 224, 224), "other": (1, 10)}``
 ``import_onnx(model, input_shapes=None, dtype="float32", check=True) -> tvm.IRModule``
     Static input shapes come from the model, or from ``input_shapes`` (user-named inputs must exist; every
@@ -84,7 +85,8 @@ def load_onnx(path_or_model, check: bool = True) -> onnx.ModelProto:
     """Load an ONNX model from a path, raw bytes or a ``ModelProto``; one-line ``ValueError`` if it is not one.
 
     With ``check`` (default) ``onnx.checker.check_model`` must pass too (TVM's own importer only warns), so a
-    file truncated at a protobuf field boundary (which still parses) is rejected as well."""
+    file truncated at a protobuf field boundary (which still parses) is rejected as well; an input or output
+    declared without a shape is not a reason to reject (ONNX Runtime runs such models)."""
     if isinstance(path_or_model, onnx.ModelProto):
         model, what = path_or_model, "the given ModelProto"
     else:
@@ -109,12 +111,51 @@ def load_onnx(path_or_model, check: bool = True) -> onnx.ModelProto:
                              f"{_one_line(err) or type(err).__name__})") from None
     if not model.HasField("graph") or len(model.graph.node) == 0:
         raise ValueError(f"{what} is not a valid ONNX model (no graph nodes)")
+    model = _fill_output_shapes(model)
     if check:
         try:
-            onnx.checker.check_model(model)
+            onnx.checker.check_model(_with_shape_fields(model))
         except Exception as err:
             raise ValueError(f"{what} is not a valid ONNX model: {_one_line(err)}") from None
     return model
+
+
+def _shapeless(values) -> list:
+    """Graph inputs / outputs declared with a tensor type but no shape (unknown rank)."""
+    return [v for v in values if v.type.HasField("tensor_type") and not v.type.tensor_type.HasField("shape")]
+
+
+def _fill_output_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph outputs declared without a shape have the shape ONNX shape inference
+    finds; ``model`` itself when none lacks one. Exporters write such outputs and ONNX Runtime runs them (an
+    output's declared shape is only a promise), but ``onnx.checker`` requires the field."""
+    if not _shapeless(model.graph.output):
+        return model
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # pylint: disable=broad-exception-caught  # the checker, or the import, names the problem
+        return model
+    found = {v.name: v.type for v in list(inferred.graph.value_info) + list(inferred.graph.output)
+             if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+    filled = onnx.ModelProto()
+    filled.CopyFrom(model)
+    for output in _shapeless(filled.graph.output):
+        if output.name in found:
+            output.type.tensor_type.shape.CopyFrom(found[output.name].tensor_type.shape)
+    return filled
+
+
+def _with_shape_fields(model: onnx.ModelProto) -> onnx.ModelProto:
+    """What ``onnx.checker`` gets to see: inputs and outputs whose rank is unknown even after shape inference get
+    an empty shape field, which the checker requires and ONNX Runtime does not. The copy is only checked: an input
+    of unknown rank still needs its shape given (``input_shapes``)."""
+    if not (_shapeless(model.graph.input) or _shapeless(model.graph.output)):
+        return model
+    checked = onnx.ModelProto()
+    checked.CopyFrom(model)
+    for value in _shapeless(checked.graph.input) + _shapeless(checked.graph.output):
+        value.type.tensor_type.shape.SetInParent()
+    return checked
 
 
 def _one_line(err) -> str:

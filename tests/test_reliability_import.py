@@ -1,6 +1,10 @@
 """Import reliability: ONNX graphs as exporters write them (asymmetric pads, ConvTranspose's output_shape, outputs
 without a shape, dead and non-2-D convs, shape computations and inference no-ops) import, compile and match ONNX
 Runtime or torch. Each graph is built here with onnx.helper."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -10,7 +14,7 @@ import tvm
 from onnx import TensorProto, helper, numpy_helper
 from tvm import relax
 
-from alcs_tvm import compiler
+from alcs_tvm import compiler, frontend
 from alcs_tvm.sparse_format import random_block_sparse
 
 RTOL = 1e-4
@@ -36,6 +40,12 @@ def _run_vm(executable, *xs):
 def _run_ort(model, feeds):
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
+
+
+def _cli(*args):
+    """``alcs ARGS`` in a child process, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "alcs_tvm.cli", *args], capture_output=True, text=True,
+                          env=dict(os.environ), timeout=600)
 
 
 def _assert_close(actual, expected):
@@ -125,3 +135,37 @@ def test_convs_with_zero_padding_on_one_side_build_for_arm64(one_sided_pad_model
     assert len(report.sparse_layers) == len(ONE_SIDED_PADS) + 2
     library = compiler.export(executable, str(tmp_path / "pads_arm64.so"), "arm64", cross)
     assert (tmp_path / "pads_arm64.so").stat().st_size > 0 and library.endswith(".so")
+
+
+# ------------------------------------------------------------------------------ inputs/outputs without a shape
+
+
+def _conv_relu_model(input_shape, output_shape, rng):
+    w = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["y"], name="relu")]
+    return _model(nodes, [_input("x", input_shape)], [_input("y", output_shape)], [numpy_helper.from_array(w, "w")])
+
+
+def test_output_with_a_type_but_no_shape_is_accepted_as_onnx_runtime_accepts_it():
+    model = _conv_relu_model([1, 3, 8, 8], None, np.random.default_rng(2))
+    x = np.random.default_rng(3).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    (expected,) = _run_ort(model, {"x": x})  # ONNX Runtime runs it
+    loaded = frontend.load_onnx(model)
+    assert [d.dim_value for d in loaded.graph.output[0].type.tensor_type.shape.dim] == [1, 8, 8, 8]
+    executable, _ = compiler.compile(model, "x86")
+    _assert_close(_run_vm(executable, x)[0], expected)
+
+
+def test_input_with_a_type_but_no_shape_needs_only_its_shape(tmp_path):
+    model = _conv_relu_model(None, None, np.random.default_rng(2))
+    frontend.load_onnx(model)
+    with pytest.raises(ValueError, match="input 'x' has unknown rank; give its shape"):
+        frontend.import_onnx(model)
+    path = tmp_path / "no_shapes.onnx"
+    onnx.save(model, str(path))
+    run = _cli("compile", str(path), "--input-shapes", "x:1x3x8x8", "-o", str(tmp_path / "m.so"))
+    assert run.returncode == 0, run.stderr
+    run = _cli("compile", str(path), "-o", str(tmp_path / "m.so"))
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        "alcs compile: error: input 'x' has unknown rank; give its shape, e.g. 'x:1x3x224x224'"]
