@@ -12,7 +12,8 @@ Entry points
     dynamic dimension must be given). Every op is checked against TVM's ONNX converter map before converting;
     unsupported ops, and any other conversion failure, are one-line ``ValueError`` naming op type and node.
     Parameters (ONNX initializers) are imported as Relax constants (``keep_params_in_input=False``), so the
-    returned module's ``main`` only takes the real inputs.
+    returned module's ``main`` only takes the real inputs. A ConvTranspose's ``output_shape`` (which TVM's
+    importer ignores) becomes the pads it implies, or a one-line ``ValueError`` when no pads give it.
 ``prepare_for_sparse(mod, params=None) -> tvm.IRModule``
     Canonicalisation before the SIMD-block sparse rewrite (no legalisation yet): binds parameters (``params``, or
     the ``"params"`` attribute ``from_onnx(keep_params_in_input=True)`` leaves), folds constants, folds eval-mode BatchNorm into the preceding conv, decomposes
@@ -73,6 +74,7 @@ import warnings
 
 import numpy as np
 import onnx
+from onnx import helper, shape_inference
 
 __all__ = ["load_onnx", "parse_input_shapes", "model_inputs", "unsupported_ops", "import_onnx",
            "prepare_for_sparse"]
@@ -246,6 +248,95 @@ def _fmt_dims(dims) -> str:
     return "[" + ", ".join(str(d) for d in dims) + "]"
 
 
+# ---------------------------------------------------------------------------------------------- rewrites
+
+
+def _with_input_shapes(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
+    """A copy of ``model`` whose real inputs declare the resolved static ``shapes``, so that ONNX shape inference
+    sees what the import will see."""
+    static = onnx.ModelProto()
+    static.CopyFrom(model)
+    for value in static.graph.input:
+        if value.name in shapes:
+            dims = value.type.tensor_type.shape
+            dims.Clear()
+            for d in shapes[value.name]:
+                dims.dim.add().dim_value = int(d)
+    return static
+
+
+def _known_shapes(model: onnx.ModelProto) -> dict:
+    """``{tensor name: [dim, ...]}`` from ONNX shape inference (``None`` for a dim it cannot resolve)."""
+    try:
+        inferred = shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # pylint: disable=broad-exception-caught  # whoever needs a shape says which one is missing
+        inferred = model
+    shapes = {init.name: [int(d) for d in init.dims] for init in model.graph.initializer}
+    for value in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        tt = value.type.tensor_type
+        if value.type.HasField("tensor_type") and tt.HasField("shape"):
+            shapes.setdefault(value.name, [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim])
+    return shapes
+
+
+def _conv_transpose_pads(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ConvTranspose nodes with an ``output_shape`` attribute rewritten to the ``pads`` (and ``output_padding``)
+    it implies: TVM's importer ignores the attribute and produces the full-size output (e.g. (1, 2, 9, 7) for
+    ONNX's test_convtranspose_output_shape, which asks for (1, 2, 10, 8)). ``model`` itself when no node has one.
+
+    Per spatial axis, ``total = stride * (in - 1) + output_padding + (kernel - 1) * dilation + 1 - out``; a
+    non-negative total is cropped as pads, the odd pixel at the start unless ``auto_pad`` is SAME_UPPER (as the
+    ONNX spec and ONNX Runtime do); a negative one is extra output padding (rows or columns that no input
+    reaches), which must stay below the stride, as ONNX Runtime and TVM require."""
+    targets = [i for i, node in enumerate(model.graph.node)
+               if node.op_type == "ConvTranspose" and any(a.name == "output_shape" for a in node.attribute)]
+    if not targets:
+        return model
+    shapes = _known_shapes(model)
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    for i in targets:
+        node = rewritten.graph.node[i]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        what = f"ConvTranspose node {node.name or i!r}"
+        out = [int(d) for d in attrs["output_shape"]]
+        x, w = shapes.get(node.input[0]), shapes.get(node.input[1])
+        if x is None or len(x) < 3 or any(d is None for d in x[2:]):
+            raise ValueError(f"{what}: its output_shape {out} needs the spatial size of its input "
+                             f"{node.input[0]!r}, which shape inference cannot find")
+        n = len(x) - 2
+        if len(out) != n:
+            raise ValueError(f"{what}: output_shape {out} has {len(out)} entries for {n} spatial dims "
+                             f"(it gives the spatial dims only)")
+        kernel = list(attrs.get("kernel_shape", []) or (w[2:] if w is not None else []))
+        if len(kernel) != n or any(k is None for k in kernel):
+            raise ValueError(f"{what}: its output_shape {out} needs the kernel size, which is unknown")
+        strides = list(attrs.get("strides", [1] * n))
+        dilations = list(attrs.get("dilations", [1] * n))
+        output_padding = list(attrs.get("output_padding", [0] * n))
+        auto_pad = attrs.get("auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+        begin, end = [0] * n, [0] * n
+        for a in range(n):
+            full = strides[a] * (x[2 + a] - 1) + output_padding[a] + (kernel[a] - 1) * dilations[a] + 1
+            total = full - out[a]
+            if total >= 0:
+                begin[a] = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
+                end[a] = total - begin[a]
+            elif output_padding[a] - total < strides[a]:
+                output_padding[a] -= total
+            else:
+                largest = full - output_padding[a] + strides[a] - 1
+                raise ValueError(f"{what}: output_shape {out} is larger than it can produce from input "
+                                 f"{x[2:]} (at most {largest} along spatial axis {a})")
+        kept = [a for a in node.attribute if a.name not in ("output_shape", "auto_pad", "pads", "output_padding")]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        node.attribute.extend([helper.make_attribute("pads", begin + end),
+                               helper.make_attribute("output_padding", output_padding)])
+    return rewritten
+
+
 # ---------------------------------------------------------------------------------------------- import
 
 
@@ -323,6 +414,7 @@ def import_onnx(model, input_shapes=None, dtype: str = "float32", check: bool = 
 
     model = load_onnx(model, check=check)
     shapes = _resolve_shapes(model, input_shapes)
+    model = _conv_transpose_pads(_with_input_shapes(model, shapes))
     bad = unsupported_ops(model)
     if bad:
         listing = "; ".join(f"{op} (node{'s' if len(n) > 1 else ''} {', '.join(map(repr, n[:5]))}"

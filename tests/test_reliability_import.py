@@ -169,3 +169,36 @@ def test_input_with_a_type_but_no_shape_needs_only_its_shape(tmp_path):
     run = _cli("compile", str(path), "-o", str(tmp_path / "m.so"))
     assert run.returncode == 2 and run.stderr.strip().splitlines() == [
         "alcs compile: error: input 'x' has unknown rank; give its shape, e.g. 'x:1x3x224x224'"]
+
+
+# ------------------------------------------------------------------------------ ConvTranspose's output_shape
+
+
+def _conv_transpose_model(**attrs):
+    """ONNX's test_convtranspose_output_shape: X (1, 1, 3, 3), W (1, 2, 3, 3), strides [3, 2]."""
+    w = np.arange(18, dtype=np.float32).reshape(1, 2, 3, 3) / 10
+    node = helper.make_node("ConvTranspose", ["X", "W"], ["Y"], name="deconv", strides=[3, 2], **attrs)
+    return _model([node], [_input("X", [1, 1, 3, 3])], [_input("Y", None)], [numpy_helper.from_array(w, "W")])
+
+
+@pytest.mark.parametrize("attrs", [dict(output_shape=[10, 8]),  # larger than the full 9x7: output padding
+                                   dict(output_shape=[8, 6]),  # odd crop, NOTSET: the odd pixel at the start
+                                   dict(output_shape=[8, 6], auto_pad="SAME_UPPER"),  # ... at the end
+                                   dict(output_shape=[7, 5], output_padding=[1, 1])],
+                         ids=["10x8", "8x6", "8x6-same-upper", "7x5-output-padding"])
+def test_conv_transpose_output_shape_gives_the_shape_and_values_onnx_runtime_gives(attrs):
+    model = _conv_transpose_model(**attrs)
+    x = np.arange(9, dtype=np.float32).reshape(1, 1, 3, 3)
+    (expected,) = _run_ort(model, {"X": x})
+    assert expected.shape[2:] == tuple(attrs["output_shape"])
+    executable, _ = compiler.compile(model, "x86")
+    _assert_close(_run_vm(executable, x)[0], expected)
+
+
+def test_conv_transpose_output_shape_it_cannot_produce_is_one_clear_line(tmp_path):
+    path = tmp_path / "deconv.onnx"
+    onnx.save(_conv_transpose_model(output_shape=[13, 8]), str(path))
+    run = _cli("compile", str(path), "-o", str(tmp_path / "m.so"))
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        "alcs compile: error: ConvTranspose node 'deconv': output_shape [13, 8] is larger than it can produce "
+        "from input [3, 3] (at most 11 along spatial axis 0)"]
