@@ -74,7 +74,12 @@ import warnings
 
 import numpy as np
 import onnx
+import tvm
 from onnx import helper, shape_inference
+from tvm import relax, tirx
+from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.frontend.onnx import onnx_frontend
+from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
 
 __all__ = ["load_onnx", "parse_input_shapes", "model_inputs", "unsupported_ops", "import_onnx",
            "prepare_for_sparse"]
@@ -341,8 +346,6 @@ def _conv_transpose_pads(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _convert_map() -> dict:
-    from tvm.relax.frontend.onnx import onnx_frontend
-
     return onnx_frontend._get_convert_map()  # pylint: disable=protected-access
 
 
@@ -377,22 +380,17 @@ class _ConversionError(Exception):
         self.op_name, self.node_name, self.err = op_name, node_name, err
 
 
-def _importer_class():
-    from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
+class _Importer(ONNXGraphImporter):
+    """Remembers which node failed to convert."""
 
-    class _Importer(ONNXGraphImporter):
-        """Remembers which node failed to convert."""
-
-        def _convert_operator(self, op_name, inputs, attrs, opset):
-            try:
-                return super()._convert_operator(op_name, inputs, attrs, opset)
-            except _ConversionError:
-                raise
-            except Exception as err:  # pylint: disable=broad-exception-caught
-                node = (attrs.get("tvm_custom") or {}).get("name", "?")
-                raise _ConversionError(op_name, node, err) from err
-
-    return _Importer
+    def _convert_operator(self, op_name, inputs, attrs, opset):
+        try:
+            return super()._convert_operator(op_name, inputs, attrs, opset)
+        except _ConversionError:
+            raise
+        except Exception as err:  # pylint: disable=broad-exception-caught
+            node = (attrs.get("tvm_custom") or {}).get("name", "?")
+            raise _ConversionError(op_name, node, err) from err
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -410,8 +408,6 @@ def import_onnx(model, input_shapes=None, dtype: str = "float32", check: bool = 
     one-line ``ValueError`` for unknown input names, unresolved dynamic dims, unsupported ops (listing op types
     and node names) and any other conversion failure (naming the failing op and node). ``check=False`` skips
     ``onnx.checker`` (see :func:`load_onnx`)."""
-    import tvm  # pylint: disable=import-outside-toplevel
-
     model = load_onnx(model, check=check)
     shapes = _resolve_shapes(model, input_shapes)
     model = _conv_transpose_pads(_with_input_shapes(model, shapes))
@@ -430,7 +426,7 @@ def import_onnx(model, input_shapes=None, dtype: str = "float32", check: bool = 
             if not node.name:
                 node.name = f"{node.op_type}_{i}"
         model = named
-    importer = _importer_class()({k: list(v) for k, v in shapes.items()}, dtype, keep_params_in_input=False)
+    importer = _Importer({k: list(v) for k, v in shapes.items()}, dtype, keep_params_in_input=False)
     try:
         # The importer prints its failing node's inputs to stdout and warns about renamed inputs; keep it quiet.
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
@@ -451,8 +447,6 @@ def import_onnx(model, input_shapes=None, dtype: str = "float32", check: bool = 
 
 def _elementwise_kind(prim_func):
     """``"max"`` / ``"min"`` if ``prim_func`` is a single-store ``out[...] = max|min(a[...], b[()])``, else None."""
-    from tvm import tirx  # pylint: disable=import-outside-toplevel
-
     node = prim_func.body
     for _ in range(64):
         if isinstance(node, tirx.BufferStore):
@@ -476,8 +470,6 @@ def _elementwise_kind(prim_func):
 
 def _const_array(expr):
     """The numpy value of a Relax tensor constant (``tvm.ir.GenericConst`` in TVM 0.27), else None."""
-    import tvm  # pylint: disable=import-outside-toplevel
-
     if isinstance(expr, tvm.ir.GenericConst) and isinstance(expr.value, tvm.runtime.Tensor):
         return expr.value.numpy()
     return None
@@ -485,8 +477,6 @@ def _const_array(expr):
 
 def _bound_value(mutator_self, expr):
     """The value bound to ``expr`` in the function being rewritten if it is a Var with a binding, else ``expr``."""
-    from tvm import relax  # pylint: disable=import-outside-toplevel
-
     if isinstance(expr, relax.Var):
         bound = mutator_self.lookup_binding(expr)
         if bound is not None:
@@ -504,10 +494,6 @@ def _scalar_const(expr):
 def _canonicalize_clip(mod):
     """call_tir(maximum, (x, c)) / call_tir(minimum, ...) from the ONNX Clip converter -> R.clip / R.maximum /
     R.minimum / R.nn.relu."""
-    import tvm  # pylint: disable=import-outside-toplevel
-    from tvm import relax  # pylint: disable=import-outside-toplevel
-    from tvm.relax.expr_functor import PyExprMutator, mutator  # pylint: disable=import-outside-toplevel
-
     call_tir_op = tvm.ir.Op.get("relax.call_tir")
     kinds = {}
     for gv, func in mod.functions.items():
@@ -551,10 +537,6 @@ def _canonicalize_clip(mod):
 
 def _fold_bn_into_conv(mod):
     """conv2d(x, const W) [+ const b] -> batch_norm(const gamma, beta, mean, var)[0]  ==>  conv2d(x, W') + b'."""
-    import tvm  # pylint: disable=import-outside-toplevel
-    from tvm import relax  # pylint: disable=import-outside-toplevel
-    from tvm.relax.expr_functor import PyExprMutator, mutator  # pylint: disable=import-outside-toplevel
-
     conv_op, add_op, bn_op = (tvm.ir.Op.get(n) for n in ("relax.nn.conv2d", "relax.add", "relax.nn.batch_norm"))
 
     def as_call(mutator_self, expr, op):
@@ -616,9 +598,6 @@ def _numpy_fold(mod):
     """Fold the importer's small constant expressions (bias reshapes, transposed Gemm weights, clip-bound
     ``where(isnan(c))``) in numpy: Relax's FoldConstant builds one LLVM module per expression (~20 ms each), which
     made MobileNetV2's preparation take ~7 s."""
-    import tvm  # pylint: disable=import-outside-toplevel
-    from tvm import relax  # pylint: disable=import-outside-toplevel
-    from tvm.relax.expr_functor import PyExprMutator, mutator  # pylint: disable=import-outside-toplevel
 
     @mutator
     class _Fold(PyExprMutator):
@@ -666,9 +645,6 @@ def prepare_for_sparse(mod, params: dict | None = None):
     Parameters are bound into ``main`` as constants first: ``params`` (``{name: array}``, or a list of arrays
     for ``main``'s parameters after its ``num_input`` real inputs) if given, else the ``"params"`` attribute that
     ``from_onnx(keep_params_in_input=True)`` leaves on ``main``."""
-    import tvm  # pylint: disable=import-outside-toplevel
-    from tvm import relax  # pylint: disable=import-outside-toplevel
-
     main = mod["main"]
     if params is None and main.attrs is not None and "params" in main.attrs:
         mod, detached = relax.frontend.detach_params(mod)
