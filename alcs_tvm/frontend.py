@@ -22,9 +22,11 @@ Entry points
 
 The Relax graph after ``prepare_for_sparse``
 --------------------------------------------
-Every ONNX ``Conv`` becomes one ``R.nn.conv2d`` (NCHW / OIHW, ``groups`` as in ONNX: depthwise convs have
-``groups == Cin``) whose weight is an inline **constant** ``[Cout, Cin/groups, Kh, Kw]`` (a ``tvm.ir.GenericConst``
-in TVM 0.27; its ``.value`` is a ``tvm.runtime.Tensor``). If the conv has a bias (it always has after BatchNorm
+Every live 2-D ONNX ``Conv`` becomes one ``R.nn.conv2d`` (NCHW / OIHW, ``groups`` as in ONNX: depthwise convs
+have ``groups == Cin``) whose span's source name is the ONNX node's name (:func:`layer_node_name`; 1-D, 3-D and
+transposed convs carry theirs too; unnamed nodes are named by :func:`node_names`) and whose weight is an inline
+**constant** ``[Cout, Cin/groups, Kh, Kw]`` (a ``tvm.ir.GenericConst`` in TVM 0.27; its ``.value`` is a
+``tvm.runtime.Tensor``). If the conv has a bias (it always has after BatchNorm
 folding; torch's exporter already folds eval BN into ``Conv(W, b)``, and ``prepare_for_sparse`` folds any
 remaining ``conv2d [+ add] -> batch_norm``), the bias is the conv's only consumer: ``R.add(conv, b)`` with ``b``
 an inline constant of shape ``[1, Cout, 1, 1]`` (the importer's ``R.reshape`` of the 1-D ONNX bias is folded
@@ -81,8 +83,8 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.relax.frontend.onnx import onnx_frontend
 from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
 
-__all__ = ["load_onnx", "parse_input_shapes", "model_inputs", "unsupported_ops", "import_onnx",
-           "prepare_for_sparse"]
+__all__ = ["load_onnx", "parse_input_shapes", "model_inputs", "node_names", "name_nodes", "unsupported_ops",
+           "import_onnx", "layer_node_name", "prepare_for_sparse"]
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -253,6 +255,41 @@ def _fmt_dims(dims) -> str:
     return "[" + ", ".join(str(d) for d in dims) + "]"
 
 
+# ---------------------------------------------------------------------------------------------- names
+
+
+def node_names(model: onnx.ModelProto) -> list:
+    """The name of every node of ``model``'s graph, in graph order: its own, or ``<op_type>_<k>`` for an unnamed
+    one, ``k`` counting the nodes of that op type (unnamed Convs are ``Conv_0``, ``Conv_1``, ...; a name another
+    node already has gets ``_`` appended). Layers are named this way everywhere: the compile report, tuning
+    records, latency tables and the pruning of ONNX files by layer name."""
+    used = {node.name for node in model.graph.node if node.name}
+    seen: dict = {}
+    names = []
+    for node in model.graph.node:
+        k = seen[node.op_type] = seen.get(node.op_type, -1) + 1
+        if node.name:
+            names.append(node.name)
+            continue
+        name = f"{node.op_type}_{k}"
+        while name in used:
+            name += "_"
+        used.add(name)
+        names.append(name)
+    return names
+
+
+def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every node named as :func:`node_names` names it (a copy; ``model`` itself if all are)."""
+    if all(node.name for node in model.graph.node):
+        return model
+    named = onnx.ModelProto()
+    named.CopyFrom(model)
+    for node, name in zip(named.graph.node, node_names(model)):
+        node.name = name
+    return named
+
+
 # ---------------------------------------------------------------------------------------------- rewrites
 
 
@@ -380,17 +417,90 @@ class _ConversionError(Exception):
         self.op_name, self.node_name, self.err = op_name, node_name, err
 
 
+#: ONNX op -> the Relax ops its converter computes the layer with; that call carries the node's name
+_LAYER_OPS = {
+    "Conv": {"relax.nn.conv1d", "relax.nn.conv2d", "relax.nn.conv3d"},
+    "ConvTranspose": {"relax.nn.conv1d_transpose", "relax.nn.conv2d_transpose", "relax.nn.conv3d_transpose"},
+}
+
+
+def _with_span(call, span):
+    """``call`` with ``span`` (a ``tvm.ir.Span``, or a node name for a span of that source name)."""
+    if isinstance(span, str):
+        span = tvm.ir.Span(tvm.ir.SourceName(span), 0, 0, 0, 0)
+    return relax.Call(call.op, call.args, call.attrs, call.ty_args, span)
+
+
+def layer_node_name(call):
+    """The ONNX node name :func:`import_onnx` gave a conv call (the source name of its span), else None."""
+    span = getattr(call, "span", None)
+    return None if span is None else span.source_name.name
+
+
 class _Importer(ONNXGraphImporter):
-    """Remembers which node failed to convert."""
+    """Remembers which node failed to convert, and marks each conv's Relax call with its ONNX node's name."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.layer_vars = {}  # bound conv call's var -> node name (marked after the import, see _name_bound)
 
     def _convert_operator(self, op_name, inputs, attrs, opset):
+        node = (attrs.get("tvm_custom") or {}).get("name", "?")
         try:
-            return super()._convert_operator(op_name, inputs, attrs, opset)
+            result = super()._convert_operator(op_name, inputs, attrs, opset)
         except _ConversionError:
             raise
         except Exception as err:  # pylint: disable=broad-exception-caught
-            node = (attrs.get("tvm_custom") or {}).get("name", "?")
             raise _ConversionError(op_name, node, err) from err
+        if op_name in _LAYER_OPS:
+            result = self._name_layer(result, inputs, _LAYER_OPS[op_name], node)
+        return result
+
+    def _name_layer(self, result, inputs, ops, node):
+        """Find the call of one of ``ops`` among what the converter built (not past the node's inputs): the
+        result itself gets the node's name as its span now; a call already bound to a var (a conv with a bias
+        is ``add(conv, bias)``) is remembered and named once the function is built."""
+        inputs = [i for i in inputs if i is not None]
+        todo = [result]
+        while todo:
+            expr = todo.pop(0)
+            if any(expr.same_as(i) for i in inputs):
+                continue
+            value = self.bb.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
+            if isinstance(value, relax.Tuple):
+                todo.extend(value.fields)
+            if not isinstance(value, relax.Call):
+                continue
+            if isinstance(value.op, tvm.ir.Op) and value.op.name in ops:
+                if expr.same_as(result) and not isinstance(expr, relax.Var):
+                    return self.bb.normalize(_with_span(value, node))
+                if isinstance(expr, relax.Var):
+                    self.layer_vars[expr] = node
+                return result
+            todo.extend(value.args)
+        return result
+
+
+def _name_bound(mod, layer_vars: dict):
+    """Give the calls bound to ``layer_vars`` their node's name as span (see :class:`_Importer`)."""
+    if not layer_vars:
+        return mod
+
+    @mutator
+    class _Name(PyExprMutator):
+        def visit_var_binding_(self, binding):
+            node = layer_vars.get(binding.var)
+            if node is None:
+                return super().visit_var_binding_(binding)
+            value = _with_span(self.visit_expr(binding.value), node)
+            self.set_var_remap(binding.var, self.builder_.emit(value, name_hint=binding.var.name))
+            return None
+
+    namer = _Name(mod)
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            namer.builder_.update_func(gv, namer.visit_expr(func))
+    return namer.builder_.get()
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -419,13 +529,7 @@ def import_onnx(model, input_shapes=None, dtype: str = "float32", check: bool = 
     if model.ir_version < 3:
         raise ValueError(f"ONNX IR version {model.ir_version} is too old (TVM needs >= 3)")
 
-    if any(not node.name for node in model.graph.node):  # name them, so errors can point at a node
-        named = onnx.ModelProto()
-        named.CopyFrom(model)
-        for i, node in enumerate(named.graph.node):
-            if not node.name:
-                node.name = f"{node.op_type}_{i}"
-        model = named
+    model = name_nodes(model)  # errors point at a node, and every conv carries the name the report shows
     importer = _Importer({k: list(v) for k, v in shapes.items()}, dtype, keep_params_in_input=False)
     try:
         # The importer prints its failing node's inputs to stdout and warns about renamed inputs; keep it quiet.
@@ -439,7 +543,7 @@ def import_onnx(model, input_shapes=None, dtype: str = "float32", check: bool = 
         raise ValueError(f"TVM's ONNX import failed: {type(err).__name__}: {_one_line(err)}") from err
     if not isinstance(mod, tvm.IRModule):  # pragma: no cover - defensive
         raise ValueError("TVM's ONNX import did not return an IRModule")
-    return mod
+    return _name_bound(mod, importer.layer_vars)
 
 
 # ---------------------------------------------------------------------------------------------- canonicalise
@@ -573,10 +677,10 @@ def _fold_bn_into_conv(mod):
             new_w = (weight.astype(np.float64) * scale.reshape(-1, 1, 1, 1)).astype(weight.dtype)
             new_b = ((b - mean) * scale + beta).astype(weight.dtype).reshape(1, cout, 1, 1)
             a = conv.attrs
-            new_conv = self.builder_.emit(relax.op.nn.conv2d(
+            new_conv = self.builder_.emit(_with_span(relax.op.nn.conv2d(
                 conv.args[0], relax.const(new_w), strides=a.strides, padding=a.padding, dilation=a.dilation,
                 groups=a.groups, data_layout=a.data_layout, kernel_layout=a.kernel_layout,
-                out_layout=a.out_layout, out_dtype=a.out_dtype))
+                out_layout=a.out_layout, out_dtype=a.out_dtype), conv.span))  # the span names its ONNX node
             return relax.op.add(new_conv, relax.const(new_b))
 
     rewriter = _FoldBN(mod)

@@ -202,3 +202,73 @@ def test_conv_transpose_output_shape_it_cannot_produce_is_one_clear_line(tmp_pat
     assert run.returncode == 2 and run.stderr.strip().splitlines() == [
         "alcs compile: error: ConvTranspose node 'deconv': output_shape [13, 8] is larger than it can produce "
         "from input [3, 3] (at most 11 along spatial axis 0)"]
+
+
+# -------------------------------------------------------------------------------- layer names in the report
+
+
+def _mixed_conv_model(rng, *, named=True):
+    """Graph order: a dead Conv, a 1-D Conv, a ConvTranspose, a 3-D Conv, then the one live 2-D conv (with a
+    BatchNormalization after it), pruned to half its SIMD blocks. Every branch reads the input ``x`` [1, 16, 8, 8].
+    """
+    def init(name, array):
+        inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def node(op, ins, out, name, **attrs):
+        nodes.append(helper.make_node(op, ins, [out], name=name if named else "", **attrs))
+        return out
+
+    inits, nodes = [], []
+    r = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    node("Conv", ["x", init("dead_w", r(16, 16, 3, 3))], "dead", "dead_conv", pads=[1, 1, 1, 1])
+    flat = node("Reshape", ["x", init("s1", np.array([1, 16, 64], np.int64))], "x1", "to_1d")
+    c1 = node("Conv", [flat, init("w1", r(16, 16, 3))], "c1", "conv_1d", pads=[1, 1])
+    b1 = node("Reshape", [c1, init("s2", np.array([1, 16, 8, 8], np.int64))], "b1", "from_1d")
+    bt = node("ConvTranspose", ["x", init("wt", r(16, 16, 3, 3))], "bt", "deconv", pads=[1, 1, 1, 1])
+    x3 = node("Reshape", ["x", init("s3", np.array([1, 16, 4, 4, 4], np.int64))], "x3", "to_3d")
+    c3 = node("Conv", [x3, init("w3", r(16, 16, 3, 3, 3))], "c3", "conv_3d", pads=[1] * 6)
+    b3 = node("Reshape", [c3, "s2"], "b3", "from_3d")
+    s = node("Sum", ["x", b1, bt, b3], "s", "sum")
+    w = random_block_sparse(r(32, 16, 3, 3), 16, 0.5, rng)
+    c = node("Conv", [s, init("w", w), init("b", r(32))], "c", "live_conv", pads=[1, 1, 1, 1])
+    bn = node("BatchNormalization", [c, init("g", r(32) + 2), init("beta", r(32)), init("m", r(32)),
+                                     init("v", np.abs(r(32)) + 0.5)], "bn", "bn")
+    node("Relu", [bn], "y", "relu")
+    return _model(nodes, [_input("x", [1, 16, 8, 8])], [_input("y", [1, 32, 8, 8])], inits)
+
+
+def test_report_names_each_layer_after_the_node_it_came_from():
+    """A dead Conv and 1-D / 3-D Convs before the live 2-D conv used to shift the names: the live conv was
+    reported (and its tuning records, latency-table entries and pruning keyed) as 'dead_conv'. Every conv has a
+    row now, the ones the kernel does not compute saying why."""
+    model = _mixed_conv_model(np.random.default_rng(4))
+    x = np.random.default_rng(5).standard_normal((1, 16, 8, 8)).astype(np.float32)
+    (expected,) = _run_ort(model, {"x": x})
+    executable, report = compiler.compile(model, "x86")
+    _assert_close(_run_vm(executable, x)[0], expected)
+    rows = {layer.name: layer for layer in report.layers}
+    assert sorted(rows) == ["conv_1d", "conv_3d", "deconv", "live_conv"]
+    assert (rows["live_conv"].op, rows["live_conv"].decision) == ("conv2d", "sparse")
+    assert rows["live_conv"].density == pytest.approx(0.5, abs=0.01)
+    assert [(rows[n].op, rows[n].decision, rows[n].reason.split(":")[0]) for n in ("conv_1d", "deconv", "conv_3d")] \
+        == [("conv1d", "dense", "1-D conv"), ("conv2d_transpose", "dense", "transposed conv"),
+            ("conv3d", "dense", "3-D conv")]
+    assert "conv_1d" in report.table() and "1-D conv" in report.table()
+    assert [layer.name for layer in compiler.model_layers(model, "x86")] == ["live_conv"]
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["named", "unnamed"])
+def test_pruning_an_onnx_file_by_layer_name_prunes_the_layer_the_report_names(named):
+    """profiler.random_pruned_onnx (the calibration's pruning) and the report name layers alike, unnamed nodes
+    included: pruning the report's live conv by its name shows in the report's row of that name."""
+    from alcs_tvm.profiler import random_pruned_onnx
+
+    model = _mixed_conv_model(np.random.default_rng(4), named=named)
+    (live,) = compiler.model_layers(model, "x86")
+    assert live.name == ("live_conv" if named else "Conv_3")  # the 4th Conv (the ConvTranspose is not one)
+    assert live.density == pytest.approx(0.5, abs=0.01)
+    pruned = random_pruned_onnx(model, 16, {live.name: 0.9}, np.random.default_rng(6))
+    (layer,) = compiler.model_layers(pruned, "x86")
+    assert layer.name == live.name and layer.density <= 0.1 + 0.01  # 90% of its blocks pruned now
+    assert compiler.conv_node_names(model)[-1] == live.name
