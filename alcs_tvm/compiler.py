@@ -30,8 +30,10 @@ __all__ = ["compile", "compile_module", "export", "conv_node_names", "ModelLayer
 
 
 def conv_node_names(model) -> list:
-    """ONNX Conv node names in graph order (the order the Relax importer emits them)."""
-    return [node.name or f"Conv_{i}" for i, node in enumerate(n for n in model.graph.node if n.op_type == "Conv")]
+    """The names of the ONNX model's Conv nodes in graph order, as the compile report names them
+    (:func:`alcs_tvm.frontend.node_names`). Dead convs and 1-D / 3-D ones are among them: the report's rows are
+    named from the node each conv came from, not by position in this list."""
+    return [name for node, name in zip(model.graph.node, frontend.node_names(model)) if node.op_type == "Conv"]
 
 
 def compile_module(mod, target="x86", *, vector_width=None, sparse=True, density_threshold=None,
@@ -68,7 +70,7 @@ def compile(model, target="x86", *, input_shapes=None, vector_width=None, sparse
     mod = frontend.prepare_for_sparse(frontend.import_onnx(onnx_model, input_shapes))
     executable, report, _ = compile_module(mod, target, vector_width=vector_width, sparse=sparse,
                                            density_threshold=density_threshold, latency_table=latency_table,
-                                           layer_names=conv_node_names(onnx_model), tuning=tuning)
+                                           tuning=tuning)
     report.notes.append(f"compiled in {time.perf_counter() - started:.1f} s")
     report.relax_module = mod
     if verbose:
@@ -100,7 +102,7 @@ def export(executable, path: str, target="x86", cross_compiler: str | None = Non
 class ModelLayer:
     """A rewritable conv of a model, as the Relax pass sees it: what a latency table or a tuning record measures."""
 
-    name: str  # ONNX node name
+    name: str  # ONNX node name (frontend.node_names)
     spec: Conv2dSpec
     vector_width: int  # the layer's group width
     density: float  # block density of the model's weight
@@ -118,7 +120,7 @@ def model_layers(model, target="x86", *, input_shapes=None, vector_width=None, r
     info = resolve_target(target, vector_width)
     onnx_model = frontend.load_onnx(model)
     mod = frontend.prepare_for_sparse(frontend.import_onnx(onnx_model, input_shapes))
-    rewrite = SparseConvRewrite(info, sparse=False, layer_names=conv_node_names(onnx_model))
+    rewrite = SparseConvRewrite(info, sparse=False)
     rewrite.rewrite(mod)
     # depthwise/grouped convs and linear layers are part of the "rest of the model"
     layers = [ModelLayer(d.name, d.spec, int(d.vector_width), float(d.density), d.kernel)

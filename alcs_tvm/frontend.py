@@ -4,14 +4,16 @@ Entry points
 ------------
 ``load_onnx(path_or_model, check=True) -> onnx.ModelProto``
     Reads and checks an ONNX file (or bytes, or a ModelProto); a non-ONNX or malformed file is a one-line
-    ``ValueError``.
+    ``ValueError``. Graph outputs declared without a shape (ONNX Runtime runs them) get the shape ONNX shape
+    inference finds.
 ``parse_input_shapes("input:1x3x224x224,other:1x10") -> {"input": (1, 3, 224, 224), "other": (1, 10)}``
 ``import_onnx(model, input_shapes=None, dtype="float32", check=True) -> tvm.IRModule``
     Static input shapes come from the model, or from ``input_shapes`` (user-named inputs must exist; every
     dynamic dimension must be given). Every op is checked against TVM's ONNX converter map before converting;
     unsupported ops, and any other conversion failure, are one-line ``ValueError`` naming op type and node.
     Parameters (ONNX initializers) are imported as Relax constants (``keep_params_in_input=False``), so the
-    returned module's ``main`` only takes the real inputs.
+    returned module's ``main`` only takes the real inputs. A ConvTranspose's ``output_shape`` (which TVM's
+    importer ignores) becomes the pads it implies, or a one-line ``ValueError`` when no pads give it.
 ``prepare_for_sparse(mod, params=None) -> tvm.IRModule``
     Canonicalisation before the SIMD-block sparse rewrite (no legalisation yet): binds parameters (``params``, or
     the ``"params"`` attribute ``from_onnx(keep_params_in_input=True)`` leaves), folds constants, folds eval-mode BatchNorm into the preceding conv, decomposes
@@ -20,9 +22,11 @@ Entry points
 
 The Relax graph after ``prepare_for_sparse``
 --------------------------------------------
-Every ONNX ``Conv`` becomes one ``R.nn.conv2d`` (NCHW / OIHW, ``groups`` as in ONNX: depthwise convs have
-``groups == Cin``) whose weight is an inline **constant** ``[Cout, Cin/groups, Kh, Kw]`` (a ``tvm.ir.GenericConst``
-in TVM 0.27; its ``.value`` is a ``tvm.runtime.Tensor``). If the conv has a bias (it always has after BatchNorm
+Every live 2-D ONNX ``Conv`` becomes one ``R.nn.conv2d`` (NCHW / OIHW, ``groups`` as in ONNX: depthwise convs
+have ``groups == Cin``) whose span's source name is the ONNX node's name (:func:`layer_node_name`; 1-D, 3-D and
+transposed convs carry theirs too; unnamed nodes are named by :func:`node_names`) and whose weight is an inline
+**constant** ``[Cout, Cin/groups, Kh, Kw]`` (a ``tvm.ir.GenericConst`` in TVM 0.27; its ``.value`` is a
+``tvm.runtime.Tensor``). If the conv has a bias (it always has after BatchNorm
 folding; torch's exporter already folds eval BN into ``Conv(W, b)``, and ``prepare_for_sparse`` folds any
 remaining ``conv2d [+ add] -> batch_norm``), the bias is the conv's only consumer: ``R.add(conv, b)`` with ``b``
 an inline constant of shape ``[1, Cout, 1, 1]`` (the importer's ``R.reshape`` of the 1-D ONNX bias is folded
@@ -72,9 +76,15 @@ import warnings
 
 import numpy as np
 import onnx
+import tvm
+from onnx import helper, shape_inference
+from tvm import relax, tirx
+from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.frontend.onnx import onnx_frontend
+from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
 
-__all__ = ["load_onnx", "parse_input_shapes", "model_inputs", "unsupported_ops", "import_onnx",
-           "prepare_for_sparse"]
+__all__ = ["load_onnx", "parse_input_shapes", "model_inputs", "node_names", "name_nodes", "unsupported_ops",
+           "import_onnx", "layer_node_name", "prepare_for_sparse"]
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -84,7 +94,8 @@ def load_onnx(path_or_model, check: bool = True) -> onnx.ModelProto:
     """Load an ONNX model from a path, raw bytes or a ``ModelProto``; one-line ``ValueError`` if it is not one.
 
     With ``check`` (default) ``onnx.checker.check_model`` must pass too (TVM's own importer only warns), so a
-    file truncated at a protobuf field boundary (which still parses) is rejected as well."""
+    file truncated at a protobuf field boundary (which still parses) is rejected as well; an input or output
+    declared without a shape is not a reason to reject (ONNX Runtime runs such models)."""
     if isinstance(path_or_model, onnx.ModelProto):
         model, what = path_or_model, "the given ModelProto"
     else:
@@ -109,12 +120,51 @@ def load_onnx(path_or_model, check: bool = True) -> onnx.ModelProto:
                              f"{_one_line(err) or type(err).__name__})") from None
     if not model.HasField("graph") or len(model.graph.node) == 0:
         raise ValueError(f"{what} is not a valid ONNX model (no graph nodes)")
+    model = _fill_output_shapes(model)
     if check:
         try:
-            onnx.checker.check_model(model)
+            onnx.checker.check_model(_with_shape_fields(model))
         except Exception as err:
             raise ValueError(f"{what} is not a valid ONNX model: {_one_line(err)}") from None
     return model
+
+
+def _shapeless(values) -> list:
+    """Graph inputs / outputs declared with a tensor type but no shape (unknown rank)."""
+    return [v for v in values if v.type.HasField("tensor_type") and not v.type.tensor_type.HasField("shape")]
+
+
+def _fill_output_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph outputs declared without a shape have the shape ONNX shape inference
+    finds; ``model`` itself when none lacks one. Exporters write such outputs and ONNX Runtime runs them (an
+    output's declared shape is only a promise), but ``onnx.checker`` requires the field."""
+    if not _shapeless(model.graph.output):
+        return model
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # pylint: disable=broad-exception-caught  # the checker, or the import, names the problem
+        return model
+    found = {v.name: v.type for v in list(inferred.graph.value_info) + list(inferred.graph.output)
+             if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+    filled = onnx.ModelProto()
+    filled.CopyFrom(model)
+    for output in _shapeless(filled.graph.output):
+        if output.name in found:
+            output.type.tensor_type.shape.CopyFrom(found[output.name].tensor_type.shape)
+    return filled
+
+
+def _with_shape_fields(model: onnx.ModelProto) -> onnx.ModelProto:
+    """What ``onnx.checker`` gets to see: inputs and outputs whose rank is unknown even after shape inference get
+    an empty shape field, which the checker requires and ONNX Runtime does not. The copy is only checked: an input
+    of unknown rank still needs its shape given (``input_shapes``)."""
+    if not (_shapeless(model.graph.input) or _shapeless(model.graph.output)):
+        return model
+    checked = onnx.ModelProto()
+    checked.CopyFrom(model)
+    for value in _shapeless(checked.graph.input) + _shapeless(checked.graph.output):
+        value.type.tensor_type.shape.SetInParent()
+    return checked
 
 
 def _one_line(err) -> str:
@@ -205,12 +255,134 @@ def _fmt_dims(dims) -> str:
     return "[" + ", ".join(str(d) for d in dims) + "]"
 
 
+# ---------------------------------------------------------------------------------------------- names
+
+
+def node_names(model: onnx.ModelProto) -> list:
+    """The name of every node of ``model``'s graph, in graph order: its own, or ``<op_type>_<k>`` for an unnamed
+    one, ``k`` counting the nodes of that op type (unnamed Convs are ``Conv_0``, ``Conv_1``, ...; a name another
+    node already has gets ``_`` appended). Layers are named this way everywhere: the compile report, tuning
+    records, latency tables and the pruning of ONNX files by layer name."""
+    used = {node.name for node in model.graph.node if node.name}
+    seen: dict = {}
+    names = []
+    for node in model.graph.node:
+        k = seen[node.op_type] = seen.get(node.op_type, -1) + 1
+        if node.name:
+            names.append(node.name)
+            continue
+        name = f"{node.op_type}_{k}"
+        while name in used:
+            name += "_"
+        used.add(name)
+        names.append(name)
+    return names
+
+
+def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every node named as :func:`node_names` names it (a copy; ``model`` itself if all are)."""
+    if all(node.name for node in model.graph.node):
+        return model
+    named = onnx.ModelProto()
+    named.CopyFrom(model)
+    for node, name in zip(named.graph.node, node_names(model)):
+        node.name = name
+    return named
+
+
+# ---------------------------------------------------------------------------------------------- rewrites
+
+
+def _with_input_shapes(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
+    """A copy of ``model`` whose real inputs declare the resolved static ``shapes``, so that ONNX shape inference
+    sees what the import will see."""
+    static = onnx.ModelProto()
+    static.CopyFrom(model)
+    for value in static.graph.input:
+        if value.name in shapes:
+            dims = value.type.tensor_type.shape
+            dims.Clear()
+            for d in shapes[value.name]:
+                dims.dim.add().dim_value = int(d)
+    return static
+
+
+def _known_shapes(model: onnx.ModelProto) -> dict:
+    """``{tensor name: [dim, ...]}`` from ONNX shape inference (``None`` for a dim it cannot resolve)."""
+    try:
+        inferred = shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # pylint: disable=broad-exception-caught  # whoever needs a shape says which one is missing
+        inferred = model
+    shapes = {init.name: [int(d) for d in init.dims] for init in model.graph.initializer}
+    for value in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        tt = value.type.tensor_type
+        if value.type.HasField("tensor_type") and tt.HasField("shape"):
+            shapes.setdefault(value.name, [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim])
+    return shapes
+
+
+def _conv_transpose_pads(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ConvTranspose nodes with an ``output_shape`` attribute rewritten to the ``pads`` (and ``output_padding``)
+    it implies: TVM's importer ignores the attribute and produces the full-size output (e.g. (1, 2, 9, 7) for
+    ONNX's test_convtranspose_output_shape, which asks for (1, 2, 10, 8)). ``model`` itself when no node has one.
+
+    Per spatial axis, ``total = stride * (in - 1) + output_padding + (kernel - 1) * dilation + 1 - out``; a
+    non-negative total is cropped as pads, the odd pixel at the start unless ``auto_pad`` is SAME_UPPER (as the
+    ONNX spec and ONNX Runtime do); a negative one is extra output padding (rows or columns that no input
+    reaches), which must stay below the stride, as ONNX Runtime and TVM require."""
+    targets = [i for i, node in enumerate(model.graph.node)
+               if node.op_type == "ConvTranspose" and any(a.name == "output_shape" for a in node.attribute)]
+    if not targets:
+        return model
+    shapes = _known_shapes(model)
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    for i in targets:
+        node = rewritten.graph.node[i]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        what = f"ConvTranspose node {node.name or i!r}"
+        out = [int(d) for d in attrs["output_shape"]]
+        x, w = shapes.get(node.input[0]), shapes.get(node.input[1])
+        if x is None or len(x) < 3 or any(d is None for d in x[2:]):
+            raise ValueError(f"{what}: its output_shape {out} needs the spatial size of its input "
+                             f"{node.input[0]!r}, which shape inference cannot find")
+        n = len(x) - 2
+        if len(out) != n:
+            raise ValueError(f"{what}: output_shape {out} has {len(out)} entries for {n} spatial dims "
+                             f"(it gives the spatial dims only)")
+        kernel = list(attrs.get("kernel_shape", []) or (w[2:] if w is not None else []))
+        if len(kernel) != n or any(k is None for k in kernel):
+            raise ValueError(f"{what}: its output_shape {out} needs the kernel size, which is unknown")
+        strides = list(attrs.get("strides", [1] * n))
+        dilations = list(attrs.get("dilations", [1] * n))
+        output_padding = list(attrs.get("output_padding", [0] * n))
+        auto_pad = attrs.get("auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+        begin, end = [0] * n, [0] * n
+        for a in range(n):
+            full = strides[a] * (x[2 + a] - 1) + output_padding[a] + (kernel[a] - 1) * dilations[a] + 1
+            total = full - out[a]
+            if total >= 0:
+                begin[a] = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
+                end[a] = total - begin[a]
+            elif output_padding[a] - total < strides[a]:
+                output_padding[a] -= total
+            else:
+                largest = full - output_padding[a] + strides[a] - 1
+                raise ValueError(f"{what}: output_shape {out} is larger than it can produce from input "
+                                 f"{x[2:]} (at most {largest} along spatial axis {a})")
+        kept = [a for a in node.attribute if a.name not in ("output_shape", "auto_pad", "pads", "output_padding")]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        node.attribute.extend([helper.make_attribute("pads", begin + end),
+                               helper.make_attribute("output_padding", output_padding)])
+    return rewritten
+
+
 # ---------------------------------------------------------------------------------------------- import
 
 
 def _convert_map() -> dict:
-    from tvm.relax.frontend.onnx import onnx_frontend
-
     return onnx_frontend._get_convert_map()  # pylint: disable=protected-access
 
 
@@ -245,22 +417,90 @@ class _ConversionError(Exception):
         self.op_name, self.node_name, self.err = op_name, node_name, err
 
 
-def _importer_class():
-    from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
+#: ONNX op -> the Relax ops its converter computes the layer with; that call carries the node's name
+_LAYER_OPS = {
+    "Conv": {"relax.nn.conv1d", "relax.nn.conv2d", "relax.nn.conv3d"},
+    "ConvTranspose": {"relax.nn.conv1d_transpose", "relax.nn.conv2d_transpose", "relax.nn.conv3d_transpose"},
+}
 
-    class _Importer(ONNXGraphImporter):
-        """Remembers which node failed to convert."""
 
-        def _convert_operator(self, op_name, inputs, attrs, opset):
-            try:
-                return super()._convert_operator(op_name, inputs, attrs, opset)
-            except _ConversionError:
-                raise
-            except Exception as err:  # pylint: disable=broad-exception-caught
-                node = (attrs.get("tvm_custom") or {}).get("name", "?")
-                raise _ConversionError(op_name, node, err) from err
+def _with_span(call, span):
+    """``call`` with ``span`` (a ``tvm.ir.Span``, or a node name for a span of that source name)."""
+    if isinstance(span, str):
+        span = tvm.ir.Span(tvm.ir.SourceName(span), 0, 0, 0, 0)
+    return relax.Call(call.op, call.args, call.attrs, call.ty_args, span)
 
-    return _Importer
+
+def layer_node_name(call):
+    """The ONNX node name :func:`import_onnx` gave a conv call (the source name of its span), else None."""
+    span = getattr(call, "span", None)
+    return None if span is None else span.source_name.name
+
+
+class _Importer(ONNXGraphImporter):
+    """Remembers which node failed to convert, and marks each conv's Relax call with its ONNX node's name."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.layer_vars = {}  # bound conv call's var -> node name (marked after the import, see _name_bound)
+
+    def _convert_operator(self, op_name, inputs, attrs, opset):
+        node = (attrs.get("tvm_custom") or {}).get("name", "?")
+        try:
+            result = super()._convert_operator(op_name, inputs, attrs, opset)
+        except _ConversionError:
+            raise
+        except Exception as err:  # pylint: disable=broad-exception-caught
+            raise _ConversionError(op_name, node, err) from err
+        if op_name in _LAYER_OPS:
+            result = self._name_layer(result, inputs, _LAYER_OPS[op_name], node)
+        return result
+
+    def _name_layer(self, result, inputs, ops, node):
+        """Find the call of one of ``ops`` among what the converter built (not past the node's inputs): the
+        result itself gets the node's name as its span now; a call already bound to a var (a conv with a bias
+        is ``add(conv, bias)``) is remembered and named once the function is built."""
+        inputs = [i for i in inputs if i is not None]
+        todo = [result]
+        while todo:
+            expr = todo.pop(0)
+            if any(expr.same_as(i) for i in inputs):
+                continue
+            value = self.bb.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
+            if isinstance(value, relax.Tuple):
+                todo.extend(value.fields)
+            if not isinstance(value, relax.Call):
+                continue
+            if isinstance(value.op, tvm.ir.Op) and value.op.name in ops:
+                if expr.same_as(result) and not isinstance(expr, relax.Var):
+                    return self.bb.normalize(_with_span(value, node))
+                if isinstance(expr, relax.Var):
+                    self.layer_vars[expr] = node
+                return result
+            todo.extend(value.args)
+        return result
+
+
+def _name_bound(mod, layer_vars: dict):
+    """Give the calls bound to ``layer_vars`` their node's name as span (see :class:`_Importer`)."""
+    if not layer_vars:
+        return mod
+
+    @mutator
+    class _Name(PyExprMutator):
+        def visit_var_binding_(self, binding):
+            node = layer_vars.get(binding.var)
+            if node is None:
+                return super().visit_var_binding_(binding)
+            value = _with_span(self.visit_expr(binding.value), node)
+            self.set_var_remap(binding.var, self.builder_.emit(value, name_hint=binding.var.name))
+            return None
+
+    namer = _Name(mod)
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            namer.builder_.update_func(gv, namer.visit_expr(func))
+    return namer.builder_.get()
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -278,10 +518,9 @@ def import_onnx(model, input_shapes=None, dtype: str = "float32", check: bool = 
     one-line ``ValueError`` for unknown input names, unresolved dynamic dims, unsupported ops (listing op types
     and node names) and any other conversion failure (naming the failing op and node). ``check=False`` skips
     ``onnx.checker`` (see :func:`load_onnx`)."""
-    import tvm  # pylint: disable=import-outside-toplevel
-
     model = load_onnx(model, check=check)
     shapes = _resolve_shapes(model, input_shapes)
+    model = _conv_transpose_pads(_with_input_shapes(model, shapes))
     bad = unsupported_ops(model)
     if bad:
         listing = "; ".join(f"{op} (node{'s' if len(n) > 1 else ''} {', '.join(map(repr, n[:5]))}"
@@ -290,14 +529,8 @@ def import_onnx(model, input_shapes=None, dtype: str = "float32", check: bool = 
     if model.ir_version < 3:
         raise ValueError(f"ONNX IR version {model.ir_version} is too old (TVM needs >= 3)")
 
-    if any(not node.name for node in model.graph.node):  # name them, so errors can point at a node
-        named = onnx.ModelProto()
-        named.CopyFrom(model)
-        for i, node in enumerate(named.graph.node):
-            if not node.name:
-                node.name = f"{node.op_type}_{i}"
-        model = named
-    importer = _importer_class()({k: list(v) for k, v in shapes.items()}, dtype, keep_params_in_input=False)
+    model = name_nodes(model)  # errors point at a node, and every conv carries the name the report shows
+    importer = _Importer({k: list(v) for k, v in shapes.items()}, dtype, keep_params_in_input=False)
     try:
         # The importer prints its failing node's inputs to stdout and warns about renamed inputs; keep it quiet.
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
@@ -310,7 +543,7 @@ def import_onnx(model, input_shapes=None, dtype: str = "float32", check: bool = 
         raise ValueError(f"TVM's ONNX import failed: {type(err).__name__}: {_one_line(err)}") from err
     if not isinstance(mod, tvm.IRModule):  # pragma: no cover - defensive
         raise ValueError("TVM's ONNX import did not return an IRModule")
-    return mod
+    return _name_bound(mod, importer.layer_vars)
 
 
 # ---------------------------------------------------------------------------------------------- canonicalise
@@ -318,8 +551,6 @@ def import_onnx(model, input_shapes=None, dtype: str = "float32", check: bool = 
 
 def _elementwise_kind(prim_func):
     """``"max"`` / ``"min"`` if ``prim_func`` is a single-store ``out[...] = max|min(a[...], b[()])``, else None."""
-    from tvm import tirx  # pylint: disable=import-outside-toplevel
-
     node = prim_func.body
     for _ in range(64):
         if isinstance(node, tirx.BufferStore):
@@ -343,8 +574,6 @@ def _elementwise_kind(prim_func):
 
 def _const_array(expr):
     """The numpy value of a Relax tensor constant (``tvm.ir.GenericConst`` in TVM 0.27), else None."""
-    import tvm  # pylint: disable=import-outside-toplevel
-
     if isinstance(expr, tvm.ir.GenericConst) and isinstance(expr.value, tvm.runtime.Tensor):
         return expr.value.numpy()
     return None
@@ -352,8 +581,6 @@ def _const_array(expr):
 
 def _bound_value(mutator_self, expr):
     """The value bound to ``expr`` in the function being rewritten if it is a Var with a binding, else ``expr``."""
-    from tvm import relax  # pylint: disable=import-outside-toplevel
-
     if isinstance(expr, relax.Var):
         bound = mutator_self.lookup_binding(expr)
         if bound is not None:
@@ -371,10 +598,6 @@ def _scalar_const(expr):
 def _canonicalize_clip(mod):
     """call_tir(maximum, (x, c)) / call_tir(minimum, ...) from the ONNX Clip converter -> R.clip / R.maximum /
     R.minimum / R.nn.relu."""
-    import tvm  # pylint: disable=import-outside-toplevel
-    from tvm import relax  # pylint: disable=import-outside-toplevel
-    from tvm.relax.expr_functor import PyExprMutator, mutator  # pylint: disable=import-outside-toplevel
-
     call_tir_op = tvm.ir.Op.get("relax.call_tir")
     kinds = {}
     for gv, func in mod.functions.items():
@@ -418,10 +641,6 @@ def _canonicalize_clip(mod):
 
 def _fold_bn_into_conv(mod):
     """conv2d(x, const W) [+ const b] -> batch_norm(const gamma, beta, mean, var)[0]  ==>  conv2d(x, W') + b'."""
-    import tvm  # pylint: disable=import-outside-toplevel
-    from tvm import relax  # pylint: disable=import-outside-toplevel
-    from tvm.relax.expr_functor import PyExprMutator, mutator  # pylint: disable=import-outside-toplevel
-
     conv_op, add_op, bn_op = (tvm.ir.Op.get(n) for n in ("relax.nn.conv2d", "relax.add", "relax.nn.batch_norm"))
 
     def as_call(mutator_self, expr, op):
@@ -458,10 +677,10 @@ def _fold_bn_into_conv(mod):
             new_w = (weight.astype(np.float64) * scale.reshape(-1, 1, 1, 1)).astype(weight.dtype)
             new_b = ((b - mean) * scale + beta).astype(weight.dtype).reshape(1, cout, 1, 1)
             a = conv.attrs
-            new_conv = self.builder_.emit(relax.op.nn.conv2d(
+            new_conv = self.builder_.emit(_with_span(relax.op.nn.conv2d(
                 conv.args[0], relax.const(new_w), strides=a.strides, padding=a.padding, dilation=a.dilation,
                 groups=a.groups, data_layout=a.data_layout, kernel_layout=a.kernel_layout,
-                out_layout=a.out_layout, out_dtype=a.out_dtype))
+                out_layout=a.out_layout, out_dtype=a.out_dtype), conv.span))  # the span names its ONNX node
             return relax.op.add(new_conv, relax.const(new_b))
 
     rewriter = _FoldBN(mod)
@@ -483,9 +702,6 @@ def _numpy_fold(mod):
     """Fold the importer's small constant expressions (bias reshapes, transposed Gemm weights, clip-bound
     ``where(isnan(c))``) in numpy: Relax's FoldConstant builds one LLVM module per expression (~20 ms each), which
     made MobileNetV2's preparation take ~7 s."""
-    import tvm  # pylint: disable=import-outside-toplevel
-    from tvm import relax  # pylint: disable=import-outside-toplevel
-    from tvm.relax.expr_functor import PyExprMutator, mutator  # pylint: disable=import-outside-toplevel
 
     @mutator
     class _Fold(PyExprMutator):
@@ -533,9 +749,6 @@ def prepare_for_sparse(mod, params: dict | None = None):
     Parameters are bound into ``main`` as constants first: ``params`` (``{name: array}``, or a list of arrays
     for ``main``'s parameters after its ``num_input`` real inputs) if given, else the ``"params"`` attribute that
     ``from_onnx(keep_params_in_input=True)`` leaves on ``main``."""
-    import tvm  # pylint: disable=import-outside-toplevel
-    from tvm import relax  # pylint: disable=import-outside-toplevel
-
     main = mod["main"]
     if params is None and main.attrs is not None and "params" in main.attrs:
         mod, detached = relax.frontend.detach_params(mod)

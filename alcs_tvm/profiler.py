@@ -42,7 +42,7 @@ from onnx import numpy_helper
 
 from . import frontend
 from . import rpc as alcs_rpc
-from .compiler import ModelLayer, compile_module, conv_node_names, export, model_layers
+from .compiler import ModelLayer, compile_module, export, model_layers
 from .compiler import compile as alcs_compile
 from .files import TableMismatchError, check_same_device
 from .kernels import build_sparse_conv2d, sparse_conv2d_kernel
@@ -263,20 +263,19 @@ def measure_layer(layer: ModelLayer, info, measurer: Measurer, sparsities, *, re
 
 def random_pruned_onnx(onnx_model, vector_width, sparsity_by_name, rng):
     """A copy of the ONNX model whose named Conv nodes have their weight initializers pruned with random
-    SIMD-block masks at the given sparsities (names are the ONNX node names, as in the compile report).
-    ``vector_width``: the group width, or a :class:`TargetInfo` (each conv gets its group width)."""
+    SIMD-block masks at the given sparsities (names are the ONNX node names as the compile report names them,
+    :func:`alcs_tvm.frontend.node_names`; the copy has every node named so). ``vector_width``: the group width,
+    or a :class:`TargetInfo` (each conv gets its group width)."""
     model = onnx.ModelProto()
-    model.CopyFrom(onnx_model)
+    model.CopyFrom(frontend.name_nodes(onnx_model))
     inits = {init.name: init for init in model.graph.initializer}
-    convs = [n for n in model.graph.node if n.op_type == "Conv"]
-    for i, node in enumerate(convs):
-        name = node.name or f"Conv_{i}"
-        if name not in sparsity_by_name or node.input[1] not in inits:
+    for node in model.graph.node:
+        if node.op_type != "Conv" or node.name not in sparsity_by_name or node.input[1] not in inits:
             continue
         init = inits[node.input[1]]
         w = numpy_helper.to_array(init).astype(np.float32)
         v = layer_group_width(vector_width, w.shape[0])
-        init.CopyFrom(numpy_helper.from_array(random_block_sparse(w, v, sparsity_by_name[name], rng), init.name))
+        init.CopyFrom(numpy_helper.from_array(random_block_sparse(w, v, sparsity_by_name[node.name], rng), init.name))
     return model
 
 
@@ -413,10 +412,10 @@ def profile_model(model, output, target="x86", *, tracker=None, key=None, rpc=No
         measurer.close()
 
 
-def _build_whole(info, mod, onnx_model, sparse):
+def _build_whole(info, mod, sparse):
     """The whole model compiled as ``alcs compile`` would (every conv sparse, or every conv dense), exported to a
     temporary directory that lives as long as the returned handle."""
-    executable, _, _ = compile_module(mod, info, sparse=sparse, layer_names=conv_node_names(onnx_model))
+    executable, _, _ = compile_module(mod, info, sparse=sparse)
     tmp = tempfile.TemporaryDirectory(prefix="alcs-profile-")
     lib = export(executable, str(Path(tmp.name) / "model.so"), info)
     write_sidecar(lib, mod, target=info.target)
@@ -462,7 +461,7 @@ def _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities,
     entry = table.models.setdefault(model_name, {})
     entry["layers"] = [[layer.name, layer.key] for layer in layers]
     if calibrate:
-        dense_build = _build_whole(info, mod, onnx_model, sparse=False)
+        dense_build = _build_whole(info, mod, sparse=False)
         progress.step(what="whole model, dense")
         fraction = fixed_fraction
         if fraction is None:  # the same model with every conv at the calibration sparsity, random SIMD masks
@@ -471,7 +470,7 @@ def _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities,
                                         {layer.name: CALIBRATION_SPARSITY for layer in layers}, rng)
             # the copy has the model's declared inputs: a dynamic dim needs the shapes the model was imported with
             pruned_mod = frontend.prepare_for_sparse(frontend.import_onnx(pruned, input_shapes))
-            sparse_build = _build_whole(info, pruned_mod, onnx_model, sparse=True)
+            sparse_build = _build_whole(info, pruned_mod, sparse=True)
             # both points timed twice, alternating, samples pooled: they fix the fraction and the rest, so
             # neither may come from one of the host's slow episodes alone
             (whole, spread), (whole_sparse, _) = _time_whole(

@@ -12,7 +12,7 @@ __all__ = ["LayerDecision", "CompileReport"]
 @dataclass
 class LayerDecision:
     name: str
-    op: str  # "conv2d" | "linear"
+    op: str  # "conv2d" | "linear", or a conv the kernel does not compute: "conv1d", "conv3d", "conv2d_transpose", ...
     shape: str  # human-readable geometry, e.g. "3x3 64->64 @56x56 p1"
     density: float | None  # fraction of V-blocks kept (None when not analysed, e.g. depthwise)
     vector_width: int | None

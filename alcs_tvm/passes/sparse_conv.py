@@ -14,7 +14,8 @@ with every block kept (still far faster than an unscheduled Relax conv). Depthwi
 are left to the dense schedules: they are memory-bound, with no reduction over input channels for SIMD blocks
 to skip. Linear layers (``R.matmul(x[N, K], W: Constant[K, Out])`` [+ bias]) run the same kernel as a 1x1 conv
 on a 1x1 image (V along the output features) when their weight is sparse enough; a dense one stays a Relax
-matmul. Every decision lands in :attr:`SparseConvRewrite.report`.
+matmul. 1-D, 3-D and transposed convs stay Relax ops. Every decision lands in :attr:`SparseConvRewrite.report`,
+one row per conv (of any kind) and linear layer, named after the ONNX node it came from.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from ..frontend import layer_node_name
 from ..kernels import sparse_conv2d_kernel
 from ..layer import Conv2dSpec, KernelLayout, conv_output_size, layer_key
 from ..report import CompileReport, LayerDecision
@@ -38,6 +40,15 @@ DEFAULT_DENSITY_THRESHOLD = {"x86-avx512": 0.95, "x86-avx2": 0.95, "arm64": 0.95
 
 
 _ACTIVATION_OPS = {"relax.nn.relu": "relu", "relax.nn.relu6": "relu6"}
+
+#: convs the kernel does not compute, reported as dense layers with the reason: Relax op -> (report op, reason)
+_OTHER_CONVS = {
+    "relax.nn.conv1d": ("conv1d", "1-D conv: the ALCS kernel is 2-D only"),
+    "relax.nn.conv3d": ("conv3d", "3-D conv: the ALCS kernel is 2-D only"),
+    "relax.nn.conv1d_transpose": ("conv1d_transpose", "transposed conv: the ALCS kernel computes convs only"),
+    "relax.nn.conv2d_transpose": ("conv2d_transpose", "transposed conv: the ALCS kernel computes convs only"),
+    "relax.nn.conv3d_transpose": ("conv3d_transpose", "transposed conv: the ALCS kernel computes convs only"),
+}
 
 
 def _is_const(expr) -> bool:
@@ -88,7 +99,7 @@ class _Layer:
     def __init__(self, conv_var, call, kind="conv2d"):
         self.conv_var = conv_var
         self.call = call
-        self.kind = kind  # "conv2d" | "linear" (a 1x1 conv on a 1x1 image) | "depthwise"
+        self.kind = kind  # "conv2d" | "linear" (a 1x1 conv on a 1x1 image) | "depthwise" | "other" (1-D, ...)
         self.bias = None  # the bias constant, float32 [Cout]
         self.activation = None
         self.last_var = conv_var
@@ -116,7 +127,8 @@ class SparseConvRewrite:
     ``vector_width`` (override V), ``sparse`` (False: every conv dense), ``density_threshold`` (sparse iff density
     <= it), ``latency_table`` (an object with ``choose(spec, density, vector_width) -> (decision, predicted_ms,
     reason)`` and ``layers`` keyed by :func:`~alcs_tvm.layer.layer_key`; overrides the threshold), ``layer_names``
-    (names for the convs in graph order, e.g. ONNX node names), ``tuning`` (an object with
+    (names for the 2-D convs in graph order, for a module whose convs do not carry their ONNX node's name as
+    :func:`~alcs_tvm.frontend.import_onnx` gives it them), ``tuning`` (an object with
     ``schedule_for(name, key, layout) -> (schedule | None, why)``, such as
     :class:`~alcs_tvm.tuning_records.TuningRecords`: each named conv gets its measured schedule).
     After the pass has run, :attr:`report` holds a :class:`CompileReport`. :meth:`rewrite` is the same
@@ -165,6 +177,8 @@ class SparseConvRewrite:
                 layer = _Layer(b.var, call, "conv2d" if op == "relax.nn.conv2d" else "linear")
                 self._extend_chain(layer, value_of, single_user)
                 layers.append(layer)
+            elif op in _OTHER_CONVS:
+                layers.append(_Layer(b.var, call, "other"))
         return layers
 
     @staticmethod
@@ -282,12 +296,33 @@ class SparseConvRewrite:
         return LayerDecision(name, "linear", shape, round(density, 4), v, "dense", "relax dense schedule (matmul)",
                              why)
 
+    def _name(self, layer, index) -> str:
+        """The ONNX node the layer's call came from (its span, set by :func:`alcs_tvm.frontend.import_onnx`), so
+        a dead conv, a 1-D conv or anything else before it cannot shift the names; for a module built some other
+        way, ``layer_names`` by position among the 2-D convs, else a made-up name."""
+        name = layer_node_name(layer.call)
+        if name:
+            return name
+        if layer.kind == "other":
+            return f"{_OTHER_CONVS[layer.call.op.name][0]}_{index}"
+        return self.layer_names[index] if index < len(self.layer_names) else f"conv{index}"
+
+    def _decide_other(self, layer, index) -> LayerDecision:
+        op, reason = _OTHER_CONVS[layer.call.op.name]
+        data, weight = layer.call.args
+        in_shape, w_shape = _static_shape(data), _static_shape(weight)
+        shape = f"{op} {w_shape} on {in_shape}" if in_shape and w_shape else f"{op}, dynamic shape"
+        return LayerDecision(self._name(layer, index), op, shape, None, None, "dense", "relax dense schedule",
+                             reason)
+
     def _decide(self, layer, index) -> LayerDecision:
         if layer.kind == "linear":
             return self._decide_linear(layer, index)
+        if layer.kind == "other":
+            return self._decide_other(layer, index)
         call = layer.call
         attrs = call.attrs
-        name = self.layer_names[index] if index < len(self.layer_names) else f"conv{index}"
+        name = self._name(layer, index)
         data, weight = call.args
         in_shape, w_shape = _static_shape(data), _static_shape(weight)
         describe = f"{w_shape} on {in_shape}" if in_shape and w_shape else "dynamic shape"
@@ -365,13 +400,13 @@ class SparseConvRewrite:
         """Match, decide, plan layouts and rewrite every Relax function of ``mod``; fills :attr:`report`."""
         self.report = CompileReport(target=self.target_info.family)
         plans = {}
-        index = {"conv2d": 0, "linear": 0}
+        index = {"conv2d": 0, "linear": 0, "other": 0}
         for gv, func in mod.functions.items():
             if not isinstance(func, relax.Function):
                 continue
             layers = self._match(func)
             for layer in layers:
-                counter = "linear" if layer.kind == "linear" else "conv2d"
+                counter = layer.kind
                 layer.report_row = self._decide(layer, index[counter])
                 index[counter] += 1
                 self.report.layers.append(layer.report_row)

@@ -326,12 +326,14 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
                         with loop("w", T.vectorized(WP)) as w:
                             T.buffer_store(xp, T.float32(0), [nch * WP + w])
                     with T.Else():
-                        with loop("w", T.vectorized(PL)) as w:
-                            T.buffer_store(xp, T.float32(0), [nch * WP + w])
+                        if PL > 0:  # a loop of extent 0 cannot be vectorized: pads like [1, 0, 1, 0] have none
+                            with loop("w", T.vectorized(PL)) as w:
+                                T.buffer_store(xp, T.float32(0), [nch * WP + w])
                         with loop("w", T.vectorized(W)) as w:
                             T.buffer_store(xp, x[nch // HP // C, nch // HP % C, nch % HP - PT, w], [nch * WP + PL + w])
-                        with loop("w", T.vectorized(PR)) as w:
-                            T.buffer_store(xp, T.float32(0), [nch * WP + PL + W + w])
+                        if PR > 0:
+                            with loop("w", T.vectorized(PR)) as w:
+                                T.buffer_store(xp, T.float32(0), [nch * WP + PL + W + w])
             conv(xp, indptr, offsets, vstart, values, bias, order, res, y)
         else:
             xf = named("xf", T.decl_buffer((PADDED_SIZE,), "float32", data=x.data, elem_offset=x.elem_offset))
