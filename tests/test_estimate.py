@@ -100,3 +100,37 @@ def test_x86_kernel_on_the_host_model():
     e = est.estimate_kernel(kernel, info, core)
     assert e.loops and all(l.mix["fma"] > 0 for l in e.loops)
     assert 0 < e.pct_peak <= 100.5
+
+
+def test_tune_by_estimate_without_a_device(tmp_path):
+    """`alcs tune --target arm64 --estimate CORE`: no device, the records say estimated, and `alcs compile
+    --tuning` reports those schedules as estimated."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from alcs_tvm import zoo
+    from alcs_tvm.tuning_records import TuningRecords
+
+    model = zoo.get_model("resnet_tiny").eval()
+    zoo.simd_prune_(model, resolve_target("arm64"), 0.5, rng=0)
+    onnx_path = zoo.export_onnx(model, tmp_path / "tiny.onnx", (1, 3, 16, 16))
+    records = tmp_path / "estimated.json"
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "alcs_tvm.cli", *map(str, args)], capture_output=True,
+                              text=True, cwd=Path(__file__).resolve().parent.parent, timeout=900)
+
+    r = cli("tune", onnx_path, "--target", "arm64", "--estimate", "neoverse-n1", "-o", records, "--candidates", "2",
+            "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "ESTIMATED by llvm-mca -mcpu=neoverse-n1" in r.stdout
+    tuned = TuningRecords.load(records)
+    assert tuned.device_key == "llvm-mca:neoverse-n1" and tuned.settings["estimate"] == "neoverse-n1"
+    assert tuned.layers and all(e["estimated"] == "llvm-mca -mcpu=neoverse-n1" and e["tuned_ms"] <= e["default_ms"]
+                                for e in tuned.layers.values())
+    r = cli("compile", onnx_path, "--target", "arm64", "--tuning", records, "-o", tmp_path / "tiny.so")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("estimated schedule") == len(tuned.layers) and "tuned schedule" not in r.stdout
+    r = cli("tune", onnx_path, "--target", "x86", "--estimate", "neoverse-n1", "-o", tmp_path / "x.json")
+    assert r.returncode != 0 and "not the x86" in r.stderr

@@ -7,6 +7,8 @@ the phone (library: ``alcs_tvm/estimate.py``; what the estimate leaves out: docs
     python tools/estimate_arm64.py --conv 64,64,56,3 --sparsities 0,90 --core neoverse-n1 [--schedule 1x8]
     python tools/estimate_arm64.py --onnx pruned.onnx --core cortex-a55          # a model as it is pruned
     python tools/estimate_arm64.py --x86-check tools/out/bench_kernels.json      # the model vs this host
+    python tools/estimate_arm64.py --sweep --models resnet18,mobilenet_v2 --core neoverse-n1,cortex-a55
+                                                    # register tiles per distinct conv, ranked by the estimate
 
 Per conv: estimated single-core cycles, useful FLOPs, % of the core's fp32 FMA peak (as its LLVM model has it),
 the hot loop's instruction mix, the estimated speedup of the sparse kernel over our dense kernel at the same
@@ -100,6 +102,65 @@ def onnx_rows(path: str, cores, target: str) -> list:
     info = resolve_target(target)
     return [{"model": os.path.basename(path), "sparsity": round(100 * (1 - e.layer.density)), **e.row()}
             for core in cores for e in est.estimate_model(path, core, info)]
+
+
+# ----------------------------------------------------------------------------------------------- sweep
+#: register tiles tried per conv: up to 16 accumulator registers of the 32 NEON q registers (the rest hold the
+#: weight vectors of a run and the input lanes)
+SWEEP_TILES = [(1, 4), (2, 4), (4, 4), (1, 7), (2, 7), (1, 8), (2, 8), (1, 14), (1, 16), (1, 5), (2, 5), (1, 6),
+               (2, 6), (3, 4), (4, 7)]
+
+
+def sweep(names, cores, target: str, input_size: int, seed: int, sparsities) -> list:
+    """For every distinct conv (shape, V, layout) of the models: each register tile within 16 accumulator
+    registers, estimated at each sparsity on each core; ranked by the geometric mean of % of peak."""
+    import torch
+
+    from alcs_tvm import zoo
+    from alcs_tvm.compiler import model_layers
+    from alcs_tvm.schedules import default_sparse_conv_schedule, registers_per_group
+    from alcs_tvm.kernels import max_run_length
+
+    info = resolve_target(target)
+    seen, rows = set(), []
+    with tempfile.TemporaryDirectory(prefix="alcs-sweep-") as tmp:
+        for name in names:
+            torch.manual_seed(seed)
+            path = zoo.export_onnx(zoo.get_model(name).eval(), os.path.join(tmp, f"{name}.onnx"),
+                                   (1, 3, input_size, input_size))
+            for layer in model_layers(path, info):
+                key = (layer.key, layer.layout)
+                if key in seen:
+                    continue
+                seen.add(key)
+                spec, v = layer.spec, layer.vector_width
+                regs = registers_per_group(info.family, v)
+                rng = np.random.default_rng(seed)
+                dense = rng.standard_normal(spec.weight_shape).astype(np.float32)
+                default = default_sparse_conv_schedule(info.family, v, spec.out_height, spec.out_width,
+                                                       max_run_length(spec), pointwise=spec.kernel == (1, 1))
+                tiles = {(min(r, spec.out_height), min(c, spec.out_width)) for r, c in SWEEP_TILES
+                         if r * c * regs <= 16}
+                tiles.add((default.tile_rows, default.tile_cols))
+                scores = []
+                for r, c in sorted(tiles):
+                    sched = SparseConvSchedule(v, r, c)
+                    pct = []
+                    for s in sparsities:
+                        w = random_block_sparse(dense, v, s, np.random.default_rng(seed + round(100 * s)))
+                        for core in cores:
+                            e = est.estimate_layer(layer, w, info, core, schedule=sched)
+                            pct.append(max(e.sparse.pct_peak, 1e-3))
+                    scores.append((float(np.exp(np.mean(np.log(pct)))), sched.describe(), pct))
+                scores.sort(reverse=True)
+                mine = next(sc for sc in scores if sc[1] == default.describe())
+                rows.append({"layer": spec.describe(), "vector_width": v, "default": default.describe(),
+                             "default_score": round(mine[0], 1), "best": scores[0][1],
+                             "best_score": round(scores[0][0], 1),
+                             "ranking": [(d, round(sc, 1)) for sc, d, _ in scores]})
+                log(f"[sweep] {spec.describe():24s} V={v}: default {default.describe()} {mine[0]:.1f}, best "
+                    f"{scores[0][1]} {scores[0][0]:.1f}; " + ", ".join(f"{d} {sc:.1f}" for sc, d, _ in scores[:5]))
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------- x86 check
@@ -221,6 +282,9 @@ def main(argv=None):
     what.add_argument("--conv", help="one conv: CIN,COUT,HW,K (square, padding K//2)")
     what.add_argument("--onnx", help="an ONNX model as it is (its own weights and sparsity)")
     what.add_argument("--x86-check", metavar="BENCH_JSON", help="tools/bench_kernels.py JSON to check against")
+    ap.add_argument("--sweep", action="store_true",
+                    help="with --models: rank register tiles per distinct conv by the geometric mean of the "
+                         "estimated %% of peak over --core and --sparsities")
     ap.add_argument("--sparsities", default="0,50,80,90", help="comma list of percentages (default 0,50,80,90)")
     ap.add_argument("--core", default="neoverse-n1",
                     help=f"comma list of {', '.join(est.CORES)} (default neoverse-n1); with --x86-check an "
@@ -253,7 +317,17 @@ def main(argv=None):
                 "by its LLVM model")
         sparsities = [float(s) / 100 for s in args.sparsities.split(",")]
         rows = []
-        if args.conv:
+        if args.sweep:
+            if not args.models:
+                ap.error("--sweep needs --models")
+            rows = sweep(args.models.split(","), cores, args.target, args.input_size, args.seed, sparsities)
+            better = [r for r in rows if r["best_score"] > 1.05 * r["default_score"]]
+            print(f"{len(rows)} distinct convs; the default is within 5 % of the best tile's score on "
+                  f"{len(rows) - len(better)}")
+            for r in better:
+                print(f"  {r['layer']} V={r['vector_width']}: default {r['default']} {r['default_score']}, "
+                      f"best {r['best']} {r['best_score']}")
+        elif args.conv:
             rows = conv_rows(args.conv, args.stride, sparsities, cores, args.target, args.vector_width,
                              args.schedule, args.seed)
         elif args.onnx:
@@ -264,9 +338,10 @@ def main(argv=None):
                     for s in sparsities:
                         log(f"[estimate] {name} at {s:.0%} ({time.time() - started:.0f} s)")
                         rows += model_rows(name, s, cores, args.target, args.input_size, args.seed, tmp)
-        print_table(rows)
-        for line in bar_summary(rows):
-            print(line)
+        if not args.sweep:
+            print_table(rows)
+            for line in bar_summary(rows):
+                print(line)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)
