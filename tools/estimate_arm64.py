@@ -105,13 +105,14 @@ def onnx_rows(path: str, cores, target: str) -> list:
 
 
 # ----------------------------------------------------------------------------------------------- sweep
-#: register tiles tried per conv: up to 16 accumulator registers of the 32 NEON q registers (the rest hold the
-#: weight vectors of a run and the input lanes)
+#: register tiles tried per conv: up to 16 accumulator registers of the 32 NEON q registers where runs of taps
+#: keep several weight vectors live, up to 28 where each tap is its own run (the rest hold weights and inputs)
 SWEEP_TILES = [(1, 4), (2, 4), (4, 4), (1, 7), (2, 7), (1, 8), (2, 8), (1, 14), (1, 16), (1, 5), (2, 5), (1, 6),
                (2, 6), (3, 4), (4, 7)]
+SWEEP_REGISTERS = {1: 28, 2: 16, 3: 16}  # by the conv's longest run
 
 
-def sweep(names, cores, target: str, input_size: int, seed: int, sparsities) -> list:
+def sweep(names, cores, target: str, input_size: int, seed: int, sparsities, kernels=None) -> list:
     """For every distinct conv (shape, V, layout) of the models: each register tile within 16 accumulator
     registers, estimated at each sparsity on each core; ranked by the geometric mean of % of peak."""
     import torch
@@ -119,7 +120,8 @@ def sweep(names, cores, target: str, input_size: int, seed: int, sparsities) -> 
     from alcs_tvm import zoo
     from alcs_tvm.compiler import model_layers
     from alcs_tvm.schedules import default_sparse_conv_schedule, registers_per_group
-    from alcs_tvm.kernels import max_run_length
+    from alcs_tvm.kernels import max_run_length, sparse_conv2d_kernel
+    from alcs_tvm.sparse_format import BlockSparseWeight
 
     info = resolve_target(target)
     seen, rows = set(), []
@@ -129,6 +131,8 @@ def sweep(names, cores, target: str, input_size: int, seed: int, sparsities) -> 
             path = zoo.export_onnx(zoo.get_model(name).eval(), os.path.join(tmp, f"{name}.onnx"),
                                    (1, 3, input_size, input_size))
             for layer in model_layers(path, info):
+                if kernels and f"{layer.spec.kernel[0]}x{layer.spec.kernel[1]}" not in kernels:
+                    continue
                 key = (layer.key, layer.layout)
                 if key in seen:
                     continue
@@ -140,17 +144,19 @@ def sweep(names, cores, target: str, input_size: int, seed: int, sparsities) -> 
                 default = default_sparse_conv_schedule(info.family, v, spec.out_height, spec.out_width,
                                                        max_run_length(spec), pointwise=spec.kernel == (1, 1))
                 tiles = {(min(r, spec.out_height), min(c, spec.out_width)) for r, c in SWEEP_TILES
-                         if r * c * regs <= 16}
+                         if r * c * regs <= SWEEP_REGISTERS[max_run_length(spec)]}
                 tiles.add((default.tile_rows, default.tile_cols))
+                masks = [BlockSparseWeight.from_dense(
+                    random_block_sparse(dense, v, s, np.random.default_rng(seed + round(100 * s))), v)
+                    for s in sparsities]
+                bias = np.zeros(spec.out_channels, np.float32) if layer.layout.bias else None
                 scores = []
                 for r, c in sorted(tiles):
                     sched = SparseConvSchedule(v, r, c)
                     pct = []
-                    for s in sparsities:
-                        w = random_block_sparse(dense, v, s, np.random.default_rng(seed + round(100 * s)))
-                        for core in cores:
-                            e = est.estimate_layer(layer, w, info, core, schedule=sched)
-                            pct.append(max(e.sparse.pct_peak, 1e-3))
+                    for w in masks:
+                        kernel = sparse_conv2d_kernel(w, spec, layer.layout, bias=bias, target=info, schedule=sched)
+                        pct += [max(est.estimate_kernel(kernel, info, core).pct_peak, 1e-3) for core in cores]
                     scores.append((float(np.exp(np.mean(np.log(pct)))), sched.describe(), pct))
                 scores.sort(reverse=True)
                 mine = next(sc for sc in scores if sc[1] == default.describe())
@@ -248,6 +254,42 @@ def print_table(rows):
         print("  ".join(c.ljust(w) for c, w in zip(l, widths)).rstrip())
 
 
+def markdown(rows) -> str:
+    """Per model: one line per distinct conv (repeats counted), per core the % of peak at 0 % and the speedup
+    over dense at each other sparsity (as a % of 1/(1-s) in brackets); memory-bound cells marked with *."""
+    out = []
+    cores = sorted({r["core"] for r in rows}, reverse=True)
+    sparsities = sorted({r["sparsity"] for r in rows})
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        layers = {}
+        for r in mine:
+            layers.setdefault((r["layer"], r["vector_width"], r["schedule"]), {})
+            layers[(r["layer"], r["vector_width"], r["schedule"])].setdefault(r["name"], {})[
+                (r["core"], r["sparsity"])] = r
+        head = ["layer", "n", "V", "tile"]
+        for core in cores:
+            head += [f"{core} %peak {s}%" if s == 0 else f"{core} x dense {s}%" for s in sparsities]
+        out += [f"**{model}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for (layer, v, tile), by_name in layers.items():
+            first = next(iter(by_name.values()))
+            cells = [layer, str(len(by_name)), str(v), tile]
+            for core in cores:
+                for s in sparsities:
+                    r = first.get((core, s))
+                    if r is None:
+                        cells.append("-")
+                        continue
+                    mark = "*" if r["memory_bound"] else ""
+                    if s == 0:
+                        cells.append(f"{r['pct_peak']:.0f}{mark}")
+                    else:
+                        cells.append(f"{r['est_speedup_vs_dense']:.2f} ({100 * r['est_speedup_vs_dense'] / r['ideal_speedup']:.0f}){mark}")
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def bar_summary(rows) -> list:
     """The issue's bars on ResNet-18's 3x3 and MobileNetV2's 1x1 layers, per core."""
     out = []
@@ -293,9 +335,11 @@ def main(argv=None):
     ap.add_argument("--vector-width", type=int, help="--conv: group width V (default: the target's)")
     ap.add_argument("--stride", type=int, default=1, help="--conv: stride")
     ap.add_argument("--schedule", help="--conv: register tile ROWSxCOLS[:row-outer] (default: the target's)")
+    ap.add_argument("--kernels", help="--sweep: only convs of these sizes, e.g. 1x1,3x3")
     ap.add_argument("--input-size", type=int, default=224)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--markdown", help="also write per-model markdown tables here (docs/arm64.md)")
     args = ap.parse_args(argv)
     started = time.time()
     if args.x86_check:
@@ -320,7 +364,8 @@ def main(argv=None):
         if args.sweep:
             if not args.models:
                 ap.error("--sweep needs --models")
-            rows = sweep(args.models.split(","), cores, args.target, args.input_size, args.seed, sparsities)
+            rows = sweep(args.models.split(","), cores, args.target, args.input_size, args.seed, sparsities,
+                         args.kernels.split(",") if args.kernels else None)
             better = [r for r in rows if r["best_score"] > 1.05 * r["default_score"]]
             print(f"{len(rows)} distinct convs; the default is within 5 % of the best tile's score on "
                   f"{len(rows) - len(better)}")
@@ -342,6 +387,9 @@ def main(argv=None):
             print_table(rows)
             for line in bar_summary(rows):
                 print(line)
+            if args.markdown:
+                with open(args.markdown, "w") as fh:
+                    fh.write(markdown(rows) + "\n" + "\n".join(f"- {line}" for line in bar_summary(rows)) + "\n")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)
