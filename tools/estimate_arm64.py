@@ -6,7 +6,8 @@ the phone (library: ``alcs_tvm/estimate.py``; what the estimate leaves out: docs
         --core neoverse-n1 --json out.json                         # or --core cortex-a55, or both: a,b
     python tools/estimate_arm64.py --conv 64,64,56,3 --sparsities 0,90 --core neoverse-n1 [--schedule 1x8]
     python tools/estimate_arm64.py --onnx pruned.onnx --core cortex-a55          # a model as it is pruned
-    python tools/estimate_arm64.py --x86-check tools/out/bench_kernels.json      # the model vs this host
+    python tools/estimate_arm64.py --x86-check [--core skylake-avx512]  # the model vs this host, measured here
+    python tools/estimate_arm64.py --x86-check --bench-json tools/out/bench_kernels.json   # ... vs its times
     python tools/estimate_arm64.py --sweep --models resnet18,mobilenet_v2 --core neoverse-n1,cortex-a55
                                                     # register tiles per distinct conv, ranked by the estimate
 
@@ -16,9 +17,9 @@ shape, and whether the layer is memory-bound (compulsory bytes / the core's stat
 the pipeline estimate). Models are pruned with ``zoo.simd_prune_`` in the target's group widths.
 
 ``--x86-check``: the same estimate for this x86 host's kernels (``-mcpu`` = the host's LLVM CPU name, cycles
-turned into time at the clock measured here by a dependent-add loop) against the kernel times that
-``tools/bench_kernels.py`` measured (its JSON, 1 thread, "ours kern" column, the same weights rebuilt from its
-seed): the error per layer says how far to trust the ARM numbers.
+turned into time at the clock measured here by a dependent-add loop) against their measured times: the kernels
+of ``tools/bench_kernels.py`` (its layers, weights and seed; 1 thread, "ours kern" column), timed here or read
+from its JSON. The error per layer says how far to trust the ARM numbers.
 """
 from __future__ import annotations
 
@@ -170,18 +171,33 @@ def sweep(names, cores, target: str, input_size: int, seed: int, sparsities, ker
 
 
 # ----------------------------------------------------------------------------------------------- x86 check
-def measure_clock_ghz() -> float:
-    """This core's clock while busy: a loop of 4 dependent adds (1 cycle each) per iteration, compiled by cc."""
+def measure_host() -> tuple:
+    """``(GHz, zmm FMAs per cycle)`` of this core while busy, by cc-compiled loops: a chain of dependent
+    ``imul`` (3 cycles each on Intel and AMD; dependent immediate adds are folded at rename on Golden Cove and
+    later, so they cannot time a cycle) and 10 independent ``vfmadd231ps zmm``. The best of 300 short trials:
+    a shared machine preempts some of them."""
     code = r"""
 #include <stdio.h>
 #include <time.h>
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
 int main(void) {
-    long n = 300000000, x = 0; struct timespec a, b;
-    clock_gettime(CLOCK_MONOTONIC, &a);
-    __asm__ volatile("1: add $1, %0\n add $1, %0\n add $1, %0\n add $1, %0\n dec %1\n jnz 1b"
-                     : "+r"(x), "+r"(n));
-    clock_gettime(CLOCK_MONOTONIC, &b);
-    printf("%f\n", 4.0 * 300000000 / ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)));
+    double ghz = 0, fma = 0;
+    for (int r = 0; r < 300; r++) {
+        long n = 200000, x = 3; double a = now();
+        __asm__ volatile("1: imul %0, %0\n imul %0, %0\n imul %0, %0\n imul %0, %0\n dec %1\n jnz 1b"
+                         : "+r"(x), "+r"(n));
+        double g = 12.0 * 200000 / (now() - a) / 1e9; if (g > ghz) ghz = g;
+        n = 100000; a = now();
+        __asm__ volatile("2: vfmadd231ps %%zmm14, %%zmm15, %%zmm0\n vfmadd231ps %%zmm14, %%zmm15, %%zmm1\n"
+                         " vfmadd231ps %%zmm14, %%zmm15, %%zmm2\n vfmadd231ps %%zmm14, %%zmm15, %%zmm3\n"
+                         " vfmadd231ps %%zmm14, %%zmm15, %%zmm4\n vfmadd231ps %%zmm14, %%zmm15, %%zmm5\n"
+                         " vfmadd231ps %%zmm14, %%zmm15, %%zmm6\n vfmadd231ps %%zmm14, %%zmm15, %%zmm7\n"
+                         " vfmadd231ps %%zmm14, %%zmm15, %%zmm8\n vfmadd231ps %%zmm14, %%zmm15, %%zmm9\n"
+                         " dec %0\n jnz 2b" : "+r"(n) :: "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6",
+                         "xmm7", "xmm8", "xmm9");
+        g = 10.0 * 100000 / (now() - a) / 1e9; if (g > fma) fma = g;
+    }
+    printf("%f %f\n", ghz, fma / ghz);
     return 0;
 }
 """
@@ -189,52 +205,72 @@ int main(void) {
         src, exe = os.path.join(tmp, "clock.c"), os.path.join(tmp, "clock")
         with open(src, "w") as fh:
             fh.write(code)
-        subprocess.run(["cc", "-O1", src, "-o", exe], check=True)
-        return max(float(subprocess.run([exe], capture_output=True, text=True, check=True).stdout)
-                   for _ in range(5))
+        subprocess.run(["cc", "-O1", "-mavx512f", src, "-o", exe], check=True)
+        ghz, fma = (float(v) for v in subprocess.run([exe], capture_output=True, text=True,
+                                                     check=True).stdout.split())
+        return ghz, fma
 
 
-def x86_check(bench_json: str, mcpu: str | None) -> list:
-    """Estimate the kernels tools/bench_kernels.py timed (1 thread, kernel column) and compare."""
+def x86_check(layers, sparsities, mcpu: str | None, bench_json: str | None, repeat: int, seed: int) -> list:
+    """Estimate the kernels tools/bench_kernels.py times (its layers, weights and seed; 1 thread, the "ours kern"
+    column: padded input, NCHW[V]c output) and compare with their measured time: from ``bench_json`` when
+    given, else measured here - the min over ``repeat`` single calls, interleaved (single calls fit between the
+    preemptions of a shared machine; the min is the undisturbed, warm-cache call the estimate describes)."""
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     from bench_kernels import LAYERS, layer_shapes
 
-    with open(bench_json) as fh:
-        doc = json.load(fh)
-    results = doc["results"] if isinstance(doc, dict) else doc
-    ghz = measure_clock_ghz()
+    from alcs_tvm.kernels import build_sparse_conv2d, sparse_conv2d_kernel
+    from alcs_tvm.timing import measure_interleaved, set_threads
+
+    set_threads(1)
+    measured = {}
+    if bench_json:
+        with open(bench_json) as fh:
+            doc = json.load(fh)
+        for res in (doc["results"] if isinstance(doc, dict) else doc):
+            if res.get("threads") == 1:
+                for row in res["rows"]:
+                    if (row.get("kernel") or {}).get("min") is not None:
+                        measured[(res["layer"], row["s"])] = row["kernel"]["min"]
+        layers = sorted({name for name, _ in measured}, key=list(LAYERS).index)
+        sparsities = sorted({sp for _, sp in measured if sp < 100})
+    ghz, fma_per_cycle = measure_host()
     core = est.host_core(ghz, mcpu=mcpu)
-    log(f"[x86] {core.about}; peak {est.peak_flops_per_cycle(core):.1f} FLOP/cycle by its LLVM model")
+    log(f"[x86] {core.about}; peak {est.peak_flops_per_cycle(core):.1f} FLOP/cycle by the {core.mcpu} model, "
+        f"{2 * core.fma_lanes * fma_per_cycle:.1f} measured ({fma_per_cycle:.2f} FMA/cycle)")
     info = resolve_target("x86")
-    seed = doc.get("seed", 0) if isinstance(doc, dict) else 0
     rows = []
-    for res in results:
-        if res.get("threads") != 1:
-            continue
-        name = res["layer"]
+    for name in layers:
         xs, ws, stride, pad = layer_shapes(name)
-        rng = np.random.default_rng(seed)
-        rng.standard_normal(xs)  # the input, drawn first as in bench_kernels
+        rng = np.random.default_rng(seed)  # drawn in bench_kernels' order: input, then the dense weight
+        x = rng.standard_normal(xs).astype(np.float32)
         dense_w = (rng.standard_normal(ws) * np.sqrt(2.0 / np.prod(ws[1:]))).astype(np.float32)
         v = info.group_width(ws[0])
-        spec = Conv2dSpec.create(xs, ws, stride, pad)
-        layout = KernelLayout(input_prepadded=True, output_blocked=True)  # CompiledSparseConv2d's kernel-only
-        for row in res["rows"]:
-            measured = (row.get("kernel") or {}).get("min")
-            if measured is None or row["s"] >= 100:
+        estimates, fns = {}, {}
+        for sp in sparsities:
+            if bench_json and (name, sp) not in measured:
                 continue
-            sp = row["s"]
             w = random_block_sparse(dense_w, v, sp / 100.0, np.random.default_rng(seed + sp))
-            e = est.estimate_layer(ModelLayer(name, spec, v, 1 - sp / 100.0, layout), w, info, core)
-            est_ms = e.sparse.microseconds / 1e3
+            op = build_sparse_conv2d(w, input_shape=xs, stride=stride, padding=pad, target=info)
+            # the kernel kernel_time_callable times: same weight, padded input, NCHW[V]c output
+            layout = KernelLayout(input_prepadded=True, output_blocked=True)
+            kernel = sparse_conv2d_kernel(op.sparse_weight, op.spec, layout, target=info)
+            estimates[sp] = (est.estimate_kernel(kernel, info, core), kernel.schedule)
+            if not bench_json:
+                fns[sp] = op.kernel_time_callable(x)
+        if fns:
+            stats = measure_interleaved(fns, repeat, min_sample_s=0.0)
+            for sp in fns:
+                measured[(name, sp)] = stats[sp].min
+        for sp, (e, sched) in estimates.items():
+            ms = measured[(name, sp)]
+            est_ms = e.microseconds / 1e3
             rows.append({"layer": name, "shape": LAYERS[name][0], "sparsity": sp, "vector_width": v,
-                         "schedule": e.schedule.describe(), "core": core.mcpu, "ghz": round(ghz, 3),
-                         "est_ms": round(est_ms, 5), "measured_ms": measured,
-                         "error_pct": round(100 * (est_ms - measured) / measured, 1),
-                         "pct_peak_est": round(e.sparse.pct_peak, 1), "memory_bound": e.sparse.memory_bound,
-                         "mix": e.sparse.mix_text()})
-            log(f"[x86] {name} s={sp}%: est {est_ms:.4f} ms, measured {measured:.4f} ms "
-                f"({rows[-1]['error_pct']:+.1f}%)")
+                         "schedule": sched.describe(), "core": core.mcpu, "ghz": round(ghz, 3),
+                         "est_ms": round(est_ms, 5), "measured_ms": round(ms, 5),
+                         "error_pct": round(100 * (est_ms - ms) / ms, 1), "pct_peak_est": round(e.pct_peak, 1),
+                         "memory_bound": e.memory_bound, "mix": e.mix_text()})
+            log(f"[x86] {name} s={sp}%: est {est_ms:.4f} ms, measured {ms:.4f} ms ({rows[-1]['error_pct']:+.1f}%)")
     return rows
 
 
@@ -323,7 +359,13 @@ def main(argv=None):
     what.add_argument("--models", help="comma list of zoo models (resnet18, mobilenet_v2, ...)")
     what.add_argument("--conv", help="one conv: CIN,COUT,HW,K (square, padding K//2)")
     what.add_argument("--onnx", help="an ONNX model as it is (its own weights and sparsity)")
-    what.add_argument("--x86-check", metavar="BENCH_JSON", help="tools/bench_kernels.py JSON to check against")
+    what.add_argument("--x86-check", action="store_true",
+                      help="estimate this host's kernels and compare with their measured times")
+    ap.add_argument("--bench-json", help="--x86-check: take the measured times from this tools/bench_kernels.py "
+                                         "JSON (1 thread) instead of measuring")
+    ap.add_argument("--layers", default="r18_s1,r18_s2,r18_s3,r18_s4,mv2_exp56,mv2_exp14,mv2_proj14,mv2_last7",
+                    help="--x86-check: tools/bench_kernels.py layers")
+    ap.add_argument("--repeat", type=int, default=60, help="--x86-check: timed single calls per kernel")
     ap.add_argument("--sweep", action="store_true",
                     help="with --models: rank register tiles per distinct conv by the geometric mean of the "
                          "estimated %% of peak over --core and --sparsities")
@@ -344,7 +386,8 @@ def main(argv=None):
     started = time.time()
     if args.x86_check:
         mcpu = None if args.core in ("neoverse-n1", "native") else args.core
-        rows = x86_check(args.x86_check, mcpu)
+        rows = x86_check(args.layers.split(","), [int(s) for s in args.sparsities.split(",")], mcpu,
+                         args.bench_json, args.repeat, args.seed)
         errors = [abs(r["error_pct"]) for r in rows]
         for r in rows:
             print(f"{r['layer']:11s} {r['shape']:40s} s={r['sparsity']:3d}%  est {r['est_ms']:.4f} ms  "
