@@ -539,19 +539,35 @@ class LayerEstimate:
                 "mem_bytes": e.mem_bytes, "mem_cycles": round(e.mem_cycles), "memory_bound": e.memory_bound}
 
 
-def estimate_layer(layer: ModelLayer, weight: np.ndarray, info: TargetInfo, core: Core, *, bias=None,
-                   schedule: SparseConvSchedule | None = None) -> LayerEstimate:
+def estimate_layer(layer: ModelLayer, weight: np.ndarray, info: TargetInfo, core, *, bias=None,
+                   schedule: SparseConvSchedule | None = None):
     """Estimate ``layer`` with its dense OIHW ``weight`` (zeros where pruned) and our dense kernel at its shape,
-    both called as in the model (``layer.layout``); ``schedule``: the knobs (default: the target's)."""
+    both called as in the model (``layer.layout``); ``schedule``: the knobs (default: the target's). ``core``: a
+    :class:`Core` (returns a :class:`LayerEstimate`) or a list of them (returns a list; one kernel build)."""
+    cores = [core] if isinstance(core, Core) else list(core)
     v = layer.vector_width
     if bias is None and layer.layout.bias:
         bias = np.zeros(layer.spec.out_channels, np.float32)
     sparse_w = BlockSparseWeight.from_dense(np.asarray(weight, np.float32), v)
-    dense_w = BlockSparseWeight.from_dense(np.asarray(weight, np.float32), v, keep_all=True)
     sparse = sparse_conv2d_kernel(sparse_w, layer.spec, layer.layout, bias=bias, target=info, schedule=schedule)
-    dense = sparse_conv2d_kernel(dense_w, layer.spec, layer.layout, bias=bias, target=info)
-    return LayerEstimate(layer, sparse.schedule, estimate_kernel(sparse, info, core),
-                         estimate_kernel(dense, info, core))
+    out = [LayerEstimate(layer, sparse.schedule, estimate_kernel(sparse, info, c), _dense_estimate(layer, info, c))
+           for c in cores]
+    return out[0] if isinstance(core, Core) else out
+
+
+_DENSE = {}
+
+
+def _dense_estimate(layer: ModelLayer, info: TargetInfo, core: Core) -> KernelEstimate:
+    """Our dense kernel (every block kept, the target's default schedule) at the layer's shape and layout: the
+    same for every mask, so estimated once."""
+    key = (layer.spec, layer.vector_width, layer.layout, info.key, core)
+    if key not in _DENSE:
+        dense_w = BlockSparseWeight.from_dense(np.ones(layer.spec.weight_shape, np.float32), layer.vector_width)
+        bias = np.zeros(layer.spec.out_channels, np.float32) if layer.layout.bias else None
+        dense = sparse_conv2d_kernel(dense_w, layer.spec, layer.layout, bias=bias, target=info)
+        _DENSE[key] = estimate_kernel(dense, info, core)
+    return _DENSE[key]
 
 
 def _conv_weights(onnx_model) -> dict:
@@ -567,11 +583,13 @@ def _conv_weights(onnx_model) -> dict:
     return weights
 
 
-def estimate_model(model, core: Core, target="arm64", *, input_shapes=None, vector_width=None,
+def estimate_model(model, core, target="arm64", *, input_shapes=None, vector_width=None,
                    schedules: dict | None = None) -> list:
     """:class:`LayerEstimate` of every rewritable conv of an ONNX model (path, bytes or ModelProto), with the
-    weights (and so the kept positions) it holds, as the compiler would build them for ``target``.
+    weights (and so the kept positions) it holds, as the compiler would build them for ``target``; ``core``: a
+    :class:`Core` or a list (then per conv one estimate per core, in that order).
     ``schedules``: conv name -> :class:`SparseConvSchedule` (e.g. tuning records) instead of the default."""
+    cores = [core] if isinstance(core, Core) else list(core)
     info = resolve_target(target, vector_width)
     onnx_model = frontend.load_onnx(model)
     layers = model_layers(onnx_model, info, input_shapes=input_shapes, vector_width=vector_width)
@@ -581,5 +599,5 @@ def estimate_model(model, core: Core, target="arm64", *, input_shapes=None, vect
         if layer.name not in weights:
             continue
         schedule = (schedules or {}).get(layer.name)
-        out.append(estimate_layer(layer, weights[layer.name], info, core, schedule=schedule))
+        out += estimate_layer(layer, weights[layer.name], info, cores, schedule=schedule)
     return out

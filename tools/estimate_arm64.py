@@ -71,11 +71,8 @@ def model_rows(name: str, sparsity: float, cores, target: str, input_size: int, 
     zoo.simd_prune_(model, info, sparsity, rng=seed)
     path = os.path.join(workdir, f"{name}_{round(sparsity * 100)}.onnx")
     zoo.export_onnx(model, path, (1, 3, input_size, input_size))
-    rows = []
-    for core in cores:
-        for layer_est in est.estimate_model(path, core, info):
-            rows.append({"model": name, "sparsity": round(sparsity * 100), **layer_est.row()})
-    return rows
+    return [{"model": name, "sparsity": round(sparsity * 100), **e.row()}
+            for e in est.estimate_model(path, cores, info)]
 
 
 def conv_rows(conv: str, stride: int, sparsities, cores, target: str, vector_width, schedule, seed: int) -> list:
@@ -93,8 +90,7 @@ def conv_rows(conv: str, stride: int, sparsities, cores, target: str, vector_wid
         w = random_block_sparse(dense, v, s, np.random.default_rng(seed + round(s * 100)))
         layer = ModelLayer(conv, spec, v, 1.0 - s, layout)
         sched = parse_schedule(schedule, v) if schedule else None
-        for core in cores:
-            e = est.estimate_layer(layer, w, info, core, schedule=sched)
+        for e in est.estimate_layer(layer, w, info, cores, schedule=sched):
             rows.append({"model": "-", "sparsity": round(s * 100), **e.row()})
     return rows
 
@@ -102,7 +98,7 @@ def conv_rows(conv: str, stride: int, sparsities, cores, target: str, vector_wid
 def onnx_rows(path: str, cores, target: str) -> list:
     info = resolve_target(target)
     return [{"model": os.path.basename(path), "sparsity": round(100 * (1 - e.layer.density)), **e.row()}
-            for core in cores for e in est.estimate_model(path, core, info)]
+            for e in est.estimate_model(path, cores, info)]
 
 
 # ----------------------------------------------------------------------------------------------- sweep
@@ -211,7 +207,8 @@ int main(void) {
         return ghz, fma
 
 
-def x86_check(layers, sparsities, mcpu: str | None, bench_json: str | None, repeat: int, seed: int) -> list:
+def x86_check(layers, sparsities, mcpu: str | None, bench_json: str | None, repeat: int, seed: int,
+              bandwidth_gbs: float = 20.0) -> list:
     """Estimate the kernels tools/bench_kernels.py times (its layers, weights and seed; 1 thread, the "ours kern"
     column: padded input, NCHW[V]c output) and compare with their measured time: from ``bench_json`` when
     given, else measured here - the min over ``repeat`` single calls, interleaved (single calls fit between the
@@ -235,7 +232,7 @@ def x86_check(layers, sparsities, mcpu: str | None, bench_json: str | None, repe
         layers = sorted({name for name, _ in measured}, key=list(LAYERS).index)
         sparsities = sorted({sp for _, sp in measured if sp < 100})
     ghz, fma_per_cycle = measure_host()
-    core = est.host_core(ghz, mcpu=mcpu)
+    core = est.host_core(ghz, bandwidth_gbs, mcpu=mcpu)
     log(f"[x86] {core.about}; peak {est.peak_flops_per_cycle(core):.1f} FLOP/cycle by the {core.mcpu} model, "
         f"{2 * core.fma_lanes * fma_per_cycle:.1f} measured ({fma_per_cycle:.2f} FMA/cycle)")
     info = resolve_target("x86")
@@ -269,7 +266,9 @@ def x86_check(layers, sparsities, mcpu: str | None, bench_json: str | None, repe
                          "schedule": sched.describe(), "core": core.mcpu, "ghz": round(ghz, 3),
                          "est_ms": round(est_ms, 5), "measured_ms": round(ms, 5),
                          "error_pct": round(100 * (est_ms - ms) / ms, 1), "pct_peak_est": round(e.pct_peak, 1),
-                         "memory_bound": e.memory_bound, "mix": e.mix_text()})
+                         "mem_ms": round(e.mem_cycles / (core.ghz * 1e6), 5), "memory_bound": e.memory_bound,
+                         "bound_error_pct": round(100 * (max(est_ms, e.mem_cycles / (core.ghz * 1e6)) - ms) / ms, 1),
+                         "mix": e.mix_text()})
             log(f"[x86] {name} s={sp}%: est {est_ms:.4f} ms, measured {ms:.4f} ms ({rows[-1]['error_pct']:+.1f}%)")
     return rows
 
@@ -320,7 +319,8 @@ def markdown(rows) -> str:
                     if s == 0:
                         cells.append(f"{r['pct_peak']:.0f}{mark}")
                     else:
-                        cells.append(f"{r['est_speedup_vs_dense']:.2f} ({100 * r['est_speedup_vs_dense'] / r['ideal_speedup']:.0f}){mark}")
+                        speedup = r["est_speedup_vs_dense"]
+                        cells.append(f"{speedup:.2f} ({100 * speedup / r['ideal_speedup']:.0f}){mark}")
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
@@ -366,6 +366,8 @@ def main(argv=None):
     ap.add_argument("--layers", default="r18_s1,r18_s2,r18_s3,r18_s4,mv2_exp56,mv2_exp14,mv2_proj14,mv2_last7",
                     help="--x86-check: tools/bench_kernels.py layers")
     ap.add_argument("--repeat", type=int, default=60, help="--x86-check: timed single calls per kernel")
+    ap.add_argument("--bandwidth", type=float, default=20.0,
+                    help="--x86-check: the host's single-core bandwidth in GB/s for the memory bound (default 20)")
     ap.add_argument("--sweep", action="store_true",
                     help="with --models: rank register tiles per distinct conv by the geometric mean of the "
                          "estimated %% of peak over --core and --sparsities")
@@ -387,13 +389,15 @@ def main(argv=None):
     if args.x86_check:
         mcpu = None if args.core in ("neoverse-n1", "native") else args.core
         rows = x86_check(args.layers.split(","), [int(s) for s in args.sparsities.split(",")], mcpu,
-                         args.bench_json, args.repeat, args.seed)
+                         args.bench_json, args.repeat, args.seed, args.bandwidth)
         errors = [abs(r["error_pct"]) for r in rows]
         for r in rows:
             print(f"{r['layer']:11s} {r['shape']:40s} s={r['sparsity']:3d}%  est {r['est_ms']:.4f} ms  "
                   f"measured {r['measured_ms']:.4f} ms  error {r['error_pct']:+6.1f}%  {r['mix']}")
         if errors:
-            print(f"|error|: median {np.median(errors):.1f}%, max {max(errors):.1f}% over {len(errors)} kernels")
+            bound = [abs(r["bound_error_pct"]) for r in rows]
+            print(f"|error|: median {np.median(errors):.1f}%, max {max(errors):.1f}% over {len(errors)} kernels; "
+                  f"of max(estimate, memory bound): median {np.median(bound):.1f}%, max {max(bound):.1f}%")
     else:
         unknown = [c for c in args.core.split(",") if c not in est.CORES]
         if unknown:
