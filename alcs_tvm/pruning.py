@@ -3,7 +3,7 @@
 **Structure.** A prunable group is ``V`` consecutive output channels at one ``(cin, kh, kw)`` of a ``groups == 1``
 ``nn.Conv2d`` weight ``W[Cout, Cin, Kh, Kw]`` - exactly the V-wide vector the sparse kernel skips (see
 :mod:`alcs_tvm.sparse_format`; ``Cout`` not a multiple of ``V`` -> the last block is zero-padded). ``V`` comes from
-the target (16 AVX-512, 8 AVX2, 4 NEON). Linear layers and depthwise convs stay dense (their time is part of
+the target (32/16 AVX-512, 8 AVX2, 8/4 NEON). Linear layers and depthwise convs stay dense (their time is part of
 the latency table's "rest of model").
 
 **Latency model.** A layer's latency is ``table.layer_latency(spec, V, sparsity)`` (piece-wise linear in the

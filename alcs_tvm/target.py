@@ -29,8 +29,11 @@ _FAMILY_WIDTH = {"x86-avx512": 16, "x86-avx2": 8, "arm64": 4, "generic": 4}
 #: registers per pruning group where a layer's output channels allow it (by default; an explicit vector width
 #: means one group width for every layer). AVX-512 cores issue two 512-bit FMAs but only two 512-bit loads per
 #: cycle: with one register per group every FMA needs its own broadcast load of an input value and the sparse
-#: loop is load-bound; two registers per group share each broadcast (docs/benchmarks.md).
-_FAMILY_GROUP_REGISTERS = {"x86-avx512": 2}
+#: loop is load-bound; two registers per group share each broadcast (docs/benchmarks.md). NEON's by-element FMA
+#: reads its input from a vector lane that a scalar load fills, and the Neoverse N1 (Cortex-A76) issues those
+#: loads at one pair per cycle against two FMAs: with one q register per group the sparse loop is load-bound
+#: there too, and two (V = 8) bring it to the FMA pipes (llvm-mca estimates, docs/arm64.md).
+_FAMILY_GROUP_REGISTERS = {"x86-avx512": 2, "arm64": 2}
 
 @dataclass(frozen=True)
 class TargetInfo:

@@ -1,4 +1,5 @@
-"""The host's build tools: Debian packages installed on demand, and the aarch64 cross compiler."""
+"""The host's build tools: Debian packages installed on demand, the aarch64 cross compiler, and LLVM's machine
+code analyser (``llvm-mca``, whose scheduling models of phone cores the estimator uses)."""
 from __future__ import annotations
 
 import os
@@ -6,11 +7,15 @@ import shutil
 import subprocess
 import sys
 
-__all__ = ["ensure_debian_packages", "ensure_cross_toolchain", "cross_compile_function", "CROSS_PACKAGES",
-           "CROSS_CXX"]
+__all__ = ["ensure_debian_packages", "ensure_cross_toolchain", "cross_compile_function", "ensure_llvm_mca",
+           "CROSS_PACKAGES", "CROSS_CXX", "LLVM_MCA_PACKAGE", "LLVM_MCA"]
 
 CROSS_PACKAGES = ("g++-aarch64-linux-gnu", "binutils-aarch64-linux-gnu")
 CROSS_CXX = "aarch64-linux-gnu-g++"
+# LLVM 19 is the oldest Debian release of llvm-mca whose Neoverse N1 model describes the by-element FMLA and the
+# load pipes of the Cortex-A76 design; Debian 12 ships it as a versioned package
+LLVM_MCA_PACKAGE = "llvm-19"
+LLVM_MCA = "llvm-mca-19"
 
 
 def _log(verbose, msg):
@@ -77,3 +82,14 @@ def cross_compile_function(cross_compiler: str | None = None):
     from tvm.support import cc  # deferred: this module is also used where TVM is not needed
 
     return cc.cross_compiler(cross_compiler or ensure_cross_toolchain(verbose=False))
+
+
+def ensure_llvm_mca(verbose: bool = True) -> str:
+    """Make sure LLVM 19's ``llvm-mca`` is installed (Debian package ``llvm-19``); return its path."""
+    path = shutil.which(LLVM_MCA)
+    if path is None:
+        ensure_debian_packages([LLVM_MCA_PACKAGE], verbose=verbose)
+        path = shutil.which(LLVM_MCA)
+    if path is None:
+        raise RuntimeError(f"{LLVM_MCA} not found after installing {LLVM_MCA_PACKAGE}")
+    return path

@@ -23,10 +23,15 @@ RTOL = 1e-4
 assert_close = functools.partial(helpers.assert_close, rtol=RTOL)  # atol: RTOL * max |expected|
 
 
-@pytest.mark.parametrize("name", ["resnet_tiny", "mobilenet_v2_tiny"])
-def test_pruned_model_on_arm64_device(rpc_devices, cross_cxx, tmp_path, name):
+@pytest.mark.parametrize("name, groups", [("resnet_tiny", "4"), ("mobilenet_v2_tiny", "4"),
+                                          ("resnet_tiny", "target"), ("mobilenet_v2_tiny", "target")])
+def test_pruned_model_on_arm64_device(rpc_devices, cross_cxx, tmp_path, name, groups):
+    """Pruned in groups of 4 (one q register) or in the target's group widths (8 where Cout allows)."""
+    from alcs_tvm.target import resolve_target
+
+    info = resolve_target("arm64")
     model = zoo.get_model(name).eval()
-    zoo.simd_prune_(model, 4, 0.7, rng=0)
+    zoo.simd_prune_(model, 4 if groups == "4" else info, 0.7, rng=0)
     onnx_path = tmp_path / f"{name}.onnx"
     zoo.export_onnx(model, onnx_path, (1, 3, 32, 32))
     library = tmp_path / f"{name}_arm64.so"
@@ -35,7 +40,10 @@ def test_pruned_model_on_arm64_device(rpc_devices, cross_cxx, tmp_path, name):
     report = json.loads((tmp_path / f"{name}_arm64.so.report.json").read_text())
     convs = [layer for layer in report["layers"] if layer["op"] == "conv2d"]
     sparse = [layer for layer in convs if layer["decision"] == "sparse"]
-    assert sparse and all(layer["vector_width"] == 4 and abs(layer["density"] - 0.3) < 0.05 for layer in sparse)
+    widths = [4 if groups == "4" else info.group_width(layer["spec"]["out_channels"]) for layer in sparse]
+    assert sparse and all(layer["vector_width"] == v and abs(layer["density"] - 0.3) < 0.05
+                          for layer, v in zip(sparse, widths))
+    assert groups == "4" or 8 in widths
     assert all("depthwise" in layer["reason"] for layer in convs if layer["decision"] != "sparse")
     disassembly = subprocess.run(["aarch64-linux-gnu-objdump", "-d", str(library)], capture_output=True,
                                  text=True, check=True).stdout
@@ -59,6 +67,15 @@ DEVICE_CASES = [
     (16, 12, 7, 1, 1, 0, 1, 1.0, True, "relu6", 1),    # every block pruned: bias + activation only
     (4, 8, 11, 5, 1, (0, 1, 2, 1), 1, 0.3, True, None, 1),  # asymmetric padding
 ]
+# V=8 (two q registers per group, the default where Cout is a multiple of 8 and >= 16) with the default
+# register tiles: 1x8 / 1x7 and their remainders, runs of taps, stride 2, a 1x1 conv
+DEVICE_CASES_V8 = [
+    (8, 16, 19, 3, 1, 1, 1, 0.5, True, "relu", 1),
+    (16, 32, 14, 3, 1, 1, 1, 0.0, True, None, 1),
+    (8, 24, 13, 3, 2, 1, 1, 0.8, False, "relu6", 1),
+    (24, 16, 10, 1, 1, 0, 1, 0.9, True, "relu", 1),
+    (16, 16, 9, 3, 1, 2, 2, 0.3, False, None, 2),
+]
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +85,9 @@ def device_session(rpc_devices):
     return rpc.connect(tracker=rpc_devices.tracker, key=rpc_devices.arm64_key, timeout=120)
 
 
-@pytest.mark.parametrize("case", DEVICE_CASES, ids=lambda c: f"{c[3]}x{c[3]}-s{c[4]}-sp{c[7]}-{c[9]}")
-def test_sparse_operator_on_arm64_device(device_session, cross_cxx, tmp_path, case):
+@pytest.mark.parametrize("case, v", [(c, 4) for c in DEVICE_CASES] + [(c, 8) for c in DEVICE_CASES_V8],
+                         ids=lambda c: f"{c[3]}x{c[3]}-s{c[4]}-sp{c[7]}-{c[9]}" if isinstance(c, tuple) else f"v{c}")
+def test_sparse_operator_on_arm64_device(device_session, cross_cxx, tmp_path, case, v):
     import tvm
     from tvm.support import cc
 
@@ -81,13 +99,14 @@ def test_sparse_operator_on_arm64_device(device_session, cross_cxx, tmp_path, ca
 
     cin, cout, hw, k, stride, padding, dilation, sparsity, has_bias, activation, batch = case
     rng = np.random.default_rng(stable_seed(*case))
-    weight = random_block_sparse(rng.standard_normal((cout, cin, k, k)).astype(np.float32), 4, sparsity, rng)
+    weight = random_block_sparse(rng.standard_normal((cout, cin, k, k)).astype(np.float32), v, sparsity, rng)
     bias = rng.standard_normal(cout).astype(np.float32) if has_bias else None
     x = (rng.standard_normal((batch, cin, hw, hw)) * 3).astype(np.float32)
     info = resolve_target("arm64")
     spec = Conv2dSpec.create(x.shape, weight.shape, stride, padding, dilation)
     layout = KernelLayout(bias=bias is not None, activation=activation)
-    kernel = sparse_conv2d_kernel(BlockSparseWeight.from_dense(weight, 4), spec, layout, bias=bias, target=info)
+    kernel = sparse_conv2d_kernel(BlockSparseWeight.from_dense(weight, v), spec, layout, bias=bias, target=info)
+    assert kernel.schedule.vector_width == v
     library = tmp_path / "kernel.so"
     tvm.compile(kernel.func, target=info.target).export_library(str(library),
                                                                 fcompile=cc.cross_compiler(cross_cxx))

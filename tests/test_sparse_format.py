@@ -65,8 +65,8 @@ def test_bad_vector_width():
 
 
 def test_group_widths_per_target_and_layer():
-    """AVX-512 groups are two registers (32 channels) where a layer's output channels make two or more; an explicit
-    width is every layer's; the other families use their register width."""
+    """AVX-512 and NEON groups are two registers (32 / 8 channels) where a layer's output channels make two or more;
+    an explicit width is every layer's; AVX2 uses its register width."""
     from alcs_tvm.sparse_format import layer_group_width
     from alcs_tvm.target import resolve_target
 
@@ -75,7 +75,11 @@ def test_group_widths_per_target_and_layer():
     assert [avx512.group_width(c) for c in (64, 96, 48, 32, 24, 16)] == [32, 32, 16, 16, 16, 16]
     assert resolve_target("x86-avx512", 16).group_widths() == (16,)
     assert resolve_target("x86-avx512", 32).group_width(48) == 32  # explicit: one width, padded blocks
-    assert resolve_target("x86-avx2").group_width(64) == 8 and resolve_target("arm64").group_width(64) == 4
+    assert resolve_target("x86-avx2").group_width(64) == 8
+    arm64 = resolve_target("arm64")  # two q registers per group where Cout allows (docs/arm64.md)
+    assert (arm64.vector_width, arm64.group_widths()) == (4, (8, 4))
+    assert [arm64.group_width(c) for c in (64, 24, 16, 12, 8)] == [8, 8, 8, 4, 4]
+    assert resolve_target("arm64", 4).group_widths() == (4,)
     assert layer_group_width(avx512, 64) == 32 and layer_group_width(8, 64) == 8
 
 

@@ -23,7 +23,7 @@ TARGET_HELP = "x86 (host features), x86-avx2, x86-avx512, arm64, or a TVM target
 
 VECTOR_WIDTH_HELP = ("pruning group width V in fp32 lanes, for every layer (default: the target's - AVX-512 32 where "
                      "a conv's output channels are 64, 96, ... (a multiple of 32, two groups or more), else 16; "
-                     "AVX2 8; NEON 4)")
+                     "AVX2 8; NEON 8 where they are a multiple of 8 and at least 16, else 4)")
 
 
 def add_device_arguments(parser, *, local: bool = True):

@@ -27,6 +27,9 @@ def register(subparsers):
     p.add_argument("--min-repeat-ms", type=int, default=5, help="minimum duration of one sample (default 5)")
     input_shapes_arg(p)
     p.add_argument("--vector-width", type=int, help=VECTOR_WIDTH_HELP)
+    p.add_argument("--estimate", metavar="CORE",
+                   help="no device: rank the candidates by their llvm-mca estimate on CORE (neoverse-n1, "
+                        "cortex-a55); the records and this report say estimated")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -34,13 +37,14 @@ def register(subparsers):
 def run(args):
     require_file(args.model)
     check_output(args.output)  # saved after every layer (resumable): a bad path fails now, not after the first
-    check_device_arguments(args)
+    if args.estimate is None:
+        check_device_arguments(args)
     input_shapes = frontend.parse_input_shapes(args.input_shapes) if args.input_shapes else None
     t0 = time.time()
     records = tune_model(args.model, args.output, args.target, tracker=args.rpc_tracker, key=args.rpc_key,
                          rpc=args.rpc, local=args.local, input_shapes=input_shapes, vector_width=args.vector_width,
                          repeat=args.repeat, min_repeat_ms=args.min_repeat_ms, max_candidates=args.candidates,
-                         timeout=args.device_timeout, quiet=args.quiet)
+                         timeout=args.device_timeout, quiet=args.quiet, estimate=args.estimate)
     rows = [["conv", "schedule", "ms", "default", "ms ", "gain"]]
     tuned = default = 0.0
     for name, entry in records.layers.items():
@@ -51,6 +55,7 @@ def run(args):
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    print(f"wrote {Path(args.output)}: {len(records.layers)} convs, sum {default:.3f} -> {tuned:.3f} ms "
+    how = f", ESTIMATED by llvm-mca -mcpu={args.estimate} (not measured)" if args.estimate else ""
+    print(f"wrote {Path(args.output)}: {len(records.layers)} convs, sum {default:.3f} -> {tuned:.3f} ms{how} "
           f"({time.time() - t0:.0f} s)")
     return 0

@@ -393,8 +393,9 @@ class SparseConvRewrite:
         row = layer.report_row
         schedule, why = self.tuning.schedule_for(row.name, layer_key(layer.spec, row.vector_width), layer.layout)
         layer.schedule = schedule
+        how = "estimated" if getattr(self.tuning, "settings", {}).get("estimate") else "tuned"
         row.implementation += f"; default schedule ({why})" if schedule is None else \
-            f"; tuned schedule {schedule.describe()}"
+            f"; {how} schedule {schedule.describe()}"
 
     def rewrite(self, mod):
         """Match, decide, plan layouts and rewrite every Relax function of ``mod``; fills :attr:`report`."""
