@@ -535,9 +535,28 @@ def start(tracker_port: int = DEFAULT_TRACKER_PORT, key: str = DEFAULT_KEY, num_
             new.append(entry)
         state["servers"] += new
         _save_state(state_path, state)
+
+        def spawn_again(entry):  # the same server on another port
+            taken.add(entry["port"])
+            if entry["kind"] == "arm64-qemu":
+                return start_arm64_server(addr, entry["key"], entry["qemu_cpu"], image=image, log_dir=log_dir,
+                                          wait=False, taken_ports=taken)
+            return start_x86_server(addr, entry["key"], log_dir=log_dir, wait=False, taken_ports=taken)
+
         try:
-            for entry in new:
-                wait_for_server(entry, timeout=timeout)
+            for i, entry in enumerate(new):
+                for attempt in range(3):
+                    try:
+                        wait_for_server(entry, timeout=timeout)
+                        break
+                    except RuntimeError as err:
+                        # another process bound the free port between our check and the server's bind: the
+                        # port race of several starts at once (parallel test sessions); another port settles it
+                        if "cannot bind" not in str(err) or attempt == 2:
+                            raise
+                        replacement = spawn_again(entry)
+                        state["servers"] = [replacement if e is entry else e for e in state["servers"]]
+                        entry = new[i] = replacement
                 _log(verbose, f"server {entry['key']} on 127.0.0.1:{entry['port']} (pid {entry['pid']}"
                               + (f", {entry['qemu_cpu']}" if entry.get("qemu_cpu") else "")
                               + f") ready after {entry['ready_s']} s")
