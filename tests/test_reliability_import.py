@@ -272,3 +272,126 @@ def test_pruning_an_onnx_file_by_layer_name_prunes_the_layer_the_report_names(na
     (layer,) = compiler.model_layers(pruned, "x86")
     assert layer.name == live.name and layer.density <= 0.1 + 0.01  # 90% of its blocks pruned now
     assert compiler.conv_node_names(model)[-1] == live.name
+
+
+# ------------------------------------------------------ shape computations, constant subgraphs, inference no-ops
+
+
+def _paddle_reshape_model(rng):
+    """Paddle2ONNX's flatten: ``Shape -> Cast(int32) -> Slice -> Cast(int64) -> Concat -> Reshape``, after a conv
+    pruned to half its SIMD blocks."""
+    w = random_block_sparse(rng.standard_normal((32, 16, 3, 3)).astype(np.float32), 16, 0.5, rng)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([0], np.int32), "start"),
+             numpy_helper.from_array(np.array([2], np.int32), "end"),
+             numpy_helper.from_array(np.array([0], np.int32), "axes"),
+             numpy_helper.from_array(np.array([-1], np.int64), "minus_one")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv_a", pads=[1, 1, 1, 1]),
+             helper.make_node("Shape", ["c"], ["s"], name="shape"),
+             helper.make_node("Cast", ["s"], ["s32"], name="to_int32", to=TensorProto.INT32),
+             helper.make_node("Slice", ["s32", "start", "end", "axes"], ["nc"], name="slice"),
+             helper.make_node("Cast", ["nc"], ["nc64"], name="to_int64", to=TensorProto.INT64),
+             helper.make_node("Concat", ["nc64", "minus_one"], ["new_shape"], name="concat", axis=0),
+             helper.make_node("Reshape", ["c", "new_shape"], ["y"], name="reshape")]
+    return _model(nodes, [_input("x", ["N", 16, 8, 8])], [_input("y", ["N", 32, 64])], inits, opset=13)
+
+
+def test_paddle2onnx_shape_computation_folds_and_matches_onnx_runtime():
+    """TVM's importer cannot convert this Reshape ('Reshape requires the input new shape to be Shape. However,
+    the given one is relax.TensorType') although every shape is static once the input's is given."""
+    model = _paddle_reshape_model(np.random.default_rng(7))
+    x = np.random.default_rng(8).standard_normal((2, 16, 8, 8)).astype(np.float32)
+    (expected,) = _run_ort(model, {"x": x})
+    executable, report = compiler.compile(model, "x86", input_shapes={"x": (2, 16, 8, 8)})
+    _assert_close(_run_vm(executable, x)[0], expected)
+    assert [(layer.name, layer.decision) for layer in report.layers] == [("conv_a", "sparse")]
+
+
+def _gemm_dropout_model(rng):
+    """A classifier head: Gemm -> Relu -> Dropout -> Identity -> Gemm."""
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal(64).astype(np.float32), "b1"),
+             numpy_helper.from_array(rng.standard_normal((10, 64)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "b2")]
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["g1"], name="fc1", transB=1),
+             helper.make_node("Relu", ["g1"], ["r1"], name="relu1"),
+             helper.make_node("Dropout", ["r1"], ["d1"], name="drop1"),
+             helper.make_node("Identity", ["d1"], ["i1"], name="ident"),
+             helper.make_node("Gemm", ["i1", "w2", "b2"], ["y"], name="fc2", transB=1)]
+    return _model(nodes, [_input("x", [1, 32])], [_input("y", [1, 10])], inits, opset=13)
+
+
+def _primfuncs(lowered) -> dict:
+    return {gv.name_hint: func for gv, func in lowered.functions.items() if isinstance(func, tvm.tirx.PrimFunc)}
+
+
+def test_inference_dropout_after_an_fc_is_dropped_so_the_fc_gets_the_dense_schedule():
+    """The Dropout fused into the FC's function (two outputs, its mask included) and left it to the fallback
+    schedule: scalar, no vector loop."""
+    model = _gemm_dropout_model(np.random.default_rng(9))
+    mod = frontend.prepare_for_sparse(frontend.import_onnx(model))
+    assert "dropout" not in mod["main"].script()
+    executable, _, lowered = compiler.compile_module(mod, "x86")
+    matmuls = {name: func for name, func in _primfuncs(lowered).items() if "matmul" in name}
+    assert len(matmuls) == 2 and not any("dropout" in name for name in _primfuncs(lowered))
+    assert all("T.vectorized" in func.script() for func in matmuls.values())
+    x = np.random.default_rng(10).standard_normal((1, 32)).astype(np.float32)
+    (expected,) = _run_ort(model, {"x": x})
+    _assert_close(_run_vm(executable, x)[0], expected)
+
+
+def test_folding_keeps_the_graph_order_of_convs_and_their_names():
+    """ONNX Runtime saves the folded graph in an order of its own (SqueezeNet's fire modules come out with
+    their expand convs swapped); the import puts nodes back in the model's order, so the report's rows are too."""
+    model = _light_model("squeezenet")
+    convs = [node.name for node in model.graph.node if node.op_type == "Conv"]
+    mod = frontend.import_onnx(model)
+    conv2d = tvm.ir.Op.get("relax.nn.conv2d")
+    calls = [b.value for block in mod["main"].body.blocks for b in block.bindings]
+    assert [frontend.layer_node_name(call) for call in calls if getattr(call, "op", None) == conv2d] == convs
+
+
+# -------------------------------------------------------------------------------------- the light zoo models
+
+
+def _light_model(name):
+    return onnx.load(os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light",
+                                  f"light_{name}.onnx"))
+
+
+def _with_random_weights(model, rng):
+    """The light zoo models compute every weight as ConstantOfShape of one value, so every output channel is the
+    same and any wiring matches; here each such weight is random (scaled by its fan-in) instead."""
+    shapes = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    randomised = onnx.ModelProto()
+    randomised.CopyFrom(model)
+    kept = []
+    for node in randomised.graph.node:
+        if node.op_type == "ConstantOfShape" and node.input[0] in shapes:
+            shape = tuple(int(d) for d in shapes[node.input[0]])
+            if len(shape) > 1:
+                value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
+            else:  # biases, and BatchNormalization's scales and variances: positive
+                value = rng.uniform(0.5, 1.5, shape)
+            randomised.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), node.output[0]))
+        else:
+            kept.append(node)
+    del randomised.graph.node[:]
+    randomised.graph.node.extend(kept)
+    randomised.ir_version = max(randomised.ir_version, 4)  # initializers that are not graph inputs
+    return randomised
+
+
+def test_light_alexnet_imports_folded_and_matches_onnx_runtime():
+    """Weights from ConstantOfShape, initializers listed as inputs (IR version 3), a Dropout after FC6 and FC7:
+    every weight is a constant after the import, the Dropouts are gone and the FCs are scheduled; the output of
+    the same graph with random weights equals ONNX Runtime's."""
+    model = _light_model("bvlc_alexnet")
+    mod = frontend.import_onnx(model)
+    assert "full" not in mod["main"].script() and "dropout" not in mod["main"].script()
+    randomised = _with_random_weights(model, np.random.default_rng(11))
+    x = np.random.default_rng(12).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    (expected,) = _run_ort(randomised, {"data_0": x})
+    executable, _, lowered = compiler.compile_module(frontend.prepare_for_sparse(frontend.import_onnx(randomised)),
+                                                     "x86")
+    assert not any("dropout" in name for name in _primfuncs(lowered))
+    _assert_close(_run_vm(executable, x)[0], expected)
