@@ -178,7 +178,7 @@ def _cfg(blocks: list) -> list:
     succ = []
     for i, b in enumerate(blocks):
         out = []
-        for s in b.succ or ([None] if i + 1 < len(blocks) else []):
+        for s in b.succ:  # None: falls through; a block ending in a return has none
             j = i + 1 if s is None else at.get(s)
             if j is not None and j < len(blocks) and j not in out:
                 out.append(j)
