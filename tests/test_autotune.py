@@ -13,6 +13,7 @@ from alcs_tvm.files import TableMismatchError
 from alcs_tvm.kernels import max_run_length
 from alcs_tvm.layer import Conv2dSpec
 from alcs_tvm.schedules import default_sparse_conv_schedule
+from alcs_tvm.schedules.arm64 import register_budget as arm64_register_budget
 from alcs_tvm.schedules.x86 import register_budget
 
 
@@ -52,7 +53,7 @@ def test_candidates_start_with_the_default_and_fit_the_register_budget(height, w
         family, v, spec.out_height, spec.out_width, max_run_length(spec), pointwise=kernel == 1, density=0.1)
     assert len(candidates) == len(set(candidates)) and 3 <= len(candidates) <= 12
     assert {c.row_outer for c in candidates} == {False, True}
-    budget = register_budget(family, v)[0] if family.startswith("x86") else 14
+    budget = (register_budget if family.startswith("x86") else arm64_register_budget)(family, v)[0]
     lanes = {"x86-avx512": 16, "arm64": 4}[family]
     for c in candidates:
         assert c.vector_width == v and c.tile_cols <= spec.out_width and c.tile_rows <= spec.out_height
