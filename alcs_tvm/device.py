@@ -453,13 +453,18 @@ def _registered_in(summary: dict, key: str, port: int) -> bool:
                for item in summary.get("server_info", []))
 
 
-#: seconds a tracker has to answer before it counts as frozen (stopped or hung)
-PROBE_TIMEOUT = 3.0
+#: seconds a tracker has to answer before it counts as frozen (stopped or hung): generous, because a tracker on
+#: a host whose cores are all busy (parallel test sessions) answers in seconds, not milliseconds, and a wrongly
+#: "frozen" tracker gets restarted under its servers
+PROBE_TIMEOUT = 10.0
 
 
 def _tracker_summary(tracker: dict) -> tuple[dict | None, str]:
     """``(summary, "")`` from a running tracker, or ``(None, why not)`` if it did not answer within
-    ``PROBE_TIMEOUT`` s: a stopped or hung tracker still runs, so only asking it tells."""
+    ``PROBE_TIMEOUT`` s: a stopped or hung tracker still runs, so only asking it tells (a stopped one needs no
+    asking)."""
+    if _stopped(tracker):
+        return None, f"the tracker's process group (pid {tracker['pid']}) is stopped"
     try:
         return alcs_rpc.tracker_summary(tracker_addr(tracker), timeout=PROBE_TIMEOUT), ""
     except (ConnectionError, TimeoutError) as err:
