@@ -259,7 +259,8 @@ def test_ctrl_c_during_compile(tmp_path):
     import onnx
 
     model = os.path.join(os.path.dirname(onnx.__file__), "backend/test/data/light/light_resnet50.onnx")
-    for cpu in (1, 8, 20):  # loading TVM; folding constants (prepare_for_sparse); the rewrite and the build
+    # loading TVM; importing and folding; the rewrite and the build (the whole compile takes ~12 s of CPU here)
+    for cpu in (1, 4, 7):
         out_dir = tmp_path / f"cpu{cpu}"
         out_dir.mkdir()
         proc = start_alcs("compile", model, "-o", out_dir / "model.so")
