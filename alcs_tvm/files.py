@@ -215,3 +215,14 @@ def check_measured_for(what: str, target: dict, family: str, tvm_version: str, t
                                      f"({target_info.family}): {remedy}")
     if current_tvm is not None and current_tvm != tvm_version:
         raise TableMismatchError(f"{what} {was} measured with TVM {tvm_version}, this is TVM {current_tvm}: {remedy}")
+
+
+def check_header(data: dict):
+    """The fields every measurement file (latency table, tuning records) has: target, family, TVM version, layers."""
+    for name in ("target", "target_family", "tvm_version", "layers"):
+        if name not in data:
+            raise ValueError(f"lacks {name!r}")
+    require_object(data["target"], "'target'")
+    for name in ("target_family", "tvm_version"):
+        if not isinstance(data[name], str):
+            raise ValueError(f"{name!r} must be a string, got {json_kind(data[name])}")

@@ -30,8 +30,8 @@ import numpy as np
 import tvm
 
 from .compiler import model_layers
-from .files import (TableMismatchError, check_measured_for, checked_number, checked_numbers, json_copy, json_kind,
-                    merge_entries, read_json_file, require_object, save_merged)
+from .files import (TableMismatchError, check_header, check_measured_for, checked_number, checked_numbers, json_copy,
+                    json_kind, merge_entries, read_json_file, require_object, save_merged)
 from .layer import Conv2dSpec, layer_key
 from .target import resolve_target
 
@@ -223,13 +223,7 @@ class LatencyTable:
     def from_json(cls, data: dict, path="(table)") -> "LatencyTable":
         where = ""
         try:
-            for name in ("target", "target_family", "tvm_version", "layers"):
-                if name not in data:
-                    raise ValueError(f"lacks {name!r}")
-            require_object(data["target"], "'target'")
-            for name in ("target_family", "tvm_version"):
-                if not isinstance(data[name], str):
-                    raise ValueError(f"{name!r} must be a string, got {json_kind(data[name])}")
+            check_header(data)
             if data.get("device_key") is not None and not isinstance(data["device_key"], str):
                 raise ValueError(f"'device_key' must be a string, got {json_kind(data['device_key'])}")
             for name in ("settings", "layers", "rest_ms", "models"):

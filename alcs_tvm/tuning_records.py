@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .files import (TableMismatchError, check_measured_for, checked_number, json_copy, json_kind, merge_entries,
-                    read_json_file, require_object, save_merged)
+from .files import (TableMismatchError, check_header, check_measured_for, checked_number, json_copy, json_kind,
+                    merge_entries, read_json_file, require_object, save_merged)
 from .layer import KernelLayout
 from .schedules import SparseConvSchedule
 
@@ -69,13 +69,7 @@ class TuningRecords:
     def from_json(cls, data: dict, path="(records)") -> "TuningRecords":
         where = ""
         try:
-            for name in ("target", "target_family", "tvm_version", "layers"):
-                if name not in data:
-                    raise ValueError(f"lacks {name!r}")
-            require_object(data["target"], "'target'")
-            for name in ("target_family", "tvm_version"):
-                if not isinstance(data[name], str):
-                    raise ValueError(f"{name!r} must be a string, got {json_kind(data[name])}")
+            check_header(data)
             require_object(data.get("settings", {}), "'settings'")
             require_object(data["layers"], "'layers' (conv name -> record)")
             for name, entry in data["layers"].items():
