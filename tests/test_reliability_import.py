@@ -157,6 +157,7 @@ def test_output_with_a_type_but_no_shape_is_accepted_as_onnx_runtime_accepts_it(
     _assert_close(_run_vm(executable, x)[0], expected)
 
 
+@pytest.mark.slow
 def test_input_with_a_type_but_no_shape_needs_only_its_shape(tmp_path):
     model = _conv_relu_model(None, None, np.random.default_rng(2))
     frontend.load_onnx(model)
@@ -381,6 +382,7 @@ def _with_random_weights(model, rng):
     return randomised
 
 
+@pytest.mark.slow
 def test_light_alexnet_imports_folded_and_matches_onnx_runtime():
     """Weights from ConstantOfShape, initializers listed as inputs (IR version 3), a Dropout after FC6 and FC7:
     every weight is a constant after the import, the Dropouts are gone and the FCs are scheduled; the output of
