@@ -12,8 +12,8 @@ try:
     from .commands.common import INTERRUPTS
 except KeyboardInterrupt:  # Ctrl-C while TVM and torch load, which takes seconds on a busy machine
     _COMMAND = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
-    print(f"alcs {_COMMAND}: interrupted" if _COMMAND else "alcs: interrupted", file=sys.stderr)
-    sys.exit(130)
+    print(f"alcs {_COMMAND}: interrupted" if _COMMAND else "alcs: interrupted", file=sys.stderr, flush=True)
+    os._exit(130)  # not sys.exit: see the end of this file
 
 #: what a user can fix: printed as one line, exit 2
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ConnectionError, TimeoutError)
@@ -65,4 +65,11 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if status == 130:
+        # CPython ends a `python -m` run by SIGINT (exit -2, not 130) once a KeyboardInterrupt has passed through
+        # exec() of a string - which is how dataclasses make their methods, so a Ctrl-C while one is created -
+        # even when it was handled; the interrupted command has cleaned up, so it exits here
+        sys.stdout.flush()
+        os._exit(130)
+    sys.exit(status)

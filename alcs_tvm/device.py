@@ -310,6 +310,7 @@ def _free_port(start: int, taken=()) -> int:
 def _spawn(cmd, env, log_path: Path, kind: str, **info) -> dict:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
+        log_offset = log.tell()  # the log is appended to: this process's lines start here
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd=str(log_path.parent))
     _CHILDREN[proc.pid] = proc
@@ -319,12 +320,14 @@ def _spawn(cmd, env, log_path: Path, kind: str, **info) -> dict:
         if start_time is not None:
             break
         time.sleep(0.01)
-    return dict(kind=kind, pid=proc.pid, start_time=start_time, log=str(log_path), **info)
+    return dict(kind=kind, pid=proc.pid, start_time=start_time, log=str(log_path), log_offset=log_offset, **info)
 
 
 def _log_tail(entry, n=15) -> str:
     try:
-        return "\n".join(Path(entry["log"]).read_text(errors="replace").splitlines()[-n:])
+        with open(entry["log"], "rb") as fh:
+            fh.seek(entry.get("log_offset", 0))
+            return "\n".join(fh.read().decode(errors="replace").splitlines()[-n:])
     except OSError:
         return ""
 
@@ -405,6 +408,34 @@ def _server_cmd(python, tracker: str | None, key: str, port: int):
     return cmd
 
 
+#: tries at starting a server whose free port another process takes before the server binds it
+PORT_ATTEMPTS = 5
+
+
+def _port_lost(entry: dict) -> bool:
+    """Whether the server exited because its port was taken between the check that found it free and its own
+    bind: another `alcs device start` or test session scans the same range, and the emulated server needs seconds
+    to get to its bind."""
+    return not _alive(entry) and "cannot bind to any port" in _log_tail(entry, 40)
+
+
+def _start_server(spawn, port, taken_ports, wait, timeout) -> dict:
+    """``spawn(port)`` -> state entry; without a ``port`` a free one, and another if that one is lost."""
+    taken = set(taken_ports)
+    for attempt in range(PORT_ATTEMPTS):
+        entry = spawn(port or _free_port(9090, taken))
+        if not wait:
+            return entry
+        try:
+            wait_for_server(entry, timeout=timeout)
+            return entry
+        except RuntimeError:
+            if port or attempt == PORT_ATTEMPTS - 1 or not _port_lost(entry):
+                raise
+            taken.add(entry["port"])
+    raise AssertionError("unreachable")
+
+
 def start_arm64_server(tracker: str | None, key: str = DEFAULT_KEY, qemu_cpu: str = DEFAULT_QEMU_CPU,
                        port: int | None = None, image: DeviceImage | None = None, log_dir: Path | None = None,
                        wait: bool = True, timeout: float = 120.0, taken_ports=()) -> dict:
@@ -412,14 +443,14 @@ def start_arm64_server(tracker: str | None, key: str = DEFAULT_KEY, qemu_cpu: st
 
     With ``tracker=None`` the server is standalone (``connect(rpc="127.0.0.1:PORT")``)."""
     image = image or setup(verbose=False)
-    port = port or _free_port(9090, taken_ports)
     log_dir = Path(log_dir or cache_dir() / "logs")
-    entry = _spawn(_server_cmd(image.python, tracker, key, port), image.env(qemu_cpu),
-                   log_dir / f"server-{key}-{port}.log", "arm64-qemu", key=key, port=port, tracker=tracker,
-                   qemu_cpu=_qemu_cpu(qemu_cpu))
-    if wait:
-        wait_for_server(entry, timeout=timeout)
-    return entry
+
+    def spawn(port):
+        return _spawn(_server_cmd(image.python, tracker, key, port), image.env(qemu_cpu),
+                      log_dir / f"server-{key}-{port}.log", "arm64-qemu", key=key, port=port, tracker=tracker,
+                      qemu_cpu=_qemu_cpu(qemu_cpu))
+
+    return _start_server(spawn, port, taken_ports, wait, timeout)
 
 
 def start_x86_server(tracker: str | None, key: str = X86_KEY, port: int | None = None, log_dir: Path | None = None,
@@ -427,13 +458,13 @@ def start_x86_server(tracker: str | None, key: str = X86_KEY, port: int | None =
     """Start a local (host CPU) RPC server registered at ``tracker`` under ``key``; return its state entry.
 
     With ``tracker=None`` the server is standalone (``connect(rpc="127.0.0.1:PORT")``)."""
-    port = port or _free_port(9090, taken_ports)
     log_dir = Path(log_dir or cache_dir() / "logs")
-    entry = _spawn(_server_cmd(sys.executable, tracker, key, port), dict(os.environ),
-                   log_dir / f"server-{key}-{port}.log", "x86-local", key=key, port=port, tracker=tracker)
-    if wait:
-        wait_for_server(entry, timeout=timeout)
-    return entry
+
+    def spawn(port):
+        return _spawn(_server_cmd(sys.executable, tracker, key, port), dict(os.environ),
+                      log_dir / f"server-{key}-{port}.log", "x86-local", key=key, port=port, tracker=tracker)
+
+    return _start_server(spawn, port, taken_ports, wait, timeout)
 
 
 def _registered(tracker: str | None, key: str, port: int) -> bool:

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -224,6 +225,38 @@ def test_status_and_start_handle_a_server_that_lost_its_loop(private_devices, ti
     assert not device._group_alive(before["pid"])  # the broken server is gone, not orphaned
     code, out, _, _ = alcs("device", "status", "--state", setup.state_path)
     assert code == 0 and "registered" in out
+
+
+def test_a_server_whose_port_is_taken_before_it_binds_starts_on_another(tmp_path):
+    """Servers scan the same range from 9090 for a free port, and the port found free can be taken before the
+    server binds it (an emulated one needs seconds to get there): with test sessions and `alcs device start`s
+    running side by side, test_device_faults_then_retry failed so ("cannot bind to any port in [9110, 9111)")."""
+    tracker = device.start_tracker(device._free_port(9790), log_dir=tmp_path)
+    blocker = socket.socket()
+    taken = {}
+
+    def take_the_port():  # as soon as the server's log names its port, long before the server imports TVM
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not taken:
+            for log in tmp_path.glob("server-contested-*.log"):
+                taken["port"] = int(log.stem.rsplit("-", 1)[1])
+                blocker.bind(("127.0.0.1", taken["port"]))
+                blocker.listen(1)
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=take_the_port, daemon=True)
+    thread.start()
+    entry = None
+    try:
+        entry = device.start_x86_server(device.tracker_addr(tracker), key="contested", log_dir=tmp_path)
+        thread.join(10)
+        assert taken and entry["port"] != taken["port"]
+        assert "cannot bind" in (tmp_path / f"server-contested-{taken['port']}.log").read_text()
+        assert device._registered(entry["tracker"], "contested", entry["port"])
+    finally:
+        blocker.close()
+        device.stop_process(entry)
+        device.stop_process(tracker)
 
 
 # ----------------------------------------------------------------------------------------- 2. a frozen tracker
