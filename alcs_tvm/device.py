@@ -354,7 +354,10 @@ def stop_process(entry: dict | None, grace: float = 3.0) -> bool:
 
 
 def _group_alive(pgid: int) -> bool:
-    """True while a non-zombie process of process group ``pgid`` exists."""
+    """True while a process of process group ``pgid`` still runs any thread.
+
+    A multi-threaded process's leader turns zombie before its other threads finish exiting, and until the last
+    one has, the process's sockets stay open: the tracker's listening port is not free yet."""
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -362,8 +365,18 @@ def _group_alive(pgid: int) -> bool:
             fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
+        if int(fields[2]) == pgid and (fields[0] != "Z" or _threads_running(proc)):
             return True
+    return False
+
+
+def _threads_running(proc: Path) -> bool:
+    for task in (proc / "task").glob("*"):
+        try:
+            if (task / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                return True
+        except OSError:
+            continue
     return False
 
 
