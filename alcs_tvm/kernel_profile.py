@@ -11,8 +11,10 @@ TVM's RPC cannot carry a host-side instrument function to a remote VM, so profil
 """
 from __future__ import annotations
 
+import collections
 import json
 import platform
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from tvm import relax
 from . import rpc as alcs_rpc
 from .run import make_inputs, read_sidecar, run_model, sidecar_path
 
-__all__ = ["KernelCall", "profile_library", "format_profile", "kernel_kind"]
+__all__ = ["KernelCall", "profile_library", "format_profile", "kernel_kind", "time_by_kind"]
 
 
 @dataclass
@@ -162,3 +164,27 @@ def format_profile(rows, whole_ms: float) -> str:
     lines.append("by kind: " + ", ".join(f"{k} {100 * v / whole_ms:.0f}%" for k, v in
                                          sorted(by_kind.items(), key=lambda kv: -kv[1])))
     return "\n".join(lines)
+
+
+def time_by_kind(executable, inputs, rounds: int = 5, function: str = "main") -> dict:
+    """Share of one inference's time per kind of kernel (:func:`kernel_kind`; ``vm overhead`` for the VM's
+    builtins), from the VM's call instrumentation over ``rounds`` inferences. ``inputs``: the arrays, in order."""
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in inputs]
+    vm[function](*args)
+    started, spent = [0.0], collections.defaultdict(float)
+
+    def instrument(func, symbol, before, ret, *call_args):
+        if before:
+            started[0] = time.perf_counter()
+        else:
+            symbol = str(symbol)
+            spent["vm overhead" if symbol.startswith("vm.builtin") else kernel_kind(symbol)] += \
+                time.perf_counter() - started[0]
+        return 0
+
+    vm.set_instrument(instrument)
+    for _ in range(rounds):
+        vm[function](*args)
+    total = sum(spent.values())
+    return {k: round(v / total, 4) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}

@@ -12,7 +12,6 @@ time (sparse kernels vs depthwise vs the rest) and the compile time.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import subprocess
@@ -25,7 +24,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from alcs_tvm.kernel_profile import kernel_kind  # noqa: E402
+from alcs_tvm.kernel_profile import time_by_kind  # noqa: E402
 
 MODELS = ("resnet18", "mobilenet_v2")
 SPARSITIES = (0, 50, 70, 80, 90)
@@ -37,32 +36,6 @@ BARS = {  # (sparsity %, minimum ORT/alcs ratio) from the issue; at 0 % alcs may
 
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
-
-
-def time_breakdown(executable, x, rounds: int = 5) -> dict:
-    """Share of time per kind of function, from the VM's call instrumentation."""
-    import tvm
-    from tvm import relax
-
-    vm = relax.VirtualMachine(executable, tvm.cpu())
-    arg = tvm.runtime.tensor(x)
-    vm["main"](arg)
-    started, spent = [0.0], collections.defaultdict(float)
-
-    def instrument(func, symbol, before, ret, *args):
-        if before:
-            started[0] = time.perf_counter()
-        else:
-            symbol = str(symbol)
-            spent["vm overhead" if symbol.startswith("vm.builtin") else kernel_kind(symbol)] += \
-                time.perf_counter() - started[0]
-        return 0
-
-    vm.set_instrument(instrument)
-    for _ in range(rounds):
-        vm["main"](arg)
-    total = sum(spent.values())
-    return {k: round(v / total, 4) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}
 
 
 def run_worker(models, sparsities, threads: int, repeat: int, vector_width=None, tune=False) -> list:
@@ -129,7 +102,7 @@ def run_worker(models, sparsities, threads: int, repeat: int, vector_width=None,
                          "alcs_median_ms": stats["alcs"].median, "ort_median_ms": stats["ort"].median,
                          "torch_median_ms": stats["torch"].median, "compile_s": compile_s,
                          "sparse_layers": len(report.sparse_layers), "dense_layers": len(report.dense_layers),
-                         "max_rel_error_vs_ort": error, "time_breakdown": time_breakdown(executable, x)})
+                         "max_rel_error_vs_ort": error, "time_breakdown": time_by_kind(executable, [x])})
             if tuned is not None:
                 rows[-1].update({"alcs_tuned_ms": stats["alcs_tuned"].min, "tune_s": tune_s})
     return rows
