@@ -15,6 +15,9 @@ Models (all ``nn.Module``, deterministic random init (seed 0), returned in eval 
 * ``small_cnn(num_classes=10, in_channels=1)``: MNIST / sklearn-digits sized (28x28 or 8x8 inputs): three
   3x3 convs with 16/32/32 channels (multiples of 16, so SIMD blocks of V = 4, 8, 16 fit), global average
   pool, linear head.
+* ``yolo_style(num_classes=80, in_channels=3)``: YOLOv8n's layout (ConvBNSiLU, C2f with split and concat,
+  SPPF max pools, nearest-upsampling PAN neck, decoupled head at three strides); the raw head outputs flattened
+  and concatenated, ``N x (64 + num_classes) x (H*W/64 + H*W/256 + H*W/1024)``. Input 1x3x320x320.
 
 ``MODELS`` / ``get_model(name, **kw)`` is the registry, ``DEFAULT_INPUT_SHAPES`` a sensible input per model,
 ``simd_prune_`` zeroes random SIMD blocks in place, ``export_onnx`` writes an ONNX file TVM's importer reads.
@@ -34,7 +37,9 @@ from .sparse_format import layer_group_width, random_block_sparse
 
 __all__ = [
     "BasicBlock", "ResNet", "InvertedResidual", "MobileNetV2", "SmallCNN",
+    "ConvBNSiLU", "C2f", "SPPF", "YoloStyle",
     "resnet18", "resnet_tiny", "mobilenet_v2", "mobilenet_v2_tiny", "mobilenet_v2_imagenet", "small_cnn",
+    "yolo_style",
     "MODELS", "DEFAULT_INPUT_SHAPES", "get_model", "load_model", "simd_prune_", "export_onnx",
 ]
 
@@ -322,6 +327,123 @@ def small_cnn(num_classes: int = 10, in_channels: int = 1) -> SmallCNN:
     return SmallCNN(num_classes, in_channels).eval()
 
 
+# ---------------------------------------------------------------------------------------------- YOLO-style
+
+
+class ConvBNSiLU(nn.Sequential):
+    """Ultralytics' ``Conv``: Conv2d (no bias) - BatchNorm2d (eps 1e-3) - SiLU, 'same' padding."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int = 1, stride: int = 1):
+        super().__init__(
+            nn.Conv2d(cin, cout, kernel_size, stride, kernel_size // 2, bias=False),
+            nn.BatchNorm2d(cout, eps=1e-3, momentum=0.03),
+            nn.SiLU(inplace=True),
+        )
+
+
+class YoloBottleneck(nn.Module):
+    """Two 3x3 ConvBNSiLU, plus the input when ``shortcut`` (the C2f blocks of the backbone)."""
+
+    def __init__(self, channels: int, shortcut: bool = True):
+        super().__init__()
+        self.cv1 = ConvBNSiLU(channels, channels, 3)
+        self.cv2 = ConvBNSiLU(channels, channels, 3)
+        self.add = shortcut
+
+    def forward(self, x):
+        y = self.cv2(self.cv1(x))
+        return x + y if self.add else y
+
+
+class C2f(nn.Module):
+    """YOLOv8's CSP block: a 1x1 conv split in two halves, ``n`` bottlenecks chained on the second half, every
+    intermediate concatenated and mixed by a 1x1 conv."""
+
+    def __init__(self, cin: int, cout: int, n: int = 1, shortcut: bool = False):
+        super().__init__()
+        self.c = cout // 2
+        self.cv1 = ConvBNSiLU(cin, 2 * self.c, 1)
+        self.cv2 = ConvBNSiLU((2 + n) * self.c, cout, 1)
+        self.m = nn.ModuleList(YoloBottleneck(self.c, shortcut) for _ in range(n))
+
+    def forward(self, x):
+        # split with explicit sizes, as ultralytics' exporter switches C2f to: one ONNX Split node, where chunk
+        # exports as Shape / Gather / Div / Slice arithmetic
+        y = list(self.cv1(x).split((self.c, self.c), 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+class SPPF(nn.Module):
+    """Spatial pyramid pooling, fast: a 1x1 conv, three chained 5x5/1 max pools, the four concatenated, 1x1 conv."""
+
+    def __init__(self, cin: int, cout: int, k: int = 5):
+        super().__init__()
+        hidden = cin // 2
+        self.cv1 = ConvBNSiLU(cin, hidden, 1)
+        self.cv2 = ConvBNSiLU(hidden * 4, cout, 1)
+        self.m = nn.MaxPool2d(k, stride=1, padding=k // 2)
+
+    def forward(self, x):
+        y = [self.cv1(x)]
+        y.extend(self.m(y[-1]) for _ in range(3))
+        return self.cv2(torch.cat(y, 1))
+
+
+class YoloStyle(nn.Module):
+    """YOLOv8n's layout (width 0.25, depth 0.33): a stride-32 backbone of ConvBNSiLU and C2f blocks ending in
+    SPPF, a PAN/FPN neck (nearest 2x upsampling and concat top-down, strided convs and concat bottom-up) and the
+    decoupled head at strides 8/16/32 (per level a box branch to ``4 * reg_max`` and a class branch to
+    ``num_classes`` channels). The output is the raw head, each level flattened to ``[N, 4 * reg_max +
+    num_classes, H * W]`` and concatenated on the last axis, as YOLOv8 returns it before the DFL box decoding.
+    The input side must be a multiple of 32."""
+
+    def __init__(self, num_classes: int = 80, in_channels: int = 3, widths=(16, 32, 64, 128, 256),
+                 depths=(1, 2, 2, 1), reg_max: int = 16):
+        super().__init__()
+        w0, w1, w2, w3, w4 = widths
+        d1, d2, d3, d4 = depths
+        self.backbone_p3 = nn.Sequential(
+            ConvBNSiLU(in_channels, w0, 3, 2),  # P1/2
+            ConvBNSiLU(w0, w1, 3, 2), C2f(w1, w1, d1, True),  # P2/4
+            ConvBNSiLU(w1, w2, 3, 2), C2f(w2, w2, d2, True),  # P3/8
+        )
+        self.backbone_p4 = nn.Sequential(ConvBNSiLU(w2, w3, 3, 2), C2f(w3, w3, d3, True))  # P4/16
+        self.backbone_p5 = nn.Sequential(ConvBNSiLU(w3, w4, 3, 2), C2f(w4, w4, d4, True), SPPF(w4, w4))  # P5/32
+        self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
+        self.top_down_p4 = C2f(w4 + w3, w3, 1)
+        self.top_down_p3 = C2f(w3 + w2, w2, 1)
+        self.down_p3 = ConvBNSiLU(w2, w2, 3, 2)
+        self.bottom_up_p4 = C2f(w2 + w3, w3, 1)
+        self.down_p4 = ConvBNSiLU(w3, w3, 3, 2)
+        self.bottom_up_p5 = C2f(w3 + w4, w4, 1)
+        box = max(16, w2 // 4, 4 * reg_max)
+        cls = max(w2, min(num_classes, 100))
+        self.box_heads = nn.ModuleList(
+            nn.Sequential(ConvBNSiLU(c, box, 3), ConvBNSiLU(box, box, 3), nn.Conv2d(box, 4 * reg_max, 1))
+            for c in (w2, w3, w4))
+        self.cls_heads = nn.ModuleList(
+            nn.Sequential(ConvBNSiLU(c, cls, 3), ConvBNSiLU(cls, cls, 3), nn.Conv2d(cls, num_classes, 1))
+            for c in (w2, w3, w4))
+        _init_weights(self)
+
+    def forward(self, x):
+        p3 = self.backbone_p3(x)
+        p4 = self.backbone_p4(p3)
+        p5 = self.backbone_p5(p4)
+        n4 = self.top_down_p4(torch.cat([self.upsample(p5), p4], 1))
+        n3 = self.top_down_p3(torch.cat([self.upsample(n4), p3], 1))
+        n4 = self.bottom_up_p4(torch.cat([self.down_p3(n3), n4], 1))
+        n5 = self.bottom_up_p5(torch.cat([self.down_p4(n4), p5], 1))
+        levels = [torch.cat([box(f), cls(f)], 1) for f, box, cls in zip((n3, n4, n5), self.box_heads, self.cls_heads)]
+        return torch.cat([level.flatten(2) for level in levels], 2)
+
+
+def yolo_style(num_classes: int = 80, in_channels: int = 3) -> YoloStyle:
+    """A YOLOv8n-layout detector (random weights). Input ``N x 3 x 320 x 320`` (any multiple of 32)."""
+    return YoloStyle(num_classes, in_channels).eval()
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 
 
@@ -352,6 +474,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "mobilenet_v2_tiny": mobilenet_v2_tiny,
     "mobilenet_v2_imagenet": mobilenet_v2_imagenet,
     "small_cnn": small_cnn,
+    "yolo_style": yolo_style,
 }
 
 DEFAULT_INPUT_SHAPES: dict[str, tuple] = {
@@ -361,6 +484,7 @@ DEFAULT_INPUT_SHAPES: dict[str, tuple] = {
     "mobilenet_v2_tiny": (1, 3, 32, 32),
     "mobilenet_v2_imagenet": (1, 3, 224, 224),
     "small_cnn": (1, 1, 28, 28),
+    "yolo_style": (1, 3, 320, 320),
 }
 
 
