@@ -18,6 +18,8 @@ Models (all ``nn.Module``, deterministic random init (seed 0), returned in eval 
 * ``yolo_style(num_classes=80, in_channels=3)``: YOLOv8n's layout (ConvBNSiLU, C2f with split and concat,
   SPPF max pools, nearest-upsampling PAN neck, decoupled head at three strides); the raw head outputs flattened
   and concatenated, ``N x (64 + num_classes) x (H*W/64 + H*W/256 + H*W/1024)``. Input 1x3x320x320.
+* ``unet_style(num_classes=4, in_channels=3)``: a U-Net with 16/32/64/128/256 channels (DoubleConv, max pool,
+  2x2/2 ConvTranspose2d, skip concat), per-pixel logits. Input 1x3x256x256.
 
 ``MODELS`` / ``get_model(name, **kw)`` is the registry, ``DEFAULT_INPUT_SHAPES`` a sensible input per model,
 ``simd_prune_`` zeroes random SIMD blocks in place, ``export_onnx`` writes an ONNX file TVM's importer reads.
@@ -37,9 +39,9 @@ from .sparse_format import layer_group_width, random_block_sparse
 
 __all__ = [
     "BasicBlock", "ResNet", "InvertedResidual", "MobileNetV2", "SmallCNN",
-    "ConvBNSiLU", "C2f", "SPPF", "YoloStyle",
+    "ConvBNSiLU", "C2f", "SPPF", "YoloStyle", "DoubleConv", "UNetStyle",
     "resnet18", "resnet_tiny", "mobilenet_v2", "mobilenet_v2_tiny", "mobilenet_v2_imagenet", "small_cnn",
-    "yolo_style",
+    "yolo_style", "unet_style",
     "MODELS", "DEFAULT_INPUT_SHAPES", "get_model", "load_model", "simd_prune_", "export_onnx",
 ]
 
@@ -444,6 +446,61 @@ def yolo_style(num_classes: int = 80, in_channels: int = 3) -> YoloStyle:
     return YoloStyle(num_classes, in_channels).eval()
 
 
+# ---------------------------------------------------------------------------------------------- U-Net
+
+
+class DoubleConv(nn.Sequential):
+    """Two conv3x3 (no bias) - BatchNorm2d - ReLU."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        )
+
+
+class UNetUp(nn.Module):
+    """2x2/2 transposed conv halving the channels, concat with the encoder's skip, DoubleConv."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(cin, cin // 2, 2, stride=2)
+        self.conv = DoubleConv(cin // 2 + cout, cout)
+
+    def forward(self, x, skip):
+        return self.conv(torch.cat([skip, self.up(x)], 1))
+
+
+class UNetStyle(nn.Module):
+    """The original U-Net's layout with ``widths`` channels per level: an encoder of DoubleConv + 2x2 max pool,
+    a DoubleConv bottleneck, a decoder of UNetUp blocks, and a 1x1 conv to ``num_classes`` logits per pixel. The
+    input side must be a multiple of ``2 ** (len(widths) - 1)``."""
+
+    def __init__(self, num_classes: int = 4, in_channels: int = 3, widths=(16, 32, 64, 128, 256)):
+        super().__init__()
+        self.inc = DoubleConv(in_channels, widths[0])
+        self.pool = nn.MaxPool2d(2)
+        self.downs = nn.ModuleList(DoubleConv(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.ups = nn.ModuleList(UNetUp(b, a) for a, b in reversed(list(zip(widths[:-1], widths[1:]))))
+        self.outc = nn.Conv2d(widths[0], num_classes, 1)
+        _init_weights(self)
+
+    def forward(self, x):
+        skips = [self.inc(x)]
+        for down in self.downs:
+            skips.append(down(self.pool(skips[-1])))
+        x = skips.pop()
+        for up in self.ups:
+            x = up(x, skips.pop())
+        return self.outc(x)
+
+
+def unet_style(num_classes: int = 4, in_channels: int = 3) -> UNetStyle:
+    """A four-pooling U-Net with 16..256 channels (random weights). Input ``N x 3 x 256 x 256`` (any multiple of
+    16); output ``N x num_classes x H x W``."""
+    return UNetStyle(num_classes, in_channels).eval()
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 
 
@@ -452,7 +509,7 @@ def _init_weights(model: nn.Module) -> None:
     folding is actually exercised."""
     gen = torch.Generator().manual_seed(0)
     for m in model.modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu", generator=gen)
             if m.bias is not None:
                 nn.init.uniform_(m.bias, -0.1, 0.1, generator=gen)
@@ -475,6 +532,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "mobilenet_v2_imagenet": mobilenet_v2_imagenet,
     "small_cnn": small_cnn,
     "yolo_style": yolo_style,
+    "unet_style": unet_style,
 }
 
 DEFAULT_INPUT_SHAPES: dict[str, tuple] = {
@@ -485,6 +543,7 @@ DEFAULT_INPUT_SHAPES: dict[str, tuple] = {
     "mobilenet_v2_imagenet": (1, 3, 224, 224),
     "small_cnn": (1, 1, 28, 28),
     "yolo_style": (1, 3, 320, 320),
+    "unet_style": (1, 3, 256, 256),
 }
 
 
