@@ -20,6 +20,9 @@ Models (all ``nn.Module``, deterministic random init (seed 0), returned in eval 
   and concatenated, ``N x (64 + num_classes) x (H*W/64 + H*W/256 + H*W/1024)``. Input 1x3x320x320.
 * ``unet_style(num_classes=4, in_channels=3)``: a U-Net with 16/32/64/128/256 channels (DoubleConv, max pool,
   2x2/2 ConvTranspose2d, skip concat), per-pixel logits. Input 1x3x256x256.
+* ``mobilenet_v3_style(num_classes=1000, in_channels=3)``: torchvision's MobileNetV3-Small (Hardswish, 3x3 and
+  5x5 depthwise, squeeze-excitation with Hardsigmoid, Linear-Hardswish-Dropout-Linear head). Same parameter
+  names. Input 1x3x224x224.
 
 ``MODELS`` / ``get_model(name, **kw)`` is the registry, ``DEFAULT_INPUT_SHAPES`` a sensible input per model,
 ``simd_prune_`` zeroes random SIMD blocks in place, ``export_onnx`` writes an ONNX file TVM's importer reads.
@@ -39,9 +42,10 @@ from .sparse_format import layer_group_width, random_block_sparse
 
 __all__ = [
     "BasicBlock", "ResNet", "InvertedResidual", "MobileNetV2", "SmallCNN",
-    "ConvBNSiLU", "C2f", "SPPF", "YoloStyle", "DoubleConv", "UNetStyle",
+    "ConvBNSiLU", "C2f", "SPPF", "YoloStyle", "DoubleConv", "UNetStyle", "SqueezeExcitation",
+    "InvertedResidualV3", "MobileNetV3",
     "resnet18", "resnet_tiny", "mobilenet_v2", "mobilenet_v2_tiny", "mobilenet_v2_imagenet", "small_cnn",
-    "yolo_style", "unet_style",
+    "yolo_style", "unet_style", "mobilenet_v3_style",
     "MODELS", "DEFAULT_INPUT_SHAPES", "get_model", "load_model", "simd_prune_", "export_onnx",
 ]
 
@@ -501,6 +505,106 @@ def unet_style(num_classes: int = 4, in_channels: int = 3) -> UNetStyle:
     return UNetStyle(num_classes, in_channels).eval()
 
 
+# ---------------------------------------------------------------------------------------------- MobileNetV3
+
+
+class ConvBNAct(nn.Sequential):
+    """Conv2d (no bias) - BatchNorm2d (eps 1e-3) - ``activation`` (a module class, or None), torchvision's
+    ``Conv2dNormActivation`` as MobileNetV3 uses it."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int = 3, stride: int = 1, groups: int = 1,
+                 activation: type[nn.Module] | None = nn.ReLU):
+        layers = [nn.Conv2d(cin, cout, kernel_size, stride, (kernel_size - 1) // 2, groups=groups, bias=False),
+                  nn.BatchNorm2d(cout, eps=1e-3, momentum=0.01)]
+        if activation is not None:
+            layers.append(activation(inplace=True))
+        super().__init__(*layers)
+
+
+class SqueezeExcitation(nn.Module):
+    """torchvision's SE block as MobileNetV3 uses it: global average pool, 1x1 conv - ReLU - 1x1 conv -
+    Hardsigmoid, the result scales the input per channel."""
+
+    def __init__(self, channels: int, squeeze: int):
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(channels, squeeze, 1)
+        self.fc2 = nn.Conv2d(squeeze, channels, 1)
+        self.activation = nn.ReLU()
+        self.scale_activation = nn.Hardsigmoid()
+
+    def forward(self, x):
+        scale = self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x)))))
+        return scale * x
+
+
+class InvertedResidualV3(nn.Module):
+    """torchvision's MobileNetV3 InvertedResidual: [1x1 expand] - kxk depthwise - [SE] - 1x1 project (no
+    activation), each with BN; ReLU or Hardswish; identity added when stride 1 and cin == cout."""
+
+    def __init__(self, cin: int, kernel: int, expanded: int, cout: int, use_se: bool, activation: str,
+                 stride: int):
+        super().__init__()
+        act = nn.Hardswish if activation == "HS" else nn.ReLU
+        self.use_res_connect = stride == 1 and cin == cout
+        layers: list[nn.Module] = []
+        if expanded != cin:
+            layers.append(ConvBNAct(cin, expanded, 1, activation=act))
+        layers.append(ConvBNAct(expanded, expanded, kernel, stride, groups=expanded, activation=act))
+        if use_se:
+            layers.append(SqueezeExcitation(expanded, _make_divisible(expanded // 4, 8)))
+        layers.append(ConvBNAct(expanded, cout, 1, activation=None))
+        self.block = nn.Sequential(*layers)
+        self.out_channels = cout
+
+    def forward(self, x):
+        y = self.block(x)
+        return x + y if self.use_res_connect else y
+
+
+_MBV3_SMALL_SETTING = [  # cin, kernel, expanded, cout, SE, activation, stride (torchvision's v3-small table)
+    [16, 3, 16, 16, True, "RE", 2],
+    [16, 3, 72, 24, False, "RE", 2],
+    [24, 3, 88, 24, False, "RE", 1],
+    [24, 5, 96, 40, True, "HS", 2],
+    [40, 5, 240, 40, True, "HS", 1],
+    [40, 5, 240, 40, True, "HS", 1],
+    [40, 5, 120, 48, True, "HS", 1],
+    [48, 5, 144, 48, True, "HS", 1],
+    [48, 5, 288, 96, True, "HS", 2],
+    [96, 5, 576, 96, True, "HS", 1],
+    [96, 5, 576, 96, True, "HS", 1],
+]
+
+
+class MobileNetV3(nn.Module):
+    """torchvision's MobileNetV3 (same parameter names): a 3x3/2 Hardswish stem, the ``setting`` blocks, a 1x1
+    conv to ``6 * last block's channels``, global average pool, Linear - Hardswish - Dropout - Linear."""
+
+    def __init__(self, setting=None, last_channel: int = 1024, num_classes: int = 1000, in_channels: int = 3,
+                 dropout: float = 0.2):
+        super().__init__()
+        setting = _MBV3_SMALL_SETTING if setting is None else setting
+        layers: list[nn.Module] = [ConvBNAct(in_channels, setting[0][0], 3, 2, activation=nn.Hardswish)]
+        layers += [InvertedResidualV3(*row) for row in setting]
+        last_conv = 6 * setting[-1][3]
+        layers.append(ConvBNAct(setting[-1][3], last_conv, 1, activation=nn.Hardswish))
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Linear(last_conv, last_channel), nn.Hardswish(inplace=True),
+                                        nn.Dropout(p=dropout, inplace=True), nn.Linear(last_channel, num_classes))
+        _init_weights(self)
+
+    def forward(self, x):
+        x = torch.flatten(self.avgpool(self.features(x)), 1)
+        return self.classifier(x)
+
+
+def mobilenet_v3_style(num_classes: int = 1000, in_channels: int = 3) -> MobileNetV3:
+    """MobileNetV3-Small (torchvision layout, random weights). Input ``N x 3 x 224 x 224``."""
+    return MobileNetV3(num_classes=num_classes, in_channels=in_channels).eval()
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 
 
@@ -533,6 +637,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": small_cnn,
     "yolo_style": yolo_style,
     "unet_style": unet_style,
+    "mobilenet_v3_style": mobilenet_v3_style,
 }
 
 DEFAULT_INPUT_SHAPES: dict[str, tuple] = {
@@ -544,6 +649,7 @@ DEFAULT_INPUT_SHAPES: dict[str, tuple] = {
     "small_cnn": (1, 1, 28, 28),
     "yolo_style": (1, 3, 320, 320),
     "unet_style": (1, 3, 256, 256),
+    "mobilenet_v3_style": (1, 3, 224, 224),
 }
 
 
