@@ -15,6 +15,14 @@ Models (all ``nn.Module``, deterministic random init (seed 0), returned in eval 
 * ``small_cnn(num_classes=10, in_channels=1)``: MNIST / sklearn-digits sized (28x28 or 8x8 inputs): three
   3x3 convs with 16/32/32 channels (multiples of 16, so SIMD blocks of V = 4, 8, 16 fit), global average
   pool, linear head.
+* ``yolo_style(num_classes=80, in_channels=3)``: YOLOv8n's layout (ConvBNSiLU, C2f with split and concat,
+  SPPF max pools, nearest-upsampling PAN neck, decoupled head at three strides); the raw head outputs flattened
+  and concatenated, ``N x (64 + num_classes) x (H*W/64 + H*W/256 + H*W/1024)``. Input 1x3x320x320.
+* ``unet_style(num_classes=4, in_channels=3)``: a U-Net with 16/32/64/128/256 channels (DoubleConv, max pool,
+  2x2/2 ConvTranspose2d, skip concat), per-pixel logits. Input 1x3x256x256.
+* ``mobilenet_v3_style(num_classes=1000, in_channels=3)``: torchvision's MobileNetV3-Small (Hardswish, 3x3 and
+  5x5 depthwise, squeeze-excitation with Hardsigmoid, Linear-Hardswish-Dropout-Linear head). Same parameter
+  names. Input 1x3x224x224.
 
 ``MODELS`` / ``get_model(name, **kw)`` is the registry, ``DEFAULT_INPUT_SHAPES`` a sensible input per model,
 ``simd_prune_`` zeroes random SIMD blocks in place, ``export_onnx`` writes an ONNX file TVM's importer reads.
@@ -34,7 +42,10 @@ from .sparse_format import layer_group_width, random_block_sparse
 
 __all__ = [
     "BasicBlock", "ResNet", "InvertedResidual", "MobileNetV2", "SmallCNN",
+    "ConvBNSiLU", "C2f", "SPPF", "YoloStyle", "DoubleConv", "UNetStyle", "SqueezeExcitation",
+    "InvertedResidualV3", "MobileNetV3",
     "resnet18", "resnet_tiny", "mobilenet_v2", "mobilenet_v2_tiny", "mobilenet_v2_imagenet", "small_cnn",
+    "yolo_style", "unet_style", "mobilenet_v3_style",
     "MODELS", "DEFAULT_INPUT_SHAPES", "get_model", "load_model", "simd_prune_", "export_onnx",
 ]
 
@@ -322,6 +333,278 @@ def small_cnn(num_classes: int = 10, in_channels: int = 1) -> SmallCNN:
     return SmallCNN(num_classes, in_channels).eval()
 
 
+# ---------------------------------------------------------------------------------------------- YOLO-style
+
+
+class ConvBNSiLU(nn.Sequential):
+    """Ultralytics' ``Conv``: Conv2d (no bias) - BatchNorm2d (eps 1e-3) - SiLU, 'same' padding."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int = 1, stride: int = 1):
+        super().__init__(
+            nn.Conv2d(cin, cout, kernel_size, stride, kernel_size // 2, bias=False),
+            nn.BatchNorm2d(cout, eps=1e-3, momentum=0.03),
+            nn.SiLU(inplace=True),
+        )
+
+
+class YoloBottleneck(nn.Module):
+    """Two 3x3 ConvBNSiLU, plus the input when ``shortcut`` (the C2f blocks of the backbone)."""
+
+    def __init__(self, channels: int, shortcut: bool = True):
+        super().__init__()
+        self.cv1 = ConvBNSiLU(channels, channels, 3)
+        self.cv2 = ConvBNSiLU(channels, channels, 3)
+        self.add = shortcut
+
+    def forward(self, x):
+        y = self.cv2(self.cv1(x))
+        return x + y if self.add else y
+
+
+class C2f(nn.Module):
+    """YOLOv8's CSP block: a 1x1 conv split in two halves, ``n`` bottlenecks chained on the second half, every
+    intermediate concatenated and mixed by a 1x1 conv."""
+
+    def __init__(self, cin: int, cout: int, n: int = 1, shortcut: bool = False):
+        super().__init__()
+        self.c = cout // 2
+        self.cv1 = ConvBNSiLU(cin, 2 * self.c, 1)
+        self.cv2 = ConvBNSiLU((2 + n) * self.c, cout, 1)
+        self.m = nn.ModuleList(YoloBottleneck(self.c, shortcut) for _ in range(n))
+
+    def forward(self, x):
+        # split with explicit sizes, as ultralytics' exporter switches C2f to: one ONNX Split node, where chunk
+        # exports as Shape / Gather / Div / Slice arithmetic
+        y = list(self.cv1(x).split((self.c, self.c), 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+class SPPF(nn.Module):
+    """Spatial pyramid pooling, fast: a 1x1 conv, three chained 5x5/1 max pools, the four concatenated, 1x1 conv."""
+
+    def __init__(self, cin: int, cout: int, k: int = 5):
+        super().__init__()
+        hidden = cin // 2
+        self.cv1 = ConvBNSiLU(cin, hidden, 1)
+        self.cv2 = ConvBNSiLU(hidden * 4, cout, 1)
+        self.m = nn.MaxPool2d(k, stride=1, padding=k // 2)
+
+    def forward(self, x):
+        y = [self.cv1(x)]
+        y.extend(self.m(y[-1]) for _ in range(3))
+        return self.cv2(torch.cat(y, 1))
+
+
+class YoloStyle(nn.Module):
+    """YOLOv8n's layout (width 0.25, depth 0.33): a stride-32 backbone of ConvBNSiLU and C2f blocks ending in
+    SPPF, a PAN/FPN neck (nearest 2x upsampling and concat top-down, strided convs and concat bottom-up) and the
+    decoupled head at strides 8/16/32 (per level a box branch to ``4 * reg_max`` and a class branch to
+    ``num_classes`` channels). The output is the raw head, each level flattened to ``[N, 4 * reg_max +
+    num_classes, H * W]`` and concatenated on the last axis, as YOLOv8 returns it before the DFL box decoding.
+    The input side must be a multiple of 32."""
+
+    def __init__(self, num_classes: int = 80, in_channels: int = 3, widths=(16, 32, 64, 128, 256),
+                 depths=(1, 2, 2, 1), reg_max: int = 16):
+        super().__init__()
+        w0, w1, w2, w3, w4 = widths
+        d1, d2, d3, d4 = depths
+        self.backbone_p3 = nn.Sequential(
+            ConvBNSiLU(in_channels, w0, 3, 2),  # P1/2
+            ConvBNSiLU(w0, w1, 3, 2), C2f(w1, w1, d1, True),  # P2/4
+            ConvBNSiLU(w1, w2, 3, 2), C2f(w2, w2, d2, True),  # P3/8
+        )
+        self.backbone_p4 = nn.Sequential(ConvBNSiLU(w2, w3, 3, 2), C2f(w3, w3, d3, True))  # P4/16
+        self.backbone_p5 = nn.Sequential(ConvBNSiLU(w3, w4, 3, 2), C2f(w4, w4, d4, True), SPPF(w4, w4))  # P5/32
+        self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
+        self.top_down_p4 = C2f(w4 + w3, w3, 1)
+        self.top_down_p3 = C2f(w3 + w2, w2, 1)
+        self.down_p3 = ConvBNSiLU(w2, w2, 3, 2)
+        self.bottom_up_p4 = C2f(w2 + w3, w3, 1)
+        self.down_p4 = ConvBNSiLU(w3, w3, 3, 2)
+        self.bottom_up_p5 = C2f(w3 + w4, w4, 1)
+        box = max(16, w2 // 4, 4 * reg_max)
+        cls = max(w2, min(num_classes, 100))
+        self.box_heads = nn.ModuleList(
+            nn.Sequential(ConvBNSiLU(c, box, 3), ConvBNSiLU(box, box, 3), nn.Conv2d(box, 4 * reg_max, 1))
+            for c in (w2, w3, w4))
+        self.cls_heads = nn.ModuleList(
+            nn.Sequential(ConvBNSiLU(c, cls, 3), ConvBNSiLU(cls, cls, 3), nn.Conv2d(cls, num_classes, 1))
+            for c in (w2, w3, w4))
+        _init_weights(self)
+
+    def forward(self, x):
+        p3 = self.backbone_p3(x)
+        p4 = self.backbone_p4(p3)
+        p5 = self.backbone_p5(p4)
+        n4 = self.top_down_p4(torch.cat([self.upsample(p5), p4], 1))
+        n3 = self.top_down_p3(torch.cat([self.upsample(n4), p3], 1))
+        n4 = self.bottom_up_p4(torch.cat([self.down_p3(n3), n4], 1))
+        n5 = self.bottom_up_p5(torch.cat([self.down_p4(n4), p5], 1))
+        levels = [torch.cat([box(f), cls(f)], 1) for f, box, cls in zip((n3, n4, n5), self.box_heads, self.cls_heads)]
+        return torch.cat([level.flatten(2) for level in levels], 2)
+
+
+def yolo_style(num_classes: int = 80, in_channels: int = 3) -> YoloStyle:
+    """A YOLOv8n-layout detector (random weights). Input ``N x 3 x 320 x 320`` (any multiple of 32)."""
+    return YoloStyle(num_classes, in_channels).eval()
+
+
+# ---------------------------------------------------------------------------------------------- U-Net
+
+
+class DoubleConv(nn.Sequential):
+    """Two conv3x3 (no bias) - BatchNorm2d - ReLU."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        )
+
+
+class UNetUp(nn.Module):
+    """2x2/2 transposed conv halving the channels, concat with the encoder's skip, DoubleConv."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(cin, cin // 2, 2, stride=2)
+        self.conv = DoubleConv(cin // 2 + cout, cout)
+
+    def forward(self, x, skip):
+        return self.conv(torch.cat([skip, self.up(x)], 1))
+
+
+class UNetStyle(nn.Module):
+    """The original U-Net's layout with ``widths`` channels per level: an encoder of DoubleConv + 2x2 max pool,
+    a DoubleConv bottleneck, a decoder of UNetUp blocks, and a 1x1 conv to ``num_classes`` logits per pixel. The
+    input side must be a multiple of ``2 ** (len(widths) - 1)``."""
+
+    def __init__(self, num_classes: int = 4, in_channels: int = 3, widths=(16, 32, 64, 128, 256)):
+        super().__init__()
+        self.inc = DoubleConv(in_channels, widths[0])
+        self.pool = nn.MaxPool2d(2)
+        self.downs = nn.ModuleList(DoubleConv(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.ups = nn.ModuleList(UNetUp(b, a) for a, b in reversed(list(zip(widths[:-1], widths[1:]))))
+        self.outc = nn.Conv2d(widths[0], num_classes, 1)
+        _init_weights(self)
+
+    def forward(self, x):
+        skips = [self.inc(x)]
+        for down in self.downs:
+            skips.append(down(self.pool(skips[-1])))
+        x = skips.pop()
+        for up in self.ups:
+            x = up(x, skips.pop())
+        return self.outc(x)
+
+
+def unet_style(num_classes: int = 4, in_channels: int = 3) -> UNetStyle:
+    """A four-pooling U-Net with 16..256 channels (random weights). Input ``N x 3 x 256 x 256`` (any multiple of
+    16); output ``N x num_classes x H x W``."""
+    return UNetStyle(num_classes, in_channels).eval()
+
+
+# ---------------------------------------------------------------------------------------------- MobileNetV3
+
+
+class ConvBNAct(nn.Sequential):
+    """Conv2d (no bias) - BatchNorm2d (eps 1e-3) - ``activation`` (a module class, or None), torchvision's
+    ``Conv2dNormActivation`` as MobileNetV3 uses it."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int = 3, stride: int = 1, groups: int = 1,
+                 activation: type[nn.Module] | None = nn.ReLU):
+        layers = [nn.Conv2d(cin, cout, kernel_size, stride, (kernel_size - 1) // 2, groups=groups, bias=False),
+                  nn.BatchNorm2d(cout, eps=1e-3, momentum=0.01)]
+        if activation is not None:
+            layers.append(activation(inplace=True))
+        super().__init__(*layers)
+
+
+class SqueezeExcitation(nn.Module):
+    """torchvision's SE block as MobileNetV3 uses it: global average pool, 1x1 conv - ReLU - 1x1 conv -
+    Hardsigmoid, the result scales the input per channel."""
+
+    def __init__(self, channels: int, squeeze: int):
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(channels, squeeze, 1)
+        self.fc2 = nn.Conv2d(squeeze, channels, 1)
+        self.activation = nn.ReLU()
+        self.scale_activation = nn.Hardsigmoid()
+
+    def forward(self, x):
+        scale = self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x)))))
+        return scale * x
+
+
+class InvertedResidualV3(nn.Module):
+    """torchvision's MobileNetV3 InvertedResidual: [1x1 expand] - kxk depthwise - [SE] - 1x1 project (no
+    activation), each with BN; ReLU or Hardswish; identity added when stride 1 and cin == cout."""
+
+    def __init__(self, cin: int, kernel: int, expanded: int, cout: int, use_se: bool, activation: str,
+                 stride: int):
+        super().__init__()
+        act = nn.Hardswish if activation == "HS" else nn.ReLU
+        self.use_res_connect = stride == 1 and cin == cout
+        layers: list[nn.Module] = []
+        if expanded != cin:
+            layers.append(ConvBNAct(cin, expanded, 1, activation=act))
+        layers.append(ConvBNAct(expanded, expanded, kernel, stride, groups=expanded, activation=act))
+        if use_se:
+            layers.append(SqueezeExcitation(expanded, _make_divisible(expanded // 4, 8)))
+        layers.append(ConvBNAct(expanded, cout, 1, activation=None))
+        self.block = nn.Sequential(*layers)
+        self.out_channels = cout
+
+    def forward(self, x):
+        y = self.block(x)
+        return x + y if self.use_res_connect else y
+
+
+_MBV3_SMALL_SETTING = [  # cin, kernel, expanded, cout, SE, activation, stride (torchvision's v3-small table)
+    [16, 3, 16, 16, True, "RE", 2],
+    [16, 3, 72, 24, False, "RE", 2],
+    [24, 3, 88, 24, False, "RE", 1],
+    [24, 5, 96, 40, True, "HS", 2],
+    [40, 5, 240, 40, True, "HS", 1],
+    [40, 5, 240, 40, True, "HS", 1],
+    [40, 5, 120, 48, True, "HS", 1],
+    [48, 5, 144, 48, True, "HS", 1],
+    [48, 5, 288, 96, True, "HS", 2],
+    [96, 5, 576, 96, True, "HS", 1],
+    [96, 5, 576, 96, True, "HS", 1],
+]
+
+
+class MobileNetV3(nn.Module):
+    """torchvision's MobileNetV3 (same parameter names): a 3x3/2 Hardswish stem, the ``setting`` blocks, a 1x1
+    conv to ``6 * last block's channels``, global average pool, Linear - Hardswish - Dropout - Linear."""
+
+    def __init__(self, setting=None, last_channel: int = 1024, num_classes: int = 1000, in_channels: int = 3,
+                 dropout: float = 0.2):
+        super().__init__()
+        setting = _MBV3_SMALL_SETTING if setting is None else setting
+        layers: list[nn.Module] = [ConvBNAct(in_channels, setting[0][0], 3, 2, activation=nn.Hardswish)]
+        layers += [InvertedResidualV3(*row) for row in setting]
+        last_conv = 6 * setting[-1][3]
+        layers.append(ConvBNAct(setting[-1][3], last_conv, 1, activation=nn.Hardswish))
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Linear(last_conv, last_channel), nn.Hardswish(inplace=True),
+                                        nn.Dropout(p=dropout, inplace=True), nn.Linear(last_channel, num_classes))
+        _init_weights(self)
+
+    def forward(self, x):
+        x = torch.flatten(self.avgpool(self.features(x)), 1)
+        return self.classifier(x)
+
+
+def mobilenet_v3_style(num_classes: int = 1000, in_channels: int = 3) -> MobileNetV3:
+    """MobileNetV3-Small (torchvision layout, random weights). Input ``N x 3 x 224 x 224``."""
+    return MobileNetV3(num_classes=num_classes, in_channels=in_channels).eval()
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 
 
@@ -330,7 +613,7 @@ def _init_weights(model: nn.Module) -> None:
     folding is actually exercised."""
     gen = torch.Generator().manual_seed(0)
     for m in model.modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu", generator=gen)
             if m.bias is not None:
                 nn.init.uniform_(m.bias, -0.1, 0.1, generator=gen)
@@ -352,6 +635,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "mobilenet_v2_tiny": mobilenet_v2_tiny,
     "mobilenet_v2_imagenet": mobilenet_v2_imagenet,
     "small_cnn": small_cnn,
+    "yolo_style": yolo_style,
+    "unet_style": unet_style,
+    "mobilenet_v3_style": mobilenet_v3_style,
 }
 
 DEFAULT_INPUT_SHAPES: dict[str, tuple] = {
@@ -361,6 +647,9 @@ DEFAULT_INPUT_SHAPES: dict[str, tuple] = {
     "mobilenet_v2_tiny": (1, 3, 32, 32),
     "mobilenet_v2_imagenet": (1, 3, 224, 224),
     "small_cnn": (1, 1, 28, 28),
+    "yolo_style": (1, 3, 320, 320),
+    "unet_style": (1, 3, 256, 256),
+    "mobilenet_v3_style": (1, 3, 224, 224),
 }
 
 

@@ -86,7 +86,9 @@ def test_pretrained_mobilenet_v2_greyscale_stem_equals_rgb_of_the_same_image():
 
 def test_registry():
     assert set(zoo.MODELS) == {"resnet18", "resnet_tiny", "mobilenet_v2", "mobilenet_v2_tiny",
-                               "mobilenet_v2_imagenet", "small_cnn"}
+                               "mobilenet_v2_imagenet", "small_cnn", "yolo_style", "unet_style",
+                               "mobilenet_v3_style"}
+    assert set(zoo.DEFAULT_INPUT_SHAPES) == set(zoo.MODELS)
     assert zoo.get_model("small_cnn", num_classes=3, in_channels=2).fc.out_features == 3
     with pytest.raises(ValueError, match="unknown model 'vgg'"):
         zoo.get_model("vgg")
