@@ -330,15 +330,15 @@ class SparseConvRewrite:
         def dense(reason, implementation="relax dense schedule", density=None, shape=describe):
             return LayerDecision(name, "conv2d", shape, density, None, "dense", implementation, reason)
 
-        if int(attrs.groups) != 1:
-            depthwise = in_shape and w_shape and int(attrs.groups) == in_shape[1] == w_shape[0] and w_shape[1] == 1
-            if depthwise and _is_const(weight) and _dtype(data) == "float32" and str(attrs.data_layout) == "NCHW":
+        groups = int(attrs.groups)
+        depthwise = groups != 1 and in_shape and w_shape and groups == in_shape[1] == w_shape[0] and w_shape[1] == 1
+        if depthwise:
+            if _is_const(weight) and _dtype(data) == "float32" and str(attrs.data_layout) == "NCHW":
                 layer.kind = "depthwise"  # may run blocked between two rewritten convs, see layout_chain
                 layer.layout = layer.epilogue_layout()
                 layer.depthwise = (in_shape, w_shape, [int(p) for p in attrs.padding],
                                    [int(x) for x in attrs.strides], [int(x) for x in attrs.dilation])
-            kind = "depthwise" if depthwise else f"grouped ({attrs.groups})"
-            return dense(f"{kind} conv: memory-bound, no channel reduction for SIMD blocks to skip")
+            return dense("depthwise conv: memory-bound, no channel reduction for SIMD blocks to skip")
         if not _is_const(weight):
             return dense("weight is not a constant (bind parameters first)")
         if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout or attrs.data_layout)) != \
@@ -349,15 +349,31 @@ class SparseConvRewrite:
             return dense(f"dtype {_dtype(data)} (only float32 is supported)")
         if in_shape is None or w_shape is None:
             return dense("dynamic shape")
+        w = _const_array(weight)
+        if groups != 1:  # the same conv over all input channels, with the weight zero outside each group
+            w = _block_diagonal(w, groups)
+            w_shape = list(w.shape)
         padding = [int(p) for p in attrs.padding]
         spec = Conv2dSpec.create(in_shape, w_shape, [int(s) for s in attrs.strides],
                                  (padding[0], padding[1], padding[2], padding[3]),
                                  [int(d) for d in attrs.dilation])
-        w = _const_array(weight)
         sparse_weight = self._sparse_weight(spec, w)
         v = sparse_weight.vector_width
         density = sparse_weight.density
         predicted = {}
+        if groups != 1:
+            # the kernel skips the blocks outside each group whatever the decision would be for a groups=1 conv:
+            # keeping them would multiply zeros. Latency tables and the pruner measure groups=1 convs only, so
+            # this layer stays part of the "rest of the model" (op "grouped_conv2d", not "conv2d").
+            layer.spec = spec
+            layer.layout = layer.epilogue_layout()
+            layer.sparse_weight = sparse_weight
+            fused = "+".join(["conv"] + (["bias"] if layer.bias is not None else []) +
+                             ([layer.activation] if layer.activation else []))
+            return LayerDecision(name, "grouped_conv2d", f"{spec.describe()} g{groups}", round(density, 4), v,
+                                 "sparse", f"alcs sparse kernel, {fused}",
+                                 f"grouped ({groups}): block-diagonal weight, the kernel skips the blocks outside "
+                                 f"each group", predicted, spec)
         if not self.sparse:
             decision, reason = "dense", "sparsity disabled (--no-sparse)"
         elif self.latency_table is not None:
@@ -430,6 +446,18 @@ class SparseConvRewrite:
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
         return rewriter.builder_.get()
+
+
+def _block_diagonal(weight: np.ndarray, groups: int) -> np.ndarray:
+    """A grouped conv's weight ``[Cout, Cin/groups, Kh, Kw]`` as the weight ``[Cout, Cin, Kh, Kw]`` of the conv over
+    all input channels that computes the same: output channel ``o`` reads only its group's input channels."""
+    cout, cin_per_group = weight.shape[:2]
+    full = np.zeros((cout, cin_per_group * groups) + weight.shape[2:], np.float32)
+    per_group = cout // groups
+    for g in range(groups):
+        rows = slice(g * per_group, (g + 1) * per_group)
+        full[rows, g * cin_per_group:(g + 1) * cin_per_group] = weight[rows]
+    return full
 
 
 def _blocked_depthwise(layer):

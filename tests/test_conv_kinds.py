@@ -1,0 +1,77 @@
+"""Convs other than groups=1 run our kernel where its structure fits: grouped convs as block-diagonal SIMD-block
+sparse convs. Each graph is built with onnx.helper, compiled for this host and compared with ONNX Runtime."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import tvm
+from onnx import TensorProto, helper, numpy_helper
+from tvm import relax
+
+from alcs_tvm import compiler
+
+RTOL = 1e-4
+
+
+def _run(model, x):
+    executable, report = compiler.compile(model, "x86")
+    out = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    (expected,) = ort.InferenceSession(model.SerializeToString(),
+                                       providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert out.shape == expected.shape
+    np.testing.assert_allclose(out, expected, rtol=RTOL, atol=RTOL * float(np.abs(expected).max()))
+    return report
+
+
+class _Graph:
+    def __init__(self, rng):
+        self.rng, self.nodes, self.inits = rng, [], []
+
+    def conv(self, src, name, cout, cin, kernel=3, stride=1, groups=1, act="Relu"):
+        w = self.rng.standard_normal((cout, cin // groups, kernel, kernel)) * np.sqrt(2 / (cin // groups * kernel ** 2))
+        b = self.rng.uniform(-0.1, 0.1, cout)
+        self.inits += [numpy_helper.from_array(w.astype(np.float32), f"{name}_w"),
+                       numpy_helper.from_array(b.astype(np.float32), f"{name}_b")]
+        self.nodes.append(helper.make_node("Conv", [src, f"{name}_w", f"{name}_b"], [f"{name}_y"], name=name,
+                                           kernel_shape=[kernel, kernel], strides=[stride, stride],
+                                           pads=[kernel // 2] * 4, group=groups))
+        if act is None:
+            return f"{name}_y"
+        self.nodes.append(helper.make_node(act, [f"{name}_y"], [f"{name}_a"], name=f"{name}_{act.lower()}"))
+        return f"{name}_a"
+
+    def model(self, out, in_shape, out_shape):
+        graph = helper.make_graph(self.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
+                                  [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)], self.inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("groups, channels", [(2, 64), (4, 96), (8, 64), (3, 48)])
+def test_grouped_convs_run_the_kernel_block_diagonal_and_match_onnx_runtime(groups, channels):
+    """ShuffleNet's and ResNeXt's grouped convs: 1x1 and 3x3, stride 1 and 2, channels per group that are and are
+    not a multiple of the SIMD width, between groups=1 convs and after the graph input."""
+    g = _Graph(np.random.default_rng(groups))
+    y = g.conv("x", "stem", channels, 8)
+    y = g.conv(y, "g1x1", channels, channels, kernel=1, groups=groups)
+    y = g.conv(y, "g3x3", channels, channels, kernel=3, groups=groups, act=None)
+    y = g.conv(y, "g3x3s2", channels * 2, channels, kernel=3, stride=2, groups=groups)
+    y = g.conv(y, "head", 16, channels * 2, kernel=1)
+    x = np.random.default_rng(0).standard_normal((1, 8, 20, 20)).astype(np.float32)
+    report = _run(g.model(y, [1, 8, 20, 20], [1, 16, 10, 10]), x)
+    grouped = [layer for layer in report.layers if layer.op == "grouped_conv2d"]
+    assert [layer.name for layer in grouped] == ["g1x1", "g3x3", "g3x3s2"]
+    for layer in grouped:
+        assert layer.decision == "sparse" and layer.symbol.startswith("alcs_spconv_"), layer
+        # the blocks outside each group are skipped: about 1/groups of them are kept
+        assert layer.density <= 1 / groups + layer.vector_width / channels + 1e-6, layer
+        assert f"grouped ({groups})" in layer.reason
+
+
+def test_grouped_convs_are_not_latency_table_layers():
+    """The pruner and latency tables measure groups=1 convs: a grouped conv is part of the rest of the model."""
+    g = _Graph(np.random.default_rng(5))
+    y = g.conv("x", "stem", 32, 3)
+    y = g.conv(y, "grouped", 32, 32, groups=4)
+    model = g.model(y, [1, 3, 16, 16], [1, 32, 16, 16])
+    assert [layer.name for layer in compiler.model_layers(model, "x86")] == ["stem"]
+    onnx.checker.check_model(model)
