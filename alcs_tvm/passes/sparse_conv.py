@@ -10,9 +10,10 @@ Pattern (after parameters are bound as constants, see :func:`alcs_tvm.frontend.p
 becomes ``R.call_tir(alcs_sparse_conv2d_k, (x, indptr, offsets, values, bias[, shortcut]), R.Tensor(out_shape))``
 with the packed constants (a residual add fuses into the first of its two operands' convs to reach it). Per
 layer the pass decides sparse or dense: sparse skips pruned blocks; dense runs the same register-tiled kernel
-with every block kept (still far faster than an unscheduled Relax conv). Depthwise and grouped convolutions
-are left to the dense schedules: they are memory-bound, with no reduction over input channels for SIMD blocks
-to skip. Linear layers (``R.matmul(x[N, K], W: Constant[K, Out])`` [+ bias]) run the same kernel as a 1x1 conv
+with every block kept (still far faster than an unscheduled Relax conv). A grouped conv is the conv over all
+input channels whose weight is zero outside each group: it runs the sparse kernel with that block-diagonal weight.
+Depthwise convolutions are left to the dense schedules (or the blocked depthwise kernel inside a chain): they are
+memory-bound, with no reduction over input channels for SIMD blocks to skip. Linear layers (``R.matmul(x[N, K], W: Constant[K, Out])`` [+ bias]) run the same kernel as a 1x1 conv
 on a 1x1 image (V along the output features) when their weight is sparse enough; a dense one stays a Relax
 matmul. 1-D, 3-D and transposed convs stay Relax ops. Every decision lands in :attr:`SparseConvRewrite.report`,
 one row per conv (of any kind) and linear layer, named after the ONNX node it came from.
