@@ -527,7 +527,7 @@ _LAYER_OPS = {
 }
 
 
-def _with_span(call, span):
+def with_span(call, span):
     """``call`` with ``span`` (a ``tvm.ir.Span``, or a node name for a span of that source name)."""
     if isinstance(span, str):
         span = tvm.ir.Span(tvm.ir.SourceName(span), 0, 0, 0, 0)
@@ -576,7 +576,7 @@ class _Importer(ONNXGraphImporter):
                 continue
             if isinstance(value.op, tvm.ir.Op) and value.op.name in ops:
                 if expr.same_as(result) and not isinstance(expr, relax.Var):
-                    return self.bb.normalize(_with_span(value, node))
+                    return self.bb.normalize(with_span(value, node))
                 if isinstance(expr, relax.Var):
                     self.layer_vars[expr] = node
                 return result
@@ -595,7 +595,7 @@ def _name_bound(mod, layer_vars: dict):
             node = layer_vars.get(binding.var)
             if node is None:
                 return super().visit_var_binding_(binding)
-            value = _with_span(self.visit_expr(binding.value), node)
+            value = with_span(self.visit_expr(binding.value), node)
             self.set_var_remap(binding.var, self.builder_.emit(value, name_hint=binding.var.name))
             return None
 
@@ -782,7 +782,7 @@ def _fold_bn_into_conv(mod):
             new_w = (weight.astype(np.float64) * scale.reshape(-1, 1, 1, 1)).astype(weight.dtype)
             new_b = ((b - mean) * scale + beta).astype(weight.dtype).reshape(1, cout, 1, 1)
             a = conv.attrs
-            new_conv = self.builder_.emit(_with_span(relax.op.nn.conv2d(
+            new_conv = self.builder_.emit(with_span(relax.op.nn.conv2d(
                 conv.args[0], relax.const(new_w), strides=a.strides, padding=a.padding, dilation=a.dilation,
                 groups=a.groups, data_layout=a.data_layout, kernel_layout=a.kernel_layout,
                 out_layout=a.out_layout, out_dtype=a.out_dtype), conv.span))  # the span names its ONNX node

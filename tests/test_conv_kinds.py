@@ -75,3 +75,50 @@ def test_grouped_convs_are_not_latency_table_layers():
     model = g.model(y, [1, 3, 16, 16], [1, 32, 16, 16])
     assert [layer.name for layer in compiler.model_layers(model, "x86")] == ["stem"]
     onnx.checker.check_model(model)
+
+
+# (kernel, stride, pads [top, left, bottom, right], output_padding): U-Net's 2/2, DCGAN's and CenterNet's 4/2/1,
+# a 3/2/1 with output padding (odd output sizes), stride 1, stride 3, and asymmetric pads
+CONV_TRANSPOSES = [(2, 2, (0, 0, 0, 0), 0), (4, 2, (1, 1, 1, 1), 0), (3, 2, (1, 1, 1, 1), 1), (3, 1, (1, 1, 1, 1), 0),
+                   (5, 3, (2, 2, 2, 2), 2), (3, 2, (0, 1, 1, 0), 0)]
+
+
+@pytest.mark.parametrize("kernel, stride, pads, output_padding", CONV_TRANSPOSES)
+def test_conv_transposes_run_the_kernel_as_sub_pixel_convs_and_match_onnx_runtime(kernel, stride, pads,
+                                                                                  output_padding):
+    rng = np.random.default_rng(kernel * 10 + stride)
+    g = _Graph(rng)
+    y = g.conv("x", "stem", 32, 8)
+    w = (rng.standard_normal((32, 24, kernel, kernel)) * np.sqrt(2 / (32 * kernel ** 2))).astype(np.float32)
+    g.inits += [numpy_helper.from_array(w, "up_w"),
+                numpy_helper.from_array(rng.uniform(-0.1, 0.1, 24).astype(np.float32), "up_b")]
+    g.nodes += [helper.make_node("ConvTranspose", [y, "up_w", "up_b"], ["up_y"], name="up", kernel_shape=[kernel] * 2,
+                                 strides=[stride] * 2, pads=list(pads), output_padding=[output_padding] * 2),
+                helper.make_node("Relu", ["up_y"], ["up_a"], name="up_relu")]
+    y = g.conv("up_a", "head", 16, 24, kernel=1, act=None)
+    size = lambda n, lo, hi: (n - 1) * stride - lo - hi + kernel + output_padding  # noqa: E731
+    out = [1, 16, size(9, pads[0], pads[2]), size(9, pads[1], pads[3])]
+    x = np.random.default_rng(1).standard_normal((1, 8, 9, 9)).astype(np.float32)
+    report = _run(g.model(y, [1, 8, 9, 9], out), x)
+    (up,) = [layer for layer in report.layers if layer.name == "up"]
+    assert up.op == "conv2d_transpose" and up.symbol and up.symbol.startswith("alcs_spconv_"), up
+    assert up.spec.out_channels == stride * stride * 24 and "sub-pixel" in up.reason
+    assert "bias" in up.implementation  # the bias after it moved onto the conv
+    if kernel % stride:  # taps a phase lacks are whole zero blocks, skipped
+        assert up.decision == "sparse" and up.density < 1
+
+
+def test_conv_transposes_the_kernel_cannot_take_stay_relax_ops_and_are_reported():
+    """Dilated and grouped transposed convs stay TVM's, with a report row."""
+    rng = np.random.default_rng(3)
+    g = _Graph(rng)
+    y = g.conv("x", "stem", 16, 8)
+    w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    g.inits.append(numpy_helper.from_array(w, "up_w"))
+    g.nodes.append(helper.make_node("ConvTranspose", [y, "up_w"], ["up_y"], name="up", kernel_shape=[3, 3],
+                                    strides=[2, 2], dilations=[2, 2]))
+    x = np.random.default_rng(1).standard_normal((1, 8, 6, 6)).astype(np.float32)
+    report = _run(g.model("up_y", [1, 8, 6, 6], [1, 8, 15, 15]), x)
+    (up,) = [layer for layer in report.layers if layer.name == "up"]
+    assert up.op == "conv2d_transpose" and up.decision == "dense" and up.symbol is None
+    assert [layer.name for layer in compiler.model_layers(g.model("up_y", [1, 8, 6, 6], [1, 8, 15, 15]))] == ["stem"]

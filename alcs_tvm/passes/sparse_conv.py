@@ -31,6 +31,8 @@ from ..report import CompileReport, LayerDecision
 from ..schedules.depthwise_cpu import DepthwiseGeometry, depthwise_nchwc_template
 from ..sparse_format import BlockSparseWeight, widest_block_format
 from ..target import resolve_target
+from .conv_transpose import SubpixelConvTranspose
+from .relax_expr import const_array, const_scalar, dtype, is_const, scalar_value, static_shape
 from .layout_chain import plan_layouts
 
 __all__ = ["SparseConvRewrite", "DEFAULT_DENSITY_THRESHOLD"]
@@ -50,47 +52,6 @@ _OTHER_CONVS = {
     "relax.nn.conv2d_transpose": ("conv2d_transpose", "transposed conv: the ALCS kernel computes convs only"),
     "relax.nn.conv3d_transpose": ("conv3d_transpose", "transposed conv: the ALCS kernel computes convs only"),
 }
-
-
-def _is_const(expr) -> bool:
-    return isinstance(expr, tvm.ir.expr.GenericConst)
-
-
-def _const_array(expr) -> np.ndarray:
-    return expr.value.numpy()
-
-
-def _const_scalar(expr):
-    if _is_const(expr) and _const_array(expr).size == 1:
-        return float(_const_array(expr).reshape(()))
-    return None
-
-
-def _scalar_value(expr):
-    """A scalar constant or PrimValue (``R.clip`` bounds) as float, else None."""
-    if _is_const(expr):
-        return _const_scalar(expr)
-    value = getattr(expr, "value", None)
-    value = getattr(value, "value", value)  # PrimValue -> FloatImm -> float
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _static_shape(expr):
-    ty = getattr(expr, "ty", None)
-    shape = getattr(ty, "shape", None)
-    if shape is None or not isinstance(shape, relax.ShapeExpr):
-        return None
-    try:
-        return tuple(int(d) for d in shape.values)
-    except (TypeError, ValueError):
-        return None
-
-
-def _dtype(expr) -> str:
-    return str(getattr(getattr(expr, "ty", None), "dtype", ""))
 
 
 class _Layer:
@@ -147,6 +108,7 @@ class SparseConvRewrite:
         self.latency_table = latency_table
         self.tuning = tuning
         self.layer_names = list(layer_names or [])
+        self._subpixel = set()  # ONNX names of the transposed convs the last rewrite() turned into sub-pixel convs
         self.report = CompileReport(target=self.target_info.family)
 
     # -- analysis ---------------------------------------------------------------------------------------------
@@ -186,8 +148,8 @@ class SparseConvRewrite:
     def _is_linear(call) -> bool:
         """``matmul(x[N, K], W[K, Out] constant)``: a Linear/Gemm layer as the ONNX importer emits it."""
         x, w = call.args
-        return _is_const(w) and _dtype(w) == "float32" and _dtype(x) == "float32" and \
-            _const_array(w).ndim == 2 and _static_shape(x) is not None and len(_static_shape(x)) == 2
+        return is_const(w) and dtype(w) == "float32" and dtype(x) == "float32" and \
+            const_array(w).ndim == 2 and static_shape(x) is not None and len(static_shape(x)) == 2
 
     def _extend_chain(self, layer, value_of, single_user):
         user = single_user(layer.last_var)
@@ -227,13 +189,13 @@ class SparseConvRewrite:
         if not any(a.same_as(conv_out) for a in args):
             return None
         other = args[1] if args[0].same_as(conv_out) else args[0]
-        if not _is_const(other) or _dtype(other) != "float32":
+        if not is_const(other) or dtype(other) != "float32":
             return None
-        out_shape = _static_shape(conv_call)
+        out_shape = static_shape(conv_call)
         if out_shape is None:
             return None
         cout = out_shape[1]
-        data = _const_array(other)
+        data = const_array(other)
         allowed = ((1, cout, 1, 1), (cout, 1, 1)) if len(out_shape) == 4 else ((cout,), (1, cout))
         if data.shape not in allowed:
             return None
@@ -248,9 +210,9 @@ class SparseConvRewrite:
         if len(args) != 2 or not any(a.same_as(conv_out) for a in args):
             return None
         other = args[1] if args[0].same_as(conv_out) else args[0]
-        if other.same_as(conv_out) or _is_const(other) or not isinstance(other, relax.Var) or \
-                _dtype(other) != "float32" or _static_shape(other) is None or \
-                _static_shape(other) != _static_shape(conv_call):
+        if other.same_as(conv_out) or is_const(other) or not isinstance(other, relax.Var) or \
+                dtype(other) != "float32" or static_shape(other) is None or \
+                static_shape(other) != static_shape(conv_call):
             return None
         return other
 
@@ -264,23 +226,23 @@ class SparseConvRewrite:
         if name in _ACTIVATION_OPS:
             return _ACTIVATION_OPS[name]
         if name == "relax.clip":
-            lo, hi = (_scalar_value(a) for a in value.args[1:3])
+            lo, hi = (scalar_value(a) for a in value.args[1:3])
             if lo == 0 and hi == 6:
                 return "relu6"
             if lo == 0 and hi is not None and hi >= 3.4e38:
                 return "relu"
             return None
-        if name == "relax.maximum" and _const_scalar(value.args[1]) == 0.0:
+        if name == "relax.maximum" and const_scalar(value.args[1]) == 0.0:
             return "relu-or-max"
-        if name == "relax.minimum" and _const_scalar(value.args[1]) == 6.0:
+        if name == "relax.minimum" and const_scalar(value.args[1]) == 6.0:
             return "min6"
         return None
 
     def _decide_linear(self, layer, index) -> LayerDecision:
         x, w = layer.call.args
-        (batch, k), (_, out) = _static_shape(x), _const_array(w).shape
+        (batch, k), (_, out) = static_shape(x), const_array(w).shape
         name = f"linear{index}"
-        weight = np.ascontiguousarray(_const_array(w).T).reshape(out, k, 1, 1)
+        weight = np.ascontiguousarray(const_array(w).T).reshape(out, k, 1, 1)
         v = self.target_info.vector_width
         sparse_weight = BlockSparseWeight.from_dense(weight, v)
         density = sparse_weight.density
@@ -311,7 +273,7 @@ class SparseConvRewrite:
     def _decide_other(self, layer, index) -> LayerDecision:
         op, reason = _OTHER_CONVS[layer.call.op.name]
         data, weight = layer.call.args
-        in_shape, w_shape = _static_shape(data), _static_shape(weight)
+        in_shape, w_shape = static_shape(data), static_shape(weight)
         shape = f"{op} {w_shape} on {in_shape}" if in_shape and w_shape else f"{op}, dynamic shape"
         return LayerDecision(self._name(layer, index), op, shape, None, None, "dense", "relax dense schedule",
                              reason)
@@ -325,7 +287,7 @@ class SparseConvRewrite:
         attrs = call.attrs
         name = self._name(layer, index)
         data, weight = call.args
-        in_shape, w_shape = _static_shape(data), _static_shape(weight)
+        in_shape, w_shape = static_shape(data), static_shape(weight)
         describe = f"{w_shape} on {in_shape}" if in_shape and w_shape else "dynamic shape"
 
         def dense(reason, implementation="relax dense schedule", density=None, shape=describe):
@@ -334,23 +296,23 @@ class SparseConvRewrite:
         groups = int(attrs.groups)
         depthwise = groups != 1 and in_shape and w_shape and groups == in_shape[1] == w_shape[0] and w_shape[1] == 1
         if depthwise:
-            if _is_const(weight) and _dtype(data) == "float32" and str(attrs.data_layout) == "NCHW":
+            if is_const(weight) and dtype(data) == "float32" and str(attrs.data_layout) == "NCHW":
                 layer.kind = "depthwise"  # may run blocked between two rewritten convs, see layout_chain
                 layer.layout = layer.epilogue_layout()
                 layer.depthwise = (in_shape, w_shape, [int(p) for p in attrs.padding],
                                    [int(x) for x in attrs.strides], [int(x) for x in attrs.dilation])
             return dense("depthwise conv: memory-bound, no channel reduction for SIMD blocks to skip")
-        if not _is_const(weight):
+        if not is_const(weight):
             return dense("weight is not a constant (bind parameters first)")
         if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout or attrs.data_layout)) != \
                 ("NCHW", "OIHW", "NCHW"):
             return dense(f"layout {attrs.data_layout}/{attrs.kernel_layout} (needs NCHW/OIHW)")
-        if _dtype(data) != "float32" or _dtype(weight) != "float32" or \
+        if dtype(data) != "float32" or dtype(weight) != "float32" or \
                 (attrs.out_dtype and str(attrs.out_dtype) not in ("", "float32", "void")):
-            return dense(f"dtype {_dtype(data)} (only float32 is supported)")
+            return dense(f"dtype {dtype(data)} (only float32 is supported)")
         if in_shape is None or w_shape is None:
             return dense("dynamic shape")
-        w = _const_array(weight)
+        w = const_array(weight)
         if groups != 1:  # the same conv over all input channels, with the weight zero outside each group
             w = _block_diagonal(w, groups)
             w_shape = list(w.shape)
@@ -362,34 +324,32 @@ class SparseConvRewrite:
         v = sparse_weight.vector_width
         density = sparse_weight.density
         predicted = {}
+        # latency tables and the pruner measure groups=1 convs: a grouped or transposed conv is part of the "rest
+        # of the model", decided here without a table
+        op = "grouped_conv2d" if groups != 1 else "conv2d_transpose" if name in self._subpixel else "conv2d"
+        shape = spec.describe() + (f" g{groups}" if groups != 1 else "")
         if groups != 1:
-            # the kernel skips the blocks outside each group whatever the decision would be for a groups=1 conv:
-            # keeping them would multiply zeros. Latency tables and the pruner measure groups=1 convs only, so
-            # this layer stays part of the "rest of the model" (op "grouped_conv2d", not "conv2d").
-            layer.spec = spec
-            layer.layout = layer.epilogue_layout()
-            layer.sparse_weight = sparse_weight
-            fused = "+".join(["conv"] + (["bias"] if layer.bias is not None else []) +
-                             ([layer.activation] if layer.activation else []))
-            return LayerDecision(name, "grouped_conv2d", f"{spec.describe()} g{groups}", round(density, 4), v,
-                                 "sparse", f"alcs sparse kernel, {fused}",
-                                 f"grouped ({groups}): block-diagonal weight, the kernel skips the blocks outside "
-                                 f"each group", predicted, spec)
-        if not self.sparse:
+            # the kernel skips the blocks outside each group whatever the weight's density: keeping them would
+            # multiply zeros
+            decision, reason = "sparse", f"grouped ({groups}): block-diagonal weight, the kernel skips the " \
+                                         f"blocks outside each group"
+        elif not self.sparse:
             decision, reason = "dense", "sparsity disabled (--no-sparse)"
-        elif self.latency_table is not None:
+        elif op == "conv2d" and self.latency_table is not None:
             decision, predicted, reason = self.latency_table.choose(spec, density, v)
         elif density <= self.threshold:
             decision, reason = "sparse", f"density {density:.3f} <= threshold {self.threshold:.2f}"
         else:
             decision, reason = "dense", f"density {density:.3f} > threshold {self.threshold:.2f}"
+        if op == "conv2d_transpose":
+            reason = f"as a sub-pixel conv ({spec.out_channels} channels = stride^2 phases); {reason}"
         layer.spec = spec
         layer.layout = layer.epilogue_layout()
         layer.sparse_weight = sparse_weight if decision == "sparse" else BlockSparseWeight.from_dense(w, v, True)
         implementation = "alcs sparse kernel" if decision == "sparse" else "alcs dense kernel (all blocks)"
         fused = "+".join(["conv"] + (["bias"] if layer.bias is not None else []) +
                          ([layer.activation] if layer.activation else []))
-        return LayerDecision(name, "conv2d", spec.describe(), round(density, 4), v, decision,
+        return LayerDecision(name, op, shape, round(density, 4), v, decision,
                              f"{implementation}, {fused}", reason, predicted, spec)
 
     def _sparse_weight(self, spec, w) -> BlockSparseWeight:
@@ -417,6 +377,9 @@ class SparseConvRewrite:
     def rewrite(self, mod):
         """Match, decide, plan layouts and rewrite every Relax function of ``mod``; fills :attr:`report`."""
         self.report = CompileReport(target=self.target_info.family)
+        subpixel = SubpixelConvTranspose()
+        mod = subpixel.rewrite(mod)
+        self._subpixel = subpixel.rewritten
         plans = {}
         index = {"conv2d": 0, "linear": 0, "other": 0}
         for gv, func in mod.functions.items():
@@ -472,7 +435,7 @@ def _blocked_depthwise(layer):
     wo = conv_output_size(wp, kw, strides[1], dilation[1])
     geom = DepthwiseGeometry(n, c // v, v, hp, wp, (kh, kw), tuple(strides), tuple(dilation), ho, wo,
                              layer.layout.output_pad)
-    weight = _const_array(layer.call.args[1]).reshape(c // v, v, kh, kw).transpose(0, 2, 3, 1)
+    weight = const_array(layer.call.args[1]).reshape(c // v, v, kh, kw).transpose(0, 2, 3, 1)
     bias = np.zeros(c, np.float32) if layer.bias is None else layer.bias
     top, left, bottom, right = layer.layout.output_pad
     out_shape = (n, c // v, ho + top + bottom, wo + left + right, v)
