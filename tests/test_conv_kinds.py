@@ -122,3 +122,54 @@ def test_conv_transposes_the_kernel_cannot_take_stay_relax_ops_and_are_reported(
     (up,) = [layer for layer in report.layers if layer.name == "up"]
     assert up.op == "conv2d_transpose" and up.decision == "dense" and up.symbol is None
     assert [layer.name for layer in compiler.model_layers(g.model("up_y", [1, 8, 6, 6], [1, 8, 15, 15]))] == ["stem"]
+
+
+def _activation_nodes(kind, src, name):
+    """The ONNX nodes exporters write for each activation; returns (nodes, output name)."""
+    if kind == "silu":  # torch's nn.SiLU at opset 17
+        return [helper.make_node("Sigmoid", [src], [f"{name}_s"], name=f"{name}_sig"),
+                helper.make_node("Mul", [src, f"{name}_s"], [f"{name}_a"], name=f"{name}_mul")], f"{name}_a"
+    if kind == "hardswish":
+        return [helper.make_node("HardSwish", [src], [f"{name}_a"], name=f"{name}_hs")], f"{name}_a"
+    if kind == "hardsigmoid":  # torch's nn.Hardsigmoid
+        return [helper.make_node("HardSigmoid", [src], [f"{name}_a"], name=f"{name}_hsig", alpha=1 / 6)], \
+            f"{name}_a"
+    return [helper.make_node("Sigmoid", [src], [f"{name}_a"], name=f"{name}_sig")], f"{name}_a"
+
+
+@pytest.mark.parametrize("activation", ["silu", "hardswish", "hardsigmoid", "sigmoid"])
+def test_activations_fuse_into_the_kernels_and_match_onnx_runtime(activation):
+    """YOLO's Conv-BN-SiLU, MobileNetV3's HardSwish blocks (1x1 expand -> depthwise -> 1x1 project, blocked in
+    between) and squeeze-excitation gates: the activation runs in the conv's (and the depthwise's) epilogue, not
+    as separate kernels. Inputs span [-12, 12], where the exponential's range reduction matters."""
+    rng = np.random.default_rng(7)
+    g = _Graph(rng)
+    y = g.conv("x", "stem", 32, 8, act=None)
+    nodes, y = _activation_nodes(activation, y, "stem")
+    g.nodes += nodes
+    y = g.conv(y, "expand", 64, 32, kernel=1, act=None)
+    nodes, y = _activation_nodes(activation, y, "expand")
+    g.nodes += nodes
+    y = g.conv(y, "dw", 64, 64, kernel=3, groups=64, act=None)
+    nodes, y = _activation_nodes(activation, y, "dw")
+    g.nodes += nodes
+    y = g.conv(y, "project", 32, 64, kernel=1, act=None)
+    x = (np.random.default_rng(1).standard_normal((1, 8, 12, 12)) * 4).astype(np.float32)
+    report = _run(g.model(y, [1, 8, 12, 12], [1, 32, 12, 12]), x)
+    rows = {layer.name: layer for layer in report.layers}
+    for name in ("stem", "expand"):
+        assert f"+{activation}" in rows[name].implementation, rows[name]
+        assert rows[name].symbol.endswith(f"_{activation}"), rows[name]
+    assert rows["dw"].symbol and rows["dw"].symbol.startswith("alcs_dwconv_") and \
+        rows["dw"].symbol.endswith(f"_{activation}"), rows["dw"]
+
+
+def test_an_activation_whose_input_is_read_elsewhere_is_not_fused():
+    """y * sigmoid(y) where y is also a graph output: the conv must still produce y itself."""
+    g = _Graph(np.random.default_rng(2))
+    y = g.conv("x", "stem", 16, 8, act=None)
+    nodes, out = _activation_nodes("silu", y, "stem")
+    g.nodes += nodes + [helper.make_node("Add", [out, y], ["sum"], name="sum")]
+    x = np.random.default_rng(1).standard_normal((1, 8, 10, 10)).astype(np.float32)
+    report = _run(g.model("sum", [1, 8, 10, 10], [1, 16, 10, 10]), x)
+    assert "silu" not in report.layers[0].implementation

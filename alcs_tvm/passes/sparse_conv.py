@@ -167,6 +167,12 @@ class SparseConvRewrite:
             layer.fused_vars.append(layer.last_var)
             layer.last_var = user
             user = single_user(layer.last_var)
+        composite = self._composite_activation(layer.last_var, value_of, single_user)
+        if composite is not None:
+            act, inner, out = composite
+            layer.fused_vars += [layer.last_var] + inner
+            layer.last_var, layer.activation = out, act
+            return
         if user is None:
             return
         act = self._activation_of(value_of[user], layer.last_var)
@@ -215,6 +221,82 @@ class SparseConvRewrite:
                 static_shape(other) != static_shape(conv_call):
             return None
         return other
+
+    def _composite_activation(self, y, value_of, single_user):
+        """``(activation, inner vars, output var)`` when ``y`` feeds an activation the importer writes as several
+        ops, each of whose values only the next one reads:
+
+        * silu ``y * sigmoid(y)`` (SiLU/Swish as exporters write it),
+        * hardswish ``y * hardsigmoid(y)`` (TVM's import of ONNX HardSwish) or ``y * (clip(y + 3, 0, 6) / 6)``,
+        * hardsigmoid ``clip(y * 1/6 + 0.5, 0, 1)`` (torch's Hardsigmoid as ONNX HardSigmoid),
+        * sigmoid ``sigmoid(y)``."""
+        users = self._users.get(y, [])
+        if None in users:
+            return None
+
+        def call(var, op):
+            value = value_of.get(var)
+            return value if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and \
+                value.op.name == op else None
+
+        def reads(value, *vars_):
+            return len(value.args) == len(vars_) and \
+                all(any(a.same_as(v) for a in value.args) for v in vars_)
+
+        def const_arg(value, src):
+            other = value.args[1] if value.args[0].same_as(src) else value.args[0]
+            return const_scalar(other)
+
+        def hardsigmoid(u):
+            """``u = y * 1/6`` -> ``+ 0.5`` -> ``clip(0, 1)``: the clip's var, else None."""
+            scaled = call(u, "relax.multiply")
+            if scaled is None or const_arg(scaled, y) is None or abs(const_arg(scaled, y) - 1 / 6) > 1e-6:
+                return None
+            shifted = single_user(u)
+            add = call(shifted, "relax.add") if shifted is not None else None
+            if add is None or const_arg(add, u) != 0.5:
+                return None
+            clipped = single_user(shifted)
+            clip = call(clipped, "relax.clip") if clipped is not None else None
+            if clip is None or [scalar_value(a) for a in clip.args[1:3]] != [0.0, 1.0]:
+                return None
+            return clipped
+
+        if len(users) == 1:
+            (u,) = users
+            if call(u, "relax.sigmoid") is not None:
+                return "sigmoid", [], u
+            gate = hardsigmoid(u)
+            return None if gate is None else ("hardsigmoid", [u, single_user(u)], gate)
+        if len(users) != 2:
+            return None
+        for first, second in (users, users[::-1]):
+            product = call(second, "relax.multiply")
+            if product is None:
+                continue
+            if call(first, "relax.sigmoid") is not None and single_user(first) is not None and \
+                    single_user(first).same_as(second) and reads(product, y, first):
+                return "silu", [first], second
+            gate = hardsigmoid(first)  # y * hardsigmoid(y): TVM's import of ONNX HardSwish
+            if gate is not None and single_user(gate) is not None and single_user(gate).same_as(second) and \
+                    reads(product, y, gate):
+                return "hardswish", [first, single_user(first), gate], second
+            add = call(first, "relax.add")
+            if add is None or const_arg(add, y) != 3.0:
+                continue
+            clipped = single_user(first)
+            clip = call(clipped, "relax.clip") if clipped is not None else None
+            if clip is None or [scalar_value(a) for a in clip.args[1:3]] != [0.0, 6.0]:
+                continue
+            scaled = single_user(clipped)
+            divide, multiply = call(scaled, "relax.divide"), call(scaled, "relax.multiply")
+            if scaled is None or not ((divide is not None and const_arg(divide, clipped) == 6.0) or
+                                      (multiply is not None and const_arg(multiply, clipped) is not None and
+                                       abs(const_arg(multiply, clipped) - 1 / 6) < 1e-6)):
+                continue
+            if single_user(scaled) is not None and single_user(scaled).same_as(second) and reads(product, y, scaled):
+                return "hardswish", [first, clipped, scaled], second
+        return None
 
     @staticmethod
     def _activation_of(value, src):

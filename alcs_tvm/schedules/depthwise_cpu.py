@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .sparse_conv2d_cpu import ACTIVATIONS, activate, zero_border
+from ..layer import ACTIVATIONS
+from .sparse_conv2d_cpu import activate, zero_border
 from .tir_builder import IRBuilder, T, loop, named
 
 __all__ = ["DepthwiseGeometry", "depthwise_nchwc_template"]

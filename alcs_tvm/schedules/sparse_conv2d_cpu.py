@@ -31,12 +31,12 @@ from dataclasses import dataclass
 
 import tvm
 
+from ..layer import ACTIVATIONS
 from . import SparseConvSchedule
 from .tir_builder import IRBuilder, T, loop, named
 
-__all__ = ["KernelGeometry", "sparse_conv2d_template", "activation_buffer_offsets", "ACTIVATIONS"]
+__all__ = ["KernelGeometry", "sparse_conv2d_template", "activation_buffer_offsets", "activate"]
 
-ACTIVATIONS = (None, "relu", "relu6")
 
 
 @dataclass(frozen=True)
@@ -129,11 +129,34 @@ def zero_border(n_images, channels, height, width, top_left, interior, lanes=Non
 
 def activate(activation, value):
     """``value`` (a TIR expression) through ``activation``, one of :data:`ACTIVATIONS`."""
+    zero, one, six = T.float32(0), T.float32(1), T.float32(6)
     if activation == "relu6":
-        return T.min(T.max(value, T.float32(0)), T.float32(6))
+        return T.min(T.max(value, zero), six)
     if activation == "relu":
-        return T.max(value, T.float32(0))
+        return T.max(value, zero)
+    if activation == "hardswish":
+        return value * T.min(T.max(value + T.float32(3), zero), six) * T.float32(1 / 6)
+    if activation == "hardsigmoid":
+        return T.min(T.max(value * T.float32(1 / 6) + T.float32(0.5), zero), one)
+    if activation == "sigmoid":
+        return one / (one + vector_exp(-value))
+    if activation == "silu":
+        return value / (one + vector_exp(-value))
     return value
+
+
+def vector_exp(x):
+    """``exp(x)`` in float32 arithmetic LLVM vectorizes (its ``llvm.exp`` calls libm once per lane): ``2^n * p(r)``
+    with ``x = n ln2 + r``, ``|r| <= ln2 / 2``, ``p`` the degree-6 Taylor polynomial (relative error < 2e-7), the
+    exponent built in the float's bits; inputs clamped to the finite range."""
+    x = T.max(T.min(x, T.float32(88.0)), T.float32(-87.0))
+    n = T.floor(x * T.float32(1.4426950408889634) + T.float32(0.5))
+    r = x - n * T.float32(0.693359375) + n * T.float32(2.12194440e-4)  # ln2 in two parts: r stays exact
+    p = T.float32(1 / 720)
+    for c in (1 / 120, 1 / 24, 1 / 6, 1 / 2, 1.0, 1.0):
+        p = p * r + T.float32(c)
+    scale = T.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
+    return p * scale
 
 
 ACTIVATION_ALIGN = 64  # fp32 elements (256 bytes): every array in the shared buffer starts vector-aligned
