@@ -5,8 +5,9 @@ Runtime on the same input.
 
 Each case draws an NCHW input (batch 1-2, channels not a multiple of V, odd sizes) and a chain of 1-3 layers:
 Conv (1x1, 3x3, 5x5, 1x7, 7x1; stride 1-2; dilation 1-2; per-side pads including zero on one side; groups 1,
-depthwise or grouped; with or without bias), optionally BatchNormalization, then an epilogue (none, Relu,
-Clip(0, 6), HardSwish, Sigmoid, LeakyRelu, or an Add of the chain's input when shapes allow). Weights are dense or
+depthwise or grouped; with or without bias) and optionally BatchNormalization, or a ConvTranspose (kernel 2-4,
+stride 1-3, dilation 1-2, per-side pads, output padding), then an epilogue (none, Relu, Clip(0, 6), HardSwish,
+HardSigmoid, Sigmoid, SiLU as Sigmoid+Mul, LeakyRelu, or an Add of the chain's input when shapes allow). Weights are dense or
 SIMD-block sparse at a random sparsity. A case passes when it compiles and its output matches ORT within
 ``max |alcs - ort| <= 1e-4 * max(1, max |ort|)``; a failure prints its seed, the model and the first line of the
 error, and ``--keep`` saves its ONNX file. Exit status 1 when any case fails.
@@ -33,12 +34,37 @@ from alcs_tvm.run import run_model, write_sidecar  # noqa: E402
 from alcs_tvm.sparse_format import random_block_sparse  # noqa: E402
 
 KERNELS = [(1, 1), (3, 3), (5, 5), (1, 7), (7, 1)]
-EPILOGUES = [None, "Relu", "Clip", "HardSwish", "Sigmoid", "LeakyRelu", "Add"]
+EPILOGUES = [None, "Relu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid", "SiLU", "LeakyRelu", "Add"]
 TOLERANCE = 1e-4
 
 
 def _conv_out(size, kernel, stride, dilation, pad_before, pad_after):
     return (size + pad_before + pad_after - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _epilogue(rng, nodes, inits, i, out, desc, current, shape, new_shape):
+    """Append a random epilogue after ``out``; returns the new output name and description."""
+    epilogue = EPILOGUES[int(rng.integers(len(EPILOGUES)))]
+    if epilogue == "Add" and new_shape != shape:
+        epilogue = "Relu"
+    if epilogue == "Clip":
+        inits += [numpy_helper.from_array(np.array(0, np.float32), f"lo{i}"),
+                  numpy_helper.from_array(np.array(6, np.float32), f"hi{i}")]
+        nodes.append(helper.make_node("Clip", [out, f"lo{i}", f"hi{i}"], [f"act{i}"]))
+    elif epilogue == "Add":
+        nodes.append(helper.make_node("Add", [out, current], [f"act{i}"]))
+    elif epilogue == "LeakyRelu":
+        nodes.append(helper.make_node("LeakyRelu", [out], [f"act{i}"], alpha=0.1))
+    elif epilogue == "HardSigmoid":  # torch's nn.Hardsigmoid
+        nodes.append(helper.make_node("HardSigmoid", [out], [f"act{i}"], alpha=1 / 6))
+    elif epilogue == "SiLU":  # as torch exports nn.SiLU
+        nodes += [helper.make_node("Sigmoid", [out], [f"sig{i}"]),
+                  helper.make_node("Mul", [out, f"sig{i}"], [f"act{i}"])]
+    elif epilogue is not None:
+        nodes.append(helper.make_node(epilogue, [out], [f"act{i}"]))
+    if epilogue is None:
+        return out, desc
+    return f"act{i}", desc + f" +{epilogue}"
 
 
 def random_case(rng: np.random.Generator):
@@ -59,6 +85,31 @@ def random_case(rng: np.random.Generator):
         wo = _conv_out(win, kw, stride, dilation, pads[1], pads[3])
         if ho < 1 or wo < 1:
             break
+        if rng.random() < 0.15:  # a transposed conv instead (a decoder's upsampling)
+            tk, ts = int(rng.choice([2, 3, 4])), int(rng.choice([1, 2, 2, 3]))
+            tdil = int(rng.choice([1, 1, 1, 2]))
+            tpads = [int(rng.integers(0, tk)) for _ in range(4)]
+            out_pad = int(rng.integers(0, ts)) if tdil == 1 else 0
+            ho = (hin - 1) * ts - tpads[0] - tpads[2] + tdil * (tk - 1) + 1 + out_pad
+            wo = (win - 1) * ts - tpads[1] - tpads[3] + tdil * (tk - 1) + 1 + out_pad
+            if ho < 1 or wo < 1 or ho > 64 or wo > 64:
+                break
+            cout = int(rng.choice([3, 8, 16, 24]))
+            weight = (rng.standard_normal((cin, cout, tk, tk)) / np.sqrt(cin * tk * tk)).astype(np.float32)
+            inits.append(numpy_helper.from_array(weight, f"w{i}"))
+            inputs = [current, f"w{i}"]
+            if rng.random() < 0.6:
+                inits.append(numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32), f"b{i}"))
+                inputs.append(f"b{i}")
+            out = f"conv{i}"
+            nodes.append(helper.make_node("ConvTranspose", inputs, [out], name=f"conv{i}", kernel_shape=[tk, tk],
+                                          strides=[ts, ts], dilations=[tdil, tdil], pads=tpads,
+                                          output_padding=[out_pad, out_pad]))
+            desc = f"convT{tk}x{tk} {cin}->{cout} s{ts} d{tdil} p{tpads} op{out_pad}"
+            out, desc = _epilogue(rng, nodes, inits, i, out, desc, current, shape, (n, cout, ho, wo))
+            parts.append(desc)
+            current, shape = out, (n, cout, ho, wo)
+            continue
         group_kind = rng.choice(["one", "one", "one", "depthwise", "grouped"])
         if group_kind == "depthwise":
             groups, cout = cin, cin * int(rng.choice([1, 1, 2]))
@@ -90,22 +141,8 @@ def random_case(rng: np.random.Generator):
                                                                           ("scale", "bias", "mean", "var")],
                                           [f"bn{i}"], epsilon=1e-5))
             out, desc = f"bn{i}", desc + " +bn"
-        epilogue = EPILOGUES[int(rng.integers(len(EPILOGUES)))]
         new_shape = (n, cout, ho, wo)
-        if epilogue == "Add" and new_shape != shape:
-            epilogue = "Relu"
-        if epilogue == "Clip":
-            inits += [numpy_helper.from_array(np.array(0, np.float32), f"lo{i}"),
-                      numpy_helper.from_array(np.array(6, np.float32), f"hi{i}")]
-            nodes.append(helper.make_node("Clip", [out, f"lo{i}", f"hi{i}"], [f"act{i}"]))
-        elif epilogue == "Add":
-            nodes.append(helper.make_node("Add", [out, current], [f"act{i}"]))
-        elif epilogue == "LeakyRelu":
-            nodes.append(helper.make_node("LeakyRelu", [out], [f"act{i}"], alpha=0.1))
-        elif epilogue is not None:
-            nodes.append(helper.make_node(epilogue, [out], [f"act{i}"]))
-        if epilogue is not None:
-            out, desc = f"act{i}", desc + f" +{epilogue}"
+        out, desc = _epilogue(rng, nodes, inits, i, out, desc, current, shape, new_shape)
         parts.append(desc)
         current, shape = out, new_shape
     if not nodes:
