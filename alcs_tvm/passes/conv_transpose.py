@@ -23,7 +23,7 @@ import tvm
 from tvm import relax
 
 from ..frontend import layer_node_name, with_span
-from .relax_expr import const_array, dtype, is_const, static_shape
+from .relax_expr import const_array, dtype, emit_as, is_const, static_shape
 
 __all__ = ["SubpixelConvTranspose", "subpixel_weight"]
 
@@ -88,8 +88,10 @@ class _Rewriter(relax.PyExprMutator):
         z = self.builder_.emit(relax.op.reshape(z, (n, sh, sw, cout, qh, qw)))
         z = self.builder_.emit(relax.op.permute_dims(z, (0, 3, 4, 1, 5, 2)))
         z = self.builder_.emit(relax.op.reshape(z, (n, cout, qh * sh, qw * sw)))
-        y = self.builder_.emit(relax.op.strided_slice(z, axes=[2, 3], begin=[top, left],
-                                                      end=[top + h_out, left + w_out]), name_hint=binding.var.name)
+        # the var the transposed conv's value ends up in: its bias add's, when that moved onto the conv
+        out_var = self.bias_of[binding.var][0] if binding.var in self.bias_of else binding.var
+        y = emit_as(self.builder_, relax.op.strided_slice(z, axes=[2, 3], begin=[top, left],
+                                                          end=[top + h_out, left + w_out]), out_var)
         name = layer_node_name(call)
         if name:
             self.rewritten.add(name)

@@ -5,7 +5,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-__all__ = ["is_const", "const_array", "const_scalar", "scalar_value", "static_shape", "dtype"]
+__all__ = ["is_const", "const_array", "const_scalar", "scalar_value", "static_shape", "dtype", "emit_as"]
 
 
 def is_const(expr) -> bool:
@@ -47,3 +47,11 @@ def static_shape(expr):
 
 def dtype(expr) -> str:
     return str(getattr(getattr(expr, "ty", None), "dtype", ""))
+
+
+def emit_as(builder, expr, var):
+    """Emit ``expr`` as the new binding of ``var``: a dataflow var inside the block, or (a function output) an
+    output of the dataflow block, which a plain ``emit`` would leave undefined outside it."""
+    if isinstance(var, relax.DataflowVar):
+        return builder.emit(expr, name_hint=var.name)
+    return builder.emit_output(expr, name_hint=var.name)

@@ -32,7 +32,7 @@ from ..schedules.depthwise_cpu import DepthwiseGeometry, depthwise_nchwc_templat
 from ..sparse_format import BlockSparseWeight, widest_block_format
 from ..target import resolve_target
 from .conv_transpose import SubpixelConvTranspose
-from .relax_expr import const_array, const_scalar, dtype, is_const, scalar_value, static_shape
+from .relax_expr import const_array, const_scalar, dtype, emit_as, is_const, scalar_value, static_shape
 from .layout_chain import plan_layouts
 
 __all__ = ["SparseConvRewrite", "DEFAULT_DENSITY_THRESHOLD"]
@@ -566,7 +566,7 @@ class _Rewriter(relax.PyExprMutator):
         call = relax.call_tir(gv, args, relax.TensorType(kernel.output_shape, "float32"))
         if layer.kind == "linear":
             call = relax.op.reshape(self.builder_.emit(call), kernel.output_shape[:2])
-        new_var = self.builder_.emit(call, name_hint=binding.var.name)
+        new_var = emit_as(self.builder_, call, binding.var)
         self.set_var_remap(binding.var, new_var)
         return None
 
@@ -584,6 +584,6 @@ class _Rewriter(relax.PyExprMutator):
             self.kernels[key] = gv
         layer.report_row.symbol = gv.name_hint
         call = relax.call_tir(gv, [data] + [relax.const(a) for a in consts], relax.TensorType(out_shape, "float32"))
-        new_var = self.builder_.emit(call, name_hint=binding.var.name)
+        new_var = emit_as(self.builder_, call, binding.var)
         self.set_var_remap(binding.var, new_var)
         return None
