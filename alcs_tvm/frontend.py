@@ -744,6 +744,42 @@ def _canonicalize_clip(mod):
     return rewriter.builder_.get()
 
 
+def _power_by_square_roots(mod):
+    """``power(x, c)`` with a constant exponent that is a multiple of 1/4 in (0, 4] (LocalResponseNormalization's
+    ``beta = 0.75`` in AlexNet, ZFNet and GoogLeNet) as products of ``x``, ``sqrt(x)`` and ``sqrt(sqrt(x))``: the
+    power is a scalar libm call per element, the square roots vectorize. A negative ``x`` gives NaN both ways."""
+    power_op = tvm.ir.Op.get("relax.power")
+
+    @mutator
+    class _Power(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if call.op != power_op or str(call.ty.dtype) != "float32":
+                return call
+            exponent = _scalar_const(_bound_value(self, call.args[1]))
+            if exponent is None or not 0 < exponent <= 4 or abs(exponent * 4 - round(exponent * 4)) > 1e-6:
+                return call
+            if list(call.args[0].ty.shape) != list(call.ty.shape):
+                return call  # a broadcasting base
+            x = call.args[0]
+            whole, quarters = divmod(int(round(exponent * 4)), 4)
+            factors = [x] * whole
+            if quarters & 2:
+                factors.append(relax.op.sqrt(x))
+            if quarters & 1:
+                factors.append(relax.op.sqrt(relax.op.sqrt(x)))
+            result = factors[0]
+            for factor in factors[1:]:
+                result = relax.op.multiply(result, factor)
+            return result
+
+    rewriter = _Power(mod)
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    return rewriter.builder_.get()
+
+
 def _fold_bn_into_conv(mod):
     """conv2d(x, const W) [+ const b] -> batch_norm(const gamma, beta, mean, var)[0]  ==>  conv2d(x, W') + b'."""
     conv_op, add_op, bn_op = (tvm.ir.Op.get(n) for n in ("relax.nn.conv2d", "relax.add", "relax.nn.batch_norm"))
@@ -874,6 +910,7 @@ def prepare_for_sparse(mod, params: dict | None = None):
     mod = relax.transform.DecomposeOpsForInference()(mod)  # leftover batch_norm etc. -> elementwise arithmetic
     mod = _numpy_fold(mod)
     mod = _canonicalize_clip(mod)
+    mod = _power_by_square_roots(mod)
     mod = tvm.transform.Sequential([
         relax.transform.FoldConstant(),  # anything the numpy folder does not know
         relax.transform.CanonicalizeBindings(),

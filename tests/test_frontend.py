@@ -254,3 +254,22 @@ def test_unknown_input_name_and_rank_mismatch():
     _one_line_error(frontend.import_onnx, model, {"input": (1, 3, 8)}, match="has rank 4")
     mod = frontend.import_onnx(model, {"input": (2, 3, 8, 8)})
     assert [int(d) for d in mod["main"].params[0].ty.shape] == [2, 3, 8, 8]
+
+
+@pytest.mark.parametrize("beta", [0.75, 0.5, 1.25, 2.0, 0.6])
+def test_lrn_power_becomes_square_roots_and_matches_onnx_runtime(beta):
+    """AlexNet's, ZFNet's and GoogLeNet's LocalResponseNormalization divides by a power with beta = 0.75: as a
+    power it is a scalar libm call per element; quarter exponents become square roots and products."""
+    from alcs_tvm import compiler
+
+    node = helper.make_node("LRN", ["x"], ["y"], size=5, alpha=1e-4, beta=beta, bias=1.0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 9, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 9, 9])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    x = (np.random.default_rng(0).standard_normal((1, 16, 9, 9)) * 30).astype(np.float32)
+    executable, report = compiler.compile(model, "x86")
+    script = report.relax_module["main"].script()
+    assert ("R.power" in script) == (beta == 0.6), script
+    out = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    expected = run_onnxruntime(model.SerializeToString(), x)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
