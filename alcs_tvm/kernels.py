@@ -103,9 +103,15 @@ def _runs(weight: BlockSparseWeight, max_run: int):
     return indptr, first, length, entry_order
 
 
+#: the slope a PReLU kernel built without its model's slopes (to be timed, estimated or tuned) gets: PReLU's
+#: initial value; the slopes are data, the code is the same for any
+DEFAULT_PRELU_SLOPE = 0.25
+
+
 def pack_sparse_conv2d(weight: BlockSparseWeight, spec: Conv2dSpec, bias=None, input_block: int = 1,
-                       max_run: int | None = None) -> PackedSparseConv2d:
-    """Turn kept positions into runs with input offsets for ``spec``'s padded input layout."""
+                       max_run: int | None = None, slope=None) -> PackedSparseConv2d:
+    """Turn kept positions into runs with input offsets for ``spec``'s padded input layout. ``slope`` (PReLU's
+    per-channel slopes) is stored after the bias, in the same array: the kernel reads both per output block."""
     if tuple(weight.shape) != spec.weight_shape:
         raise ValueError(f"sparse weight shape {weight.shape} does not match the conv {spec.weight_shape}")
     max_run = max_run_length(spec) if max_run is None else max_run
@@ -130,6 +136,12 @@ def pack_sparse_conv2d(weight: BlockSparseWeight, spec: Conv2dSpec, bias=None, i
         if bias.shape != (spec.out_channels,):
             raise ValueError(f"bias shape {bias.shape} does not match {spec.out_channels} output channels")
         packed_bias[: spec.out_channels] = bias
+    if slope is not None:
+        slope = np.asarray(slope, np.float32).reshape(-1)
+        if slope.shape != (spec.out_channels,):
+            raise ValueError(f"slope shape {slope.shape} does not match {spec.out_channels} output channels")
+        packed_bias = np.concatenate([packed_bias, np.zeros_like(packed_bias)])
+        packed_bias[weight.num_blocks * v: weight.num_blocks * v + spec.out_channels] = slope
     return PackedSparseConv2d(indptr.astype(np.int32), offsets.astype(np.int32), vstart.astype(np.int32),
                               np.ascontiguousarray(values, np.float32), packed_bias,
                               balanced_block_order(weight.block_nnz()), max_run)
@@ -175,13 +187,14 @@ def kernel_symbol(spec: Conv2dSpec, schedule: SparseConvSchedule, layout: Kernel
 
 def sparse_conv2d_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, layout: KernelLayout = KernelLayout(), *,
                          bias=None, target="x86", schedule: SparseConvSchedule | None = None, name: str | None = None,
-                         one_activation_buffer=False) -> SparseConv2dKernel:
+                         one_activation_buffer=False, slope=None) -> SparseConv2dKernel:
     """Generate the sparse conv PrimFunc ``(x, indptr, offsets, vstart, values, bias, block_order, [residual,] y)``
     for ``weight`` at ``spec``, called as ``layout`` says (:class:`~alcs_tvm.layer.KernelLayout`: fused epilogue,
     pre-padded / channel-blocked input and output, a fused shortcut). ``bias``: the float32 bias array, given iff
     ``layout.bias``. ``schedule``: the register tile and task order (default: the target's).
     ``name``: the PrimFunc's symbol (default :func:`kernel_symbol`). ``one_activation_buffer``: input, residual
-    and output in one ``io`` argument (the profiler's cold timing)."""
+    and output in one ``io`` argument (the profiler's cold timing). ``slope``: PReLU's per-channel slopes when
+    ``layout.activation`` is ``"prelu"`` (default :data:`DEFAULT_PRELU_SLOPE` for every channel)."""
     if not isinstance(weight, BlockSparseWeight):
         raise TypeError(f"weight must be a BlockSparseWeight, got {type(weight).__name__}")
     if not isinstance(layout, KernelLayout):
@@ -208,7 +221,11 @@ def sparse_conv2d_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, layout: Ke
         raise ValueError(f"out_block {out_block} must divide the weight's vector width {weight.vector_width}")
     # offsets index the bordered buffer; the shift starts each receptive field where this conv's padding does
     buffer_spec = replace(spec, padding=tuple(border))
-    packed = pack_sparse_conv2d(weight, buffer_spec, bias, input_block, max_run)
+    if slope is not None and layout.activation != "prelu":
+        raise ValueError(f"slopes are given for a {layout.activation or 'plain'} epilogue, not prelu")
+    if layout.activation == "prelu" and slope is None:
+        slope = np.full(spec.out_channels, DEFAULT_PRELU_SLOPE, np.float32)
+    packed = pack_sparse_conv2d(weight, buffer_spec, bias, input_block, max_run, slope)
     shift = ((border[0] - spec.padding[0]) * buffer_spec.padded_width + border[1] - spec.padding[1]) * input_block
     if shift and weight.nnz_blocks:
         packed = replace(packed, offsets=(packed.offsets + shift).astype(np.int32))

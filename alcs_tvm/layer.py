@@ -17,7 +17,7 @@ __all__ = ["Conv2dSpec", "KernelLayout", "layer_key", "conv_output_size", "norma
            "ACTIVATIONS"]
 
 #: epilogue activations the kernels fuse
-ACTIVATIONS = (None, "relu", "relu6", "silu", "hardswish", "hardsigmoid", "sigmoid")
+ACTIVATIONS = (None, "relu", "relu6", "silu", "hardswish", "hardsigmoid", "sigmoid", "prelu")
 
 
 def conv_output_size(padded: int, kernel: int, stride: int, dilation: int = 1) -> int:

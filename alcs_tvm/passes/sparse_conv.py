@@ -64,6 +64,7 @@ class _Layer:
         self.kind = kind  # "conv2d" | "linear" (a 1x1 conv on a 1x1 image) | "depthwise" | "other" (1-D, ...)
         self.bias = None  # the bias constant, float32 [Cout]
         self.activation = None
+        self.slope = None  # PReLU's per-channel slopes, float32 [Cout], when the activation is "prelu"
         self.last_var = conv_var
         self.fused_vars = []  # bindings folded into the call (skipped when rewriting)
         # a shortcut tensor added before the activation (ResNet/MobileNetV2 residual), fused into the epilogue
@@ -183,7 +184,15 @@ class SparseConvRewrite:
                 layer.last_var, layer.activation = after, "relu6"
                 return
             act = "relu"
-        if act in ("relu", "relu6"):
+        if act == "prelu":
+            attrs = layer.call.attrs
+            slope = const_array(value_of[user].args[1]).reshape(-1)
+            out_shape = static_shape(layer.call)
+            if layer.kind != "conv2d" or int(attrs.groups) != 1 and static_shape(layer.call.args[1])[1] == 1 or \
+                    out_shape is None or slope.size not in (1, out_shape[1]):
+                return  # the depthwise kernel takes no slopes
+            layer.slope = np.ascontiguousarray(np.broadcast_to(slope, (out_shape[1],)), np.float32)
+        if act in ("relu", "relu6", "prelu"):
             layer.fused_vars.append(layer.last_var)
             layer.last_var, layer.activation = user, act
 
@@ -307,6 +316,10 @@ class SparseConvRewrite:
         name = value.op.name
         if name in _ACTIVATION_OPS:
             return _ACTIVATION_OPS[name]
+        if name == "relax.nn.prelu":  # constant slopes per channel (axis 1), or one for all
+            slope = value.args[1]
+            return "prelu" if is_const(slope) and dtype(slope) == "float32" and \
+                (int(value.attrs.axis) == 1 or const_array(slope).size == 1) else None
         if name == "relax.clip":
             lo, hi = (scalar_value(a) for a in value.args[1:3])
             if lo == 0 and hi == 6:
@@ -550,7 +563,7 @@ class _Rewriter(relax.PyExprMutator):
         if layer.kind == "linear":  # [N, K] -> [N, K, 1, 1]: a view, no copy
             data = self.builder_.emit(relax.op.reshape(data, layer.spec.input_shape))
         kernel = sparse_conv2d_kernel(layer.sparse_weight, layer.spec, layer.layout, bias=layer.bias,
-                                      target=self.info, schedule=layer.schedule)
+                                      slope=layer.slope, target=self.info, schedule=layer.schedule)
         key = (kernel.geometry, kernel.schedule, layer.layout.bias, layer.layout.activation)
         gv = self.kernels.get(key)
         if gv is None:

@@ -43,8 +43,9 @@ class DepthwiseGeometry:
 
 def depthwise_nchwc_template(geom: DepthwiseGeometry, *, activation=None, name="alcs_depthwise_nchwc"):
     """PrimFunc ``(x[N, CB, Hp, Wp, V], weight[CB, Kh, Kw, V], bias[CB*V], y[N, CB, Ho', Wo', V])``."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if activation not in ACTIVATIONS or activation == "prelu":  # no per-channel slopes here
+        raise ValueError(f"activation must be one of {[a for a in ACTIVATIONS if a != 'prelu']}, got "
+                         f"{activation!r}")
     N, CB, V = geom.batch, geom.channel_blocks, geom.vector_width
     HP, WP = geom.padded_height, geom.padded_width
     KH, KW = geom.kernel

@@ -127,9 +127,12 @@ def zero_border(n_images, channels, height, width, top_left, interior, lanes=Non
     return zero
 
 
-def activate(activation, value):
-    """``value`` (a TIR expression) through ``activation``, one of :data:`ACTIVATIONS`."""
+def activate(activation, value, slope=None):
+    """``value`` (a TIR expression) through ``activation``, one of :data:`ACTIVATIONS` (``slope``: PReLU's, for
+    the value's channel)."""
     zero, one, six = T.float32(0), T.float32(1), T.float32(6)
+    if activation == "prelu":
+        return T.max(value, zero) + slope * T.min(value, zero)
     if activation == "relu6":
         return T.min(T.max(value, zero), six)
     if activation == "relu":
@@ -249,7 +252,11 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
     res_shape = (geom.residual_shape[0], NB * K) + geom.residual_shape[2:4] + (B,) if RES_BLOCKED \
         else geom.residual_shape
     x_shape = tuple(geom.input_shape)
-    bias_len = NB * V
+    PRELU = activation == "prelu"
+    bias_len = NB * V * (2 if PRELU else 1)  # PReLU's slopes follow the bias
+
+    def slope(bias, channel):
+        return bias[NB * V + channel] if PRELU else None
     if one_activation_buffer:
         io_at = activation_buffer_offsets(geom)
         IO_SIZE, X_AT, Y_AT = io_at["size"], io_at["x"], io_at["y"]
@@ -304,11 +311,12 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
                 if BLOCKED:
                     with loop("kb", T.unroll(K)) as kb:
                         with loop("v", T.vectorized(B)) as v:
-                            T.buffer_store(y, activate(activation, acc[(r * tw + c) * V + kb * B + v]),
+                            T.buffer_store(y, activate(activation, acc[(r * tw + c) * V + kb * B + v],
+                                                       slope(bias, ob * V + kb * B + v)),
                                            [n, ob * K + kb, OT + row0 + r, OL + col0 + c, v])
                 else:
                     with loop("v", T.serial(V)) as v, channel_exists(ob * V + v):
-                        T.buffer_store(y, activate(activation, acc[(r * tw + c) * V + v]),
+                        T.buffer_store(y, activate(activation, acc[(r * tw + c) * V + v], slope(bias, ob * V + v)),
                                        [n, ob * V + v, OT + row0 + r, OL + col0 + c])
 
     def row_tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, row0, tr):
