@@ -7,8 +7,8 @@ Each case draws an NCHW input (batch 1-2, channels not a multiple of V, odd size
 Conv (1x1, 3x3, 5x5, 1x7, 7x1; stride 1-2; dilation 1-2; per-side pads including zero on one side; groups 1,
 depthwise or grouped; with or without bias) and optionally BatchNormalization, or a ConvTranspose (kernel 2-4,
 stride 1-3, dilation 1-2, per-side pads, output padding), then an epilogue (none, Relu, Clip(0, 6), HardSwish,
-HardSigmoid, Sigmoid, SiLU as Sigmoid+Mul, LeakyRelu, or an Add of the chain's input when shapes allow). Weights are dense or
-SIMD-block sparse at a random sparsity. A case passes when it compiles and its output matches ORT within
+HardSigmoid, Sigmoid, SiLU as Sigmoid+Mul, PRelu, LeakyRelu, or an Add of the chain's input when shapes allow).
+Weights are dense or SIMD-block sparse at a random sparsity. A case passes when it compiles and its output matches ORT within
 ``max |alcs - ort| <= 1e-4 * max(1, max |ort|)``; a failure prints its seed, the model and the first line of the
 error, and ``--keep`` saves its ONNX file. Exit status 1 when any case fails.
 """
@@ -34,7 +34,7 @@ from alcs_tvm.run import run_model, write_sidecar  # noqa: E402
 from alcs_tvm.sparse_format import random_block_sparse  # noqa: E402
 
 KERNELS = [(1, 1), (3, 3), (5, 5), (1, 7), (7, 1)]
-EPILOGUES = [None, "Relu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid", "SiLU", "LeakyRelu", "Add"]
+EPILOGUES = [None, "Relu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid", "SiLU", "PRelu", "LeakyRelu", "Add"]
 TOLERANCE = 1e-4
 
 
@@ -57,6 +57,10 @@ def _epilogue(rng, nodes, inits, i, out, desc, current, shape, new_shape):
         nodes.append(helper.make_node("LeakyRelu", [out], [f"act{i}"], alpha=0.1))
     elif epilogue == "HardSigmoid":  # torch's nn.Hardsigmoid
         nodes.append(helper.make_node("HardSigmoid", [out], [f"act{i}"], alpha=1 / 6))
+    elif epilogue == "PRelu":  # per-channel slopes, or one shared
+        count = new_shape[1] if rng.random() < 0.7 else 1
+        inits.append(numpy_helper.from_array(rng.uniform(0.05, 0.5, (count, 1, 1)).astype(np.float32), f"slope{i}"))
+        nodes.append(helper.make_node("PRelu", [out, f"slope{i}"], [f"act{i}"]))
     elif epilogue == "SiLU":  # as torch exports nn.SiLU
         nodes += [helper.make_node("Sigmoid", [out], [f"sig{i}"]),
                   helper.make_node("Mul", [out, f"sig{i}"], [f"act{i}"])]
