@@ -1,5 +1,9 @@
-"""Convs other than groups=1 run our kernel where its structure fits: grouped convs as block-diagonal SIMD-block
-sparse convs. Each graph is built with onnx.helper, compiled for this host and compared with ONNX Runtime."""
+"""What real CNNs have beyond a groups=1 conv + ReLU runs our kernels: grouped convs as block-diagonal SIMD-block
+sparse convs, transposed convs as sub-pixel convs, and SiLU, HardSwish, HardSigmoid, Sigmoid and PReLU fused into
+the conv's epilogue. Each graph is built with onnx.helper, compiled and compared with ONNX Runtime (on this host,
+and once on the emulated ARM64 device)."""
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -195,3 +199,44 @@ def test_prelu_fuses_into_the_kernel_with_its_slopes_and_matches_onnx_runtime():
     for name in ("c1", "c2"):
         assert rows[name].symbol.endswith("_prelu") and "+prelu" in rows[name].implementation, rows[name]
     assert "prelu" not in (rows["dw"].symbol or "")
+
+
+@pytest.mark.device
+def test_every_kind_on_the_emulated_arm64_device(rpc_devices, cross_cxx, tmp_path):
+    """The same kernels built for arm64 (NEON) and run on the emulated device: a grouped conv, a transposed conv and
+    every fused activation, against ONNX Runtime on the same input."""
+    from helpers import run_cli
+
+    from alcs_tvm.run import run_model
+
+    rng = np.random.default_rng(21)
+    g = _Graph(rng)
+    y = g.conv("x", "stem", 16, 3, act=None)
+    nodes, y = _activation_nodes("silu", y, "stem")
+    g.nodes += nodes
+    y = g.conv(y, "grouped", 32, 16, groups=4, act=None)
+    nodes, y = _activation_nodes("hardswish", y, "grouped")
+    g.nodes += nodes
+    w = (rng.standard_normal((32, 16, 4, 4)) * 0.1).astype(np.float32)
+    g.inits.append(numpy_helper.from_array(w, "up_w"))
+    g.nodes.append(helper.make_node("ConvTranspose", [y, "up_w"], ["up_y"], name="up", kernel_shape=[4, 4],
+                                    strides=[2, 2], pads=[1, 1, 1, 1]))
+    g.inits.append(numpy_helper.from_array(rng.uniform(0.05, 0.5, (16, 1, 1)).astype(np.float32), "slope"))
+    g.nodes.append(helper.make_node("PRelu", ["up_y", "slope"], ["up_p"], name="up_prelu"))
+    y = g.conv("up_p", "gate", 16, 16, kernel=1, act=None)
+    nodes, y = _activation_nodes("sigmoid", y, "gate")
+    g.nodes += nodes
+    model = g.model(y, [1, 3, 8, 8], [1, 16, 16, 16])
+    path = tmp_path / "kinds.onnx"
+    onnx.save(model, path)
+    library = tmp_path / "kinds_arm64.so"
+    result = run_cli("compile", path, "--target", "arm64", "-o", library, timeout=900)
+    assert result.returncode == 0, result.stderr
+    rows = {row["name"]: row for row in json.loads((tmp_path / "kinds_arm64.so.report.json").read_text())["layers"]}
+    assert rows["stem"]["symbol"].endswith("_silu") and rows["grouped"]["symbol"].endswith("_hardswish")
+    assert rows["up"]["symbol"].endswith("_prelu") and rows["gate"]["symbol"].endswith("_sigmoid")
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32) * 3
+    outputs, _ = run_model(library, {"x": x}, tracker=rpc_devices.tracker, key=rpc_devices.arm64_key, timeout=120)
+    (expected,) = ort.InferenceSession(model.SerializeToString(),
+                                       providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(outputs[0], expected, rtol=RTOL, atol=RTOL * float(np.abs(expected).max()))
