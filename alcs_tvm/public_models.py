@@ -138,6 +138,8 @@ def _without_final_softmax(model: onnx.ModelProto) -> onnx.ModelProto:
     if not last:
         return model
     (softmax,) = last
+    if sum(softmax.input[0] in node.input for node in model.graph.node) > 1:
+        return model  # the logits are read elsewhere too
     for node in model.graph.node:  # the Softmax's input becomes the graph output under the output's name
         for i, name in enumerate(node.output):
             if name == softmax.input[0]:

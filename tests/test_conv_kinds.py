@@ -240,3 +240,55 @@ def test_every_kind_on_the_emulated_arm64_device(rpc_devices, cross_cxx, tmp_pat
     (expected,) = ort.InferenceSession(model.SerializeToString(),
                                        providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_allclose(outputs[0], expected, rtol=RTOL, atol=RTOL * float(np.abs(expected).max()))
+
+
+def _shuffle(g, src, name, channels, groups, hw):
+    """ShuffleNet's channel shuffle: Reshape -> Transpose -> Reshape (no conv reads it as its producer)."""
+    g.inits += [numpy_helper.from_array(np.array([1, groups, channels // groups, hw, hw], np.int64), f"{name}_s1"),
+                numpy_helper.from_array(np.array([1, channels, hw, hw], np.int64), f"{name}_s2")]
+    g.nodes += [helper.make_node("Reshape", [src, f"{name}_s1"], [f"{name}_r"]),
+                helper.make_node("Transpose", [f"{name}_r"], [f"{name}_t"], perm=[0, 2, 1, 3, 4]),
+                helper.make_node("Reshape", [f"{name}_t", f"{name}_s2"], [f"{name}_y"])]
+    return f"{name}_y"
+
+
+def test_depthwise_convs_without_two_rewritten_neighbours_run_the_blocked_kernel():
+    """MobileNetV3's squeeze-excitation reads the depthwise output (so no conv is its only consumer) and
+    ShuffleNet's channel shuffle feeds it (so no conv is its producer): the blocked depthwise kernel runs with its
+    input or output converted; a wide one with no rewritten neighbour keeps the NCHW schedule."""
+    rng = np.random.default_rng(17)
+    g = _Graph(rng)
+    y = g.conv("x", "expand", 32, 8, kernel=1, act=None)
+    y = g.conv(y, "dw_se", 32, 32, groups=32, act=None)  # -> hardswish -> SE: the output is read NCHW
+    nodes, y = _activation_nodes("hardswish", y, "dw_se")
+    g.nodes += nodes
+    g.nodes.append(helper.make_node("GlobalAveragePool", [y], ["se_pool"]))
+    gate = g.conv("se_pool", "se_reduce", 8, 32, kernel=1)
+    gate = g.conv(gate, "se_expand", 32, 8, kernel=1, act=None)
+    nodes, gate = _activation_nodes("hardsigmoid", gate, "se_expand")
+    g.nodes += nodes + [helper.make_node("Mul", [y, gate], ["se_out"])]
+    y = g.conv("se_out", "project", 32, 32, kernel=1, act=None)
+    y = _shuffle(g, y, "shuffle1", 32, 4, 10)
+    y = g.conv(y, "dw_shuffled", 32, 32, groups=32, act=None)  # shuffle -> depthwise -> conv
+    y = g.conv(y, "pw", 32, 32, kernel=1, act=None)
+    y = _shuffle(g, y, "shuffle2", 32, 4, 10)
+    y = g.conv(y, "dw_alone", 32, 32, groups=32, act=None)  # shuffle -> depthwise -> Mul: no neighbour
+    g.nodes.append(helper.make_node("Mul", [y, "shuffle2_y"], ["sum"]))
+    x = np.random.default_rng(1).standard_normal((1, 8, 10, 10)).astype(np.float32)
+    report = _run(g.model("sum", [1, 8, 10, 10], [1, 32, 10, 10]), x)
+    rows = {layer.name: layer for layer in report.layers}
+    assert "after expand, back to NCHW" in rows["dw_se"].implementation
+    assert rows["dw_se"].symbol.endswith("_hardswish")
+    assert "from NCHW, before pw" in rows["dw_shuffled"].implementation
+    assert "from NCHW, back to NCHW" in rows["dw_alone"].implementation
+    for name in ("dw_se", "dw_shuffled", "dw_alone"):
+        assert rows[name].symbol.startswith("alcs_dwconv_"), rows[name]
+
+    wide = _Graph(np.random.default_rng(3))
+    y = _shuffle(wide, "x", "shuffle", 16, 2, 40)
+    y = wide.conv(y, "dw_wide", 16, 16, groups=16, act=None)
+    wide.nodes.append(helper.make_node("Mul", [y, "x"], ["sum"]))
+    x = np.random.default_rng(1).standard_normal((1, 16, 40, 40)).astype(np.float32)
+    report = _run(wide.model("sum", [1, 16, 40, 40], [1, 16, 40, 40]), x)
+    (row,) = [layer for layer in report.layers if layer.name == "dw_wide"]
+    assert row.symbol is None and row.decision == "dense"

@@ -14,7 +14,7 @@ import tvm
 from onnx import TensorProto, helper, numpy_helper
 from tvm import relax
 
-from alcs_tvm import compiler, frontend
+from alcs_tvm import compiler, frontend, public_models
 from alcs_tvm.sparse_format import random_block_sparse
 
 RTOL = 1e-4
@@ -357,31 +357,7 @@ def test_folding_keeps_the_graph_order_of_convs_and_their_names():
 
 
 def _light_model(name):
-    return onnx.load(os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light",
-                                  f"light_{name}.onnx"))
-
-
-def _with_random_weights(model, rng):
-    """The light zoo models compute every weight as ConstantOfShape of one value, so every output channel is the
-    same and any wiring matches; here each such weight is random (scaled by its fan-in) instead."""
-    shapes = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-    randomised = onnx.ModelProto()
-    randomised.CopyFrom(model)
-    kept = []
-    for node in randomised.graph.node:
-        if node.op_type == "ConstantOfShape" and node.input[0] in shapes:
-            shape = tuple(int(d) for d in shapes[node.input[0]])
-            if len(shape) > 1:
-                value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
-            else:  # biases, and BatchNormalization's scales and variances: positive
-                value = rng.uniform(0.5, 1.5, shape)
-            randomised.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), node.output[0]))
-        else:
-            kept.append(node)
-    del randomised.graph.node[:]
-    randomised.graph.node.extend(kept)
-    randomised.ir_version = max(randomised.ir_version, 4)  # initializers that are not graph inputs
-    return randomised
+    return onnx.load(os.path.join(public_models.light_zoo_dir(), f"light_{name}.onnx"))
 
 
 @pytest.mark.slow
@@ -392,7 +368,7 @@ def test_light_alexnet_imports_folded_and_matches_onnx_runtime():
     model = _light_model("bvlc_alexnet")
     mod = frontend.import_onnx(model)
     assert "full" not in mod["main"].script() and "dropout" not in mod["main"].script()
-    randomised = _with_random_weights(model, np.random.default_rng(11))
+    randomised = public_models.light_zoo_model("bvlc_alexnet", seed=11)  # random weights: wiring shows
     x = np.random.default_rng(12).standard_normal((1, 3, 224, 224)).astype(np.float32)
     (expected,) = _run_ort(randomised, {"data_0": x})
     executable, _, lowered = compiler.compile_module(frontend.prepare_for_sparse(frontend.import_onnx(randomised)),

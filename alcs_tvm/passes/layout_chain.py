@@ -4,11 +4,11 @@ A rewritten conv whose every user is a rewritten conv writes what those convs re
 store per pixel instead of a lane transpose) with the widest zero border its readers need already in place (no
 pad copy in them). Its users may read it as their data input (each with its own padding) or as the shortcut fused
 into their epilogue (a residual block's add), so ResNet's and MobileNetV2's blocks stay channel-blocked from one
-conv to the next. A depthwise conv between two rewritten convs (MobileNetV2's expand -> depthwise -> project) runs
-the channel-blocked depthwise kernel in the same layout.
+conv to the next. A depthwise conv next to a rewritten conv (MobileNetV2's expand -> depthwise -> project) runs
+the channel-blocked depthwise kernel in the same layout (see :func:`_chain_depthwise` for the other cases).
 
-Everything here edits the :class:`~alcs_tvm.layer.KernelLayout` of the matched layers and their report rows; it
-emits no IR.
+Everything here edits the :class:`~alcs_tvm.layer.KernelLayout` of the matched layers, the depthwise layers'
+``block_input``/``unblock_output`` and the report rows; it emits no IR.
 """
 from __future__ import annotations
 
@@ -68,27 +68,53 @@ def plan_layouts(layers: list, depthwise: list, users: dict, single_user, vector
 
 
 def _chain_depthwise(convs, depthwise, single_user, only_conv_consumer, v, plans):
-    """conv -> depthwise -> conv: when the depthwise conv is the producer's only consumer and feeds only a
-    rewritten conv, all three run channel-blocked with the borders written by the producers."""
+    """Depthwise convs run the channel-blocked kernel where a neighbour shares its layout: between two rewritten
+    convs (the producer writes the border, the consumer reads blocked), after a rewritten conv whose output only
+    it reads (its output converted back to NCHW for the other ops: MobileNetV3's squeeze-excitation), or before a
+    rewritten conv (its input converted from NCHW). With neither neighbour (ShuffleNet's, after a channel
+    shuffle) it still does when its output is at most :data:`NARROW_OUTPUT` pixels wide: the NCHW schedule
+    vectorizes along a row, which then fills few lanes, and the two conversions cost less."""
     planned = {layer.last_var: layer for layer in convs}
     for dw in depthwise:
-        producer = planned.get(dw.call.args[0])
-        if producer is None or single_user(producer.last_var) is None or \
-                not single_user(producer.last_var).same_as(dw.conv_var):
+        if dw.depthwise[0][1] % v or dw.residual is not None:  # the depthwise kernel adds no shortcut
             continue
+        producer = planned.get(dw.call.args[0])
+        if producer is not None and (single_user(producer.last_var) is None or
+                                     not single_user(producer.last_var).same_as(dw.conv_var) or
+                                     producer.sparse_weight.vector_width % v):
+            producer = None
         consumer = only_conv_consumer(dw.last_var)
-        if consumer is None or dw.depthwise[0][1] % v or producer.sparse_weight.vector_width % v or \
-                consumer.sparse_weight.vector_width % v:
+        if consumer is not None and consumer.sparse_weight.vector_width % v:
+            consumer = None
+        if producer is None and consumer is None and _output_width(dw) > NARROW_OUTPUT:
             continue
         padding = dw.depthwise[2]
-        producer.layout = replace(producer.layout, output_blocked=True, output_pad=tuple(padding))
-        consumer.layout = replace(consumer.layout, input_prepadded=True, input_block=v)
-        dw.layout = replace(dw.layout, output_blocked=True, output_pad=tuple(consumer.spec.padding), out_block=v)
-        dw.report_row.reason = "depthwise conv (no channel reduction for SIMD blocks to skip), kept in its " \
-                               "neighbours' blocked layout"
-        dw.report_row.implementation = f"alcs depthwise NCHW{v}c kernel (between {producer.report_row.name} " \
-                                       f"and {consumer.report_row.name})"
-        producer.report_row.implementation += f"; writes NCHW{v}c padded for {dw.report_row.name}"
+        if producer is not None:
+            producer.layout = replace(producer.layout, output_blocked=True, output_pad=tuple(padding))
+            producer.report_row.implementation += f"; writes NCHW{v}c padded for {dw.report_row.name}"
+        else:
+            dw.block_input = True
+        if consumer is not None:
+            consumer.layout = replace(consumer.layout, input_prepadded=True, input_block=v)
+            dw.layout = replace(dw.layout, output_blocked=True, output_pad=tuple(consumer.spec.padding), out_block=v)
+        else:
+            dw.layout = replace(dw.layout, output_blocked=True, output_pad=(0, 0, 0, 0), out_block=v)
+            dw.unblock_output = True
+        neighbours = [f"after {producer.report_row.name}"] if producer is not None else ["from NCHW"]
+        neighbours += [f"before {consumer.report_row.name}"] if consumer is not None else ["back to NCHW"]
+        dw.report_row.reason = "depthwise conv (no channel reduction for SIMD blocks to skip), run " \
+                               "channel-blocked"
+        dw.report_row.implementation = f"alcs depthwise NCHW{v}c kernel ({', '.join(neighbours)})"
         plans[dw.last_var] = dw
         for var in dw.fused_vars:
             plans[var] = None
+
+
+#: a depthwise conv with no rewritten conv beside it runs the blocked kernel when its output is at most this wide
+NARROW_OUTPUT = 32
+
+
+def _output_width(dw) -> int:
+    in_shape, w_shape, padding, strides, dilation = dw.depthwise
+    width = in_shape[3] + padding[1] + padding[3]
+    return (width - dilation[1] * (w_shape[3] - 1) - 1) // strides[1] + 1

@@ -65,6 +65,8 @@ class _Layer:
         self.bias = None  # the bias constant, float32 [Cout]
         self.activation = None
         self.slope = None  # PReLU's per-channel slopes, float32 [Cout], when the activation is "prelu"
+        self.block_input = False  # a channel-blocked depthwise conv whose input comes NCHW: convert it first
+        self.unblock_output = False  # ... whose output is read NCHW: convert it back after
         self.last_var = conv_var
         self.fused_vars = []  # bindings folded into the call (skipped when rewriting)
         # a shortcut tensor added before the activation (ResNet/MobileNetV2 residual), fused into the epilogue
@@ -585,6 +587,14 @@ class _Rewriter(relax.PyExprMutator):
 
     def _emit_depthwise(self, binding, layer, data):
         geom, consts, out_shape = _blocked_depthwise(layer)
+        if layer.block_input:  # NCHW -> padded NCHW[V]c
+            (n, c, h, w), padding, v = layer.depthwise[0], layer.depthwise[2], geom.vector_width
+            top, left, bottom, right = padding
+            if any(padding):
+                data = self.builder_.emit(relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right]))
+            hp, wp = h + top + bottom, w + left + right
+            data = self.builder_.emit(relax.op.reshape(data, (n, c // v, v, hp, wp)))
+            data = self.builder_.emit(relax.op.permute_dims(data, (0, 1, 3, 4, 2)))
         key = (geom, layer.activation)
         gv = self.kernels.get(key)
         if gv is None:
@@ -597,6 +607,11 @@ class _Rewriter(relax.PyExprMutator):
             self.kernels[key] = gv
         layer.report_row.symbol = gv.name_hint
         call = relax.call_tir(gv, [data] + [relax.const(a) for a in consts], relax.TensorType(out_shape, "float32"))
+        if layer.unblock_output:  # NCHW[V]c -> NCHW
+            n, cb, ho, wo, v = out_shape
+            blocked = self.builder_.emit(call)
+            call = relax.op.reshape(self.builder_.emit(relax.op.permute_dims(blocked, (0, 1, 4, 2, 3))),
+                                    (n, cb * v, ho, wo))
         new_var = emit_as(self.builder_, call, binding.var)
         self.set_var_remap(binding.var, new_var)
         return None
