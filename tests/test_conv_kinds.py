@@ -180,8 +180,8 @@ def test_an_activation_whose_input_is_read_elsewhere_is_not_fused():
 
 
 def test_prelu_fuses_into_the_kernel_with_its_slopes_and_matches_onnx_runtime():
-    """MTCNN's and face-recognition nets' Conv -> PRelu (per-channel slopes, and one shared slope); a depthwise
-    conv keeps its PRelu as a separate op."""
+    """MTCNN's and face-recognition nets' Conv -> PRelu (per-channel slopes, and one shared slope) and Conv ->
+    LeakyRelu; a depthwise conv keeps its PRelu as a separate op."""
     rng = np.random.default_rng(11)
     g = _Graph(rng)
     y = g.conv("x", "c1", 20, 3, act=None)
@@ -190,14 +190,16 @@ def test_prelu_fuses_into_the_kernel_with_its_slopes_and_matches_onnx_runtime():
     y = g.conv("p1", "c2", 32, 20, kernel=1, act=None)
     g.inits.append(numpy_helper.from_array(np.array([0.2], np.float32), "s2"))
     g.nodes.append(helper.make_node("PRelu", [y, "s2"], ["p2"], name="c2_prelu"))
-    y = g.conv("p2", "dw", 32, 32, groups=32, act=None)
+    y = g.conv("p2", "leaky", 32, 32, kernel=3, act=None)
+    g.nodes.append(helper.make_node("LeakyRelu", [y], ["p_leaky"], name="leaky_act", alpha=0.1))
+    y = g.conv("p_leaky", "dw", 32, 32, groups=32, act=None)
     g.inits.append(numpy_helper.from_array(rng.uniform(0.05, 0.5, (32, 1, 1)).astype(np.float32), "s3"))
     g.nodes.append(helper.make_node("PRelu", [y, "s3"], ["p3"], name="dw_prelu"))
     x = (np.random.default_rng(1).standard_normal((1, 3, 14, 14)) * 3).astype(np.float32)
     report = _run(g.model("p3", [1, 3, 14, 14], [1, 32, 14, 14]), x)
     rows = {layer.name: layer for layer in report.layers}
-    for name in ("c1", "c2"):
-        assert rows[name].symbol.endswith("_prelu") and "+prelu" in rows[name].implementation, rows[name]
+    for name in ("c1", "c2", "leaky"):  # LeakyReLU (YOLOv3/v4, GANs) is a PReLU with one slope
+        assert "_prelu" in rows[name].symbol and "+prelu" in rows[name].implementation, rows[name]
     assert "prelu" not in (rows["dw"].symbol or "")
 
 

@@ -188,7 +188,10 @@ class SparseConvRewrite:
             act = "relu"
         if act == "prelu":
             attrs = layer.call.attrs
-            slope = const_array(value_of[user].args[1]).reshape(-1)
+            value = value_of[user]
+            # LeakyReLU is a PReLU whose one slope is its alpha
+            slope = np.array([float(value.attrs.alpha)], np.float32) if value.op.name == "relax.nn.leakyrelu" \
+                else const_array(value.args[1]).reshape(-1)
             out_shape = static_shape(layer.call)
             if layer.kind != "conv2d" or int(attrs.groups) != 1 and static_shape(layer.call.args[1])[1] == 1 or \
                     out_shape is None or slope.size not in (1, out_shape[1]):
@@ -318,6 +321,8 @@ class SparseConvRewrite:
         name = value.op.name
         if name in _ACTIVATION_OPS:
             return _ACTIVATION_OPS[name]
+        if name == "relax.nn.leakyrelu":
+            return "prelu"
         if name == "relax.nn.prelu":  # constant slopes per channel (axis 1), or one for all
             slope = value.args[1]
             return "prelu" if is_const(slope) and dtype(slope) == "float32" and \
