@@ -276,8 +276,11 @@ def _alive(entry: dict | None) -> bool:
 def _stopped(entry: dict | None) -> bool:
     """True when a process of the recorded process group is stopped (SIGSTOP, a debugger): it runs but cannot
     answer. (TVM's tracker serves from a worker process in its group.)"""
-    if not entry:
-        return False
+    return bool(entry) and any(state in ("T", "t") for _, state in _group_members(entry["pid"]))
+
+
+def _group_members(pgid: int):
+    """``(/proc entry, state letter)`` of every process in process group ``pgid``."""
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -285,9 +288,8 @@ def _stopped(entry: dict | None) -> bool:
             fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == entry["pid"] and fields[0] in ("T", "t"):
-            return True
-    return False
+        if int(fields[2]) == pgid:
+            yield proc, fields[0]
 
 
 def _port_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -358,16 +360,7 @@ def _group_alive(pgid: int) -> bool:
 
     A multi-threaded process's leader turns zombie before its other threads finish exiting, and until the last
     one has, the process's sockets stay open: the tracker's listening port is not free yet."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and (fields[0] != "Z" or _threads_running(proc)):
-            return True
-    return False
+    return any(state != "Z" or _threads_running(proc) for proc, state in _group_members(pgid))
 
 
 def _threads_running(proc: Path) -> bool:

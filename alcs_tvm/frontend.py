@@ -527,6 +527,14 @@ _LAYER_OPS = {
 }
 
 
+def rewrite_functions(rewriter, mod):
+    """``mod`` with every Relax function passed through ``rewriter`` (a ``PyExprMutator`` built on ``mod``)."""
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    return rewriter.builder_.get()
+
+
 def with_span(call, span):
     """``call`` with ``span`` (a ``tvm.ir.Span``, or a node name for a span of that source name)."""
     if isinstance(span, str):
@@ -737,11 +745,7 @@ def _canonicalize_clip(mod):
                 return relax.op.nn.relu(x)
             return relax.op.maximum(x, relax.const(value, call.ty.dtype))
 
-    rewriter = _Clip(mod)
-    for gv, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-    return rewriter.builder_.get()
+    return rewrite_functions(_Clip(mod), mod)
 
 
 def _power_by_square_roots(mod):
@@ -773,11 +777,7 @@ def _power_by_square_roots(mod):
                 result = relax.op.multiply(result, factor)
             return result
 
-    rewriter = _Power(mod)
-    for gv, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-    return rewriter.builder_.get()
+    return rewrite_functions(_Power(mod), mod)
 
 
 def _fold_bn_into_conv(mod):
@@ -824,11 +824,7 @@ def _fold_bn_into_conv(mod):
                 out_layout=a.out_layout, out_dtype=a.out_dtype), conv.span))  # the span names its ONNX node
             return relax.op.add(new_conv, relax.const(new_b))
 
-    rewriter = _FoldBN(mod)
-    for gv, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-    return rewriter.builder_.get()
+    return rewrite_functions(_FoldBN(mod), mod)
 
 
 _NUMPY_FOLD = {
@@ -876,11 +872,7 @@ def _numpy_fold(mod):
                 return call
             return relax.const(out)
 
-    rewriter = _Fold(mod)
-    for gv, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-    return rewriter.builder_.get()
+    return rewrite_functions(_Fold(mod), mod)
 
 
 def prepare_for_sparse(mod, params: dict | None = None):

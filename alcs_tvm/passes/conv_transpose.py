@@ -53,7 +53,6 @@ class _Rewriter(relax.PyExprMutator):
     def __init__(self, mod, bias_of, rewritten):
         super().__init__(mod)
         self.bias_of = bias_of  # var of a transposed conv -> (var of its bias add, bias [Cout])
-        self.skip = {add for add, _ in bias_of.values()}
         self.rewritten = rewritten  # names of the ONNX nodes rewritten (from their spans)
         self.replaced = {}  # var of a bias add -> the rewritten output
 

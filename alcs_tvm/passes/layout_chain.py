@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ..layer import conv_output_size
+
 __all__ = ["plan_layouts"]
 
 
@@ -116,5 +118,4 @@ NARROW_OUTPUT = 32
 
 def _output_width(dw) -> int:
     in_shape, w_shape, padding, strides, dilation = dw.depthwise
-    width = in_shape[3] + padding[1] + padding[3]
-    return (width - dilation[1] * (w_shape[3] - 1) - 1) // strides[1] + 1
+    return conv_output_size(in_shape[3] + padding[1] + padding[3], w_shape[3], strides[1], dilation[1])

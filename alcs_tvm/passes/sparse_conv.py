@@ -13,9 +13,11 @@ layer the pass decides sparse or dense: sparse skips pruned blocks; dense runs t
 with every block kept (still far faster than an unscheduled Relax conv). A grouped conv is the conv over all
 input channels whose weight is zero outside each group: it runs the sparse kernel with that block-diagonal weight.
 Depthwise convolutions are left to the dense schedules (or the blocked depthwise kernel inside a chain): they are
-memory-bound, with no reduction over input channels for SIMD blocks to skip. Linear layers (``R.matmul(x[N, K], W: Constant[K, Out])`` [+ bias]) run the same kernel as a 1x1 conv
-on a 1x1 image (V along the output features) when their weight is sparse enough; a dense one stays a Relax
-matmul. 1-D, 3-D and transposed convs stay Relax ops. Every decision lands in :attr:`SparseConvRewrite.report`,
+memory-bound, with no reduction over input channels for SIMD blocks to skip. A transposed 2-D conv becomes a
+sub-pixel conv first (:mod:`.conv_transpose`). Linear layers (``R.matmul(x[N, K], W: Constant[K, Out])``
+[+ bias]) run the same kernel as a 1x1 conv on a 1x1 image (V along the output features) when their weight is
+sparse enough; a dense one stays a Relax matmul. 1-D and 3-D convs, and transposed convs with dilation or groups,
+stay Relax ops. Every decision lands in :attr:`SparseConvRewrite.report`,
 one row per conv (of any kind) and linear layer, named after the ONNX node it came from.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..frontend import layer_node_name
+from ..frontend import layer_node_name, rewrite_functions
 from ..kernels import sparse_conv2d_kernel
 from ..layer import Conv2dSpec, KernelLayout, conv_output_size, layer_key
 from ..report import CompileReport, LayerDecision
@@ -507,11 +509,7 @@ class SparseConvRewrite:
                         self._apply_tuning(layer)
         if not any(plans.values()):
             return mod
-        rewriter = _Rewriter(mod, plans, self.target_info)
-        for gv, func in list(mod.functions.items()):
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        return rewriter.builder_.get()
+        return rewrite_functions(_Rewriter(mod, plans, self.target_info), mod)
 
 
 def _block_diagonal(weight: np.ndarray, groups: int) -> np.ndarray:
