@@ -135,19 +135,26 @@ def _activation_nodes(kind, src, name):
                 helper.make_node("Mul", [src, f"{name}_s"], [f"{name}_a"], name=f"{name}_mul")], f"{name}_a"
     if kind == "hardswish":
         return [helper.make_node("HardSwish", [src], [f"{name}_a"], name=f"{name}_hs")], f"{name}_a"
+    if kind == "hardswish_relu6":  # x * relu6(x + 3) / 6, as TensorFlow's MobileNetV3 converts
+        return [helper.make_node("Add", [src, "three"], [f"{name}_p3"]),
+                helper.make_node("Clip", [f"{name}_p3", "zero", "six"], [f"{name}_c"]),
+                helper.make_node("Div", [f"{name}_c", "six"], [f"{name}_d"]),
+                helper.make_node("Mul", [src, f"{name}_d"], [f"{name}_a"])], f"{name}_a"
     if kind == "hardsigmoid":  # torch's nn.Hardsigmoid
         return [helper.make_node("HardSigmoid", [src], [f"{name}_a"], name=f"{name}_hsig", alpha=1 / 6)], \
             f"{name}_a"
     return [helper.make_node("Sigmoid", [src], [f"{name}_a"], name=f"{name}_sig")], f"{name}_a"
 
 
-@pytest.mark.parametrize("activation", ["silu", "hardswish", "hardsigmoid", "sigmoid"])
+@pytest.mark.parametrize("activation", ["silu", "hardswish", "hardswish_relu6", "hardsigmoid", "sigmoid"])
 def test_activations_fuse_into_the_kernels_and_match_onnx_runtime(activation):
     """YOLO's Conv-BN-SiLU, MobileNetV3's HardSwish blocks (1x1 expand -> depthwise -> 1x1 project, blocked in
     between) and squeeze-excitation gates: the activation runs in the conv's (and the depthwise's) epilogue, not
     as separate kernels. Inputs span [-12, 12], where the exponential's range reduction matters."""
     rng = np.random.default_rng(7)
     g = _Graph(rng)
+    g.inits += [numpy_helper.from_array(np.array(v, np.float32), name)
+                for name, v in (("zero", 0), ("three", 3), ("six", 6))]
     y = g.conv("x", "stem", 32, 8, act=None)
     nodes, y = _activation_nodes(activation, y, "stem")
     g.nodes += nodes
@@ -161,11 +168,12 @@ def test_activations_fuse_into_the_kernels_and_match_onnx_runtime(activation):
     x = (np.random.default_rng(1).standard_normal((1, 8, 12, 12)) * 4).astype(np.float32)
     report = _run(g.model(y, [1, 8, 12, 12], [1, 32, 12, 12]), x)
     rows = {layer.name: layer for layer in report.layers}
+    fused = activation.split("_")[0]  # either form of HardSwish is the kernel's hardswish
     for name in ("stem", "expand"):
-        assert f"+{activation}" in rows[name].implementation, rows[name]
-        assert rows[name].symbol.endswith(f"_{activation}"), rows[name]
+        assert f"+{fused}" in rows[name].implementation, rows[name]
+        assert rows[name].symbol.endswith(f"_{fused}"), rows[name]
     assert rows["dw"].symbol and rows["dw"].symbol.startswith("alcs_dwconv_") and \
-        rows["dw"].symbol.endswith(f"_{activation}"), rows["dw"]
+        rows["dw"].symbol.endswith(f"_{fused}"), rows["dw"]
 
 
 def test_an_activation_whose_input_is_read_elsewhere_is_not_fused():
