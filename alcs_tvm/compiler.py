@@ -37,7 +37,7 @@ def conv_node_names(model) -> list:
 
 
 def compile_module(mod, target="x86", *, vector_width=None, sparse=True, density_threshold=None,
-                   latency_table=None, layer_names=None, tuning=None):
+                   latency_table=None, layer_names=None, tuning=None, winograd=True):
     """Compile an already imported and prepared Relax module. Returns ``(executable, report, lowered_mod)``.
     ``tuning``: :class:`~alcs_tvm.tuning_records.TuningRecords` (or their path) from ``alcs tune``."""
     info = resolve_target(target, vector_width)
@@ -49,7 +49,7 @@ def compile_module(mod, target="x86", *, vector_width=None, sparse=True, density
         tuning.check_compatible(info, tvm.__version__)
     rewrite = SparseConvRewrite(info, sparse=sparse,
                                 density_threshold=density_threshold, latency_table=latency_table,
-                                layer_names=layer_names, tuning=tuning)
+                                layer_names=layer_names, tuning=tuning, winograd=winograd)
     with info.target:
         # the rewrite runs as a plain call, so a bad input (a layer missing from the table, say) surfaces as the
         # error it is rather than wrapped by TVM's pass infrastructure
@@ -60,9 +60,10 @@ def compile_module(mod, target="x86", *, vector_width=None, sparse=True, density
 
 
 def compile(model, target="x86", *, input_shapes=None, vector_width=None, sparse=True,  # noqa: A001
-            density_threshold=None, latency_table=None, tuning=None, verbose=False):
+            density_threshold=None, latency_table=None, tuning=None, winograd=True, verbose=False):
     """Compile an ONNX model (path, bytes or ModelProto) for ``target``. Returns ``(executable, report)``.
 
+    ``winograd=False`` runs every conv with the direct kernel (see :class:`SparseConvRewrite`).
     ``executable.export_library(path)`` writes the deployable library (see :func:`export`, which also
     cross-compiles for ``arm64``)."""
     started = time.perf_counter()
@@ -70,7 +71,7 @@ def compile(model, target="x86", *, input_shapes=None, vector_width=None, sparse
     mod = frontend.prepare_for_sparse(frontend.import_onnx(onnx_model, input_shapes))
     executable, report, _ = compile_module(mod, target, vector_width=vector_width, sparse=sparse,
                                            density_threshold=density_threshold, latency_table=latency_table,
-                                           tuning=tuning)
+                                           tuning=tuning, winograd=winograd)
     report.notes.append(f"compiled in {time.perf_counter() - started:.1f} s")
     report.relax_module = mod
     if verbose:

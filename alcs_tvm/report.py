@@ -23,6 +23,7 @@ class LayerDecision:
     spec: Conv2dSpec | None = None  # a rewritable layer's geometry (what latency tables are keyed by)
     kernel: KernelLayout | None = None  # how a rewritten conv's kernel is called in the model
     symbol: str | None = None  # the kernel function a rewritten layer runs (what a profile names)
+    algorithm: str = "direct"  # "direct" (the ALCS kernel over the kept blocks) or "winograd<m>" (F(m x m, 3x3))
 
     def row(self) -> list:
         density = "-" if self.density is None else f"{self.density:.3f}"

@@ -22,6 +22,8 @@ one row per conv (of any kind) and linear layer, named after the ONNX node it ca
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -33,6 +35,7 @@ from ..report import CompileReport, LayerDecision
 from ..schedules.depthwise_cpu import DepthwiseGeometry, depthwise_nchwc_template
 from ..sparse_format import BlockSparseWeight, widest_block_format
 from ..target import resolve_target
+from ..winograd import choose_algorithm, winograd_conv2d, winograd_input_block
 from .conv_transpose import SubpixelConvTranspose
 from .relax_expr import const_array, const_scalar, dtype, emit_as, is_const, scalar_value, static_shape
 from .layout_chain import plan_layouts
@@ -80,6 +83,8 @@ class _Layer:
         self.layout = None  # KernelLayout: the epilogue, then the layouts planned with the neighbours
         self.depthwise = None  # (input shape, weight shape, padding, strides, dilation) of a depthwise conv
         self.schedule = None  # a tuned SparseConvSchedule (alcs tune), else the target's default
+        self.winograd = None  # the output tile m when the conv runs as Winograd F(m x m, 3x3)
+        self.weight = None  # the dense OIHW weight (Winograd transforms it)
 
     def epilogue_layout(self) -> KernelLayout:
         return KernelLayout(bias=self.bias is not None, activation=self.activation,
@@ -97,15 +102,18 @@ class SparseConvRewrite:
     (names for the 2-D convs in graph order, for a module whose convs do not carry their ONNX node's name as
     :func:`~alcs_tvm.frontend.import_onnx` gives it them), ``tuning`` (an object with
     ``schedule_for(name, key, layout) -> (schedule | None, why)``, such as
-    :class:`~alcs_tvm.tuning_records.TuningRecords`: each named conv gets its measured schedule).
+    :class:`~alcs_tvm.tuning_records.TuningRecords`: each named conv gets its measured schedule), ``winograd``
+    (False: no conv runs as Winograd; else a 3x3 stride-1 conv does where it is estimated faster than the direct
+    kernel at its density, :func:`~alcs_tvm.winograd.choose_algorithm`).
     After the pass has run, :attr:`report` holds a :class:`CompileReport`. :meth:`rewrite` is the same
     transformation as a plain function (its errors are the original Python exceptions, not TVM's wrappers).
     """
 
     def __init__(self, target="x86", vector_width=None, sparse=True, density_threshold=None, latency_table=None,
-                 layer_names=None, tuning=None):
+                 layer_names=None, tuning=None, winograd=True):
         self.target_info = resolve_target(target, vector_width)
         self.sparse = sparse
+        self.winograd = winograd
         self.threshold = (DEFAULT_DENSITY_THRESHOLD[self.target_info.family] if density_threshold is None
                           else float(density_threshold))
         if not 0.0 <= self.threshold <= 1.0:
@@ -451,10 +459,17 @@ class SparseConvRewrite:
         layer.layout = layer.epilogue_layout()
         layer.sparse_weight = sparse_weight if decision == "sparse" else BlockSparseWeight.from_dense(w, v, True)
         implementation = "alcs sparse kernel" if decision == "sparse" else "alcs dense kernel (all blocks)"
+        if op == "conv2d" and self.winograd:
+            tile, why = choose_algorithm(spec, density if decision == "sparse" else 1.0, self.target_info)
+            if tile is not None:  # the transformed weight is dense: the masked weight's zeros are not skipped
+                layer.winograd, layer.weight = tile, w
+                decision, implementation = "dense", f"alcs Winograd F({tile}x{tile}, 3x3)"
+                reason = f"{reason}; {why}"
         fused = "+".join(["conv"] + (["bias"] if layer.bias is not None else []) +
                          ([layer.activation] if layer.activation else []))
         return LayerDecision(name, op, shape, round(density, 4), v, decision,
-                             f"{implementation}, {fused}", reason, predicted, spec)
+                             f"{implementation}, {fused}", reason, predicted, spec,
+                             algorithm=f"winograd{layer.winograd}" if layer.winograd else "direct")
 
     def _sparse_weight(self, spec, w) -> BlockSparseWeight:
         """The weight in this layer's group width: the target's wide groups where the output channels allow
@@ -565,6 +580,8 @@ class _Rewriter(relax.PyExprMutator):
         data = self.visit_expr(layer.call.args[0])
         if layer.kind == "depthwise":
             return self._emit_depthwise(binding, layer, data)
+        if layer.winograd:
+            return self._emit_winograd(binding, layer, data)
         if layer.kind == "linear":  # [N, K] -> [N, K, 1, 1]: a view, no copy
             data = self.builder_.emit(relax.op.reshape(data, layer.spec.input_shape))
         kernel = sparse_conv2d_kernel(layer.sparse_weight, layer.spec, layer.layout, bias=layer.bias,
@@ -586,6 +603,50 @@ class _Rewriter(relax.PyExprMutator):
             call = relax.op.reshape(self.builder_.emit(call), kernel.output_shape[:2])
         new_var = emit_as(self.builder_, call, binding.var)
         self.set_var_remap(binding.var, new_var)
+        return None
+
+    def _function(self, key, func, name):
+        """The module's GlobalVar for ``func`` (one per distinct ``key``): opaque to FuseOps, already scheduled."""
+        gv = self.kernels.get(key)
+        if gv is None:
+            func = func.without_attr("global_symbol").with_attrs({"op_pattern": 8, "tirx.is_scheduled": True})
+            gv = self.kernels[key] = self.builder_.add_func(func, self._unique(name))
+        return gv
+
+    def _emit_winograd(self, binding, layer, data):
+        spec, layout = layer.spec, layer.layout
+        if layout.input_block == 1:  # NCHW (padded or not) -> padded NCHW[b]c, what the input transform reads
+            b = winograd_input_block(spec, layout, self.info.vector_width)
+            n, c, h, w = spec.input_shape
+            top, left, bottom, right = (0, 0, 0, 0) if layout.input_prepadded else spec.padding
+            if any((top, left, bottom, right)):
+                data = self.builder_.emit(relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right]))
+            border = layout.input_border or spec.padding
+            hp, wp = (h + border[0] + border[2], w + border[1] + border[3]) if layout.input_prepadded else \
+                (spec.padded_height, spec.padded_width)
+            data = self.builder_.emit(relax.op.reshape(data, (n, c // b, b, hp, wp)))
+            data = self.builder_.emit(relax.op.permute_dims(data, (0, 1, 3, 4, 2)))
+            layout = replace(layout, input_prepadded=True, input_block=b)
+        conv = winograd_conv2d(layer.weight, spec, layout, tile=layer.winograd, bias=layer.bias, slope=layer.slope,
+                               target=self.info)
+        geom = conv.geometry
+        stage_in = self._function(("winograd_input", geom.tile, geom.batch, geom.in_blocks, geom.input_block,
+                                   geom.buffer_height, geom.buffer_width, geom.origin, geom.tiles_high,
+                                   geom.tiles_wide), conv.input_func, conv.input_func.attrs["global_symbol"])
+        gemm = self._function((conv.gemm.geometry, conv.gemm.schedule, False, None), conv.gemm.func,
+                              conv.gemm.func.attrs["global_symbol"])
+        stage_out = self._function(("winograd_output", geom, layout.bias, layout.activation), conv.output_func,
+                                   conv.output_func.attrs["global_symbol"])
+        layer.report_row.symbol = stage_out.name_hint
+        v = self.builder_.emit(relax.call_tir(stage_in, [data], relax.TensorType(geom.transformed_input_shape,
+                                                                                   "float32")))
+        mv = self.builder_.emit(relax.call_tir(gemm, [v] + [relax.const(a) for a in conv.gemm.packed.arrays()],
+                                               relax.TensorType(geom.gemm_output_shape, "float32")))
+        args = [mv, relax.const(conv.bias)]
+        if layer.residual is not None:
+            args.append(self.visit_expr(layer.residual))
+        call = relax.call_tir(stage_out, args, relax.TensorType(geom.output_shape, "float32"))
+        self.set_var_remap(binding.var, emit_as(self.builder_, call, binding.var))
         return None
 
     def _emit_depthwise(self, binding, layer, data):
