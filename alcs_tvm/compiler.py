@@ -37,7 +37,7 @@ def conv_node_names(model) -> list:
 
 
 def compile_module(mod, target="x86", *, vector_width=None, sparse=True, density_threshold=None,
-                   latency_table=None, layer_names=None, tuning=None, winograd=True):
+                   latency_table=None, layer_names=None, tuning=None, winograd="auto"):
     """Compile an already imported and prepared Relax module. Returns ``(executable, report, lowered_mod)``.
     ``tuning``: :class:`~alcs_tvm.tuning_records.TuningRecords` (or their path) from ``alcs tune``."""
     info = resolve_target(target, vector_width)
@@ -60,10 +60,10 @@ def compile_module(mod, target="x86", *, vector_width=None, sparse=True, density
 
 
 def compile(model, target="x86", *, input_shapes=None, vector_width=None, sparse=True,  # noqa: A001
-            density_threshold=None, latency_table=None, tuning=None, winograd=True, verbose=False):
+            density_threshold=None, latency_table=None, tuning=None, winograd="auto", verbose=False):
     """Compile an ONNX model (path, bytes or ModelProto) for ``target``. Returns ``(executable, report)``.
 
-    ``winograd=False`` runs every conv with the direct kernel (see :class:`SparseConvRewrite`).
+    ``winograd``: ``"auto"`` (per layer, by estimate), ``"off"`` or a tile size (see :class:`SparseConvRewrite`).
     ``executable.export_library(path)`` writes the deployable library (see :func:`export`, which also
     cross-compiles for ``arm64``)."""
     started = time.perf_counter()

@@ -22,8 +22,10 @@ def register(subparsers):
     input_shapes_arg(p)
     p.add_argument("--vector-width", type=int, help=VECTOR_WIDTH_HELP)
     p.add_argument("--no-sparse", action="store_true", help="run every conv with the dense kernel")
-    p.add_argument("--no-winograd", action="store_true",
-                   help="run 3x3 stride-1 convs with the direct kernel even where Winograd is estimated faster")
+    p.add_argument("--winograd", default="auto", choices=["auto", "off", "2", "4"],
+                   help="3x3 stride-1 convs as Winograd F(m x m, 3x3): per layer where estimated faster than the "
+                        "direct kernel at the layer's density (auto, the default), never (off), or every one that "
+                        "can with tile m (2, 4)")
     p.add_argument("--sparsity-threshold", type=float, metavar="D",
                    help="use the sparse kernel for layers whose block density is <= D")
     p.add_argument("--latency-table", help="latency table JSON: decide per layer by measured latency")
@@ -56,7 +58,7 @@ def run(args):
     info = resolve_target(args.target, args.vector_width)
     executable, report = compiler.compile(args.model, info, input_shapes=input_shapes, sparse=not args.no_sparse,
                                  density_threshold=args.sparsity_threshold, latency_table=latency_table,
-                                 tuning=args.tuning, winograd=not args.no_winograd)
+                                 tuning=args.tuning, winograd=int(args.winograd) if args.winograd.isdigit() else args.winograd)
     print(report.table())
     with outputs:  # the library, its sidecar and the report appear together or not at all
         library = outputs.path(args.output)

@@ -35,7 +35,7 @@ from ..report import CompileReport, LayerDecision
 from ..schedules.depthwise_cpu import DepthwiseGeometry, depthwise_nchwc_template
 from ..sparse_format import BlockSparseWeight, widest_block_format
 from ..target import resolve_target
-from ..winograd import choose_algorithm, winograd_conv2d, winograd_input_block
+from ..winograd import WINOGRAD_TILES, choose_algorithm, winograd_applies, winograd_conv2d, winograd_input_block
 from .conv_transpose import SubpixelConvTranspose
 from .relax_expr import const_array, const_scalar, dtype, emit_as, is_const, scalar_value, static_shape
 from .layout_chain import plan_layouts
@@ -103,16 +103,19 @@ class SparseConvRewrite:
     :func:`~alcs_tvm.frontend.import_onnx` gives it them), ``tuning`` (an object with
     ``schedule_for(name, key, layout) -> (schedule | None, why)``, such as
     :class:`~alcs_tvm.tuning_records.TuningRecords`: each named conv gets its measured schedule), ``winograd``
-    (False: no conv runs as Winograd; else a 3x3 stride-1 conv does where it is estimated faster than the direct
-    kernel at its density, :func:`~alcs_tvm.winograd.choose_algorithm`).
+    (``"auto"``: a 3x3 stride-1 conv runs as Winograd where it is estimated faster than the direct kernel at its
+    density, :func:`~alcs_tvm.winograd.choose_algorithm`; ``"off"``: none does; a tile size, 2 or 4: every one
+    that can does, with that tile).
     After the pass has run, :attr:`report` holds a :class:`CompileReport`. :meth:`rewrite` is the same
     transformation as a plain function (its errors are the original Python exceptions, not TVM's wrappers).
     """
 
     def __init__(self, target="x86", vector_width=None, sparse=True, density_threshold=None, latency_table=None,
-                 layer_names=None, tuning=None, winograd=True):
+                 layer_names=None, tuning=None, winograd="auto"):
         self.target_info = resolve_target(target, vector_width)
         self.sparse = sparse
+        if winograd not in ("auto", "off") + WINOGRAD_TILES:
+            raise ValueError(f"winograd must be 'auto', 'off' or a tile size in {WINOGRAD_TILES}, got {winograd!r}")
         self.winograd = winograd
         self.threshold = (DEFAULT_DENSITY_THRESHOLD[self.target_info.family] if density_threshold is None
                           else float(density_threshold))
@@ -459,8 +462,13 @@ class SparseConvRewrite:
         layer.layout = layer.epilogue_layout()
         layer.sparse_weight = sparse_weight if decision == "sparse" else BlockSparseWeight.from_dense(w, v, True)
         implementation = "alcs sparse kernel" if decision == "sparse" else "alcs dense kernel (all blocks)"
-        if op == "conv2d" and self.winograd:
-            tile, why = choose_algorithm(spec, density if decision == "sparse" else 1.0, self.target_info)
+        if op == "conv2d" and self.winograd != "off":
+            if self.winograd == "auto":
+                tile, why = choose_algorithm(spec, density if decision == "sparse" else 1.0, self.target_info)
+            else:
+                why = winograd_applies(spec, self.target_info.vector_width)
+                tile = None if why else self.winograd
+                why = why or f"Winograd F({tile}x{tile}) requested"
             if tile is not None:  # the transformed weight is dense: the masked weight's zeros are not skipped
                 layer.winograd, layer.weight = tile, w
                 decision, implementation = "dense", f"alcs Winograd F({tile}x{tile}, 3x3)"
