@@ -236,7 +236,13 @@ def _execute(lib, dev, inputs, sidecar, function, repeat, number, guard):
         args = [tvm.runtime.tensor(a, dev) for a in arrays]
     started = time.monotonic()
     with guard("inference"):
-        outputs = flatten_outputs(vm[function](*args))
+        result = vm[function](*args)
+        if type(result).__name__ == "RPCObjectRef":
+            # a tuple of outputs stays on the device as one remote object: fetch its fields one by one
+            vm.set_input(function, *args)
+            vm.invoke_stateful(function)
+            result = vm.get_outputs(function)
+        outputs = flatten_outputs(result)
     inference = time.monotonic() - started  # with the outputs' transfer: an upper bound on one run
     timings = None
     if repeat and repeat > 0:

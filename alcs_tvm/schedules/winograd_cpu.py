@@ -315,6 +315,20 @@ def winograd_output_template(geom: WinogradGeometry, *, has_bias: bool, activati
         if full_cols < TW:
             tile(mv, bias, res, y, n, ob, th, full_cols, True)
 
+    def body(mv, bias, res, y):
+        if any(geom.out_pad):
+            zero_output_border(y)
+        with loop("task", T.parallel(N * OBK * TH)) as task:
+            n, ob, th = task // (OBK * TH), task // TH % OBK, task % TH
+            if full_rows < TH:
+                with T.If(th < full_rows):
+                    with T.Then():
+                        row(mv, bias, res, y, n, ob, th, False)
+                    with T.Else():
+                        row(mv, bias, res, y, n, ob, th, True)
+            else:
+                row(mv, bias, res, y, n, ob, th, False)
+
     zero_output_border = zero_border(N, Cout // B if BLOCKED else Cout, HOP, WOP, (OT, OL), (Ho, Wo),
                                      B if BLOCKED else None)
     bias_len = Cout * (2 if PRELU else 1)
@@ -326,16 +340,6 @@ def winograd_output_template(geom: WinogradGeometry, *, has_bias: bool, activati
             bias = T.arg("bias", T.buffer((bias_len,), "float32"))
             res = T.arg("res", T.buffer(geom.residual_shape, "float32")) if HAS_RES else None
             y = T.arg("y", T.buffer(geom.output_shape, "float32"))
-            if any(geom.out_pad):
-                zero_output_border(y)
-            with loop("task", T.parallel(N * OBK * TH)) as task:
-                n, ob, th = task // (OBK * TH), task // TH % OBK, task % TH
-                if full_rows < TH:
-                    with T.If(th < full_rows):
-                        with T.Then():
-                            row(mv, bias, res, y, n, ob, th, False)
-                        with T.Else():
-                            row(mv, bias, res, y, n, ob, th, True)
-                else:
-                    row(mv, bias, res, y, n, ob, th, False)
+            with T.sblock("root"):  # see winograd_input_template
+                body(mv, bias, res, y)
     return builder.get()
