@@ -34,6 +34,7 @@ from .files import (TableMismatchError, check_header, check_measured_for, checke
                     json_kind, merge_entries, read_json_file, require_object, save_merged)
 from .layer import Conv2dSpec, layer_key
 from .target import resolve_target
+from .winograd import WINOGRAD_TILES
 
 __all__ = ["LatencyTable", "LayerProfile", "TableMismatchError", "LayerNotProfiledError", "FORMAT"]
 
@@ -67,6 +68,12 @@ class LayerProfile:
     cold_ms: list | None = None  # weights flushed from the caches before every call
     dense_warm_ms: float | None = None
     dense_cold_ms: float | None = None
+    # the dense weight as Winograd F(m x m, 3x3) (a 3x3 stride-1 conv), with its fastest tile m: what the compiler
+    # runs instead of the direct kernel where it is faster (absent: not measured, or the conv is no Winograd one)
+    winograd_tile: int | None = None
+    winograd_ms: float | None = None
+    winograd_warm_ms: float | None = None
+    winograd_cold_ms: float | None = None
 
     @property
     def key(self) -> str:
@@ -88,6 +95,8 @@ class LayerProfile:
         self.sparse_ms = [mix(w, c) for w, c in zip(self.warm_ms, self.cold_ms)]
         if self.dense_warm_ms is not None and self.dense_cold_ms is not None:
             self.dense_ms = mix(self.dense_warm_ms, self.dense_cold_ms)
+        if self.winograd_warm_ms is not None and self.winograd_cold_ms is not None:
+            self.winograd_ms = mix(self.winograd_warm_ms, self.winograd_cold_ms)
 
     def sparse_latency(self, sparsity: float) -> float:
         """Piece-wise linear in sparsity between grid points, exact at them, clamped at the grid's ends."""
@@ -97,10 +106,19 @@ class LayerProfile:
             raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
         return float(np.interp(sparsity, self.sparsities, self.sparse_ms))
 
+    def options(self, sparsity: float) -> dict:
+        """What the compiler may run at this sparsity, measured: ``{"sparse": ms, "dense": ms, "winograd<m>": ms}``
+        (the algorithms measured for this layer)."""
+        found = {"sparse": self.sparse_latency(sparsity)}
+        if self.dense_ms is not None:
+            found["dense"] = self.dense_ms
+        if self.winograd_ms is not None:
+            found[f"winograd{self.winograd_tile}"] = self.winograd_ms
+        return found
+
     def latency(self, sparsity: float) -> float:
-        """What the compiler would run: the faster of sparse at this sparsity and dense."""
-        sparse = self.sparse_latency(sparsity)
-        return sparse if self.dense_ms is None else min(sparse, self.dense_ms)
+        """What the compiler would run: the fastest of sparse at this sparsity, dense and Winograd."""
+        return min(self.options(sparsity).values())
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -132,7 +150,14 @@ class LayerProfile:
                                                                     integer=True),
                    sparsities, checked_numbers(data["sparse_ms"], "sparse_ms", n), ms_list("sparse_spread_ms") or [],
                    ms("dense_ms"), ms("dense_spread_ms"), ms_list("warm_ms", n), ms_list("cold_ms", n),
-                   ms("dense_warm_ms"), ms("dense_cold_ms"))
+                   ms("dense_warm_ms"), ms("dense_cold_ms"), _winograd_tile(data.get("winograd_tile")),
+                   ms("winograd_ms"), ms("winograd_warm_ms"), ms("winograd_cold_ms"))
+
+
+def _winograd_tile(value):
+    if value is not None and value not in WINOGRAD_TILES:
+        raise ValueError(f"winograd_tile must be one of {WINOGRAD_TILES}, got {value!r}")
+    return value
 
 
 def _spec_from_json(data) -> Conv2dSpec:
@@ -296,17 +321,18 @@ class LatencyTable:
         return self.profile_for(spec, vector_width).latency(sparsity)
 
     def choose(self, spec: Conv2dSpec, density: float, vector_width: int):
-        """The compiler's per-layer choice: ``(decision, predicted_ms, reason)``."""
+        """The compiler's per-layer choice: ``(decision, predicted_ms, reason)``, decision ``"sparse"``, ``"dense"``
+        or ``"winograd<m>"`` (the measured options, :meth:`LayerProfile.options`), the fastest; ties go to the
+        earlier of that order."""
         profile = self.profile_for(spec, vector_width)
-        sparse = profile.sparse_latency(1.0 - density)
-        predicted = {"sparse": round(sparse, 5)}
-        if profile.dense_ms is not None:
-            predicted["dense"] = round(profile.dense_ms, 5)
+        options = profile.options(1.0 - density)
+        predicted = {name: round(ms, 5) for name, ms in options.items()}
         source = "estimate (not in table)" if getattr(profile, "estimated", False) else "table"
-        if profile.dense_ms is None or sparse <= profile.dense_ms:
-            return "sparse", predicted, f"{source}: sparse {sparse:.3f} ms <= dense " + \
-                (f"{profile.dense_ms:.3f} ms" if profile.dense_ms is not None else "(not measured)")
-        return "dense", predicted, f"{source}: dense {profile.dense_ms:.3f} ms < sparse {sparse:.3f} ms"
+        best = min(options, key=options.get)
+        others = [f"{name} {ms:.3f} ms" for name, ms in options.items() if name != best]
+        if "dense" not in options:
+            others.append("dense (not measured)")
+        return best, predicted, f"{source}: {best} {options[best]:.3f} ms <= " + ", ".join(others)
 
     def predict(self, layers, rest_model: str | None = None, *, target=None, input_shapes=None):
         """Model latency in ms and its per-layer breakdown ``(total_ms, {name: ms})``.

@@ -33,6 +33,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,7 @@ from .run import run_model, time_model, write_sidecar
 from .sparse_format import BlockSparseWeight, layer_group_width, random_block_sparse
 from .target import resolve_target
 from .timing import measure_interleaved
+from .winograd import WINOGRAD_TILES, winograd_applies, winograd_conv2d, winograd_input_block
 
 __all__ = ["profile_model", "Measurer", "DEFAULT_SPARSITIES", "measure_layer", "layer_kernel", "build_kernels",
            "kernel_inputs", "random_pruned_onnx", "calibrate_cold_fraction", "measure_latency",
@@ -257,8 +259,54 @@ def measure_layer(layer: ModelLayer, info, measurer: Measurer, sparsities, *, re
     dense_warm, dense_spread = sample_stats(dense[0])
     profile = LayerProfile(spec, v, [float(s) for s in sparsities], list(warm_ms), spread_ms, dense_warm,
                            dense_spread, warm_ms, cold_ms, dense_warm, sample_stats(dense[1])[0])
+    winograd = measure_winograd(layer, weight, bias, info, measurer, repeat=repeat, min_repeat_ms=min_repeat_ms,
+                                rng=rng, workdir=workdir)
+    if winograd is not None:
+        profile.winograd_tile, profile.winograd_warm_ms, profile.winograd_cold_ms = winograd
+        profile.winograd_ms = profile.winograd_warm_ms
     profile.mix_cache_states(cold_fraction)
     return profile
+
+
+def measure_winograd(layer: ModelLayer, weight, bias, info, measurer: Measurer, *, repeat, min_repeat_ms, rng,
+                     workdir=None):
+    """``(tile, warm_ms, cold_ms)`` of the fastest Winograd tile for ``layer``'s dense ``weight``, or None when the
+    conv cannot run as Winograd: its three kernels timed one by one and summed, the GEMM (which holds the weights)
+    also with its weights flushed for the cold time. The input comes as the compiler feeds it: channel-blocked
+    and bordered (the compiler blocks an NCHW input first)."""
+    if winograd_applies(layer.spec, info.vector_width):
+        return None
+    layout = layer.layout
+    if layout.input_block == 1:
+        layout = replace(layout, input_prepadded=True,
+                         input_block=winograd_input_block(layer.spec, layout, info.vector_width))
+    convs = {tile: winograd_conv2d(weight, layer.spec, layout, tile=tile, bias=bias, target=info)
+             for tile in WINOGRAD_TILES}
+    funcs = {f"alcs_winograd{tile}_{stage}": func for tile, conv in convs.items()
+             for stage, func in (("in", conv.input_func), ("gemm", conv.gemm.func), ("out", conv.output_func))}
+    mod = tvm.IRModule({tvm.ir.GlobalVar(n): f.with_attr("global_symbol", n) for n, f in funcs.items()})
+    executable = tvm.compile(mod, target=info.target)
+    with tempfile.TemporaryDirectory(prefix="alcs-profile-", dir=workdir) as tmp:
+        module = measurer.load(export(executable, str(Path(tmp) / f"{layer.key}_winograd.so"), info))
+    found = {}
+    for tile, conv in convs.items():
+        g = conv.geometry
+        x = rng.standard_normal((g.batch, g.in_blocks, g.buffer_height, g.buffer_width, g.input_block))
+        transformed, products = np.zeros(g.transformed_input_shape), np.zeros(g.gemm_output_shape)
+        shortcut = [] if g.residual is None else [rng.standard_normal(g.residual_shape)]
+        stage_in = measurer.tensors([x.astype(np.float32), transformed.astype(np.float32)])
+        gemm = [stage_in[1]] + measurer.tensors(list(conv.gemm.packed.arrays()) + [products.astype(np.float32)])
+        stage_out = [gemm[-1]] + measurer.tensors([conv.bias] + [a.astype(np.float32) for a in shortcut] +
+                                                  [np.zeros(g.output_shape, np.float32)])
+
+        def median(name, args, cold=False):
+            return sample_stats(measurer.time(module, name, args, repeat, min_repeat_ms, cold_weights=cold))[0]
+
+        transforms = median(f"alcs_winograd{tile}_in", stage_in) + median(f"alcs_winograd{tile}_out", stage_out)
+        found[tile] = (transforms + median(f"alcs_winograd{tile}_gemm", gemm),
+                       transforms + median(f"alcs_winograd{tile}_gemm", gemm, cold=True))
+    best = min(found, key=lambda t: found[t][0])
+    return (best,) + found[best]
 
 
 def random_pruned_onnx(onnx_model, vector_width, sparsity_by_name, rng):
@@ -415,7 +463,8 @@ def profile_model(model, output, target="x86", *, tracker=None, key=None, rpc=No
 def _build_whole(info, mod, sparse):
     """The whole model compiled as ``alcs compile`` would (every conv sparse, or every conv dense), exported to a
     temporary directory that lives as long as the returned handle."""
-    executable, _, _ = compile_module(mod, info, sparse=sparse)
+    # direct kernels only: the convs' dense and sparse entries, the rest and the cache fraction are fitted on them
+    executable, _, _ = compile_module(mod, info, sparse=sparse, winograd="off")
     tmp = tempfile.TemporaryDirectory(prefix="alcs-profile-")
     lib = export(executable, str(Path(tmp.name) / "model.so"), info)
     write_sidecar(lib, mod, target=info.target)

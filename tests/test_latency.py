@@ -18,6 +18,7 @@ from alcs_tvm.latency import LatencyTable, LayerNotProfiledError, LayerProfile, 
 from alcs_tvm.layer import Conv2dSpec, layer_key
 from alcs_tvm.profiler import MAX_COLD_FRACTION
 from alcs_tvm.target import resolve_target
+from alcs_tvm.winograd import winograd_applies
 
 SPEC = Conv2dSpec.create((1, 32, 14, 14), (64, 32, 3, 3), 1, 1)
 GRID = [0.0, 0.5, 0.9]
@@ -58,6 +59,56 @@ def test_latency_is_min_of_dense_and_sparse_like_the_compiler_choice():
     assert decision == "sparse" and predicted["sparse"] == pytest.approx(0.3)
     total, breakdown = table.predict([("a", SPEC, 16, 0.0), ("b", SPEC, 16, 0.5)])
     assert total == pytest.approx(2.0) and breakdown == {"a": 1.0, "b": 1.0}
+
+
+def test_winograd_is_an_option_when_measured_and_the_pass_runs_it(tmp_path):
+    """A layer whose Winograd time beats both direct ones is chosen as Winograd, predicted at that time, saved
+    and loaded with the table, and the compiler runs it so; a table without the measurement loads as before."""
+    p = _profile(dense=1.2)
+    p.winograd_tile, p.winograd_ms = 4, 0.5
+    assert p.latency(0.0) == 0.5 and p.latency(0.9) == pytest.approx(0.3)
+    table = _table(resolve_target("x86"))  # this host's: the compiler checks the table's target
+    table.layers[p.key] = p
+    decision, predicted, reason = table.choose(SPEC, 1.0, 16)
+    assert decision == "winograd4" and predicted == {"sparse": 2.0, "dense": 1.2, "winograd4": 0.5}
+    assert reason.startswith("table: winograd4 0.500 ms <=")
+    assert table.choose(SPEC, 0.1, 16)[0] == "sparse"
+    table.save(str(tmp_path / "t.json"))
+    loaded = LatencyTable.load(str(tmp_path / "t.json"))
+    assert loaded.layers[p.key].winograd_tile == 4 and loaded.layers[p.key].winograd_ms == 0.5
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from alcs_tvm import compiler
+    w = np.random.default_rng(0).standard_normal(SPEC.weight_shape).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv", kernel_shape=[3, 3],
+                                                pads=[1, 1, 1, 1])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(SPEC.input_shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(SPEC.output_shape))],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    _, report = compiler.compile(model, "x86", latency_table=loaded)
+    (row,) = report.layers
+    assert row.algorithm == "winograd4" and row.reason.startswith("table: winograd4"), row
+    _, report = compiler.compile(model, "x86", latency_table=loaded, winograd="off")
+    assert report.layers[0].algorithm == "direct" and report.layers[0].decision == "dense"
+
+
+def test_profiling_measures_a_3x3_stride1_conv_as_winograd_too():
+    from alcs_tvm.compiler import ModelLayer
+    from alcs_tvm.layer import KernelLayout
+    from alcs_tvm.profiler import Measurer, measure_layer
+
+    info = resolve_target("x86")
+    layer = ModelLayer("conv", SPEC, 16, 1.0, KernelLayout(bias=True, activation="relu"))
+    p = measure_layer(layer, info, Measurer(info, local=True), GRID, repeat=3, min_repeat_ms=1, max_masks=1,
+                      cold_fraction=0.5)
+    assert p.winograd_tile in (2, 4) and 0 < p.winograd_warm_ms and 0 < p.winograd_cold_ms
+    assert p.winograd_ms == pytest.approx(max(p.winograd_warm_ms + 0.5 * (p.winograd_cold_ms - p.winograd_warm_ms),
+                                              min(p.winograd_warm_ms, p.winograd_cold_ms)))
 
 
 def test_layer_not_in_table_is_a_clear_error():
@@ -127,12 +178,17 @@ def test_profile_predict_and_compile_decisions_x86(rpc_devices, onnx_models, tmp
     for p in loaded.layers.values():
         assert p.sparsities == GRID and len(p.sparse_ms) == 3 and all(ms > 0 for ms in p.sparse_ms)
         assert p.sparse_ms[0] == p.dense_ms and p.dense_ms > 0
+        # a conv that can run as Winograd also has its dense weight measured so, with the faster tile
+        winograd = winograd_applies(p.spec, p.vector_width) is None
+        assert (p.winograd_tile in (2, 4) and p.winograd_ms > 0) if winograd else p.winograd_ms is None
     assert "small_cnn" in loaded.rest_ms
     # predict on the ONNX file: per-layer breakdown + rest; named sparsities override the weights' own
     total, breakdown = loaded.predict(onnx_models["small_cnn"])
     assert set(breakdown) == {l.name for l in layers} | {"(rest of model)"}
     assert total == pytest.approx(sum(breakdown.values()))
-    dense_total = sum(loaded.layers[l.key].dense_ms for l in layers) + loaded.rest_ms["small_cnn"]
+    # unpruned weights: each layer at what the compiler runs dense (the faster of the direct kernel and Winograd)
+    dense_total = sum(min(loaded.layers[l.key].dense_ms, loaded.layers[l.key].winograd_ms or float("inf"))
+                      for l in layers) + loaded.rest_ms["small_cnn"]
     assert total == pytest.approx(dense_total)
     sparse_total, sparse_breakdown = loaded.predict(onnx_models["small_cnn"], {l.name: 0.9 for l in layers})
     for l in layers:

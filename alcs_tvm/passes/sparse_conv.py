@@ -458,21 +458,26 @@ class SparseConvRewrite:
             decision, reason = "dense", f"density {density:.3f} > threshold {self.threshold:.2f}"
         if op == "conv2d_transpose":
             reason = f"as a sub-pixel conv ({spec.out_channels} channels = stride^2 phases); {reason}"
+        tile = None
+        if decision.startswith("winograd"):  # the table measured Winograd fastest
+            tile, decision = (int(decision[len("winograd"):]) if self.winograd == "auto" else None), "dense"
         layer.spec = spec
         layer.layout = layer.epilogue_layout()
         layer.sparse_weight = sparse_weight if decision == "sparse" else BlockSparseWeight.from_dense(w, v, True)
         implementation = "alcs sparse kernel" if decision == "sparse" else "alcs dense kernel (all blocks)"
-        if op == "conv2d" and self.winograd != "off":
-            if self.winograd == "auto":
+        measured = any(name.startswith("winograd") for name in predicted)
+        if op == "conv2d" and self.winograd != "off" and tile is None and not (measured and self.winograd == "auto"):
+            if self.winograd == "auto":  # not measured: by estimate
                 tile, why = choose_algorithm(spec, density if decision == "sparse" else 1.0, self.target_info)
             else:
                 why = winograd_applies(spec, self.target_info.vector_width)
                 tile = None if why else self.winograd
                 why = why or f"Winograd F({tile}x{tile}) requested"
-            if tile is not None:  # the transformed weight is dense: the masked weight's zeros are not skipped
-                layer.winograd, layer.weight = tile, w
-                decision, implementation = "dense", f"alcs Winograd F({tile}x{tile}, 3x3)"
+            if tile is not None:
                 reason = f"{reason}; {why}"
+        if tile is not None:  # the transformed weight is dense: the masked weight's zeros are not skipped
+            layer.winograd, layer.weight = tile, w
+            decision, implementation = "dense", f"alcs Winograd F({tile}x{tile}, 3x3)"
         fused = "+".join(["conv"] + (["bias"] if layer.bias is not None else []) +
                          ([layer.activation] if layer.activation else []))
         return LayerDecision(name, op, shape, round(density, 4), v, decision,
