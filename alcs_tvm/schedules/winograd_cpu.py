@@ -290,24 +290,16 @@ def winograd_output_template(geom: WinogradGeometry, *, has_bias: bool, activati
         k, width = lanes()
         for kb in range(k):
             channel0 = ob * V + kb * width
-            if BLOCKED or RES_BLOCKED:
-                block, lane0 = channel0 // B, channel0 % B
-            if BLOCKED:
-                with loop("l", T.vectorized(width)) as l:
-                    value = out[(i * m + j) * V + kb * width + l]
-                    if HAS_RES:
-                        value = value + (res[n, block, RPT + h, RPL + w, lane0 + l] if RES_BLOCKED
-                                         else res[n, channel0 + l, h, w])
-                    slope = bias[OBK * V + channel0 + l] if PRELU else None
-                    T.buffer_store(y, activate(activation, value, slope), [n, block, OT + h, OL + w, lane0 + l])
-            else:
-                with loop("l", T.serial(width)) as l:
-                    value = out[(i * m + j) * V + kb * width + l]
-                    if HAS_RES:
-                        value = value + (res[n, block, RPT + h, RPL + w, lane0 + l] if RES_BLOCKED
-                                         else res[n, channel0 + l, h, w])
-                    slope = bias[OBK * V + channel0 + l] if PRELU else None
-                    T.buffer_store(y, activate(activation, value, slope), [n, channel0 + l, OT + h, OL + w])
+            block, lane0 = channel0 // B, channel0 % B
+            # blocked: one vector store per pixel; NCHW: a lane scatter
+            with loop("l", T.vectorized(width) if BLOCKED else T.serial(width)) as l:
+                value = out[(i * m + j) * V + kb * width + l]
+                if HAS_RES:
+                    value = value + (res[n, block, RPT + h, RPL + w, lane0 + l] if RES_BLOCKED
+                                     else res[n, channel0 + l, h, w])
+                slope = bias[OBK * V + channel0 + l] if PRELU else None
+                index = [n, block, OT + h, OL + w, lane0 + l] if BLOCKED else [n, channel0 + l, OT + h, OL + w]
+                T.buffer_store(y, activate(activation, value, slope), index)
 
     def row(mv, bias, res, y, n, ob, th, edge_row):
         with loop("tw", T.serial(full_cols)) as tw:
