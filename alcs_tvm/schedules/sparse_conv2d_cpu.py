@@ -306,16 +306,18 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
                         with loop("v", T.serial(V)) as v, channel_exists(ob * V + v):
                             i = (r * tw + c) * V + v
                             T.buffer_store(acc, acc[i] + res[n, ob * V + v, row0 + r, col0 + c], [i])
-        with loop("r", T.unroll(tr)) as r:
-            with loop("c", T.unroll(tw)) as c:
-                if BLOCKED:
+        if BLOCKED:
+            with loop("r", T.unroll(tr)) as r:
+                with loop("c", T.unroll(tw)) as c:
                     with loop("kb", T.unroll(K)) as kb:
                         with loop("v", T.vectorized(B)) as v:
                             T.buffer_store(y, activate(activation, acc[(r * tw + c) * V + kb * B + v],
                                                        slope(bias, ob * V + kb * B + v)),
                                            [n, ob * K + kb, OT + row0 + r, OL + col0 + c, v])
-                else:
-                    with loop("v", T.serial(V)) as v, channel_exists(ob * V + v):
+        else:  # NCHW: per channel, a row of the tile is one (strided-gather) vector store
+            with loop("v", T.serial(V)) as v, channel_exists(ob * V + v):
+                with loop("r", T.unroll(tr)) as r:
+                    with loop("c", T.vectorized(tw)) as c:
                         T.buffer_store(y, activate(activation, acc[(r * tw + c) * V + v], slope(bias, ob * V + v)),
                                        [n, ob * V + v, OT + row0 + r, OL + col0 + c])
 
