@@ -293,7 +293,8 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
         base = n * BATCH_STRIDE + row0 * ROW_STEP + col0 * COL_STEP
         for run in range(RMAX, 0, -1):  # one segment per run length, longest first
             segment(xf, indptr, offsets, vstart, values, acc, base, ob, RMAX - run, run, tr, tw)
-        if HAS_RES:
+        res_in_store = HAS_RES and not RES_BLOCKED and not BLOCKED  # NCHW shortcut into an NCHW output
+        if HAS_RES and not res_in_store:
             with loop("r", T.unroll(tr)) as r:
                 with loop("c", T.unroll(tw)) as c:
                     if RES_BLOCKED:
@@ -314,11 +315,14 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
                             T.buffer_store(y, activate(activation, acc[(r * tw + c) * V + kb * B + v],
                                                        slope(bias, ob * V + kb * B + v)),
                                            [n, ob * K + kb, OT + row0 + r, OL + col0 + c, v])
-        else:  # NCHW: per channel, a row of the tile is one (strided-gather) vector store
+        else:  # NCHW: per channel, a row of the tile is one vector store (and one vector load of the shortcut)
             with loop("v", T.serial(V)) as v, channel_exists(ob * V + v):
                 with loop("r", T.unroll(tr)) as r:
                     with loop("c", T.vectorized(tw)) as c:
-                        T.buffer_store(y, activate(activation, acc[(r * tw + c) * V + v], slope(bias, ob * V + v)),
+                        value = acc[(r * tw + c) * V + v]
+                        if res_in_store:
+                            value = value + res[n, ob * V + v, row0 + r, col0 + c]
+                        T.buffer_store(y, activate(activation, value, slope(bias, ob * V + v)),
                                        [n, ob * V + v, OT + row0 + r, OL + col0 + c])
 
     def row_tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, row0, tr):
