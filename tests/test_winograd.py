@@ -181,3 +181,31 @@ def test_every_resnet18_3x3_conv_on_the_emulated_arm64_device(rpc_devices, cross
             reference = torch.nn.functional.conv2d(torch.from_numpy(inputs[f"x{i}"]).double(),
                                                    torch.from_numpy(weights[i]).double(), padding=1).numpy()
             assert _relative_error(out, reference) <= REL_ERR, (tile, shapes[i])
+
+
+def test_a_winograd_conv_in_narrow_groups_feeds_a_blocked_depthwise_conv():
+    """A conv pruned in 16-wide groups (its GEMM runs 32 wide) writes the 16-channel blocks the depthwise kernel
+    after it reads (found by tools/fuzz_compile.py --winograd 4, seed 48)."""
+    rng = np.random.default_rng(48)
+    w = (rng.standard_normal((64, 16, 3, 3)) * 0.2).astype(np.float32)
+    for block in range(4):  # 80 % of each 16-wide block's positions pruned, other ones in each block
+        w.reshape(4, 16, -1)[block][:, rng.random(16 * 9) < 0.8] = 0
+    dw = rng.standard_normal((64, 1, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", kernel_shape=[3, 3], pads=[2, 0, 0, 2]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Conv", ["r", "dw"], ["d"], name="dw", kernel_shape=[1, 1], strides=[2, 2],
+                              group=64),
+             helper.make_node("HardSigmoid", ["d"], ["y"], alpha=1 / 6)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 12, 14])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 6, 7])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(dw, "dw")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((1, 16, 12, 14)).astype(np.float32)
+    executable, report = compiler.compile(model, "x86", winograd=4)
+    rows = {row.name: row for row in report.layers}
+    assert rows["conv"].algorithm == "winograd4" and rows["conv"].vector_width == 16, report.table()
+    assert rows["dw"].implementation.startswith("alcs depthwise"), report.table()
+    out = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    (expected,) = ort.InferenceSession(model.SerializeToString(),
+                                       providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(out, expected, rtol=REL_ERR, atol=REL_ERR * float(np.abs(expected).max()))

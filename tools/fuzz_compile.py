@@ -1,7 +1,7 @@
 """Fuzz the compiler: random single-conv and small-chain ONNX models, compiled by alcs and checked against ONNX
 Runtime on the same input.
 
-    python tools/fuzz_compile.py --seed 0 --count 200 [--json tools/out/fuzz.json] [--keep DIR]
+    python tools/fuzz_compile.py --seed 0 --count 200 [--json tools/out/fuzz.json] [--keep DIR] [--winograd 4]
 
 Each case draws an NCHW input (batch 1-2, channels not a multiple of V, odd sizes) and a chain of 1-3 layers:
 Conv (1x1, 3x3, 5x5, 1x7, 7x1; stride 1-2; dilation 1-2; per-side pads including zero on one side; groups 1,
@@ -160,16 +160,17 @@ def random_case(rng: np.random.Generator):
     return model, x, f"in {list(x.shape)}: " + " | ".join(parts)
 
 
-def check_case(model, x, work: str, name: str = "case") -> tuple:
-    """``(ok, detail)``: compile with alcs, run on the Relax VM, compare with ONNX Runtime. ``name`` must differ
-    between the cases of one process: a library path loaded once stays loaded (dlopen)."""
+def check_case(model, x, work: str, name: str = "case", winograd="auto") -> tuple:
+    """``(ok, detail)``: compile with alcs (``winograd`` as ``alcs compile --winograd``), run on the Relax VM,
+    compare with ONNX Runtime. ``name`` must differ between the cases of one process: a library path loaded once
+    stays loaded (dlopen)."""
     import onnxruntime as ort
 
     path = os.path.join(work, f"{name}.onnx")
     onnx.save(model, path)
     expected = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     try:
-        executable, report = compiler.compile(path, "x86")
+        executable, report = compiler.compile(path, "x86", winograd=winograd)
         lib = os.path.join(work, f"{name}.so")
         compiler.export(executable, lib, "x86")
         write_sidecar(lib, report.relax_module)
@@ -182,7 +183,9 @@ def check_case(model, x, work: str, name: str = "case") -> tuple:
     error = float(np.max(np.abs(actual - expected))) if actual.size else 0.0
     bound = TOLERANCE * max(1.0, float(np.max(np.abs(expected))) if expected.size else 1.0)
     sparse = sum(layer.decision == "sparse" for layer in report.layers)
-    return error <= bound, f"max abs error {error:.2e} (bound {bound:.2e}), {sparse} sparse layer(s)"
+    winograd_layers = sum(layer.algorithm != "direct" for layer in report.layers)
+    return error <= bound, f"max abs error {error:.2e} (bound {bound:.2e}), {sparse} sparse layer(s), " \
+        f"{winograd_layers} Winograd"
 
 
 def main(argv=None) -> int:
@@ -191,14 +194,17 @@ def main(argv=None) -> int:
     ap.add_argument("--count", type=int, default=50, help="number of cases")
     ap.add_argument("--json", help="write every case's result here")
     ap.add_argument("--keep", help="save the ONNX file of each failing case in this directory")
+    ap.add_argument("--winograd", default="auto", choices=["auto", "off", "2", "4"],
+                    help="as alcs compile --winograd (2 or 4: every 3x3 stride-1 conv that can runs as Winograd)")
     args = ap.parse_args(argv)
+    winograd = int(args.winograd) if args.winograd.isdigit() else args.winograd
     results, failed, started = [], 0, time.time()
     with tempfile.TemporaryDirectory(prefix="alcs-fuzz-") as work:
         for i in range(args.count):
             seed = args.seed + i
             model, x, desc = random_case(np.random.default_rng(seed))
             try:
-                ok, detail = check_case(model, x, work, f"case{seed}")
+                ok, detail = check_case(model, x, work, f"case{seed}", winograd)
             except Exception:  # noqa: BLE001 - a crash of the checker itself is reported, not fatal
                 ok, detail = False, "checker crashed: " + traceback.format_exc().strip().splitlines()[-1]
             results.append({"seed": seed, "model": desc, "ok": ok, "detail": detail})

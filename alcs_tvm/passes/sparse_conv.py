@@ -640,6 +640,9 @@ class _Rewriter(relax.PyExprMutator):
             data = self.builder_.emit(relax.op.reshape(data, (n, c // b, b, hp, wp)))
             data = self.builder_.emit(relax.op.permute_dims(data, (0, 1, 3, 4, 2)))
             layout = replace(layout, input_prepadded=True, input_block=b)
+        # a blocked output or shortcut is in blocks of the layer's group width unless the layout says otherwise;
+        # the Winograd GEMM's own block width may differ
+        layout = replace(layout, out_block=layout.out_block or layer.sparse_weight.vector_width)
         conv = winograd_conv2d(layer.weight, spec, layout, tile=layer.winograd, bias=layer.bias, slope=layer.slope,
                                target=self.info)
         geom = conv.geometry
