@@ -71,8 +71,9 @@ def _epilogue(rng, nodes, inits, i, out, desc, current, shape, new_shape):
     return f"act{i}", desc + f" +{epilogue}"
 
 
-def random_case(rng: np.random.Generator):
-    """``(model, input, description)`` for one random case."""
+def random_case(rng: np.random.Generator, winograd_shapes: bool = False):
+    """``(model, input, description)`` for one random case. ``winograd_shapes``: half the groups=1 convs are drawn
+    as ones Winograd can run (3x3, stride 1, no dilation, whole 16-channel output blocks); other draws as usual."""
     n = int(rng.choice([1, 1, 1, 2]))
     c = int(rng.choice([1, 3, 5, 8, 17, 24, 33]))
     h, w = int(rng.integers(5, 21)), int(rng.integers(5, 21))
@@ -84,12 +85,15 @@ def random_case(rng: np.random.Generator):
         kh, kw = KERNELS[int(rng.integers(len(KERNELS)))]
         stride = int(rng.choice([1, 1, 2]))
         dilation = int(rng.choice([1, 1, 1, 2]))
+        eligible = winograd_shapes and cin % 4 == 0 and rng.random() < 0.5
+        if eligible:
+            (kh, kw), stride, dilation = (3, 3), 1, 1
         pads = [int(rng.integers(0, max(1, (k - 1) * dilation) + 1)) for k in (kh, kw, kh, kw)]
         ho = _conv_out(hin, kh, stride, dilation, pads[0], pads[2])
         wo = _conv_out(win, kw, stride, dilation, pads[1], pads[3])
         if ho < 1 or wo < 1:
             break
-        if rng.random() < 0.15:  # a transposed conv instead (a decoder's upsampling)
+        if not eligible and rng.random() < 0.15:  # a transposed conv instead (a decoder's upsampling)
             tk, ts = int(rng.choice([2, 3, 4])), int(rng.choice([1, 2, 2, 3]))
             tdil = int(rng.choice([1, 1, 1, 2]))
             tpads = [int(rng.integers(0, tk)) for _ in range(4)]
@@ -114,14 +118,14 @@ def random_case(rng: np.random.Generator):
             parts.append(desc)
             current, shape = out, (n, cout, ho, wo)
             continue
-        group_kind = rng.choice(["one", "one", "one", "depthwise", "grouped"])
+        group_kind = "one" if eligible else rng.choice(["one", "one", "one", "depthwise", "grouped"])
         if group_kind == "depthwise":
             groups, cout = cin, cin * int(rng.choice([1, 1, 2]))
         elif group_kind == "grouped" and cin % 2 == 0 and cin > 2:
             groups = int(rng.choice([d for d in (2, 3, 4) if cin % d == 0] or [1]))
             cout = groups * int(rng.integers(1, 9))
         else:
-            groups, cout = 1, int(rng.choice([4, 16, 20, 32, 48, 64]))
+            groups, cout = 1, int(rng.choice([16, 32, 48, 64] if eligible else [4, 16, 20, 32, 48, 64]))
         weight = (rng.standard_normal((cout, cin // groups, kh, kw)) / np.sqrt(cin // groups * kh * kw)).astype(
             np.float32)
         sparsity = float(rng.choice([0.0, 0.0, 0.5, 0.8, 0.95]))
@@ -150,7 +154,7 @@ def random_case(rng: np.random.Generator):
         parts.append(desc)
         current, shape = out, new_shape
     if not nodes:
-        return random_case(rng)
+        return random_case(rng, winograd_shapes)
     nodes.append(helper.make_node("Identity", [current], ["y"]))
     graph = helper.make_graph(nodes, "fuzz", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))], inits)
@@ -195,14 +199,15 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write every case's result here")
     ap.add_argument("--keep", help="save the ONNX file of each failing case in this directory")
     ap.add_argument("--winograd", default="auto", choices=["auto", "off", "2", "4"],
-                    help="as alcs compile --winograd (2 or 4: every 3x3 stride-1 conv that can runs as Winograd)")
+                    help="as alcs compile --winograd (2 or 4: every 3x3 stride-1 conv that can runs as Winograd, and "
+                         "half the convs are drawn so that they can)")
     args = ap.parse_args(argv)
     winograd = int(args.winograd) if args.winograd.isdigit() else args.winograd
     results, failed, started = [], 0, time.time()
     with tempfile.TemporaryDirectory(prefix="alcs-fuzz-") as work:
         for i in range(args.count):
             seed = args.seed + i
-            model, x, desc = random_case(np.random.default_rng(seed))
+            model, x, desc = random_case(np.random.default_rng(seed), winograd_shapes=winograd != "auto")
             try:
                 ok, detail = check_case(model, x, work, f"case{seed}", winograd)
             except Exception:  # noqa: BLE001 - a crash of the checker itself is reported, not fatal

@@ -533,7 +533,7 @@ class SparseConvRewrite:
             for layer in layers:
                 if layer.spec is not None and layer.kind == "conv2d":
                     layer.report_row.kernel = layer.layout
-                    if self.tuning is not None:
+                    if self.tuning is not None and not layer.winograd:  # records are direct-kernel tiles
                         self._apply_tuning(layer)
         if not any(plans.values()):
             return mod
