@@ -87,6 +87,27 @@ def test_depthwise_conv_bias_clip(channels, size, stride):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("pad", [(0, 0, 1, 1), (1, 2, 0, 1)])
+def test_a_conv_whose_fused_epilogue_pads_its_output_writes_the_border(pad):
+    """conv -> add -> pad fused into one function (a depthwise conv feeding a blocked kernel): the padded output is
+    larger than the conv's, so its border is written outside the conv's loops (found by tools/fuzz_compile.py:
+    the border was left unwritten, garbage)."""
+    top, left, bottom, right = pad
+
+    def body(bb, x, w, b):
+        y = bb.emit(relax.op.nn.conv2d(x, w, padding=1, groups=24))
+        y = bb.emit(relax.op.add(y, b))
+        return bb.emit(relax.op.nn.pad(y, [0, 0, 0, 0, top, bottom, left, right]))
+
+    mod = _graph({"x": (1, 24, 7, 4), "w": (24, 1, 3, 3), "b": (1, 24, 1, 1)}, body)
+    x, w, b = _rand(1, 24, 7, 4), _rand(24, 1, 3, 3), _rand(1, 24, 1, 1)
+    got = _run(mod, [x, w, b])
+    ref = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), padding=1, groups=24) + \
+        torch.from_numpy(b)
+    ref = torch.nn.functional.pad(ref, (left, right, top, bottom)).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind,kernel,stride,pad", [("max", 3, 2, 1), ("max", 2, 2, 0), ("avg", 2, 2, 0),
                                                     ("avg", 3, 1, 1)])
 def test_pooling(kind, kernel, stride, pad):

@@ -491,6 +491,10 @@ def _reduction_layout(sch, blocks, red):
     return pads, (tail[0] if tail else None)
 
 
+def _written_shape(sch, block) -> list:
+    return [_const(d) for d in sch.get(block).writes[0].source.shape]
+
+
 def _schedule_fallback(sch: s_tir.Schedule, blocks) -> None:
     for block in blocks:
         loops = sch.get_loops(block)
@@ -529,8 +533,15 @@ def schedule_prim_func(func: tirx.PrimFunc, target, name: str = "?") -> tirx.Pri
                     _schedule_injective(sch, b, tinfo)
         elif len(reductions) == 1 and _reduction_layout(sch, blocks, reductions[0]) is not None:
             pads, epilogue = _reduction_layout(sch, blocks, reductions[0])
+            apart = None
+            if epilogue is not None and _written_shape(sch, epilogue) != _written_shape(sch, reductions[0]):
+                # an epilogue that writes more than the reduction (a pad for the next layer) cannot run inside
+                # the reduction's loops: they would skip its border
+                apart, epilogue = epilogue, None
             if not _schedule_reduction(sch, reductions[0], epilogue, tinfo, pads):
                 _schedule_fallback(sch, list(sch.get_child_blocks(sch.get_sblock("root"))))
+            if apart is not None and _is_simple_nest(sch, apart):
+                _schedule_injective(sch, apart, tinfo)
         else:
             _schedule_fallback(sch, blocks)
     except _SCHED_ERRORS as err:  # a rule that does not fit: leave the function unscheduled but working
