@@ -307,3 +307,35 @@ def test_depthwise_convs_without_two_rewritten_neighbours_run_the_blocked_kernel
     report = _run(wide.model("sum", [1, 16, 40, 40], [1, 16, 40, 40]), x)
     (row,) = [layer for layer in report.layers if layer.name == "dw_wide"]
     assert row.symbol is None and row.decision == "dense"
+
+
+@pytest.mark.parametrize("kernel, stride, pads", [(3, 2, [1, 1, 1, 1]), (2, 2, [0, 0, 0, 0]), (3, 1, [1, 0, 2, 1])])
+def test_max_pools_between_rewritten_convs_run_blocked_and_match_onnx_runtime(kernel, stride, pads):
+    """ResNet's stem -> max pool -> block: the conv before writes NCHW16c, the pool reads and writes it (padding as
+    -inf: the conv before has no ReLU, so its outputs are negative at the border too), the conv after and the
+    shortcut add read it blocked."""
+    g = _Graph(np.random.default_rng(kernel + stride))
+    y = g.conv("x", "stem", 32, 3, act=None)
+    g.nodes.append(helper.make_node("MaxPool", [y], ["pooled"], name="pool", kernel_shape=[kernel, kernel],
+                                    strides=[stride, stride], pads=pads))
+    a = g.conv("pooled", "a", 32, 32)
+    b = g.conv(a, "b", 32, 32, act=None)
+    g.nodes.append(helper.make_node("Add", [b, "pooled"], ["sum"]))
+    size = (15 + pads[0] + pads[2] - kernel) // stride + 1, (15 + pads[1] + pads[3] - kernel) // stride + 1
+    model = g.model("sum", [1, 3, 15, 15], [1, 32, *size])
+    x = np.random.default_rng(0).standard_normal((1, 3, 15, 15)).astype(np.float32)
+    report = _run(model, x)
+    rows = {row.name: row for row in report.layers}
+    assert "for the max pool before a, b" in rows["stem"].implementation, report.table()
+    assert rows["b"].kernel.residual == "blocked" and rows["a"].kernel.input_block == 16
+
+
+def test_a_max_pool_read_by_other_ops_stays_a_relax_op():
+    g = _Graph(np.random.default_rng(5))
+    y = g.conv("x", "stem", 32, 3)
+    g.nodes.append(helper.make_node("MaxPool", [y], ["pooled"], name="pool", kernel_shape=[2, 2], strides=[2, 2]))
+    a = g.conv("pooled", "a", 32, 32)
+    g.nodes.append(helper.make_node("Concat", [a, "pooled"], ["cat"], axis=1))
+    model = g.model("cat", [1, 3, 12, 12], [1, 64, 6, 6])
+    report = _run(model, np.random.default_rng(1).standard_normal((1, 3, 12, 12)).astype(np.float32))
+    assert "max pool" not in {row.name: row for row in report.layers}["stem"].implementation

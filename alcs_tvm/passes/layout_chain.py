@@ -19,8 +19,10 @@ from ..layer import conv_output_size
 __all__ = ["plan_layouts"]
 
 
-def plan_layouts(layers: list, depthwise: list, users: dict, single_user, vector_width: int, plans: dict):
-    """Chain ``layers`` (matched convs with a spec, decided) and the ``depthwise`` convs between them.
+def plan_layouts(layers: list, depthwise: list, users: dict, single_user, vector_width: int, plans: dict,
+                 pools: list = ()):
+    """Chain ``layers`` (matched convs with a spec, decided), the ``depthwise`` convs and the max ``pools`` between
+    them.
 
     ``users``: var -> the vars of its users (``None`` for a function output); ``single_user(var)``: its one user or
     None; ``vector_width``: the target's V, the block of the channel-blocked layout (each conv's group width is a
@@ -40,27 +42,45 @@ def plan_layouts(layers: list, depthwise: list, users: dict, single_user, vector
 
     _chain_depthwise(convs, depthwise, single_user, only_conv_consumer, vector_width, plans)
     v = vector_width
-    for producer in convs:
-        if producer.layout.output_blocked:
-            continue
-        var = producer.last_var
+
+    def readers_of(var):
+        """``(readers, shortcut readers)`` when every user of ``var`` is a rewritten conv reading it as its data
+        input or as its fused shortcut, else None."""
         readers, shortcut_readers = by_input.get(var, []), by_residual.get(var, [])
         uses = users.get(var, [])
         expected = [c.conv_var for c in readers] + [c.residual_binding for c in shortcut_readers]
         if not uses or any(u is None for u in uses) or len(uses) != len(expected) or \
                 any(not any(u.same_as(e) for e in expected) for u in uses):
+            return None
+        return readers, shortcut_readers
+
+    def read_blocked(readers, shortcut_readers, border):
+        for c in readers:
+            c.layout = replace(c.layout, input_prepadded=True, input_block=v,
+                               input_border=border if border != tuple(c.spec.padding) else None)
+        for c in shortcut_readers:
+            c.layout = replace(c.layout, residual="blocked", residual_pad=border)
+
+    _chain_pools(convs, pools, single_user, readers_of, read_blocked, v, plans)
+    for producer in convs:
+        if producer.layout.output_blocked:
+            continue
+        found = readers_of(producer.last_var)
+        if found is None:
             continue  # some user is not a rewritten conv: keep NCHW
+        readers, shortcut_readers = found
         border = tuple(max(c.spec.padding[i] for c in readers) if readers else 0 for i in range(4))
         blocked = producer.spec.out_channels % v == 0 and \
             all(c.sparse_weight.vector_width % v == 0 for c in readers + shortcut_readers)
         if not blocked and shortcut_readers:
             continue  # shortcuts are read NCHW unpadded or blocked with a border
         producer.layout = replace(producer.layout, output_pad=border, output_blocked=blocked)
-        for c in readers:
-            c.layout = replace(c.layout, input_prepadded=True, input_block=v if blocked else 1,
-                               input_border=border if border != tuple(c.spec.padding) else None)
-        for c in shortcut_readers:
-            c.layout = replace(c.layout, residual="blocked", residual_pad=border)
+        if blocked:
+            read_blocked(readers, shortcut_readers, border)
+        else:
+            for c in readers:
+                c.layout = replace(c.layout, input_prepadded=True, input_block=1,
+                                   input_border=border if border != tuple(c.spec.padding) else None)
         layout = f"NCHW{v}c" if blocked else "NCHW"
         names = ", ".join(c.report_row.name for c in readers + shortcut_readers)
         producer.report_row.implementation += f"; writes {layout} padded for {names}"
@@ -110,6 +130,31 @@ def _chain_depthwise(convs, depthwise, single_user, only_conv_consumer, v, plans
         plans[dw.last_var] = dw
         for var in dw.fused_vars:
             plans[var] = None
+
+
+def _chain_pools(convs, pools, single_user, readers_of, read_blocked, v, plans):
+    """A max pool runs the channel-blocked kernel where a rewritten conv writes its input (and nothing else reads
+    that) and rewritten convs read all of its output, as data or as a shortcut (ResNet's stem -> pool -> first
+    block): the conv before writes NCHW[V]c without a border, the pool writes it with the border its readers need."""
+    planned = {layer.last_var: layer for layer in convs}
+    for pool in pools:
+        producer = planned.get(pool.call.args[0])
+        channels = producer.spec.out_channels if producer is not None else 0
+        if producer is None or channels % v or producer.layout.output_blocked or \
+                single_user(producer.last_var) is None or not single_user(producer.last_var).same_as(pool.conv_var) \
+                or producer.sparse_weight.vector_width % v:
+            continue
+        found = readers_of(pool.last_var)
+        if found is None or not found[0] or any(c.sparse_weight.vector_width % v for c in found[0] + found[1]):
+            continue
+        readers, shortcut_readers = found
+        border = tuple(max(c.spec.padding[i] for c in readers) for i in range(4))
+        producer.layout = replace(producer.layout, output_blocked=True, output_pad=(0, 0, 0, 0))
+        pool.layout = replace(pool.layout, output_blocked=True, output_pad=border, out_block=v)
+        read_blocked(readers, shortcut_readers, border)
+        names = ", ".join(c.report_row.name for c in readers + shortcut_readers)
+        producer.report_row.implementation += f"; writes NCHW{v}c for the max pool before {names}"
+        plans[pool.last_var] = pool
 
 
 #: a depthwise conv with no rewritten conv beside it runs the blocked kernel when its output is at most this wide

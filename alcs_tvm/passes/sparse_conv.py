@@ -33,6 +33,7 @@ from ..kernels import sparse_conv2d_kernel
 from ..layer import Conv2dSpec, KernelLayout, conv_output_size, layer_key
 from ..report import CompileReport, LayerDecision
 from ..schedules.depthwise_cpu import DepthwiseGeometry, depthwise_nchwc_template
+from ..schedules.pool_cpu import PoolGeometry, max_pool_nchwc_template
 from ..sparse_format import BlockSparseWeight, widest_block_format
 from ..target import resolve_target
 from ..winograd import WINOGRAD_TILES, choose_algorithm, winograd_applies, winograd_conv2d, winograd_input_block
@@ -147,6 +148,7 @@ class SparseConvRewrite:
         self._single_user = single_user
         self._users = users
         self._claimed_adds = {}  # a shortcut add is fused into the first conv that reaches it, not both operands'
+        self._pools = []  # max pools that may run channel-blocked between rewritten convs
 
         layers = []
         for b in bindings:
@@ -158,7 +160,18 @@ class SparseConvRewrite:
                 layers.append(layer)
             elif op in _OTHER_CONVS:
                 layers.append(_Layer(b.var, call, "other"))
+            elif op == "relax.nn.max_pool2d" and self._is_blockable_pool(call):
+                pool = _Layer(b.var, call, "maxpool")  # runs blocked between rewritten convs, see layout_chain
+                pool.layout = KernelLayout()
+                self._pools.append(pool)
         return layers
+
+    @staticmethod
+    def _is_blockable_pool(call) -> bool:
+        attrs = call.attrs
+        return str(attrs.layout) == "NCHW" and str(attrs.out_layout or "NCHW") == "NCHW" and \
+            not bool(attrs.ceil_mode) and dtype(call.args[0]) == "float32" and static_shape(call.args[0]) is not None \
+            and len(static_shape(call.args[0])) == 4
 
     @staticmethod
     def _is_linear(call) -> bool:
@@ -529,7 +542,7 @@ class SparseConvRewrite:
                         plans[v] = None  # folded into the call emitted at layer.last_var
             plan_layouts([layer for layer in layers if layer.spec is not None],
                          [layer for layer in layers if layer.kind == "depthwise"], self._users, self._single_user,
-                         self.target_info.vector_width, plans)
+                         self.target_info.vector_width, plans, self._pools)
             for layer in layers:
                 if layer.spec is not None and layer.kind == "conv2d":
                     layer.report_row.kernel = layer.layout
@@ -593,6 +606,8 @@ class _Rewriter(relax.PyExprMutator):
         data = self.visit_expr(layer.call.args[0])
         if layer.kind == "depthwise":
             return self._emit_depthwise(binding, layer, data)
+        if layer.kind == "maxpool":
+            return self._emit_max_pool(binding, layer, data)
         if layer.winograd:
             return self._emit_winograd(binding, layer, data)
         if layer.kind == "linear":  # [N, K] -> [N, K, 1, 1]: a view, no copy
@@ -662,6 +677,21 @@ class _Rewriter(relax.PyExprMutator):
         if layer.residual is not None:
             args.append(self.visit_expr(layer.residual))
         call = relax.call_tir(stage_out, args, relax.TensorType(geom.output_shape, "float32"))
+        self.set_var_remap(binding.var, emit_as(self.builder_, call, binding.var))
+        return None
+
+    def _emit_max_pool(self, binding, layer, data):
+        attrs = layer.call.attrs
+        n, c, h, w = static_shape(layer.call.args[0])
+        _, _, ho, wo = static_shape(layer.call)
+        v = layer.layout.out_block
+        geom = PoolGeometry(n, c // v, v, h, w, tuple(int(k) for k in attrs.pool_size),
+                            tuple(int(k) for k in attrs.strides), tuple(int(k) for k in attrs.dilation),
+                            tuple(int(k) for k in attrs.padding), ho, wo, layer.layout.output_pad)
+        kh, kw = geom.kernel
+        gv = self._function(("maxpool", geom), max_pool_nchwc_template(geom),
+                            f"alcs_maxpool_k{kh}x{kw}s{geom.stride[0]}_v{v}")
+        call = relax.call_tir(gv, [data], relax.TensorType(geom.output_shape, "float32"))
         self.set_var_remap(binding.var, emit_as(self.builder_, call, binding.var))
         return None
 
