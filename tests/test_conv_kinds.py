@@ -214,7 +214,8 @@ def test_prelu_fuses_into_the_kernel_with_its_slopes_and_matches_onnx_runtime():
 @pytest.mark.device
 def test_every_kind_on_the_emulated_arm64_device(rpc_devices, cross_cxx, tmp_path):
     """The same kernels built for arm64 (NEON) and run on the emulated device: a grouped conv, a transposed conv
-    (with a PReLU after it) and fused SiLU, HardSwish, PReLU and Sigmoid, against ONNX Runtime on the same input."""
+    (with a PReLU after it), fused SiLU, HardSwish, PReLU and Sigmoid, and a blocked max pool, against ONNX Runtime
+    on the same input."""
     from helpers import run_cli
 
     from alcs_tvm.run import run_model
@@ -236,10 +237,12 @@ def test_every_kind_on_the_emulated_arm64_device(rpc_devices, cross_cxx, tmp_pat
     y = g.conv("up_p", "mix", 16, 16, act=None)
     g.inits.append(numpy_helper.from_array(rng.uniform(0.05, 0.5, (16, 1, 1)).astype(np.float32), "mix_slope"))
     g.nodes.append(helper.make_node("PRelu", [y, "mix_slope"], ["mix_p"], name="mix_prelu"))
-    y = g.conv("mix_p", "gate", 16, 16, kernel=1, act=None)
+    g.nodes.append(helper.make_node("MaxPool", ["mix_p"], ["pooled"], name="pool", kernel_shape=[3, 3],
+                                    strides=[2, 2], pads=[1, 1, 1, 1]))
+    y = g.conv("pooled", "gate", 16, 16, kernel=1, act=None)
     nodes, y = _activation_nodes("sigmoid", y, "gate")
     g.nodes += nodes
-    model = g.model(y, [1, 3, 8, 8], [1, 16, 16, 16])
+    model = g.model(y, [1, 3, 8, 8], [1, 16, 8, 8])
     path = tmp_path / "kinds.onnx"
     onnx.save(model, path)
     library = tmp_path / "kinds_arm64.so"
@@ -249,7 +252,7 @@ def test_every_kind_on_the_emulated_arm64_device(rpc_devices, cross_cxx, tmp_pat
     assert rows["stem"]["symbol"].endswith("_silu") and rows["grouped"]["symbol"].endswith("_hardswish")
     # a transposed conv's activation follows its depth-to-space: it fuses into that copy, not into the kernel
     assert rows["up"]["symbol"].startswith("alcs_spconv_") and rows["gate"]["symbol"].endswith("_sigmoid")
-    assert rows["mix"]["symbol"].endswith("_prelu")
+    assert rows["mix"]["symbol"].endswith("_prelu") and "for the max pool" in rows["mix"]["implementation"]
     x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32) * 3
     outputs, _ = run_model(library, {"x": x}, tracker=rpc_devices.tracker, key=rpc_devices.arm64_key, timeout=120)
     (expected,) = ort.InferenceSession(model.SerializeToString(),
