@@ -1,10 +1,10 @@
 """Winograd F(m x m, 3 x 3) dense convolution: the weight transform and the three kernels of one conv.
 
-Dense 3x3 stride-1 convs do ``9 / (m + 2)^2 * m^2`` times the multiplications of the direct kernel's (4x fewer for
+A dense 3x3 stride-1 conv takes ``(m + 2)^2 / (9 m^2)`` of the direct kernel's multiplications (a quarter for
 m = 4), in three steps (:mod:`alcs_tvm.schedules.winograd_cpu`): the input transform, a batched GEMM over the
 ``(m + 2)^2`` points, the output transform with the conv's epilogue. The GEMM is the sparse kernel itself, as a 1x1
 conv with the transformed weight block-diagonal over the points (:func:`winograd_weight`), so it keeps the
-kernel's register tiling, task order, schedules per target and tuning.
+kernel's register tiling, task order and schedules per target.
 
 A pruned weight transforms to a dense one (each point mixes all nine taps), so this is the dense algorithm: it
 wins over the direct sparse kernel only at low sparsity. Which conv runs which is the pass's decision.
@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import tvm
 
-from .kernels import SparseConv2dKernel, sparse_conv2d_kernel
+from .kernels import DEFAULT_PRELU_SLOPE, SparseConv2dKernel, sparse_conv2d_kernel
 from .layer import Conv2dSpec, KernelLayout, normalize_padding
 from .schedules import SparseConvSchedule
 from .schedules.winograd_cpu import WINOGRAD_POINTS, WinogradGeometry, winograd_input_template, winograd_matrices, \
@@ -28,7 +28,8 @@ from .sparse_format import BlockSparseWeight
 from .target import TargetInfo, resolve_target
 
 __all__ = ["WINOGRAD_TILES", "AlgorithmCosts", "ALGORITHM_COSTS", "estimated_ms", "choose_algorithm", "winograd_weight", "winograd_applies", "winograd_input_block", "WinogradConv2d",
-           "winograd_conv2d", "build_winograd_conv2d", "winograd_symbol"]
+           "winograd_conv2d", "winograd_gemm_width", "CompiledWinogradConv2d", "build_winograd_conv2d",
+           "winograd_symbol"]
 
 #: output tile sizes m the compiler chooses from; F(6x6, 3x3) builds too (tools/bench_winograd.py measures its
 #: error) but loses accuracy the issue's 1e-4 does not allow (docs/winograd.md)
@@ -209,7 +210,6 @@ def winograd_conv2d(weight: np.ndarray, spec: Conv2dSpec, layout: KernelLayout, 
     if bias is not None:
         packed_bias[:spec.out_channels] = np.asarray(bias, np.float32).reshape(-1)
     if layout.activation == "prelu":
-        from .kernels import DEFAULT_PRELU_SLOPE
         packed_bias[spec.out_channels:] = DEFAULT_PRELU_SLOPE if slope is None else \
             np.asarray(slope, np.float32).reshape(-1)
     elif slope is not None:
@@ -233,7 +233,7 @@ class CompiledWinogradConv2d:
         self.block = winograd_input_block(spec, KernelLayout(), info.vector_width)
         layout = KernelLayout(bias=bias is not None, activation=activation, input_prepadded=True,
                               input_block=self.block)
-        self.nchw = self._compile(weight, spec, replace(layout), bias, schedule)
+        self.nchw = self._compile(weight, spec, layout, bias, schedule)
         self.blocked = self._compile(weight, spec, replace(layout, output_blocked=True), bias, schedule)
 
     def _compile(self, weight, spec, layout, bias, schedule):
