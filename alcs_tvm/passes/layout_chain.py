@@ -5,10 +5,11 @@ store per pixel instead of a lane transpose) with the widest zero border its rea
 pad copy in them). Its users may read it as their data input (each with its own padding) or as the shortcut fused
 into their epilogue (a residual block's add), so ResNet's and MobileNetV2's blocks stay channel-blocked from one
 conv to the next. A depthwise conv next to a rewritten conv (MobileNetV2's expand -> depthwise -> project) runs
-the channel-blocked depthwise kernel in the same layout (see :func:`_chain_depthwise` for the other cases).
+the channel-blocked depthwise kernel in the same layout (see :func:`_chain_depthwise` for the other cases), and a
+max pool between rewritten convs (ResNet's stem -> pool -> first block) the blocked pool kernel.
 
-Everything here edits the :class:`~alcs_tvm.layer.KernelLayout` of the matched layers, the depthwise layers'
-``block_input``/``unblock_output`` and the report rows; it emits no IR.
+Everything here edits the :class:`~alcs_tvm.layer.KernelLayout` of the matched layers and pools, the depthwise
+layers' ``block_input``/``unblock_output`` and the report rows; it emits no IR.
 """
 from __future__ import annotations
 
