@@ -51,17 +51,20 @@ def winograd_applies(spec: Conv2dSpec, vector_width: int) -> str | None:
 @dataclass(frozen=True)
 class AlgorithmCosts:
     """What the direct and Winograd kernels reach on a target, to choose between them without timing: the direct
-    kernel's and the Winograd GEMM's FLOP rates, the bandwidth weights stream at when they are not cached, and the
-    rate the transforms move their bytes at. One thread; the choice only uses their ratios (docs/winograd.md)."""
+    kernel's and the Winograd GEMM's FLOP rates, the bandwidth of memory (weights, and the transforms' bytes beyond
+    the cache), the rate the transforms move their bytes at while those fit in ``cache_mbytes`` (one core's L2).
+    One thread; the choice only uses their ratios (docs/winograd.md)."""
 
     direct_gflops: float
     gemm_gflops: float
-    weight_gbytes: float
+    memory_gbytes: float
     transform_gbytes: float
+    cache_mbytes: float
 
 
-#: measured with tools/bench_winograd.py on the x86 host (AVX-512); arm64 keeps the same ratios until measured
-ALGORITHM_COSTS = {"x86-avx512": AlgorithmCosts(165, 140, 10.5, 27)}
+#: measured with tools/bench_winograd.py on the x86 host (AVX-512, 2 MB L2); arm64 keeps the same ratios until
+#: measured on a phone
+ALGORITHM_COSTS = {"x86-avx512": AlgorithmCosts(165, 140, 10.5, 27, 2.0)}
 _DEFAULT_COSTS = ALGORITHM_COSTS["x86-avx512"]
 
 
@@ -71,16 +74,18 @@ def estimated_ms(spec: Conv2dSpec, density: float, family: str, tile: int | None
     costs = ALGORITHM_COSTS.get(family, _DEFAULT_COSTS)
     weight_bytes = 4 * spec.out_channels * spec.in_channels * 9
     if tile is None:
-        return max(spec.dense_flops * density / costs.direct_gflops, weight_bytes * density / costs.weight_gbytes) \
+        return max(spec.dense_flops * density / costs.direct_gflops, weight_bytes * density / costs.memory_gbytes) \
             / 1e6
     alpha = tile + 2
     tiles = spec.batch * -(-spec.out_height // tile) * -(-spec.out_width // tile)
     flops = 2 * alpha * alpha * spec.in_channels * spec.out_channels * tiles
-    gemm = max(flops / costs.gemm_gflops, weight_bytes * alpha * alpha / 9 / costs.weight_gbytes)
+    gemm = max(flops / costs.gemm_gflops, weight_bytes * alpha * alpha / 9 / costs.memory_gbytes)
+    # the input, the transformed input and products, the output: each written by one kernel and read by the next
     moved = 4 * (spec.batch * spec.in_channels * spec.padded_height * spec.padded_width +
                  alpha * alpha * tiles * (spec.in_channels + spec.out_channels) +
                  spec.batch * spec.out_channels * spec.out_height * spec.out_width)
-    return (gemm + moved / costs.transform_gbytes) / 1e6
+    cached = min(moved, costs.cache_mbytes * 2 ** 20)
+    return (gemm + cached / costs.transform_gbytes + (moved - cached) / costs.memory_gbytes) / 1e6
 
 
 def choose_algorithm(spec: Conv2dSpec, density: float, info: TargetInfo) -> tuple:
