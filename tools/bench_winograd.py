@@ -21,8 +21,9 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-#: (in channels, out channels, size): ResNet-18's 3x3 stride-1 convs, then VGG/UNet/YOLO-like ones
-SHAPES = [(64, 64, 56), (128, 128, 28), (256, 256, 14), (512, 512, 7), (32, 64, 112), (96, 96, 20), (48, 64, 40)]
+#: (in channels, out channels, size): ResNet-18's 3x3 stride-1 convs, then VGG/YOLO-like ones and U-Net-like ones
+SHAPES = [(64, 64, 56), (128, 128, 28), (256, 256, 14), (512, 512, 7), (32, 64, 112), (96, 96, 20), (48, 64, 40),
+          (16, 16, 256), (32, 32, 128)]
 SPARSITIES = (0.3, 0.5)
 TILES = (2, 4, 6)
 
