@@ -21,7 +21,7 @@ from .layer import Conv2dSpec, KernelLayout, normalize_padding
 from .sparse_format import BlockSparseWeight, widest_block_format
 from .target import TargetInfo, resolve_target
 
-__all__ = ["PackedSparseConv2d", "SparseConv2dKernel", "pack_sparse_conv2d", "balanced_block_order",
+__all__ = ["PackedSparseConv2d", "SparseConv2dKernel", "pack_sparse_conv2d", "pack_epilogue", "epilogue_slope", "balanced_block_order",
            "max_run_length", "kernel_symbol", "sparse_conv2d_kernel", "build_sparse_conv2d", "CompiledSparseConv2d"]
 
 
@@ -108,6 +108,36 @@ def _runs(weight: BlockSparseWeight, max_run: int):
 DEFAULT_PRELU_SLOPE = 0.25
 
 
+def epilogue_slope(activation, slope, out_channels: int):
+    """PReLU's per-channel slopes for a kernel fusing ``activation``: ``slope`` as given, or
+    :data:`DEFAULT_PRELU_SLOPE` for every channel when none is; None for any other activation (which takes none)."""
+    if slope is not None and activation != "prelu":
+        raise ValueError(f"slopes are given for a {activation or 'plain'} epilogue, not prelu")
+    if activation == "prelu" and slope is None:
+        return np.full(out_channels, DEFAULT_PRELU_SLOPE, np.float32)
+    return slope
+
+
+def pack_epilogue(bias, slope, out_channels: int, padded_channels: int) -> np.ndarray:
+    """The kernels' ``bias`` argument: the bias (zeros without one) zero-padded to ``padded_channels`` (whole
+    output blocks), then, when ``slope`` is given, PReLU's per-channel slopes padded the same way: the kernel reads
+    both per output block."""
+    packed = np.zeros(padded_channels * (1 if slope is None else 2), np.float32)
+    if bias is not None:
+        bias = np.asarray(bias)
+        if bias.dtype != np.float32:
+            raise TypeError(f"bias must be float32, got {bias.dtype}")
+        if bias.shape != (out_channels,):
+            raise ValueError(f"bias shape {bias.shape} does not match {out_channels} output channels")
+        packed[:out_channels] = bias
+    if slope is not None:
+        slope = np.asarray(slope, np.float32).reshape(-1)
+        if slope.shape != (out_channels,):
+            raise ValueError(f"slope shape {slope.shape} does not match {out_channels} output channels")
+        packed[padded_channels:padded_channels + out_channels] = slope
+    return packed
+
+
 def pack_sparse_conv2d(weight: BlockSparseWeight, spec: Conv2dSpec, bias=None, input_block: int = 1,
                        max_run: int | None = None, slope=None) -> PackedSparseConv2d:
     """Turn kept positions into runs with input offsets for ``spec``'s padded input layout. ``slope`` (PReLU's
@@ -128,20 +158,7 @@ def pack_sparse_conv2d(weight: BlockSparseWeight, spec: Conv2dSpec, bias=None, i
     vstart = np.cumsum(np.concatenate([[0], length[:-1]])) if len(length) else np.zeros(0, np.int64)
     if weight.nnz_blocks == 0:  # keep buffers non-empty; indptr guarantees they are never read
         offsets, vstart, values = np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros((1, v), np.float32)
-    packed_bias = np.zeros(weight.num_blocks * v, np.float32)
-    if bias is not None:
-        bias = np.asarray(bias)
-        if bias.dtype != np.float32:
-            raise TypeError(f"bias must be float32, got {bias.dtype}")
-        if bias.shape != (spec.out_channels,):
-            raise ValueError(f"bias shape {bias.shape} does not match {spec.out_channels} output channels")
-        packed_bias[: spec.out_channels] = bias
-    if slope is not None:
-        slope = np.asarray(slope, np.float32).reshape(-1)
-        if slope.shape != (spec.out_channels,):
-            raise ValueError(f"slope shape {slope.shape} does not match {spec.out_channels} output channels")
-        packed_bias = np.concatenate([packed_bias, np.zeros_like(packed_bias)])
-        packed_bias[weight.num_blocks * v: weight.num_blocks * v + spec.out_channels] = slope
+    packed_bias = pack_epilogue(bias, slope, spec.out_channels, weight.num_blocks * v)
     return PackedSparseConv2d(indptr.astype(np.int32), offsets.astype(np.int32), vstart.astype(np.int32),
                               np.ascontiguousarray(values, np.float32), packed_bias,
                               balanced_block_order(weight.block_nnz()), max_run)
@@ -221,10 +238,7 @@ def sparse_conv2d_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, layout: Ke
         raise ValueError(f"out_block {out_block} must divide the weight's vector width {weight.vector_width}")
     # offsets index the bordered buffer; the shift starts each receptive field where this conv's padding does
     buffer_spec = replace(spec, padding=tuple(border))
-    if slope is not None and layout.activation != "prelu":
-        raise ValueError(f"slopes are given for a {layout.activation or 'plain'} epilogue, not prelu")
-    if layout.activation == "prelu" and slope is None:
-        slope = np.full(spec.out_channels, DEFAULT_PRELU_SLOPE, np.float32)
+    slope = epilogue_slope(layout.activation, slope, spec.out_channels)
     packed = pack_sparse_conv2d(weight, buffer_spec, bias, input_block, max_run, slope)
     shift = ((border[0] - spec.padding[0]) * buffer_spec.padded_width + border[1] - spec.padding[1]) * input_block
     if shift and weight.nnz_blocks:

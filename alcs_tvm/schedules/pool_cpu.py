@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import tvm
 
-from .sparse_conv2d_cpu import zero_border
-from .tir_builder import IRBuilder, T, loop
+from .sparse_conv2d_cpu import bordered_shape, zero_border
+from .tir_builder import IRBuilder, T, loop, root_block
 
 __all__ = ["PoolGeometry", "max_pool_nchwc_template"]
 
@@ -39,9 +39,8 @@ class PoolGeometry:
 
     @property
     def output_shape(self) -> tuple:
-        top, left, bottom, right = self.out_pad
-        return (self.batch, self.channel_blocks, self.out_height + top + bottom, self.out_width + left + right,
-                self.vector_width)
+        return bordered_shape(self.batch, self.channel_blocks, self.out_height, self.out_width, self.out_pad,
+                              (self.vector_width,))
 
 
 def max_pool_nchwc_template(geom: PoolGeometry, name="alcs_maxpool_nchwc"):
@@ -77,8 +76,7 @@ def max_pool_nchwc_template(geom: PoolGeometry, name="alcs_maxpool_nchwc"):
             T.func_attr({"tirx.noalias": True})
             x = T.arg("x", T.buffer((N, CB, H, W, V), "float32"))
             y = T.arg("y", T.buffer(geom.output_shape, "float32"))
-            # a root block: Relax checks one-input kernels for a reshape pattern, which reads the body's block
-            with T.sblock("root"):
+            with root_block():
                 if any(geom.out_pad):
                     zero_output_border(y)
                 with loop("task", T.parallel(N * CB * Ho)) as task:

@@ -35,12 +35,35 @@ from ..layer import ACTIVATIONS
 from . import SparseConvSchedule
 from .tir_builder import IRBuilder, T, loop, named
 
-__all__ = ["KernelGeometry", "sparse_conv2d_template", "activation_buffer_offsets", "activate"]
+__all__ = ["KernelGeometry", "sparse_conv2d_template", "activation_buffer_offsets", "activate", "bordered_shape",
+           "EpilogueShapes"]
 
+
+
+class EpilogueShapes:
+    """``output_shape`` and ``residual_shape`` of a kernel that writes a conv's output (and reads its fused shortcut)
+    in the layouts of :class:`~alcs_tvm.layer.KernelLayout`, from the geometry's ``batch, out_channels,
+    out_height, out_width, out_blocked, out_pad, residual, residual_pad, layout_blocks, layout_block``."""
+
+    @property
+    def residual_shape(self) -> tuple | None:
+        if self.residual is None:
+            return None
+        if self.residual == "nchw":
+            return bordered_shape(self.batch, self.out_channels, self.out_height, self.out_width)
+        return bordered_shape(self.batch, self.layout_blocks, self.out_height, self.out_width, self.residual_pad,
+                              (self.layout_block,))
+
+    @property
+    def output_shape(self) -> tuple:
+        if self.out_blocked:
+            return bordered_shape(self.batch, self.layout_blocks, self.out_height, self.out_width, self.out_pad,
+                                  (self.layout_block,))
+        return bordered_shape(self.batch, self.out_channels, self.out_height, self.out_width, self.out_pad)
 
 
 @dataclass(frozen=True)
-class KernelGeometry:
+class KernelGeometry(EpilogueShapes):
     """Memory geometry the template is specialised for (all sizes in fp32 elements).
 
     ``input_shape``: the (already padded) input buffer as the kernel receives it; ``input_pad``: if not all
@@ -86,22 +109,13 @@ class KernelGeometry:
     def batch_stride(self) -> int:
         return _prod(self.padded_shape[1:])
 
-    @property
-    def residual_shape(self) -> tuple | None:
-        if self.residual is None:
-            return None
-        if self.residual == "nchw":
-            return self.batch, self.out_channels, self.out_height, self.out_width
-        top, left, bottom, right = self.residual_pad
-        return (self.batch, self.layout_blocks, self.out_height + top + bottom, self.out_width + left + right,
-                self.layout_block)
 
-    @property
-    def output_shape(self) -> tuple:
-        top, left, bottom, right = self.out_pad
-        h, w = self.out_height + top + bottom, self.out_width + left + right
-        return ((self.batch, self.layout_blocks, h, w, self.layout_block) if self.out_blocked
-                else (self.batch, self.out_channels, h, w))
+
+def bordered_shape(batch, channels, height, width, pad=(0, 0, 0, 0), lanes=()) -> tuple:
+    """``[N, C, H + top + bottom, W + left + right]`` plus ``lanes``: an NCHW tensor, or with ``lanes = (b,)`` an
+    NCHW[b]c one (``channels`` counting blocks), with a zero border of ``pad`` for the next layer."""
+    top, left, bottom, right = pad
+    return (batch, channels, height + top + bottom, width + left + right) + tuple(lanes)
 
 
 def zero_border(n_images, channels, height, width, top_left, interior, lanes=None):

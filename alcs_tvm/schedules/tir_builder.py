@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-__all__ = ["IRBuilder", "T", "loop", "named"]
+__all__ = ["IRBuilder", "T", "loop", "named", "root_block"]
 
 
 @contextmanager
@@ -42,3 +42,9 @@ def named(name: str, value):
     """Name a buffer or variable as TVMScript names an assignment's target; returns ``value``."""
     IRBuilder.name(name, value)
     return value
+
+
+def root_block():
+    """The root block around a PrimFunc's body, for kernels with one input: Relax checks such a kernel for a reshape
+    pattern (``RewriteDataflowReshape``), and that check reads the body's root block."""
+    return T.sblock("root")

@@ -23,8 +23,8 @@ from fractions import Fraction
 import numpy as np
 
 from ..layer import ACTIVATIONS
-from .sparse_conv2d_cpu import activate, zero_border
-from .tir_builder import IRBuilder, T, loop, named
+from .sparse_conv2d_cpu import EpilogueShapes, activate, zero_border
+from .tir_builder import IRBuilder, T, loop, named, root_block
 
 __all__ = ["winograd_matrices", "WinogradGeometry", "winograd_input_template", "winograd_output_template",
            "WINOGRAD_POINTS"]
@@ -103,7 +103,7 @@ def _linear_combination(coefficients, terms):
 
 
 @dataclass(frozen=True)
-class WinogradGeometry:
+class WinogradGeometry(EpilogueShapes):
     """Shapes of one F(m x m, 3 x 3) conv's transforms (fp32 elements).
 
     The input is the conv's input as the previous layer wrote it: NCHW[b]c with a zero border of
@@ -154,22 +154,8 @@ class WinogradGeometry:
         return self.out_block or self.vector_width
 
     @property
-    def output_shape(self) -> tuple:
-        top, left, bottom, right = self.out_pad
-        h, w = self.out_height + top + bottom, self.out_width + left + right
-        if self.out_blocked:
-            return self.batch, self.out_channels // self.layout_block, h, w, self.layout_block
-        return self.batch, self.out_channels, h, w
-
-    @property
-    def residual_shape(self) -> tuple | None:
-        if self.residual is None:
-            return None
-        if self.residual == "nchw":
-            return self.batch, self.out_channels, self.out_height, self.out_width
-        top, left, bottom, right = self.residual_pad
-        return (self.batch, self.out_channels // self.layout_block, self.out_height + top + bottom,
-                self.out_width + left + right, self.layout_block)
+    def layout_blocks(self) -> int:
+        return self.out_channels // self.layout_block
 
 
 def winograd_input_template(geom: WinogradGeometry, name="alcs_winograd_input"):
@@ -215,8 +201,7 @@ def winograd_input_template(geom: WinogradGeometry, name="alcs_winograd_input"):
             T.func_attr({"tirx.noalias": True})
             x = T.arg("x", T.buffer((N, CB, HB, WB, b), "float32"))
             v = T.arg("v", T.buffer(geom.transformed_input_shape, "float32"))
-            # a root block: Relax checks one-input kernels for a reshape pattern, which reads the body's block
-            with T.sblock("root"), loop("task", T.parallel(N * CB * TH)) as task:
+            with root_block(), loop("task", T.parallel(N * CB * TH)) as task:
                 n, cb, th = task // (CB * TH), task // TH % CB, task % TH
                 if safe_rows < TH:
                     with T.If(th < safe_rows):
@@ -332,6 +317,6 @@ def winograd_output_template(geom: WinogradGeometry, *, has_bias: bool, activati
             bias = T.arg("bias", T.buffer((bias_len,), "float32"))
             res = T.arg("res", T.buffer(geom.residual_shape, "float32")) if HAS_RES else None
             y = T.arg("y", T.buffer(geom.output_shape, "float32"))
-            with T.sblock("root"):  # see winograd_input_template
+            with root_block():
                 body(mv, bias, res, y)
     return builder.get()
