@@ -33,7 +33,6 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +52,9 @@ from .run import run_model, time_model, write_sidecar
 from .sparse_format import BlockSparseWeight, layer_group_width, random_block_sparse
 from .target import resolve_target
 from .timing import measure_interleaved
-from .winograd import WINOGRAD_TILES, winograd_applies, winograd_conv2d, winograd_input_block
+from .winograd import WINOGRAD_TILES, winograd_applies, winograd_conv2d, winograd_layout
 
-__all__ = ["profile_model", "Measurer", "DEFAULT_SPARSITIES", "measure_layer", "layer_kernel", "build_kernels",
+__all__ = ["profile_model", "Measurer", "DEFAULT_SPARSITIES", "measure_layer", "layer_kernel", "build_kernels", "build_functions",
            "kernel_inputs", "random_pruned_onnx", "calibrate_cold_fraction", "measure_latency",
            "measure_latency_table", "Progress", "sample_stats"]
 
@@ -175,7 +174,13 @@ def layer_kernel(layer: ModelLayer, weight: BlockSparseWeight, bias, info, name,
 
 def build_kernels(kernels: dict, info, measurer: Measurer, stem: str, workdir=None):
     """Build kernels (name -> SparseConv2dKernel) into one library and load it on the device: one upload."""
-    mod = tvm.IRModule({tvm.ir.GlobalVar(n): k.func.with_attr("global_symbol", n) for n, k in kernels.items()})
+    return build_functions({n: k.func for n, k in kernels.items()}, info, measurer, stem, workdir)
+
+
+def build_functions(funcs: dict, info, measurer: Measurer, stem: str, workdir=None):
+    """Build PrimFuncs (name -> PrimFunc, each exported under its name) into one library and load it on the
+    device: one upload."""
+    mod = tvm.IRModule({tvm.ir.GlobalVar(n): f.with_attr("global_symbol", n) for n, f in funcs.items()})
     executable = tvm.compile(mod, target=info.target)
     with tempfile.TemporaryDirectory(prefix="alcs-profile-", dir=workdir) as tmp:
         return measurer.load(export(executable, str(Path(tmp) / f"{stem}.so"), info))
@@ -276,28 +281,22 @@ def measure_winograd(layer: ModelLayer, weight, bias, info, measurer: Measurer, 
     and bordered (the compiler blocks an NCHW input first)."""
     if winograd_applies(layer.spec, info.vector_width):
         return None
-    layout = layer.layout
-    if layout.input_block == 1:
-        layout = replace(layout, input_prepadded=True,
-                         input_block=winograd_input_block(layer.spec, layout, info.vector_width))
+    layout = winograd_layout(layer.spec, layer.layout, layer.vector_width, info.vector_width)
     convs = {tile: winograd_conv2d(weight, layer.spec, layout, tile=tile, bias=bias, target=info)
              for tile in WINOGRAD_TILES}
-    funcs = {f"alcs_winograd{tile}_{stage}": func for tile, conv in convs.items()
-             for stage, func in (("in", conv.input_func), ("gemm", conv.gemm.func), ("out", conv.output_func))}
-    mod = tvm.IRModule({tvm.ir.GlobalVar(n): f.with_attr("global_symbol", n) for n, f in funcs.items()})
-    executable = tvm.compile(mod, target=info.target)
-    with tempfile.TemporaryDirectory(prefix="alcs-profile-", dir=workdir) as tmp:
-        module = measurer.load(export(executable, str(Path(tmp) / f"{layer.key}_winograd.so"), info))
+    module = build_functions({f"alcs_winograd{tile}_{stage}": func for tile, conv in convs.items()
+                              for stage, func in (("in", conv.input_func), ("gemm", conv.gemm.func),
+                                                  ("out", conv.output_func))},
+                             info, measurer, f"{layer.key}_winograd", workdir)
     found = {}
     for tile, conv in convs.items():
         g = conv.geometry
         x = rng.standard_normal((g.batch, g.in_blocks, g.buffer_height, g.buffer_width, g.input_block))
-        transformed, products = np.zeros(g.transformed_input_shape), np.zeros(g.gemm_output_shape)
-        shortcut = [] if g.residual is None else [rng.standard_normal(g.residual_shape)]
-        stage_in = measurer.tensors([x.astype(np.float32), transformed.astype(np.float32)])
-        gemm = [stage_in[1]] + measurer.tensors(list(conv.gemm.packed.arrays()) + [products.astype(np.float32)])
-        stage_out = [gemm[-1]] + measurer.tensors([conv.bias] + [a.astype(np.float32) for a in shortcut] +
-                                                  [np.zeros(g.output_shape, np.float32)])
+        shortcut = [] if g.residual is None else [rng.standard_normal(g.residual_shape).astype(np.float32)]
+        stage_in = measurer.tensors([x.astype(np.float32), np.zeros(g.transformed_input_shape, np.float32)])
+        gemm = [stage_in[1]] + measurer.tensors(list(conv.gemm.packed.arrays()) +
+                                                [np.zeros(g.gemm_output_shape, np.float32)])
+        stage_out = [gemm[-1]] + measurer.tensors([conv.bias] + shortcut + [np.zeros(g.output_shape, np.float32)])
 
         def median(name, args, cold=False):
             return sample_stats(measurer.time(module, name, args, repeat, min_repeat_ms, cold_weights=cold))[0]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import tvm
 
-from .kernels import DEFAULT_PRELU_SLOPE, SparseConv2dKernel, sparse_conv2d_kernel
+from .kernels import SparseConv2dKernel, epilogue_slope, pack_epilogue, sparse_conv2d_kernel
 from .layer import Conv2dSpec, KernelLayout, normalize_padding
 from .schedules import SparseConvSchedule
 from .schedules.winograd_cpu import WINOGRAD_POINTS, WinogradGeometry, winograd_input_template, winograd_matrices, \
@@ -27,7 +27,7 @@ from .schedules.winograd_cpu import WINOGRAD_POINTS, WinogradGeometry, winograd_
 from .sparse_format import BlockSparseWeight
 from .target import TargetInfo, resolve_target
 
-__all__ = ["WINOGRAD_TILES", "AlgorithmCosts", "ALGORITHM_COSTS", "estimated_ms", "choose_algorithm", "winograd_weight", "winograd_applies", "winograd_input_block", "WinogradConv2d",
+__all__ = ["WINOGRAD_TILES", "AlgorithmCosts", "ALGORITHM_COSTS", "estimated_ms", "choose_algorithm", "winograd_layout", "winograd_weight", "winograd_applies", "winograd_input_block", "WinogradConv2d",
            "winograd_conv2d", "winograd_gemm_width", "CompiledWinogradConv2d", "build_winograd_conv2d",
            "winograd_symbol"]
 
@@ -110,6 +110,16 @@ def winograd_input_block(spec: Conv2dSpec, layout: KernelLayout, vector_width: i
     if layout.input_block > 1:
         return layout.input_block
     return next(b for b in (vector_width, 8, 4) if spec.in_channels % b == 0)
+
+
+def winograd_layout(spec: Conv2dSpec, layout: KernelLayout, group_width: int, vector_width: int) -> KernelLayout:
+    """How the Winograd kernels are called for a conv the pass calls as ``layout``: an NCHW input comes blocked
+    and padded (the pass converts it first, to :func:`winograd_input_block` lanes), and a blocked output or
+    shortcut keeps the blocks of the layer's ``group_width`` (the GEMM may run wider)."""
+    if layout.input_block == 1:
+        layout = replace(layout, input_prepadded=True,
+                         input_block=winograd_input_block(spec, layout, vector_width))
+    return replace(layout, out_block=layout.out_block or group_width)
 
 
 def winograd_weight(weight: np.ndarray, tile: int, vector_width: int) -> BlockSparseWeight:
@@ -211,14 +221,9 @@ def winograd_conv2d(weight: np.ndarray, spec: Conv2dSpec, layout: KernelLayout, 
     gemm_layout = KernelLayout(input_prepadded=True, input_block=b, output_blocked=True)
     gemm = sparse_conv2d_kernel(winograd_weight(weight, tile, v), gemm_spec, gemm_layout, target=info,
                                 schedule=schedule, name=f"alcs_winograd{tile}_gemm")
-    packed_bias = np.zeros(spec.out_channels * (2 if layout.activation == "prelu" else 1), np.float32)
-    if bias is not None:
-        packed_bias[:spec.out_channels] = np.asarray(bias, np.float32).reshape(-1)
-    if layout.activation == "prelu":
-        packed_bias[spec.out_channels:] = DEFAULT_PRELU_SLOPE if slope is None else \
-            np.asarray(slope, np.float32).reshape(-1)
-    elif slope is not None:
-        raise ValueError(f"slopes are given for a {layout.activation or 'plain'} epilogue, not prelu")
+    # the output blocks are whole (winograd_applies), so the bias needs no padding
+    packed_bias = pack_epilogue(bias, epilogue_slope(layout.activation, slope, spec.out_channels),
+                                spec.out_channels, spec.out_channels)
     return WinogradConv2d(
         geom,
         winograd_input_template(geom, name=winograd_symbol(spec, tile, layout, "input")),

@@ -22,8 +22,6 @@ one row per conv (of any kind) and linear layer, named after the ONNX node it ca
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import tvm
 from tvm import relax
@@ -34,9 +32,10 @@ from ..layer import Conv2dSpec, KernelLayout, conv_output_size, layer_key
 from ..report import CompileReport, LayerDecision
 from ..schedules.depthwise_cpu import DepthwiseGeometry, depthwise_nchwc_template
 from ..schedules.pool_cpu import PoolGeometry, max_pool_nchwc_template
+from ..schedules.sparse_conv2d_cpu import bordered_shape
 from ..sparse_format import BlockSparseWeight, widest_block_format
 from ..target import resolve_target
-from ..winograd import WINOGRAD_TILES, choose_algorithm, winograd_applies, winograd_conv2d, winograd_input_block
+from ..winograd import WINOGRAD_TILES, choose_algorithm, winograd_applies, winograd_conv2d, winograd_layout
 from .conv_transpose import SubpixelConvTranspose
 from .relax_expr import const_array, const_scalar, dtype, emit_as, is_const, scalar_value, static_shape
 from .layout_chain import plan_layouts
@@ -471,31 +470,38 @@ class SparseConvRewrite:
             decision, reason = "dense", f"density {density:.3f} > threshold {self.threshold:.2f}"
         if op == "conv2d_transpose":
             reason = f"as a sub-pixel conv ({spec.out_channels} channels = stride^2 phases); {reason}"
-        tile = None
-        if decision.startswith("winograd"):  # the table measured Winograd fastest
-            tile, decision = (int(decision[len("winograd"):]) if self.winograd == "auto" else None), "dense"
+        tile, why = self._winograd_tile(op, spec, density, decision, predicted) if op == "conv2d" else (None, None)
+        if decision.startswith("winograd"):  # the table measured Winograd fastest (run it unless told otherwise)
+            decision = "dense"
         layer.spec = spec
         layer.layout = layer.epilogue_layout()
         layer.sparse_weight = sparse_weight if decision == "sparse" else BlockSparseWeight.from_dense(w, v, True)
         implementation = "alcs sparse kernel" if decision == "sparse" else "alcs dense kernel (all blocks)"
-        measured = any(name.startswith("winograd") for name in predicted)
-        if op == "conv2d" and self.winograd != "off" and tile is None and not (measured and self.winograd == "auto"):
-            if self.winograd == "auto":  # not measured: by estimate
-                tile, why = choose_algorithm(spec, density if decision == "sparse" else 1.0, self.target_info)
-            else:
-                why = winograd_applies(spec, self.target_info.vector_width)
-                tile = None if why else self.winograd
-                why = why or f"Winograd F({tile}x{tile}) requested"
-            if tile is not None:
-                reason = f"{reason}; {why}"
         if tile is not None:  # the transformed weight is dense: the masked weight's zeros are not skipped
             layer.winograd, layer.weight = tile, w
             decision, implementation = "dense", f"alcs Winograd F({tile}x{tile}, 3x3)"
+            reason = f"{reason}; {why}" if why else reason
         fused = "+".join(["conv"] + (["bias"] if layer.bias is not None else []) +
                          ([layer.activation] if layer.activation else []))
         return LayerDecision(name, op, shape, round(density, 4), v, decision,
                              f"{implementation}, {fused}", reason, predicted, spec,
                              algorithm=f"winograd{layer.winograd}" if layer.winograd else "direct")
+
+    def _winograd_tile(self, op, spec, density, decision, predicted) -> tuple:
+        """``(tile or None, why to add to the reason or None)`` for a groups=1 conv decided ``decision``: the tile
+        asked for (``winograd`` 2 or 4) where Winograd applies; with ``"auto"`` the table's measured choice when the
+        table has Winograd times for the layer, else the estimate's (:func:`choose_algorithm`)."""
+        if self.winograd == "off":
+            return None, None
+        if self.winograd != "auto":
+            why = winograd_applies(spec, self.target_info.vector_width)
+            return (None, None) if why else (self.winograd, f"Winograd F({self.winograd}x{self.winograd}) requested")
+        if decision.startswith("winograd"):
+            return int(decision[len("winograd"):]), None
+        if any(name.startswith("winograd") for name in predicted):  # measured, and slower than what was decided
+            return None, None
+        tile, why = choose_algorithm(spec, density if decision == "sparse" else 1.0, self.target_info)
+        return tile, why if tile is not None else None
 
     def _sparse_weight(self, spec, w) -> BlockSparseWeight:
         """The weight in this layer's group width: the target's wide groups where the output channels allow
@@ -578,8 +584,7 @@ def _blocked_depthwise(layer):
                              layer.layout.output_pad)
     weight = const_array(layer.call.args[1]).reshape(c // v, v, kh, kw).transpose(0, 2, 3, 1)
     bias = np.zeros(c, np.float32) if layer.bias is None else layer.bias
-    top, left, bottom, right = layer.layout.output_pad
-    out_shape = (n, c // v, ho + top + bottom, wo + left + right, v)
+    out_shape = bordered_shape(n, c // v, ho, wo, layer.layout.output_pad, (v,))
     return geom, [np.ascontiguousarray(weight, np.float32), bias], out_shape
 
 
@@ -614,14 +619,8 @@ class _Rewriter(relax.PyExprMutator):
             data = self.builder_.emit(relax.op.reshape(data, layer.spec.input_shape))
         kernel = sparse_conv2d_kernel(layer.sparse_weight, layer.spec, layer.layout, bias=layer.bias,
                                       slope=layer.slope, target=self.info, schedule=layer.schedule)
-        key = (kernel.geometry, kernel.schedule, layer.layout.bias, layer.layout.activation)
-        gv = self.kernels.get(key)
-        if gv is None:
-            # opaque (never fused by FuseOps) and already scheduled (dense schedule rules leave it alone)
-            func = kernel.func.without_attr("global_symbol").with_attrs(
-                {"op_pattern": 8, "tirx.is_scheduled": True})
-            gv = self.builder_.add_func(func, self._unique(kernel.func.attrs["global_symbol"]))
-            self.kernels[key] = gv
+        gv = self._function((kernel.geometry, kernel.schedule, layer.layout.bias, layer.layout.activation),
+                            lambda: kernel.func)
         layer.report_row.symbol = gv.name_hint
         args = [data] + [relax.const(a) for a in kernel.packed.arrays()]
         if layer.residual is not None:
@@ -633,41 +632,43 @@ class _Rewriter(relax.PyExprMutator):
         self.set_var_remap(binding.var, new_var)
         return None
 
-    def _function(self, key, func, name):
-        """The module's GlobalVar for ``func`` (one per distinct ``key``): opaque to FuseOps, already scheduled."""
+    def _function(self, key, build, name=None):
+        """The module's GlobalVar for the PrimFunc ``build()`` makes, one per distinct ``key`` (built only for a new
+        key), named ``name`` or its symbol: opaque (never fused by FuseOps) and already scheduled (the dense
+        schedule rules leave it alone)."""
         gv = self.kernels.get(key)
         if gv is None:
+            func = build()
+            name = name or func.attrs["global_symbol"]
             func = func.without_attr("global_symbol").with_attrs({"op_pattern": 8, "tirx.is_scheduled": True})
             gv = self.kernels[key] = self.builder_.add_func(func, self._unique(name))
         return gv
 
+    def _block_channels(self, data, pad, block):
+        """NCHW ``data`` zero-padded by ``pad`` (top, left, bottom, right) as NCHW[block]c: what a blocked kernel
+        reads when its producer writes NCHW."""
+        n, c, h, w = static_shape(data)
+        top, left, bottom, right = pad
+        if any(pad):
+            data = self.builder_.emit(relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right]))
+        data = self.builder_.emit(relax.op.reshape(data, (n, c // block, block, h + top + bottom, w + left + right)))
+        return self.builder_.emit(relax.op.permute_dims(data, (0, 1, 3, 4, 2)))
+
     def _emit_winograd(self, binding, layer, data):
-        spec, layout = layer.spec, layer.layout
-        if layout.input_block == 1:  # NCHW (padded or not) -> padded NCHW[b]c, what the input transform reads
-            b = winograd_input_block(spec, layout, self.info.vector_width)
-            n, c, h, w = spec.input_shape
-            top, left, bottom, right = (0, 0, 0, 0) if layout.input_prepadded else spec.padding
-            if any((top, left, bottom, right)):
-                data = self.builder_.emit(relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right]))
-            border = layout.input_border or spec.padding
-            hp, wp = (h + border[0] + border[2], w + border[1] + border[3]) if layout.input_prepadded else \
-                (spec.padded_height, spec.padded_width)
-            data = self.builder_.emit(relax.op.reshape(data, (n, c // b, b, hp, wp)))
-            data = self.builder_.emit(relax.op.permute_dims(data, (0, 1, 3, 4, 2)))
-            layout = replace(layout, input_prepadded=True, input_block=b)
-        # a blocked output or shortcut is in blocks of the layer's group width unless the layout says otherwise;
-        # the Winograd GEMM's own block width may differ
-        layout = replace(layout, out_block=layout.out_block or layer.sparse_weight.vector_width)
+        spec = layer.spec
+        layout = winograd_layout(spec, layer.layout, layer.sparse_weight.vector_width, self.info.vector_width)
+        if layer.layout.input_block == 1:  # NCHW (padded or not) -> padded NCHW[b]c, what the input transform reads
+            data = self._block_channels(data, (0, 0, 0, 0) if layer.layout.input_prepadded else spec.padding,
+                                        layout.input_block)
         conv = winograd_conv2d(layer.weight, spec, layout, tile=layer.winograd, bias=layer.bias, slope=layer.slope,
                                target=self.info)
         geom = conv.geometry
         stage_in = self._function(("winograd_input", geom.tile, geom.batch, geom.in_blocks, geom.input_block,
                                    geom.buffer_height, geom.buffer_width, geom.origin, geom.tiles_high,
-                                   geom.tiles_wide), conv.input_func, conv.input_func.attrs["global_symbol"])
-        gemm = self._function((conv.gemm.geometry, conv.gemm.schedule, False, None), conv.gemm.func,
-                              conv.gemm.func.attrs["global_symbol"])
-        stage_out = self._function(("winograd_output", geom, layout.bias, layout.activation), conv.output_func,
-                                   conv.output_func.attrs["global_symbol"])
+                                   geom.tiles_wide), lambda: conv.input_func)
+        gemm = self._function((conv.gemm.geometry, conv.gemm.schedule, False, None), lambda: conv.gemm.func)
+        stage_out = self._function(("winograd_output", geom, layout.bias, layout.activation),
+                                   lambda: conv.output_func)
         layer.report_row.symbol = stage_out.name_hint
         v = self.builder_.emit(relax.call_tir(stage_in, [data], relax.TensorType(geom.transformed_input_shape,
                                                                                    "float32")))
@@ -689,7 +690,7 @@ class _Rewriter(relax.PyExprMutator):
                             tuple(int(k) for k in attrs.strides), tuple(int(k) for k in attrs.dilation),
                             tuple(int(k) for k in attrs.padding), ho, wo, layer.layout.output_pad)
         kh, kw = geom.kernel
-        gv = self._function(("maxpool", geom), max_pool_nchwc_template(geom),
+        gv = self._function(("maxpool", geom), lambda: max_pool_nchwc_template(geom),
                             f"alcs_maxpool_k{kh}x{kw}s{geom.stride[0]}_v{v}")
         call = relax.call_tir(gv, [data], relax.TensorType(geom.output_shape, "float32"))
         self.set_var_remap(binding.var, emit_as(self.builder_, call, binding.var))
@@ -698,23 +699,12 @@ class _Rewriter(relax.PyExprMutator):
     def _emit_depthwise(self, binding, layer, data):
         geom, consts, out_shape = _blocked_depthwise(layer)
         if layer.block_input:  # NCHW -> padded NCHW[V]c
-            (n, c, h, w), padding, v = layer.depthwise[0], layer.depthwise[2], geom.vector_width
-            top, left, bottom, right = padding
-            if any(padding):
-                data = self.builder_.emit(relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right]))
-            hp, wp = h + top + bottom, w + left + right
-            data = self.builder_.emit(relax.op.reshape(data, (n, c // v, v, hp, wp)))
-            data = self.builder_.emit(relax.op.permute_dims(data, (0, 1, 3, 4, 2)))
-        key = (geom, layer.activation)
-        gv = self.kernels.get(key)
-        if gv is None:
-            func = depthwise_nchwc_template(geom, activation=layer.activation).without_attr("global_symbol")
-            kh, kw = geom.kernel
-            name = f"alcs_dwconv_k{kh}x{kw}s{geom.stride[0]}_v{geom.vector_width}" + \
-                (f"_{layer.activation}" if layer.activation else "")
-            gv = self.builder_.add_func(func.with_attrs({"op_pattern": 8, "tirx.is_scheduled": True}),
-                                        self._unique(name))
-            self.kernels[key] = gv
+            data = self._block_channels(data, tuple(layer.depthwise[2]), geom.vector_width)
+        kh, kw = geom.kernel
+        gv = self._function((geom, layer.activation),
+                            lambda: depthwise_nchwc_template(geom, activation=layer.activation),
+                            f"alcs_dwconv_k{kh}x{kw}s{geom.stride[0]}_v{geom.vector_width}" +
+                            (f"_{layer.activation}" if layer.activation else ""))
         layer.report_row.symbol = gv.name_hint
         call = relax.call_tir(gv, [data] + [relax.const(a) for a in consts], relax.TensorType(out_shape, "float32"))
         if layer.unblock_output:  # NCHW[V]c -> NCHW
