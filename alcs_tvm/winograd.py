@@ -241,13 +241,22 @@ class CompiledWinogradConv2d:
                  schedule: SparseConvSchedule | None = None):
         self.spec, self.info, self.tile = spec, info, tile
         self.block = winograd_input_block(spec, KernelLayout(), info.vector_width)
-        layout = KernelLayout(bias=bias is not None, activation=activation, input_prepadded=True,
-                              input_block=self.block)
-        self.nchw = self._compile(weight, spec, layout, bias, schedule)
-        self.blocked = self._compile(weight, spec, replace(layout, output_blocked=True), bias, schedule)
+        self._weight, self._bias, self._schedule = weight, bias, schedule
+        self._layout = KernelLayout(bias=bias is not None, activation=activation, input_prepadded=True,
+                                    input_block=self.block)
+        self.nchw = self._compile(self._layout)
+        self._blocked = None
 
-    def _compile(self, weight, spec, layout, bias, schedule):
-        conv = winograd_conv2d(weight, spec, layout, tile=self.tile, bias=bias, target=self.info, schedule=schedule)
+    @property
+    def blocked(self):
+        """``(WinogradConv2d, executable)`` writing NCHW[V]c, as in a model; compiled on first use."""
+        if self._blocked is None:
+            self._blocked = self._compile(replace(self._layout, output_blocked=True))
+        return self._blocked
+
+    def _compile(self, layout):
+        conv = winograd_conv2d(self._weight, self.spec, layout, tile=self.tile, bias=self._bias, target=self.info,
+                               schedule=self._schedule)
         funcs = (conv.input_func, conv.gemm.func, conv.output_func)
         mod = tvm.IRModule({f.attrs["global_symbol"]: f for f in funcs})
         return conv, tvm.compile(mod, target=self.info.target)
