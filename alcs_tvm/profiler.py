@@ -27,7 +27,6 @@ table are not measured again).
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import os
 import sys
@@ -103,7 +102,7 @@ class Measurer:
         """End our own session now (the device is free for the next client at once, not when GC gets to it)."""
         if self._own and self._session is not None:
             self._session = None
-            gc.collect()
+            alcs_rpc.end_dropped_sessions()
 
     @property
     def device(self):

@@ -21,6 +21,7 @@ is merely slow is not, and ``timeout=`` (``--device-timeout``) sets one fixed bo
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import socket
 import struct
@@ -38,7 +39,7 @@ from tvm.support import cc
 from .toolchain import cross_compile_function
 
 __all__ = ["UnknownKeyError", "parse_address", "tracker_summary", "tracker_keys", "connect", "guard",
-           "upload_library", "check_library", "elf_machine", "StepBudget", "CONNECT_TIMEOUT",
+           "upload_library", "end_dropped_sessions", "check_library", "elf_machine", "StepBudget", "CONNECT_TIMEOUT",
            "FIRST_STEP_TIMEOUT", "MIN_STEP_TIMEOUT", "STEP_TIMEOUT_FACTOR"]
 
 #: bound (s) on getting a device from the tracker (a busy one included) and on opening a session with it.
@@ -325,6 +326,16 @@ def connect(tracker: str | None = None, key: str | None = None, *, rpc: str | No
     session.alcs_timeout = timeout
     session.alcs_budget = StepBudget(timeout)
     return session
+
+
+def end_dropped_sessions() -> None:
+    """End the sessions whose last reference the caller has just dropped, now.
+
+    A session stays open, and its device busy for every other client, until its last reference is gone. TVM's
+    ``relax.VirtualMachine`` keeps the module it runs in a reference cycle, so a VM made on a remote library keeps
+    that library's session alive until the garbage collector next runs: a second client of the device (another
+    ``run_model`` call, another command) would wait for it, up to the session timeout."""
+    gc.collect()
 
 
 def _link_tar(tar_path: Path, out_dir: Path) -> Path:

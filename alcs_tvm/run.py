@@ -206,7 +206,8 @@ def run_model(lib_path, inputs=None, *, rpc: str | None = None, tracker: str | N
                         guard=lambda what, **step: alcs_rpc.guard(session, what, timeout, **step))
     finally:
         if own:
-            del session
+            lib = session = None  # the session ends with its last reference: the device is free at once
+            alcs_rpc.end_dropped_sessions()
 
 
 def time_model(lib_path, inputs=None, *, repeat: int, sample_ms: float = 10.0, min_number: int = 1,

@@ -129,6 +129,40 @@ def test_arm64_python_api(rpc_devices, tiny_cnn):
         assert_close(outputs[0], tiny_cnn["ref"])
 
 
+
+@pytest.mark.device
+def test_a_model_with_two_outputs_runs_twice_and_frees_the_device(rpc_devices, cross_cxx, tmp_path):
+    """Both outputs of a two-output model come back from the device, and the one emulated device is free for the
+    next client as soon as run_model returns: the session used to stay open until the garbage collector ran
+    (TVM's VM holds the remote library in a reference cycle), so the next client waited up to the session timeout
+    (300 s per call in the Winograd device test)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((8, 3, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["conv"], ["y"])],
+        "two_outputs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 8, 16, 16]) for name in ("conv", "y")],
+        [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "two.onnx")
+    result = alcs("compile", tmp_path / "two.onnx", "--target", "arm64", "-o", tmp_path / "two.so")
+    assert result.returncode == 0, result.stderr
+    x = np.random.default_rng(1).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for _ in range(2):
+        outputs, _ = run_model(tmp_path / "two.so", {"x": x}, tracker=rpc_devices.tracker,
+                               key=rpc_devices.arm64_key, timeout=120)
+        assert len(outputs) == 2
+        for out, ref in zip(outputs, expected):
+            assert_close(out, ref)
+        started = time.monotonic()
+        rpc.connect(tracker=rpc_devices.tracker, key=rpc_devices.arm64_key, timeout=10)  # TimeoutError if busy
+        assert time.monotonic() - started < 10
+
+
 @pytest.mark.device
 def test_x86_local_and_over_rpc(rpc_devices, tiny_cnn):
     lib = tiny_cnn["libs"]["x86"]

@@ -226,6 +226,7 @@ def main(argv=None):
             table_path = work / f"table_{info.family}_{name}.json"
             points += validate_model(name, args, info, session, work, table_path, log)
         del session
+        alcs_rpc.end_dropped_sessions()  # before the tracker it may have started stops
     finally:
         if started_state is not None:
             from alcs_tvm import device
