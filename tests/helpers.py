@@ -3,6 +3,7 @@ the CLI, a compiled Relax executable or ONNX Runtime; stable seeds; the host CPU
 from __future__ import annotations
 
 import functools
+import signal
 import subprocess
 import sys
 import zlib
@@ -60,6 +61,12 @@ def run_cli(*args, timeout=600) -> subprocess.CompletedProcess:
     arguments may be paths or numbers."""
     return subprocess.run([sys.executable, "-m", "alcs_tvm.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=REPO, timeout=timeout)
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for a child that a test interrupts: Python's Ctrl-C handling whatever the test runner
+    inherited (a shell starts background jobs with SIGINT ignored, and a child inherits that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_vm(executable, *inputs):

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import helpers
 import numpy as np
 import pytest
 
@@ -34,11 +35,10 @@ def alcs(*args, timeout=300):
 
 
 def start_alcs(*args):
-    """The real CLI in its own process group, with Python's Ctrl-C handling whatever the test runner inherited
-    (a shell starts background jobs with SIGINT ignored)."""
+    """The real CLI in its own process group, with Python's Ctrl-C handling (:func:`helpers.default_sigint`)."""
     return subprocess.Popen([sys.executable, "-m", "alcs_tvm.cli", *map(str, args)], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=helpers.default_sigint)
 
 
 def ctrl_c(proc, timeout=120):

@@ -18,6 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
+import helpers
 import onnx
 import pytest
 import torch
@@ -389,7 +390,7 @@ def test_interrupted_prune_leaves_no_file_behind(models, tmp_path):
                                      "--latency-table", table, "--budget-ms", "1", "-o", out / "p.onnx",
                                      "--epochs", "500"),
                             cwd=REPO, env=_env(PYTHONUNBUFFERED="1", TMPDIR=str(tmp)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=helpers.default_sigint)
     watchdog = threading.Timer(300, proc.kill)
     watchdog.start()
     try:
