@@ -14,7 +14,8 @@ Entry points
     Parameters (ONNX initializers) are imported as Relax constants (``keep_params_in_input=False``), so the
     returned module's ``main`` only takes the real inputs. With the input shapes static, ONNX Runtime's basic
     graph optimisations fold every shape computation and constant subgraph first and drop inference no-ops
-    (Identity, Dropout); conv node names and the graph order are kept. A ConvTranspose's ``output_shape``
+    (Identity, Dropout); a ``Sum`` becomes ``Add`` nodes (so a residual Sum fuses into the conv before it); conv
+    node names and the graph order are kept. A ConvTranspose's ``output_shape``
     (which TVM's importer ignores) becomes the pads it implies, or a one-line ``ValueError`` when no pads give it.
 ``prepare_for_sparse(mod, params=None) -> tvm.IRModule``
     Canonicalisation before the SIMD-block sparse rewrite (no legalisation yet): binds parameters (``params``, or
@@ -424,6 +425,36 @@ def _known_shapes(model: onnx.ModelProto) -> dict:
     return shapes
 
 
+def _sums_as_adds(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every ``Sum`` node as a chain of ``Add`` nodes (the last keeps the Sum's name and output); a one-input Sum
+    as an ``Identity``. Caffe2-era graphs (the light zoo's ResNet-50) write a residual as ``Sum``, which TVM's
+    importer turns into ``stack`` + ``sum``: an elementwise kernel of its own that the sparse rewrite cannot fuse
+    into the conv before it, as it fuses an ``Add``. ``model`` itself when it has no Sum."""
+    if not any(node.op_type == "Sum" and node.domain in ("", "ai.onnx") for node in model.graph.node):
+        return model
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    nodes = []
+    for node in rewritten.graph.node:
+        if node.op_type != "Sum" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        inputs, name = list(node.input), node.name or node.output[0]
+        if len(inputs) == 1:
+            nodes.append(onnx.helper.make_node("Identity", inputs, list(node.output), name=name))
+            continue
+        total = inputs[0]
+        for i, addend in enumerate(inputs[1:], start=1):
+            last = i == len(inputs) - 1
+            output = node.output[0] if last else f"{name}__partial{i}"
+            nodes.append(onnx.helper.make_node("Add", [total, addend], [output],
+                                               name=name if last else f"{name}__add{i}"))
+            total = output
+    del rewritten.graph.node[:]
+    rewritten.graph.node.extend(nodes)
+    return rewritten
+
+
 def _conv_transpose_pads(model: onnx.ModelProto) -> onnx.ModelProto:
     """ConvTranspose nodes with an ``output_shape`` attribute rewritten to the ``pads`` (and ``output_padding``)
     it implies: TVM's importer ignores the attribute and produces the full-size output (e.g. (1, 2, 9, 7) for
@@ -637,7 +668,7 @@ def import_onnx(model, input_shapes=None, dtype: str = "float32", check: bool = 
     # named first: errors point at a node, and every conv carries the name the report shows through the folding
     model = name_nodes(model)
     model = _folded(_constant_inputs_dropped(_with_input_shapes(model, shapes)))
-    model = _conv_transpose_pads(model)
+    model = _sums_as_adds(_conv_transpose_pads(model))
     bad = unsupported_ops(model)
     if bad:
         listing = "; ".join(f"{op} (node{'s' if len(n) > 1 else ''} {', '.join(map(repr, n[:5]))}"

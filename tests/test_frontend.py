@@ -273,3 +273,31 @@ def test_lrn_power_becomes_square_roots_and_matches_onnx_runtime(beta):
     out = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     expected = run_onnxruntime(model.SerializeToString(), x)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
+
+
+@pytest.mark.parametrize("addends", [1, 2, 3])
+def test_a_sum_is_a_chain_of_adds_and_a_residual_sum_fuses_into_the_conv(addends):
+    """Caffe2-era graphs (the light zoo's ResNet-50) add a residual with ``Sum``: as Adds the shortcut fuses into
+    the conv's epilogue (TVM imports a Sum as stack + sum, an elementwise kernel of its own)."""
+    from onnx import numpy_helper
+
+    from alcs_tvm import compiler
+
+    rng = np.random.default_rng(addends)
+    inits = [numpy_helper.from_array((rng.standard_normal((16, 16, 1, 1)) * 0.3).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "b")]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv"),
+             helper.make_node("Sum", ["c", "x", "x"][:addends], ["s"], name="sum"),
+             helper.make_node("Relu", ["s"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    x = rng.standard_normal((1, 16, 8, 8)).astype(np.float32)
+    executable, report = compiler.compile(model, "x86")
+    script = report.relax_module["main"].script()
+    assert "R.sum" not in script and "stack" not in script, script
+    if addends == 2:
+        assert report.layers[0].kernel.residual is not None, report.table()
+    out = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    expected = run_onnxruntime(model.SerializeToString(), x)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
