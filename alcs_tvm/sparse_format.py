@@ -164,12 +164,15 @@ def fits_wide_groups(out_channels: int, width: int) -> bool:
 
 def widest_block_format(weight, widths, slack: float = WIDE_BLOCK_DENSITY_SLACK) -> BlockSparseWeight:
     """``weight`` in the widest of ``widths`` (widest first, the last one the fallback) that divides its output
-    channels into two groups or more and keeps its block density within ``slack`` of the density in the last
-    (narrowest) width (the rule of :meth:`alcs_tvm.target.TargetInfo.group_width`)."""
+    channels into two groups or more (the rule of :meth:`alcs_tvm.target.TargetInfo.group_width`), or that still
+    makes two groups or more where even the narrowest leaves its last block partial (a 1000-class conv
+    classifier: each broadcast input feeds twice the lanes, for a few more wasted ones), and keeps its block
+    density within ``slack`` of the density in the narrowest width."""
     widths = [int(w) for w in widths]
     narrow = BlockSparseWeight.from_dense(weight, widths[-1])
+    channels = narrow.out_channels
     for width in widths[:-1]:
-        if fits_wide_groups(narrow.out_channels, width):
+        if fits_wide_groups(channels, width) or (channels % widths[-1] and channels >= 2 * width):
             wide = BlockSparseWeight.from_dense(weight, width)
             if wide.density <= narrow.density + slack:
                 return wide

@@ -71,6 +71,25 @@ def test_grouped_convs_run_the_kernel_block_diagonal_and_match_onnx_runtime(grou
         assert f"grouped ({groups})" in layer.reason
 
 
+@pytest.mark.parametrize("sparsity", [0.0, 0.6])
+def test_a_conv_with_a_partial_wide_block_matches_onnx_runtime(sparsity):
+    """A 1000-class conv classifier (SqueezeNet's) runs 32-wide blocks, the last one partial, dense and pruned in
+    32-wide groups, its output read by a global average pool."""
+    from alcs_tvm.sparse_format import random_block_sparse
+
+    g = _Graph(np.random.default_rng(5))
+    y = g.conv("x", "stem", 64, 8)
+    y = g.conv(y, "classifier", 1000, 64, kernel=1)
+    weight = g.inits[-2]
+    pruned = random_block_sparse(numpy_helper.to_array(weight), 32, sparsity, np.random.default_rng(6))
+    weight.CopyFrom(numpy_helper.from_array(pruned, weight.name))
+    g.nodes.append(helper.make_node("GlobalAveragePool", [y], ["pooled"]))
+    x = np.random.default_rng(0).standard_normal((1, 8, 13, 13)).astype(np.float32)
+    report = _run(g.model("pooled", [1, 8, 13, 13], [1, 1000, 1, 1]), x)
+    row = {layer.name: layer for layer in report.layers}["classifier"]
+    assert row.vector_width == 32 and row.density == pytest.approx(1 - sparsity, abs=0.02), report.table()
+
+
 def test_grouped_convs_are_not_latency_table_layers():
     """The pruner and latency tables measure groups=1 convs: a grouped conv is part of the rest of the model."""
     g = _Graph(np.random.default_rng(5))
