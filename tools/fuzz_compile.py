@@ -125,7 +125,7 @@ def random_case(rng: np.random.Generator, winograd_shapes: bool = False):
             groups = int(rng.choice([d for d in (2, 3, 4) if cin % d == 0] or [1]))
             cout = groups * int(rng.integers(1, 9))
         else:
-            groups, cout = 1, int(rng.choice([16, 32, 48, 64] if eligible else [4, 16, 20, 32, 48, 64]))
+            groups, cout = 1, int(rng.choice([16, 32, 48, 64] if eligible else [4, 16, 20, 32, 48, 64, 100]))
         weight = (rng.standard_normal((cout, cin // groups, kh, kw)) / np.sqrt(cin // groups * kh * kw)).astype(
             np.float32)
         sparsity = float(rng.choice([0.0, 0.0, 0.5, 0.8, 0.95]))
