@@ -25,6 +25,11 @@ __all__ = ["BlockSparseWeight", "block_mask", "num_blocks", "random_block_sparse
 #: narrow groups keeps its sparsity in narrow blocks.
 WIDE_BLOCK_DENSITY_SLACK = 0.01
 
+#: A wide width with a partial last block computes at most this many times the lanes of the narrow width's blocks:
+#: its gain from each broadcast feeding twice the lanes is lost where it computes many more lanes than needed
+#: (docs/benchmarks.md, "Partial wide blocks").
+PARTIAL_WIDE_LANES = 1.0625
+
 
 def num_blocks(out_channels: int, vector_width: int) -> int:
     """Output-channel blocks needed for ``out_channels`` at ``vector_width`` lanes (last one padded)."""
@@ -165,14 +170,19 @@ def fits_wide_groups(out_channels: int, width: int) -> bool:
 def widest_block_format(weight, widths, slack: float = WIDE_BLOCK_DENSITY_SLACK) -> BlockSparseWeight:
     """``weight`` in the widest of ``widths`` (widest first, the last one the fallback) that divides its output
     channels into two groups or more (the rule of :meth:`alcs_tvm.target.TargetInfo.group_width`), or that still
-    makes two groups or more where even the narrowest leaves its last block partial (a 1000-class conv
-    classifier: each broadcast input feeds twice the lanes, for a few more wasted ones), and keeps its block
-    density within ``slack`` of the density in the narrowest width."""
+    makes two groups or more where even the narrowest leaves its last block partial and computes at most
+    :data:`PARTIAL_WIDE_LANES` more lanes than it (a 1000-class conv classifier: each broadcast input feeds twice
+    the lanes), and keeps its block density within ``slack`` of the density in the narrowest width."""
     widths = [int(w) for w in widths]
     narrow = BlockSparseWeight.from_dense(weight, widths[-1])
     channels = narrow.out_channels
+
+    def partial_but_cheap(width):
+        lanes = num_blocks(channels, width) * width
+        return channels % widths[-1] and channels >= 2 * width and \
+            lanes <= PARTIAL_WIDE_LANES * num_blocks(channels, widths[-1]) * widths[-1]
     for width in widths[:-1]:
-        if fits_wide_groups(channels, width) or (channels % widths[-1] and channels >= 2 * width):
+        if fits_wide_groups(channels, width) or partial_but_cheap(width):
             wide = BlockSparseWeight.from_dense(weight, width)
             if wide.density <= narrow.density + slack:
                 return wide

@@ -102,8 +102,8 @@ def test_widest_block_format_keeps_the_pruning_structure():
 
 def test_a_partial_last_block_takes_the_wide_width_when_the_narrow_one_is_partial_too():
     """1000 output channels leave a partial 16-wide block anyway: 32-wide blocks (the last one partial) feed each
-    broadcast input to twice the lanes. Channel counts the narrow width divides keep it; fewer than two wide groups
-    stay narrow; a weight pruned in 16-wide groups keeps them."""
+    broadcast input to twice the lanes. Not where they compute many more lanes (72 channels), where the narrow
+    width divides the channels, with fewer than two wide groups, or for a weight pruned in 16-wide groups."""
     from alcs_tvm.sparse_format import widest_block_format
 
     rng = np.random.default_rng(4)
@@ -111,7 +111,8 @@ def test_a_partial_last_block_takes_the_wide_width_when_the_narrow_one_is_partia
     wide = widest_block_format(w, (32, 16))
     assert (wide.vector_width, wide.num_blocks) == (32, 32)
     np.testing.assert_array_equal(wide.to_dense(), w)
-    assert widest_block_format(w[:100], (32, 16)).vector_width == 32
+    assert widest_block_format(w[:120], (32, 16)).vector_width == 32  # 128 lanes either way
+    assert widest_block_format(w[:72], (32, 16)).vector_width == 16  # 96 lanes against 80
     assert widest_block_format(w[:40], (32, 16)).vector_width == 16  # one whole 32-group and a partial one
     assert widest_block_format(w[:48], (32, 16)).vector_width == 16  # whole 16-groups: no wasted lanes
     assert widest_block_format(random_block_sparse(w, 16, 0.8, rng), (32, 16)).vector_width == 16
