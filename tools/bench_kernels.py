@@ -49,6 +49,10 @@ LAYERS = {
     "mv2_exp14": ("MobileNetV2 expand 1x1 96->576 @14x14", 96, 576, 14, 1, 1, 0),
     "mv2_proj14": ("MobileNetV2 project 1x1 576->96 @14x14", 576, 96, 14, 1, 1, 0),
     "mv2_last7": ("MobileNetV2 last 1x1 320->1280 @7x7", 320, 1280, 7, 1, 1, 0),
+    # output channels that leave the last block partial (sparse_format.PARTIAL_WIDE_LANES)
+    "sq_conv10": ("SqueezeNet classifier 1x1 512->1000 @13x13", 512, 1000, 13, 1, 1, 0),
+    "mv3_exp56": ("MobileNetV3 expand 1x1 16->72 @56x56", 16, 72, 56, 1, 1, 0),
+    "c1x1_120": ("1x1 40->120 @28x28", 40, 120, 28, 1, 1, 0),
 }
 FULL_SPARSITIES = [0, 30, 50, 70, 80, 90, 95]
 QUICK_LAYERS = ["r18_s3", "mv2_exp14"]
@@ -135,15 +139,6 @@ def torch_callable(weight, x, stride, pad):
 
 
 # ----------------------------------------------------------------------------------------------- worker
-def _sparse_builder():
-    """``alcs_tvm.kernels.build_sparse_conv2d`` or a reason why the sparse columns are skipped."""
-    try:
-        from alcs_tvm.operator import build_sparse_conv2d  # noqa: F401
-    except Exception as exc:  # noqa: BLE001 - any import problem: skip the column, keep the baselines
-        return None, f"{type(exc).__name__}: {exc}"
-    return build_sparse_conv2d, None
-
-
 def _close(a, b) -> float:
     return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
 
@@ -160,9 +155,7 @@ def run_worker(names, sparsities, threads: int, trials: int, repeat: int, seed: 
     got = set_threads(threads)
     log(f"[bench] {threads} thread(s): runtimes report {got}")
     info = resolve_target("x86", vector_width)
-    build_sparse, why = _sparse_builder()
-    if build_sparse is None:
-        log(f"[bench] sparse columns skipped: alcs_tvm.kernels.build_sparse_conv2d unavailable ({why})")
+    from alcs_tvm.kernels import build_sparse_conv2d as build_sparse
     results = []
     with torch.inference_mode():
         for li, name in enumerate(names):
@@ -190,21 +183,20 @@ def run_worker(names, sparsities, threads: int, trials: int, repeat: int, seed: 
             fns["torch"] = torch_callable(dense_w, x, stride, pad)
             # ours, per sparsity
             sparse_meta = {}
-            if build_sparse is not None:
-                for sp in sparsities:
-                    w = random_block_sparse(dense_w, V, sp / 100.0, np.random.default_rng(seed + sp))
-                    log(f"[bench] {threads}T {name}: building ours at s={sp}%")
-                    try:
-                        op = build_sparse(w, input_shape=xs, stride=stride, padding=pad, target=info)
-                        sref = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), None,
-                                                          stride, pad).numpy()
-                        err = _close(op.run(x), sref)
-                        fns[f"ours_nchw@{sp}"] = op.time_callable(x)
-                        fns[f"ours_kernel@{sp}"] = op.kernel_time_callable(x)
-                        sparse_meta[sp] = {"max_rel_err": err}
-                    except Exception as exc:  # noqa: BLE001 - report, keep going
-                        traceback.print_exc()
-                        sparse_meta[sp] = {"error": f"{type(exc).__name__}: {exc}"}
+            for sp in sparsities:
+                w = random_block_sparse(dense_w, V, sp / 100.0, np.random.default_rng(seed + sp))
+                log(f"[bench] {threads}T {name}: building ours at s={sp}%")
+                try:
+                    op = build_sparse(w, input_shape=xs, stride=stride, padding=pad, target=info)
+                    sref = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), None,
+                                                      stride, pad).numpy()
+                    err = _close(op.run(x), sref)
+                    fns[f"ours_nchw@{sp}"] = op.time_callable(x)
+                    fns[f"ours_kernel@{sp}"] = op.kernel_time_callable(x)
+                    sparse_meta[sp] = {"max_rel_err": err, "vector_width": op.sparse_weight.vector_width}
+                except Exception as exc:  # noqa: BLE001 - report, keep going
+                    traceback.print_exc()
+                    sparse_meta[sp] = {"error": f"{type(exc).__name__}: {exc}"}
             for k, e in errors.items():
                 if e > ERR_TOL:
                     log(f"[bench] WARNING {name}: {k} differs from torch by {e:.2e} (relative)")

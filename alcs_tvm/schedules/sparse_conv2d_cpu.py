@@ -18,7 +18,7 @@ along W): pixel ``c`` at tap ``kw+l`` reads the same input as pixel ``c+l`` at t
 load feeds ``L`` FMAs. Each FMA otherwise needs its own broadcast load, and 512-bit loads (2 per cycle on Intel
 cores) then bound the kernel below the FMA peak; dense and lightly pruned 3x3 layers are mostly long runs.
 
-The input must already be padded; the op-level wrapper (:mod:`alcs_tvm.operator`) either pads into a workspace
+The input must already be padded; the op-level wrapper (:mod:`alcs_tvm.kernels`) either pads into a workspace
 first or receives input that the previous layer wrote with a zero border.
 
 The template is built with TVM's IRBuilder from plain Python functions, not parsed as TVMScript macros: see
@@ -216,7 +216,7 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
 
     ``block_order`` is the order in which parallel tasks visit the output blocks: TVM splits a parallel loop into
     equal contiguous chunks per thread, so blocks are ordered to give every chunk a similar number of kept
-    positions (see :func:`alcs_tvm.operator.balanced_block_order`).
+    positions (see :func:`alcs_tvm.kernels.balanced_block_order`).
 
     ``has_bias=False`` initialises the accumulators with zeros and never reads ``bias`` (pass any array)."""
     if activation not in ACTIVATIONS:
