@@ -7,10 +7,26 @@ import argparse
 import os
 import sys
 
+
+
+def _caused_by_ctrl_c(err: BaseException | None) -> bool:
+    """``err`` is a KeyboardInterrupt or was raised because of one (an extension module whose initialisation a
+    Ctrl-C broke raises ``ImportError: initialization failed`` from it: ONNX Runtime's does)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
 try:
     from .commands import COMMANDS
     from .commands.common import INTERRUPTS
-except KeyboardInterrupt:  # Ctrl-C while TVM and torch load, which takes seconds on a busy machine
+except BaseException as _err:  # Ctrl-C while TVM, torch and ONNX Runtime load: seconds on a busy machine
+    if not _caused_by_ctrl_c(_err):
+        raise
     _COMMAND = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
     print(f"alcs {_COMMAND}: interrupted" if _COMMAND else "alcs: interrupted", file=sys.stderr, flush=True)
     os._exit(130)  # not sys.exit: see the end of this file

@@ -286,6 +286,23 @@ def test_status_reports_a_frozen_tracker_and_start_replaces_it(private_devices):
 
 
 # ------------------------------------------------------------------------------------------------- 3. Ctrl-C
+def test_an_import_error_a_ctrl_c_caused_counts_as_the_interrupt():
+    """A Ctrl-C while ONNX Runtime's extension initialises surfaces as ``ImportError: initialization failed`` raised
+    from the KeyboardInterrupt (seen in test_ctrl_c_during_compile: exit 1 with a traceback)."""
+    from alcs_tvm.cli import _caused_by_ctrl_c
+
+    def import_interrupted():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as err:
+            raise ImportError("initialization failed") from err
+
+    with pytest.raises(ImportError) as caught:
+        import_interrupted()
+    assert _caused_by_ctrl_c(caught.value) and _caused_by_ctrl_c(KeyboardInterrupt())
+    assert not _caused_by_ctrl_c(ImportError("no module named onnxruntime")) and not _caused_by_ctrl_c(None)
+
+
 def test_ctrl_c_during_compile(tmp_path):
     """Ctrl-C in the middle of a compile used to print a 70-300 line traceback (exit 1), or to be swallowed by
     TVM's FoldConstant, the compile finishing and writing its library (exit 0)."""
