@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import tvm
 
-from .schedules import SparseConvSchedule, default_sparse_conv_schedule
+from .schedules import SparseConvSchedule, default_sparse_conv_schedule, prefetches_next_block
 from .schedules.sparse_conv2d_cpu import KernelGeometry, activation_buffer_offsets, sparse_conv2d_template
 from .layer import Conv2dSpec, KernelLayout, normalize_padding
 from .sparse_format import BlockSparseWeight, widest_block_format
@@ -269,7 +269,8 @@ def sparse_conv2d_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, layout: Ke
     )
     func = sparse_conv2d_template(geom, schedule, has_bias=layout.bias, activation=layout.activation,
                                   name=name or kernel_symbol(spec, schedule, layout),
-                                  one_activation_buffer=one_activation_buffer)
+                                  one_activation_buffer=one_activation_buffer,
+                                  prefetch_next_block=prefetches_next_block(info.family))
     return SparseConv2dKernel(func, packed, geom, schedule)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["SparseConvSchedule", "default_sparse_conv_schedule", "register_budget", "registers_per_group",
-           "choose_tile"]
+           "choose_tile", "prefetches_next_block"]
 
 
 @dataclass(frozen=True)
@@ -110,3 +110,10 @@ def default_sparse_conv_schedule(family: str, vector_width: int, out_height: int
             max_accumulators //= 2
     rows, cols = choose_tile(out_height, out_width, max(1, max_accumulators), max(1, max_cols))
     return SparseConvSchedule(vector_width, rows, cols, row_outer)
+
+
+def prefetches_next_block(family: str) -> bool:
+    """Whether the sparse kernel prefetches the next output block's weights during a block's second row tile
+    (:func:`~.sparse_conv2d_cpu.sparse_conv2d_template`): on x86, where it was measured to pay inside models
+    (docs/benchmarks.md). The arm64 loop stays as its ``llvm-mca`` estimate was made until measured on a phone."""
+    return family.startswith("x86")

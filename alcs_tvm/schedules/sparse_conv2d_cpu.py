@@ -202,7 +202,8 @@ def _prod(values) -> int:
 
 
 def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, has_bias: bool,
-                           activation=None, name: str = "alcs_sparse_conv2d", one_activation_buffer: bool = False):
+                           activation=None, name: str = "alcs_sparse_conv2d", one_activation_buffer: bool = False,
+                           prefetch_next_block: bool = False):
     """Return the PrimFunc ``(x, indptr, offsets, vstart, values, bias, block_order, [residual,] y)`` for one
     conv layer (``residual`` when ``geom.residual`` is set: added to the accumulators before the activation).
 
@@ -218,7 +219,11 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
     equal contiguous chunks per thread, so blocks are ordered to give every chunk a similar number of kept
     positions (see :func:`alcs_tvm.kernels.balanced_block_order`).
 
-    ``has_bias=False`` initialises the accumulators with zeros and never reads ``bias`` (pass any array)."""
+    ``has_bias=False`` initialises the accumulators with zeros and never reads ``bias`` (pass any array).
+
+    ``prefetch_next_block``: in block order, the first column tile of a block's second row tile prefetches the
+    next block's weights (a line per 16 lanes per kept position) into L2. Inside a model a layer's weights come
+    from memory; without it each block's first row tile waits for them while the later ones only compute."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     V = sched.vector_width
@@ -276,10 +281,12 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
         IO_SIZE, X_AT, Y_AT = io_at["size"], io_at["x"], io_at["y"]
         RES_AT, RES_SHAPE = io_at.get("residual", 0), res_shape if HAS_RES else (1,)
 
-    def segment(xf, indptr, offsets, vstart, values, acc, base, ob, k, run, tr, tw):
+    def segment(xf, indptr, offsets, vstart, values, acc, base, ob, k, run, tr, tw, next_rows=None):
         with loop("q", T.serial(indptr[ob * RMAX + k], indptr[ob * RMAX + k + 1])) as q:
             at = base + offsets[q]
             vb = vstart[q]
+            if next_rows is not None:
+                prefetch_row(values, next_rows + vb)
             with loop("r", T.unroll(tr)) as r:
                 with loop("c", T.unroll(tw)) as c:
                     # equal input addresses across (c, l) are loaded once (LLVM GVN)
@@ -288,6 +295,11 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
                             i = (r * tw + c) * V + v
                             T.buffer_store(acc, acc[i] + values[vb + l, v] * xf[
                                 at + r * ROW_STEP + (c + l) * COL_STEP], [i])
+
+    def prefetch_row(values, row):
+        for lane in range(0, V, 16):  # one 64-byte line per 16 lanes
+            address = tvm.tirx.call_intrin("handle", "tirx.address_of", values[row, lane])
+            T.evaluate(tvm.tirx.call_intrin("void", "tirx.prefetch", address, 0, 2, 1))
 
     @contextmanager
     def channel_exists(channel):
@@ -299,14 +311,25 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
         else:
             yield
 
-    def tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, row0, col0, tr, tw):
+    def tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, row0, col0, tr, tw, prefetch=None):
         acc = named("acc", T.decl_buffer((tr * tw * V,), "float32", scope="global"))
         with loop("i", T.unroll(tr * tw)) as i:
             with loop("v", T.vectorized(V)) as v:
                 T.buffer_store(acc, bias[ob * V + v] if HAS_BIAS else T.float32(0), [i * V + v])
         base = n * BATCH_STRIDE + row0 * ROW_STEP + col0 * COL_STEP
-        for run in range(RMAX, 0, -1):  # one segment per run length, longest first
-            segment(xf, indptr, offsets, vstart, values, acc, base, ob, RMAX - run, run, tr, tw)
+
+        def segments(next_rows=None):
+            for run in range(RMAX, 0, -1):  # one segment per run length, longest first
+                segment(xf, indptr, offsets, vstart, values, acc, base, ob, RMAX - run, run, tr, tw, next_rows)
+        if prefetch is None:
+            segments()
+        else:
+            when, next_rows = prefetch
+            with T.If(when):
+                with T.Then():
+                    segments(next_rows)
+                with T.Else():
+                    segments()
         res_in_store = HAS_RES and not RES_BLOCKED and not BLOCKED  # NCHW shortcut into an NCHW output
         if HAS_RES and not res_in_store:
             with loop("r", T.unroll(tr)) as r:
@@ -339,9 +362,10 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
                         T.buffer_store(y, activate(activation, value, slope(bias, ob * V + v)),
                                        [n, ob * V + v, OT + row0 + r, OL + col0 + c])
 
-    def row_tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, row0, tr):
+    def row_tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, row0, tr, prefetch=None):
         with loop("ct", T.serial(CT_FULL)) as ct:
-            tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, row0, ct * TW, tr, TW)
+            when = None if prefetch is None else (tvm.tirx.all(prefetch[0], ct == 0), prefetch[1])
+            tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, row0, ct * TW, tr, TW, when)
         if HAS_COL_REM:
             tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, row0, CT_FULL * TW, tr, TW_REM)
 
@@ -354,14 +378,21 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
             else:
                 ob = order[task // RT % NB]
                 rt = task % RT
+            prefetch = None
+            if prefetch_next_block and not ROW_OUTER and RT > 1 and NB > 1:
+                # the second row tile of a block walks the next block's weights into L2 beside its own
+                following = order[(task // RT + 1) % NB]
+                first_run = T.min(indptr[following * RMAX], NRUNS - 1)
+                prefetch = (rt == 1, vstart[first_run] - vstart[T.min(indptr[ob * RMAX], NRUNS - 1)])
             if HAS_ROW_REM:
                 with T.If(rt < RT_FULL):
                     with T.Then():
-                        row_tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, rt * TR, TR)
+                        row_tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, rt * TR, TR, prefetch)
                     with T.Else():
-                        row_tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, RT_FULL * TR, TR_REM)
+                        row_tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, RT_FULL * TR, TR_REM,
+                                 prefetch)
             else:
-                row_tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, rt * TR, TR)
+                row_tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, rt * TR, TR, prefetch)
 
     zero_output_border = zero_border(N, NB * K if BLOCKED else Cout, HOP, WOP, (OT, OL), (Ho, Wo),
                                      B if BLOCKED else None)
