@@ -8,7 +8,6 @@ import os
 import sys
 
 
-
 def _caused_by_ctrl_c(err: BaseException | None) -> bool:
     """``err`` is a KeyboardInterrupt or was raised because of one (an extension module whose initialisation a
     Ctrl-C broke raises ``ImportError: initialization failed`` from it: ONNX Runtime's does)."""

@@ -21,8 +21,9 @@ from .layer import Conv2dSpec, KernelLayout, normalize_padding
 from .sparse_format import BlockSparseWeight, widest_block_format
 from .target import TargetInfo, resolve_target
 
-__all__ = ["PackedSparseConv2d", "SparseConv2dKernel", "pack_sparse_conv2d", "pack_epilogue", "epilogue_slope", "balanced_block_order",
-           "max_run_length", "kernel_symbol", "sparse_conv2d_kernel", "build_sparse_conv2d", "CompiledSparseConv2d"]
+__all__ = ["PackedSparseConv2d", "SparseConv2dKernel", "pack_sparse_conv2d", "pack_epilogue", "epilogue_slope",
+           "balanced_block_order", "max_run_length", "kernel_symbol", "sparse_conv2d_kernel", "build_sparse_conv2d",
+           "CompiledSparseConv2d"]
 
 
 @dataclass(frozen=True, eq=False)

@@ -53,8 +53,8 @@ from .target import resolve_target
 from .timing import measure_interleaved
 from .winograd import WINOGRAD_TILES, winograd_applies, winograd_conv2d, winograd_layout
 
-__all__ = ["profile_model", "Measurer", "DEFAULT_SPARSITIES", "measure_layer", "layer_kernel", "build_kernels", "build_functions",
-           "kernel_inputs", "random_pruned_onnx", "calibrate_cold_fraction", "measure_latency",
+__all__ = ["profile_model", "Measurer", "DEFAULT_SPARSITIES", "measure_layer", "layer_kernel", "build_kernels",
+           "build_functions", "kernel_inputs", "random_pruned_onnx", "calibrate_cold_fraction", "measure_latency",
            "measure_latency_table", "Progress", "sample_stats"]
 
 DEFAULT_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)

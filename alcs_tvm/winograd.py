@@ -27,9 +27,9 @@ from .schedules.winograd_cpu import WINOGRAD_POINTS, WinogradGeometry, winograd_
 from .sparse_format import BlockSparseWeight
 from .target import TargetInfo, resolve_target
 
-__all__ = ["WINOGRAD_TILES", "AlgorithmCosts", "ALGORITHM_COSTS", "estimated_ms", "choose_algorithm", "winograd_layout", "winograd_weight", "winograd_applies", "winograd_input_block", "WinogradConv2d",
-           "winograd_conv2d", "winograd_gemm_width", "CompiledWinogradConv2d", "build_winograd_conv2d",
-           "winograd_symbol"]
+__all__ = ["WINOGRAD_TILES", "AlgorithmCosts", "ALGORITHM_COSTS", "estimated_ms", "choose_algorithm", "winograd_layout",
+           "winograd_weight", "winograd_applies", "winograd_input_block", "WinogradConv2d", "winograd_conv2d",
+           "winograd_gemm_width", "CompiledWinogradConv2d", "build_winograd_conv2d", "winograd_symbol"]
 
 #: output tile sizes m the compiler chooses from; F(6x6, 3x3) builds too (tools/bench_winograd.py measures its
 #: error) but loses accuracy the issue's 1e-4 does not allow (docs/winograd.md)

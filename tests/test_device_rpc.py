@@ -129,7 +129,6 @@ def test_arm64_python_api(rpc_devices, tiny_cnn):
         assert_close(outputs[0], tiny_cnn["ref"])
 
 
-
 @pytest.mark.device
 def test_a_model_with_two_outputs_runs_twice_and_frees_the_device(rpc_devices, cross_cxx, tmp_path):
     """Both outputs of a two-output model come back from the device, and the one emulated device is free for the
