@@ -30,7 +30,7 @@ def main(argv=None):
     import tvm
     from tvm import relax
 
-    from alcs_tvm.run import make_inputs, read_sidecar
+    from alcs_tvm.run import flatten_outputs, make_inputs, read_sidecar
     from alcs_tvm.timing import measure_interleaved, set_threads
 
     set_threads(args.threads)
@@ -41,8 +41,7 @@ def main(argv=None):
     calls, reference = {}, None
     for path in args.libraries:
         vm = relax.VirtualMachine(tvm.runtime.load_module(path), tvm.cpu())
-        out = vm["main"](*inputs)
-        out = (out[0] if isinstance(out, (list, tuple)) or type(out).__name__ == "Array" else out).numpy()
+        out = flatten_outputs(vm["main"](*inputs))[0]
         if reference is None:
             reference = out
         else:
