@@ -175,12 +175,11 @@ def widest_block_format(weight, widths, slack: float = WIDE_BLOCK_DENSITY_SLACK)
     the lanes), and keeps its block density within ``slack`` of the density in the narrowest width."""
     widths = [int(w) for w in widths]
     narrow = BlockSparseWeight.from_dense(weight, widths[-1])
-    channels = narrow.out_channels
+    channels, narrow_lanes = narrow.out_channels, narrow.num_blocks * narrow.vector_width
 
     def partial_but_cheap(width):
-        lanes = num_blocks(channels, width) * width
-        return channels % widths[-1] and channels >= 2 * width and \
-            lanes <= PARTIAL_WIDE_LANES * num_blocks(channels, widths[-1]) * widths[-1]
+        return narrow_lanes > channels and channels >= 2 * width and \
+            num_blocks(channels, width) * width <= PARTIAL_WIDE_LANES * narrow_lanes
     for width in widths[:-1]:
         if fits_wide_groups(channels, width) or partial_but_cheap(width):
             wide = BlockSparseWeight.from_dense(weight, width)
