@@ -32,7 +32,7 @@ import tvm
 from .compiler import model_layers
 from .files import (TableMismatchError, check_header, check_measured_for, checked_number, checked_numbers, json_copy,
                     json_kind, merge_entries, read_json_file, require_object, save_merged)
-from .layer import Conv2dSpec, layer_key
+from .layer import Conv2dSpec, layer_key, without_width
 from .target import resolve_target
 from .winograd import WINOGRAD_TILES
 
@@ -368,9 +368,11 @@ class LatencyTable:
         return resolve_target(self.target_object(), widths[0] if len(widths) == 1 else None)
 
     def rest_model_for(self, keys) -> str:
-        """The profiled model whose conv layers (keys in graph order) are ``keys``."""
+        """The profiled model whose conv layers (keys in graph order) are ``keys``, up to their widths: a pruned
+        copy may run a layer in other blocks than the dense model (:func:`~alcs_tvm.layer.without_width`)."""
+        wanted = [without_width(k) for k in keys]
         for name, entry in self.models.items():
-            if [k for _, k in entry.get("layers", [])] == list(keys) and name in self.rest_ms:
+            if [without_width(k) for _, k in entry.get("layers", [])] == wanted and name in self.rest_ms:
                 return name
         raise LayerNotProfiledError("no model with these conv layers has its 'rest of model' time in the table; "
                                     "profile this model (alcs profile)")

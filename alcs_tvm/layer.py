@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-__all__ = ["Conv2dSpec", "KernelLayout", "layer_key", "conv_output_size", "normalize_pair", "normalize_padding",
-           "ACTIVATIONS"]
+__all__ = ["Conv2dSpec", "KernelLayout", "layer_key", "without_width", "conv_output_size", "normalize_pair",
+           "normalize_padding", "ACTIVATIONS"]
 
 #: epilogue activations the kernels fuse
 ACTIVATIONS = (None, "relu", "relu6", "silu", "hardswish", "hardsigmoid", "sigmoid", "prelu")
@@ -214,3 +214,9 @@ def layer_key(spec: Conv2dSpec, vector_width: int) -> str:
     return (f"n{spec.batch}_c{spec.in_channels}_h{spec.height}_w{spec.width}_o{spec.out_channels}_k{kh}x{kw}"
             f"_s{spec.stride[0]}x{spec.stride[1]}_p{'-'.join(map(str, spec.padding))}"
             f"_d{spec.dilation[0]}x{spec.dilation[1]}_v{vector_width}")
+
+
+def without_width(key: str) -> str:
+    """A :func:`layer_key` without its width: the conv's shape alone."""
+    stem, _, width = key.rpartition("_v")
+    return stem if width.isdigit() else key

@@ -332,13 +332,14 @@ def random_pruned_onnx(onnx_model, vector_width, sparsity_by_name, rng):
 MAX_COLD_FRACTION = 4.0
 
 
-def calibrate_cold_fraction(layers, table, whole_dense_ms, whole_sparse_ms, sparsity):
+def calibrate_cold_fraction(layers, table, whole_dense_ms, whole_sparse_ms, sparsity, sparse_layers=None):
     """Solve ``whole = rest + sum(warm + a * (cold - warm))`` at two whole-model points (all convs dense, all at
     ``sparsity``) for the cold fraction ``a`` and ``rest``; ``a`` is kept in [0, :data:`MAX_COLD_FRACTION`] and
-    where ``rest >= 0``. When the two cache states differ by under 2% of the model, ``a`` is irrelevant and 0."""
+    where ``rest >= 0``. When the two cache states differ by under 2% of the model, ``a`` is irrelevant and 0.
+    ``sparse_layers``: the layers as the pruned build runs them (their widths may differ; default ``layers``)."""
     def sums(s):
         warm = cold = 0.0
-        for layer in layers:
+        for layer in layers if s == 0.0 else (sparse_layers or layers):
             p = table.layers[layer.key]
             if s == 0.0:
                 warm, cold = warm + p.dense_warm_ms, cold + p.dense_cold_ms
@@ -481,10 +482,18 @@ def _time_whole(measurer, builds, repeat, min_repeat_ms) -> list:
 def _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities, repeat, min_repeat_ms, max_masks,
              spread_threshold, model_name, measure_rest, quiet, on_measured, seed, cold_weights, input_shapes=None):
     fixed_fraction = None if cold_weights is None else float(bool(cold_weights))
-    distinct = list(dict.fromkeys(layer.key for layer in layers))
+    # the model pruned (random SIMD masks at CALIBRATION_SPARSITY): the cache-state calibration's second point, and
+    # the layers as the compiler runs them once pruned. A layer whose dense weight runs wider than its pruning
+    # groups (a 1000-class conv classifier: 32 lanes with a partial last block, pruned 16 wide) is measured at
+    # both widths, so a prediction finds whichever width the compiler picks for a weight.
+    pruned = random_pruned_onnx(onnx_model, info, {layer.name: CALIBRATION_SPARSITY for layer in layers},
+                                np.random.default_rng(seed))
+    # the copy has the model's declared inputs: a dynamic dim needs the shapes the model was imported with
+    pruned_layers, _, _, pruned_mod = model_layers(pruned, info, input_shapes=input_shapes, return_module=True)
     first = {}
-    for layer in layers:
+    for layer in layers + pruned_layers:
         first.setdefault(layer.key, layer)
+    distinct = list(first)
     # the rest is reused only for the same architecture: a table resumed with another model under the same name
     # (another input size, say) must not predict it with the old model's rest
     previous = table.models.get(model_name, {})
@@ -494,13 +503,15 @@ def _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities,
     todo = len(distinct) - skipped + (2 if calibrate else 0)
     progress = Progress(todo, label="to measure", quiet=quiet)
     progress.show(f"(resumed: {skipped} layers already in the table)" if skipped else "")
+    # a layer measured after the calibration (a table resumed with the model's rest done) mixes its cache states
+    # by the calibrated fraction; before it, the calibration below mixes every layer
+    fraction = fixed_fraction if fixed_fraction is not None else previous.get("cold_fraction", 0.0)
     for k in distinct:
         if k in table.layers:
             continue
         table.layers[k] = measure_layer(first[k], info, measurer, sparsities, repeat=repeat,
                                         min_repeat_ms=min_repeat_ms, max_masks=max_masks,
-                                        spread_threshold=spread_threshold, seed=seed,
-                                        cold_fraction=fixed_fraction or 0.0)
+                                        spread_threshold=spread_threshold, seed=seed, cold_fraction=fraction)
         table.save(output)
         if on_measured:
             on_measured(k)
@@ -511,18 +522,14 @@ def _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities,
         dense_build = _build_whole(info, mod, sparse=False)
         progress.step(what="whole model, dense")
         fraction = fixed_fraction
-        if fraction is None:  # the same model with every conv at the calibration sparsity, random SIMD masks
-            rng = np.random.default_rng(seed)
-            pruned = random_pruned_onnx(onnx_model, info,
-                                        {layer.name: CALIBRATION_SPARSITY for layer in layers}, rng)
-            # the copy has the model's declared inputs: a dynamic dim needs the shapes the model was imported with
-            pruned_mod = frontend.prepare_for_sparse(frontend.import_onnx(pruned, input_shapes))
+        if fraction is None:  # the same model with every conv at the calibration sparsity
             sparse_build = _build_whole(info, pruned_mod, sparse=True)
             # both points timed twice, alternating, samples pooled: they fix the fraction and the rest, so
             # neither may come from one of the host's slow episodes alone
             (whole, spread), (whole_sparse, _) = _time_whole(
                 measurer, [dense_build, sparse_build, dense_build, sparse_build], repeat, min_repeat_ms)
-            fraction, _ = calibrate_cold_fraction(layers, table, whole, whole_sparse, CALIBRATION_SPARSITY)
+            fraction, _ = calibrate_cold_fraction(layers, table, whole, whole_sparse, CALIBRATION_SPARSITY,
+                                                  pruned_layers)
             entry.update({"whole_sparse_ms": whole_sparse, "calibration_sparsity": CALIBRATION_SPARSITY})
         else:
             [(whole, spread)] = _time_whole(measurer, [dense_build], repeat, min_repeat_ms)

@@ -13,7 +13,7 @@ import pytest
 import tvm
 from helpers import REPO, run_cli
 
-from alcs_tvm import zoo
+from alcs_tvm import frontend, zoo
 from alcs_tvm.latency import LatencyTable, LayerNotProfiledError, LayerProfile, TableMismatchError
 from alcs_tvm.layer import Conv2dSpec, layer_key
 from alcs_tvm.profiler import MAX_COLD_FRACTION
@@ -334,6 +334,37 @@ def test_resumed_table_remeasures_rest_for_another_architecture(rpc_devices, onn
     assert len(keys) == 3 and all("_h8_w8_" in k or "_h4_w4_" in k for k in keys)
     total, breakdown = table.predict(digits)
     assert breakdown["(rest of model)"] == table.rest_ms["small_cnn"] and total > 0
+
+
+def test_a_conv_run_wider_dense_than_pruned_is_profiled_at_both_widths(rpc_devices, tmp_path):
+    """A conv classifier of 500 classes runs 32 lanes wide dense (its last block partial) and 16 wide once pruned in
+    16-wide groups: the table answers for both, so a pruned copy is predicted (its rest found by architecture) and
+    compiled by the table, and the pruner finds the rest with its own group widths."""
+    import torch.nn as nn
+
+    from alcs_tvm import compiler
+    from alcs_tvm.compiler import model_layers
+    from alcs_tvm.profiler import profile_model, random_pruned_onnx
+
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 500, 1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    path = zoo.export_onnx(net, tmp_path / "classifier.onnx", (1, 3, 8, 8))
+    info = resolve_target("x86-avx512")
+    [_, classifier] = model_layers(path, info)
+    assert classifier.vector_width == 32 and info.group_width(500) == 16
+    table = profile_model(path, str(tmp_path / "t.json"), info, tracker=rpc_devices.tracker, key=rpc_devices.x86_key,
+                          sparsities=[0.0, 0.9], repeat=3, min_repeat_ms=1, max_masks=1, quiet=True)
+    assert {layer_key(classifier.spec, 32), layer_key(classifier.spec, 16)} <= set(table.layers)
+    pruned = random_pruned_onnx(frontend.load_onnx(path), info, {classifier.name: 0.5}, 0)
+    [_, pruned_classifier] = model_layers(pruned, info)
+    assert pruned_classifier.vector_width == 16
+    total, breakdown = table.predict(pruned)
+    assert breakdown[classifier.name] == pytest.approx(table.layers[layer_key(classifier.spec, 16)].latency(0.5))
+    assert breakdown["(rest of model)"] == table.rest_ms["classifier"]
+    _, report = compiler.compile(pruned, info, latency_table=table)
+    assert [d.vector_width for d in report.layers if d.name == classifier.name] == [16]
+    assert table.rest_model_for([layer_key(l.spec, info.group_width(l.spec.out_channels))
+                                 for l in model_layers(path, info)]) == "classifier"
 
 
 def test_table_knows_its_group_widths():

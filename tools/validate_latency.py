@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -36,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alcs_tvm import compiler, rpc as alcs_rpc, zoo  # noqa: E402
+from alcs_tvm import compiler, frontend, public_models, rpc as alcs_rpc, zoo  # noqa: E402
 from alcs_tvm.profiler import DEFAULT_SPARSITIES, profile_model, random_pruned_onnx  # noqa: E402
 from alcs_tvm.run import time_model, write_sidecar  # noqa: E402
 from alcs_tvm.target import resolve_target  # noqa: E402
@@ -55,31 +56,51 @@ def metrics(predicted, measured) -> dict:
     return out
 
 
-def validate_model(name, args, info, session, work: Path, table_path: Path, log):
+def model_source(spec: str, args, work: Path):
+    """``(name, dense ONNX path, input shapes or None)`` for a ``--models`` entry: a zoo model (exported with
+    PyTorch), a public model (``light_squeezenet``, ``mtcnn_onet``: :mod:`alcs_tvm.public_models`) or an ONNX
+    file (its input shapes from ``--input-shapes`` when it has dynamic dims)."""
     import onnx
+
+    if spec.endswith(".onnx"):
+        return Path(spec).stem, Path(spec), args.input_shapes
+    dense_path = work / f"{spec}.onnx"
+    if spec in public_models.public_model_names(available_only=False):
+        onnx.save(public_models.public_model(spec), str(dense_path))
+        return spec, dense_path, None
     import torch
 
     torch.manual_seed(0)
-    model = zoo.get_model(name).eval()
-    shape = zoo.DEFAULT_INPUT_SHAPES[name] if not args.input_shape else \
-        tuple(int(d) for d in args.input_shape.split("x"))
-    dense_path = work / f"{name}.onnx"
+    model = zoo.get_model(spec).eval()
+    shape = zoo.DEFAULT_INPUT_SHAPES[spec]
+    if args.input_shapes:
+        (shape,) = args.input_shapes.values()
     zoo.export_onnx(model, dense_path, shape)
+    return spec, dense_path, None
+
+
+def validate_model(spec, args, info, session, work: Path, log):
+    import onnx
+
+    name, dense_path, input_shapes = model_source(spec, args, work)
     dense_onnx = onnx.load(str(dense_path))
+    table_path = work / f"table_{info.family}_{name}.json"
     t0 = time.time()
     table = profile_model(str(dense_path), str(table_path), info, tracker=args.rpc_tracker, key=args.key,
-                          rpc=args.rpc, sparsities=args.sparsities, repeat=args.repeat,
+                          rpc=args.rpc, input_shapes=input_shapes, sparsities=args.sparsities, repeat=args.repeat,
                           min_repeat_ms=args.min_repeat_ms, model_name=name, timeout=args.timeout,
                           quiet=args.quiet, session=session)
-    log(f"{name}: profiled in {time.time() - t0:.0f} s ({len(table.layers)} layer configurations in the table, "
+    profile_s = time.time() - t0
+    log(f"{name}: profiled in {profile_s:.0f} s ({len(table.layers)} layer configurations in the table, "
         f"rest {table.rest_ms[name]:.3f} ms)")
     rewritable = [n for n, _ in table.models[name]["layers"]]
     rng = np.random.default_rng(args.seed)
 
     def build(onnx_path, stem):
-        executable, report = compiler.compile(str(onnx_path), info, latency_table=table)
+        executable, report = compiler.compile(str(onnx_path), info, latency_table=table, input_shapes=input_shapes)
         lib = compiler.export(executable, str(work / f"{stem}.so"), info)
         write_sidecar(lib, report.relax_module, target=info.target)
+        Path(f"{lib}.report.json").write_text(json.dumps(report.to_json(), indent=1))  # read by per-kernel profiles
         return lib, report
 
     def timed(lib):
@@ -104,10 +125,10 @@ def validate_model(name, args, info, session, work: Path, table_path: Path, log)
                         for n in rewritable}
         pruned_path = work / f"{name}_cfg{c}.onnx"
         onnx.save(random_pruned_onnx(dense_onnx, info, sparsity, rng), str(pruned_path))
-        predicted, _ = table.predict(str(pruned_path), target=info.target)
+        predicted, _ = table.predict(str(pruned_path), target=info.target, input_shapes=input_shapes)
         lib, report = build(pruned_path, f"{name}_cfg{c}")
         libs.append(lib)
-        points.append({"model": name, "config": c, "predicted_ms": predicted, "passes": [],
+        points.append({"model": name, "config": c, "profile_s": profile_s, "predicted_ms": predicted, "passes": [],
                        "sparse_layers": len(report.sparse_layers),
                        "mean_sparsity": float(np.mean(list(sparsity.values()))), "sparsity": sparsity})
     # every configuration is timed in --passes passes, minutes apart, in alternating order, and its latency is the
@@ -134,8 +155,8 @@ def validate_model(name, args, info, session, work: Path, table_path: Path, log)
             f"layers: predicted {p['predicted_ms']:.3f} ms, measured "
             + " / ".join(f"{q['median_ms']:.3f}" for q in p["passes"])
             + f" ms ({(p['predicted_ms'] / p['measured_ms'] - 1) * 100:+.1f}%)")
-    for c in range(args.configs):
-        for suffix in (".so", ".so.json", ".onnx"):
+    for c in range(0 if args.keep_builds else args.configs):
+        for suffix in (".so", ".so.json", ".so.report.json", ".onnx"):
             path = work / f"{name}_cfg{c}{suffix}"
             if path.exists():
                 path.unlink()
@@ -172,8 +193,11 @@ def plot(points, path, title):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="resnet18,mobilenet_v2", help="zoo models, comma-separated")
-    ap.add_argument("--input-shape", help="override the zoo's default input shape, e.g. 1x3x112x112")
+    ap.add_argument("--models", default="resnet18,mobilenet_v2",
+                    help="comma-separated: zoo models (resnet18), public models (light_squeezenet, mtcnn_onet) "
+                         "or ONNX files (model.onnx)")
+    ap.add_argument("--input-shapes", help="NAME:1x3x224x224[,...]: an ONNX file's input shapes (for dynamic "
+                                           "dims), or a zoo model's input shape")
     ap.add_argument("--target", default="x86")
     ap.add_argument("--rpc-tracker", help="tracker HOST:PORT (default: start a tracker + x86 server here)")
     ap.add_argument("--key", default="x86-local", help="device key at the tracker (default x86-local)")
@@ -190,15 +214,20 @@ def main(argv=None):
     ap.add_argument("--model-repeat", type=int, default=30, help="end-to-end samples per configuration and pass")
     ap.add_argument("--passes", type=int, default=2,
                     help="time every configuration this many times, minutes apart (measured = median of all samples)")
+    ap.add_argument("--threads", type=int, help="threads of the x86 server this tool starts (TVM_NUM_THREADS; "
+                                                "default: TVM's, one per core)")
     ap.add_argument("--timeout", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work-dir", help="tables, ONNX files and results (default: a temp dir)")
     ap.add_argument("--png", help="predicted-vs-measured plot (e.g. docs/latency_x86.png)")
+    ap.add_argument("--keep-builds", action="store_true",
+                    help="keep each configuration's ONNX file and library (with its compile report) in --work-dir")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     if args.passes < 1 or args.configs < 1:
         ap.error("--passes and --configs must be at least 1")
     args.sparsities = [float(s) for s in args.sparsities.split(",")]
+    args.input_shapes = frontend.parse_input_shapes(args.input_shapes) if args.input_shapes else None
     info = resolve_target(args.target)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="alcs-validate-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -213,6 +242,8 @@ def main(argv=None):
         from alcs_tvm import device
 
         started_state = work / "device-state.json"
+        if args.threads:  # the server inherits this process's environment
+            os.environ["TVM_NUM_THREADS"] = str(args.threads)
         port = device._free_port(9490)
         device.start(tracker_port=port, num_devices=0 if args.key == device.X86_KEY else 1, x86=True,
                      state_path=started_state, verbose=False)
@@ -223,8 +254,7 @@ def main(argv=None):
                                    timeout=args.timeout, session_timeout=0)
         points = []
         for name in args.models.split(","):
-            table_path = work / f"table_{info.family}_{name}.json"
-            points += validate_model(name, args, info, session, work, table_path, log)
+            points += validate_model(name, args, info, session, work, log)
         del session
         alcs_rpc.end_dropped_sessions()  # before the tracker it may have started stops
     finally:
