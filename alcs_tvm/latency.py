@@ -116,6 +116,18 @@ class LayerProfile:
             found[f"winograd{self.winograd_tile}"] = self.winograd_ms
         return found
 
+    def cache_states(self, option: str, sparsity: float) -> tuple:
+        """``(warm_ms, cold_ms)`` measured for one of :meth:`options` (``"sparse"`` at ``sparsity``, ``"dense"``,
+        ``"winograd<m>"``): what the profiler's cache-state calibration mixes."""
+        if option == "sparse":
+            return (float(np.interp(sparsity, self.sparsities, self.warm_ms)),
+                    float(np.interp(sparsity, self.sparsities, self.cold_ms)))
+        if option == "dense":
+            return self.dense_warm_ms, self.dense_cold_ms
+        if option == f"winograd{self.winograd_tile}":
+            return self.winograd_warm_ms, self.winograd_cold_ms
+        raise ValueError(f"layer {self.key} has no measured option {option!r}")
+
     def latency(self, sparsity: float) -> float:
         """What the compiler would run: the fastest of sparse at this sparsity, dense and Winograd."""
         return min(self.options(sparsity).values())

@@ -18,8 +18,8 @@ latencies are ``warm + a * (cold - warm)`` with ``a`` calibrated on whole-model 
 (:func:`calibrate_cold_fraction`).
 
 All functions of one layer are built into one library (one upload per layer). Afterwards the whole model is
-measured with every conv dense; minus the sum of its dense conv layers this gives the "rest of the model"
-(depthwise convs, pooling, adds, linear layers, VM overhead), so a prediction covers the whole model.
+measured unpruned, compiled with the table as the compiler would; minus what its convs run this gives the "rest of
+the model" (depthwise convs, pooling, adds, linear layers, VM overhead), so a prediction covers the whole model.
 
 The table is saved atomically after every layer; rerunning the same command resumes (layers already in the
 table are not measured again).
@@ -45,6 +45,7 @@ from .compiler import ModelLayer, compile_module, export, model_layers
 from .compiler import compile as alcs_compile
 from .files import TableMismatchError, check_same_device
 from .kernels import build_sparse_conv2d, sparse_conv2d_kernel
+from .layer import layer_key
 from .latency import LatencyTable, LayerProfile
 from .pruning import export_pruned, find_prunable_layers
 from .run import run_model, time_model, write_sidecar
@@ -54,7 +55,8 @@ from .timing import measure_interleaved
 from .winograd import WINOGRAD_TILES, winograd_applies, winograd_conv2d, winograd_layout
 
 __all__ = ["profile_model", "Measurer", "DEFAULT_SPARSITIES", "measure_layer", "layer_kernel", "build_kernels",
-           "build_functions", "kernel_inputs", "random_pruned_onnx", "calibrate_cold_fraction", "measure_latency",
+           "build_functions", "kernel_inputs", "random_pruned_onnx", "calibrate_cold_fraction", "layer_options",
+           "measure_latency",
            "measure_latency_table", "Progress", "sample_stats"]
 
 DEFAULT_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -332,24 +334,21 @@ def random_pruned_onnx(onnx_model, vector_width, sparsity_by_name, rng):
 MAX_COLD_FRACTION = 4.0
 
 
-def calibrate_cold_fraction(layers, table, whole_dense_ms, whole_sparse_ms, sparsity, sparse_layers=None):
-    """Solve ``whole = rest + sum(warm + a * (cold - warm))`` at two whole-model points (all convs dense, all at
-    ``sparsity``) for the cold fraction ``a`` and ``rest``; ``a`` is kept in [0, :data:`MAX_COLD_FRACTION`] and
-    where ``rest >= 0``. When the two cache states differ by under 2% of the model, ``a`` is irrelevant and 0.
-    ``sparse_layers``: the layers as the pruned build runs them (their widths may differ; default ``layers``)."""
-    def sums(s):
+def calibrate_cold_fraction(table, dense_run, sparse_run, whole_dense_ms, whole_sparse_ms):
+    """Solve ``whole = rest + sum(warm + a * (cold - warm))`` at two whole-model points (the unpruned model and the
+    model pruned at :data:`CALIBRATION_SPARSITY`) for the cold fraction ``a`` and ``rest``; ``a`` is kept in
+    [0, :data:`MAX_COLD_FRACTION`] and where ``rest >= 0``. When the two cache states differ by under 2% of the
+    model, ``a`` is irrelevant and 0. ``dense_run``, ``sparse_run``: what each build runs per conv, ``(layer key,
+    option, sparsity)`` (:func:`layer_options`), the option one of :meth:`LayerProfile.options`."""
+    def sums(run):
         warm = cold = 0.0
-        for layer in layers if s == 0.0 else (sparse_layers or layers):
-            p = table.layers[layer.key]
-            if s == 0.0:
-                warm, cold = warm + p.dense_warm_ms, cold + p.dense_cold_ms
-            else:
-                warm += float(np.interp(s, p.sparsities, p.warm_ms))
-                cold += float(np.interp(s, p.sparsities, p.cold_ms))
+        for key, option, sparsity in run:
+            w, c = table.layers[key].cache_states(option, sparsity)
+            warm, cold = warm + w, cold + c
         return warm, cold
 
-    w_d, c_d = sums(0.0)
-    w_s, c_s = sums(sparsity)
+    w_d, c_d = sums(dense_run)
+    w_s, c_s = sums(sparse_run)
     denominator = (c_d - w_d) - (c_s - w_s)
     if abs(denominator) < 0.02 * whole_dense_ms:
         fraction = 0.0
@@ -360,6 +359,13 @@ def calibrate_cold_fraction(layers, table, whole_dense_ms, whole_sparse_ms, spar
         upper = min(upper, (whole_dense_ms - w_d) / (c_d - w_d))
     fraction = float(max(0.0, min(upper, fraction)))
     return fraction, whole_dense_ms - w_d - fraction * (c_d - w_d)
+
+
+def layer_options(report) -> list:
+    """``(layer key, option, sparsity)`` per groups=1 conv of a compile report: what the build runs for it, named
+    as :meth:`LayerProfile.options` names it."""
+    return [(layer_key(d.spec, d.vector_width), d.algorithm if d.algorithm.startswith("winograd") else d.decision,
+             1.0 - d.density) for d in report.layers if d.op == "conv2d" and d.spec is not None]
 
 
 # ----------------------------------------------------------------------------------------------- progress
@@ -459,22 +465,22 @@ def profile_model(model, output, target="x86", *, tracker=None, key=None, rpc=No
         measurer.close()
 
 
-def _build_whole(info, mod, sparse):
-    """The whole model compiled as ``alcs compile`` would (every conv sparse, or every conv dense), exported to a
-    temporary directory that lives as long as the returned handle."""
-    # direct kernels only: the convs' dense and sparse entries, the rest and the cache fraction are fitted on them
-    executable, _, _ = compile_module(mod, info, sparse=sparse, winograd="off")
+def _build_whole(info, mod, table):
+    """The whole model compiled as ``alcs compile --latency-table`` compiles it with ``table`` as measured so far
+    (the calibration must see the algorithms, and so the weights and caches, the compiler will use), exported to a
+    temporary directory that lives as long as the returned handle: ``(handle, library, layer_options(report))``."""
+    executable, report, _ = compile_module(mod, info, latency_table=table)
     tmp = tempfile.TemporaryDirectory(prefix="alcs-profile-")
     lib = export(executable, str(Path(tmp.name) / "model.so"), info)
     write_sidecar(lib, mod, target=info.target)
-    return tmp, lib
+    return tmp, lib, layer_options(report)
 
 
 def _time_whole(measurer, builds, repeat, min_repeat_ms) -> list:
     """``(median, spread)`` of each distinct build of :func:`_build_whole` in ``builds``, timed in the order
     given; a build listed twice pools the samples of its runs."""
     samples = {}
-    for _, lib in builds:
+    for _, lib, _ in builds:
         samples.setdefault(lib, []).extend(measurer.time_model(lib, repeat, min_repeat_ms))
     return [sample_stats(found) for found in samples.values()]
 
@@ -519,29 +525,29 @@ def _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities,
     entry = table.models.setdefault(model_name, {})
     entry["layers"] = [[layer.name, layer.key] for layer in layers]
     if calibrate:
-        dense_build = _build_whole(info, mod, sparse=False)
+        dense_build = _build_whole(info, mod, table)
         progress.step(what="whole model, dense")
         fraction = fixed_fraction
         if fraction is None:  # the same model with every conv at the calibration sparsity
-            sparse_build = _build_whole(info, pruned_mod, sparse=True)
+            sparse_build = _build_whole(info, pruned_mod, table)
             # both points timed twice, alternating, samples pooled: they fix the fraction and the rest, so
             # neither may come from one of the host's slow episodes alone
             (whole, spread), (whole_sparse, _) = _time_whole(
                 measurer, [dense_build, sparse_build, dense_build, sparse_build], repeat, min_repeat_ms)
-            fraction, _ = calibrate_cold_fraction(layers, table, whole, whole_sparse, CALIBRATION_SPARSITY,
-                                                  pruned_layers)
+            fraction, _ = calibrate_cold_fraction(table, dense_build[2], sparse_build[2], whole, whole_sparse)
             entry.update({"whole_sparse_ms": whole_sparse, "calibration_sparsity": CALIBRATION_SPARSITY})
         else:
             [(whole, spread)] = _time_whole(measurer, [dense_build], repeat, min_repeat_ms)
         progress.step(what="whole model, sparse" if fixed_fraction is None else "")
         for k in distinct:
             table.layers[k].mix_cache_states(fraction)
-        convs = sum(table.layers[layer.key].dense_ms for layer in layers)
+        convs = sum(table.layers[key].options(sparsity)[option] for key, option, sparsity in dense_build[2])
         # the rest takes no negative time: when the convs timed alone sum to more than the whole model (a busy
         # host, or the cache state fixed by --weights), the fit's value is kept for the record and 0 is used
         rest = max(0.0, whole - convs)
         entry.update({"whole_dense_ms": whole, "whole_dense_spread_ms": spread, "convs_dense_ms": convs,
-                      "rest_ms": rest, "rest_fit_ms": whole - convs, "cold_fraction": fraction})
+                      "rest_ms": rest, "rest_fit_ms": whole - convs, "cold_fraction": fraction,
+                      "dense_run": [list(option) for option in dense_build[2]]})
         table.rest_ms[model_name] = rest
         table.save(output)
         if on_measured:

@@ -2,6 +2,7 @@
 server; one flow check on the emulated ARM64 device), resuming an interrupted profile, prediction on ONNX."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -163,7 +164,7 @@ def onnx_models(tmp_path_factory):
 def test_profile_predict_and_compile_decisions_x86(rpc_devices, onnx_models, tmp_path):
     from alcs_tvm import compiler
     from alcs_tvm.compiler import model_layers
-    from alcs_tvm.profiler import profile_model
+    from alcs_tvm.profiler import layer_options, profile_model
 
     out = tmp_path / "x86.json"
     measured = []
@@ -190,6 +191,12 @@ def test_profile_predict_and_compile_decisions_x86(rpc_devices, onnx_models, tmp
     dense_total = sum(min(loaded.layers[l.key].dense_ms, loaded.layers[l.key].winograd_ms or float("inf"))
                       for l in layers) + loaded.rest_ms["small_cnn"]
     assert total == pytest.approx(dense_total)
+    # the cache-state calibration measured the unpruned model as the table-driven compiler builds it (Winograd
+    # where the table says so), so where the final table picks as that build ran, its prediction is that time
+    entry = loaded.models["small_cnn"]
+    _, unpruned = compiler.compile(onnx_models["small_cnn"], "x86", latency_table=loaded)
+    if [list(o) for o in layer_options(unpruned)] == entry["dense_run"] and entry["rest_fit_ms"] >= 0:
+        assert total == pytest.approx(entry["whole_dense_ms"])
     sparse_total, sparse_breakdown = loaded.predict(onnx_models["small_cnn"], {l.name: 0.9 for l in layers})
     for l in layers:
         assert sparse_breakdown[l.name] == pytest.approx(loaded.layers[l.key].latency(0.9))
@@ -388,26 +395,29 @@ def _two_layer_calibration_case(fraction, rest):
         "b": SimpleNamespace(sparsities=grid, warm_ms=[2.0, 1.0, 0.4, 0.1], cold_ms=[2.2, 1.1, 0.45, 0.12],
                              dense_warm_ms=2.0, dense_cold_ms=2.2),
     }
-    layers = [SimpleNamespace(key="a"), SimpleNamespace(key="b")]
+    for p in profiles.values():
+        p.cache_states = functools.partial(LayerProfile.cache_states, p)
+    # what the two builds run: every conv dense, and every conv sparse at 0.8
+    runs = ([("a", "dense", 0.0), ("b", "dense", 0.0)], [("a", "sparse", 0.8), ("b", "sparse", 0.8)])
 
     def whole(i):
         return rest + sum(p.warm_ms[i] + fraction * (p.cold_ms[i] - p.warm_ms[i]) for p in profiles.values())
 
-    return layers, SimpleNamespace(layers=profiles), whole(0), whole(2)
+    return runs, SimpleNamespace(layers=profiles), whole(0), whole(2)
 
 
 def test_cold_fraction_calibration_exact_then_bounded_by_a_non_negative_rest():
     from alcs_tvm.profiler import calibrate_cold_fraction
 
     # in range: both whole-model points are reproduced exactly, whatever the fraction (3 > the old cap of 2)
-    layers, table, dense, sparse = _two_layer_calibration_case(3.0, 0.5)
-    fraction, rest = calibrate_cold_fraction(layers, table, dense, sparse, 0.8)
+    runs, table, dense, sparse = _two_layer_calibration_case(3.0, 0.5)
+    fraction, rest = calibrate_cold_fraction(table, *runs, dense, sparse)
     assert fraction == pytest.approx(3.0) and rest == pytest.approx(0.5)
     # measurements that would need a negative rest: the fraction stops where the rest is 0
-    layers, table, dense, sparse = _two_layer_calibration_case(3.0, -0.3)
-    fraction, rest = calibrate_cold_fraction(layers, table, dense, sparse, 0.8)
+    runs, table, dense, sparse = _two_layer_calibration_case(3.0, -0.3)
+    fraction, rest = calibrate_cold_fraction(table, *runs, dense, sparse)
     assert rest == pytest.approx(0.0, abs=1e-12) and 0.0 < fraction < 3.0
     # and never above the sanity cap
-    layers, table, dense, sparse = _two_layer_calibration_case(MAX_COLD_FRACTION + 3, 5.0)
-    fraction, rest = calibrate_cold_fraction(layers, table, dense, sparse, 0.8)
+    runs, table, dense, sparse = _two_layer_calibration_case(MAX_COLD_FRACTION + 3, 5.0)
+    fraction, rest = calibrate_cold_fraction(table, *runs, dense, sparse)
     assert fraction == MAX_COLD_FRACTION and rest > 0

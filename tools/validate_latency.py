@@ -87,7 +87,7 @@ def validate_model(spec, args, info, session, work: Path, log):
     table_path = work / f"table_{info.family}_{name}.json"
     t0 = time.time()
     table = profile_model(str(dense_path), str(table_path), info, tracker=args.rpc_tracker, key=args.key,
-                          rpc=args.rpc, input_shapes=input_shapes, sparsities=args.sparsities, repeat=args.repeat,
+                          rpc=args.rpc, local=args.local, input_shapes=input_shapes, sparsities=args.sparsities, repeat=args.repeat,
                           min_repeat_ms=args.min_repeat_ms, model_name=name, timeout=args.timeout,
                           quiet=args.quiet, session=session)
     profile_s = time.time() - t0
@@ -202,6 +202,8 @@ def main(argv=None):
     ap.add_argument("--rpc-tracker", help="tracker HOST:PORT (default: start a tracker + x86 server here)")
     ap.add_argument("--key", default="x86-local", help="device key at the tracker (default x86-local)")
     ap.add_argument("--rpc", help="RPC server HOST:PORT (no tracker)")
+    ap.add_argument("--local", action="store_true",
+                    help="profile and time in this process, as `alcs profile --local` does (no RPC server)")
     ap.add_argument("--configs", type=int, default=20, help="random sparsity configurations per model")
     ap.add_argument("--max-sparsity", type=float, default=0.95)
     ap.add_argument("--draw", choices=["levels", "uniform"], default="uniform",
@@ -214,8 +216,8 @@ def main(argv=None):
     ap.add_argument("--model-repeat", type=int, default=30, help="end-to-end samples per configuration and pass")
     ap.add_argument("--passes", type=int, default=2,
                     help="time every configuration this many times, minutes apart (measured = median of all samples)")
-    ap.add_argument("--threads", type=int, help="threads of the x86 server this tool starts (TVM_NUM_THREADS; "
-                                                "default: TVM's, one per core)")
+    ap.add_argument("--threads", type=int, help="threads TVM runs kernels on, here (--local) or in the server this "
+                                                "tool starts (TVM_NUM_THREADS; default: TVM's, one per core)")
     ap.add_argument("--timeout", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work-dir", help="tables, ONNX files and results (default: a temp dir)")
@@ -238,20 +240,20 @@ def main(argv=None):
     started_state = None
     # SIGTERM (timeout, kill) would skip the finally below and leave the tracker and server running
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    if not args.rpc_tracker and not args.rpc:
+    if args.threads:  # TVM's pool, here (--local) or in the server this tool starts, reads it when it starts
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    if not args.rpc_tracker and not args.rpc and not args.local:
         from alcs_tvm import device
 
         started_state = work / "device-state.json"
-        if args.threads:  # the server inherits this process's environment
-            os.environ["TVM_NUM_THREADS"] = str(args.threads)
         port = device._free_port(9490)
         device.start(tracker_port=port, num_devices=0 if args.key == device.X86_KEY else 1, x86=True,
                      state_path=started_state, verbose=False)
         args.rpc_tracker = f"127.0.0.1:{port}"
         log(f"started tracker 127.0.0.1:{port} with {args.key}")
     try:
-        session = alcs_rpc.connect(tracker=args.rpc_tracker, key=args.key, rpc=args.rpc,
-                                   timeout=args.timeout, session_timeout=0)
+        session = None if args.local else alcs_rpc.connect(tracker=args.rpc_tracker, key=args.key, rpc=args.rpc,
+                                                           timeout=args.timeout, session_timeout=0)
         points = []
         for name in args.models.split(","):
             points += validate_model(name, args, info, session, work, log)
@@ -262,7 +264,7 @@ def main(argv=None):
             from alcs_tvm import device
 
             device.stop(state_path=started_state, verbose=False)
-    summary = {"target": info.family, "device_key": args.key, "settings": {k: v for k, v in vars(args).items()},
+    summary = {"target": info.family, "device_key": "local" if args.local else args.key, "settings": {k: v for k, v in vars(args).items()},
                "overall": metrics([p["predicted_ms"] for p in points], [p["measured_ms"] for p in points]),
                "per_model": {}, "points": points}
     for name in dict.fromkeys(p["model"] for p in points):
