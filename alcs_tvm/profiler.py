@@ -60,8 +60,9 @@ __all__ = ["profile_model", "Measurer", "DEFAULT_SPARSITIES", "measure_layer", "
            "measure_latency_table", "Progress", "sample_stats"]
 
 DEFAULT_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-#: every conv of the model at this sparsity: the second whole-model point of the cache-state calibration
-CALIBRATION_SPARSITY = 0.8
+#: the whole model with every conv at each of these sparsities (random SIMD masks), and unpruned: the points the
+#: cache-state calibration fits
+CALIBRATION_SPARSITIES = (0.5, 0.8, 0.95)
 
 
 # ----------------------------------------------------------------------------------------------- measuring
@@ -334,31 +335,42 @@ def random_pruned_onnx(onnx_model, vector_width, sparsity_by_name, rng):
 MAX_COLD_FRACTION = 4.0
 
 
-def calibrate_cold_fraction(table, dense_run, sparse_run, whole_dense_ms, whole_sparse_ms):
-    """Solve ``whole = rest + sum(warm + a * (cold - warm))`` at two whole-model points (the unpruned model and the
-    model pruned at :data:`CALIBRATION_SPARSITY`) for the cold fraction ``a`` and ``rest``; ``a`` is kept in
-    [0, :data:`MAX_COLD_FRACTION`] and where ``rest >= 0``. When the two cache states differ by under 2% of the
-    model, ``a`` is irrelevant and 0. ``dense_run``, ``sparse_run``: what each build runs per conv, ``(layer key,
-    option, sparsity)`` (:func:`layer_options`), the option one of :meth:`LayerProfile.options`."""
-    def sums(run):
-        warm = cold = 0.0
-        for key, option, sparsity in run:
-            w, c = table.layers[key].cache_states(option, sparsity)
-            warm, cold = warm + w, cold + c
-        return warm, cold
+def calibrate_cold_fraction(table, runs, wholes_ms):
+    """Fit ``whole = rest + sum(warm + a * (cold - warm))`` over whole-model measurements (the unpruned model and
+    copies pruned at :data:`CALIBRATION_SPARSITIES`) for the cold fraction ``a`` and ``rest``: least squares in
+    relative error, ``a`` in [0, :data:`MAX_COLD_FRACTION`] and ``rest >= 0``. When the cache states differ by
+    under 2% of the model across the points, ``a`` is irrelevant and 0. ``runs``: what each build runs per conv,
+    ``(layer key, option, sparsity)`` (:func:`layer_options`), the option one of :meth:`LayerProfile.options`;
+    ``wholes_ms``: each build's measured time. Returns ``(a, rest)``."""
+    warm, gap = [], []
+    for run in runs:
+        states = [table.layers[key].cache_states(option, sparsity) for key, option, sparsity in run]
+        warm.append(sum(w for w, _ in states))
+        gap.append(sum(c - w for w, c in states))
+    y, warm, gap = (np.asarray(v, float) for v in (wholes_ms, warm, gap))
+    weight = 1.0 / y  # relative errors: a small pruned model's point counts as much as the dense one
 
-    w_d, c_d = sums(dense_run)
-    w_s, c_s = sums(sparse_run)
-    denominator = (c_d - w_d) - (c_s - w_s)
-    if abs(denominator) < 0.02 * whole_dense_ms:
-        fraction = 0.0
+    def fit_rest(a):  # the weighted least-squares rest for a given fraction
+        return float(np.sum(weight ** 2 * (y - warm - a * gap)) / np.sum(weight ** 2))
+
+    def objective(a, rest):
+        return float(np.sum((weight * (y - rest - warm - a * gap)) ** 2))
+
+    if np.ptp(gap) < 0.02 * y.max():
+        candidates = [(0.0, fit_rest(0.0))]
     else:
-        fraction = ((whole_dense_ms - whole_sparse_ms) - (w_d - w_s)) / denominator
-    upper = MAX_COLD_FRACTION
-    if c_d > w_d:  # the fraction at which the dense model's convs alone would take all of its measured time
-        upper = min(upper, (whole_dense_ms - w_d) / (c_d - w_d))
-    fraction = float(max(0.0, min(upper, fraction)))
-    return fraction, whole_dense_ms - w_d - fraction * (c_d - w_d)
+        design = np.stack([np.ones_like(y), gap], axis=1) * weight[:, None]
+        rest, a = np.linalg.lstsq(design, weight * (y - warm), rcond=None)[0]
+        candidates = [(float(a), float(rest))]
+        for bound in (0.0, MAX_COLD_FRACTION):  # a at a bound, the rest refitted
+            candidates.append((bound, fit_rest(bound)))
+        # rest at 0: the fraction alone, through the origin
+        through = float(np.sum(weight ** 2 * gap * (y - warm)) / np.sum(weight ** 2 * gap ** 2))
+        candidates.append((min(MAX_COLD_FRACTION, max(0.0, through)), 0.0))
+    feasible = [(a, r) for a, r in candidates if 0.0 <= a <= MAX_COLD_FRACTION and r >= 0.0]
+    if not feasible:  # the convs alone take longer than the measured models even warm: a busy host
+        return 0.0, fit_rest(0.0)
+    return min(feasible, key=lambda ar: objective(*ar))
 
 
 def layer_options(report) -> list:
@@ -437,7 +449,7 @@ def profile_model(model, output, target="x86", *, tracker=None, key=None, rpc=No
 
     Every point is timed with the layer's weights in cache and flushed from it. ``cold_weights``: which one the
     table uses - ``None`` (default): the mix calibrated on two whole-model measurements (every conv dense, and
-    every conv at :data:`CALIBRATION_SPARSITY`), see :func:`calibrate_cold_fraction`; ``True``: cold; ``False``:
+    every conv at each of :data:`CALIBRATION_SPARSITIES`), see :func:`calibrate_cold_fraction`; ``True``: cold; ``False``:
     warm. Returns the table."""
     sparsities = [float(s) for s in sparsities]
     if not sparsities or sorted(set(sparsities)) != sparsities:
@@ -488,14 +500,18 @@ def _time_whole(measurer, builds, repeat, min_repeat_ms) -> list:
 def _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities, repeat, min_repeat_ms, max_masks,
              spread_threshold, model_name, measure_rest, quiet, on_measured, seed, cold_weights, input_shapes=None):
     fixed_fraction = None if cold_weights is None else float(bool(cold_weights))
-    # the model pruned (random SIMD masks at CALIBRATION_SPARSITY): the cache-state calibration's second point, and
+    # the model pruned (random SIMD masks at each CALIBRATION_SPARSITIES): the cache-state calibration's points, and
     # the layers as the compiler runs them once pruned. A layer whose dense weight runs wider than its pruning
     # groups (a 1000-class conv classifier: 32 lanes with a partial last block, pruned 16 wide) is measured at
     # both widths, so a prediction finds whichever width the compiler picks for a weight.
-    pruned = random_pruned_onnx(onnx_model, info, {layer.name: CALIBRATION_SPARSITY for layer in layers},
-                                np.random.default_rng(seed))
-    # the copy has the model's declared inputs: a dynamic dim needs the shapes the model was imported with
-    pruned_layers, _, _, pruned_mod = model_layers(pruned, info, input_shapes=input_shapes, return_module=True)
+    rng = np.random.default_rng(seed)
+    pruned_mods, pruned_layers = [], []
+    for sparsity in CALIBRATION_SPARSITIES:
+        pruned = random_pruned_onnx(onnx_model, info, {layer.name: sparsity for layer in layers}, rng)
+        # the copy has the model's declared inputs: a dynamic dim needs the shapes the model was imported with
+        found, _, _, pruned_mod = model_layers(pruned, info, input_shapes=input_shapes, return_module=True)
+        pruned_mods.append(pruned_mod)
+        pruned_layers += found
     first = {}
     for layer in layers + pruned_layers:
         first.setdefault(layer.key, layer)
@@ -506,7 +522,8 @@ def _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities,
     rest_done = "rest_ms" in previous and [k for _, k in previous.get("layers", [])] == [l.key for l in layers]
     skipped = sum(k in table.layers for k in distinct)
     calibrate = measure_rest and not rest_done
-    todo = len(distinct) - skipped + (2 if calibrate else 0)
+    todo = len(distinct) - skipped + (1 + (len(CALIBRATION_SPARSITIES) if fixed_fraction is None else 0)
+                                      if calibrate else 0)
     progress = Progress(todo, label="to measure", quiet=quiet)
     progress.show(f"(resumed: {skipped} layers already in the table)" if skipped else "")
     # a layer measured after the calibration (a table resumed with the model's rest done) mixes its cache states
@@ -526,27 +543,32 @@ def _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities,
     entry["layers"] = [[layer.name, layer.key] for layer in layers]
     if calibrate:
         dense_build = _build_whole(info, mod, table)
-        progress.step(what="whole model, dense")
+        progress.step(what="whole model, unpruned")
         fraction = fixed_fraction
-        if fraction is None:  # the same model with every conv at the calibration sparsity
-            sparse_build = _build_whole(info, pruned_mod, table)
-            # both points timed twice, alternating, samples pooled: they fix the fraction and the rest, so
-            # neither may come from one of the host's slow episodes alone
-            (whole, spread), (whole_sparse, _) = _time_whole(
-                measurer, [dense_build, sparse_build, dense_build, sparse_build], repeat, min_repeat_ms)
-            fraction, _ = calibrate_cold_fraction(table, dense_build[2], sparse_build[2], whole, whole_sparse)
-            entry.update({"whole_sparse_ms": whole_sparse, "calibration_sparsity": CALIBRATION_SPARSITY})
+        if fraction is None:  # and the copies pruned at the calibration sparsities
+            builds = [dense_build]
+            for sparsity, pruned_mod in zip(CALIBRATION_SPARSITIES, pruned_mods):
+                builds.append(_build_whole(info, pruned_mod, table))
+                progress.step(what=f"whole model, {sparsity:.0%} sparse")
+            # every point timed twice, alternating, samples pooled: no point may come from one of the host's slow
+            # episodes alone
+            timed = _time_whole(measurer, builds + builds, repeat, min_repeat_ms)
+            (whole, spread) = timed[0]
+            fraction, rest_fit = calibrate_cold_fraction(table, [b[2] for b in builds], [t[0] for t in timed])
+            entry["calibration"] = [{"sparsity": s, "whole_ms": t[0]}
+                                    for s, t in zip((0.0,) + CALIBRATION_SPARSITIES, timed)]
         else:
             [(whole, spread)] = _time_whole(measurer, [dense_build], repeat, min_repeat_ms)
-        progress.step(what="whole model, sparse" if fixed_fraction is None else "")
         for k in distinct:
             table.layers[k].mix_cache_states(fraction)
         convs = sum(table.layers[key].options(sparsity)[option] for key, option, sparsity in dense_build[2])
+        if fixed_fraction is not None:
+            rest_fit = whole - convs
         # the rest takes no negative time: when the convs timed alone sum to more than the whole model (a busy
         # host, or the cache state fixed by --weights), the fit's value is kept for the record and 0 is used
-        rest = max(0.0, whole - convs)
+        rest = max(0.0, rest_fit)
         entry.update({"whole_dense_ms": whole, "whole_dense_spread_ms": spread, "convs_dense_ms": convs,
-                      "rest_ms": rest, "rest_fit_ms": whole - convs, "cold_fraction": fraction,
+                      "rest_ms": rest, "rest_fit_ms": rest_fit, "cold_fraction": fraction,
                       "dense_run": [list(option) for option in dense_build[2]]})
         table.rest_ms[model_name] = rest
         table.save(output)

@@ -194,9 +194,10 @@ def test_profile_predict_and_compile_decisions_x86(rpc_devices, onnx_models, tmp
     # the cache-state calibration measured the unpruned model as the table-driven compiler builds it (Winograd
     # where the table says so), so where the final table picks as that build ran, its prediction is that time
     entry = loaded.models["small_cnn"]
+    assert [c["sparsity"] for c in entry["calibration"]] == [0.0, 0.5, 0.8, 0.95]
     _, unpruned = compiler.compile(onnx_models["small_cnn"], "x86", latency_table=loaded)
-    if [list(o) for o in layer_options(unpruned)] == entry["dense_run"] and entry["rest_fit_ms"] >= 0:
-        assert total == pytest.approx(entry["whole_dense_ms"])
+    if [list(o) for o in layer_options(unpruned)] == entry["dense_run"]:
+        assert total == pytest.approx(entry["convs_dense_ms"] + entry["rest_ms"])
     sparse_total, sparse_breakdown = loaded.predict(onnx_models["small_cnn"], {l.name: 0.9 for l in layers})
     for l in layers:
         assert sparse_breakdown[l.name] == pytest.approx(loaded.layers[l.key].latency(0.9))
@@ -385,7 +386,8 @@ def test_table_knows_its_group_widths():
 
 
 def _two_layer_calibration_case(fraction, rest):
-    """Two layers' warm/cold curves and the whole-model times they give at ``fraction`` and ``rest``."""
+    """Two layers' warm/cold curves, what four builds run (unpruned, every conv at 0.5, 0.8 and 0.95) and the
+    whole-model times they give at ``fraction`` and ``rest``."""
     from types import SimpleNamespace
 
     grid = [0.0, 0.5, 0.8, 0.95]
@@ -397,27 +399,34 @@ def _two_layer_calibration_case(fraction, rest):
     }
     for p in profiles.values():
         p.cache_states = functools.partial(LayerProfile.cache_states, p)
-    # what the two builds run: every conv dense, and every conv sparse at 0.8
-    runs = ([("a", "dense", 0.0), ("b", "dense", 0.0)], [("a", "sparse", 0.8), ("b", "sparse", 0.8)])
+    runs = [[("a", "dense", 0.0), ("b", "dense", 0.0)]] + [[("a", "sparse", s), ("b", "sparse", s)] for s in grid[1:]]
 
     def whole(i):
         return rest + sum(p.warm_ms[i] + fraction * (p.cold_ms[i] - p.warm_ms[i]) for p in profiles.values())
 
-    return runs, SimpleNamespace(layers=profiles), whole(0), whole(2)
+    return SimpleNamespace(layers=profiles), runs, [whole(i) for i in range(len(grid))]
 
 
-def test_cold_fraction_calibration_exact_then_bounded_by_a_non_negative_rest():
+def test_cold_fraction_calibration_fits_the_points_then_bounded_by_a_non_negative_rest():
     from alcs_tvm.profiler import calibrate_cold_fraction
 
-    # in range: both whole-model points are reproduced exactly, whatever the fraction (3 > the old cap of 2)
-    runs, table, dense, sparse = _two_layer_calibration_case(3.0, 0.5)
-    fraction, rest = calibrate_cold_fraction(table, *runs, dense, sparse)
+    # consistent points are reproduced exactly, whatever the fraction (3 > the old cap of 2)
+    table, runs, wholes = _two_layer_calibration_case(3.0, 0.5)
+    fraction, rest = calibrate_cold_fraction(table, runs, wholes)
     assert fraction == pytest.approx(3.0) and rest == pytest.approx(0.5)
-    # measurements that would need a negative rest: the fraction stops where the rest is 0
-    runs, table, dense, sparse = _two_layer_calibration_case(3.0, -0.3)
-    fraction, rest = calibrate_cold_fraction(table, *runs, dense, sparse)
-    assert rest == pytest.approx(0.0, abs=1e-12) and 0.0 < fraction < 3.0
+    # one point off by 10 %: a least-squares fit moves less than the exact fit through that point and the unpruned
+    # one, which is what calibrating on two points did
+    table, runs, wholes = _two_layer_calibration_case(1.0, 0.5)
+    noisy = list(wholes)
+    noisy[2] *= 1.1
+    fraction, rest = calibrate_cold_fraction(table, runs, noisy)
+    two_point, _ = calibrate_cold_fraction(table, runs[:1] + runs[2:3], noisy[:1] + noisy[2:3])
+    assert abs(fraction - 1.0) < abs(two_point - 1.0)
+    # measurements that would need a negative rest: the rest is 0 and the fraction fits alone
+    table, runs, wholes = _two_layer_calibration_case(3.0, -0.05)
+    fraction, rest = calibrate_cold_fraction(table, runs, wholes)
+    assert rest == 0.0 and 0.0 < fraction < 3.0
     # and never above the sanity cap
-    runs, table, dense, sparse = _two_layer_calibration_case(MAX_COLD_FRACTION + 3, 5.0)
-    fraction, rest = calibrate_cold_fraction(table, *runs, dense, sparse)
+    table, runs, wholes = _two_layer_calibration_case(MAX_COLD_FRACTION + 3, 5.0)
+    fraction, rest = calibrate_cold_fraction(table, runs, wholes)
     assert fraction == MAX_COLD_FRACTION and rest > 0
