@@ -45,7 +45,7 @@ from .winograd import winograd_applies
 
 __all__ = ["TransferPoint", "TransferFit", "source_profile", "source_cold_fraction", "select_points",
            "measure_points", "fit_transfer", "transfer_table", "measured_from_table", "compare_tables",
-           "FEATURE_SETS", "ALPHAS"]
+           "FEATURE_SETS", "ALPHAS", "DEFAULT_FEATURE_SETS", "DEFAULT_ALPHA"]
 
 
 # ----------------------------------------------------------------------------------------------- matching
@@ -111,10 +111,45 @@ def _golden_ranks(k: int) -> list:
     return ranks
 
 
-def select_points(source: LatencyTable, layers, n: int = 10, *, sparsities=None) -> list:
+def _layer_descriptors(src: LayerProfile) -> list:
+    """Where a layer sits among others for the point selection: its source latency and what makes two devices'
+    ratios differ (shape, the source's width and lane use, arithmetic intensity)."""
+    spec = src.spec
+    c = _columns(src, 1.0, _dense_ms(src))
+    return [c["log_src"], math.log2(spec.in_channels), math.log2(spec.out_channels), c["log2_pixels"],
+            spec.kernel[0] * spec.kernel[1] / 9.0, c["log2_v_src"], c["lanes_src"], c["log2_intensity"]]
+
+
+def _spread(distinct, k: int, by: str) -> list:
+    """Indices of ``k`` of ``distinct`` (sorted by source dense latency): ``"latency"``: evenly spaced ranks;
+    ``"features"``: the fastest and the slowest, then farthest-point sampling on the standardised descriptors
+    (each next layer the one farthest from those chosen; ties to the faster)."""
+    count = len(distinct)
+    if k >= count:
+        return list(range(count))
+    if by == "latency":
+        return sorted({int(round(x)) for x in np.linspace(0, count - 1, k)}) if k > 1 else [count // 2]
+    if by != "features":
+        raise ValueError(f"spread must be 'features' or 'latency', got {by!r}")
+    x = np.asarray([_layer_descriptors(p) for _, p in distinct], float)
+    scale = x.std(axis=0)
+    scale[scale < 1e-9] = 1.0
+    x = (x - x.mean(axis=0)) / scale
+    chosen = [0, count - 1][:k] if k > 1 else [count // 2]
+    while len(chosen) < k:
+        distance = np.min(np.linalg.norm(x[:, None, :] - x[None, chosen, :], axis=2), axis=1)
+        distance[chosen] = -1.0
+        chosen.append(int(np.argmax(distance)))
+    return sorted(chosen)
+
+
+def select_points(source: LatencyTable, layers, n: int = 10, *, sparsities=None, spread: str = "features") -> list:
     """At most ``n`` (layer, sparsity) points of the new device's ``layers`` (``compiler.model_layers`` for it)
-    to measure, spread over the source table: distinct layers (identical convs once) at evenly spaced ranks of
-    their source dense latency (the fastest and the slowest included), each at a sparsity of the source grid
+    to measure, spread over the source table: distinct layers (identical convs once), the fastest and the
+    slowest by source dense latency and then, ``spread="features"``, each next the layer farthest from those
+    chosen in (latency, channels, pixels, kernel, the source's width and lane use, arithmetic intensity) -
+    the layers whose two devices' ratio differs most from the others' are the ones to measure; or
+    ``spread="latency"``: evenly spaced ranks of source latency. Each gets a sparsity of the source grid
     (``sparsities``, default its non-zero points) assigned by a golden-ratio permutation, so that sparsity is
     spread over the grid and not tied to the layer's latency. With more points than layers, layers get a second
     sparsity, and so on. Deterministic: the same table and layers give the same points. Layers the source
@@ -144,7 +179,7 @@ def select_points(source: LatencyTable, layers, n: int = 10, *, sparsities=None)
     while len(chosen) < n and rounds < len(grid):
         left = n - len(chosen)
         k = min(left, len(distinct))
-        at = sorted({int(round(x)) for x in np.linspace(0, len(distinct) - 1, k)}) if k > 1 else [len(distinct) // 2]
+        at = _spread(distinct, k, spread)
         ranks = _golden_ranks(len(at))
         for j, i in enumerate(at):
             layer, profile = distinct[i]
@@ -210,9 +245,15 @@ FEATURE_SETS = {
     "work": ("log_src", "density", "log2_v_src", "log2_flops_density", "log2_input_bytes", "log2_pixels"),
     "share": ("overhead_share",),
     "share+density": ("overhead_share", "density", "log_src"),
+    "layer": ("log_src", "density", "lanes_src", "log2_intensity"),
+    "layer+share": ("log_src", "density", "lanes_src", "log2_intensity", "overhead_share"),
 }
-#: ridge penalties tried (on standardised features)
+#: ridge penalties tried by ``choose="holdout"`` (on standardised features)
 ALPHAS = (0.1, 1.0, 10.0)
+#: the fit used unless told otherwise, and its fallbacks with fewer measured layers (docs/latency_transfer.md: the
+#: best of the sets on both validation models, ahead of choosing a set per run by its held-out error)
+DEFAULT_FEATURE_SETS = ("layer", "density", "affine", "ratio")
+DEFAULT_ALPHA = 1.0
 
 _QUANTITIES = {"ms": ("sparse_ms", "dense_ms", "winograd_ms"),
                "warm": ("warm_ms", "dense_warm_ms", "winograd_warm_ms"),
@@ -237,9 +278,16 @@ def _split(src: LayerProfile, quantity: str) -> tuple:
 def _columns(src: LayerProfile, density: float, src_ms: float, quantity: str = "ms") -> dict:
     f = features(src.spec, src.vector_width, density)
     overhead, work = _split(src, quantity)
-    return {"log_src": math.log(src_ms), "density": density, "log2_v_src": math.log2(src.vector_width),
+    spec, v = src.spec, src.vector_width
+    moved = 4 * (spec.in_channels * spec.height * spec.width + spec.out_channels * spec.out_height * spec.out_width +
+                 density * math.prod(spec.weight_shape))
+    return {"log_src": math.log(src_ms), "density": density, "log2_v_src": math.log2(v),
             "log2_pixels": f[2], "log2_flops_density": f[10], "log2_input_bytes": f[12],
-            "overhead_share": overhead / (overhead + work * density)}
+            "overhead_share": overhead / (overhead + work * density),
+            # the source's lanes that compute (a partial last block wastes the rest: 24 channels in 16-wide blocks)
+            "lanes_src": spec.out_channels / (v * -(-spec.out_channels // v)),
+            # FLOPs per byte moved: memory-bound layers gain less from wider vectors than compute-bound ones
+            "log2_intensity": math.log2(max(1.0, spec.dense_flops * density) / moved)}
 
 
 def _values(profile: LayerProfile, quantity: str):
@@ -324,13 +372,19 @@ def _training_rows(source: LatencyTable, measured: dict, quantity: str):
     return rows, winograd
 
 
-def fit_transfer(source: LatencyTable, measured: dict, *, quantity: str = "ms", feature_sets=None,
-                 alphas=ALPHAS) -> TransferFit:
+def fit_transfer(source: LatencyTable, measured: dict, *, quantity: str = "ms", feature_sets=DEFAULT_FEATURE_SETS,
+                 alphas=(DEFAULT_ALPHA,), choose: str = "first") -> TransferFit:
     """Fit the map from the source's latencies to the new device's on the ``measured`` profiles (from
-    :func:`measure_points`). Every feature set of ``feature_sets`` (names of :data:`FEATURE_SETS`, default all)
-    with every ridge penalty of ``alphas`` is scored by leave-one-layer-out MAPE on the measured points; the
-    best is refitted on all of them. A set with more columns than the measured layers minus one is not tried.
-    ``quantity``: ``"ms"`` (the tables' latencies), ``"warm"`` or ``"cold"`` (the raw cache states)."""
+    :func:`measure_points`). ``feature_sets``: names of :data:`FEATURE_SETS` in order of preference (None: all);
+    a set needs two measured layers per column plus one to hold out, else it is not tried. ``choose="first"``:
+    the first set that can be fitted, with ``alphas[0]`` (the default: ``layer``, falling back to fewer columns
+    with fewer measured layers); ``"holdout"``: every set with every penalty of ``alphas``, the lowest
+    leave-one-layer-out MAPE on the measured points (with 10 points that choice is itself noisy: it did worse
+    than a fixed set in the validation, docs/latency_transfer.md). The fit keeps the held-out error of the set
+    it used (and of every candidate tried). ``quantity``: ``"ms"`` (the tables' latencies), ``"warm"`` or
+    ``"cold"`` (the raw cache states)."""
+    if choose not in ("first", "holdout"):
+        raise ValueError(f"choose must be 'first' or 'holdout', got {choose!r}")
     rows, winograd = _training_rows(source, measured, quantity)
     if not rows:
         raise ValueError("no measured point has a source latency at the same conv shape: nothing to fit")
@@ -341,13 +395,14 @@ def fit_transfer(source: LatencyTable, measured: dict, *, quantity: str = "ms", 
              for name in names}
     r = np.asarray([math.log(new) - math.log(src) for *_, src, new in rows])
     layers = sorted(set(groups.tolist()))
+    # at least two layers per column beyond the intercept, and one layer to hold out
+    feasible = [name for name in names if len(layers) >= 2 and table[name].shape[1] <= len(layers) - 2]
+    if choose == "first":
+        feasible = feasible[:1]
     scores = {}
-    for name in names:
+    for name in feasible:
         x = table[name]
-        # at least two layers per column beyond the intercept, and one layer to hold out
-        if len(layers) < 2 or x.shape[1] > len(layers) - 2:
-            continue
-        for alpha in (alphas if x.shape[1] else (0.0,)):
+        for alpha in ((alphas[0],) if choose == "first" else alphas) if x.shape[1] else (0.0,):
             errors = []
             for g in layers:
                 train, test = groups != g, groups == g
@@ -359,7 +414,8 @@ def fit_transfer(source: LatencyTable, measured: dict, *, quantity: str = "ms", 
         (name, alpha), (mape, worst) = min(scores.items(), key=lambda kv: (kv[1][0], names.index(kv[0][0]),
                                                                            -kv[0][1]))
     else:  # one measured layer: nothing to hold out, one factor
-        name, alpha, mape, worst = names[0], 0.0, float("nan"), float("nan")
+        name, alpha, mape, worst = "ratio", 0.0, float("nan"), float("nan")
+        table[name] = np.zeros((len(rows), 0))
     intercept, coef, mean, scale = _ridge(table[name], r, alpha)
     fit = TransferFit(name, FEATURE_SETS[name], float(alpha), intercept, [float(c) for c in coef],
                       [float(m) for m in mean], [float(s) for s in scale],
@@ -519,12 +575,21 @@ def _source_rest(source, layers, index):
 
 
 # ----------------------------------------------------------------------------------------------- checking
-def compare_tables(predicted: LatencyTable, reference: LatencyTable, *, exclude_measured: bool = False) -> dict:
+def compare_tables(predicted: LatencyTable, reference: LatencyTable, *, exclude_measured: bool = False,
+                   cold_fraction: float | None = None) -> dict:
     """Per-point error of ``predicted`` against a fully measured ``reference`` of the same device: every grid
     point of every layer both have (sparse, s > 0), the dense entries, the Winograd ones, and the raw warm and
     cold ones where both have them. Returns ``{kind: {"n", "mape_pct", "max_err_pct", "mean_err_pct",
-    "worst"}}`` for kinds ``sparse``, ``dense``, ``all`` (sparse + dense), ``winograd``, ``warm``, ``cold``.
-    ``exclude_measured``: leave out the layers ``predicted`` measured on the device (``settings["transfer"]``)."""
+    "worst"}}`` for kinds ``sparse``, ``dense``, ``all`` (sparse + dense), ``winograd``, ``warm``, ``cold``, and
+    ``"by_sparsity"``: ``{sparsity: MAPE %}`` of ``all`` at each grid point (0: dense).
+    ``exclude_measured``: leave out the layers ``predicted`` measured on the device (``settings["transfer"]``).
+    ``cold_fraction``: compare against the reference's raw warm and cold times mixed with this fraction instead of
+    its own calibrated one (the prediction's fraction is the source's: this separates the transfer's error from
+    the two calibrations' difference)."""
+    if cold_fraction is not None:
+        reference = LatencyTable.from_json(json.loads(json.dumps(reference.to_json())))
+        for profile in reference.layers.values():
+            profile.mix_cache_states(cold_fraction)
     skip = set(predicted.settings.get("transfer", {}).get("measured", {})) if exclude_measured else set()
     errors = {kind: [] for kind in ("sparse", "dense", "winograd", "warm", "cold")}
     for key, ref in reference.layers.items():
@@ -544,7 +609,8 @@ def compare_tables(predicted: LatencyTable, reference: LatencyTable, *, exclude_
                 errors[kind] += [(float(np.interp(s, pred.sparsities, pred_ms)) / ms - 1.0, key, s)
                                  for s, ms in zip(ref.sparsities, ref_ms)]
     errors["all"] = errors["sparse"] + errors["dense"]
-    out = {}
+    out = {"by_sparsity": {f"{s:g}": float(np.mean([abs(e) for e, _, t in errors["all"] if t == s]) * 100)
+                           for s in sorted({t for _, _, t in errors["all"]})}}
     for kind, found in errors.items():
         if not found:
             continue

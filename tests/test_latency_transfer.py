@@ -105,16 +105,19 @@ def test_fit_recovers_a_known_transform_for_every_layer_and_grid_point():
     source, layers = _source_table(), _new_layers()
     points = lt.select_points(source, layers, 10)
     measured = _measured(source, points, _transform)
-    fit = lt.fit_transfer(source, measured)
-    assert fit.holdout["layers"] == 10 and fit.holdout["points"] == 20
-    assert fit.holdout["mape_pct"] < 1.0 and "density" in fit.columns, fit.to_json()
-    table = lt.transfer_table(source, layers, NEW, measured, fit, use_measurements=False)
-    for layer in layers:
-        src = lt.source_profile(source, layer.spec)
-        p = table.profile_for(layer.spec, layer.vector_width)
-        for s, ms in zip(p.sparsities, p.sparse_ms):
-            assert ms == pytest.approx(_transform(src.sparse_latency(s), layer.spec, 1.0 - s), rel=0.01), (layer, s)
-        assert p.dense_ms == pytest.approx(_transform(src.dense_ms, layer.spec, 1.0), rel=0.01)
+    # the feature set that holds the transform, (almost) no shrinkage: recovered to rounding
+    exact = lt.fit_transfer(source, measured, feature_sets=["density"], alphas=[1e-9])
+    assert exact.holdout["layers"] == 10 and exact.holdout["points"] == 20 and exact.holdout["mape_pct"] < 1e-4
+    # the default (more columns, ridge-shrunk) within 3 %
+    for fit, tolerance in ((exact, 1e-6), (lt.fit_transfer(source, measured), 0.03)):
+        table = lt.transfer_table(source, layers, NEW, measured, fit, use_measurements=False)
+        for layer in layers:
+            src = lt.source_profile(source, layer.spec)
+            p = table.profile_for(layer.spec, layer.vector_width)
+            for s, ms in zip(p.sparsities, p.sparse_ms):
+                assert ms == pytest.approx(_transform(src.sparse_latency(s), layer.spec, 1.0 - s), rel=tolerance), \
+                    (fit.name, layer.spec, s)
+            assert p.dense_ms == pytest.approx(_transform(src.dense_ms, layer.spec, 1.0), rel=tolerance)
     # one factor: recovered exactly, whichever feature set the held-out error picked
     measured = _measured(source, points, lambda ms, spec, d: 2.5 * ms)
     table = lt.transfer_table(source, layers, NEW, measured, lt.fit_transfer(source, measured),
@@ -146,8 +149,13 @@ def test_a_wrong_feature_set_loses_on_held_out_layers():
     density effect strong, the one-factor model is not chosen and scores worse."""
     source, layers = _source_table(), _new_layers()
     measured = _measured(source, lt.select_points(source, layers, 10), lambda ms, spec, d: ms * math.exp(1.0 * d))
-    fit = lt.fit_transfer(source, measured)
+    fit = lt.fit_transfer(source, measured, feature_sets=None, alphas=lt.ALPHAS, choose="holdout")
     assert fit.name != "ratio" and fit.candidates["ratio/0"] > 5 * fit.holdout["mape_pct"]
+    # with fewer measured layers than its columns need, the default falls back to a smaller set
+    few = lt.fit_transfer(source, _measured(source, lt.select_points(source, layers, 3), _transform))
+    assert few.name == "affine" and few.holdout["layers"] == 3  # one column: 3 layers allow it
+    one = lt.fit_transfer(source, _measured(source, lt.select_points(source, layers, 1), _transform))
+    assert one.name == "ratio" and math.isnan(one.holdout["mape_pct"])
 
 
 # ----------------------------------------------------------------------------------------------- the table

@@ -63,6 +63,8 @@ def print_comparison(found: dict, title: str, log):
             w = m["worst"]
             log(f"  {kind:10s} {m['n']:4d} {m['layers']:6d} {m['mape_pct']:7.2f} {m['max_err_pct']:7.2f} "
                 f"{m['mean_err_pct']:+7.2f}  {w['layer']} s={w['sparsity']:g} {w['err_pct']:+.1f}%")
+    if found.get("by_sparsity"):
+        log("  MAPE % by sparsity: " + ", ".join(f"{s}: {e:.1f}" for s, e in found["by_sparsity"].items()))
 
 
 def measure(points, info, source, name, args, work, log):
@@ -140,7 +142,9 @@ def alternatives(source, reference, layers, info, measured, name, log) -> dict:
             if fit.name == set_name:
                 score(f"{set_name} alpha={alpha:g}", fit)
     auto = lt.fit_transfer(source, measured)
-    score(f"auto ({auto.name} alpha={auto.alpha:g})", auto)
+    score(f"default ({auto.name} alpha={auto.alpha:g})", auto)
+    chosen = lt.fit_transfer(source, measured, feature_sets=None, alphas=lt.ALPHAS, choose="holdout")
+    score(f"by held-out error ({chosen.name} alpha={chosen.alpha:g})", chosen)
     try:
         raw = {q: lt.fit_transfer(source, measured, quantity=q) for q in ("warm", "cold")}
         score("warm, cold apart, mixed", auto, fits=raw, mix=True)
@@ -149,7 +153,7 @@ def alternatives(source, reference, layers, info, measured, name, log) -> dict:
     regressor = LatencyRegressor.fit(source)
     estimated = copy.copy(source)
     estimated.layers = {k: regressor.profile(p.spec, p.vector_width, p.sparsities) for k, p in source.layers.items()}
-    score("XGBoost source model + auto correction", lt.fit_transfer(estimated, measured), src=estimated)
+    score("XGBoost model of the source + default fit", lt.fit_transfer(estimated, measured), src=estimated)
     log(f"alternatives on the same {len(measured)} measured layers (MAPE % against the reference; holdout: the "
         f"fit's own leave-one-layer-out MAPE):")
     log(f"  {'fit':44s} {'all':>6s} {'max':>6s} {'sparse':>6s} {'dense':>6s} {'unmeas':>6s} {'wino':>6s} "
@@ -253,6 +257,12 @@ def main(argv=None):
         summary["comparison_unmeasured_layers"] = lt.compare_tables(table, reference, exclude_measured=True)
         print_comparison(summary["comparison"], f"against {args.reference} (every layer):", log)
         print_comparison(summary["comparison_unmeasured_layers"], "the layers not measured on the device:", log)
+        fraction = table.settings["transfer"]["cold_fraction"]
+        ref_fraction = reference.models.get(name, {}).get("cold_fraction")
+        summary["comparison_same_fraction"] = lt.compare_tables(table, reference, cold_fraction=fraction)
+        print_comparison(summary["comparison_same_fraction"],
+                         f"the reference's raw times mixed at the prediction's cache-state fraction {fraction:.2f} "
+                         f"(its own: {ref_fraction if ref_fraction is None else round(ref_fraction, 2)}):", log)
         if name in table.rest_ms and name in reference.rest_ms:
             total, _ = table.predict(onnx_path)
             ref_total, _ = reference.predict(onnx_path)
