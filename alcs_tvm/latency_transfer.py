@@ -22,12 +22,15 @@ keyed as B's compiler keys its layers (the ``layers`` given, from :func:`~alcs_t
 A source table lacking a layer answers from its regressor when one was attached
 (:meth:`LatencyTable.estimate_missing`); such layers are otherwise left out.
 
-The fit (:func:`fit_transfer`): ridge regression of ``log(ms_B) - log(ms_A)`` on a few features (``log(ms_A)``,
-the density, the source layer's group width, work and input size from :func:`latency_regressor.features`),
-intercept free, coefficients shrunk towards 0, i.e. towards "B = A times one factor". The feature set and the
-shrinkage are chosen by leave-one-layer-out error on the measured points themselves (a layer's dense and sparse
-points leave together), and that error is kept with the fit. The alternatives measured are in
-docs/latency_transfer.md.
+The fit (:func:`fit_transfer`): ridge regression (Huber-weighted) of ``log(ms_B) - log(ms_A)`` on four features
+of the point - ``log(ms_A)``, the density, the share of the source layer's output lanes that compute (a partial
+last block: 24 channels in 16-wide blocks) and the arithmetic intensity (FLOPs per byte moved) - intercept free,
+coefficients shrunk towards 0, i.e. towards "B = A times one factor". Why these: the two devices' ratio is not
+one number; on AVX-512 -> AVX2 it runs from 1.0 (memory-bound layers, partial blocks) to 3.2 (1x1 960->320 @7x7)
+and moves with sparsity. With fewer measured layers a smaller set is used (``DEFAULT_FEATURE_SETS``). The
+leave-one-layer-out error on the measured points (a layer's dense and sparse points leave together) is kept with
+the fit; choosing the feature set by it (``choose="holdout"``) did worse than the fixed set. The alternatives
+measured are in docs/latency_transfer.md.
 """
 from __future__ import annotations
 
@@ -315,6 +318,7 @@ class TransferFit:
     winograd_offset: float = 0.0
     candidates: dict = field(default_factory=dict)  # "set/alpha" -> leave-one-layer-out MAPE %
     quantity: str = "ms"
+    robust: bool = True
 
     def log_ratio(self, src: LayerProfile, density, src_ms) -> float:
         row = _columns(src, density, src_ms, self.quantity)
@@ -331,20 +335,38 @@ class TransferFit:
         return {"model": self.name, "columns": list(self.columns), "alpha": self.alpha, "intercept": self.intercept,
                 "coef": list(self.coef), "mean": list(self.mean), "scale": list(self.scale),
                 "holdout": self.holdout, "winograd_offset": self.winograd_offset, "candidates": self.candidates,
-                "quantity": self.quantity}
+                "quantity": self.quantity, "robust": self.robust}
 
 
-def _ridge(x, r, alpha):
-    """Ridge on standardised columns, intercept unpenalised: ``(intercept, coef, mean, scale)``."""
+def _ridge(x, r, alpha, weights=None):
+    """Ridge on standardised columns, intercept unpenalised, rows weighted: ``(intercept, coef, mean, scale)``."""
+    w = np.ones(len(r)) if weights is None else np.asarray(weights, float)
+    w = w / w.sum()
     if x.shape[1] == 0:
-        return float(np.mean(r)), np.zeros(0), np.zeros(0), np.ones(0)
-    mean = x.mean(axis=0)
-    scale = x.std(axis=0)
+        return float(w @ r), np.zeros(0), np.zeros(0), np.ones(0)
+    mean = w @ x
+    scale = np.sqrt(w @ (x - mean) ** 2)
     scale[scale < 1e-9] = 1.0  # a constant column (one width only): its coefficient stays 0
     z = (x - mean) / scale
-    rc = r - r.mean()
-    coef = np.linalg.solve(z.T @ z + alpha * np.eye(z.shape[1]), z.T @ rc)
-    return float(r.mean()), coef, mean, scale
+    rc = r - w @ r
+    coef = np.linalg.solve(z.T @ (w[:, None] * z) + alpha / len(r) * np.eye(z.shape[1]), z.T @ (w * rc))
+    return float(w @ r), coef, mean, scale
+
+
+def _robust_ridge(x, r, alpha, robust=True, iterations=20):
+    """:func:`_ridge` with Huber weights (iteratively reweighted): a point measured during one of the host's slow
+    episodes (seen: one dense time 1.8x its repeat) pulls a 10-point fit far less. The residual scale is the
+    median absolute residual (x 1.4826), at least 2 % so that a near-exact fit keeps every point."""
+    weights = None
+    for _ in range(iterations if robust else 1):
+        intercept, coef, mean, scale = _ridge(x, r, alpha, weights)
+        residual = r - intercept - ((x - mean) / scale) @ coef
+        sigma = max(1.4826 * float(np.median(np.abs(residual))), 0.02)
+        new = np.minimum(1.0, 1.345 * sigma / np.maximum(np.abs(residual), 1e-12))
+        if weights is not None and np.allclose(new, weights, atol=1e-6):
+            break
+        weights = new
+    return intercept, coef, mean, scale
 
 
 def _training_rows(source: LatencyTable, measured: dict, quantity: str):
@@ -373,7 +395,7 @@ def _training_rows(source: LatencyTable, measured: dict, quantity: str):
 
 
 def fit_transfer(source: LatencyTable, measured: dict, *, quantity: str = "ms", feature_sets=DEFAULT_FEATURE_SETS,
-                 alphas=(DEFAULT_ALPHA,), choose: str = "first") -> TransferFit:
+                 alphas=(DEFAULT_ALPHA,), choose: str = "first", robust: bool = True) -> TransferFit:
     """Fit the map from the source's latencies to the new device's on the ``measured`` profiles (from
     :func:`measure_points`). ``feature_sets``: names of :data:`FEATURE_SETS` in order of preference (None: all);
     a set needs two measured layers per column plus one to hold out, else it is not tried. ``choose="first"``:
@@ -382,7 +404,8 @@ def fit_transfer(source: LatencyTable, measured: dict, *, quantity: str = "ms", 
     leave-one-layer-out MAPE on the measured points (with 10 points that choice is itself noisy: it did worse
     than a fixed set in the validation, docs/latency_transfer.md). The fit keeps the held-out error of the set
     it used (and of every candidate tried). ``quantity``: ``"ms"`` (the tables' latencies), ``"warm"`` or
-    ``"cold"`` (the raw cache states)."""
+    ``"cold"`` (the raw cache states). ``robust``: Huber-weighted rows (:func:`_robust_ridge`), else plain
+    least squares."""
     if choose not in ("first", "holdout"):
         raise ValueError(f"choose must be 'first' or 'holdout', got {choose!r}")
     rows, winograd = _training_rows(source, measured, quantity)
@@ -406,7 +429,7 @@ def fit_transfer(source: LatencyTable, measured: dict, *, quantity: str = "ms", 
             errors = []
             for g in layers:
                 train, test = groups != g, groups == g
-                intercept, coef, mean, scale = _ridge(x[train], r[train], alpha)
+                intercept, coef, mean, scale = _robust_ridge(x[train], r[train], alpha, robust)
                 pred = intercept + ((x[test] - mean) / scale) @ coef
                 errors.extend(np.abs(np.exp(pred - r[test]) - 1.0))
             scores[(name, alpha)] = (float(np.mean(errors)) * 100, float(np.max(errors)) * 100)
@@ -416,12 +439,12 @@ def fit_transfer(source: LatencyTable, measured: dict, *, quantity: str = "ms", 
     else:  # one measured layer: nothing to hold out, one factor
         name, alpha, mape, worst = "ratio", 0.0, float("nan"), float("nan")
         table[name] = np.zeros((len(rows), 0))
-    intercept, coef, mean, scale = _ridge(table[name], r, alpha)
+    intercept, coef, mean, scale = _robust_ridge(table[name], r, alpha, robust)
     fit = TransferFit(name, FEATURE_SETS[name], float(alpha), intercept, [float(c) for c in coef],
                       [float(m) for m in mean], [float(s) for s in scale],
                       {"layers": len(layers), "points": len(rows), "mape_pct": mape, "max_err_pct": worst},
                       candidates={f"{n}/{a:g}": round(m, 3) for (n, a), (m, _) in scores.items()},
-                      quantity=quantity)
+                      quantity=quantity, robust=robust)
     if winograd:  # a different kernel: its ratio differs from the direct kernel's by what the measured say
         offsets = [math.log(new) - math.log(fit.predict(src, 1.0, src_ms)) for src, src_ms, new in winograd]
         fit.winograd_offset = float(np.mean(offsets))
@@ -459,11 +482,11 @@ def _predicted_profile(layer, src: LayerProfile, fits: dict, info, grid, cold_fr
     return profile
 
 
-def _with_measurements(predicted: LayerProfile, measured: LayerProfile, correction: str = "interp") -> LayerProfile:
+def _with_measurements(predicted: LayerProfile, measured: LayerProfile, correction: str = "none") -> LayerProfile:
     """``predicted`` where ``measured`` has points: those exact, and the layer's other grid points corrected by
     the layer's own log residual at its measured points (the fit's error on this layer, which its neighbouring
     points share): ``"interp"``: interpolated linearly in sparsity between the measured points (dense is one),
-    constant beyond them; ``"mean"``: their mean everywhere."""
+    constant beyond them; ``"mean"``: their mean everywhere; ``"none"``: the other points stay predicted."""
     for quantity in ("ms", "warm", "cold"):
         p_pairs, p_dense, _ = _values(predicted, quantity)
         m_pairs, m_dense, _ = _values(measured, quantity)
@@ -479,7 +502,7 @@ def _with_measurements(predicted: LayerProfile, measured: LayerProfile, correcti
         logs = [math.log(lookup[s]) - math.log(predicted_at[s]) for s in at]
 
         def factor(s):
-            if not logs:
+            if not logs or correction == "none":
                 return 1.0
             return math.exp(float(np.interp(s, at, logs)) if correction == "interp" else float(np.mean(logs)))
 
@@ -498,14 +521,16 @@ def _with_measurements(predicted: LayerProfile, measured: LayerProfile, correcti
 
 def transfer_table(source: LatencyTable, layers, info, measured: dict, fit: TransferFit, *, fits: dict | None = None,
                    device_key: str = "local", model_name: str | None = None, cold_fraction: float | None = None,
-                   points=None, use_measurements: bool = True, correction: str = "interp") -> LatencyTable:
+                   points=None, use_measurements: bool = True, correction: str = "none") -> LatencyTable:
     """The new device's latency table for ``layers`` (``compiler.model_layers(model, info)``: keyed by the new
     device's group widths): every layer predicted from the source's profile of its conv shape by ``fit``, on the
-    source's sparsity grid; with ``use_measurements`` the ``measured`` layers keep their measured points (and
-    their other points are scaled by their own residual). ``fits``: ``{"warm": fit, "cold": fit}`` to fill the
-    raw cache-state fields as well. The rest of the model (``rest_ms[model_name]``) is the source's, scaled by the
-    predicted / source ratio of the model's dense conv time, when the source has the same architecture (conv
-    shapes in order). ``table.settings["transferred_from"]`` says where it came from, ``["transfer"]`` what was
+    source's sparsity grid; with ``use_measurements`` the ``measured`` layers keep their measured points, and
+    ``correction`` (``"none"``, ``"interp"``, ``"mean"``, see :func:`_with_measurements`) says whether their other
+    points follow those points' residuals (``"none"``, the default: in the validation one slow-episode
+    measurement or one noisy source point spread over a whole layer that way). ``fits``: ``{"warm": fit,
+    "cold": fit}`` to fill the raw cache-state fields as well. The rest of the model (``rest_ms[model_name]``) is
+    the source's, scaled by the predicted / source ratio of the model's dense conv time, when the source has the
+    same architecture (conv shapes in order). ``table.settings["transferred_from"]`` says where it came from, ``["transfer"]`` what was
     measured and fitted; the table is otherwise an ordinary one (it loads, predicts and drives the compiler)."""
     fits = {"ms": fit, **(fits or {})}
     grid = [float(s) for s in (source.settings.get("sparsities") or next(iter(source.layers.values())).sparsities)]

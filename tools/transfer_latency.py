@@ -116,7 +116,7 @@ def alternatives(source, reference, layers, info, measured, name, log) -> dict:
     rows = {}
 
     def score(label, fit, src=source, fits=None, mix=False):
-        for keep, correction in ((False, None), (True, "interp"), (True, "mean")):
+        for keep, correction in ((False, None), (True, "none"), (True, "interp"), (True, "mean")):
             table = lt.transfer_table(src, layers, info, measured, fit, fits=fits, model_name=name,
                                       use_measurements=keep, correction=correction)
             if mix:
@@ -143,6 +143,7 @@ def alternatives(source, reference, layers, info, measured, name, log) -> dict:
                 score(f"{set_name} alpha={alpha:g}", fit)
     auto = lt.fit_transfer(source, measured)
     score(f"default ({auto.name} alpha={auto.alpha:g})", auto)
+    score("default, not robust (plain least squares)", lt.fit_transfer(source, measured, robust=False))
     chosen = lt.fit_transfer(source, measured, feature_sets=None, alphas=lt.ALPHAS, choose="holdout")
     score(f"by held-out error ({chosen.name} alpha={chosen.alpha:g})", chosen)
     try:
@@ -184,6 +185,9 @@ def main(argv=None):
     ap.add_argument("--model-name", help="name of the model's entry (default: the file stem / zoo name)")
     ap.add_argument("--no-keep-measured", action="store_true",
                     help="predict the measured layers too (default: their measured points are kept)")
+    ap.add_argument("--correction", choices=["none", "interp", "mean"], default="none",
+                    help="a measured layer's other points: as predicted (none, default), or following its measured "
+                         "points' residuals (interp: in sparsity between them; mean)")
     ap.add_argument("--estimate-missing", action="store_true",
                     help="conv shapes the source lacks: the source's XGBoost regressor estimates them "
                          "(latency_regressor, trained on the source table)")
@@ -243,7 +247,8 @@ def main(argv=None):
     log(f"fit: {fit.name} (alpha {fit.alpha:g}) on {h['points']} points of {h['layers']} layers; leave-one-layer-out "
         f"MAPE {h['mape_pct']:.1f} %, max {h['max_err_pct']:.1f} %; Winograd offset {fit.winograd_offset:+.3f}")
     table = lt.transfer_table(source, layers, info, measured, fit, fits=fits, device_key=device_key,
-                              model_name=name, points=points, use_measurements=not args.no_keep_measured)
+                              model_name=name, points=points, use_measurements=not args.no_keep_measured,
+                              correction=args.correction)
     table.settings["transferred_from"]["path"] = str(args.source)
     Path(args.output).unlink(missing_ok=True)  # a prediction replaces, never merges into, an older file
     table.save(args.output)
