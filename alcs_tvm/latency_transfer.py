@@ -530,8 +530,9 @@ def transfer_table(source: LatencyTable, layers, info, measured: dict, fit: Tran
     measurement or one noisy source point spread over a whole layer that way). ``fits``: ``{"warm": fit,
     "cold": fit}`` to fill the raw cache-state fields as well. The rest of the model (``rest_ms[model_name]``) is
     the source's, scaled by the predicted / source ratio of the model's dense conv time, when the source has the
-    same architecture (conv shapes in order). ``table.settings["transferred_from"]`` says where it came from, ``["transfer"]`` what was
-    measured and fitted; the table is otherwise an ordinary one (it loads, predicts and drives the compiler)."""
+    same architecture (conv shapes in order). ``table.settings["transferred_from"]`` says where it came from,
+    ``["transfer"]`` what was measured and fitted; the table is otherwise an ordinary one (it loads, predicts and
+    drives the compiler)."""
     fits = {"ms": fit, **(fits or {})}
     grid = [float(s) for s in (source.settings.get("sparsities") or next(iter(source.layers.values())).sparsities)]
     if cold_fraction is None:
