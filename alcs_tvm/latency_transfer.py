@@ -29,8 +29,9 @@ coefficients shrunk towards 0, i.e. towards "B = A times one factor". Why these:
 one number; on AVX-512 -> AVX2 it runs from 1.0 (memory-bound layers, partial blocks) to 3.2 (1x1 960->320 @7x7)
 and moves with sparsity. With fewer measured layers a smaller set is used (``DEFAULT_FEATURE_SETS``). The
 leave-one-layer-out error on the measured points (a layer's dense and sparse points leave together) is kept with
-the fit; choosing the feature set by it (``choose="holdout"``) did worse than the fixed set. The alternatives
-measured are in docs/latency_transfer.md.
+the fit; choosing the feature set by it (``choose="holdout"``) did worse than the fixed set where the source's
+values are measured, better where they are a regressor's estimates. The alternatives measured are in
+docs/latency_transfer.md.
 """
 from __future__ import annotations
 
@@ -401,8 +402,9 @@ def fit_transfer(source: LatencyTable, measured: dict, *, quantity: str = "ms", 
     a set needs two measured layers per column plus one to hold out, else it is not tried. ``choose="first"``:
     the first set that can be fitted, with ``alphas[0]`` (the default: ``layer``, falling back to fewer columns
     with fewer measured layers); ``"holdout"``: every set with every penalty of ``alphas``, the lowest
-    leave-one-layer-out MAPE on the measured points (with 10 points that choice is itself noisy: it did worse
-    than a fixed set in the validation, docs/latency_transfer.md). The fit keeps the held-out error of the set
+    leave-one-layer-out MAPE on the measured points (with 10 points that choice is itself noisy: in the
+    validation it did worse than the fixed set with measured source values, better with a regressor's estimates,
+    docs/latency_transfer.md). The fit keeps the held-out error of the set
     it used (and of every candidate tried). ``quantity``: ``"ms"`` (the tables' latencies), ``"warm"`` or
     ``"cold"`` (the raw cache states). ``robust``: Huber-weighted rows (:func:`_robust_ridge`), else plain
     least squares."""

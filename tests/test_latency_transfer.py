@@ -144,6 +144,25 @@ def test_fit_with_noisy_measurements_stays_within_the_noise():
     assert max(map(abs, errors)) < 0.08 and np.mean(np.abs(errors)) < 0.03
 
 
+def test_one_slow_measurement_does_not_move_the_fit():
+    """One point measured 1.8x slow (a slow episode of the host): the Huber-weighted fit still predicts the other
+    layers within 3 %; plain least squares does not."""
+    source, layers = _source_table(), _new_layers()
+    points = lt.select_points(source, layers, 10)
+    measured = _measured(source, points, _transform)
+    bad = sorted(measured)[3]
+    measured[bad].dense_ms *= 1.8
+
+    def worst(fit):
+        table = lt.transfer_table(source, layers, NEW, measured, fit, use_measurements=False)
+        return max(abs(table.profile_for(l.spec, 8).sparse_ms[i] /
+                       _transform(lt.source_profile(source, l.spec).sparse_ms[i], l.spec, 1.0 - s) - 1.0)
+                   for l in layers if l.key != bad for i, s in enumerate(GRID))
+
+    assert worst(lt.fit_transfer(source, measured)) < 0.03
+    assert worst(lt.fit_transfer(source, measured, robust=False)) > 0.05
+
+
 def test_a_wrong_feature_set_loses_on_held_out_layers():
     """The held-out error tells a transform the density term explains from one a single factor cannot: with the
     density effect strong, the one-factor model is not chosen and scores worse."""

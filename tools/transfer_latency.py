@@ -191,6 +191,11 @@ def main(argv=None):
     ap.add_argument("--estimate-missing", action="store_true",
                     help="conv shapes the source lacks: the source's XGBoost regressor estimates them "
                          "(latency_regressor, trained on the source table)")
+    ap.add_argument("--fit", choices=["default", "holdout"],
+                    help="default: latency_transfer's fixed feature set; holdout: the set and penalty with the "
+                         "lowest leave-one-layer-out error (the default with --estimate-missing: it did better "
+                         "where the source's values are estimates, worse where they are measured; "
+                         "docs/latency_transfer.md)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=None)
     ap.add_argument("--json", help="write the points, the fit and the comparison here")
@@ -238,9 +243,11 @@ def main(argv=None):
         log(f"measured points from {args.reuse_measured}: {len(measured)} layers")
     else:
         measured, device_key = measure(points, info, source, name, args, work, log)
-    fit = lt.fit_transfer(source, measured)
+    how = args.fit or ("holdout" if args.estimate_missing else "default")
+    options = dict(feature_sets=None, alphas=lt.ALPHAS, choose="holdout") if how == "holdout" else {}
+    fit = lt.fit_transfer(source, measured, **options)
     try:  # the raw cache states too, where the source has them (a regressor's estimates do not)
-        fits = {q: lt.fit_transfer(source, measured, quantity=q) for q in ("warm", "cold")}
+        fits = {q: lt.fit_transfer(source, measured, quantity=q, **options) for q in ("warm", "cold")}
     except ValueError:
         fits = {}
     h = fit.holdout
