@@ -12,7 +12,7 @@ of device A (``alcs profile``), at most ``n`` (layer, sparsity) points measured 
     layers = compiler.model_layers("resnet18.onnx", info)           # B's layers, B's group widths and keys
     points = lt.select_points(source, layers, 10)                   # which to measure, deterministic
     measured = lt.measure_points(points, info, Measurer(info, local=True), source=source)
-    fit = lt.fit_transfer(source, measured)                         # ridge, features picked by leave-one-layer-out
+    fit = lt.fit_transfer(source, measured)                         # Huber-weighted ridge of the log ratio
     table = lt.transfer_table(source, layers, info, measured, fit, device_key="local", model_name="resnet18")
     print(lt.compare_tables(table, LatencyTable.load("resnet18_avx2.json")))
 
@@ -454,7 +454,7 @@ def fit_transfer(source: LatencyTable, measured: dict, *, quantity: str = "ms", 
 
 
 # ----------------------------------------------------------------------------------------------- the table
-def _predicted_profile(layer, src: LayerProfile, fits: dict, info, grid, cold_fraction) -> LayerProfile:
+def _predicted_profile(layer, src: LayerProfile, fits: dict, info, grid) -> LayerProfile:
     """The new device's profile of ``layer`` predicted from the source's profile ``src``."""
     spec = layer.spec
 
@@ -549,7 +549,7 @@ def transfer_table(source: LatencyTable, layers, info, measured: dict, fit: Tran
         if src is None:
             skipped.append(layer.key)
             continue
-        profile = _predicted_profile(layer, src, fits, info, grid, cold_fraction)
+        profile = _predicted_profile(layer, src, fits, info, grid)
         if use_measurements and layer.key in measured:
             profile = _with_measurements(profile, measured[layer.key], correction)
         table.layers[layer.key] = profile
