@@ -56,8 +56,7 @@ from .winograd import WINOGRAD_TILES, winograd_applies, winograd_conv2d, winogra
 
 __all__ = ["profile_model", "Measurer", "DEFAULT_SPARSITIES", "measure_layer", "layer_kernel", "build_kernels",
            "build_functions", "kernel_inputs", "random_pruned_onnx", "calibrate_cold_fraction", "layer_options",
-           "measure_latency",
-           "measure_latency_table", "Progress", "sample_stats"]
+           "measure_latency", "measure_latency_table", "Progress", "sample_stats"]
 
 DEFAULT_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 #: the whole model with every conv at each of these sparsities (random SIMD masks), and unpruned: the points the
@@ -448,9 +447,9 @@ def profile_model(model, output, target="x86", *, tracker=None, key=None, rpc=No
     called after each layer measurement is saved; ``session`` an open RPC session to use instead of connecting.
 
     Every point is timed with the layer's weights in cache and flushed from it. ``cold_weights``: which one the
-    table uses - ``None`` (default): the mix calibrated on two whole-model measurements (every conv dense, and
-    every conv at each of :data:`CALIBRATION_SPARSITIES`), see :func:`calibrate_cold_fraction`; ``True``: cold; ``False``:
-    warm. Returns the table."""
+    table uses - ``None`` (default): the mix calibrated on whole-model measurements (the model unpruned, and with
+    every conv at each of :data:`CALIBRATION_SPARSITIES`), see :func:`calibrate_cold_fraction`; ``True``: cold;
+    ``False``: warm. Returns the table."""
     sparsities = [float(s) for s in sparsities]
     if not sparsities or sorted(set(sparsities)) != sparsities:
         raise ValueError(f"sparsities must be strictly ascending, got {sparsities}")
@@ -500,7 +499,7 @@ def _time_whole(measurer, builds, repeat, min_repeat_ms) -> list:
 def _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities, repeat, min_repeat_ms, max_masks,
              spread_threshold, model_name, measure_rest, quiet, on_measured, seed, cold_weights, input_shapes=None):
     fixed_fraction = None if cold_weights is None else float(bool(cold_weights))
-    # the model pruned (random SIMD masks at each CALIBRATION_SPARSITIES): the cache-state calibration's points, and
+    # the model pruned (random SIMD masks at each of CALIBRATION_SPARSITIES): the cache-state calibration's points, and
     # the layers as the compiler runs them once pruned. A layer whose dense weight runs wider than its pruning
     # groups (a 1000-class conv classifier: 32 lanes with a partial last block, pruned 16 wide) is measured at
     # both widths, so a prediction finds whichever width the compiler picks for a weight.

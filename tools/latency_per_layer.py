@@ -113,8 +113,9 @@ def main(argv=None):
               f"{row['table_ms']:8.4f} {row['warm_ms']:8.4f} {row['cold_ms']:8.4f} {row['in_model_ms']:8.4f} "
               f"{err * 100:+6.1f}%")
     total = {k: sum(row[k] for row in rows) for k in ("table_ms", "warm_ms", "cold_ms", "in_model_ms")}
+    err = total["table_ms"] / total["in_model_ms"] - 1
     print(f"{'convs':14s} {'':30s} {'':10s} {'':5s} {total['table_ms']:8.4f} {total['warm_ms']:8.4f} "
-          f"{total['cold_ms']:8.4f} {total['in_model_ms']:8.4f} {(total['table_ms'] / total['in_model_ms'] - 1) * 100:+6.1f}%")
+          f"{total['cold_ms']:8.4f} {total['in_model_ms']:8.4f} {err * 100:+6.1f}%")
     rest_model = table.rest_model_for([layer_key(_spec(r["spec"]), r["vector_width"]) for r in convs])
     print(f"rest of the model: table {table.rest_ms[rest_model]:.4f} ms; in the model {rest:.4f} ms of other kernels "
           f"+ {vm:.4f} ms of VM builtins (instrumented; the instrument's own cost is in every call)")

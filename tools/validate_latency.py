@@ -87,8 +87,8 @@ def validate_model(spec, args, info, session, work: Path, log):
     table_path = work / f"table_{info.family}_{name}.json"
     t0 = time.time()
     table = profile_model(str(dense_path), str(table_path), info, tracker=args.rpc_tracker, key=args.key,
-                          rpc=args.rpc, local=args.local, input_shapes=input_shapes, sparsities=args.sparsities, repeat=args.repeat,
-                          min_repeat_ms=args.min_repeat_ms, model_name=name, timeout=args.timeout,
+                          rpc=args.rpc, local=args.local, input_shapes=input_shapes, sparsities=args.sparsities,
+                          repeat=args.repeat, min_repeat_ms=args.min_repeat_ms, model_name=name, timeout=args.timeout,
                           quiet=args.quiet, session=session)
     profile_s = time.time() - t0
     log(f"{name}: profiled in {profile_s:.0f} s ({len(table.layers)} layer configurations in the table, "
@@ -288,7 +288,8 @@ def main(argv=None):
             from alcs_tvm import device
 
             device.stop(state_path=started_state, verbose=False)
-    summary = {"target": info.family, "device_key": "local" if args.local else args.key, "settings": {k: v for k, v in vars(args).items()},
+    summary = {"target": info.family, "device_key": "local" if args.local else args.key,
+               "settings": {k: v for k, v in vars(args).items()},
                "overall": metrics([p["predicted_ms"] for p in points], [p["measured_ms"] for p in points]),
                "per_model": {}, "points": points}
     for name in dict.fromkeys(p["model"] for p in points):
