@@ -554,8 +554,9 @@ def _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities,
             timed = _time_whole(measurer, builds + builds, repeat, min_repeat_ms)
             (whole, spread) = timed[0]
             fraction, rest_fit = calibrate_cold_fraction(table, [b[2] for b in builds], [t[0] for t in timed])
-            entry["calibration"] = [{"sparsity": s, "whole_ms": t[0]}
-                                    for s, t in zip((0.0,) + CALIBRATION_SPARSITIES, timed)]
+            # each point with what its build ran: the fit can be redone, or another cache model tried, offline
+            entry["calibration"] = [{"sparsity": s, "whole_ms": t[0], "run": [list(option) for option in b[2]]}
+                                    for s, t, b in zip((0.0,) + CALIBRATION_SPARSITIES, timed, builds)]
         else:
             [(whole, spread)] = _time_whole(measurer, [dense_build], repeat, min_repeat_ms)
         for k in distinct:

@@ -164,7 +164,7 @@ def onnx_models(tmp_path_factory):
 def test_profile_predict_and_compile_decisions_x86(rpc_devices, onnx_models, tmp_path):
     from alcs_tvm import compiler
     from alcs_tvm.compiler import model_layers
-    from alcs_tvm.profiler import layer_options, profile_model
+    from alcs_tvm.profiler import calibrate_cold_fraction, layer_options, profile_model
 
     out = tmp_path / "x86.json"
     measured = []
@@ -195,6 +195,11 @@ def test_profile_predict_and_compile_decisions_x86(rpc_devices, onnx_models, tmp
     # where the table says so), so where the final table picks as that build ran, its prediction is that time
     entry = loaded.models["small_cnn"]
     assert [c["sparsity"] for c in entry["calibration"]] == [0.0, 0.5, 0.8, 0.95]
+    assert entry["calibration"][0]["run"] == entry["dense_run"] and all(c["run"] for c in entry["calibration"])
+    # the stored points and runs give back the table's fit
+    fraction, rest = calibrate_cold_fraction(loaded, [c["run"] for c in entry["calibration"]],
+                                             [c["whole_ms"] for c in entry["calibration"]])
+    assert fraction == pytest.approx(entry["cold_fraction"]) and rest == pytest.approx(entry["rest_fit_ms"])
     _, unpruned = compiler.compile(onnx_models["small_cnn"], "x86", latency_table=loaded)
     if [list(o) for o in layer_options(unpruned)] == entry["dense_run"]:
         assert total == pytest.approx(entry["convs_dense_ms"] + entry["rest_ms"])
