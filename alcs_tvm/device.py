@@ -41,7 +41,7 @@ from .toolchain import CROSS_PACKAGES, ensure_debian_packages
 __all__ = [
     "DEFAULT_TRACKER_PORT", "DEFAULT_KEY", "X86_KEY", "QEMU_CPUS", "DeviceImage",
     "default_state_path", "setup",
-    "start", "stop", "status", "start_tracker", "start_arm64_server", "start_x86_server", "stop_process",
+    "start", "stop", "started", "status", "start_tracker", "start_arm64_server", "start_x86_server", "stop_process",
     "wait_for_server", "tracker_addr",
 ]
 
@@ -623,6 +623,25 @@ def stop(state_path: Path | str | None = None, verbose: bool = True, servers_onl
             state["tracker"] = None
         _save_state(state_path, state)
         return stopped
+
+
+@contextlib.contextmanager
+def started(state_dir, *, first_port: int = DEFAULT_TRACKER_PORT, x86_key: str = X86_KEY,
+            arm64_key: str | None = None):
+    """A tracker on the first free port from ``first_port`` with the x86 server under ``x86_key`` (and, with
+    ``arm64_key``, one emulated ARM64 device under it), its state in ``state_dir``, for the duration of the block,
+    which gets the tracker's ``"127.0.0.1:PORT"``. Everything stops when the block ends, however it ends: while it
+    runs, a SIGTERM (a timeout, kill) becomes ``SystemExit``, which would otherwise skip the stop."""
+    state_path = Path(state_dir) / "device-state.json"
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    port = _free_port(first_port)
+    try:
+        start(tracker_port=port, key=arm64_key or DEFAULT_KEY, num_devices=1 if arm64_key else 0, x86=True,
+              x86_key=x86_key, state_path=state_path, verbose=False)
+        yield f"127.0.0.1:{port}"
+    finally:
+        stop(state_path=state_path, verbose=False)
+        signal.signal(signal.SIGTERM, previous)
 
 
 def status(state_path: Path | str | None = None) -> dict:

@@ -23,8 +23,8 @@ tools/validate_latency.py does) and stopped at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import signal
 import sys
 import tempfile
 import time
@@ -72,19 +72,13 @@ def measure(points, info, source, name, args, work, log):
     from alcs_tvm import rpc as alcs_rpc
     from alcs_tvm.profiler import Measurer
 
-    started_state = None
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    if not (args.local or args.rpc or args.rpc_tracker):
-        from alcs_tvm import device
+    with contextlib.ExitStack() as stack:
+        if not (args.local or args.rpc or args.rpc_tracker):
+            from alcs_tvm import device
 
-        started_state = work / "device-state.json"
-        port = device._free_port(9590)
-        device.start(tracker_port=port, num_devices=0, x86=True, x86_key=args.rpc_key, state_path=started_state,
-                     verbose=False)
-        args.rpc_tracker = f"127.0.0.1:{port}"
-        log(f"started tracker 127.0.0.1:{port} with {args.rpc_key}")
-    t0 = time.time()
-    try:
+            args.rpc_tracker = stack.enter_context(device.started(work, first_port=9590, x86_key=args.rpc_key))
+            log(f"started tracker {args.rpc_tracker} with {args.rpc_key}")
+        t0 = time.time()
         measurer = Measurer(info, tracker=args.rpc_tracker, key=args.rpc_key if args.rpc_tracker else None,
                             rpc=args.rpc, local=args.local, timeout=args.timeout)
         try:
@@ -94,11 +88,6 @@ def measure(points, info, source, name, args, work, log):
         finally:
             measurer.close()
             alcs_rpc.end_dropped_sessions()
-    finally:
-        if started_state is not None:
-            from alcs_tvm import device
-
-            device.stop(state_path=started_state, verbose=False)
     log(f"measured in {time.time() - t0:.0f} s")
     return measured, measurer.device_key
 

@@ -25,9 +25,9 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -261,21 +261,15 @@ def main(argv=None):
     def log(msg):
         print(msg, flush=True)
 
-    started_state = None
-    # SIGTERM (timeout, kill) would skip the finally below and leave the tracker and server running
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     if args.threads:  # TVM's pool, here (--local) or in the server this tool starts, reads it when it starts
         os.environ["TVM_NUM_THREADS"] = str(args.threads)
-    if not args.rpc_tracker and not args.rpc and not args.local:
-        from alcs_tvm import device
+    with contextlib.ExitStack() as stack:
+        if not args.rpc_tracker and not args.rpc and not args.local:
+            from alcs_tvm import device
 
-        started_state = work / "device-state.json"
-        port = device._free_port(9490)
-        device.start(tracker_port=port, num_devices=0 if args.key == device.X86_KEY else 1, x86=True,
-                     state_path=started_state, verbose=False)
-        args.rpc_tracker = f"127.0.0.1:{port}"
-        log(f"started tracker 127.0.0.1:{port} with {args.key}")
-    try:
+            args.rpc_tracker = stack.enter_context(device.started(
+                work, first_port=9490, arm64_key=None if args.key == device.X86_KEY else args.key))
+            log(f"started tracker {args.rpc_tracker} with {args.key}")
         session = None if args.local else alcs_rpc.connect(tracker=args.rpc_tracker, key=args.key, rpc=args.rpc,
                                                            timeout=args.timeout, session_timeout=0)
         points = []
@@ -283,11 +277,6 @@ def main(argv=None):
             points += validate_model(name, args, info, session, work, log)
         del session
         alcs_rpc.end_dropped_sessions()  # before the tracker it may have started stops
-    finally:
-        if started_state is not None:
-            from alcs_tvm import device
-
-            device.stop(state_path=started_state, verbose=False)
     summary = {"target": info.family, "device_key": "local" if args.local else args.key,
                "settings": {k: v for k, v in vars(args).items()},
                "overall": metrics([p["predicted_ms"] for p in points], [p["measured_ms"] for p in points]),
