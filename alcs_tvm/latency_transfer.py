@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tvm
 
-from .latency import LatencyTable, LayerProfile
+from .latency import LatencyTable, LayerNotProfiledError, LayerProfile
 from .latency_regressor import features
 from .layer import Conv2dSpec
 from .winograd import winograd_applies
@@ -572,7 +572,10 @@ def transfer_table(source: LatencyTable, layers, info, measured: dict, fit: Tran
     if model_name is not None and not skipped:
         table.models[model_name] = {"layers": [[layer.name, layer.key] for layer in layers],
                                     "cold_fraction": cold_fraction, "transferred": True}
-        rest = _source_rest(source, layers, index)
+        try:  # the source's model with these conv shapes, whatever their widths
+            rest = source.rest_ms[source.rest_model_for(keys)]
+        except LayerNotProfiledError:
+            rest = None
         if rest is not None:
             src_convs = sum(_dense_ms(source_profile(source, layer.spec, index)) for layer in layers)
             new_convs = sum(_dense_ms(table.layers[k]) for k in keys)
@@ -589,17 +592,6 @@ def measured_from_table(table: LatencyTable) -> dict:
     if not found:
         raise ValueError("the table holds no transfer measurements (not made by latency_transfer)")
     return {key: LayerProfile.from_json(entry) for key, entry in found.items()}
-
-
-def _source_rest(source, layers, index):
-    """The source's rest time of the model whose conv shapes (in order) are ``layers``'."""
-    shapes = [layer.spec for layer in layers]
-    for name, entry in source.models.items():
-        keys = [k for _, k in entry.get("layers", [])]
-        if name in source.rest_ms and len(keys) == len(shapes) and \
-                all(k in source.layers and source.layers[k].spec == s for k, s in zip(keys, shapes)):
-            return source.rest_ms[name]
-    return None
 
 
 # ----------------------------------------------------------------------------------------------- checking
