@@ -25,7 +25,7 @@ from tvm import relax
 from . import rpc as alcs_rpc
 from .run import make_inputs, read_sidecar, run_model, sidecar_path
 
-__all__ = ["KernelCall", "profile_library", "format_profile", "kernel_kind", "time_by_kind"]
+__all__ = ["KernelCall", "profile_library", "format_profile", "kernel_kind", "call_times", "time_by_kind"]
 
 
 @dataclass
@@ -168,25 +168,37 @@ def format_profile(rows, whole_ms: float) -> str:
     return "\n".join(lines)
 
 
-def time_by_kind(executable, inputs, rounds: int = 5, function: str = "main") -> dict:
-    """Share of one inference's time per kind of kernel (:func:`kernel_kind`; ``vm overhead`` for the VM's
-    builtins), from the VM's call instrumentation over ``rounds`` inferences. ``inputs``: the arrays, in order."""
-    vm = relax.VirtualMachine(executable, tvm.cpu())
-    args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in inputs]
+def call_times(vm, args, rounds: int, function: str = "main") -> list:
+    """Every call one inference of ``vm[function](*args)`` makes, timed in sequence under the VM's call instrument
+    (the caches as the inference leaves them; the instrument adds about a microsecond per call): one list of
+    ``(symbol, seconds)`` in call order per round, after one inference untimed."""
     vm[function](*args)
-    started, spent = [0.0], collections.defaultdict(float)
+    started, calls = [0.0], []
 
     def instrument(func, symbol, before, ret, *call_args):
         if before:
             started[0] = time.perf_counter()
         else:
-            symbol = str(symbol)
-            spent["vm overhead" if symbol.startswith("vm.builtin") else kernel_kind(symbol)] += \
-                time.perf_counter() - started[0]
+            calls.append((str(symbol), time.perf_counter() - started[0]))
         return 0
 
     vm.set_instrument(instrument)
+    rounds_timed = []
     for _ in range(rounds):
+        calls = []
         vm[function](*args)
+        rounds_timed.append(calls)
+    return rounds_timed
+
+
+def time_by_kind(executable, inputs, rounds: int = 5, function: str = "main") -> dict:
+    """Share of one inference's time per kind of kernel (:func:`kernel_kind`; ``vm overhead`` for the VM's
+    builtins), from the VM's call instrumentation over ``rounds`` inferences. ``inputs``: the arrays, in order."""
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in inputs]
+    spent = collections.defaultdict(float)
+    for calls in call_times(vm, args, rounds, function):
+        for symbol, seconds in calls:
+            spent["vm overhead" if symbol.startswith("vm.builtin") else kernel_kind(symbol)] += seconds
     total = sum(spent.values())
     return {k: round(v / total, 4) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,29 +28,16 @@ def in_sequence_times(lib_path, runs):
     import tvm
     from tvm import relax
 
+    from alcs_tvm.kernel_profile import call_times
     from alcs_tvm.run import make_inputs, read_sidecar
 
     inputs = make_inputs(read_sidecar(lib_path))
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
     arrays = inputs.values() if isinstance(inputs, dict) else inputs
     args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
-    for _ in range(3):
+    for _ in range(2):  # with call_times' own, three inferences before the timed ones
         vm["main"](*args)
-    calls, started = [], [0.0]
-
-    def instrument(func, symbol, before, ret, *call_args):
-        if before:
-            started[0] = time.perf_counter()
-        else:
-            calls.append((str(symbol), time.perf_counter() - started[0]))
-        return 0
-
-    vm.set_instrument(instrument)
-    samples = []
-    for _ in range(runs):
-        calls.clear()
-        vm["main"](*args)
-        samples.append(list(calls))
+    samples = call_times(vm, args, runs)
     return [(symbol, float(np.median([s[i][1] for s in samples])) * 1e3) for i, (symbol, _) in enumerate(samples[0])]
 
 
@@ -89,16 +75,17 @@ def main(argv=None):
     if args.threads:
         os.environ["TVM_NUM_THREADS"] = str(args.threads)
     from alcs_tvm.latency import LatencyTable
-    from alcs_tvm.layer import layer_key
+    from alcs_tvm.layer import Conv2dSpec, layer_key
 
     table = LatencyTable.load(args.table)
     report = json.loads(Path(f"{args.library}.report.json").read_text())
     convs = [r for r in report["layers"] if r.get("op") == "conv2d" and r.get("spec") and r.get("symbol")]
+    keys = [layer_key(Conv2dSpec.from_json(r["spec"]), r["vector_width"]) for r in convs]
     calls = in_sequence_times(args.library, args.runs)
     measured, rest, vm = per_layer(convs, calls)
     rows = []
-    for r in convs:
-        profile = table.layers[layer_key(_spec(r["spec"]), r["vector_width"])]
+    for r, key in zip(convs, keys):
+        profile = table.layers[key]
         option = r["algorithm"] if r["algorithm"].startswith("winograd") else r["decision"]
         sparsity = 1.0 - r["density"]
         warm, cold = profile.cache_states(option, sparsity)
@@ -116,19 +103,13 @@ def main(argv=None):
     err = total["table_ms"] / total["in_model_ms"] - 1
     print(f"{'convs':14s} {'':30s} {'':10s} {'':5s} {total['table_ms']:8.4f} {total['warm_ms']:8.4f} "
           f"{total['cold_ms']:8.4f} {total['in_model_ms']:8.4f} {err * 100:+6.1f}%")
-    rest_model = table.rest_model_for([layer_key(_spec(r["spec"]), r["vector_width"]) for r in convs])
+    rest_model = table.rest_model_for(keys)
     print(f"rest of the model: table {table.rest_ms[rest_model]:.4f} ms; in the model {rest:.4f} ms of other kernels "
           f"+ {vm:.4f} ms of VM builtins (instrumented; the instrument's own cost is in every call)")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "rest_kernels_ms": rest, "vm_builtins_ms": vm,
                                                "table_rest_ms": table.rest_ms[rest_model]}, indent=1))
     return 0
-
-
-def _spec(data):
-    from alcs_tvm.layer import Conv2dSpec
-
-    return Conv2dSpec.from_json(data)
 
 
 if __name__ == "__main__":
