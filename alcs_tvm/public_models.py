@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["LIGHT_ZOO", "MTCNN", "light_zoo_model", "mtcnn_model", "public_model", "public_model_names",
+__all__ = ["LIGHT_ZOO", "MTCNN", "light_zoo_model", "mtcnn_model", "public_model", "public_model_names", "network",
            "prune_convs", "input_shapes"]
 
 LIGHT_ZOO = ("bvlc_alexnet", "zfnet512", "vgg19", "squeezenet", "shufflenet", "resnet50", "inception_v1",
@@ -44,6 +44,30 @@ def public_model(name: str, seed: int = 0) -> onnx.ModelProto:
     if name.startswith("mtcnn_") and name[len("mtcnn_"):] in MTCNN:
         return mtcnn_model(name[len("mtcnn_"):])
     raise ValueError(f"unknown public model {name!r}; choose from {', '.join(public_model_names(False))}")
+
+
+def network(name: str, seed: int = 0, input_shape=None) -> onnx.ModelProto:
+    """A network as the tools name it on their command lines: an ONNX file's path, a public model
+    (:func:`public_model`), or a network of :mod:`alcs_tvm.zoo` exported with weights drawn from ``seed`` at
+    ``input_shape`` (default: the zoo's input shape for it)."""
+    if name.endswith(".onnx") or os.path.exists(name):
+        return onnx.load(name)
+    if name.startswith(("light_", "mtcnn_")):
+        return public_model(name, seed)
+    import tempfile
+
+    import torch
+
+    from . import zoo  # PyTorch only for the zoo's networks
+
+    if name not in zoo.MODELS:
+        raise ValueError(f"unknown network {name!r}: not an ONNX file, a public model "
+                         f"({', '.join(public_model_names(False))}) or a zoo model ({', '.join(zoo.MODELS)})")
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory(prefix="alcs-network-") as tmp:
+        path = zoo.export_onnx(zoo.get_model(name).eval(), os.path.join(tmp, f"{name}.onnx"),
+                               input_shape or zoo.DEFAULT_INPUT_SHAPES[name])
+        return onnx.load(path)
 
 
 def _mtcnn_dir() -> str | None:

@@ -49,3 +49,21 @@ def test_prune_convs_zeroes_simd_blocks_of_groups_1_convs_only():
 def test_unknown_public_model_is_one_clear_line():
     with pytest.raises(ValueError, match="unknown public model 'light_nope'; choose from light_bvlc_alexnet"):
         public_models.public_model("light_nope")
+
+
+def test_network_resolves_files_public_and_zoo_names(tmp_path):
+    """The tools' --models names: a zoo network is exported at the input shape asked for (seeded weights: the same
+    name gives the same model twice), a public name and an ONNX path load as they are, anything else is one line."""
+    import onnx
+
+    tiny = public_models.network("small_cnn", input_shape=(1, 1, 20, 20))
+    assert public_models.input_shapes(tiny) == {"input": (1, 1, 20, 20)}
+    again = public_models.network("small_cnn", input_shape=(1, 1, 20, 20))
+    assert [numpy_helper.to_array(i).tolist() for i in tiny.graph.initializer] == \
+        [numpy_helper.to_array(i).tolist() for i in again.graph.initializer]
+    squeezenet = public_models.network("light_squeezenet")
+    assert public_models.input_shapes(squeezenet) == {"data_0": (1, 3, 224, 224)}
+    onnx.save(tiny, str(tmp_path / "mine.onnx"))
+    assert public_models.network(str(tmp_path / "mine.onnx")).graph == tiny.graph
+    with pytest.raises(ValueError, match="unknown network 'resnet7': not an ONNX file, a public model"):
+        public_models.network("resnet7")

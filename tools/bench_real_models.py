@@ -42,24 +42,12 @@ def log(msg):
 
 
 def load(name: str, input_shapes=None):
-    """(ONNX model, {input: shape}) for a public model name or an ONNX file path."""
-    import onnx
-
+    """(ONNX model, {input: shape}) for an ONNX file path, a public model name or ``zoo_<zoo model>``."""
     from alcs_tvm import frontend
 
-    if os.path.exists(name):
-        model = onnx.load(name)
-        shapes = frontend.parse_input_shapes(input_shapes) if input_shapes else public_models.input_shapes(model)
-        return model, shapes
-    if name.startswith("zoo_"):
-        from alcs_tvm import zoo
-
-        shape = zoo.DEFAULT_INPUT_SHAPES[name[len("zoo_"):]]
-        with tempfile.TemporaryDirectory() as tmp:
-            path = zoo.export_onnx(zoo.get_model(name[len("zoo_"):]), os.path.join(tmp, "model.onnx"), shape)
-            model = onnx.load(path)
-        return model, public_models.input_shapes(model)
-    model = public_models.public_model(name)
+    model = public_models.network(name[len("zoo_"):] if name.startswith("zoo_") else name)
+    if os.path.exists(name) and input_shapes:
+        return model, frontend.parse_input_shapes(input_shapes)
     return model, public_models.input_shapes(model)
 
 

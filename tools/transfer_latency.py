@@ -32,25 +32,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alcs_tvm import latency_transfer as lt  # noqa: E402
+import onnx  # noqa: E402
+
+from alcs_tvm import latency_transfer as lt, public_models  # noqa: E402
 from alcs_tvm.compiler import model_layers  # noqa: E402
 from alcs_tvm.latency import LatencyTable  # noqa: E402
 from alcs_tvm.target import resolve_target  # noqa: E402
 
 
 def model_path(name_or_path: str, input_shape, work: Path) -> tuple:
-    """``(onnx path, model name)``: an ONNX file as given, a zoo name exported (seed 0) into ``work``."""
+    """``(onnx path, model name)``: an ONNX file as given, a public or zoo network
+    (:func:`alcs_tvm.public_models.network`, seed 0) written into ``work``."""
     path = Path(name_or_path)
     if path.suffix == ".onnx" or path.exists():
         return str(path), path.stem
-    import torch
-
-    from alcs_tvm import zoo
-
-    torch.manual_seed(0)
-    shape = input_shape or zoo.DEFAULT_INPUT_SHAPES[name_or_path]
     out = work / f"{name_or_path}.onnx"
-    zoo.export_onnx(zoo.get_model(name_or_path).eval(), out, shape)
+    onnx.save(public_models.network(name_or_path, input_shape=input_shape), str(out))
     return str(out), name_or_path
 
 
@@ -161,7 +158,7 @@ def alternatives(source, reference, layers, info, measured, name, log) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--source", required=True, help="latency table of the known device (alcs profile)")
-    ap.add_argument("--model", required=True, help="ONNX file or zoo model name (exported with seed 0)")
+    ap.add_argument("--model", required=True, help="ONNX file, public model (light_squeezenet) or zoo model name (exported with seed 0)")
     ap.add_argument("--input-shape", help="input shape for a zoo model, e.g. 1x3x224x224")
     ap.add_argument("--target", default="x86-avx2", help="the new device's target (default x86-avx2)")
     ap.add_argument("--measure", type=int, default=10, help="(layer, sparsity) points measured on it (default 10)")

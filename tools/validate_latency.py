@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alcs_tvm import compiler, frontend, public_models, rpc as alcs_rpc, zoo  # noqa: E402
+from alcs_tvm import compiler, frontend, public_models, rpc as alcs_rpc  # noqa: E402
 from alcs_tvm.profiler import DEFAULT_SPARSITIES, profile_model, random_pruned_onnx  # noqa: E402
 from alcs_tvm.run import time_model, write_sidecar  # noqa: E402
 from alcs_tvm.target import resolve_target  # noqa: E402
@@ -57,25 +57,16 @@ def metrics(predicted, measured) -> dict:
 
 
 def model_source(spec: str, args, work: Path):
-    """``(name, dense ONNX path, input shapes or None)`` for a ``--models`` entry: a zoo model (exported with
-    PyTorch), a public model (``light_squeezenet``, ``mtcnn_onet``: :mod:`alcs_tvm.public_models`) or an ONNX
-    file (its input shapes from ``--input-shapes`` when it has dynamic dims)."""
+    """``(name, dense ONNX path, input shapes or None)`` for a ``--models`` entry: an ONNX file (its input shapes
+    from ``--input-shapes`` when it has dynamic dims), or a public or zoo network written into ``work``
+    (:func:`alcs_tvm.public_models.network`; ``--input-shapes`` sets a zoo network's input shape)."""
     import onnx
 
     if spec.endswith(".onnx"):
         return Path(spec).stem, Path(spec), args.input_shapes
     dense_path = work / f"{spec}.onnx"
-    if spec in public_models.public_model_names(available_only=False):
-        onnx.save(public_models.public_model(spec), str(dense_path))
-        return spec, dense_path, None
-    import torch
-
-    torch.manual_seed(0)
-    model = zoo.get_model(spec).eval()
-    shape = zoo.DEFAULT_INPUT_SHAPES[spec]
-    if args.input_shapes:
-        (shape,) = args.input_shapes.values()
-    zoo.export_onnx(model, dense_path, shape)
+    shape = next(iter(args.input_shapes.values())) if args.input_shapes else None
+    onnx.save(public_models.network(spec, input_shape=shape), str(dense_path))
     return spec, dense_path, None
 
 
