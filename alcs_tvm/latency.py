@@ -18,7 +18,11 @@ File format (JSON)::
                              "whole_dense_spread_ms": .., "convs_dense_ms": ..}}}   # optional
 
 ``models`` ties a profiled model's architecture (its conv layer keys in graph order) to its "rest" time, so
-:meth:`LatencyTable.predict` on any ONNX file of that architecture (e.g. a pruned copy) finds it.
+:meth:`LatencyTable.predict` on any ONNX file of that architecture (e.g. a pruned copy) finds it. It also holds the
+model's cache state: the fraction of each layer's cold-minus-warm gap paid inside the model (``cold_fraction``),
+scaled by :func:`cache_exposure` of the configuration's weight footprint (``rest_weight_bytes`` plus each conv's
+bytes as run) against the cache size the calibration fitted (``cache_bytes``; absent or 0 in older tables: the
+fraction alone).
 """
 from __future__ import annotations
 
@@ -36,13 +40,31 @@ from .layer import Conv2dSpec, layer_key, without_width
 from .target import resolve_target
 from .winograd import WINOGRAD_TILES
 
-__all__ = ["LatencyTable", "LayerProfile", "TableMismatchError", "LayerNotProfiledError", "FORMAT"]
+__all__ = ["LatencyTable", "LayerProfile", "TableMismatchError", "LayerNotProfiledError", "FORMAT", "cache_exposure",
+           "mix_cache_states"]
 
 FORMAT = "alcs-latency-table/1"
 #: the parts of a table that runs sharing it add to, entry by entry
 _MERGED = ("layers", "rest_ms", "models")
 #: the settings every measurement of one table shares (what a resumed profile checks too)
 _SAME_SETTINGS = ("sparsities", "group_widths", "weights")
+
+
+def mix_cache_states(warm: float, cold: float, fraction: float) -> float:
+    """``warm + fraction x (cold - warm)``: a layer inside a model finds its weights partly in the caches and
+    partly evicted by the other layers' since the last inference. A fraction above 1 extrapolates; where noise put
+    the cold sample under the warm one that would go below both measurements (even below zero): no state of the
+    caches is faster than the faster one."""
+    return max(warm + fraction * (cold - warm), min(warm, cold))
+
+
+def cache_exposure(footprint_bytes: float, cache_bytes: float) -> float:
+    """The share of its cache-state gap a model pays when one inference touches ``footprint_bytes`` of weights and
+    the caches keep ``cache_bytes`` of them until the next: ``1 - cache/footprint``, 0 when everything fits. A
+    ``cache_bytes`` of 0 (a model whose calibration found no size, or an older table) pays it whole."""
+    if cache_bytes <= 0:
+        return 1.0
+    return max(0.0, 1.0 - cache_bytes / footprint_bytes) if footprint_bytes > 0 else 0.0
 
 
 class LayerNotProfiledError(TableMismatchError, LookupError):
@@ -80,23 +102,16 @@ class LayerProfile:
         return layer_key(self.spec, self.vector_width)
 
     def mix_cache_states(self, cold_fraction: float):
-        """``sparse_ms``/``dense_ms`` := warm + ``cold_fraction`` x (cold - warm). Inside a model a layer's
-        weights come partly from memory (evicted by the other layers' weights since the last inference) and
-        partly from the caches; the profiler calibrates the fraction on whole-model measurements."""
+        """``sparse_ms``/``dense_ms``/``winograd_ms`` := :func:`mix_cache_states` of the warm and cold measurements
+        at ``cold_fraction``, which the profiler calibrates on whole-model measurements."""
         if self.warm_ms is None or self.cold_ms is None:
             return
         a = float(cold_fraction)
-
-        def mix(warm, cold):
-            # a fraction above 1 extrapolates; where noise put the cold sample under the warm one, that would go
-            # below both measurements (even below zero): no state of the caches is faster than the faster one
-            return max(warm + a * (cold - warm), min(warm, cold))
-
-        self.sparse_ms = [mix(w, c) for w, c in zip(self.warm_ms, self.cold_ms)]
+        self.sparse_ms = [mix_cache_states(w, c, a) for w, c in zip(self.warm_ms, self.cold_ms)]
         if self.dense_warm_ms is not None and self.dense_cold_ms is not None:
-            self.dense_ms = mix(self.dense_warm_ms, self.dense_cold_ms)
+            self.dense_ms = mix_cache_states(self.dense_warm_ms, self.dense_cold_ms, a)
         if self.winograd_warm_ms is not None and self.winograd_cold_ms is not None:
-            self.winograd_ms = mix(self.winograd_warm_ms, self.winograd_cold_ms)
+            self.winograd_ms = mix_cache_states(self.winograd_warm_ms, self.winograd_cold_ms, a)
 
     def sparse_latency(self, sparsity: float) -> float:
         """Piece-wise linear in sparsity between grid points, exact at them, clamped at the grid's ends."""
@@ -131,6 +146,23 @@ class LayerProfile:
     def latency(self, sparsity: float) -> float:
         """What the compiler would run: the fastest of sparse at this sparsity, dense and Winograd."""
         return min(self.options(sparsity).values())
+
+    def fastest(self, sparsity: float) -> str:
+        """The option :meth:`latency` takes (the compiler's choice; ties to the earlier of :meth:`options`)."""
+        options = self.options(sparsity)
+        return min(options, key=options.get)
+
+    def weight_bytes(self, option: str, sparsity: float) -> float:
+        """Bytes of weights one call of ``option`` reads: the kept blocks of the sparse kernel, the dense weight,
+        or Winograd F(m x m)'s transformed weight ((m + 2)^2 / 9 times the dense one)."""
+        spec = self.spec
+        dense = 4.0 * spec.in_channels * spec.out_channels * spec.kernel[0] * spec.kernel[1]
+        if option == "sparse":
+            return dense * (1.0 - sparsity)
+        if option.startswith("winograd"):
+            m = int(option[len("winograd"):])
+            return dense * (m + 2) ** 2 / 9.0
+        return dense
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -359,16 +391,42 @@ class LatencyTable:
         """
         if isinstance(layers, (str, bytes, os.PathLike)) or type(layers).__name__ == "ModelProto":
             return self.predict_model(layers, rest_model, target=target, input_shapes=input_shapes)
-        breakdown = {}
-        for name, spec, vector_width, sparsity in layers:
-            breakdown[name] = self.layer_latency(spec, vector_width, sparsity)
+        layers = list(layers)
+        if rest_model is not None and rest_model not in self.rest_ms:
+            raise LayerNotProfiledError(f"no 'rest of model' time for {rest_model!r} in the table")
+        breakdown = {name: self.layer_latency(spec, vector_width, sparsity)
+                     for name, spec, vector_width, sparsity in layers}
+        entry = self.models.get(rest_model, {}) if rest_model is not None else {}
+        if entry.get("cache_bytes"):
+            breakdown.update(self._in_cache_state(layers, entry))
         total = sum(breakdown.values())
         if rest_model is not None:
-            if rest_model not in self.rest_ms:
-                raise LayerNotProfiledError(f"no 'rest of model' time for {rest_model!r} in the table")
             breakdown["(rest of model)"] = self.rest_ms[rest_model]
             total += self.rest_ms[rest_model]
         return total, breakdown
+
+    def footprint(self, run, rest_weight_bytes: float = 0.0) -> float:
+        """Weight bytes one inference reads: ``rest_weight_bytes`` plus each conv's as it runs, ``run`` a list of
+        ``(layer key, option, sparsity)`` (:meth:`LayerProfile.options` names the options)."""
+        return rest_weight_bytes + sum(self.layers[key].weight_bytes(option, sparsity) for key, option, sparsity in run)
+
+    def _in_cache_state(self, layers, entry) -> dict:
+        """Each layer's latency with its cache states mixed by the model's fraction times the exposure of this
+        configuration's footprint (each conv as the compiler picks it), where the table's values hold the unpruned
+        model's."""
+        picked = [(name, profile, profile.fastest(sparsity), sparsity)
+                  for name, profile, sparsity in ((name, self.profile_for(spec, vector_width), sparsity)
+                                                  for name, spec, vector_width, sparsity in layers)]
+        footprint = entry.get("rest_weight_bytes", 0.0) + sum(p.weight_bytes(o, s) for _, p, o, s in picked)
+        fraction = entry["cold_fraction"] * cache_exposure(footprint, entry["cache_bytes"])
+        found = {}
+        for name, profile, option, sparsity in picked:
+            if profile.warm_ms is None or profile.cold_ms is None:  # estimated, or one cache state measured
+                continue
+            warm, cold = profile.cache_states(option, sparsity)
+            if warm is not None and cold is not None:
+                found[name] = mix_cache_states(warm, cold, fraction)
+        return found
 
     def target_object(self):
         return tvm.target.Target(dict(self.target))
@@ -389,8 +447,7 @@ class LatencyTable:
         raise LayerNotProfiledError("no model with these conv layers has its 'rest of model' time in the table; "
                                     "profile this model (alcs profile)")
 
-    def predict_model(self, model, per_layer_sparsity=None, *, target=None, input_shapes=None,
-                      with_rest: bool = True):
+    def predict_model(self, model, per_layer_sparsity=None, *, target=None, input_shapes=None):
         """See :meth:`predict`. Returns ``(total_ms, {layer name: ms, "(rest of model)": ms})``."""
         layers = model_layers(model, target if target is not None else self.target_info(),
                               input_shapes=input_shapes)
@@ -401,9 +458,4 @@ class LatencyTable:
                              f"{sorted(unknown)}")
         rows = [(layer.name, layer.spec, layer.vector_width,
                  min(1.0, max(0.0, float(sparsity.get(layer.name, 1.0 - layer.density))))) for layer in layers]
-        total, breakdown = self.predict(rows)
-        if with_rest:
-            rest = self.rest_model_for([layer.key for layer in layers])
-            breakdown["(rest of model)"] = self.rest_ms[rest]
-            total += self.rest_ms[rest]
-        return total, breakdown
+        return self.predict(rows, self.rest_model_for([layer.key for layer in layers]))

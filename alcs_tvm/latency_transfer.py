@@ -83,7 +83,8 @@ def source_cold_fraction(source: LatencyTable, model_name: str | None = None) ->
         return 1.0
     if weights == "warm":
         return 0.0
-    fractions = {name: entry["cold_fraction"] for name, entry in source.models.items() if "cold_fraction" in entry}
+    fractions = {name: entry.get("table_cold_fraction", entry["cold_fraction"])
+                 for name, entry in source.models.items() if "cold_fraction" in entry}
     if model_name in fractions:
         return float(fractions[model_name])
     return float(np.median(list(fractions.values()))) if fractions else 0.0

@@ -46,7 +46,7 @@ from .compiler import compile as alcs_compile
 from .files import TableMismatchError, check_same_device
 from .kernels import build_sparse_conv2d, sparse_conv2d_kernel
 from .layer import layer_key
-from .latency import LatencyTable, LayerProfile
+from .latency import LatencyTable, LayerProfile, cache_exposure
 from .pruning import export_pruned, find_prunable_layers
 from .run import run_model, time_model, write_sidecar
 from .sparse_format import BlockSparseWeight, layer_group_width, random_block_sparse
@@ -334,19 +334,45 @@ def random_pruned_onnx(onnx_model, vector_width, sparsity_by_name, rng):
 MAX_COLD_FRACTION = 4.0
 
 
-def calibrate_cold_fraction(table, runs, wholes_ms):
-    """Fit ``whole = rest + sum(warm + a * (cold - warm))`` over whole-model measurements (the unpruned model and
-    copies pruned at :data:`CALIBRATION_SPARSITIES`) for the cold fraction ``a`` and ``rest``: least squares in
-    relative error, ``a`` in [0, :data:`MAX_COLD_FRACTION`] and ``rest >= 0``. When the cache states differ by
-    under 2% of the model across the points, ``a`` is irrelevant and 0. ``runs``: what each build runs per conv,
-    ``(layer key, option, sparsity)`` (:func:`layer_options`), the option one of :meth:`LayerProfile.options`;
-    ``wholes_ms``: each build's measured time. Returns ``(a, rest)``."""
+#: cache sizes the calibration tries, as fractions of the largest calibration point's weight footprint (a cache
+#: holding more than that keeps every configuration whole, and the fraction stops mattering)
+CACHE_SIZE_GRID = np.linspace(0.0, 1.0, 33)
+
+
+def calibrate_cold_fraction(table, runs, wholes_ms, rest_weight_bytes=None):
+    """Fit ``whole = rest + sum(warm + a * e * (cold - warm))`` over whole-model measurements (the unpruned model and
+    copies pruned at :data:`CALIBRATION_SPARSITIES`) for the cold fraction ``a``, ``rest`` and the cache size
+    ``C`` in the exposure ``e = cache_exposure(footprint, C)`` (:func:`~alcs_tvm.latency.cache_exposure`): a
+    small model whose weights fit in the caches once pruned (MTCNN's O-Net, 1.2-2.2 MB) finds them there, a big
+    one does not whatever its sparsity. Least squares in relative error, ``a`` in [0, :data:`MAX_COLD_FRACTION`],
+    ``rest >= 0``, ``C`` the best of :data:`CACHE_SIZE_GRID` (0, the fraction alone, on ties).
+
+    ``runs``: what each build runs per conv, ``(layer key, option, sparsity)`` (:func:`layer_options`), the option
+    one of :meth:`LayerProfile.options`; ``wholes_ms``: each build's measured time; ``rest_weight_bytes``: the
+    bytes of the model's weights that are not in ``runs`` (None: the cache size is not fitted, ``C = 0``). Returns
+    ``(a, rest, C)``."""
     warm, gap = [], []
     for run in runs:
         states = [table.layers[key].cache_states(option, sparsity) for key, option, sparsity in run]
         warm.append(sum(w for w, _ in states))
         gap.append(sum(c - w for w, c in states))
     y, warm, gap = (np.asarray(v, float) for v in (wholes_ms, warm, gap))
+    footprint = [1.0] * len(runs)  # any, with no cache size to set it against
+    sizes = [0.0]
+    if rest_weight_bytes is not None:
+        footprint = [table.footprint(run, rest_weight_bytes) for run in runs]
+        sizes = [f * max(footprint) for f in CACHE_SIZE_GRID]
+    best = None
+    for size in sizes:
+        exposed = gap * np.array([cache_exposure(f, size) for f in footprint])
+        a, rest, objective = _fit_fraction(y, warm, exposed)
+        if best is None or objective < best[3] * (1 - 1e-9):
+            best = (a, rest, float(size), objective)
+    return best[:3]
+
+
+def _fit_fraction(y, warm, gap):
+    """``(a, rest, objective)`` of ``y = rest + warm + a * gap`` by least squares in relative error, bounded."""
     weight = 1.0 / y  # relative errors: a small pruned model's point counts as much as the dense one
 
     def fit_rest(a):  # the weighted least-squares rest for a given fraction
@@ -355,7 +381,7 @@ def calibrate_cold_fraction(table, runs, wholes_ms):
     def objective(a, rest):
         return float(np.sum((weight * (y - rest - warm - a * gap)) ** 2))
 
-    if np.ptp(gap) < 0.02 * y.max():
+    if np.ptp(gap) < 0.02 * y.max():  # the cache states differ by under 2% of the model: a is irrelevant, 0
         candidates = [(0.0, fit_rest(0.0))]
     else:
         design = np.stack([np.ones_like(y), gap], axis=1) * weight[:, None]
@@ -368,8 +394,18 @@ def calibrate_cold_fraction(table, runs, wholes_ms):
         candidates.append((min(MAX_COLD_FRACTION, max(0.0, through)), 0.0))
     feasible = [(a, r) for a, r in candidates if 0.0 <= a <= MAX_COLD_FRACTION and r >= 0.0]
     if not feasible:  # the convs alone take longer than the measured models even warm: a busy host
-        return 0.0, fit_rest(0.0)
-    return min(feasible, key=lambda ar: objective(*ar))
+        feasible = [(0.0, fit_rest(0.0))]
+    a, rest = min(feasible, key=lambda ar: objective(*ar))
+    return a, rest, objective(a, rest)
+
+
+def rest_weight_bytes(onnx_model, layers) -> float:
+    """Bytes of ``onnx_model``'s initializers other than the weights of ``layers`` (its rewritable convs, named as
+    the ONNX nodes): what the rest of the model reads per inference besides the convs' weights."""
+    conv_weights = {node.input[1] for node in onnx_model.graph.node
+                    if node.op_type == "Conv" and node.name in {layer.name for layer in layers}}
+    return float(sum(onnx.numpy_helper.to_array(init).nbytes for init in onnx_model.graph.initializer
+                     if init.name not in conv_weights))
 
 
 def layer_options(report) -> list:
@@ -526,8 +562,9 @@ def _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities,
     progress = Progress(todo, label="to measure", quiet=quiet)
     progress.show(f"(resumed: {skipped} layers already in the table)" if skipped else "")
     # a layer measured after the calibration (a table resumed with the model's rest done) mixes its cache states
-    # by the calibrated fraction; before it, the calibration below mixes every layer
-    fraction = fixed_fraction if fixed_fraction is not None else previous.get("cold_fraction", 0.0)
+    # as the calibration mixed the others; before it, the calibration below mixes every layer
+    fraction = fixed_fraction if fixed_fraction is not None else previous.get(
+        "table_cold_fraction", previous.get("cold_fraction", 0.0))
     for k in distinct:
         if k in table.layers:
             continue
@@ -553,14 +590,23 @@ def _profile(table, layers, info, onnx_model, mod, measurer, output, sparsities,
             # episodes alone
             timed = _time_whole(measurer, builds + builds, repeat, min_repeat_ms)
             (whole, spread) = timed[0]
-            fraction, rest_fit = calibrate_cold_fraction(table, [b[2] for b in builds], [t[0] for t in timed])
+            rest_bytes = rest_weight_bytes(onnx_model, layers)
+            fraction, rest_fit, cache_bytes = calibrate_cold_fraction(
+                table, [b[2] for b in builds], [t[0] for t in timed], rest_bytes)
+            entry.update({"cache_bytes": cache_bytes, "rest_weight_bytes": rest_bytes})
             # each point with what its build ran: the fit can be redone, or another cache model tried, offline
             entry["calibration"] = [{"sparsity": s, "whole_ms": t[0], "run": [list(option) for option in b[2]]}
                                     for s, t, b in zip((0.0,) + CALIBRATION_SPARSITIES, timed, builds)]
         else:
             [(whole, spread)] = _time_whole(measurer, [dense_build], repeat, min_repeat_ms)
+            entry.update({"cache_bytes": 0.0})  # a fixed state whatever the footprint
+        # the table's values: each layer in the unpruned model's cache state (what the compiler's choices and the
+        # pruner's per-layer costs use); a prediction mixes a configuration's own (LatencyTable.predict)
+        unpruned_state = fraction * cache_exposure(table.footprint(dense_build[2], entry.get("rest_weight_bytes", 0)),
+                                                   entry.get("cache_bytes", 0.0))
         for k in distinct:
-            table.layers[k].mix_cache_states(fraction)
+            table.layers[k].mix_cache_states(unpruned_state)
+        entry["table_cold_fraction"] = unpruned_state
         convs = sum(table.layers[key].options(sparsity)[option] for key, option, sparsity in dense_build[2])
         if fixed_fraction is not None:
             rest_fit = whole - convs

@@ -15,7 +15,8 @@ import tvm
 from helpers import REPO, run_cli
 
 from alcs_tvm import frontend, zoo
-from alcs_tvm.latency import LatencyTable, LayerNotProfiledError, LayerProfile, TableMismatchError
+from alcs_tvm.latency import (LatencyTable, LayerNotProfiledError, LayerProfile, TableMismatchError, cache_exposure,
+                               mix_cache_states)
 from alcs_tvm.layer import Conv2dSpec, layer_key
 from alcs_tvm.profiler import MAX_COLD_FRACTION
 from alcs_tvm.target import resolve_target
@@ -160,6 +161,19 @@ def onnx_models(tmp_path_factory):
     return {"small_cnn": small, "dir": d}
 
 
+def _in_model_ms(table, model_name, layers_at) -> dict:
+    """What a prediction gives each conv of ``layers_at`` (``(ModelLayer, sparsity)`` pairs, one configuration of the
+    profiled model ``model_name``): the option the compiler picks, its warm and cold times mixed at the model's cache
+    fraction times the exposure of the configuration's weight footprint; the table's values with no cache size."""
+    entry = table.models[model_name]
+    picked = [(layer, table.layers[layer.key].fastest(s), s) for layer, s in layers_at]
+    if not entry.get("cache_bytes"):  # one state for every configuration: the table's values are it
+        return {layer.name: table.layers[layer.key].latency(s) for layer, s in layers_at}
+    footprint = table.footprint([(layer.key, o, s) for layer, o, s in picked], entry["rest_weight_bytes"])
+    state = entry["cold_fraction"] * cache_exposure(footprint, entry["cache_bytes"])
+    return {layer.name: mix_cache_states(*table.layers[layer.key].cache_states(o, s), state) for layer, o, s in picked}
+
+
 @pytest.mark.device
 def test_profile_predict_and_compile_decisions_x86(rpc_devices, onnx_models, tmp_path):
     from alcs_tvm import compiler
@@ -197,15 +211,20 @@ def test_profile_predict_and_compile_decisions_x86(rpc_devices, onnx_models, tmp
     assert [c["sparsity"] for c in entry["calibration"]] == [0.0, 0.5, 0.8, 0.95]
     assert entry["calibration"][0]["run"] == entry["dense_run"] and all(c["run"] for c in entry["calibration"])
     # the stored points and runs give back the table's fit
-    fraction, rest = calibrate_cold_fraction(loaded, [c["run"] for c in entry["calibration"]],
-                                             [c["whole_ms"] for c in entry["calibration"]])
+    fraction, rest, cache = calibrate_cold_fraction(loaded, [c["run"] for c in entry["calibration"]],
+                                                    [c["whole_ms"] for c in entry["calibration"]],
+                                                    entry["rest_weight_bytes"])
     assert fraction == pytest.approx(entry["cold_fraction"]) and rest == pytest.approx(entry["rest_fit_ms"])
+    assert cache == pytest.approx(entry["cache_bytes"])
+    # the rest's weights: the classifier's (small_cnn's only non-conv weights) and every bias
+    assert entry["rest_weight_bytes"] > 0
     _, unpruned = compiler.compile(onnx_models["small_cnn"], "x86", latency_table=loaded)
     if [list(o) for o in layer_options(unpruned)] == entry["dense_run"]:
         assert total == pytest.approx(entry["convs_dense_ms"] + entry["rest_ms"])
     sparse_total, sparse_breakdown = loaded.predict(onnx_models["small_cnn"], {l.name: 0.9 for l in layers})
-    for l in layers:
-        assert sparse_breakdown[l.name] == pytest.approx(loaded.layers[l.key].latency(0.9))
+    expected = _in_model_ms(loaded, "small_cnn", [(l, 0.9) for l in layers])
+    assert {name: sparse_breakdown[name] for name in expected} == pytest.approx(expected)
+    assert sparse_total == pytest.approx(sum(sparse_breakdown.values()))
     with pytest.raises(ValueError, match="no rewritable conv"):
         loaded.predict(onnx_models["small_cnn"], {"nope": 0.5})
     # the same table drives the compiler's decisions
@@ -372,7 +391,10 @@ def test_a_conv_run_wider_dense_than_pruned_is_profiled_at_both_widths(rpc_devic
     [_, pruned_classifier] = model_layers(pruned, info)
     assert pruned_classifier.vector_width == 16
     total, breakdown = table.predict(pruned)
-    assert breakdown[classifier.name] == pytest.approx(table.layers[layer_key(classifier.spec, 16)].latency(0.5))
+    [conv, _] = model_layers(pruned, info)
+    expected = _in_model_ms(table, "classifier", [(conv, 1 - conv.density), (pruned_classifier, 0.5)])
+    assert pruned_classifier.key == layer_key(classifier.spec, 16)
+    assert breakdown[classifier.name] == pytest.approx(expected[classifier.name])
     assert breakdown["(rest of model)"] == table.rest_ms["classifier"]
     _, report = compiler.compile(pruned, info, latency_table=table)
     assert [d.vector_width for d in report.layers if d.name == classifier.name] == [16]
@@ -417,21 +439,78 @@ def test_cold_fraction_calibration_fits_the_points_then_bounded_by_a_non_negativ
 
     # consistent points are reproduced exactly, whatever the fraction (3 > the old cap of 2)
     table, runs, wholes = _two_layer_calibration_case(3.0, 0.5)
-    fraction, rest = calibrate_cold_fraction(table, runs, wholes)
+    fraction, rest, _ = calibrate_cold_fraction(table, runs, wholes)
     assert fraction == pytest.approx(3.0) and rest == pytest.approx(0.5)
     # one point off by 10 %: a least-squares fit moves less than the exact fit through that point and the unpruned
     # one, which is what calibrating on two points did
     table, runs, wholes = _two_layer_calibration_case(1.0, 0.5)
     noisy = list(wholes)
     noisy[2] *= 1.1
-    fraction, rest = calibrate_cold_fraction(table, runs, noisy)
-    two_point, _ = calibrate_cold_fraction(table, runs[:1] + runs[2:3], noisy[:1] + noisy[2:3])
+    fraction, rest, _ = calibrate_cold_fraction(table, runs, noisy)
+    two_point, _, _ = calibrate_cold_fraction(table, runs[:1] + runs[2:3], noisy[:1] + noisy[2:3])
     assert abs(fraction - 1.0) < abs(two_point - 1.0)
     # measurements that would need a negative rest: the rest is 0 and the fraction fits alone
     table, runs, wholes = _two_layer_calibration_case(3.0, -0.05)
-    fraction, rest = calibrate_cold_fraction(table, runs, wholes)
+    fraction, rest, _ = calibrate_cold_fraction(table, runs, wholes)
     assert rest == 0.0 and 0.0 < fraction < 3.0
     # and never above the sanity cap
     table, runs, wholes = _two_layer_calibration_case(MAX_COLD_FRACTION + 3, 5.0)
-    fraction, rest = calibrate_cold_fraction(table, runs, wholes)
+    fraction, rest, _ = calibrate_cold_fraction(table, runs, wholes)
     assert fraction == MAX_COLD_FRACTION and rest > 0
+
+
+def _in_state(table, run, fraction, rest):
+    """``rest`` plus each conv of ``run`` with its warm and cold times mixed at ``fraction``."""
+    return rest + sum(mix_cache_states(*table.layers[k].cache_states(o, s), fraction) for k, o, s in run)
+
+
+def test_a_model_whose_pruned_weights_fit_in_cache_pays_no_cache_gap_once_pruned():
+    """MTCNN O-Net's case: a model of 2.2 MB of weights unpruned and 1.3 MB pruned finds them in the caches once
+    pruned. From whole-model times made with a cache of C bytes the calibration finds C (within its grid's step)
+    and the fraction; a prediction mixes each configuration's cache state by its own footprint; an older table (no
+    cache size) is the one fraction's model."""
+    from alcs_tvm.profiler import CACHE_SIZE_GRID, calibrate_cold_fraction
+
+    grid = [0.0, 0.5, 0.8, 0.95]
+    table = _table()
+    table.layers.clear()
+    specs = [Conv2dSpec.create((1, 64, 10, 10), (64, 64, 3, 3), 1, 1),
+             Conv2dSpec.create((1, 128, 6, 6), (128, 128, 3, 3), 1, 1)]
+    for spec, ms in zip(specs, (0.02, 0.06)):
+        warm = [ms * (1 - s) + 0.002 for s in grid]
+        cold = [w + 3 * ms * (1 - s) for w, s in zip(warm, grid)]
+        profile = LayerProfile(spec, 16, grid, list(warm), [0.0] * 4, warm[0], 0.0, warm, cold, warm[0], cold[0])
+        table.layers[profile.key] = profile
+    keys = list(table.layers)
+    rest_bytes, fraction, rest = 1.2e6, 0.8, 0.03
+    runs = [[(k, "dense" if s == 0 else "sparse", s) for k in keys] for s in grid]
+    cache = table.footprint(runs[1], rest_bytes)  # the 50 % copy just fits
+
+    def whole(run, a, c, r):
+        return _in_state(table, run, a * cache_exposure(table.footprint(run, rest_bytes), c), r)
+
+    wholes = [whole(run, fraction, cache, rest) for run in runs]
+    a, r, c = calibrate_cold_fraction(table, runs, wholes, rest_bytes)
+    assert abs(c - cache) <= table.footprint(runs[0], rest_bytes) / (len(CACHE_SIZE_GRID) - 1)
+    fitted = [whole(run, a, c, r) for run in runs]
+    assert fitted == pytest.approx(wholes, rel=0.02)
+    # one fraction for every configuration fits them worse
+    one_a, one_r, no_cache = calibrate_cold_fraction(table, runs, wholes)
+    one = [_in_state(table, run, one_a, one_r) for run in runs]
+    assert no_cache == 0.0
+    assert max(abs(p / w - 1) for p, w in zip(one, wholes)) > 2 * max(abs(p / w - 1) for p, w in zip(fitted, wholes))
+
+    table.rest_ms["m"] = r
+    table.models["m"] = {"layers": [["c0", keys[0]], ["c1", keys[1]]], "cold_fraction": a, "cache_bytes": c,
+                         "rest_weight_bytes": rest_bytes}
+    for p in table.layers.values():  # the table's own values: the unpruned model's cache state
+        p.mix_cache_states(a * cache_exposure(table.footprint(runs[0], rest_bytes), c))
+    for i, s in enumerate(grid):
+        total, breakdown = table.predict([("c0", specs[0], 16, s), ("c1", specs[1], 16, s)], "m")
+        assert total == pytest.approx(fitted[i]) and set(breakdown) == {"c0", "c1", "(rest of model)"}
+    # pruned, the model pays less than the unpruned state's values say; an older table sums those values
+    del table.models["m"]["cache_bytes"]
+    pruned = [("c0", specs[0], 16, 0.8), ("c1", specs[1], 16, 0.8)]
+    old_total, _ = table.predict(pruned, "m")
+    assert old_total == pytest.approx(r + sum(table.layers[k].latency(0.8) for k in keys))
+    assert old_total > fitted[2] * 1.05

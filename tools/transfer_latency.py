@@ -256,7 +256,8 @@ def main(argv=None):
         print_comparison(summary["comparison"], f"against {args.reference} (every layer):", log)
         print_comparison(summary["comparison_unmeasured_layers"], "the layers not measured on the device:", log)
         fraction = table.settings["transfer"]["cold_fraction"]
-        ref_fraction = reference.models.get(name, {}).get("cold_fraction")
+        ref_entry = reference.models.get(name, {})
+        ref_fraction = ref_entry.get("table_cold_fraction", ref_entry.get("cold_fraction"))
         summary["comparison_same_fraction"] = lt.compare_tables(table, reference, cold_fraction=fraction)
         print_comparison(summary["comparison_same_fraction"],
                          f"the reference's raw times mixed at the prediction's cache-state fraction {fraction:.2f} "
