@@ -61,7 +61,7 @@ __all__ = ["profile_model", "Measurer", "DEFAULT_SPARSITIES", "measure_layer", "
 DEFAULT_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 #: the whole model with every conv at each of these sparsities (random SIMD masks), and unpruned: the points the
 #: cache-state calibration fits
-CALIBRATION_SPARSITIES = (0.5, 0.8, 0.95)
+CALIBRATION_SPARSITIES = (0.3, 0.5, 0.65, 0.8, 0.95)
 
 
 # ----------------------------------------------------------------------------------------------- measuring

@@ -178,7 +178,7 @@ def _in_model_ms(table, model_name, layers_at) -> dict:
 def test_profile_predict_and_compile_decisions_x86(rpc_devices, onnx_models, tmp_path):
     from alcs_tvm import compiler
     from alcs_tvm.compiler import model_layers
-    from alcs_tvm.profiler import calibrate_cold_fraction, layer_options, profile_model
+    from alcs_tvm.profiler import CALIBRATION_SPARSITIES, calibrate_cold_fraction, layer_options, profile_model
 
     out = tmp_path / "x86.json"
     measured = []
@@ -208,7 +208,7 @@ def test_profile_predict_and_compile_decisions_x86(rpc_devices, onnx_models, tmp
     # the cache-state calibration measured the unpruned model as the table-driven compiler builds it (Winograd
     # where the table says so), so where the final table picks as that build ran, its prediction is that time
     entry = loaded.models["small_cnn"]
-    assert [c["sparsity"] for c in entry["calibration"]] == [0.0, 0.5, 0.8, 0.95]
+    assert [c["sparsity"] for c in entry["calibration"]] == [0.0, *CALIBRATION_SPARSITIES]
     assert entry["calibration"][0]["run"] == entry["dense_run"] and all(c["run"] for c in entry["calibration"])
     # the stored points and runs give back the table's fit
     fraction, rest, cache = calibrate_cold_fraction(loaded, [c["run"] for c in entry["calibration"]],
