@@ -141,3 +141,20 @@ def thread_env(n: int, base: dict | None = None) -> dict:
     for key in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[key] = str(int(n))
     return env
+
+
+def rows_per_thread_count(command: list, threads, workdir: str) -> list:
+    """Run ``command + ["--threads", n, "--_worker", FILE]`` once per thread count ``n``, each in its own process
+    with ``n`` threads everywhere (TVM's pool takes its size once per process), and join the JSON lists the runs
+    write to their FILEs (in ``workdir``). A run that fails raises ``CalledProcessError``."""
+    import json
+    import subprocess
+
+    rows = []
+    for n in threads:
+        out = os.path.join(workdir, f"rows_{int(n)}t.json")
+        subprocess.run(list(command) + ["--threads", str(int(n)), "--_worker", out], check=True, env=thread_env(n))
+        with open(out) as f:
+            rows += json.load(f)
+        os.remove(out)
+    return rows

@@ -1,7 +1,7 @@
 """The benchmarks' timing method: interleaved rounds, and runtimes timed apart from the others."""
 import time
 
-from alcs_tvm.timing import measure_interleaved
+from alcs_tvm.timing import measure_interleaved, rows_per_thread_count
 
 
 def _busy(calls, name, seconds):
@@ -32,3 +32,27 @@ def test_interleaved_rounds_and_candidates_timed_apart():
         s = stats[name]
         assert len(s.samples) == 4 and s.min <= s.median
         assert seconds * 1e3 <= s.min < seconds * 1e3 * 3  # ms per call, a busy loop of known length
+
+
+def test_rows_per_thread_count_runs_one_process_per_count_with_that_many_threads(tmp_path):
+    """The benchmarks' worker protocol: each count runs in its own process, told its count by --threads and by the
+    thread variables of its environment, and the rows its --_worker file holds are joined in the counts' order."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "args = dict(zip(sys.argv[1::2], sys.argv[2::2]))\n"
+        "if args['--fail'] == args['--threads']: sys.exit(3)\n"
+        "row = {'threads': int(args['--threads']), 'pid': os.getpid(), 'env': os.environ['TVM_NUM_THREADS'],\n"
+        "       'omp': os.environ['OMP_NUM_THREADS']}\n"
+        "json.dump([row, dict(row, second=True)], open(args['--_worker'], 'w'))\n")
+    rows = rows_per_thread_count([sys.executable, str(script), "--fail", "0"], [2, 1], str(tmp_path))
+    assert [(r["threads"], r["env"], r["omp"]) for r in rows] == [(2, "2", "2"), (2, "2", "2"), (1, "1", "1"),
+                                                                   (1, "1", "1")]
+    assert rows[0]["pid"] != rows[2]["pid"] and not list(tmp_path.glob("rows_*"))
+    with pytest.raises(subprocess.CalledProcessError):
+        rows_per_thread_count([sys.executable, str(script), "--fail", "1"], [2, 1], str(tmp_path))

@@ -30,6 +30,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -400,26 +401,21 @@ def main(argv=None):
     if trials > 0:  # tune once, up front, in this process (cached), so the workers only load records
         tune_layers(names, trials, verbose=args.verbose_tuning)
     results = []
-    from alcs_tvm.timing import thread_env
+    from alcs_tvm.timing import rows_per_thread_count
 
-    for n in threads:
-        if args.in_process:
+    if args.in_process:
+        for n in threads:
             results += run_worker(names, sparsities, n, trials, args.repeat, args.seed, args.vector_width)
-            continue
-        out = os.path.join(os.path.dirname(os.path.abspath(args.json)) or ".", f".bench_kernels_{n}t.json")
-        os.makedirs(os.path.dirname(out), exist_ok=True)
+    else:
         cmd = [sys.executable, os.path.abspath(__file__), "--layers", ",".join(names), "--sparsities",
-               ",".join(map(str, sparsities)), "--threads", str(n), "--tune-trials", str(trials),
-               "--repeat", str(args.repeat), "--seed", str(args.seed), "--_worker", out]
+               ",".join(map(str, sparsities)), "--tune-trials", str(trials), "--repeat", str(args.repeat),
+               "--seed", str(args.seed)]
         if args.vector_width:
             cmd += ["--vector-width", str(args.vector_width)]
         if args.verbose_tuning:
             cmd.append("--verbose-tuning")
-        log(f"[bench] {n} thread(s): subprocess {' '.join(cmd[2:])}")
-        subprocess.run(cmd, check=True, env=thread_env(n))
-        with open(out) as fh:
-            results += json.load(fh)
-        os.remove(out)
+        log(f"[bench] one subprocess per thread count: {' '.join(cmd[2:])}")
+        results = rows_per_thread_count(cmd, threads, tempfile.mkdtemp(prefix="bench_kernels_"))
     elapsed = time.perf_counter() - start
 
     print("\n==================== summary ====================")

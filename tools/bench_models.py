@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -151,18 +150,13 @@ def main(argv=None):
         with open(args._worker, "w") as f:
             json.dump(run_worker(models, sparsities, threads[0], args.repeat, args.vector_width, args.tune), f)
         return 0
-    from alcs_tvm.timing import thread_env
+    from alcs_tvm.timing import rows_per_thread_count
 
-    rows = []
-    for n in threads:
-        out = os.path.join(tempfile.mkdtemp(prefix="bench_models_"), "rows.json")
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--models", args.models, "--sparsities",
-                        args.sparsities, "--threads", str(n), "--repeat", str(args.repeat), "--_worker", out]
-                       + ([] if args.vector_width is None else ["--vector-width", str(args.vector_width)])
-                       + (["--tune"] if args.tune else []),
-                       check=True, env=thread_env(n))
-        with open(out) as f:
-            rows += json.load(f)
+    rows = rows_per_thread_count([sys.executable, os.path.abspath(__file__), "--models", args.models, "--sparsities",
+                                  args.sparsities, "--repeat", str(args.repeat)]
+                                 + ([] if args.vector_width is None else ["--vector-width", str(args.vector_width)])
+                                 + (["--tune"] if args.tune else []), threads,
+                                 tempfile.mkdtemp(prefix="bench_models_"))
     print("\n".join(table(rows)))
     for r in rows:
         print(f"{r['model']} {r['sparsity']}% {r['threads']}t time split: "

@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -162,18 +161,12 @@ def main(argv=None):
         with open(args._worker, "w") as f:
             json.dump(run_worker(names, sparsities, threads[0], args.repeat, args._cache, args.input_shapes), f)
         return 0
-    from alcs_tvm.timing import thread_env
+    from alcs_tvm.timing import rows_per_thread_count
 
-    rows = []
-    cache = tempfile.mkdtemp(prefix="bench_real_models_")
-    for n in threads:
-        out = os.path.join(cache, f"rows_{n}.json")
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--models", ",".join(names), "--sparsities",
-                        args.sparsities, "--threads", str(n), "--repeat", str(args.repeat), "--_worker", out,
-                        "--_cache", cache] + (["--input-shapes", args.input_shapes] if args.input_shapes else []),
-                       check=True, env=thread_env(n))
-        with open(out) as f:
-            rows += json.load(f)
+    cache = tempfile.mkdtemp(prefix="bench_real_models_")  # compiled libraries, shared by the thread counts' runs
+    rows = rows_per_thread_count([sys.executable, os.path.abspath(__file__), "--models", ",".join(names),
+                                  "--sparsities", args.sparsities, "--repeat", str(args.repeat), "--_cache", cache]
+                                 + (["--input-shapes", args.input_shapes] if args.input_shapes else []), threads, cache)
     rows.sort(key=lambda r: (names.index(r["model"]), r["sparsity"], r["threads"]))
     print("\n".join(table(rows)))
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
