@@ -55,6 +55,29 @@ def torch_conv(x, weight, bias, stride, padding, dilation, activation):
     return out.numpy()
 
 
+def export_tiny_cnn(path, size: int):
+    """A tiny PyTorch CNN (two 3x3 convs with ReLU, the second strided, global mean pool, a 10-class linear layer;
+    weights and input from seed 0) exported to ONNX at ``path`` for a ``1x3xSIZExSIZE`` input named ``data`` (the
+    output ``logits``). Returns ``(model, input tensor)``."""
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.conv2 = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+            self.fc = torch.nn.Linear(16, 10)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = torch.randn(1, 3, size, size)
+    torch.onnx.export(net, (x,), str(path), dynamo=False, input_names=["data"], output_names=["logits"])
+    return net, x
+
+
 # ----------------------------------------------------------------------------------------------- running
 def run_cli(*args, timeout=600) -> subprocess.CompletedProcess:
     """``python -m alcs_tvm.cli ARGS`` from the repository root (the package comes from ``PYTHONPATH`` if set);

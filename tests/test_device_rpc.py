@@ -31,22 +31,8 @@ def tiny_cnn(tmp_path_factory, cross_cxx):
 
     from alcs_tvm.target import resolve_target
 
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
-            self.conv2 = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
-            self.fc = torch.nn.Linear(16, 10)
-
-        def forward(self, x):
-            y = torch.relu(self.conv2(torch.relu(self.conv1(x))))
-            return self.fc(y.mean((2, 3)))
-
     tmp = tmp_path_factory.mktemp("tiny_cnn")
-    torch.manual_seed(0)
-    net = Net().eval()
-    x = torch.randn(1, 3, 32, 32)
-    torch.onnx.export(net, (x,), str(tmp / "net.onnx"), dynamo=False, input_names=["data"], output_names=["logits"])
+    net, x = helpers.export_tiny_cnn(tmp / "net.onnx", 32)
     mod = from_onnx(onnx.load(str(tmp / "net.onnx")), keep_params_in_input=False)
     libs = {}
     for name in ("arm64", "x86"):

@@ -73,28 +73,12 @@ def files_in(directory) -> list:
 def tiny(tmp_path_factory, cross_cxx):
     """A tiny CNN through ``alcs_tvm.compiler`` (ONNX import, sparse pass, export with sidecar) for this host and
     for arm64, plus cut-short copies of both libraries."""
-    import onnx  # noqa: F401 - torch's exporter needs it
-    import torch
-
     from alcs_tvm import compiler
     from alcs_tvm.run import write_sidecar
     from alcs_tvm.target import resolve_target
 
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
-            self.conv2 = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
-            self.fc = torch.nn.Linear(16, 10)
-
-        def forward(self, x):
-            return self.fc(torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean((2, 3)))
-
     tmp = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    x = torch.randn(1, 3, 16, 16)
-    torch.onnx.export(Net().eval(), (x,), str(tmp / "net.onnx"), dynamo=False, input_names=["data"],
-                      output_names=["logits"])
+    _, x = helpers.export_tiny_cnn(tmp / "net.onnx", 16)
     libs, cut = {}, {}
     for name in ("x86", "arm64"):
         info = resolve_target(name)
