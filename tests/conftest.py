@@ -99,13 +99,15 @@ def pytest_runtest_setup(item):
 WORK_UNITS = {
     "test_tuning": 10_000,
     "devices": 350,
+    "devices_rpc": 200,
+    "devices_measuring": 160,
     "private_devices": 135,
     "test_reliability_files": 100,
     "test_reliability_cli": 80,
     "test_compile": 75,
-    "test_winograd": 33,
     "test_zoo_real_nets": 43,
     "test_sparse_conv2d": 36,
+    "test_winograd": 33,
     "test_reliability_import": 33,
     "test_conv_kinds": 27,
     "test_estimate": 22,
@@ -115,13 +117,20 @@ WORK_UNITS = {
     "test_dense_cpu": 11,
     "test_kernel_profile": 11,
 }
+#: modules that go to the device unit whole (their module fixtures serve device and other tests alike)
 DEVICE_MODULES = ("test_arm64_device", "test_device_rpc", "test_flow")
+#: with more than two workers the device tests are two units, each on its own emulated device: one would hold
+#: its worker longer than the run should take. These modules' device tests (profiling, tuning, the flow: mostly
+#: the x86 server) are the second.
+MEASURING_MODULES = ("test_latency", "test_autotune", "test_flow", "test_reliability_cli")
 
 
 def work_unit(item) -> str:
     module = item.path.stem
     if item.get_closest_marker("device") is not None or module in DEVICE_MODULES:
-        return "devices"
+        if WORKERS <= 2:
+            return "devices"
+        return "devices_measuring" if module in MEASURING_MODULES else "devices_rpc"
     if "private_devices" in getattr(item, "fixturenames", ()):
         return "private_devices"
     return module
