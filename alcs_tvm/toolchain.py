@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 
+from .files import cache_dir, file_lock
+
 __all__ = ["ensure_debian_packages", "ensure_cross_toolchain", "cross_compile_function", "ensure_llvm_mca",
            "CROSS_PACKAGES", "CROSS_CXX", "LLVM_MCA_PACKAGE", "LLVM_MCA"]
 
@@ -36,9 +38,20 @@ def _missing_debs(packages) -> list[str]:
 
 
 def ensure_debian_packages(packages, verbose: bool = True) -> None:
-    """Install the Debian ``packages`` that are missing (``apt-get update`` once per process, then install)."""
+    """Install the Debian ``packages`` that are missing (``apt-get update`` once per process, then install).
+
+    Two processes that both find packages missing (parallel test workers, two ``alcs`` commands on a fresh
+    machine) take turns: ``apt-get update`` fails at once on the lists lock another ``apt-get`` holds, whatever
+    its lock timeout."""
+    if not _missing_debs(packages):
+        return
+    with file_lock(cache_dir() / ".apt.lock"):
+        _install_missing(packages, verbose)
+
+
+def _install_missing(packages, verbose: bool) -> None:
     global _APT_UPDATED
-    missing = _missing_debs(packages)
+    missing = _missing_debs(packages)  # again: the process that held the lock may have installed them
     if not missing:
         return
     if shutil.which("apt-get") is None:

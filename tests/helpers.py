@@ -3,6 +3,7 @@ the CLI, a compiled Relax executable or ONNX Runtime; stable seeds; the host CPU
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import subprocess
 import sys
@@ -22,6 +23,26 @@ HOST_FEATURES = {
     "x86-avx512": ("avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"),
     "x86-avx2": ("avx2", "fma"),
 }
+
+
+# ----------------------------------------------------------------------------------------------- parallel workers
+def worker_index() -> int:
+    """Which pytest-xdist worker runs this process (``PYTEST_XDIST_WORKER`` is ``gw0``, ``gw1``, ...); 0 without
+    xdist (setup.cfg runs the suite in two workers, ``-n 0`` in one process)."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return int(name[2:]) if name[2:].isdigit() else 0
+
+
+#: ports between one worker's first port and the next worker's
+WORKER_PORT_STRIDE = 50
+
+
+def free_port(first: int) -> int:
+    """The first free TCP port from ``first`` on, each worker from its own ``first`` (50 ports apart): two workers
+    that scan one range at once both find its first port free, and the one that binds second fails."""
+    from alcs_tvm import device
+
+    return device._free_port(first + WORKER_PORT_STRIDE * worker_index())
 
 
 # ----------------------------------------------------------------------------------------------- comparing

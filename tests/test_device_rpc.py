@@ -183,7 +183,7 @@ def test_direct_rpc_server(tiny_cnn, tmp_path):
 
 
 def test_tracker_not_running(tiny_cnn):
-    port = device._free_port(9590)
+    port = helpers.free_port(9590)
     t0 = time.time()
     r = alcs("run", tiny_cnn["libs"]["arm64"], "--inputs", tiny_cnn["in_npz"],
              "--rpc-tracker", f"127.0.0.1:{port}", "--rpc-key", "arm64-qemu")

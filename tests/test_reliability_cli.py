@@ -99,7 +99,7 @@ def private_devices(tmp_path_factory):
     """A tracker and an x86 server of this module's own (the tests freeze and break them; the session's
     ``rpc_devices`` stay healthy for the other tests)."""
     state_path = tmp_path_factory.mktemp("private-devices") / "device-state.json"
-    port = device._free_port(9690)
+    port = helpers.free_port(9690)
     setup = SimpleNamespace(state_path=state_path, port=port, tracker=f"127.0.0.1:{port}", key=device.X86_KEY)
     setup.restore = lambda: device.start(tracker_port=port, num_devices=0, x86=True, state_path=state_path,
                                          verbose=False)
@@ -215,7 +215,7 @@ def test_a_server_whose_port_is_taken_before_it_binds_starts_on_another(tmp_path
     """Servers scan the same range from 9090 for a free port, and the port found free can be taken before the
     server binds it (an emulated one needs seconds to get there): with test sessions and `alcs device start`s
     running side by side, test_device_faults_then_retry failed so ("cannot bind to any port in [9110, 9111)")."""
-    tracker = device.start_tracker(device._free_port(9790), log_dir=tmp_path)
+    tracker = device.start_tracker(helpers.free_port(9790), log_dir=tmp_path)
     blocker = socket.socket()
     taken = {}
 
