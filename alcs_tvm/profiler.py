@@ -404,8 +404,8 @@ def rest_weight_bytes(onnx_model, layers) -> float:
     the ONNX nodes): what the rest of the model reads per inference besides the convs' weights."""
     conv_weights = {node.input[1] for node in onnx_model.graph.node
                     if node.op_type == "Conv" and node.name in {layer.name for layer in layers}}
-    return float(sum(onnx.numpy_helper.to_array(init).nbytes for init in onnx_model.graph.initializer
-                     if init.name not in conv_weights))
+    return float(sum(int(np.prod(init.dims)) * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+                     for init in onnx_model.graph.initializer if init.name not in conv_weights))
 
 
 def layer_options(report) -> list:
