@@ -302,6 +302,42 @@ def _port_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+def _listening_inodes(port: int) -> set[str]:
+    """Inodes of the TCP sockets that listen on ``port`` (any address)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
+def _listens(entry: dict) -> bool:
+    """Whether a process of ``entry``'s process group listens on ``entry["port"]``.
+
+    "The port is taken" is not enough: another test session or `alcs device start` may hold it while this
+    process failed to bind it (then it exits and is started again on another port)."""
+    inodes = _listening_inodes(entry["port"])
+    if not inodes:
+        return False
+    targets = {f"socket:[{inode}]" for inode in inodes}
+    for proc, _ in _group_members(entry["pid"]):
+        try:
+            fds = list((proc / "fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) in targets:
+                    return True
+    return False
+
+
 def _free_port(start: int, taken=()) -> int:
     for port in range(start, start + 500):
         if port not in taken and _port_free(port):
@@ -396,14 +432,15 @@ def start_tracker(port: int = DEFAULT_TRACKER_PORT, host: str = "127.0.0.1", log
     entry = _spawn(cmd, dict(os.environ), log_dir / f"tracker-{port}.log", "tracker", host=host, port=port)
     deadline = time.time() + timeout
     while True:
-        try:
-            alcs_rpc.tracker_summary(tracker_addr(entry), timeout=2)
-            return entry
-        except ConnectionError:
-            if not _alive(entry) or time.time() > deadline:
-                stop_process(entry)
-                raise RuntimeError(f"RPC tracker on {host}:{port} did not start:\n{_log_tail(entry)}")
-            time.sleep(0.2)
+        # listening first: an answer on the port could otherwise come from another tracker that holds it
+        if _listens(entry):
+            with contextlib.suppress(ConnectionError):
+                alcs_rpc.tracker_summary(tracker_addr(entry), timeout=2)
+                return entry
+        if not _alive(entry) or time.time() > deadline:
+            stop_process(entry)
+            raise RuntimeError(f"RPC tracker on {host}:{port} did not start:\n{_log_tail(entry)}")
+        time.sleep(0.2)
 
 
 def _server_cmd(python, tracker: str | None, key: str, port: int):
@@ -473,9 +510,11 @@ def start_x86_server(tracker: str | None, key: str = X86_KEY, port: int | None =
     return _start_server(spawn, port, taken_ports, wait, timeout)
 
 
-def _registered(tracker: str | None, key: str, port: int) -> bool:
-    if not tracker:  # standalone server: ready once it listens
-        return not _port_free(port)
+def _registered(entry: dict) -> bool:
+    """Whether the server in ``entry`` is listed at its tracker (standalone: listens on its port)."""
+    tracker, key, port = entry["tracker"], entry["key"], entry["port"]
+    if not tracker:
+        return _listens(entry)
     try:
         summary = alcs_rpc.tracker_summary(tracker, timeout=2)
     except (ConnectionError, TimeoutError):
@@ -511,7 +550,7 @@ def _tracker_summary(tracker: dict) -> tuple[dict | None, str]:
 def wait_for_server(entry: dict, timeout: float = 120.0) -> float:
     """Wait until the server in ``entry`` is registered at its tracker (standalone: listens); return the seconds."""
     t0 = time.time()
-    while not _registered(entry["tracker"], entry["key"], entry["port"]):
+    while not _registered(entry):
         if not _alive(entry):
             stop_process(entry)
             raise RuntimeError(f"RPC server {entry['key']} on port {entry['port']} exited:\n{_log_tail(entry)}")
@@ -674,6 +713,6 @@ def status(state_path: Path | str | None = None) -> dict:
         elif entry["tracker"] == addr:
             registered = None if summary is None else _registered_in(summary, entry["key"], entry["port"])
         else:
-            registered = _registered(entry["tracker"], entry["key"], entry["port"])
+            registered = _registered(entry)
         out["servers"].append(dict(entry, alive=alive, registered=registered))
     return out
