@@ -439,6 +439,9 @@ def start_tracker(port: int = DEFAULT_TRACKER_PORT, host: str = "127.0.0.1", log
                 return entry
         if not _alive(entry) or time.time() > deadline:
             stop_process(entry)
+            if _port_lost(entry):
+                raise ConnectionError(f"port {host}:{port} was taken before the tracker bound it; choose another "
+                                      f"--tracker-port")
             raise RuntimeError(f"RPC tracker on {host}:{port} did not start:\n{_log_tail(entry)}")
         time.sleep(0.2)
 
@@ -456,8 +459,8 @@ PORT_ATTEMPTS = 5
 
 
 def _port_lost(entry: dict) -> bool:
-    """Whether the server exited because its port was taken between the check that found it free and its own
-    bind: another `alcs device start` or test session scans the same range, and the emulated server needs seconds
+    """Whether the server (or tracker) exited because its port was taken between the check that found it free
+    and its own bind: another `alcs device start` or test session scans the same range, and the emulated server needs seconds
     to get to its bind."""
     return not _alive(entry) and "cannot bind to any port" in _log_tail(entry, 40)
 
@@ -673,10 +676,18 @@ def started(state_dir, *, first_port: int = DEFAULT_TRACKER_PORT, x86_key: str =
     runs, a SIGTERM (a timeout, kill) becomes ``SystemExit``, which would otherwise skip the stop."""
     state_path = Path(state_dir) / "device-state.json"
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    port = _free_port(first_port)
+    taken = set()
     try:
-        start(tracker_port=port, key=arm64_key or DEFAULT_KEY, num_devices=1 if arm64_key else 0, x86=True,
-              x86_key=x86_key, state_path=state_path, verbose=False)
+        for attempt in range(PORT_ATTEMPTS):  # another run may take the free port first (see _port_lost)
+            port = _free_port(first_port, taken)
+            try:
+                start(tracker_port=port, key=arm64_key or DEFAULT_KEY, num_devices=1 if arm64_key else 0, x86=True,
+                      x86_key=x86_key, state_path=state_path, verbose=False)
+                break
+            except ConnectionError:
+                if attempt == PORT_ATTEMPTS - 1:
+                    raise
+                taken.add(port)
         yield f"127.0.0.1:{port}"
     finally:
         stop(state_path=state_path, verbose=False)

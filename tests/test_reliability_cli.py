@@ -211,6 +211,32 @@ def test_status_and_start_handle_a_server_that_lost_its_loop(private_devices, ti
     assert code == 0 and "registered" in out
 
 
+class PortTaker:
+    """Binds and listens on the port named by the first log matching ``pattern`` in ``directory`` (``*-PORT.log``)
+    as soon as it appears: long before the server or tracker that writes it has imported TVM and bound the port,
+    as another run scanning the same range would."""
+
+    def __init__(self, directory, pattern):
+        self.port, self.socket = None, socket.socket()
+        self.thread = threading.Thread(target=self._take, args=(Path(directory), pattern), daemon=True)
+        self.thread.start()
+
+    def _take(self, directory, pattern):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and self.port is None:
+            for log in directory.glob(pattern):
+                port = int(log.stem.rsplit("-", 1)[1])
+                self.socket.bind(("127.0.0.1", port))
+                self.socket.listen(1)
+                self.port = port
+                break
+            time.sleep(0.002)
+
+    def close(self):
+        self.thread.join(10)
+        self.socket.close()
+
+
 @pytest.mark.parametrize("standalone", [False, True], ids=["registered", "standalone"])
 def test_a_server_whose_port_is_taken_before_it_binds_starts_on_another(tmp_path, standalone):
     """Servers scan the same range from 9090 for a free port, and the port found free can be taken before the
@@ -219,31 +245,37 @@ def test_a_server_whose_port_is_taken_before_it_binds_starts_on_another(tmp_path
     A standalone server must not count as ready because *someone* listens on its port: test_direct_rpc_server
     once connected to another worker's server so."""
     tracker = None if standalone else device.start_tracker(helpers.free_port(9790), log_dir=tmp_path)
-    blocker = socket.socket()
-    taken = {}
-
-    def take_the_port():  # as soon as the server's log names its port, long before the server imports TVM
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not taken:
-            for log in tmp_path.glob("server-contested-*.log"):
-                taken["port"] = int(log.stem.rsplit("-", 1)[1])
-                blocker.bind(("127.0.0.1", taken["port"]))
-                blocker.listen(1)
-            time.sleep(0.002)
-
-    thread = threading.Thread(target=take_the_port, daemon=True)
-    thread.start()
+    taker = PortTaker(tmp_path, "server-contested-*.log")
     entry = None
     try:
         entry = device.start_x86_server(tracker and device.tracker_addr(tracker), key="contested", log_dir=tmp_path)
-        thread.join(10)
-        assert taken and entry["port"] != taken["port"]
-        assert "cannot bind" in (tmp_path / f"server-contested-{taken['port']}.log").read_text()
+        taker.thread.join(10)
+        assert taker.port and entry["port"] != taker.port
+        assert "cannot bind" in (tmp_path / f"server-contested-{taker.port}.log").read_text()
         assert device._registered(entry)
     finally:
-        blocker.close()
+        taker.close()
         device.stop_process(entry)
         device.stop_process(tracker)
+
+
+def test_a_tracker_whose_port_is_taken_before_it_binds_starts_on_another(tmp_path):
+    """Two `tools/validate_latency.py` runs started at the same instant both found port 9490 free; the second
+    tracker failed to bind it, yet counted as started because the first run's tracker answered on the port, and
+    the two runs shared one x86 server. A tracker is ready when its own process listens, and `device.started`
+    moves to the next free port when the one it found is lost."""
+    taker = PortTaker(tmp_path / "logs", "tracker-*.log")
+    try:
+        with device.started(tmp_path, first_port=helpers.free_port(9690)) as addr:
+            taker.thread.join(10)
+            port = int(addr.rsplit(":", 1)[1])
+            assert taker.port and port != taker.port
+            assert "cannot bind" in (tmp_path / "logs" / f"tracker-{taker.port}.log").read_text()
+            status = device.status(tmp_path / "device-state.json")
+            assert status["tracker"]["port"] == port and status["tracker"]["answering"]
+            assert status["servers"] and all(server["registered"] for server in status["servers"])
+    finally:
+        taker.close()
 
 
 # ----------------------------------------------------------------------------------------- 2. a frozen tracker
