@@ -188,7 +188,7 @@ def run_flow(model: str = "small_cnn", data: str = "mnist", target: str = "x86",
         t0 = time.time()
         _step(log, 3, steps, "latency-constrained pruning (ADMM)")
         layers = find_prunable_layers(net, dataset.input_shape, info)
-        latency = LatencyModel(table, layers, table.rest_ms[model])
+        latency = LatencyModel(table, layers, table.rest_ms[model], model)
         dense_ms, min_ms = latency.dense_ms(), latency.min_ms(0.01)
         if budget_ms is None:
             fraction = 0.5 if budget_fraction is None else budget_fraction

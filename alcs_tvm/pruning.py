@@ -9,7 +9,10 @@ the latency table's "rest of model").
 **Latency model.** A layer's latency is ``table.layer_latency(spec, V, sparsity)`` (piece-wise linear in the
 fraction of its groups pruned, the faster of sparse and dense), ``spec`` the layer's :class:`Conv2dSpec` at the
 model's input size, captured with forward hooks. A model's latency is the sum over its prunable convs plus the
-table's ``rest_ms`` for the model (when present).
+table's ``rest_ms`` for the model (when present). Where the table's entry for the model fitted a cache size, a
+configuration's total is the table's own prediction for it: a model whose weights fit in the caches once pruned
+pays less per layer than the unpruned model's cache state the per-layer values hold
+(:meth:`alcs_tvm.latency.LatencyTable.predict`).
 
 **Projection (Z-step).** Given scores ``s_g`` (the squared L2 norm of each group of ``W + U``), choose per layer
 how many groups ``k_i`` to keep - always its ``k_i`` highest-scoring ones - maximising ``sum_i S_i(k_i)``
@@ -198,10 +201,15 @@ class LatencyModel:
 
     ``table``: any object with ``profile_for(spec, group_width)`` returning a layer's latency curve (an object with
     ``latency(sparsity)`` and its grid ``sparsities``), such as :class:`alcs_tvm.latency.LatencyTable`; ``rest_ms``:
-    the time of everything else in the model."""
+    the time of everything else in the model; ``rest_model``: the table's entry for the model, whose cache size
+    (when the profiler fitted one) makes totals follow each configuration's weight footprint. Per-layer costs
+    (:meth:`layer_ms`, which the projection's knapsack adds up) stay in the unpruned model's cache state: pruning
+    only shrinks the footprint, so they bound the configuration's total from above."""
 
-    def __init__(self, table, layers: list, rest_ms: float = 0.0):
+    def __init__(self, table, layers: list, rest_ms: float = 0.0, rest_model: str | None = None):
         self.table, self.layers, self.rest_ms = table, layers, float(rest_ms)
+        entry = getattr(table, "models", {}).get(rest_model, {}) if rest_model else {}
+        self.rest_model = rest_model if entry.get("cache_bytes") else None
         missing = []
         self.profiles = []
         for layer in layers:
@@ -218,10 +226,16 @@ class LatencyModel:
         return self.profiles[i].latency(1.0 - kept / n)
 
     def total_ms(self, kept_counts) -> float:
-        return self.rest_ms + sum(self.layer_ms(i, k) for i, k in enumerate(kept_counts))
+        return self.rest_ms + sum(self.breakdown(kept_counts).values())
 
     def breakdown(self, kept_counts) -> dict:
-        return {layer.name: self.layer_ms(i, k) for i, (layer, k) in enumerate(zip(self.layers, kept_counts))}
+        """Each layer's ms in this configuration (its cache state, where the table models one)."""
+        if self.rest_model is None:
+            return {layer.name: self.layer_ms(i, k) for i, (layer, k) in enumerate(zip(self.layers, kept_counts))}
+        rows = [(layer.name, layer.spec, layer.group_width, 1.0 - k / layer.num_groups)
+                for layer, k in zip(self.layers, kept_counts)]
+        predicted = self.table.predict(rows, self.rest_model)[1]
+        return {layer.name: predicted[layer.name] for layer in self.layers}
 
     def dense_ms(self) -> float:
         return self.total_ms([layer.num_groups for layer in self.layers])
@@ -293,6 +307,7 @@ def project(scores: list, latency: LatencyModel, budget_ms: float, *, min_densit
             b -= costs[j]
     else:  # a budget within the rounding of the minimum: start from the fastest plan
         kept = latency.min_plan(min_density)
+    kept = _within_budget(latency, kept, budget_ms, min_keep)
     # use the slack the rounding left: raise each count at full resolution while the true total fits
     for i, layer in enumerate(layers):
         lo, hi = kept[i], layer.num_groups
@@ -310,6 +325,24 @@ def project(scores: list, latency: LatencyModel, budget_ms: float, *, min_densit
             kept = trial
     assert latency.total_ms(kept) <= budget_ms + 1e-9
     return [_keep_top(s, k) for s, k in zip(scores, kept)]
+
+
+def _within_budget(latency: LatencyModel, kept: list, budget_ms: float, min_keep: list) -> list:
+    """``kept`` with counts lowered, costliest layer first, until the total fits: the knapsack's per-layer costs
+    bound a configuration's total from above only where a layer's cold timing is not below its warm one (timing
+    noise can put it there), so its plan can miss the budget by that noise."""
+    for i in sorted(range(len(kept)), key=lambda i: -latency.layer_ms(i, kept[i])):
+        if latency.total_ms(kept) <= budget_ms:
+            break
+        lo, hi = min_keep[i], kept[i]  # the largest count of this layer that fits, else its minimum
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if latency.total_ms(kept[:i] + [mid] + kept[i + 1:]) <= budget_ms:
+                lo = mid
+            else:
+                hi = mid - 1
+        kept = kept[:i] + [lo] + kept[i + 1:]
+    return kept
 
 
 def check_budget(latency: LatencyModel, budget_ms, min_density: float = 0.0):
@@ -361,7 +394,7 @@ class ADMMPruner:
         self.normalize = normalize
         if rest_ms is None:
             rest_ms = table.rest_ms.get(rest_model, 0.0) if rest_model else 0.0
-        self.rest_ms = float(rest_ms)
+        self.rest_ms, self.rest_model = float(rest_ms), rest_model
         self.layers: list = []
         self.latency: LatencyModel | None = None
         self.Z: list = []
@@ -374,7 +407,7 @@ class ADMMPruner:
     def prepare(self):
         """Find the layers and their specs, check the budget, initialise ``Z = proj(W)``, ``U = 0``."""
         self.layers = find_prunable_layers(self.model, self.input_shape, self.group_width)
-        self.latency = LatencyModel(self.table, self.layers, self.rest_ms)
+        self.latency = LatencyModel(self.table, self.layers, self.rest_ms, self.rest_model)
         check_budget(self.latency, self.budget_ms, self.min_density)
         self.U = [torch.zeros_like(layer.module.weight) for layer in self.layers]
         self._taylor = [torch.zeros(layer.blocks, layer.positions) for layer in self.layers]

@@ -91,6 +91,51 @@ def test_projection_is_optimal_on_a_small_case():
     assert got >= best - 1e-3 * best
 
 
+def _table_with_a_cache(layers, seed=0):
+    """``_synthetic_table`` with warm and cold timings and a cache that holds the model's weights once they are
+    pruned to half: the table's values are the unpruned model's cache state, fraction 1 (all cold)."""
+    from alcs_tvm.latency import cache_exposure
+
+    table = _synthetic_table(layers, seed)
+    for p in table.layers.values():
+        p.warm_ms = list(p.sparse_ms)
+        p.cold_ms = [2.0 * ms for ms in p.sparse_ms]
+        p.dense_warm_ms, p.dense_cold_ms = p.dense_ms, 2.0 * p.dense_ms
+    dense_run = [(p.key, "dense", 0.0) for p in table.layers.values()]
+    cache = 0.5 * table.footprint(dense_run)
+    table.models["m"] = {"cold_fraction": 1.0, "cache_bytes": cache, "rest_weight_bytes": 0.0}
+    for p in table.layers.values():
+        p.mix_cache_states(cache_exposure(table.footprint(dense_run), cache))
+    return table
+
+
+def test_the_pruner_prices_a_configuration_in_its_own_cache_state():
+    """A model whose pruned weights fit in the caches (MTCNN's O-Net): the pruner's total for a configuration is
+    the table's prediction for it, below the sum of per-layer values in the unpruned model's cache state, so a
+    budget between the two keeps more of the model than those values would let it."""
+    layers = _layers(zoo.small_cnn())
+    table = _table_with_a_cache(layers)
+    aware = pruning.LatencyModel(table, layers, table.rest_ms["m"], "m")
+    unpruned_state = pruning.LatencyModel(table, layers, table.rest_ms["m"])
+    dense = [layer.num_groups for layer in layers]
+    assert aware.dense_ms() == pytest.approx(unpruned_state.dense_ms())
+    for fraction in (0.2, 0.5, 0.9):
+        kept = [max(1, round(fraction * n)) for n in dense]
+        rows = [(layer.name, layer.spec, layer.group_width, 1 - k / layer.num_groups) for layer, k in zip(layers, kept)]
+        assert aware.total_ms(kept) == pytest.approx(table.predict(rows, "m")[0])
+        assert aware.total_ms(kept) <= unpruned_state.total_ms(kept) + 1e-12
+    half = [n // 2 for n in dense]
+    assert aware.total_ms(half) < 0.8 * unpruned_state.total_ms(half)  # warm once pruned, cold unpruned
+    gen = torch.Generator().manual_seed(0)
+    scores = [torch.rand(layer.blocks, layer.positions, generator=gen) for layer in layers]
+    budget = 0.6 * unpruned_state.dense_ms()
+    with_cache = [int(k.sum()) for k in pruning.project(scores, aware, budget, min_density=0.01)]
+    without = [int(k.sum()) for k in pruning.project(scores, unpruned_state, budget, min_density=0.01)]
+    assert aware.total_ms(with_cache) <= budget and unpruned_state.total_ms(without) <= budget
+    # more of the model kept, in a plan the unpruned state's values would have refused
+    assert sum(with_cache) > sum(without) and unpruned_state.total_ms(with_cache) > budget
+
+
 def test_bad_budgets_give_the_minimum():
     layers = _layers(zoo.small_cnn())
     table = _synthetic_table(layers)
@@ -131,7 +176,7 @@ def admm_pruned(digits_setup):
     data, dense, table = digits_setup
     model = copy.deepcopy(dense)
     layers = pruning.find_prunable_layers(model, data.input_shape, pruning_v(table))
-    lat = pruning.LatencyModel(table, layers, table.rest_ms["small_cnn"])
+    lat = pruning.LatencyModel(table, layers, table.rest_ms["small_cnn"], "small_cnn")
     budget = lat.min_ms(0.01) + 0.4 * (lat.dense_ms() - lat.min_ms(0.01))
     result = training.prune(model, data, table, budget, group_width=pruning_v(table), admm_epochs=4,
                             finetune_epochs=3, batch_size=32, rest_model="small_cnn", log=lambda *a: None)
@@ -162,7 +207,7 @@ def test_several_admm_updates_per_epoch(digits_setup):
     data, dense, table = digits_setup
     model = copy.deepcopy(dense)
     layers = pruning.find_prunable_layers(model, data.input_shape, pruning_v(table))
-    lat = pruning.LatencyModel(table, layers, table.rest_ms["small_cnn"])
+    lat = pruning.LatencyModel(table, layers, table.rest_ms["small_cnn"], "small_cnn")
     budget = lat.min_ms(0.01) + 0.5 * (lat.dense_ms() - lat.min_ms(0.01))
     with pytest.raises(ValueError, match="updates_per_epoch"):
         training.prune(copy.deepcopy(dense), data, table, budget, group_width=pruning_v(table), updates_per_epoch=0,
@@ -250,7 +295,7 @@ def test_projected_accuracy_reestimates_batchnorm_on_a_copy_of_the_statistics():
     training.train_dense(model, data, 2, batch_size=64, log=lambda *a: None)
     layers = _layers(model, data.input_shape)
     table = _synthetic_table(layers)
-    lat = pruning.LatencyModel(table, layers, table.rest_ms["m"])
+    lat = pruning.LatencyModel(table, layers, table.rest_ms["m"], "m")
     budget = 0.5 * (lat.dense_ms() + lat.min_ms(0.01))
     pruner = pruning.ADMMPruner(model, table, budget, data.input_shape, group_width=V, rest_model="m").prepare()
     pruner.step()

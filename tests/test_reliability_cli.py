@@ -145,7 +145,7 @@ def prune_setup(tmp_path_factory):
     path = tmp_path_factory.mktemp("prune") / "table.json"
     table.save(str(path))
     layers = pruning.find_prunable_layers(model, data.input_shape, resolve_target("x86"))
-    latency = pruning.LatencyModel(table, layers, table.rest_ms["small_cnn"])
+    latency = pruning.LatencyModel(table, layers, table.rest_ms["small_cnn"], "small_cnn")
     budget = (latency.min_ms(0.01) + latency.dense_ms()) / 2
     return SimpleNamespace(table=path, budget=budget)
 

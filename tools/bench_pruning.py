@@ -146,7 +146,7 @@ def run_dataset(name, args, tmp):
     log(f"[{name} seed {args.seed}] dense acc {dense_acc:.4f} ({time.time() - t0:.0f} s); latency table")
     table = latency_table(name, dense, shape, args, tmp)
     layers = pruning.find_prunable_layers(dense, shape, resolve_target("x86"))  # the compiler's group widths
-    lat = pruning.LatencyModel(table, layers, table.rest_ms[args.model])
+    lat = pruning.LatencyModel(table, layers, table.rest_ms[args.model], args.model)
     dense_pred, min_pred = lat.dense_ms(), lat.min_ms(0.01)
     dense_ms, _ = measure(dense, shape, tmp, f"{name}_dense")
     log(f"[{name}] predicted dense {dense_pred:.4f} ms (min {min_pred:.4f}), measured dense {dense_ms:.4f} ms")

@@ -96,7 +96,7 @@ def run(args):
     # fail on a bad budget or a missing rest before any training
     layers = find_prunable_layers(model, data.input_shape, info)
     rest = rest_model(table, args.latency_table, layers, args.rest_model, args.model)
-    check_budget(LatencyModel(table, layers, table.rest_ms[rest]), args.budget_ms, args.min_density)
+    check_budget(LatencyModel(table, layers, table.rest_ms[rest], rest), args.budget_ms, args.min_density)
     with outputs:
         _prune(args, outputs, base, table, data, model, info, rest)
     print(f"wrote {args.output}, {base}.png, {base}.json")
