@@ -14,7 +14,8 @@ Entry points
     Parameters (ONNX initializers) are imported as Relax constants (``keep_params_in_input=False``), so the
     returned module's ``main`` only takes the real inputs. With the input shapes static, ONNX Runtime's basic
     graph optimisations fold every shape computation and constant subgraph first and drop inference no-ops
-    (Identity, Dropout); a ``Sum`` becomes ``Add`` nodes (so a residual Sum fuses into the conv before it); conv
+    (Identity, Dropout); a ``Sum`` becomes ``Add`` nodes (so a residual Sum fuses into the conv before it); a
+    channel shuffle that reaches a conv is folded into its weight (:mod:`alcs_tvm.shuffle_folding`); conv
     node names and the graph order are kept. A ConvTranspose's ``output_shape``
     (which TVM's importer ignores) becomes the pads it implies, or a one-line ``ValueError`` when no pads give it.
 ``prepare_for_sparse(mod, params=None) -> tvm.IRModule``
@@ -88,6 +89,8 @@ from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.relax.frontend.onnx import onnx_frontend
 from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
+
+from .shuffle_folding import fold_channel_shuffles
 
 __all__ = ["load_onnx", "parse_input_shapes", "model_inputs", "node_names", "name_nodes", "unsupported_ops",
            "import_onnx", "layer_node_name", "prepare_for_sparse"]
@@ -669,6 +672,7 @@ def import_onnx(model, input_shapes=None, dtype: str = "float32", check: bool = 
     model = name_nodes(model)
     model = _folded(_constant_inputs_dropped(_with_input_shapes(model, shapes)))
     model = _sums_as_adds(_conv_transpose_pads(model))
+    model = fold_channel_shuffles(model, _known_shapes(model))
     bad = unsupported_ops(model)
     if bad:
         listing = "; ".join(f"{op} (node{'s' if len(n) > 1 else ''} {', '.join(map(repr, n[:5]))}"

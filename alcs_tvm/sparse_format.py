@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["BlockSparseWeight", "block_mask", "num_blocks", "random_block_sparse", "widest_block_format",
-           "fits_wide_groups", "layer_group_width", "WIDE_BLOCK_DENSITY_SLACK"]
+__all__ = ["BlockSparseWeight", "block_diagonal", "block_mask", "num_blocks", "random_block_sparse",
+           "widest_block_format", "fits_wide_groups", "layer_group_width", "WIDE_BLOCK_DENSITY_SLACK"]
 
 #: A wider block is used only if the weight is (almost) as sparse in it as in the narrowest: a model pruned in
 #: narrow groups keeps its sparsity in narrow blocks.
@@ -205,3 +205,16 @@ def random_block_sparse(weight, vector_width: int, sparsity: float, rng=None) ->
     channel_keep = np.repeat(keep.reshape(nb, 1, positions), vector_width, axis=1)
     channel_keep = channel_keep.reshape(nb * vector_width, positions)[: weight.shape[0]]
     return (weight.reshape(weight.shape[0], -1) * channel_keep).reshape(weight.shape).astype(np.float32)
+
+
+def block_diagonal(weight: np.ndarray, groups: int) -> np.ndarray:
+    """A grouped conv's weight ``[Cout, Cin/groups, Kh, Kw]`` as the weight ``[Cout, Cin, Kh, Kw]`` of the conv over
+    all input channels that computes the same: output channel ``o`` reads only its group's input channels, so the
+    zeros outside the groups are whole SIMD blocks wherever a block's channels lie in one group."""
+    cout, cin_per_group = weight.shape[:2]
+    full = np.zeros((cout, cin_per_group * groups) + tuple(weight.shape[2:]), np.float32)
+    per_group = cout // groups
+    for g in range(groups):
+        rows = slice(g * per_group, (g + 1) * per_group)
+        full[rows, g * cin_per_group:(g + 1) * cin_per_group] = weight[rows]
+    return full

@@ -90,6 +90,40 @@ def test_a_conv_with_a_partial_wide_block_matches_onnx_runtime(sparsity):
     assert row.vector_width == 32 and row.density == pytest.approx(1 - sparsity, abs=0.02), report.table()
 
 
+@pytest.mark.parametrize("sparsity", [0.0, 0.6])
+def test_a_channel_shuffle_is_folded_into_the_conv_it_reaches(sparsity):
+    """ShuffleNet's unit: grouped 1x1 -> shuffle -> depthwise 3x3 -> grouped 1x1 (+ shortcut). The shuffle moves past
+    the depthwise conv and into the grouped conv's weight, which becomes a groups=1 block-diagonal weight with
+    permuted input channels: no transpose runs, and the output is ONNX Runtime's, dense and with the grouped
+    convs' SIMD blocks pruned. A shuffle that reaches an add stays a transpose."""
+    from alcs_tvm import frontend
+    from alcs_tvm.sparse_format import random_block_sparse
+
+    c, groups, size = 64, 4, 12
+    g = _Graph(np.random.default_rng(7))
+    stem = g.conv("x", "stem", c, 8)
+    y = g.conv(stem, "g1", c, c, kernel=1, groups=groups)
+    y = _shuffle(g, y, "shuffle", c, groups, size)
+    y = g.conv(y, "dw", c, c, kernel=3, groups=c, act=None)
+    y = g.conv(y, "g2", c, c, kernel=1, groups=groups, act=None)
+    unfolded = _shuffle(g, stem, "kept", c, groups, size)  # reaches the add, not a conv
+    g.nodes += [helper.make_node("Add", [y, unfolded], ["sum"], name="add"),
+                helper.make_node("Relu", ["sum"], ["out"], name="relu")]
+    rng = np.random.default_rng(8)
+    for init in g.inits:
+        if init.name in ("g1_w", "g2_w"):
+            init.CopyFrom(numpy_helper.from_array(random_block_sparse(numpy_helper.to_array(init), 16, sparsity, rng),
+                                                  init.name))
+    model = g.model("out", [1, 8, size, size], [1, c, size, size])
+    script = frontend.import_onnx(model)["main"].script()
+    assert script.count("R.permute_dims") == 1  # the shuffle before the add only
+    x = np.random.default_rng(0).standard_normal((1, 8, size, size)).astype(np.float32)
+    report = _run(model, x)
+    rows = {layer.name: layer for layer in report.layers}
+    assert rows["g1"].op == "grouped_conv2d" and rows["g2"].op == "conv2d", report.table()
+    assert rows["g2"].decision == "sparse" and rows["g2"].density <= (1 - sparsity) / groups + 0.05, report.table()
+
+
 def test_grouped_convs_are_not_latency_table_layers():
     """The pruner and latency tables measure groups=1 convs: a grouped conv is part of the rest of the model."""
     g = _Graph(np.random.default_rng(5))
@@ -290,8 +324,9 @@ def _shuffle(g, src, name, channels, groups, hw):
 
 
 def test_depthwise_convs_without_two_rewritten_neighbours_run_the_blocked_kernel():
-    """MobileNetV3's squeeze-excitation reads the depthwise output (so no conv is its only consumer) and
-    ShuffleNet's channel shuffle feeds it (so no conv is its producer): the blocked depthwise kernel runs with its
+    """MobileNetV3's squeeze-excitation reads the depthwise output (so no conv is its only consumer) and a
+    channel shuffle that another op reads too feeds it (so no conv is its producer; a shuffle read by the
+    depthwise conv alone is folded away): the blocked depthwise kernel runs with its
     input or output converted; a wide one with no rewritten neighbour keeps the NCHW schedule."""
     rng = np.random.default_rng(17)
     g = _Graph(rng)
@@ -310,7 +345,8 @@ def test_depthwise_convs_without_two_rewritten_neighbours_run_the_blocked_kernel
     y = g.conv(y, "pw", 32, 32, kernel=1, act=None)
     y = _shuffle(g, y, "shuffle2", 32, 4, 10)
     y = g.conv(y, "dw_alone", 32, 32, groups=32, act=None)  # shuffle -> depthwise -> Mul: no neighbour
-    g.nodes.append(helper.make_node("Mul", [y, "shuffle2_y"], ["sum"]))
+    g.nodes.append(helper.make_node("Mul", [y, "shuffle2_y"], ["product"]))
+    g.nodes.append(helper.make_node("Add", ["product", "shuffle1_y"], ["sum"]))  # read twice: shuffle1 stays
     x = np.random.default_rng(1).standard_normal((1, 8, 10, 10)).astype(np.float32)
     report = _run(g.model("sum", [1, 8, 10, 10], [1, 32, 10, 10]), x)
     rows = {layer.name: layer for layer in report.layers}

@@ -33,7 +33,7 @@ from ..report import CompileReport, LayerDecision
 from ..schedules.depthwise_cpu import DepthwiseGeometry, depthwise_nchwc_template
 from ..schedules.pool_cpu import PoolGeometry, max_pool_nchwc_template
 from ..schedules.sparse_conv2d_cpu import bordered_shape
-from ..sparse_format import BlockSparseWeight, widest_block_format
+from ..sparse_format import BlockSparseWeight, block_diagonal, widest_block_format
 from ..target import resolve_target
 from ..winograd import WINOGRAD_TILES, choose_algorithm, winograd_applies, winograd_conv2d, winograd_layout
 from .conv_transpose import SubpixelConvTranspose
@@ -441,7 +441,7 @@ class SparseConvRewrite:
             return dense("dynamic shape")
         w = const_array(weight)
         if groups != 1:  # the same conv over all input channels, with the weight zero outside each group
-            w = _block_diagonal(w, groups)
+            w = block_diagonal(w, groups)
             w_shape = list(w.shape)
         padding = [int(p) for p in attrs.padding]
         spec = Conv2dSpec.create(in_shape, w_shape, [int(s) for s in attrs.strides],
@@ -557,18 +557,6 @@ class SparseConvRewrite:
         if not any(plans.values()):
             return mod
         return rewrite_functions(_Rewriter(mod, plans, self.target_info), mod)
-
-
-def _block_diagonal(weight: np.ndarray, groups: int) -> np.ndarray:
-    """A grouped conv's weight ``[Cout, Cin/groups, Kh, Kw]`` as the weight ``[Cout, Cin, Kh, Kw]`` of the conv over
-    all input channels that computes the same: output channel ``o`` reads only its group's input channels."""
-    cout, cin_per_group = weight.shape[:2]
-    full = np.zeros((cout, cin_per_group * groups) + weight.shape[2:], np.float32)
-    per_group = cout // groups
-    for g in range(groups):
-        rows = slice(g * per_group, (g + 1) * per_group)
-        full[rows, g * cin_per_group:(g + 1) * cin_per_group] = weight[rows]
-    return full
 
 
 def _blocked_depthwise(layer):
