@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import rpc as alcs_rpc
+from .defaults import DEFAULT_KEY, DEFAULT_QEMU_CPU, DEFAULT_TRACKER_PORT, X86_KEY
 from .files import cache_dir, file_lock, write_json_atomic
 from .toolchain import CROSS_PACKAGES, ensure_debian_packages
 
@@ -45,10 +46,6 @@ __all__ = [
     "wait_for_server", "tracker_addr",
 ]
 
-DEFAULT_TRACKER_PORT = 9190
-DEFAULT_KEY = "arm64-qemu"
-X86_KEY = "x86-local"
-DEFAULT_QEMU_CPU = "cortex-a76"
 #: short names accepted for --qemu-cpu (any CPU qemu knows is accepted too).
 QEMU_CPUS = {"a53": "cortex-a53", "a72": "cortex-a72", "a76": "cortex-a76"}
 

@@ -36,19 +36,12 @@ from tvm import rpc as tvm_rpc
 from tvm.rpc import base
 from tvm.support import cc
 
+from .defaults import CONNECT_TIMEOUT, FIRST_STEP_TIMEOUT, MIN_STEP_TIMEOUT, STEP_TIMEOUT_FACTOR
 from .toolchain import cross_compile_function
 
 __all__ = ["UnknownKeyError", "parse_address", "tracker_summary", "tracker_keys", "connect", "guard",
            "upload_library", "end_dropped_sessions", "check_library", "elf_machine", "StepBudget", "CONNECT_TIMEOUT",
            "FIRST_STEP_TIMEOUT", "MIN_STEP_TIMEOUT", "STEP_TIMEOUT_FACTOR"]
-
-#: bound (s) on getting a device from the tracker (a busy one included) and on opening a session with it.
-CONNECT_TIMEOUT = 30.0
-#: bound (s) on a kind of remote step that has not been timed on the session yet (nothing to scale from).
-FIRST_STEP_TIMEOUT = 60.0
-#: a remote step may take STEP_TIMEOUT_FACTOR times what the same kind of step took before, and at least this.
-MIN_STEP_TIMEOUT = 30.0
-STEP_TIMEOUT_FACTOR = 10.0
 
 _LOST = ("kShutdown", "Connection reset", "Broken pipe", "connection closed", "Socket", "socket", "RPCSession",
          "EOF", "closed")
