@@ -5,7 +5,8 @@ import sys
 import time
 from pathlib import Path
 
-from .common import INTERRUPTS, OutputFiles, add_device_arguments, check_device_arguments, require_file
+from ..library_file import check_library
+from .common import INTERRUPTS, OutputFiles, add_device_arguments, check_device_arguments
 
 # Deferred on purpose: the library modules load TVM, torch and ONNX Runtime (seconds of CPU), so they (and numpy) are
 # imported inside the functions that need them, after the arguments are checked: `alcs --help` and a bad argument
@@ -31,7 +32,7 @@ def register(subparsers) -> None:
 
 
 def run(args):
-    require_file(args.lib, "library")
+    check_library(args.lib, relax=True)  # missing, cut short or not a Relax library: one line, before TVM loads
     check_device_arguments(args)
     if args.repeat < 1 or args.number < 1:
         raise ValueError("--repeat and --number must be >= 1")
