@@ -3,8 +3,7 @@ by the library module that uses them (which keeps exporting them under its own n
 from __future__ import annotations
 
 __all__ = ["CONNECT_TIMEOUT", "FIRST_STEP_TIMEOUT", "MIN_STEP_TIMEOUT", "STEP_TIMEOUT_FACTOR",
-           "DEFAULT_TRACKER_PORT", "DEFAULT_KEY", "X86_KEY", "DEFAULT_QEMU_CPU", "DEFAULT_SPARSITIES",
-           "FLOW_SPARSITIES", "DEFAULT_PRETRAIN_EPOCHS", "DEFAULT_RHO", "DEFAULT_UPDATES_PER_EPOCH"]
+           "DEFAULT_SPARSITIES", "FLOW_SPARSITIES", "DEFAULT_PRETRAIN_EPOCHS", "DEFAULT_RHO", "DEFAULT_UPDATES_PER_EPOCH"]
 
 # ------------------------------------------------------------------------------- remote sessions (rpc.py)
 #: bound (s) on getting a device from the tracker (a busy one included) and on opening a session with it.
@@ -14,12 +13,6 @@ FIRST_STEP_TIMEOUT = 60.0
 #: a remote step may take STEP_TIMEOUT_FACTOR times what the same kind of step took before, and at least this.
 MIN_STEP_TIMEOUT = 30.0
 STEP_TIMEOUT_FACTOR = 10.0
-
-# ----------------------------------------------------------------- the tracker and its servers (device.py)
-DEFAULT_TRACKER_PORT = 9190
-DEFAULT_KEY = "arm64-qemu"
-X86_KEY = "x86-local"
-DEFAULT_QEMU_CPU = "cortex-a76"
 
 # ----------------------------------------------------------------------------- latency tables (profiler.py)
 DEFAULT_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)

@@ -34,10 +34,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import rpc as alcs_rpc
-from .defaults import DEFAULT_KEY, DEFAULT_QEMU_CPU, DEFAULT_TRACKER_PORT, X86_KEY
 from .files import cache_dir, file_lock, write_json_atomic
 from .toolchain import CROSS_PACKAGES, ensure_debian_packages
+from .tracker import tracker_summary
 
 __all__ = [
     "DEFAULT_TRACKER_PORT", "DEFAULT_KEY", "X86_KEY", "QEMU_CPUS", "DeviceImage",
@@ -46,6 +45,10 @@ __all__ = [
     "wait_for_server", "tracker_addr",
 ]
 
+DEFAULT_TRACKER_PORT = 9190
+DEFAULT_KEY = "arm64-qemu"
+X86_KEY = "x86-local"
+DEFAULT_QEMU_CPU = "cortex-a76"
 #: short names accepted for --qemu-cpu (any CPU qemu knows is accepted too).
 QEMU_CPUS = {"a53": "cortex-a53", "a72": "cortex-a72", "a76": "cortex-a76"}
 
@@ -432,7 +435,7 @@ def start_tracker(port: int = DEFAULT_TRACKER_PORT, host: str = "127.0.0.1", log
         # listening first: an answer on the port could otherwise come from another tracker that holds it
         if _listens(entry):
             with contextlib.suppress(ConnectionError):
-                alcs_rpc.tracker_summary(tracker_addr(entry), timeout=2)
+                tracker_summary(tracker_addr(entry), timeout=2)
                 return entry
         if not _alive(entry) or time.time() > deadline:
             stop_process(entry)
@@ -513,7 +516,7 @@ def _registered(entry: dict) -> bool:
     if not tracker:
         return _listens(entry)
     try:
-        summary = alcs_rpc.tracker_summary(tracker, timeout=2)
+        summary = tracker_summary(tracker, timeout=2)
     except (ConnectionError, TimeoutError):
         return False
     return _registered_in(summary, key, port)
@@ -539,7 +542,7 @@ def _tracker_summary(tracker: dict) -> tuple[dict | None, str]:
     if _stopped(tracker):
         return None, f"the tracker's process group (pid {tracker['pid']}) is stopped"
     try:
-        return alcs_rpc.tracker_summary(tracker_addr(tracker), timeout=PROBE_TIMEOUT), ""
+        return tracker_summary(tracker_addr(tracker), timeout=PROBE_TIMEOUT), ""
     except (ConnectionError, TimeoutError) as err:
         return None, str(err)
 

@@ -24,7 +24,6 @@ import contextlib
 import gc
 import os
 import socket
-import struct
 import tarfile
 import tempfile
 import threading
@@ -33,11 +32,12 @@ import uuid
 from pathlib import Path
 
 from tvm import rpc as tvm_rpc
-from tvm.rpc import base
 from tvm.support import cc
 
 from .defaults import CONNECT_TIMEOUT, FIRST_STEP_TIMEOUT, MIN_STEP_TIMEOUT, STEP_TIMEOUT_FACTOR
 from .library_file import check_library, elf_machine
+from .tracker import (UnknownKeyError, open_socket, parse_address, request_device, tracker_keys,
+                      tracker_summary)
 from .toolchain import cross_compile_function
 
 __all__ = ["UnknownKeyError", "parse_address", "tracker_summary", "tracker_keys", "connect", "guard",
@@ -46,94 +46,6 @@ __all__ = ["UnknownKeyError", "parse_address", "tracker_summary", "tracker_keys"
 
 _LOST = ("kShutdown", "Connection reset", "Broken pipe", "connection closed", "Socket", "socket", "RPCSession",
          "EOF", "closed")
-
-
-class UnknownKeyError(ValueError, LookupError):
-    """The tracker has no device registered under the requested key."""
-
-
-def parse_address(text: str, what: str = "address") -> tuple[str, int]:
-    """``"HOST:PORT"`` -> ``(host, port)``."""
-    if not isinstance(text, str) or ":" not in text:
-        raise ValueError(f"{what} must be HOST:PORT, got {text!r}")
-    host, port = text.rsplit(":", 1)
-    try:
-        return (host.strip("[]") or "127.0.0.1"), int(port)
-    except ValueError:
-        raise ValueError(f"{what} must be HOST:PORT, got {text!r}") from None
-
-
-def _open(addr: tuple[str, int], what: str, timeout: float) -> socket.socket:
-    host, port = addr
-    try:
-        return socket.create_connection((host, port), timeout=timeout)
-    except ConnectionRefusedError:
-        hint = "; start one with `alcs device start`" if what == "RPC tracker" else ""
-        raise ConnectionError(f"no {what} at {host}:{port} (connection refused){hint}") from None
-    except (socket.timeout, TimeoutError):
-        raise ConnectionError(f"{what} at {host}:{port} did not answer within {timeout:g} s") from None
-    except OSError as err:
-        raise ConnectionError(f"cannot reach {what} at {host}:{port}: {err.strerror or err}") from None
-
-
-def _tracker_socket(tracker: str, timeout: float) -> socket.socket:
-    addr = parse_address(tracker, "tracker address")
-    sock = _open(addr, "RPC tracker", timeout)
-    try:
-        sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
-        magic = struct.unpack("<i", base.recvall(sock, 4))[0]
-    except (OSError, TimeoutError) as err:
-        sock.close()
-        raise ConnectionError(f"RPC tracker at {addr[0]}:{addr[1]} did not answer: {err}") from None
-    if magic != base.RPC_TRACKER_MAGIC:
-        sock.close()
-        raise ConnectionError(f"{addr[0]}:{addr[1]} is not a TVM RPC tracker")
-    return sock
-
-
-def tracker_summary(tracker: str, timeout: float = 10.0) -> dict:
-    """The tracker's summary: ``{"server_info": [{"key": "server:KEY", "addr": [host, port]}, ...],
-    "queue_info": {KEY: {"free": n, "pending": n}}}``."""
-    with contextlib.closing(_tracker_socket(tracker, timeout)) as sock:
-        try:
-            base.sendjson(sock, [base.TrackerCode.SUMMARY])
-            value = base.recvjson(sock)
-        except (OSError, TimeoutError) as err:
-            raise ConnectionError(f"RPC tracker at {tracker} did not answer: {err}") from None
-    if value[0] != base.TrackerCode.SUCCESS:
-        raise ConnectionError(f"RPC tracker at {tracker} returned {value!r}")
-    return value[1]
-
-
-def tracker_keys(tracker: str, timeout: float = 10.0) -> dict[str, int]:
-    """Keys with registered servers at the tracker -> number of servers."""
-    keys: dict[str, int] = {}
-    for item in tracker_summary(tracker, timeout).get("server_info", []):
-        key = str(item.get("key", ""))
-        if key.startswith("server:"):
-            key = key[len("server:"):]
-            keys[key] = keys.get(key, 0) + 1
-    return keys
-
-
-def _request(tracker: str, key: str, timeout: float, priority: int = 1) -> tuple[str, int, str]:
-    keys = tracker_keys(tracker, timeout=min(timeout, 10.0))
-    if key not in keys:
-        listed = ", ".join(f"{k} ({n})" for k, n in sorted(keys.items())) or "none"
-        raise UnknownKeyError(f"RPC tracker at {tracker} has no device with key {key!r}; its keys: {listed}")
-    with contextlib.closing(_tracker_socket(tracker, timeout)) as sock:
-        try:
-            base.sendjson(sock, [base.TrackerCode.REQUEST, key, "", priority])
-            value = base.recvjson(sock)
-        except (socket.timeout, TimeoutError):
-            raise TimeoutError(f"no free {key!r} device at tracker {tracker} within {timeout:g} s "
-                               f"({keys[key]} registered, all busy?)") from None
-        except OSError as err:
-            raise ConnectionError(f"RPC tracker at {tracker} dropped the request: {err}") from None
-    if value[0] != base.TrackerCode.SUCCESS:
-        raise ConnectionError(f"RPC tracker at {tracker} returned {value!r}")
-    url, port, matchkey = value[1]
-    return url, int(port), matchkey
 
 
 # ---------------------------------------------------------------------------------------------- the watchdog
@@ -293,10 +205,10 @@ def connect(tracker: str | None = None, key: str | None = None, *, rpc: str | No
     if tracker is not None:
         if not key:
             raise ValueError("a device key is needed with a tracker (e.g. key='arm64-qemu')")
-        url, port, matchkey = _request(tracker, key, wait)
+        url, port, matchkey = request_device(tracker, key, wait)
     else:
         url, port = parse_address(rpc, "RPC server address")
-        _open((url, port), "RPC server", min(wait, 10.0)).close()  # clear error if nothing listens
+        open_socket((url, port), "RPC server", min(wait, 10.0)).close()  # clear error if nothing listens
         matchkey = key or ""
 
     class _Pending:  # lets guard() describe/abort the connect itself

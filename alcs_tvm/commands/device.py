@@ -6,17 +6,13 @@ import subprocess
 import sys
 import time
 
-from ..defaults import DEFAULT_KEY, DEFAULT_QEMU_CPU, DEFAULT_TRACKER_PORT, X86_KEY
+from .. import device
 from .common import INTERRUPTS
-
-# Deferred on purpose: alcs_tvm.device loads TVM (for the RPC tracker's protocol) and with it torch (seconds of CPU),
-# so each action imports it when it runs: `alcs device --help` and a bad argument answer at once (a Ctrl-C while it
-# loads is an interrupt like any other: cli.main).
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("device", help="the emulated ARM64 device, the RPC tracker and RPC servers",
-                                   description="The emulated ARM64 phone, the RPC tracker and the RPC servers.")
+                                   description=device.__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="device_command", metavar="ACTION", required=True)
     state_help = "state file (default: $ALCS_TVM_CACHE/device-state.json or ~/.cache/alcs_tvm/device-state.json)"
 
@@ -25,12 +21,13 @@ def register(subparsers) -> None:
     p.set_defaults(func=_one_line(_cli_setup))
 
     p = sub.add_parser("start", help="start the tracker, the emulated ARM64 server(s) and the x86 server")
-    p.add_argument("--tracker-port", type=int, default=DEFAULT_TRACKER_PORT)
-    p.add_argument("--key", default=DEFAULT_KEY, help=f"key of the emulated devices (default {DEFAULT_KEY})")
+    p.add_argument("--tracker-port", type=int, default=device.DEFAULT_TRACKER_PORT)
+    p.add_argument("--key", default=device.DEFAULT_KEY,
+                   help=f"key of the emulated devices (default {device.DEFAULT_KEY})")
     p.add_argument("--num-devices", type=int, default=1, help="number of emulated ARM64 servers (default 1)")
-    p.add_argument("--qemu-cpu", default=DEFAULT_QEMU_CPU,
+    p.add_argument("--qemu-cpu", default=device.DEFAULT_QEMU_CPU,
                    help="emulated core: a53, a72, a76 or any qemu CPU name (default cortex-a76)")
-    p.add_argument("--no-x86", dest="x86", action="store_false", help=f"don't start the {X86_KEY} server")
+    p.add_argument("--no-x86", dest="x86", action="store_false", help=f"don't start the {device.X86_KEY} server")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for servers to register")
     p.add_argument("--state", help=state_help)
     p.set_defaults(func=_one_line(_cli_start))
@@ -62,8 +59,6 @@ def _one_line(func):
 
 
 def _cli_setup(args):
-    from .. import device
-
     t0 = time.time()
     image = device.setup(force=args.force)
     print(f"device image: {image.root} ({time.time() - t0:.1f} s)")
@@ -74,8 +69,6 @@ def _cli_setup(args):
 def _cli_start(args):
     if args.num_devices < 0:
         raise ValueError("--num-devices must be >= 0")
-    from .. import device
-
     device.start(tracker_port=args.tracker_port, key=args.key, num_devices=args.num_devices,
                  qemu_cpu=args.qemu_cpu, x86=args.x86, state_path=args.state, timeout=args.timeout)
     info = device.status(args.state)
@@ -84,16 +77,12 @@ def _cli_start(args):
 
 
 def _cli_stop(args):
-    from .. import device
-
     stopped = device.stop(args.state)
     print(f"stopped {len(stopped)} process(es)")
     return 0
 
 
 def _cli_status(args):
-    from .. import device
-
     info = device.status(args.state)
     if args.json:
         print(json.dumps(info, indent=1))
@@ -110,8 +99,6 @@ def _healthy(info) -> bool:
 
 
 def _print_status(info):
-    from .. import device
-
     tracker = info["tracker"]
     if not tracker:
         print("tracker: not started (alcs device start)")
