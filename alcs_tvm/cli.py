@@ -23,7 +23,7 @@ def _caused_by_ctrl_c(err: BaseException | None) -> bool:
 try:
     from .commands import COMMANDS
     from .commands.common import INTERRUPTS
-except BaseException as _err:  # Ctrl-C while TVM, torch and ONNX Runtime load: seconds on a busy machine
+except BaseException as _err:  # Ctrl-C while the command modules load (they import no TVM, torch or numpy)
     if not _caused_by_ctrl_c(_err):
         raise
     _COMMAND = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
@@ -59,13 +59,15 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    # from here on Ctrl-C is the command's interrupt: the command imports TVM, torch and ONNX Runtime itself, after
+    # checking its arguments (alcs_tvm.commands), so a Ctrl-C while they load ends here too
     INTERRUPTS.install(args.command)
     err = None
     try:
         code = int(args.func(args) or 0)
     except BaseException as caught:  # noqa: BLE001 - after Ctrl-C, whatever TVM raised instead is the interrupt
         err = caught
-        if not (INTERRUPTS.fired.is_set() or isinstance(caught, KeyboardInterrupt)):
+        if not (INTERRUPTS.fired.is_set() or _caused_by_ctrl_c(caught)):
             if isinstance(caught, USER_ERRORS):
                 print(f"alcs {args.command}: error: {caught}", file=sys.stderr)
                 return 2

@@ -34,9 +34,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import rpc as alcs_rpc
 from .files import cache_dir, file_lock, write_json_atomic
 from .toolchain import CROSS_PACKAGES, ensure_debian_packages
+from .tracker import tracker_summary
 
 __all__ = [
     "DEFAULT_TRACKER_PORT", "DEFAULT_KEY", "X86_KEY", "QEMU_CPUS", "DeviceImage",
@@ -435,7 +435,7 @@ def start_tracker(port: int = DEFAULT_TRACKER_PORT, host: str = "127.0.0.1", log
         # listening first: an answer on the port could otherwise come from another tracker that holds it
         if _listens(entry):
             with contextlib.suppress(ConnectionError):
-                alcs_rpc.tracker_summary(tracker_addr(entry), timeout=2)
+                tracker_summary(tracker_addr(entry), timeout=2)
                 return entry
         if not _alive(entry) or time.time() > deadline:
             stop_process(entry)
@@ -519,7 +519,7 @@ def _registered(entry: dict) -> bool:
     if not tracker:
         return _listens(entry)
     try:
-        summary = alcs_rpc.tracker_summary(tracker, timeout=2)
+        summary = tracker_summary(tracker, timeout=2)
     except (ConnectionError, TimeoutError):
         return False
     return _registered_in(summary, key, port)
@@ -545,7 +545,7 @@ def _tracker_summary(tracker: dict) -> tuple[dict | None, str]:
     if _stopped(tracker):
         return None, f"the tracker's process group (pid {tracker['pid']}) is stopped"
     try:
-        return alcs_rpc.tracker_summary(tracker_addr(tracker), timeout=PROBE_TIMEOUT), ""
+        return tracker_summary(tracker_addr(tracker), timeout=PROBE_TIMEOUT), ""
     except (ConnectionError, TimeoutError) as err:
         return None, str(err)
 

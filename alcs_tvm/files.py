@@ -1,6 +1,6 @@
 """Safe on-disk state, shared by everything that caches or records measurements: the cache directory, an exclusive
 advisory file lock (device image, tuning caches) and atomic JSON writes and checked reads (latency tables, tuning
-records)."""
+records), and where a compiled library's sidecar goes."""
 from __future__ import annotations
 
 import contextlib
@@ -14,7 +14,13 @@ from pathlib import Path
 
 __all__ = ["cache_dir", "file_lock", "directory_lock", "write_json_atomic", "read_json_file", "merge_entries",
            "save_merged", "json_copy", "json_kind", "require_object", "checked_number", "checked_numbers",
-           "TableMismatchError", "check_same_device", "check_measured_for"]
+           "TableMismatchError", "check_same_device", "check_measured_for", "sidecar_path"]
+
+
+def sidecar_path(lib_path) -> Path:
+    """The JSON beside a compiled library that names its inputs and outputs (:mod:`alcs_tvm.run` reads and writes
+    it): ``lib_path + ".json"``."""
+    return Path(str(lib_path) + ".json")
 
 
 def cache_dir() -> Path:

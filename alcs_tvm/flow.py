@@ -37,6 +37,7 @@ from tvm import relax
 from . import compiler
 from . import rpc as alcs_rpc
 from .data import load_dataset
+from .defaults import DEFAULT_PRETRAIN_EPOCHS, FLOW_SPARSITIES
 from .latency import LatencyTable
 from .plots import write_plot
 from .profiler import Measurer, profile_model
@@ -47,9 +48,6 @@ from .training import evaluate, prune, train_dense
 from .zoo import load_model
 
 __all__ = ["FlowResult", "run_flow", "library_accuracy", "FLOW_SPARSITIES", "DEFAULT_PRETRAIN_EPOCHS"]
-
-#: profiling grid of the flow: fewer points than ``alcs profile``'s default, enough for the pruner's curves
-FLOW_SPARSITIES = (0.0, 0.25, 0.5, 0.7, 0.8, 0.9, 0.95)
 
 
 @dataclass
@@ -116,9 +114,6 @@ def library_accuracy(lib_path, x: np.ndarray, y: np.ndarray, *, session=None, ti
 def _step(log, number, total, text):
     log(f"\n[{number}/{total}] {text}")
 
-
-#: enough dense epochs (with the decayed step) for small_cnn to converge on MNIST-5k in seconds (docs/pruning.md)
-DEFAULT_PRETRAIN_EPOCHS = 30
 
 
 def run_flow(model: str = "small_cnn", data: str = "mnist", target: str = "x86", *, budget_ms: float | None = None,

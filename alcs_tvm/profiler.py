@@ -41,6 +41,7 @@ from onnx import numpy_helper
 
 from . import frontend
 from . import rpc as alcs_rpc
+from .defaults import DEFAULT_SPARSITIES
 from .compiler import ModelLayer, compile_module, export, model_layers
 from .compiler import compile as alcs_compile
 from .files import TableMismatchError, check_same_device
@@ -58,7 +59,6 @@ __all__ = ["profile_model", "Measurer", "DEFAULT_SPARSITIES", "measure_layer", "
            "build_functions", "kernel_inputs", "random_pruned_onnx", "calibrate_cold_fraction", "layer_options",
            "measure_latency", "measure_latency_table", "Progress", "sample_stats"]
 
-DEFAULT_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 #: the whole model with every conv at each of these sparsities (random SIMD masks), and unpruned: the points the
 #: cache-state calibration fits
 CALIBRATION_SPARSITIES = (0.3, 0.5, 0.65, 0.8, 0.95)

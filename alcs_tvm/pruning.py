@@ -65,6 +65,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from .defaults import DEFAULT_RHO
 from .layer import Conv2dSpec
 from .sparse_format import layer_group_width, num_blocks
 from .zoo import export_onnx
@@ -358,12 +359,6 @@ def check_budget(latency: LatencyModel, budget_ms, min_density: float = 0.0):
 
 
 # --------------------------------------------------------------------------------------------------- ADMM
-#: initial ADMM penalty weight: small enough for the W-step to keep learning the task, large enough that the
-#: primal residual ||W - Z|| shrinks within a few epochs, so hard pruning meets prepared weights (the runs that
-#: chose it: docs/pruning.md)
-DEFAULT_RHO = 1e-2
-#: Z/U-steps per ADMM epoch (see :func:`prune`)
-DEFAULT_UPDATES_PER_EPOCH = 1
 
 
 class ADMMPruner:

@@ -24,7 +24,6 @@ import contextlib
 import gc
 import os
 import socket
-import struct
 import tarfile
 import tempfile
 import threading
@@ -33,113 +32,20 @@ import uuid
 from pathlib import Path
 
 from tvm import rpc as tvm_rpc
-from tvm.rpc import base
 from tvm.support import cc
 
+from .defaults import CONNECT_TIMEOUT, FIRST_STEP_TIMEOUT, MIN_STEP_TIMEOUT, STEP_TIMEOUT_FACTOR
+from .library_file import check_library, elf_machine
+from .tracker import (UnknownKeyError, open_socket, parse_address, request_device, tracker_keys,
+                      tracker_summary)
 from .toolchain import cross_compile_function
 
 __all__ = ["UnknownKeyError", "parse_address", "tracker_summary", "tracker_keys", "connect", "guard",
            "upload_library", "end_dropped_sessions", "check_library", "elf_machine", "StepBudget", "CONNECT_TIMEOUT",
            "FIRST_STEP_TIMEOUT", "MIN_STEP_TIMEOUT", "STEP_TIMEOUT_FACTOR"]
 
-#: bound (s) on getting a device from the tracker (a busy one included) and on opening a session with it.
-CONNECT_TIMEOUT = 30.0
-#: bound (s) on a kind of remote step that has not been timed on the session yet (nothing to scale from).
-FIRST_STEP_TIMEOUT = 60.0
-#: a remote step may take STEP_TIMEOUT_FACTOR times what the same kind of step took before, and at least this.
-MIN_STEP_TIMEOUT = 30.0
-STEP_TIMEOUT_FACTOR = 10.0
-
 _LOST = ("kShutdown", "Connection reset", "Broken pipe", "connection closed", "Socket", "socket", "RPCSession",
          "EOF", "closed")
-
-
-class UnknownKeyError(ValueError, LookupError):
-    """The tracker has no device registered under the requested key."""
-
-
-def parse_address(text: str, what: str = "address") -> tuple[str, int]:
-    """``"HOST:PORT"`` -> ``(host, port)``."""
-    if not isinstance(text, str) or ":" not in text:
-        raise ValueError(f"{what} must be HOST:PORT, got {text!r}")
-    host, port = text.rsplit(":", 1)
-    try:
-        return (host.strip("[]") or "127.0.0.1"), int(port)
-    except ValueError:
-        raise ValueError(f"{what} must be HOST:PORT, got {text!r}") from None
-
-
-def _open(addr: tuple[str, int], what: str, timeout: float) -> socket.socket:
-    host, port = addr
-    try:
-        return socket.create_connection((host, port), timeout=timeout)
-    except ConnectionRefusedError:
-        hint = "; start one with `alcs device start`" if what == "RPC tracker" else ""
-        raise ConnectionError(f"no {what} at {host}:{port} (connection refused){hint}") from None
-    except (socket.timeout, TimeoutError):
-        raise ConnectionError(f"{what} at {host}:{port} did not answer within {timeout:g} s") from None
-    except OSError as err:
-        raise ConnectionError(f"cannot reach {what} at {host}:{port}: {err.strerror or err}") from None
-
-
-def _tracker_socket(tracker: str, timeout: float) -> socket.socket:
-    addr = parse_address(tracker, "tracker address")
-    sock = _open(addr, "RPC tracker", timeout)
-    try:
-        sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
-        magic = struct.unpack("<i", base.recvall(sock, 4))[0]
-    except (OSError, TimeoutError) as err:
-        sock.close()
-        raise ConnectionError(f"RPC tracker at {addr[0]}:{addr[1]} did not answer: {err}") from None
-    if magic != base.RPC_TRACKER_MAGIC:
-        sock.close()
-        raise ConnectionError(f"{addr[0]}:{addr[1]} is not a TVM RPC tracker")
-    return sock
-
-
-def tracker_summary(tracker: str, timeout: float = 10.0) -> dict:
-    """The tracker's summary: ``{"server_info": [{"key": "server:KEY", "addr": [host, port]}, ...],
-    "queue_info": {KEY: {"free": n, "pending": n}}}``."""
-    with contextlib.closing(_tracker_socket(tracker, timeout)) as sock:
-        try:
-            base.sendjson(sock, [base.TrackerCode.SUMMARY])
-            value = base.recvjson(sock)
-        except (OSError, TimeoutError) as err:
-            raise ConnectionError(f"RPC tracker at {tracker} did not answer: {err}") from None
-    if value[0] != base.TrackerCode.SUCCESS:
-        raise ConnectionError(f"RPC tracker at {tracker} returned {value!r}")
-    return value[1]
-
-
-def tracker_keys(tracker: str, timeout: float = 10.0) -> dict[str, int]:
-    """Keys with registered servers at the tracker -> number of servers."""
-    keys: dict[str, int] = {}
-    for item in tracker_summary(tracker, timeout).get("server_info", []):
-        key = str(item.get("key", ""))
-        if key.startswith("server:"):
-            key = key[len("server:"):]
-            keys[key] = keys.get(key, 0) + 1
-    return keys
-
-
-def _request(tracker: str, key: str, timeout: float, priority: int = 1) -> tuple[str, int, str]:
-    keys = tracker_keys(tracker, timeout=min(timeout, 10.0))
-    if key not in keys:
-        listed = ", ".join(f"{k} ({n})" for k, n in sorted(keys.items())) or "none"
-        raise UnknownKeyError(f"RPC tracker at {tracker} has no device with key {key!r}; its keys: {listed}")
-    with contextlib.closing(_tracker_socket(tracker, timeout)) as sock:
-        try:
-            base.sendjson(sock, [base.TrackerCode.REQUEST, key, "", priority])
-            value = base.recvjson(sock)
-        except (socket.timeout, TimeoutError):
-            raise TimeoutError(f"no free {key!r} device at tracker {tracker} within {timeout:g} s "
-                               f"({keys[key]} registered, all busy?)") from None
-        except OSError as err:
-            raise ConnectionError(f"RPC tracker at {tracker} dropped the request: {err}") from None
-    if value[0] != base.TrackerCode.SUCCESS:
-        raise ConnectionError(f"RPC tracker at {tracker} returned {value!r}")
-    url, port, matchkey = value[1]
-    return url, int(port), matchkey
 
 
 # ---------------------------------------------------------------------------------------------- the watchdog
@@ -299,10 +205,10 @@ def connect(tracker: str | None = None, key: str | None = None, *, rpc: str | No
     if tracker is not None:
         if not key:
             raise ValueError("a device key is needed with a tracker (e.g. key='arm64-qemu')")
-        url, port, matchkey = _request(tracker, key, wait)
+        url, port, matchkey = request_device(tracker, key, wait)
     else:
         url, port = parse_address(rpc, "RPC server address")
-        _open((url, port), "RPC server", min(wait, 10.0)).close()  # clear error if nothing listens
+        open_socket((url, port), "RPC server", min(wait, 10.0)).close()  # clear error if nothing listens
         matchkey = key or ""
 
     class _Pending:  # lets guard() describe/abort the connect itself
@@ -380,110 +286,3 @@ def upload_library(session, lib_path, timeout: float | None = None):
             raise ValueError(f"{_describe(session)} could not load {lib_path.name} (an {elf_machine(lib_path)} "
                              f"library; built for another architecture?): {lines[-1][:300] if lines else err}") \
                 from None
-
-
-#: the symbol through which a library exported by ``tvm.compile(...).export_library`` carries its Relax executable
-RELAX_LIBRARY_SYMBOL = b"__tvm_ffi__library_bin"
-_TVM_SYMBOL_PREFIX = b"__tvm_ffi_"
-_ELF_TYPES = {1: "an object file (.o)", 2: "an executable", 4: "a core dump"}
-
-
-def check_library(path, relax: bool = False) -> None:
-    """Raise ``ValueError`` (``FileNotFoundError`` if missing) unless ``path`` is a whole TVM library: an ELF
-    shared object whose segments and sections all lie inside the file and that exports TVM functions (with
-    ``relax``: a Relax executable), or a readable ``.tar`` of objects.
-
-    Loading a cut-short library maps pages past the end of the file, and the first touch of one kills the loading
-    process with SIGBUS: here ``alcs run`` would die with exit 135 and no message; on a device the server's
-    session worker dies, which ends TVM's RPC server loop. The headers say how long the file must be, so a
-    truncated copy is caught without loading it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such library: {path}")
-    if path.suffix == ".tar":
-        _check_tar(path)
-        return
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        def reach(end: int, what: str) -> None:
-            if end > size:
-                raise ValueError(f"{path.name} is cut short: {size} bytes, but its {what} runs to byte {end} "
-                                 f"(an interrupted copy or build? copy or build it again)")
-
-        def read(offset: int, count: int, what: str) -> bytes:
-            reach(offset + count, what)
-            fh.seek(offset)
-            return fh.read(count)
-
-        ident = fh.read(16)
-        if ident[:4] != b"\x7fELF" or ident[4] not in (1, 2) or ident[5] not in (1, 2):
-            raise ValueError(f"{path.name} is not a shared library (no ELF header): export it with "
-                             f"`alcs compile` or tvm.compile(...).export_library()")
-        wide, order = ident[4] == 2, "<" if ident[5] == 1 else ">"
-        header = struct.Struct(order + ("HHIQQQIHHHHHH" if wide else "HHIIIIIHHHHHH"))
-        (e_type, _, _, _, phoff, shoff, _, _, phentsize, phnum, shentsize, shnum, _) = \
-            header.unpack(read(16, header.size, "ELF header"))
-        if e_type != 3:
-            raise ValueError(f"{path.name} is {_ELF_TYPES.get(e_type, f'an ELF file of type {e_type}')}, not a "
-                             f"shared library")
-        program = read(phoff, phentsize * phnum, "program header table")
-        for i in range(phnum):
-            entry = program[i * phentsize:(i + 1) * phentsize]
-            if wide:
-                p_type, _, p_offset, _, _, p_filesz = struct.unpack_from(order + "IIQQQQ", entry)
-            else:
-                p_type, p_offset, _, _, p_filesz = struct.unpack_from(order + "IIIII", entry)
-            if p_type == 1:  # PT_LOAD: mapped from the file
-                reach(p_offset + p_filesz, f"loadable segment {i}")
-        table = read(shoff, shentsize * shnum, "section header table")
-        sections = []
-        for i in range(shnum):
-            entry = table[i * shentsize:(i + 1) * shentsize]
-            if wide:
-                _, sh_type, _, _, sh_offset, sh_size, sh_link = struct.unpack_from(order + "IIQQQQI", entry)
-            else:
-                _, sh_type, _, _, sh_offset, sh_size, sh_link = struct.unpack_from(order + "IIIIIII", entry)
-            if sh_type not in (0, 8):  # SHT_NULL and SHT_NOBITS (.bss) take no room in the file
-                reach(sh_offset + sh_size, f"section {i}")
-            sections.append((sh_type, sh_offset, sh_size, sh_link))
-        names = set()
-        for sh_type, sh_offset, sh_size, sh_link in sections:
-            if sh_type != 11 or sh_link >= len(sections):  # SHT_DYNSYM, with its string table
-                continue
-            strings = read(sections[sh_link][1], sections[sh_link][2], "dynamic string table")
-            symbols = read(sh_offset, sh_size, "dynamic symbol table")
-            step = 24 if wide else 16
-            for k in range(0, len(symbols) - step + 1, step):
-                start = struct.unpack_from(order + "I", symbols, k)[0]
-                names.add(strings[start:strings.find(b"\0", start)])
-    wanted = RELAX_LIBRARY_SYMBOL if relax else _TVM_SYMBOL_PREFIX
-    if not any(name.startswith(wanted) for name in names):
-        what = "no Relax executable" if relax else "no TVM functions"
-        raise ValueError(f"{path.name} holds {what} (no {wanted.decode()}* symbol): build it with `alcs compile` "
-                         f"or tvm.compile(...).export_library()")
-
-
-def _check_tar(path: Path) -> None:
-    try:
-        with tarfile.open(path) as tar:
-            members = tar.getnames()
-    except (tarfile.TarError, EOFError, OSError) as err:
-        raise ValueError(f"{path.name} is not a whole tar archive ({err}): copy or export it again") from None
-    if not any(name.endswith((".o", ".obj")) for name in members):
-        raise ValueError(f"{path.name} holds no object files: export it with tvm.compile(...).export_library()")
-
-
-_ELF_MACHINES = {62: "x86_64", 183: "aarch64", 40: "arm"}
-
-
-def elf_machine(path) -> str | None:
-    """The architecture of an ELF file (``"x86_64"``, ``"aarch64"``, ...), or None if it is not ELF."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(20)
-    except OSError:
-        return None
-    if head[:4] != b"\x7fELF":
-        return None
-    return _ELF_MACHINES.get(struct.unpack("<H", head[18:20])[0], "other")
-

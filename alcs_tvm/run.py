@@ -30,12 +30,10 @@ import tvm
 from tvm import relax
 
 from . import rpc as alcs_rpc
+from .files import sidecar_path
 
 __all__ = ["run_model", "time_model", "read_sidecar", "write_sidecar", "sidecar_path", "make_inputs",
            "flatten_outputs"]
-
-def sidecar_path(lib_path) -> Path:
-    return Path(str(lib_path) + ".json")
 
 
 def read_sidecar(lib_path) -> dict | None:

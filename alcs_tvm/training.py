@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pruning import DEFAULT_RHO, DEFAULT_UPDATES_PER_EPOCH, ADMMPruner, describe_group_widths, expand_group_mask
+from .defaults import DEFAULT_RHO, DEFAULT_UPDATES_PER_EPOCH
+from .pruning import ADMMPruner, describe_group_widths, expand_group_mask
 
 __all__ = ["train_epoch", "evaluate", "train_dense", "PruneResult", "prune"]
 

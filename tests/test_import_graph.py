@@ -113,3 +113,16 @@ def test_pruner_imports_no_tvm():
                             env=dict(os.environ, PYTHONPATH=str(PACKAGE.parent)))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_cli_parser_imports_no_tvm_or_torch():
+    """``alcs --help``, a bad argument or a missing input file answer without loading TVM, torch or ONNX Runtime
+    (seconds of CPU): each command imports the library when it runs. Nor numpy: a Ctrl-C while its extension
+    initialises surfaces as an ImportError that does not say it was the interrupt, so it must load after the command
+    has taken over Ctrl-C."""
+    code = ("import sys, alcs_tvm.cli as cli; cli.build_parser(); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'tvm', 'torch', 'onnx', 'onnxruntime', 'numpy'}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=str(PACKAGE.parent)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

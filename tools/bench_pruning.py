@@ -250,7 +250,7 @@ def main():
     p.add_argument("--admm-epochs", type=int, default=3)
     p.add_argument("--rho", type=float, default=pruning.DEFAULT_RHO, help="ADMM penalty weight at the first epoch")
     p.add_argument("--rho-multiplier", type=float, default=1.6, help="rho growth per ADMM epoch")
-    p.add_argument("--updates-per-epoch", type=int, default=pruning.DEFAULT_UPDATES_PER_EPOCH,
+    p.add_argument("--updates-per-epoch", type=int, default=training.DEFAULT_UPDATES_PER_EPOCH,
                    help="ADMM Z/U-steps per epoch")
     p.add_argument("--finetune-epochs", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)

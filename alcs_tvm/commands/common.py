@@ -13,7 +13,7 @@ import threading
 import time
 import traceback
 
-from ..rpc import CONNECT_TIMEOUT, FIRST_STEP_TIMEOUT, MIN_STEP_TIMEOUT, STEP_TIMEOUT_FACTOR
+from ..defaults import CONNECT_TIMEOUT, FIRST_STEP_TIMEOUT, MIN_STEP_TIMEOUT, STEP_TIMEOUT_FACTOR
 
 __all__ = ["TARGET_HELP", "VECTOR_WIDTH_HELP", "add_device_arguments", "check_device_arguments",
            "parse_sparsities", "require_file", "input_shapes_arg", "check_output", "OutputFiles", "Interrupts",

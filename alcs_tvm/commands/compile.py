@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import os
 
-from .. import compiler, frontend
-from ..latency import LatencyTable
-from ..latency_regressor import LatencyRegressor
-from ..run import sidecar_path, write_sidecar
-from ..target import resolve_target
+from ..files import sidecar_path
+from ..input_shapes import parse_input_shapes
 from .common import TARGET_HELP, VECTOR_WIDTH_HELP, OutputFiles, input_shapes_arg, require_file
+
+# Deferred on purpose: the library modules load TVM, torch and ONNX Runtime (seconds of CPU), so they (and numpy) are
+# imported inside the functions that need them, after the arguments are checked: `alcs --help` and a bad argument
+# answer at once, and a Ctrl-C while they load is an interrupt like any other (cli.main).
 
 
 def register(subparsers):
@@ -45,7 +46,15 @@ def run(args):
     report_path = args.report or f"{args.output}.report.json"
     sidecar = str(sidecar_path(args.output))
     outputs = OutputFiles(("-o", args.output), ("-o", sidecar), ("--report", report_path))
-    input_shapes = frontend.parse_input_shapes(args.input_shapes) if args.input_shapes else None
+    input_shapes = parse_input_shapes(args.input_shapes) if args.input_shapes else None
+    if args.estimate_missing is not None and not args.latency_table:
+        raise ValueError("--estimate-missing needs --latency-table")
+    from .. import compiler
+    from ..latency import LatencyTable
+    from ..latency_regressor import LatencyRegressor
+    from ..run import write_sidecar
+    from ..target import resolve_target
+
     latency_table = None
     if args.latency_table:
         latency_table = LatencyTable.load(args.latency_table)
@@ -53,8 +62,6 @@ def run(args):
             regressor = LatencyRegressor.fit([latency_table] + [LatencyTable.load(t) for t in args.estimate_missing])
             latency_table.estimate_missing(regressor)
             print(regressor.describe())
-    elif args.estimate_missing is not None:
-        raise ValueError("--estimate-missing needs --latency-table")
     info = resolve_target(args.target, args.vector_width)
     executable, report = compiler.compile(args.model, info, input_shapes=input_shapes, sparse=not args.no_sparse,
                                  density_threshold=args.sparsity_threshold, latency_table=latency_table,

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import os
 
-import torch
-
-from ..flow import DEFAULT_PRETRAIN_EPOCHS, FLOW_SPARSITIES, run_flow
+from ..defaults import DEFAULT_PRETRAIN_EPOCHS, FLOW_SPARSITIES
 from .common import (TARGET_HELP, VECTOR_WIDTH_HELP, add_device_arguments, check_device_arguments,
                      parse_sparsities)
+
+# Deferred on purpose: the library modules load TVM, torch and ONNX Runtime (seconds of CPU), so they (and numpy) are
+# imported inside the functions that need them, after the arguments are checked: `alcs --help` and a bad argument
+# answer at once, and a Ctrl-C while they load is an interrupt like any other (cli.main).
 
 
 def register(subparsers):
@@ -49,6 +51,10 @@ def run(args):
         raise ValueError(f"--work-dir {args.work_dir} is a file, not a directory")
     check_device_arguments(args)
     sparsities = parse_sparsities(args.sparsities)
+    import torch
+
+    from ..flow import run_flow
+
     torch.set_num_threads(max(1, args.torch_threads))
     run_flow(args.model, args.data, args.target, budget_ms=args.budget_ms, budget_fraction=args.budget_fraction,
              work_dir=args.work_dir, tracker=args.rpc_tracker, key=args.rpc_key, rpc=args.rpc,

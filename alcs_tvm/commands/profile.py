@@ -4,10 +4,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .. import frontend
-from ..profiler import DEFAULT_SPARSITIES, profile_model
+from ..defaults import DEFAULT_SPARSITIES
+from ..input_shapes import parse_input_shapes
 from .common import (TARGET_HELP, VECTOR_WIDTH_HELP, add_device_arguments, check_device_arguments,
                      check_output, input_shapes_arg, parse_sparsities, require_file)
+
+# Deferred on purpose: the library modules load TVM, torch and ONNX Runtime (seconds of CPU), so they (and numpy) are
+# imported inside the functions that need them, after the arguments are checked: `alcs --help` and a bad argument
+# answer at once, and a Ctrl-C while they load is an interrupt like any other (cli.main).
 
 
 def register(subparsers):
@@ -41,7 +45,9 @@ def run(args):
     check_output(args.output)  # saved after every layer (resumable): a bad path fails now, not after the first
     check_device_arguments(args)
     sparsities = parse_sparsities(args.sparsities)
-    input_shapes = frontend.parse_input_shapes(args.input_shapes) if args.input_shapes else None
+    input_shapes = parse_input_shapes(args.input_shapes) if args.input_shapes else None
+    from ..profiler import profile_model
+
     t0 = time.time()
     table = profile_model(args.model, args.output, args.target, tracker=args.rpc_tracker, key=args.rpc_key,
                           rpc=args.rpc, local=args.local, input_shapes=input_shapes,

@@ -11,20 +11,13 @@ from __future__ import annotations
 import json
 import os
 
-import torch
-import tvm
-
-from ..data import load_dataset
-from ..latency import LatencyTable, LayerNotProfiledError
-from ..layer import layer_key
+from ..defaults import DEFAULT_RHO, DEFAULT_UPDATES_PER_EPOCH
 from ..plots import write_plot
-from ..profiler import measure_latency
-from ..pruning import (DEFAULT_RHO, DEFAULT_UPDATES_PER_EPOCH, LatencyModel, check_budget, export_pruned,
-                       find_prunable_layers, over_budget_hint)
-from ..target import resolve_target
-from ..training import evaluate, prune, train_dense
-from ..zoo import load_model
 from .common import TARGET_HELP, VECTOR_WIDTH_HELP, OutputFiles
+
+# Deferred on purpose: the library modules load TVM, torch and ONNX Runtime (seconds of CPU), so they (and numpy) are
+# imported inside the functions that need them, after the arguments are checked: `alcs --help` and a bad argument
+# answer at once, and a Ctrl-C while they load is an interrupt like any other (cli.main).
 
 
 def register(subparsers):
@@ -65,6 +58,9 @@ def rest_model(table, path, layers, rest_model=None, model_name=None) -> str:
     the zoo name), else ``model_name`` in a table that records no conv layers for it. A one-line error naming
     the entries the table holds otherwise: without the rest the prediction is low and the budget looser than
     asked."""
+    from ..latency import LayerNotProfiledError
+    from ..layer import layer_key
+
     held = ", ".join(map(repr, sorted(table.rest_ms))) or "none"
     if rest_model:
         if rest_model not in table.rest_ms:
@@ -86,6 +82,15 @@ def run(args):
     base = os.path.splitext(args.output)[0]
     # checked before any training; written together at the end (an interrupted measurement leaves none of them)
     outputs = OutputFiles(("-o", args.output), ("-o", base + ".png"), ("-o", base + ".json"))
+    import torch
+    import tvm
+
+    from ..data import load_dataset
+    from ..latency import LatencyTable
+    from ..pruning import LatencyModel, check_budget, find_prunable_layers
+    from ..target import resolve_target
+    from ..zoo import load_model
+
     table = LatencyTable.load(args.latency_table)
     info = resolve_target(args.target, args.vector_width)
     table.check_compatible(info, tvm.__version__)
@@ -104,6 +109,10 @@ def run(args):
 
 
 def _prune(args, outputs, base, table, data, model, info, rest_model):
+    from ..profiler import measure_latency
+    from ..pruning import export_pruned, over_budget_hint
+    from ..training import evaluate, prune, train_dense
+
     if not args.weights:
         train_dense(model, data, args.pretrain_epochs, lr=args.lr, batch_size=args.batch_size)
     dense_acc = evaluate(model, data.x_test, data.y_test)

@@ -5,17 +5,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-from .. import run as run_module
-from ..kernel_profile import format_profile, profile_library
-from ..run import read_sidecar, run_model
+from ..library_file import check_library
 from .common import INTERRUPTS, OutputFiles, add_device_arguments, check_device_arguments
+
+# Deferred on purpose: the library modules load TVM, torch and ONNX Runtime (seconds of CPU), so they (and numpy) are
+# imported inside the functions that need them, after the arguments are checked: `alcs --help` and a bad argument
+# answer at once, and a Ctrl-C while they load is an interrupt like any other (cli.main).
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("run", help="run a compiled model here or on an RPC device, optionally timing it",
-                              description=run_module.__doc__.split("\n\n")[0])
+                              description="Run a compiled model here or on an RPC device, optionally timing it.")
     p.add_argument("lib", metavar="OUT.so", help="Relax executable library (export_library output)")
     p.add_argument("--inputs", metavar="IN.npz", help="inputs by name (default: made up from OUT.so.json)")
     p.add_argument("--outputs", metavar="OUT.npz", help="save the outputs here")
@@ -32,20 +32,26 @@ def register(subparsers) -> None:
 
 
 def run(args):
+    check_library(args.lib, relax=True)  # missing, cut short or not a Relax library: one line, before TVM loads
     check_device_arguments(args)
     if args.repeat < 1 or args.number < 1:
         raise ValueError("--repeat and --number must be >= 1")
     # numpy adds .npz to a name without it
     saved = None if not args.outputs else args.outputs if args.outputs.endswith(".npz") else args.outputs + ".npz"
     outputs_file = OutputFiles(("--outputs", saved))
+    if args.profile and (args.rpc or args.rpc_tracker):
+        raise ValueError("--profile runs on this host only: TVM's RPC cannot carry the VM's instrument callback to "
+                         "a device")
+    import numpy as np
+
     inputs = None
     if args.inputs:
         with np.load(args.inputs) as data:
             inputs = {k: data[k] for k in data.files}
+    from ..kernel_profile import format_profile, profile_library
+    from ..run import read_sidecar, run_model
+
     if args.profile:
-        if args.rpc or args.rpc_tracker:
-            raise ValueError("--profile runs on this host only: TVM's RPC cannot carry the VM's instrument "
-                             "callback to a device")
         rows, whole_ms = profile_library(args.lib, inputs, repeat=args.repeat, function=args.function or "main")
         print(format_profile(rows, whole_ms))
         return 0

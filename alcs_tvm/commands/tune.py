@@ -4,12 +4,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .. import frontend
-from ..autotune import tune_model
+from ..input_shapes import parse_input_shapes
 from ..schedules import SparseConvSchedule
-from ..tuning_records import TuningRecords
 from .common import (TARGET_HELP, VECTOR_WIDTH_HELP, add_device_arguments, check_device_arguments,
                      check_output, input_shapes_arg, require_file)
+
+# Deferred on purpose: the library modules load TVM, torch and ONNX Runtime (seconds of CPU), so they (and numpy) are
+# imported inside the functions that need them, after the arguments are checked: `alcs --help` and a bad argument
+# answer at once, and a Ctrl-C while they load is an interrupt like any other (cli.main).
 
 
 def register(subparsers):
@@ -39,7 +41,10 @@ def run(args):
     check_output(args.output)  # saved after every layer (resumable): a bad path fails now, not after the first
     if args.estimate is None:
         check_device_arguments(args)
-    input_shapes = frontend.parse_input_shapes(args.input_shapes) if args.input_shapes else None
+    input_shapes = parse_input_shapes(args.input_shapes) if args.input_shapes else None
+    from ..autotune import tune_model
+    from ..tuning_records import TuningRecords
+
     t0 = time.time()
     records = tune_model(args.model, args.output, args.target, tracker=args.rpc_tracker, key=args.rpc_key,
                          rpc=args.rpc, local=args.local, input_shapes=input_shapes, vector_width=args.vector_width,
