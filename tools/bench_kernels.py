@@ -415,7 +415,8 @@ def main(argv=None):
         if args.verbose_tuning:
             cmd.append("--verbose-tuning")
         log(f"[bench] one subprocess per thread count: {' '.join(cmd[2:])}")
-        results = rows_per_thread_count(cmd, threads, tempfile.mkdtemp(prefix="bench_kernels_"))
+        with tempfile.TemporaryDirectory(prefix="bench_kernels_") as work:
+            results = rows_per_thread_count(cmd, threads, work)
     elapsed = time.perf_counter() - start
 
     print("\n==================== summary ====================")

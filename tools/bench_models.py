@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -104,6 +105,7 @@ def run_worker(models, sparsities, threads: int, repeat: int, vector_width=None,
                          "max_rel_error_vs_ort": error, "time_breakdown": time_by_kind(executable, [x])})
             if tuned is not None:
                 rows[-1].update({"alcs_tuned_ms": stats["alcs_tuned"].min, "tune_s": tune_s})
+    shutil.rmtree(tmp, ignore_errors=True)
     return rows
 
 
@@ -152,11 +154,11 @@ def main(argv=None):
         return 0
     from alcs_tvm.timing import rows_per_thread_count
 
-    rows = rows_per_thread_count([sys.executable, os.path.abspath(__file__), "--models", args.models, "--sparsities",
-                                  args.sparsities, "--repeat", str(args.repeat)]
-                                 + ([] if args.vector_width is None else ["--vector-width", str(args.vector_width)])
-                                 + (["--tune"] if args.tune else []), threads,
-                                 tempfile.mkdtemp(prefix="bench_models_"))
+    with tempfile.TemporaryDirectory(prefix="bench_models_") as work:
+        rows = rows_per_thread_count([sys.executable, os.path.abspath(__file__), "--models", args.models,
+                                      "--sparsities", args.sparsities, "--repeat", str(args.repeat)]
+                                     + ([] if args.vector_width is None else ["--vector-width", str(args.vector_width)])
+                                     + (["--tune"] if args.tune else []), threads, work)
     print("\n".join(table(rows)))
     for r in rows:
         print(f"{r['model']} {r['sparsity']}% {r['threads']}t time split: "

@@ -163,10 +163,12 @@ def main(argv=None):
         return 0
     from alcs_tvm.timing import rows_per_thread_count
 
-    cache = tempfile.mkdtemp(prefix="bench_real_models_")  # compiled libraries, shared by the thread counts' runs
-    rows = rows_per_thread_count([sys.executable, os.path.abspath(__file__), "--models", ",".join(names),
-                                  "--sparsities", args.sparsities, "--repeat", str(args.repeat), "--_cache", cache]
-                                 + (["--input-shapes", args.input_shapes] if args.input_shapes else []), threads, cache)
+    # compiled libraries, shared by the thread counts' runs (gigabytes for the whole set: removed at the end)
+    with tempfile.TemporaryDirectory(prefix="bench_real_models_") as cache:
+        rows = rows_per_thread_count([sys.executable, os.path.abspath(__file__), "--models", ",".join(names),
+                                      "--sparsities", args.sparsities, "--repeat", str(args.repeat), "--_cache", cache]
+                                     + (["--input-shapes", args.input_shapes] if args.input_shapes else []), threads,
+                                     cache)
     rows.sort(key=lambda r: (names.index(r["model"]), r["sparsity"], r["threads"]))
     print("\n".join(table(rows)))
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
