@@ -560,8 +560,9 @@ _LAYER_OPS = {
     "ConvTranspose": {"relax.nn.conv1d_transpose", "relax.nn.conv2d_transpose", "relax.nn.conv3d_transpose"},
 }
 
-#: ops whose Relax call carries its ONNX node's name: the layers, and the concats the compile report lists
-_NAMED_OPS = dict(_LAYER_OPS, Concat={"relax.concat"})
+#: ops whose Relax call carries its ONNX node's name: the layers, and the concats and max pools the compile report
+#: names
+_NAMED_OPS = dict(_LAYER_OPS, Concat={"relax.concat"}, MaxPool={"relax.nn.max_pool2d"})
 
 
 def rewrite_functions(rewriter, mod):
@@ -580,14 +581,15 @@ def with_span(call, span):
 
 
 def layer_node_name(call):
-    """The ONNX node name :func:`import_onnx` gave a conv or concat call (the source name of its span), else None."""
+    """The ONNX node name :func:`import_onnx` gave a conv, concat or max pool call (its span's source name), else
+    None."""
     span = getattr(call, "span", None)
     return None if span is None else span.source_name.name
 
 
 class _Importer(ONNXGraphImporter):
-    """Remembers which node failed to convert, and marks each conv's and concat's Relax call with its ONNX node's
-    name."""
+    """Remembers which node failed to convert, and marks each conv's, concat's and max pool's Relax call with its
+    ONNX node's name."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -115,10 +115,30 @@ def test_an_inception_block_joins_four_branches_with_the_border_its_readers_need
 
 
 @pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_spatial_pyramid_pooling_joins_a_conv_and_the_pools_that_also_read_it(sparsity):
+    """YOLO's SPPF: a conv, three chained 5x5/1 max pools, the four joined and read by a 3x3 conv. The conv's and
+    the first two pools' outputs are read by the next pool too; all five tensors carry the 3x3's border, which the
+    pools skip."""
+    g = OnnxGraph(np.random.default_rng(4))
+    y = g.conv("x", "cv1", 16, 8, kernel=1)
+    pools = [y]
+    for i in range(3):
+        pools.append(_max_pool(g, pools[-1], f"pool{i}", 5, 1, [2, 2, 2, 2]))
+    g.nodes.append(helper.make_node("Concat", pools, ["spp"], name="spp", axis=1))
+    y = g.conv("spp", "cv2", 32, 64, kernel=3, act=None)
+    x = np.random.default_rng(0).standard_normal((1, 8, 10, 10)).astype(np.float32)
+    rows, report = _run(g.model(y, [1, 8, 10, 10], [1, 32, 10, 10]), x, sparsity)
+    assert rows["spp"].implementation == "joins the NCHW16c outputs of cv1, max pool pool0, max pool pool1, max " \
+                                         "pool pool2 with a 1-pixel zero border for cv2", report.table()
+    assert rows["cv1"].implementation.endswith("; writes NCHW16c for max pool pool0, spp")
+    assert rows["cv1"].kernel.output_pad == (1, 1, 1, 1) and rows["cv2"].kernel.input_prepadded
+
+
+@pytest.mark.parametrize("sparsity", SPARSITIES)
 def test_concats_read_by_other_ops_or_of_other_inputs_stay_nchw(sparsity):
     """DenseNet's concat -> BatchNorm -> ReLU -> conv; a concat with the graph input among its inputs; one whose
-    input conv is also read by another op; one whose input has channels that are not a multiple of V: each stays a
-    Relax concat in NCHW, its row saying why, and the convs around it write and read NCHW."""
+    input conv is also read by an elementwise op; one whose input has channels that are not a multiple of V: each
+    stays a Relax concat in NCHW, its row saying why, and the convs around it write and read NCHW."""
     rng = np.random.default_rng(3)
     g = OnnxGraph(rng)
     a = g.conv("x", "a", 16, 16)
@@ -135,9 +155,11 @@ def test_concats_read_by_other_ops_or_of_other_inputs_stay_nchw(sparsity):
     d = g.conv("input_cat", "d", 16, 32, kernel=1)
     e = g.conv(d, "e", 16, 16, kernel=1)
     g.nodes += [helper.make_node("Concat", [d, e], ["shared_cat"], name="shared_cat", axis=1),
-                helper.make_node("Mul", ["shared_cat", "shared_cat"], ["squared"])]
-    f = g.conv("squared", "f", 8, 32, kernel=1)
-    h = g.conv("squared", "h", 16, 32, kernel=1)
+                helper.make_node("Mul", [d, d], ["squared"])]
+    mixed = g.conv("shared_cat", "mixed", 16, 32, kernel=1, act=None)
+    g.nodes.append(helper.make_node("Add", [mixed, "squared"], ["mixed_sum"]))
+    f = g.conv("mixed_sum", "f", 8, 16, kernel=1)
+    h = g.conv("mixed_sum", "h", 16, 16, kernel=1)
     g.nodes.append(helper.make_node("Concat", [f, h], ["narrow_cat"], name="narrow_cat", axis=1))
     y = g.conv("narrow_cat", "y", 16, 24, kernel=1)
     x = np.random.default_rng(0).standard_normal((1, 16, 9, 9)).astype(np.float32)
@@ -145,7 +167,7 @@ def test_concats_read_by_other_ops_or_of_other_inputs_stay_nchw(sparsity):
     why = {"dense_cat": "a reader is not a rewritten conv or a blocked max pool or concat",
            "input_cat": "an input is not written channel-blocked (a rewritten conv with channels a multiple of 16, "
                         "or a blocked pool or concat)",
-           "shared_cat": "an input has other readers",
+           "shared_cat": "an input has readers that read NCHW",
            "narrow_cat": "an input is not written channel-blocked (a rewritten conv with channels a multiple of 16, "
                          "or a blocked pool or concat)"}
     for name, reason in why.items():

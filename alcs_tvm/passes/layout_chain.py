@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ..frontend import layer_node_name
 from ..layer import conv_output_size
 
 __all__ = ["plan_layouts"]
@@ -69,23 +70,26 @@ def plan_layouts(layers: list, depthwise: list, users: dict, single_user, vector
         for c in shortcut_readers:
             c.layout = replace(c.layout, residual="blocked", residual_pad=border)
 
-    joins = _blocked_joins(convs, list(pools) + list(concats), single_user, readers_of, v)
+    joins = _blocked_joins(convs, list(pools) + list(concats), readers_of, v)
+
+    borders = _shared_borders(joins, lambda var: [tuple(c.spec.padding) for c in by_input.get(var, [])])
 
     def border(var) -> tuple:
-        """The zero border ``var``'s blocked tensor carries: the widest padding of the convs reading it as data,
-        and a concat's (its input is written in place of a slice of it, border included)."""
-        readers, _, join_readers = readers_of(var, joins)
-        pads = [tuple(c.spec.padding) for c in readers] + \
-            [border(j.last_var) for j in join_readers if j.kind == "concat"]
-        return tuple(max((p[i] for p in pads), default=0) for i in range(4))
+        """The zero border ``var``'s blocked tensor carries (see :func:`_shared_borders`)."""
+        return borders.get(var) or \
+            tuple(max((c.spec.padding[i] for c in by_input.get(var, [])), default=0) for i in range(4))
 
     def targets(var) -> str:
         """Who reads ``var``, for the report: conv names, the max pool before its readers, a concat's name."""
         readers, shortcut_readers, join_readers = readers_of(var, joins)
         names = [c.report_row.name for c in readers + shortcut_readers]
         for join in join_readers:
-            names.append(f"the max pool before {targets(join.last_var)}" if join.kind == "maxpool" else
-                         join.report_row.name)
+            if join.kind == "concat":
+                names.append(join.report_row.name)
+            elif readers_of(join.last_var, joins)[2]:  # read by another pool or a concat
+                names.append(_pool_name(join))
+            else:
+                names.append(f"the max pool before {targets(join.last_var)}")
         return ", ".join(names)
 
     for var, join in joins.items():
@@ -131,14 +135,13 @@ def plan_layouts(layers: list, depthwise: list, users: dict, single_user, vector
             layer.layout = replace(layer.layout, out_block=v)
 
 
-def _blocked_joins(convs, candidates, single_user, readers_of, v) -> dict:
+def _blocked_joins(convs, candidates, readers_of, v) -> dict:
     """The max pools and channel concats (``candidates``) that run channel-blocked, as var -> pool or concat.
 
     One does when every input is written channel-blocked - by a rewritten conv (output channels and group width
     multiples of V, not chained to a depthwise conv) or by another such pool or concat - and every reader of its
     input and of its output reads channel-blocked: a rewritten conv (group width a multiple of V) or another such
-    pool or concat. A concat's inputs are its alone and distinct (each is written into its slice of the concat,
-    border included). The largest such set: start from all candidates and drop those that fail until none does;
+    pool or concat. The largest such set: start from all candidates and drop those that fail until none does;
     the reason a concat stays NCHW goes into its report row."""
     planned = {layer.last_var: layer for layer in convs}
     joins = {join.last_var: join for join in candidates}
@@ -160,8 +163,6 @@ def _blocked_joins(convs, candidates, single_user, readers_of, v) -> dict:
         if not all(written_blocked(i) for i in inputs):
             return f"an input is not written channel-blocked (a rewritten conv with channels a multiple of {v}, " \
                    f"or a blocked pool or concat)"
-        if join.kind == "concat" and (len(set(inputs)) != len(inputs) or any(single_user(i) is None for i in inputs)):
-            return "an input has other readers"
         if not all(read_blocked(i) for i in inputs):
             return "an input has readers that read NCHW"
         if not read_blocked(join.last_var):
@@ -184,12 +185,41 @@ def _blocked_joins(convs, candidates, single_user, readers_of, v) -> dict:
     return joins
 
 
+def _shared_borders(joins, paddings) -> dict:
+    """var -> the zero border its blocked tensor carries, for the inputs and outputs of the blocked concats in
+    ``joins``: a concat copies its inputs' blocks with their borders, so its output and its inputs (and, through an
+    input read by another concat, that concat's) carry one border, the widest any of them needs: the widest
+    ``paddings(var)`` (the paddings of the convs reading ``var`` as data) over the group. Max pools and shortcuts
+    read any border."""
+    parent = {}
+
+    def root(var):
+        while not parent.setdefault(var, var).same_as(var):
+            var = parent[var]
+        return var
+
+    for var, join in joins.items():
+        if join.kind == "concat":
+            for part in join.call.args[0].fields:
+                parent[root(part)] = root(var)
+    widest = {}
+    for var in parent:
+        group = root(var)
+        widest[group] = tuple(max(p[i] for p in [widest.get(group, (0, 0, 0, 0))] + paddings(var)) for i in range(4))
+    return {var: widest[root(var)] for var in parent}
+
+
 def _producer_name(var, convs, joins) -> str:
     for conv in convs:
         if conv.last_var.same_as(var):
             return conv.report_row.name
     join = joins[var]
-    return join.report_row.name if join.kind == "concat" else "a max pool"
+    return join.report_row.name if join.kind == "concat" else _pool_name(join)
+
+
+def _pool_name(pool) -> str:
+    name = layer_node_name(pool.call)
+    return f"max pool {name}" if name else "a max pool"
 
 
 def _describe_border(border) -> str:
