@@ -177,3 +177,54 @@ def test_concats_read_by_other_ops_or_of_other_inputs_stay_nchw(sparsity):
     for name in ("a", "b", "c", "d", "e", "f", "h"):
         assert not rows[name].kernel.output_blocked, report.table()
     assert all(row.op == "conv2d" for row in report.sparse_layers + report.dense_layers)  # concats are neither
+
+
+def _same_size_pads(rng, kernel):
+    """Random (top, left, bottom, right) padding that keeps a stride-1 ``kernel`` x ``kernel`` output the input's
+    size, often one-sided."""
+    top, left = rng.integers(0, kernel, 2)
+    return int(top), int(left), int(kernel - 1 - top), int(kernel - 1 - left)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_concat_graphs_match_onnx_runtime(seed):
+    """Random two-level concat graphs: 2-4 branches (a conv of kernel 1, 3 or 5 with one-sided padding, two convs,
+    or a max pool and a 1x1 conv; 16 or 32 channels, now and then 8), joined, read by 1-3 such convs and pools
+    whose outputs are joined again and read by a last conv; dense and at 70 %."""
+    rng = np.random.default_rng(seed)
+    g = OnnxGraph(rng)
+    counter = iter(range(1000))
+
+    def conv(src, cin, cout=None):
+        kernel = int(rng.choice([1, 3, 5]))
+        cout = cout or int(rng.choice([16, 32, 16, 32, 8]))
+        return g.conv(src, f"c{next(counter)}", cout, cin, kernel=kernel, pads=_same_size_pads(rng, kernel)), cout
+
+    def pool(src):
+        kernel = int(rng.choice([2, 3]))
+        return _max_pool(g, src, f"p{next(counter)}", kernel, 1, list(_same_size_pads(rng, kernel)))
+
+    def branch(src, cin):
+        kind = rng.integers(0, 3)
+        if kind == 0:
+            return conv(src, cin)
+        if kind == 1:
+            y, c = conv(src, cin)
+            return conv(y, c)
+        return conv(pool(src), cin)
+
+    def join(src, cin, count):
+        outs = [branch(src, cin) for _ in range(count)]
+        name = f"cat{next(counter)}"
+        g.nodes.append(helper.make_node("Concat", [o for o, _ in outs], [name], name=name, axis=1))
+        return name, sum(c for _, c in outs)
+
+    y, c = g.conv("x", "stem", 32, 8), 32
+    y, c = join(y, c, int(rng.integers(2, 5)))
+    y, c = join(y, c, int(rng.integers(1, 4)))
+    y, _ = conv(y, c, 16)
+    x = rng.standard_normal((1, 8, 11, 11)).astype(np.float32)
+    for sparsity in SPARSITIES:
+        rows, report = _run(g.model(y, [1, 8, 11, 11], [1, 16, 11, 11]), x, sparsity)
+        assert any(row.decision == "blocked" for row in report.layers) or \
+            any(row.op == "concat" and "channels a multiple" in row.reason for row in report.layers), report.table()
