@@ -1,5 +1,6 @@
 """What several test modules share (pytest puts tests/ on sys.path): comparing outputs, the reference conv, small
-ONNX graphs, running the CLI, a compiled Relax executable or ONNX Runtime; stable seeds; the host CPU check; the ELF header check."""
+ONNX graphs, running the CLI, a compiled Relax executable or ONNX Runtime; stable seeds; the host CPU check; the
+ELF header check."""
 from __future__ import annotations
 
 import functools

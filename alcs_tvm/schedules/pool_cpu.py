@@ -4,8 +4,8 @@ Between a rewritten conv (or a channel-blocked concat of them) and the rewritten
 stem -> max pool -> first block, SqueezeNet's fire -> max pool -> fire, Inception's pools between blocks) the
 activations stay NCHW[V]c: the producer writes blocked (with the zero border its other readers need, which the
 pool skips), this kernel reads blocked and writes blocked with the zero border its readers need, so neither side
-needs a layout transform, a pad copy or a lane-scatter store. Each tap is a vector max; taps outside the input (the pool's padding) count as
--inf, as ONNX's MaxPool does::
+needs a layout transform, a pad copy or a lane-scatter store. Each tap is a vector max; taps outside the input
+(the pool's padding) count as -inf, as ONNX's MaxPool does::
 
     parallel  task over (image, channel block, output row)
       serial  output column
