@@ -11,8 +11,8 @@ concat of rewritten convs' outputs read by rewritten convs or such pools (Squeez
 blocks) joins their blocked outputs along the channel-block axis: N, C/V, H, W, V with the border its readers
 need, which every input carries too (see :func:`_blocked_joins`).
 
-Everything here edits the :class:`~alcs_tvm.layer.KernelLayout` of the matched layers and pools, the depthwise
-layers' ``block_input``/``unblock_output``, the pools' and concats' layouts and the report rows; it emits no IR.
+Everything here edits the :class:`~alcs_tvm.layer.KernelLayout` of the matched layers, pools and concats, the
+depthwise layers' ``block_input``/``unblock_output`` and the report rows; it emits no IR.
 """
 from __future__ import annotations
 
