@@ -535,6 +535,10 @@ _LAYER_OPS = {
     "ConvTranspose": {"relax.nn.conv1d_transpose", "relax.nn.conv2d_transpose", "relax.nn.conv3d_transpose"},
 }
 
+#: ops whose Relax call carries its ONNX node's name: the layers, and the concats and max pools the compile report
+#: names
+_NAMED_OPS = dict(_LAYER_OPS, Concat={"relax.concat"}, MaxPool={"relax.nn.max_pool2d"})
+
 
 def rewrite_functions(rewriter, mod):
     """``mod`` with every Relax function passed through ``rewriter`` (a ``PyExprMutator`` built on ``mod``)."""
@@ -552,13 +556,15 @@ def with_span(call, span):
 
 
 def layer_node_name(call):
-    """The ONNX node name :func:`import_onnx` gave a conv call (the source name of its span), else None."""
+    """The ONNX node name :func:`import_onnx` gave a conv, concat or max pool call (its span's source name), else
+    None."""
     span = getattr(call, "span", None)
     return None if span is None else span.source_name.name
 
 
 class _Importer(ONNXGraphImporter):
-    """Remembers which node failed to convert, and marks each conv's Relax call with its ONNX node's name."""
+    """Remembers which node failed to convert, and marks each conv's, concat's and max pool's Relax call with its
+    ONNX node's name."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -572,8 +578,8 @@ class _Importer(ONNXGraphImporter):
             raise
         except Exception as err:  # pylint: disable=broad-exception-caught
             raise _ConversionError(op_name, node, err) from err
-        if op_name in _LAYER_OPS:
-            result = self._name_layer(result, inputs, _LAYER_OPS[op_name], node)
+        if op_name in _NAMED_OPS:
+            result = self._name_layer(result, inputs, _NAMED_OPS[op_name], node)
         return result
 
     def _name_layer(self, result, inputs, ops, node):

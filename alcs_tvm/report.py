@@ -1,4 +1,4 @@
-"""The compile report: for every conv (and linear) layer, what ran and why."""
+"""The compile report: for every conv (and linear) layer and channel concat, what ran and why."""
 from __future__ import annotations
 
 import json
@@ -12,11 +12,11 @@ __all__ = ["LayerDecision", "CompileReport"]
 @dataclass
 class LayerDecision:
     name: str
-    op: str  # "conv2d" | "linear", or a conv the kernel does not compute: "conv1d", "conv3d", "conv2d_transpose", ...
+    op: str  # "conv2d" | "linear" | "concat", or a conv the kernel does not compute: "conv1d", "conv2d_transpose", ...
     shape: str  # human-readable geometry, e.g. "3x3 64->64 @56x56 p1"
     density: float | None  # fraction of V-blocks kept (None when not analysed, e.g. depthwise)
     vector_width: int | None
-    decision: str  # "sparse" | "dense"
+    decision: str  # "sparse" | "dense"; a concat's: "blocked" (NCHW[V]c) | "nchw"
     implementation: str  # what runs: "alcs sparse kernel", "alcs dense kernel", "relax default", ...
     reason: str
     predicted_ms: dict = field(default_factory=dict)  # {"sparse": .., "dense": ..} when a latency table decided
@@ -43,7 +43,7 @@ class CompileReport:
 
     @property
     def dense_layers(self) -> list:
-        return [layer for layer in self.layers if layer.decision != "sparse"]
+        return [layer for layer in self.layers if layer.decision == "dense"]
 
     def to_json(self) -> dict:
         return {"target": self.target, "layers": [asdict(layer) for layer in self.layers], "notes": self.notes,

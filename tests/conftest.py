@@ -106,6 +106,7 @@ WORK_UNITS = {
     "test_reliability_cli": 80,
     "test_compile": 75,
     "test_zoo_real_nets": 43,
+    "test_blocked_concat": 38,
     "test_sparse_conv2d": 36,
     "test_winograd": 33,
     "test_reliability_import": 33,

@@ -1,5 +1,6 @@
-"""What several test modules share (pytest puts tests/ on sys.path): comparing outputs, the reference conv, running
-the CLI, a compiled Relax executable or ONNX Runtime; stable seeds; the host CPU check; the ELF header check."""
+"""What several test modules share (pytest puts tests/ on sys.path): comparing outputs, the reference conv, small
+ONNX graphs, running the CLI, a compiled Relax executable or ONNX Runtime; stable seeds; the host CPU check; the
+ELF header check."""
 from __future__ import annotations
 
 import functools
@@ -97,6 +98,39 @@ def export_tiny_cnn(path, size: int):
     x = torch.randn(1, 3, size, size)
     torch.onnx.export(net, (x,), str(path), dynamo=False, input_names=["data"], output_names=["logits"])
     return net, x
+
+
+class OnnxGraph:
+    """A small ONNX graph built node by node (onnx.helper): He-normal conv weights and small biases from ``rng``,
+    one float input ``x``."""
+
+    def __init__(self, rng):
+        self.rng, self.nodes, self.inits = rng, [], []
+
+    def conv(self, src, name, cout, cin, kernel=3, stride=1, groups=1, act="Relu", pads=None):
+        """``Conv`` (+ ``act``) reading ``src``, named ``name``; ``pads`` (top, left, bottom, right) defaults to
+        ``kernel // 2`` all round. Returns the output's name."""
+        from onnx import helper, numpy_helper
+
+        w = self.rng.standard_normal((cout, cin // groups, kernel, kernel)) * np.sqrt(2 / (cin // groups * kernel ** 2))
+        b = self.rng.uniform(-0.1, 0.1, cout)
+        self.inits += [numpy_helper.from_array(w.astype(np.float32), f"{name}_w"),
+                       numpy_helper.from_array(b.astype(np.float32), f"{name}_b")]
+        top, left, bottom, right = pads if pads is not None else (kernel // 2,) * 4
+        self.nodes.append(helper.make_node("Conv", [src, f"{name}_w", f"{name}_b"], [f"{name}_y"], name=name,
+                                           kernel_shape=[kernel, kernel], strides=[stride, stride],
+                                           pads=[top, left, bottom, right], group=groups))
+        if act is None:
+            return f"{name}_y"
+        self.nodes.append(helper.make_node(act, [f"{name}_y"], [f"{name}_a"], name=f"{name}_{act.lower()}"))
+        return f"{name}_a"
+
+    def model(self, out, in_shape, out_shape):
+        from onnx import TensorProto, helper
+
+        graph = helper.make_graph(self.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
+                                  [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)], self.inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 # ----------------------------------------------------------------------------------------------- running

@@ -9,10 +9,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import tvm
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 from tvm import relax
 
 from alcs_tvm import compiler
+from helpers import OnnxGraph
 
 RTOL = 1e-4
 
@@ -27,34 +28,11 @@ def _run(model, x):
     return report
 
 
-class _Graph:
-    def __init__(self, rng):
-        self.rng, self.nodes, self.inits = rng, [], []
-
-    def conv(self, src, name, cout, cin, kernel=3, stride=1, groups=1, act="Relu"):
-        w = self.rng.standard_normal((cout, cin // groups, kernel, kernel)) * np.sqrt(2 / (cin // groups * kernel ** 2))
-        b = self.rng.uniform(-0.1, 0.1, cout)
-        self.inits += [numpy_helper.from_array(w.astype(np.float32), f"{name}_w"),
-                       numpy_helper.from_array(b.astype(np.float32), f"{name}_b")]
-        self.nodes.append(helper.make_node("Conv", [src, f"{name}_w", f"{name}_b"], [f"{name}_y"], name=name,
-                                           kernel_shape=[kernel, kernel], strides=[stride, stride],
-                                           pads=[kernel // 2] * 4, group=groups))
-        if act is None:
-            return f"{name}_y"
-        self.nodes.append(helper.make_node(act, [f"{name}_y"], [f"{name}_a"], name=f"{name}_{act.lower()}"))
-        return f"{name}_a"
-
-    def model(self, out, in_shape, out_shape):
-        graph = helper.make_graph(self.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
-                                  [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)], self.inits)
-        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
 @pytest.mark.parametrize("groups, channels", [(2, 64), (4, 96), (8, 64), (3, 48)])
 def test_grouped_convs_run_the_kernel_block_diagonal_and_match_onnx_runtime(groups, channels):
     """ShuffleNet's and ResNeXt's grouped convs: 1x1 and 3x3, stride 1 and 2, channels per group that are and are
     not a multiple of the SIMD width, between groups=1 convs and after the graph input."""
-    g = _Graph(np.random.default_rng(groups))
+    g = OnnxGraph(np.random.default_rng(groups))
     y = g.conv("x", "stem", channels, 8)
     y = g.conv(y, "g1x1", channels, channels, kernel=1, groups=groups)
     y = g.conv(y, "g3x3", channels, channels, kernel=3, groups=groups, act=None)
@@ -77,7 +55,7 @@ def test_a_conv_with_a_partial_wide_block_matches_onnx_runtime(sparsity):
     32-wide groups, its output read by a global average pool."""
     from alcs_tvm.sparse_format import random_block_sparse
 
-    g = _Graph(np.random.default_rng(5))
+    g = OnnxGraph(np.random.default_rng(5))
     y = g.conv("x", "stem", 64, 8)
     y = g.conv(y, "classifier", 1000, 64, kernel=1)
     weight = g.inits[-2]
@@ -100,7 +78,7 @@ def test_a_channel_shuffle_is_folded_into_the_conv_it_reaches(sparsity):
     from alcs_tvm.sparse_format import random_block_sparse
 
     c, groups, size = 64, 4, 12
-    g = _Graph(np.random.default_rng(7))
+    g = OnnxGraph(np.random.default_rng(7))
     stem = g.conv("x", "stem", c, 8)
     y = g.conv(stem, "g1", c, c, kernel=1, groups=groups)
     y = _shuffle(g, y, "shuffle", c, groups, size)
@@ -126,7 +104,7 @@ def test_a_channel_shuffle_is_folded_into_the_conv_it_reaches(sparsity):
 
 def test_grouped_convs_are_not_latency_table_layers():
     """The pruner and latency tables measure groups=1 convs: a grouped conv is part of the rest of the model."""
-    g = _Graph(np.random.default_rng(5))
+    g = OnnxGraph(np.random.default_rng(5))
     y = g.conv("x", "stem", 32, 3)
     y = g.conv(y, "grouped", 32, 32, groups=4)
     model = g.model(y, [1, 3, 16, 16], [1, 32, 16, 16])
@@ -144,7 +122,7 @@ CONV_TRANSPOSES = [(2, 2, (0, 0, 0, 0), 0), (4, 2, (1, 1, 1, 1), 0), (3, 2, (1, 
 def test_conv_transposes_run_the_kernel_as_sub_pixel_convs_and_match_onnx_runtime(kernel, stride, pads,
                                                                                   output_padding):
     rng = np.random.default_rng(kernel * 10 + stride)
-    g = _Graph(rng)
+    g = OnnxGraph(rng)
     y = g.conv("x", "stem", 32, 8)
     w = (rng.standard_normal((32, 24, kernel, kernel)) * np.sqrt(2 / (32 * kernel ** 2))).astype(np.float32)
     g.inits += [numpy_helper.from_array(w, "up_w"),
@@ -168,7 +146,7 @@ def test_conv_transposes_run_the_kernel_as_sub_pixel_convs_and_match_onnx_runtim
 def test_conv_transposes_the_kernel_cannot_take_stay_relax_ops_and_are_reported():
     """Dilated and grouped transposed convs stay TVM's, with a report row."""
     rng = np.random.default_rng(3)
-    g = _Graph(rng)
+    g = OnnxGraph(rng)
     y = g.conv("x", "stem", 16, 8)
     w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
     g.inits.append(numpy_helper.from_array(w, "up_w"))
@@ -205,7 +183,7 @@ def test_activations_fuse_into_the_kernels_and_match_onnx_runtime(activation):
     between) and squeeze-excitation gates: the activation runs in the conv's (and the depthwise's) epilogue, not
     as separate kernels. Inputs span [-12, 12], where the exponential's range reduction matters."""
     rng = np.random.default_rng(7)
-    g = _Graph(rng)
+    g = OnnxGraph(rng)
     g.inits += [numpy_helper.from_array(np.array(v, np.float32), name)
                 for name, v in (("zero", 0), ("three", 3), ("six", 6))]
     y = g.conv("x", "stem", 32, 8, act=None)
@@ -231,7 +209,7 @@ def test_activations_fuse_into_the_kernels_and_match_onnx_runtime(activation):
 
 def test_an_activation_whose_input_is_read_elsewhere_is_not_fused():
     """y * sigmoid(y) where y is also a graph output: the conv must still produce y itself."""
-    g = _Graph(np.random.default_rng(2))
+    g = OnnxGraph(np.random.default_rng(2))
     y = g.conv("x", "stem", 16, 8, act=None)
     nodes, out = _activation_nodes("silu", y, "stem")
     g.nodes += nodes + [helper.make_node("Add", [out, y], ["sum"], name="sum")]
@@ -244,7 +222,7 @@ def test_prelu_fuses_into_the_kernel_with_its_slopes_and_matches_onnx_runtime():
     """MTCNN's and face-recognition nets' Conv -> PRelu (per-channel slopes, and one shared slope) and Conv ->
     LeakyRelu; a depthwise conv keeps its PRelu as a separate op."""
     rng = np.random.default_rng(11)
-    g = _Graph(rng)
+    g = OnnxGraph(rng)
     y = g.conv("x", "c1", 20, 3, act=None)
     g.inits.append(numpy_helper.from_array(rng.uniform(0.05, 0.5, (20, 1, 1)).astype(np.float32), "s1"))
     g.nodes.append(helper.make_node("PRelu", [y, "s1"], ["p1"], name="c1_prelu"))
@@ -274,7 +252,7 @@ def test_every_kind_on_the_emulated_arm64_device(rpc_devices, cross_cxx, tmp_pat
     from alcs_tvm.run import run_model
 
     rng = np.random.default_rng(21)
-    g = _Graph(rng)
+    g = OnnxGraph(rng)
     y = g.conv("x", "stem", 16, 3, act=None)
     nodes, y = _activation_nodes("silu", y, "stem")
     g.nodes += nodes
@@ -329,7 +307,7 @@ def test_depthwise_convs_without_two_rewritten_neighbours_run_the_blocked_kernel
     depthwise conv alone is folded away): the blocked depthwise kernel runs with its
     input or output converted; a wide one with no rewritten neighbour keeps the NCHW schedule."""
     rng = np.random.default_rng(17)
-    g = _Graph(rng)
+    g = OnnxGraph(rng)
     y = g.conv("x", "expand", 32, 8, kernel=1, act=None)
     y = g.conv(y, "dw_se", 32, 32, groups=32, act=None)  # -> hardswish -> SE: the output is read NCHW
     nodes, y = _activation_nodes("hardswish", y, "dw_se")
@@ -357,7 +335,7 @@ def test_depthwise_convs_without_two_rewritten_neighbours_run_the_blocked_kernel
     for name in ("dw_se", "dw_shuffled", "dw_alone"):
         assert rows[name].symbol.startswith("alcs_dwconv_"), rows[name]
 
-    wide = _Graph(np.random.default_rng(3))
+    wide = OnnxGraph(np.random.default_rng(3))
     y = _shuffle(wide, "x", "shuffle", 16, 2, 40)
     y = wide.conv(y, "dw_wide", 16, 16, groups=16, act=None)
     wide.nodes.append(helper.make_node("Mul", [y, "x"], ["sum"]))
@@ -372,7 +350,7 @@ def test_max_pools_between_rewritten_convs_run_blocked_and_match_onnx_runtime(ke
     """ResNet's stem -> max pool -> block: the conv before writes NCHW16c, the pool reads and writes it (padding as
     -inf: the conv before has no ReLU, so its outputs are negative at the border too), the conv after and the
     shortcut add read it blocked."""
-    g = _Graph(np.random.default_rng(kernel + stride))
+    g = OnnxGraph(np.random.default_rng(kernel + stride))
     y = g.conv("x", "stem", 32, 3, act=None)
     g.nodes.append(helper.make_node("MaxPool", [y], ["pooled"], name="pool", kernel_shape=[kernel, kernel],
                                     strides=[stride, stride], pads=pads))
@@ -389,7 +367,7 @@ def test_max_pools_between_rewritten_convs_run_blocked_and_match_onnx_runtime(ke
 
 
 def test_a_max_pool_read_by_other_ops_stays_a_relax_op():
-    g = _Graph(np.random.default_rng(5))
+    g = OnnxGraph(np.random.default_rng(5))
     y = g.conv("x", "stem", 32, 3)
     g.nodes.append(helper.make_node("MaxPool", [y], ["pooled"], name="pool", kernel_shape=[2, 2], strides=[2, 2]))
     a = g.conv("pooled", "a", 32, 32)

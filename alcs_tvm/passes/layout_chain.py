@@ -5,29 +5,34 @@ store per pixel instead of a lane transpose) with the widest zero border its rea
 pad copy in them). Its users may read it as their data input (each with its own padding) or as the shortcut fused
 into their epilogue (a residual block's add), so ResNet's and MobileNetV2's blocks stay channel-blocked from one
 conv to the next. A depthwise conv next to a rewritten conv (MobileNetV2's expand -> depthwise -> project) runs
-the channel-blocked depthwise kernel in the same layout (see :func:`_chain_depthwise` for the other cases), and a
-max pool between rewritten convs (ResNet's stem -> pool -> first block) the blocked pool kernel.
+the channel-blocked depthwise kernel in the same layout (see :func:`_chain_depthwise` for the other cases), a
+max pool between rewritten convs (ResNet's stem -> pool -> first block) the blocked pool kernel, and a channel
+concat of rewritten convs' outputs read by rewritten convs or such pools (SqueezeNet's fire modules, Inception's
+blocks) joins their blocked outputs along the channel-block axis: N, C/V, H, W, V with the border its readers
+need, which every input carries too (see :func:`_blocked_joins`).
 
-Everything here edits the :class:`~alcs_tvm.layer.KernelLayout` of the matched layers and pools, the depthwise
-layers' ``block_input``/``unblock_output`` and the report rows; it emits no IR.
+Everything here edits the :class:`~alcs_tvm.layer.KernelLayout` of the matched layers, pools and concats, the
+depthwise layers' ``block_input``/``unblock_output`` and the report rows; it emits no IR.
 """
 from __future__ import annotations
 
 from dataclasses import replace
 
+from ..frontend import layer_node_name
 from ..layer import conv_output_size
 
 __all__ = ["plan_layouts"]
 
 
 def plan_layouts(layers: list, depthwise: list, users: dict, single_user, vector_width: int, plans: dict,
-                 pools: list = ()):
-    """Chain ``layers`` (matched convs with a spec, decided), the ``depthwise`` convs and the max ``pools`` between
-    them.
+                 pools: list = (), concats: list = ()):
+    """Chain ``layers`` (matched convs with a spec, decided), the ``depthwise`` convs, and the max ``pools`` and
+    channel ``concats`` between them.
 
     ``users``: var -> the vars of its users (``None`` for a function output); ``single_user(var)``: its one user or
     None; ``vector_width``: the target's V, the block of the channel-blocked layout (each conv's group width is a
-    multiple of it); ``plans``: var -> layer emitted there (chained depthwise convs are added)."""
+    multiple of it); ``plans``: var -> layer emitted there (chained depthwise convs, pools and concats are added).
+    Each concat's report row says how it runs."""
     convs = [layer for layer in layers if layer.kind == "conv2d"]
     by_input, by_residual = {}, {}
     for layer in convs:
@@ -44,16 +49,19 @@ def plan_layouts(layers: list, depthwise: list, users: dict, single_user, vector
     _chain_depthwise(convs, depthwise, single_user, only_conv_consumer, vector_width, plans)
     v = vector_width
 
-    def readers_of(var):
-        """``(readers, shortcut readers)`` when every user of ``var`` is a rewritten conv reading it as its data
-        input or as its fused shortcut, else None."""
+    def readers_of(var, joins=None):
+        """``(readers, shortcut readers, joins reading it)`` when every user of ``var`` is a rewritten conv reading
+        it as its data input or as its fused shortcut, or one of ``joins`` (var -> pool or concat), else None."""
+        joins = joins or {}
         readers, shortcut_readers = by_input.get(var, []), by_residual.get(var, [])
         uses = users.get(var, [])
-        expected = [c.conv_var for c in readers] + [c.residual_binding for c in shortcut_readers]
+        join_readers = [joins[u] for u in dict.fromkeys(u for u in uses if u is not None and u in joins)]
+        expected = [c.conv_var for c in readers] + [c.residual_binding for c in shortcut_readers] + \
+            [j.last_var for j in join_readers]
         if not uses or any(u is None for u in uses) or len(uses) != len(expected) or \
                 any(not any(u.same_as(e) for e in expected) for u in uses):
             return None
-        return readers, shortcut_readers
+        return readers, shortcut_readers, join_readers
 
     def read_blocked(readers, shortcut_readers, border):
         for c in readers:
@@ -62,32 +70,160 @@ def plan_layouts(layers: list, depthwise: list, users: dict, single_user, vector
         for c in shortcut_readers:
             c.layout = replace(c.layout, residual="blocked", residual_pad=border)
 
-    _chain_pools(convs, pools, single_user, readers_of, read_blocked, v, plans)
+    joins = _blocked_joins(convs, list(pools) + list(concats), readers_of, v)
+
+    borders = _shared_borders(joins, lambda var: [tuple(c.spec.padding) for c in by_input.get(var, [])])
+
+    def border(var) -> tuple:
+        """The zero border ``var``'s blocked tensor carries (see :func:`_shared_borders`)."""
+        return borders.get(var) or \
+            tuple(max((c.spec.padding[i] for c in by_input.get(var, [])), default=0) for i in range(4))
+
+    def targets(var) -> str:
+        """Who reads ``var``, for the report: conv names, the max pool before its readers, a concat's name."""
+        readers, shortcut_readers, join_readers = readers_of(var, joins)
+        names = [c.report_row.name for c in readers + shortcut_readers]
+        for join in join_readers:
+            if join.kind == "concat":
+                names.append(join.report_row.name)
+            elif readers_of(join.last_var, joins)[2]:  # read by another pool or a concat
+                names.append(_pool_name(join))
+            else:
+                names.append(f"the max pool before {targets(join.last_var)}")
+        return ", ".join(names)
+
+    for var, join in joins.items():
+        readers, shortcut_readers, _ = readers_of(var, joins)
+        out_border = border(var)
+        if join.kind == "maxpool":
+            join.layout = replace(join.layout, output_blocked=True, output_pad=out_border, out_block=v,
+                                  input_border=border(join.call.args[0]))
+        else:
+            join.layout = replace(join.layout, output_blocked=True, output_pad=out_border, out_block=v)
+            inputs = ", ".join(_producer_name(i, convs, joins) for i in join.call.args[0].fields)
+            padded = f" with a {_describe_border(out_border)} zero border" if any(out_border) else ""
+            join.report_row.decision = "blocked"
+            join.report_row.implementation = f"joins the NCHW{v}c outputs of {inputs}{padded} for {targets(var)}"
+            join.report_row.reason = "every input is written channel-blocked by a rewritten conv (or a blocked " \
+                                     "pool or concat) and every reader reads it so"
+        read_blocked(readers, shortcut_readers, out_border)
+        plans[var] = join
     for producer in convs:
         if producer.layout.output_blocked:
             continue
-        found = readers_of(producer.last_var)
+        found = readers_of(producer.last_var, joins)
         if found is None:
-            continue  # some user is not a rewritten conv: keep NCHW
-        readers, shortcut_readers = found
-        border = tuple(max(c.spec.padding[i] for c in readers) if readers else 0 for i in range(4))
-        blocked = producer.spec.out_channels % v == 0 and \
+            continue  # some user is not a rewritten conv or a blocked pool or concat: keep NCHW
+        readers, shortcut_readers, join_readers = found
+        out_border = border(producer.last_var)
+        blocked = bool(join_readers) or producer.spec.out_channels % v == 0 and \
             all(c.sparse_weight.vector_width % v == 0 for c in readers + shortcut_readers)
         if not blocked and shortcut_readers:
             continue  # shortcuts are read NCHW unpadded or blocked with a border
-        producer.layout = replace(producer.layout, output_pad=border, output_blocked=blocked)
+        producer.layout = replace(producer.layout, output_pad=out_border, output_blocked=blocked)
         if blocked:
-            read_blocked(readers, shortcut_readers, border)
+            read_blocked(readers, shortcut_readers, out_border)
         else:
             for c in readers:
                 c.layout = replace(c.layout, input_prepadded=True, input_block=1,
-                                   input_border=border if border != tuple(c.spec.padding) else None)
+                                   input_border=out_border if out_border != tuple(c.spec.padding) else None)
         layout = f"NCHW{v}c" if blocked else "NCHW"
-        names = ", ".join(c.report_row.name for c in readers + shortcut_readers)
-        producer.report_row.implementation += f"; writes {layout} padded for {names}"
+        how = "padded for" if not join_readers else "for"
+        producer.report_row.implementation += f"; writes {layout} {how} {targets(producer.last_var)}"
     for layer in convs:  # a group wider than V is written as several V-channel blocks of the shared layout
         if layer.sparse_weight.vector_width != v:
             layer.layout = replace(layer.layout, out_block=v)
+
+
+def _blocked_joins(convs, candidates, readers_of, v) -> dict:
+    """The max pools and channel concats (``candidates``) that run channel-blocked, as var -> pool or concat.
+
+    One does when every input is written channel-blocked - by a rewritten conv (output channels and group width
+    multiples of V, not chained to a depthwise conv) or by another such pool or concat - and every reader of its
+    input and of its output reads channel-blocked: a rewritten conv (group width a multiple of V) or another such
+    pool or concat. The largest such set: start from all candidates and drop those that fail until none does;
+    the reason a concat stays NCHW goes into its report row."""
+    planned = {layer.last_var: layer for layer in convs}
+    joins = {join.last_var: join for join in candidates}
+    why_not = {}
+
+    def written_blocked(var) -> bool:
+        conv = planned.get(var)
+        if conv is not None:
+            return conv.spec.out_channels % v == 0 and conv.sparse_weight.vector_width % v == 0 and \
+                not conv.layout.output_blocked
+        return var in joins
+
+    def read_blocked(var) -> bool:
+        found = readers_of(var, joins)
+        return found is not None and all(c.sparse_weight.vector_width % v == 0 for c in found[0] + found[1])
+
+    def failure(join):
+        inputs = [join.call.args[0]] if join.kind == "maxpool" else list(join.call.args[0].fields)
+        if not all(written_blocked(i) for i in inputs):
+            return f"an input is not written channel-blocked (a rewritten conv with channels a multiple of {v}, " \
+                   f"or a blocked pool or concat)"
+        if not all(read_blocked(i) for i in inputs):
+            return "an input has readers that read NCHW"
+        if not read_blocked(join.last_var):
+            return "a reader is not a rewritten conv or a blocked max pool or concat"
+        return None
+
+    changed = True
+    while changed:
+        changed = False
+        for var, join in list(joins.items()):
+            why = failure(join)
+            if why is not None:
+                del joins[var]
+                why_not[var] = why
+                changed = True
+    for var, why in why_not.items():
+        row = next(j for j in candidates if j.last_var.same_as(var)).report_row
+        if row is not None:
+            row.reason = why
+    return joins
+
+
+def _shared_borders(joins, paddings) -> dict:
+    """var -> the zero border its blocked tensor carries, for the inputs and outputs of the blocked concats in
+    ``joins``: a concat copies its inputs' blocks with their borders, so its output and its inputs (and, through an
+    input read by another concat, that concat's) carry one border, the widest any of them needs: the widest
+    ``paddings(var)`` (the paddings of the convs reading ``var`` as data) over the group. Max pools and shortcuts
+    read any border."""
+    parent = {}
+
+    def root(var):
+        while not parent.setdefault(var, var).same_as(var):
+            var = parent[var]
+        return var
+
+    for var, join in joins.items():
+        if join.kind == "concat":
+            for part in join.call.args[0].fields:
+                parent[root(part)] = root(var)
+    widest = {}
+    for var in parent:
+        group = root(var)
+        widest[group] = tuple(max(p[i] for p in [widest.get(group, (0, 0, 0, 0))] + paddings(var)) for i in range(4))
+    return {var: widest[root(var)] for var in parent}
+
+
+def _producer_name(var, convs, joins) -> str:
+    for conv in convs:
+        if conv.last_var.same_as(var):
+            return conv.report_row.name
+    join = joins[var]
+    return join.report_row.name if join.kind == "concat" else _pool_name(join)
+
+
+def _pool_name(pool) -> str:
+    name = layer_node_name(pool.call)
+    return f"max pool {name}" if name else "a max pool"
+
+
+def _describe_border(border) -> str:
+    return f"{border[0]}-pixel" if len(set(border)) == 1 else f"{border} (top, left, bottom, right)"
 
 
 def _chain_depthwise(convs, depthwise, single_user, only_conv_consumer, v, plans):
@@ -131,31 +267,6 @@ def _chain_depthwise(convs, depthwise, single_user, only_conv_consumer, v, plans
         plans[dw.last_var] = dw
         for var in dw.fused_vars:
             plans[var] = None
-
-
-def _chain_pools(convs, pools, single_user, readers_of, read_blocked, v, plans):
-    """A max pool runs the channel-blocked kernel where a rewritten conv writes its input (and nothing else reads
-    that) and rewritten convs read all of its output, as data or as a shortcut (ResNet's stem -> pool -> first
-    block): the conv before writes NCHW[V]c without a border, the pool writes it with the border its readers need."""
-    planned = {layer.last_var: layer for layer in convs}
-    for pool in pools:
-        producer = planned.get(pool.call.args[0])
-        channels = producer.spec.out_channels if producer is not None else 0
-        if producer is None or channels % v or producer.layout.output_blocked or \
-                single_user(producer.last_var) is None or not single_user(producer.last_var).same_as(pool.conv_var) \
-                or producer.sparse_weight.vector_width % v:
-            continue
-        found = readers_of(pool.last_var)
-        if found is None or not found[0] or any(c.sparse_weight.vector_width % v for c in found[0] + found[1]):
-            continue
-        readers, shortcut_readers = found
-        border = tuple(max(c.spec.padding[i] for c in readers) for i in range(4))
-        producer.layout = replace(producer.layout, output_blocked=True, output_pad=(0, 0, 0, 0))
-        pool.layout = replace(pool.layout, output_blocked=True, output_pad=border, out_block=v)
-        read_blocked(readers, shortcut_readers, border)
-        names = ", ".join(c.report_row.name for c in readers + shortcut_readers)
-        producer.report_row.implementation += f"; writes NCHW{v}c for the max pool before {names}"
-        plans[pool.last_var] = pool
 
 
 #: a depthwise conv with no rewritten conv beside it runs the blocked kernel when its output is at most this wide

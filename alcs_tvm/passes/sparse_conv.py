@@ -17,8 +17,9 @@ memory-bound, with no reduction over input channels for SIMD blocks to skip. A t
 sub-pixel conv first (:mod:`.conv_transpose`). Linear layers (``R.matmul(x[N, K], W: Constant[K, Out])``
 [+ bias]) run the same kernel as a 1x1 conv on a 1x1 image (V along the output features) when their weight is
 sparse enough; a dense one stays a Relax matmul. 1-D and 3-D convs, and transposed convs with dilation or groups,
-stay Relax ops. Every decision lands in :attr:`SparseConvRewrite.report`,
-one row per conv (of any kind) and linear layer, named after the ONNX node it came from.
+stay Relax ops. Channel concats and max pools between rewritten convs keep their channel-blocked layout
+(:mod:`.layout_chain`). Every decision lands in :attr:`SparseConvRewrite.report`, one row per conv (of any kind),
+linear layer and channel concat, named after the ONNX node it came from.
 """
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ class _Layer:
     def __init__(self, conv_var, call, kind="conv2d"):
         self.conv_var = conv_var
         self.call = call
-        self.kind = kind  # "conv2d" | "linear" (a 1x1 conv on a 1x1 image) | "depthwise" | "other" (1-D, ...)
+        self.kind = kind  # "conv2d" | "linear" (a 1x1 conv on a 1x1 image) | "depthwise" | "other" (1-D, ...) |
+        # "concat" (channel concat) | "maxpool"
         self.bias = None  # the bias constant, float32 [Cout]
         self.activation = None
         self.slope = None  # PReLU's per-channel slopes, float32 [Cout], when the activation is "prelu"
@@ -163,7 +165,18 @@ class SparseConvRewrite:
                 pool = _Layer(b.var, call, "maxpool")  # runs blocked between rewritten convs, see layout_chain
                 pool.layout = KernelLayout()
                 self._pools.append(pool)
+            elif op == "relax.concat" and self._is_channel_concat(call):
+                layers.append(_Layer(b.var, call, "concat"))  # may join blocked convs' outputs, see layout_chain
         return layers
+
+    @staticmethod
+    def _is_channel_concat(call) -> bool:
+        """A float32 concat of 4-D tensors along the channel axis, its inputs a tuple of vars."""
+        shape = static_shape(call)
+        parts = call.args[0]
+        return shape is not None and len(shape) == 4 and dtype(call) == "float32" and \
+            call.attrs.axis is not None and int(call.attrs.axis) % 4 == 1 and isinstance(parts, relax.Tuple) and \
+            all(isinstance(p, relax.Var) for p in parts.fields)
 
     @staticmethod
     def _is_blockable_pool(call) -> bool:
@@ -405,7 +418,17 @@ class SparseConvRewrite:
         return LayerDecision(self._name(layer, index), op, shape, None, None, "dense", "relax dense schedule",
                              reason)
 
+    def _decide_concat(self, layer, index) -> LayerDecision:
+        """A channel concat's row: a Relax concat in NCHW unless :func:`.layout_chain.plan_layouts` joins it
+        channel-blocked (it then rewrites the row, or says why not)."""
+        name = layer_node_name(layer.call) or f"concat{index}"
+        layer.layout = KernelLayout()
+        shape = f"concat of {len(layer.call.args[0].fields)} -> {list(static_shape(layer.call))}"
+        return LayerDecision(name, "concat", shape, None, None, "nchw", "relax concat (NCHW)", "")
+
     def _decide(self, layer, index) -> LayerDecision:
+        if layer.kind == "concat":
+            return self._decide_concat(layer, index)
         if layer.kind == "linear":
             return self._decide_linear(layer, index)
         if layer.kind == "other":
@@ -532,7 +555,7 @@ class SparseConvRewrite:
         mod = subpixel.rewrite(mod)
         self._subpixel = subpixel.rewritten
         plans = {}
-        index = {"conv2d": 0, "linear": 0, "other": 0}
+        index = {"conv2d": 0, "linear": 0, "other": 0, "concat": 0}
         for gv, func in mod.functions.items():
             if not isinstance(func, relax.Function):
                 continue
@@ -548,7 +571,8 @@ class SparseConvRewrite:
                         plans[v] = None  # folded into the call emitted at layer.last_var
             plan_layouts([layer for layer in layers if layer.spec is not None],
                          [layer for layer in layers if layer.kind == "depthwise"], self._users, self._single_user,
-                         self.target_info.vector_width, plans, self._pools)
+                         self.target_info.vector_width, plans, self._pools,
+                         [layer for layer in layers if layer.kind == "concat"])
             for layer in layers:
                 if layer.spec is not None and layer.kind == "conv2d":
                     layer.report_row.kernel = layer.layout
@@ -596,6 +620,10 @@ class _Rewriter(relax.PyExprMutator):
         layer = self.plans[binding.var]
         if layer is None:
             return None  # folded into a later call
+        if layer.kind == "concat":  # the inputs are NCHW[V]c with one border: join them along the channel blocks
+            parts = [self.visit_expr(part) for part in layer.call.args[0].fields]
+            self.set_var_remap(binding.var, emit_as(self.builder_, relax.op.concat(parts, axis=1), binding.var))
+            return None
         data = self.visit_expr(layer.call.args[0])
         if layer.kind == "depthwise":
             return self._emit_depthwise(binding, layer, data)
@@ -676,7 +704,8 @@ class _Rewriter(relax.PyExprMutator):
         v = layer.layout.out_block
         geom = PoolGeometry(n, c // v, v, h, w, tuple(int(k) for k in attrs.pool_size),
                             tuple(int(k) for k in attrs.strides), tuple(int(k) for k in attrs.dilation),
-                            tuple(int(k) for k in attrs.padding), ho, wo, layer.layout.output_pad)
+                            tuple(int(k) for k in attrs.padding), ho, wo, layer.layout.output_pad,
+                            layer.layout.input_border or (0, 0, 0, 0))
         kh, kw = geom.kernel
         gv = self._function(("maxpool", geom), lambda: max_pool_nchwc_template(geom),
                             f"alcs_maxpool_k{kh}x{kw}s{geom.stride[0]}_v{v}")
