@@ -460,8 +460,8 @@ PORT_ATTEMPTS = 5
 
 def _port_lost(entry: dict) -> bool:
     """Whether the server (or tracker) exited because its port was taken between the check that found it free
-    and its own bind: another `alcs device start` or test session scans the same range, and the emulated server needs seconds
-    to get to its bind."""
+    and its own bind: another `alcs device start` or test session scans the same range, and the emulated server
+    needs seconds to get to its bind."""
     return not _alive(entry) and "cannot bind to any port" in _log_tail(entry, 40)
 
 

@@ -653,7 +653,7 @@ def import_onnx(model, input_shapes=None, dtype: str = "float32", check: bool = 
     model = name_nodes(model)
     model = _folded(_constant_inputs_dropped(_with_input_shapes(model, shapes)))
     model = _sums_as_adds(_conv_transpose_pads(model))
-    model = fold_channel_shuffles(model, _known_shapes(model))
+    model = fold_channel_shuffles(model, _known_shapes)
     bad = unsupported_ops(model)
     if bad:
         listing = "; ".join(f"{op} (node{'s' if len(n) > 1 else ''} {', '.join(map(repr, n[:5]))}"

@@ -311,17 +311,7 @@ def project(scores: list, latency: LatencyModel, budget_ms: float, *, min_densit
     kept = _within_budget(latency, kept, budget_ms, min_keep)
     # use the slack the rounding left: raise each count at full resolution while the true total fits
     for i, layer in enumerate(layers):
-        lo, hi = kept[i], layer.num_groups
-        if latency.total_ms(kept[:i] + [hi] + kept[i + 1:]) <= budget_ms:
-            lo = hi  # the curve need not be monotone: try the whole layer first
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            trial = kept[:i] + [mid] + kept[i + 1:]
-            if latency.total_ms(trial) <= budget_ms:
-                lo = mid
-            else:
-                hi = mid - 1
-        trial = kept[:i] + [lo] + kept[i + 1:]
+        trial = _with_count(kept, i, _largest_fitting(latency, kept, i, kept[i], layer.num_groups, budget_ms))
         if latency.total_ms(trial) <= budget_ms:
             kept = trial
     assert latency.total_ms(kept) <= budget_ms + 1e-9
@@ -335,15 +325,26 @@ def _within_budget(latency: LatencyModel, kept: list, budget_ms: float, min_keep
     for i in sorted(range(len(kept)), key=lambda i: -latency.layer_ms(i, kept[i])):
         if latency.total_ms(kept) <= budget_ms:
             break
-        lo, hi = min_keep[i], kept[i]  # the largest count of this layer that fits, else its minimum
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if latency.total_ms(kept[:i] + [mid] + kept[i + 1:]) <= budget_ms:
-                lo = mid
-            else:
-                hi = mid - 1
-        kept = kept[:i] + [lo] + kept[i + 1:]
+        kept = _with_count(kept, i, _largest_fitting(latency, kept, i, min_keep[i], kept[i], budget_ms))
     return kept
+
+
+def _with_count(kept: list, i: int, count: int) -> list:
+    return kept[:i] + [count] + kept[i + 1:]
+
+
+def _largest_fitting(latency: LatencyModel, kept: list, i: int, lo: int, hi: int, budget_ms: float) -> int:
+    """The largest count of layer ``i`` in ``[lo, hi]`` whose total fits the budget, by bisection (``hi`` itself
+    when it fits: the curve need not be monotone); ``lo`` when none does."""
+    if latency.total_ms(_with_count(kept, i, hi)) <= budget_ms:
+        return hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if latency.total_ms(_with_count(kept, i, mid)) <= budget_ms:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def check_budget(latency: LatencyModel, budget_ms, min_density: float = 0.0):

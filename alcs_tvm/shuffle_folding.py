@@ -24,6 +24,9 @@ from .sparse_format import block_diagonal
 
 __all__ = ["fold_channel_shuffles", "shuffle_permutation"]
 
+#: the transpose of a channel shuffle: ``[N, g, C/g, H, W] -> [N, C/g, g, H, W]``
+_SHUFFLE_PERM = [0, 2, 1, 3, 4]
+
 #: ops that act on each channel alone with no parameters: a channel permutation passes through them unchanged
 _PER_CHANNEL_OPS = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Elu", "Selu", "Tanh",
                     "Softplus", "Identity"}
@@ -35,9 +38,14 @@ def shuffle_permutation(channels: int, groups: int) -> np.ndarray:
     return (j % groups) * (channels // groups) + j // groups
 
 
-def fold_channel_shuffles(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
+def fold_channel_shuffles(model: onnx.ModelProto, known_shapes) -> onnx.ModelProto:
     """``model`` with every channel shuffle that reaches a conv folded into it (see the module docstring);
-    ``shapes``: ``{tensor: dims}`` with static shapes (ONNX shape inference's). ``model`` itself when it has none."""
+    ``known_shapes(model)``: ``{tensor: dims}`` with static shapes (ONNX shape inference's), called only for a
+    model with a shuffle's transpose (shape inference copies every weight). ``model`` itself when it has none."""
+    if not any(node.op_type == "Transpose" and list(_attr(node, "perm", [])) == _SHUFFLE_PERM
+               for node in model.graph.node):
+        return model
+    shapes = known_shapes(model)
     if _next_foldable(model, shapes) is None:
         return model
     folded = onnx.ModelProto()
@@ -71,7 +79,7 @@ def _next_foldable(model, shapes):
         x, in_shape, mid_shape = first.input[0], shapes.get(first.input[0]), shapes.get(first.output[0])
         transpose = only_consumer(first.output[0])
         if transpose is None or transpose.op_type != "Transpose" or list(_attr(transpose, "perm", [])) != \
-                [0, 2, 1, 3, 4]:
+                _SHUFFLE_PERM:
             continue
         last = only_consumer(transpose.output[0])
         if last is None or last.op_type != "Reshape" or not in_shape or not mid_shape or None in in_shape or \
