@@ -207,8 +207,13 @@ def _calibrate_batchnorm(model: onnx.ModelProto, rng) -> onnx.ModelProto:
 
 
 def prune_convs(model: onnx.ModelProto, group_width, sparsity: float, seed: int = 0) -> onnx.ModelProto:
-    """A copy of ``model`` with a random ``sparsity`` fraction of the SIMD blocks of every ``group == 1`` Conv's
-    weight zeroed; ``group_width``: an int, or a :class:`~alcs_tvm.target.TargetInfo` (each layer its width)."""
+    """A copy of ``model`` with a random ``sparsity`` fraction of the SIMD blocks of every Conv's weight zeroed,
+    except a depthwise conv's (one input channel per group: no channel reduction for a block to skip);
+    ``group_width``: an int, or a :class:`~alcs_tvm.target.TargetInfo` (each layer its width).
+
+    A grouped conv's blocks are ``V`` consecutive output channels at one ``(cin within the group, kh, kw)`` of its
+    ``[Cout, Cin/groups, Kh, Kw]`` weight: the compiled model runs it as the block-diagonal groups=1 conv, where each
+    such block's rows in one group are one block at that group's input channel, kept exactly when it is kept."""
     from .sparse_format import layer_group_width, random_block_sparse
 
     pruned = onnx.ModelProto()
@@ -217,10 +222,10 @@ def prune_convs(model: onnx.ModelProto, group_width, sparsity: float, seed: int 
     inits = {init.name: init for init in pruned.graph.initializer}
     for node in pruned.graph.node:
         group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        if node.op_type != "Conv" or group != 1 or node.input[1] not in inits:
+        if node.op_type != "Conv" or node.input[1] not in inits:
             continue
         weight = numpy_helper.to_array(inits[node.input[1]])
-        if weight.ndim != 4:
+        if weight.ndim != 4 or (group > 1 and weight.shape[1] == 1):  # depthwise
             continue
         width = layer_group_width(group_width, weight.shape[0])
         value = random_block_sparse(weight.astype(np.float32), width, sparsity, rng).reshape(weight.shape)

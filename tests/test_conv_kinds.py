@@ -12,7 +12,7 @@ import tvm
 from onnx import helper, numpy_helper
 from tvm import relax
 
-from alcs_tvm import compiler
+from alcs_tvm import compiler, public_models
 from helpers import OnnxGraph
 
 RTOL = 1e-4
@@ -28,10 +28,12 @@ def _run(model, x):
     return report
 
 
-@pytest.mark.parametrize("groups, channels", [(2, 64), (4, 96), (8, 64), (3, 48)])
-def test_grouped_convs_run_the_kernel_block_diagonal_and_match_onnx_runtime(groups, channels):
+@pytest.mark.parametrize("groups, channels, sparsity", [(2, 64, 0.0), (4, 96, 0.0), (8, 64, 0.0), (3, 48, 0.0),
+                                                       (4, 96, 0.6), (3, 48, 0.6)])
+def test_grouped_convs_run_the_kernel_block_diagonal_and_match_onnx_runtime(groups, channels, sparsity):
     """ShuffleNet's and ResNeXt's grouped convs: 1x1 and 3x3, stride 1 and 2, channels per group that are and are
-    not a multiple of the SIMD width, between groups=1 convs and after the graph input."""
+    not a multiple of the SIMD width, between groups=1 convs and after the graph input; dense, and with the SIMD
+    blocks of each group's weight pruned (24 channels per group: blocks that straddle two groups)."""
     g = OnnxGraph(np.random.default_rng(groups))
     y = g.conv("x", "stem", channels, 8)
     y = g.conv(y, "g1x1", channels, channels, kernel=1, groups=groups)
@@ -39,13 +41,18 @@ def test_grouped_convs_run_the_kernel_block_diagonal_and_match_onnx_runtime(grou
     y = g.conv(y, "g3x3s2", channels * 2, channels, kernel=3, stride=2, groups=groups)
     y = g.conv(y, "head", 16, channels * 2, kernel=1)
     x = np.random.default_rng(0).standard_normal((1, 8, 20, 20)).astype(np.float32)
-    report = _run(g.model(y, [1, 8, 20, 20], [1, 16, 10, 10]), x)
+    model = g.model(y, [1, 8, 20, 20], [1, 16, 10, 10])
+    if sparsity:
+        model = public_models.prune_convs(model, 16, sparsity, seed=groups)
+    report = _run(model, x)
     grouped = [layer for layer in report.layers if layer.op == "grouped_conv2d"]
     assert [layer.name for layer in grouped] == ["g1x1", "g3x3", "g3x3s2"]
     for layer in grouped:
         assert layer.decision == "sparse" and layer.symbol.startswith("alcs_spconv_"), layer
-        # the blocks outside each group are skipped: about 1/groups of them are kept
-        assert layer.density <= 1 / groups + layer.vector_width / channels + 1e-6, layer
+        # the blocks outside each group are skipped: about 1/groups of them are kept, and of those the unpruned
+        assert layer.density <= (1 - sparsity) / groups + layer.vector_width / channels + 1e-6, layer
+        if sparsity:
+            assert layer.density >= (1 - sparsity) / groups - 0.05, layer
         assert f"grouped ({groups})" in layer.reason
 
 

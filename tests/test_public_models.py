@@ -26,23 +26,26 @@ def test_light_zoo_with_random_weights_keeps_its_activations_in_range(name):
     assert 0.1 < float(logits.std()) < 100, float(logits.std())
 
 
-def test_prune_convs_zeroes_simd_blocks_of_groups_1_convs_only():
+def test_prune_convs_zeroes_simd_blocks_of_every_conv_but_depthwise_ones():
+    """ShuffleNet's groups=1 stem and grouped 1x1 convs lose 70 % of their blocks (a grouped conv's within its
+    [Cout, Cin/groups] weight); its depthwise convs keep every weight."""
     model = public_models.light_zoo_model("shufflenet")
     pruned = public_models.prune_convs(model, 16, 0.7, seed=1)
     weights = {init.name: numpy_helper.to_array(init) for init in pruned.graph.initializer}
-    seen = {"dense": 0, "grouped": 0}
+    seen = {"dense": 0, "grouped": 0, "depthwise": 0}
     for node in pruned.graph.node:
         if node.op_type != "Conv":
             continue
         group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        density = BlockSparseWeight.from_dense(weights[node.input[1]], 16).density
-        if group == 1:
-            assert abs(density - 0.3) < 0.05, (node.name, density)
-            seen["dense"] += 1
+        weight = weights[node.input[1]]
+        density = BlockSparseWeight.from_dense(weight, 16).density
+        kind = "dense" if group == 1 else "depthwise" if weight.shape[1] == 1 else "grouped"
+        if kind == "depthwise":
+            assert density > 0.9, (node.name, density)
         else:
-            assert density > 0.9, (node.name, density)  # grouped and depthwise convs are left as they are
-            seen["grouped"] += 1
-    assert seen["dense"] and seen["grouped"]
+            assert abs(density - 0.3) < 0.05, (node.name, kind, density)
+        seen[kind] += 1
+    assert all(seen.values()), seen
     assert np.isfinite(_run(pruned)[0]).all()
 
 

