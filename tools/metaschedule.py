@@ -149,6 +149,33 @@ def _make_builder_runner(timeout_sec: float):
     return builder, runner
 
 
+def _import_tensor_intrinsics() -> None:
+    """Import TVM's tensor intrinsics, which MetaSchedule's ``TuneContext`` imports, without its worst cost.
+
+    Each of their ~500 TVMScript functions takes ``inspect.stack()``, and inspect names a frame's module from its
+    file name; for a frame with no file on disk (the import machinery's ``<frozen importlib._bootstrap>``,
+    ``<frozen runpy>``, code compiled from strings) it finds none after scanning every module in
+    ``sys.modules``, again for every such frame of every function: 27 s of the import in a process that has
+    loaded torch, ONNX and TVM (a test worker). The answer depends on the file name alone, so during the import
+    it is asked once per file name."""
+    import inspect
+
+    getmodule, by_file = inspect.getmodule, {}
+
+    def getmodule_by_file(obj, _filename=None):
+        if _filename is None or not inspect.isframe(obj):
+            return getmodule(obj, _filename)
+        if _filename not in by_file:
+            by_file[_filename] = getmodule(obj, _filename)
+        return by_file[_filename]
+
+    inspect.getmodule = getmodule_by_file
+    try:
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+    finally:
+        inspect.getmodule = getmodule
+
+
 # ----------------------------------------------------------------------------------------------- generic
 @dataclass
 class TuneResult:
@@ -210,6 +237,7 @@ def tune_tir(func, target, trials: int, work_dir: str | None = None, *, label: s
             callbacks = list(callbacks) + [_progress_callback(trials, report, label)]
         start = time.perf_counter()
         builder, runner = _make_builder_runner(timeout_sec)
+        _import_tensor_intrinsics()
         # MetaSchedule derives its console handler's level from this logger's level, and resets the logger to
         # DEBUG on every run: set it each time.
         logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.DEBUG if verbose else logging.WARNING)
