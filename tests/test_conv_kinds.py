@@ -345,6 +345,51 @@ def test_depthwise_convs_without_two_rewritten_neighbours_run_the_blocked_kernel
     assert row.symbol is None and row.decision == "dense"
 
 
+@pytest.mark.parametrize("sparsity", [0.0, 0.6])
+@pytest.mark.parametrize("channels, groups, stride", [(72, 1, 2), (88, 1, 1), (120, 1, 1), (136, 4, 1), (100, 1, 1)])
+def test_depthwise_convs_over_channels_off_the_simd_width_run_in_half_width_blocks(channels, groups, stride,
+                                                                                   sparsity):
+    """MobileNetV3's 72-, 88- and 120-channel depthwise convs and ShuffleNet's 136-channel ones (after a grouped
+    1x1 conv) are no multiple of V = 16: they run the blocked kernel in NCHW8c, their 1x1 neighbours (groups of 16
+    or 32 with a partial last one, dense and pruned) writing and reading that layout, and one whose output a
+    squeeze-excitation reads converts back to NCHW. 100 channels (not a multiple of 8) keep the NCHW schedule."""
+    from alcs_tvm.sparse_format import random_block_sparse
+
+    g = OnnxGraph(np.random.default_rng(channels + stride))
+    y = g.conv("x", "stem", 16, 8)
+    y = g.conv(y, "expand", channels, 16, kernel=1, groups=groups, act="HardSwish")
+    y = g.conv(y, "dw", channels, channels, kernel=3, stride=stride, groups=channels)
+    y = g.conv(y, "project", 24, channels, kernel=1, act=None)
+    y = g.conv(y, "expand2", channels, 24, kernel=1)
+    y = g.conv(y, "dw_se", channels, channels, kernel=5, groups=channels, act="HardSwish")
+    g.nodes.append(helper.make_node("GlobalAveragePool", [y], ["se_pool"]))
+    gate = g.conv("se_pool", "se_reduce", 24, channels, kernel=1)
+    gate = g.conv(gate, "se_expand", channels, 24, kernel=1, act="HardSigmoid")
+    g.nodes.append(helper.make_node("Mul", [y, gate], ["se_out"]))
+    y = g.conv("se_out", "project2", 24, channels, kernel=1, act=None)
+    rng = np.random.default_rng(8)
+    for init in g.inits:
+        if init.name in ("expand_w", "project_w", "expand2_w", "project2_w"):
+            init.CopyFrom(numpy_helper.from_array(random_block_sparse(numpy_helper.to_array(init), 16, sparsity, rng),
+                                                  init.name))
+    size = 12 // stride
+    x = np.random.default_rng(1).standard_normal((1, 8, 12, 12)).astype(np.float32)
+    report = _run(g.model(y, [1, 8, 12, 12], [1, 24, size, size]), x)
+    rows = {layer.name: layer for layer in report.layers}
+    if channels % 8:
+        assert rows["dw"].symbol is None and rows["dw"].implementation == "relax dense schedule", rows["dw"]
+        assert rows["project"].kernel.input_block == 1
+        return
+    assert rows["dw"].implementation == "alcs depthwise NCHW8c kernel (after expand, before project)", rows["dw"]
+    assert rows["dw"].symbol.startswith("alcs_dwconv_k3x3") and "_v8" in rows["dw"].symbol, rows["dw"]
+    assert rows["expand"].implementation.endswith("; writes NCHW8c padded for dw"), rows["expand"]
+    assert rows["expand"].kernel.out_block == 8 and rows["expand"].kernel.output_blocked
+    assert rows["project"].kernel.input_block == 8 and rows["project"].kernel.input_prepadded
+    assert rows["dw_se"].implementation == "alcs depthwise NCHW8c kernel (after expand2, back to NCHW)"
+    if sparsity:
+        assert rows["project"].decision == "sparse" and rows["expand2"].decision == "sparse", report.table()
+
+
 @pytest.mark.parametrize("kernel, stride, pads", [(3, 2, [1, 1, 1, 1]), (2, 2, [0, 0, 0, 0]), (3, 1, [1, 0, 2, 1])])
 def test_max_pools_between_rewritten_convs_run_blocked_and_match_onnx_runtime(kernel, stride, pads):
     """ResNet's stem -> max pool -> block: the conv before writes NCHW16c, the pool reads and writes it (padding as
