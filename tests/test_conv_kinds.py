@@ -346,13 +346,14 @@ def test_depthwise_convs_without_two_rewritten_neighbours_run_the_blocked_kernel
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.6])
-@pytest.mark.parametrize("channels, groups, stride", [(72, 1, 2), (88, 1, 1), (120, 1, 1), (136, 4, 1), (100, 1, 1)])
-def test_depthwise_convs_over_channels_off_the_simd_width_run_in_half_width_blocks(channels, groups, stride,
-                                                                                   sparsity):
+@pytest.mark.parametrize("channels, groups, stride, block", [(72, 1, 2, 8), (88, 1, 1, 8), (120, 1, 1, 8),
+                                                              (136, 4, 1, 8), (100, 1, 1, 4), (102, 1, 1, None)])
+def test_depthwise_convs_over_channels_off_the_simd_width_run_in_narrower_blocks(channels, groups, stride, block,
+                                                                                 sparsity):
     """MobileNetV3's 72-, 88- and 120-channel depthwise convs and ShuffleNet's 136-channel ones (after a grouped
-    1x1 conv) are no multiple of V = 16: they run the blocked kernel in NCHW8c, their 1x1 neighbours (groups of 16
-    or 32 with a partial last one, dense and pruned) writing and reading that layout, and one whose output a
-    squeeze-excitation reads converts back to NCHW. 100 channels (not a multiple of 8) keep the NCHW schedule."""
+    1x1 conv) are no multiple of V = 16: they run the blocked kernel in NCHW8c (100 channels in NCHW4c), their 1x1
+    neighbours (groups of 16 or 32 with a partial last one, dense and pruned) writing and reading that layout, and
+    one whose output a squeeze-excitation reads converts back to NCHW. 102 channels keep the NCHW schedule."""
     from alcs_tvm.sparse_format import random_block_sparse
 
     g = OnnxGraph(np.random.default_rng(channels + stride))
@@ -376,16 +377,17 @@ def test_depthwise_convs_over_channels_off_the_simd_width_run_in_half_width_bloc
     x = np.random.default_rng(1).standard_normal((1, 8, 12, 12)).astype(np.float32)
     report = _run(g.model(y, [1, 8, 12, 12], [1, 24, size, size]), x)
     rows = {layer.name: layer for layer in report.layers}
-    if channels % 8:
+    if block is None:
         assert rows["dw"].symbol is None and rows["dw"].implementation == "relax dense schedule", rows["dw"]
         assert rows["project"].kernel.input_block == 1
         return
-    assert rows["dw"].implementation == "alcs depthwise NCHW8c kernel (after expand, before project)", rows["dw"]
-    assert rows["dw"].symbol.startswith("alcs_dwconv_k3x3") and "_v8" in rows["dw"].symbol, rows["dw"]
-    assert rows["expand"].implementation.endswith("; writes NCHW8c padded for dw"), rows["expand"]
-    assert rows["expand"].kernel.out_block == 8 and rows["expand"].kernel.output_blocked
-    assert rows["project"].kernel.input_block == 8 and rows["project"].kernel.input_prepadded
-    assert rows["dw_se"].implementation == "alcs depthwise NCHW8c kernel (after expand2, back to NCHW)"
+    assert rows["dw"].implementation == f"alcs depthwise NCHW{block}c kernel (after expand, before project)", \
+        rows["dw"]
+    assert rows["dw"].symbol.startswith("alcs_dwconv_k3x3") and f"_v{block}" in rows["dw"].symbol, rows["dw"]
+    assert rows["expand"].implementation.endswith(f"; writes NCHW{block}c padded for dw"), rows["expand"]
+    assert rows["expand"].kernel.out_block == block and rows["expand"].kernel.output_blocked
+    assert rows["project"].kernel.input_block == block and rows["project"].kernel.input_prepadded
+    assert rows["dw_se"].implementation == f"alcs depthwise NCHW{block}c kernel (after expand2, back to NCHW)"
     if sparsity:
         assert rows["project"].decision == "sparse" and rows["expand2"].decision == "sparse", report.table()
 

@@ -5,8 +5,8 @@ store per pixel instead of a lane transpose) with the widest zero border its rea
 pad copy in them). Its users may read it as their data input (each with its own padding) or as the shortcut fused
 into their epilogue (a residual block's add), so ResNet's and MobileNetV2's blocks stay channel-blocked from one
 conv to the next. A depthwise conv next to a rewritten conv (MobileNetV2's expand -> depthwise -> project) runs
-the channel-blocked depthwise kernel in the same layout, or in NCHW[V/2]c where its channels are no multiple of V
-(see :func:`_chain_depthwise` for the other cases), a
+the channel-blocked depthwise kernel in the same layout, or in NCHW[V/2]c or NCHW[V/4]c where its channels are no
+multiple of V (see :func:`_chain_depthwise` for the other cases), a
 max pool between rewritten convs (ResNet's stem -> pool -> first block) the blocked pool kernel, and a channel
 concat of rewritten convs' outputs read by rewritten convs or such pools (SqueezeNet's fire modules, Inception's
 blocks) joins their blocked outputs along the channel-block axis: N, C/V, H, W, V with the border its readers
@@ -236,9 +236,9 @@ def _chain_depthwise(convs, depthwise, single_user, only_conv_consumer, v, plans
     shuffle) it still does when its output is at most :data:`NARROW_OUTPUT` pixels wide: the NCHW schedule
     vectorizes along a row, which then fills few lanes, and the two conversions cost less.
 
-    The block is :func:`depthwise_block`'s: V, or V/2 for channels that are no multiple of V (MobileNetV3's 72,
-    ShuffleNet's 136), in which its neighbours write and read it too (a group of V or 2V channels, even a
-    partial last one, is stored as blocks of V/2)."""
+    The block is :func:`depthwise_block`'s: V, or V/2 or V/4 for channels that are no multiple of V
+    (MobileNetV3's 72, ShuffleNet's 136: V/2), in which its neighbours write and read it too (a group of V or 2V
+    channels, even a partial last one, is stored as blocks of that width)."""
     planned = {layer.last_var: layer for layer in convs}
     for dw in depthwise:
         b = depthwise_block(dw.depthwise[0][1], v)
@@ -279,9 +279,10 @@ def _chain_depthwise(convs, depthwise, single_user, only_conv_consumer, v, plans
 #: a depthwise conv with no rewritten conv beside it runs the blocked kernel when its output is at most this wide
 NARROW_OUTPUT = 32
 
-#: the narrowest channel block a depthwise conv runs in, as a fraction of V: a block of V / 2 lanes still beats
-#: the NCHW schedule, which must also convert its neighbours' layouts (see :func:`depthwise_block`)
-NARROWEST_DEPTHWISE_BLOCK = 2
+#: the narrowest channel block a depthwise conv runs in, as a fraction of V: a block of V / 4 lanes still beats
+#: the NCHW schedule, which vectorizes along a row and makes its neighbours convert their layouts
+#: (see :func:`depthwise_block`)
+NARROWEST_DEPTHWISE_BLOCK = 4
 
 #: and in lanes: no block narrower than a 128-bit register (NEON's V = 4 is already the narrowest)
 NARROWEST_DEPTHWISE_LANES = 4
@@ -290,8 +291,8 @@ NARROWEST_DEPTHWISE_LANES = 4
 def depthwise_block(channels: int, v: int) -> int | None:
     """The channel block a depthwise conv over ``channels`` runs in: the widest of V, V/2, .. down to
     V / :data:`NARROWEST_DEPTHWISE_BLOCK` and :data:`NARROWEST_DEPTHWISE_LANES` that divides them (MobileNetV3's
-    72, 88 and 120 channels run in blocks of 8 on AVX-512), or None (it stays NCHW). Its neighbours write and read
-    that block."""
+    72, 88 and 120 channels run in blocks of 8 on AVX-512, 100 in blocks of 4), or None (it stays NCHW). Its
+    neighbours write and read that block."""
     narrowest = max(-(-v // NARROWEST_DEPTHWISE_BLOCK), min(v, NARROWEST_DEPTHWISE_LANES))
     b = v
     while b >= narrowest:
