@@ -237,10 +237,10 @@ def _chain_depthwise(convs, depthwise, single_user, only_conv_consumer, excitati
     """Depthwise convs run the channel-blocked kernel where a neighbour shares its layout: between two rewritten
     convs (the producer writes the border, the consumer reads blocked), after a rewritten conv whose output only
     it reads (its output converted back to NCHW for the other ops; MobileNetV3's squeeze-excitation before a
-    rewritten conv stays blocked instead, see :func:`_squeeze_excitation`), or before a
-    rewritten conv (its input converted from NCHW). With neither neighbour (ShuffleNet's, after a channel
-    shuffle) it still does when its output is at most :data:`NARROW_OUTPUT` pixels wide: the NCHW schedule
-    vectorizes along a row, which then fills few lanes, and the two conversions cost less.
+    rewritten conv stays blocked instead, see :func:`_squeeze_excitation`), or before a rewritten conv (its input
+    converted from NCHW). With neither neighbour (ShuffleNet's, after a channel shuffle) it still does when its
+    output is at most :data:`NARROW_OUTPUT` pixels wide: the NCHW schedule vectorizes along a row, which then
+    fills few lanes, and the two conversions cost less.
 
     The block is :func:`depthwise_block`'s: V, or V/2 or V/4 for channels that are no multiple of V
     (MobileNetV3's 72, ShuffleNet's 136: V/2), in which its neighbours write and read it too (a group of V or 2V
