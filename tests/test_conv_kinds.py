@@ -309,9 +309,9 @@ def _shuffle(g, src, name, channels, groups, hw):
 
 
 def test_depthwise_convs_without_two_rewritten_neighbours_run_the_blocked_kernel():
-    """MobileNetV3's squeeze-excitation reads the depthwise output (so no conv is its only consumer) and a
-    channel shuffle that another op reads too feeds it (so no conv is its producer; a shuffle read by the
-    depthwise conv alone is folded away): the blocked depthwise kernel runs with its
+    """MobileNetV3's squeeze-excitation reads the depthwise output (so no conv is its only consumer: its mean and
+    scale run blocked too) and a channel shuffle that another op reads too feeds it (so no conv is its producer; a
+    shuffle read by the depthwise conv alone is folded away): the blocked depthwise kernel runs with its
     input or output converted; a wide one with no rewritten neighbour keeps the NCHW schedule."""
     rng = np.random.default_rng(17)
     g = OnnxGraph(rng)
@@ -335,7 +335,8 @@ def test_depthwise_convs_without_two_rewritten_neighbours_run_the_blocked_kernel
     x = np.random.default_rng(1).standard_normal((1, 8, 10, 10)).astype(np.float32)
     report = _run(g.model("sum", [1, 8, 10, 10], [1, 32, 10, 10]), x)
     rows = {layer.name: layer for layer in report.layers}
-    assert "after expand, back to NCHW" in rows["dw_se"].implementation
+    assert "(after expand, its squeeze-excitation NCHW16c, before project)" in rows["dw_se"].implementation
+    assert rows["project"].kernel.input_block == 16
     assert rows["dw_se"].symbol.endswith("_hardswish")
     assert "from NCHW, before pw" in rows["dw_shuffled"].implementation
     assert "from NCHW, back to NCHW" in rows["dw_alone"].implementation
@@ -350,6 +351,57 @@ def test_depthwise_convs_without_two_rewritten_neighbours_run_the_blocked_kernel
     report = _run(wide.model("sum", [1, 16, 40, 40], [1, 16, 40, 40]), x)
     (row,) = [layer for layer in report.layers if layer.name == "dw_wide"]
     assert row.symbol is None and row.decision == "dense"
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.6])
+@pytest.mark.parametrize("channels, groups, stride, block", [(72, 1, 2, 8), (88, 1, 1, 8), (120, 1, 1, 8),
+                                                              (136, 4, 1, 8), (100, 1, 1, 4), (102, 1, 1, None)])
+def test_depthwise_convs_over_channels_off_the_simd_width_run_in_narrower_blocks(channels, groups, stride, block,
+                                                                                 sparsity):
+    """MobileNetV3's 72-, 88- and 120-channel depthwise convs and ShuffleNet's 136-channel ones (after a grouped
+    1x1 conv) are no multiple of V = 16: they run the blocked kernel in NCHW8c (100 channels in NCHW4c), their 1x1
+    neighbours (groups of 16 or 32 with a partial last one, dense and pruned) writing and reading that layout, and
+    so does a squeeze-excitation after one (its mean, and its scale for a 1x1 conv; the 3x3 conv after the 88-channel
+    one pads, so that depthwise output converts back to NCHW). 102 channels keep the NCHW schedule."""
+    from alcs_tvm.sparse_format import random_block_sparse
+
+    g = OnnxGraph(np.random.default_rng(channels + stride))
+    y = g.conv("x", "stem", 16, 8)
+    y = g.conv(y, "expand", channels, 16, kernel=1, groups=groups, act="HardSwish")
+    y = g.conv(y, "dw", channels, channels, kernel=3, stride=stride, groups=channels)
+    y = g.conv(y, "project", 24, channels, kernel=1, act=None)
+    y = g.conv(y, "expand2", channels, 24, kernel=1)
+    y = g.conv(y, "dw_se", channels, channels, kernel=5, groups=channels, act="HardSwish")
+    g.nodes.append(helper.make_node("GlobalAveragePool", [y], ["se_pool"]))
+    gate = g.conv("se_pool", "se_reduce", 24, channels, kernel=1)
+    gate = g.conv(gate, "se_expand", channels, 24, kernel=1, act="HardSigmoid")
+    g.nodes.append(helper.make_node("Mul", [y, gate], ["se_out"]))
+    project_kernel = 3 if channels == 88 else 1
+    y = g.conv("se_out", "project2", 24, channels, kernel=project_kernel, act=None)
+    rng = np.random.default_rng(8)
+    for init in g.inits:
+        if init.name in ("expand_w", "project_w", "expand2_w", "project2_w"):
+            init.CopyFrom(numpy_helper.from_array(random_block_sparse(numpy_helper.to_array(init), 16, sparsity, rng),
+                                                  init.name))
+    size = 12 // stride
+    x = np.random.default_rng(1).standard_normal((1, 8, 12, 12)).astype(np.float32)
+    report = _run(g.model(y, [1, 8, 12, 12], [1, 24, size, size]), x)
+    rows = {layer.name: layer for layer in report.layers}
+    if block is None:
+        assert rows["dw"].symbol is None and rows["dw"].implementation == "relax dense schedule", rows["dw"]
+        assert rows["project"].kernel.input_block == 1
+        return
+    assert rows["dw"].implementation == f"alcs depthwise NCHW{block}c kernel (after expand, before project)", \
+        rows["dw"]
+    assert rows["dw"].symbol.startswith("alcs_dwconv_k3x3") and f"_v{block}" in rows["dw"].symbol, rows["dw"]
+    assert rows["expand"].implementation.endswith(f"; writes NCHW{block}c padded for dw"), rows["expand"]
+    assert rows["expand"].kernel.out_block == block and rows["expand"].kernel.output_blocked
+    assert rows["project"].kernel.input_block == block and rows["project"].kernel.input_prepadded
+    through = "back to NCHW" if project_kernel == 3 else f"its squeeze-excitation NCHW{block}c, before project2"
+    assert rows["dw_se"].implementation == f"alcs depthwise NCHW{block}c kernel (after expand2, {through})"
+    assert rows["project2"].kernel.input_block == (1 if project_kernel == 3 else block)
+    if sparsity:
+        assert rows["project"].decision == "sparse" and rows["expand2"].decision == "sparse", report.table()
 
 
 @pytest.mark.parametrize("kernel, stride, pads", [(3, 2, [1, 1, 1, 1]), (2, 2, [0, 0, 0, 0]), (3, 1, [1, 0, 2, 1])])

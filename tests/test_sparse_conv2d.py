@@ -277,3 +277,23 @@ def test_wide_group_writes_narrower_blocks(residual):
     with pytest.raises(ValueError, match="must divide"):
         sparse_conv2d_kernel(BlockSparseWeight.from_dense(weight, 32), spec,
                              KernelLayout(output_blocked=True, out_block=12), target="x86-avx512")
+
+
+@pytest.mark.parametrize("cout, width, residual", [(72, 16, None), (88, 32, "blocked"), (120, 32, None)])
+def test_a_partial_group_writes_only_the_blocks_its_channels_fill(cout, width, residual):
+    """MobileNetV3's 1x1 convs into 72, 88 and 120 channels (groups of 16 or 32, the last one partial) write the
+    NCHW8c layout of the depthwise conv after them: 9, 11 and 15 blocks of 8, no block for the empty lanes of the
+    last group, and a blocked shortcut read in those blocks."""
+    x, weight, b = make_case(cout, 24, cout, 7, 1, 0.5, width, bias=True)
+    spec = Conv2dSpec.create(x.shape, weight.shape, 1, 0, 1)
+    shortcut = np.random.default_rng(15).standard_normal((1, cout, 7, 7)).astype(np.float32)
+    layout = KernelLayout(bias=True, activation="relu", output_blocked=True, output_pad=(1, 0, 1, 2),
+                          residual=residual, out_block=8)
+    kernel = sparse_conv2d_kernel(BlockSparseWeight.from_dense(weight, width), spec, layout, bias=b,
+                                  target="x86-avx512")
+    assert kernel.output_shape == (1, cout // 8, 9, 9, 8)
+    out = run_kernel(kernel, x, [_blocked(shortcut, 8)] if residual else [])
+    assert np.all(out[:, :, [0, -1]] == 0) and np.all(out[:, :, :, -2:] == 0)  # the zero border
+    out = out[:, :, 1:-1, :-2].transpose(0, 1, 4, 2, 3).reshape(1, cout, 7, 7)
+    ref = torch_conv(x, weight, b, 1, 0, 1, None) + (shortcut if residual else 0)
+    assert_close(out, np.maximum(ref, 0))

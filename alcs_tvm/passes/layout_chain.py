@@ -5,14 +5,16 @@ store per pixel instead of a lane transpose) with the widest zero border its rea
 pad copy in them). Its users may read it as their data input (each with its own padding) or as the shortcut fused
 into their epilogue (a residual block's add), so ResNet's and MobileNetV2's blocks stay channel-blocked from one
 conv to the next. A depthwise conv next to a rewritten conv (MobileNetV2's expand -> depthwise -> project) runs
-the channel-blocked depthwise kernel in the same layout (see :func:`_chain_depthwise` for the other cases), a
-max pool between rewritten convs (ResNet's stem -> pool -> first block) the blocked pool kernel, and a channel
-concat of rewritten convs' outputs read by rewritten convs or such pools (SqueezeNet's fire modules, Inception's
-blocks) joins their blocked outputs along the channel-block axis: N, C/V, H, W, V with the border its readers
-need, which every input carries too (see :func:`_blocked_joins`).
+the channel-blocked depthwise kernel in the same layout, or in NCHW[V/2]c or NCHW[V/4]c where its channels are no
+multiple of V (see :func:`_chain_depthwise` for the other cases; MobileNetV3's squeeze-excitation after it stays
+in its layout), a max pool between rewritten convs (ResNet's stem -> pool -> first block) the blocked pool
+kernel, and a channel concat of rewritten convs' outputs read by rewritten convs or such pools (SqueezeNet's fire
+modules, Inception's blocks) joins their blocked outputs along the channel-block axis: N, C/V, H, W, V with the
+border its readers need, which every input carries too (see :func:`_blocked_joins`).
 
 Everything here edits the :class:`~alcs_tvm.layer.KernelLayout` of the matched layers, pools and concats, the
-depthwise layers' ``block_input``/``unblock_output`` and the report rows; it emits no IR.
+depthwise layers' ``block_input``/``unblock_output``, the report rows and the plans (the layers, pools, concats,
+and squeeze-excitation means and scales emitted blocked); it emits no IR.
 """
 from __future__ import annotations
 
@@ -25,14 +27,15 @@ __all__ = ["plan_layouts"]
 
 
 def plan_layouts(layers: list, depthwise: list, users: dict, single_user, vector_width: int, plans: dict,
-                 pools: list = (), concats: list = ()):
+                 pools: list = (), concats: list = (), excitations: list = ()):
     """Chain ``layers`` (matched convs with a spec, decided), the ``depthwise`` convs, and the max ``pools`` and
     channel ``concats`` between them.
 
     ``users``: var -> the vars of its users (``None`` for a function output); ``single_user(var)``: its one user or
     None; ``vector_width``: the target's V, the block of the channel-blocked layout (each conv's group width is a
     multiple of it); ``plans``: var -> layer emitted there (chained depthwise convs, pools and concats are added).
-    Each concat's report row says how it runs."""
+    Each concat's report row says how it runs. ``excitations``: the global means and channel scales a depthwise
+    conv's squeeze-excitation may consist of (see :func:`_squeeze_excitation`)."""
     convs = [layer for layer in layers if layer.kind == "conv2d"]
     by_input, by_residual = {}, {}
     for layer in convs:
@@ -46,7 +49,10 @@ def plan_layouts(layers: list, depthwise: list, users: dict, single_user, vector
         matches = [] if user is None else [c for c in by_input.get(var, []) if c.conv_var.same_as(user)]
         return matches[0] if len(matches) == 1 else None
 
-    _chain_depthwise(convs, depthwise, single_user, only_conv_consumer, vector_width, plans)
+    def excitation(dw, b):
+        return _squeeze_excitation(dw, b, users, excitations, only_conv_consumer)
+
+    _chain_depthwise(convs, depthwise, single_user, only_conv_consumer, excitation, vector_width, plans)
     v = vector_width
 
     def readers_of(var, joins=None):
@@ -130,8 +136,9 @@ def plan_layouts(layers: list, depthwise: list, users: dict, single_user, vector
         layout = f"NCHW{v}c" if blocked else "NCHW"
         how = "padded for" if not join_readers else "for"
         producer.report_row.implementation += f"; writes {layout} {how} {targets(producer.last_var)}"
-    for layer in convs:  # a group wider than V is written as several V-channel blocks of the shared layout
-        if layer.sparse_weight.vector_width != v:
+    for layer in convs:  # a group wider than V is written as several V-channel blocks of the shared layout (or
+        # a depthwise conv's narrower ones, set above)
+        if layer.sparse_weight.vector_width != v and not layer.layout.out_block:
             layer.layout = replace(layer.layout, out_block=v)
 
 
@@ -226,51 +233,106 @@ def _describe_border(border) -> str:
     return f"{border[0]}-pixel" if len(set(border)) == 1 else f"{border} (top, left, bottom, right)"
 
 
-def _chain_depthwise(convs, depthwise, single_user, only_conv_consumer, v, plans):
+def _chain_depthwise(convs, depthwise, single_user, only_conv_consumer, excitation, v, plans):
     """Depthwise convs run the channel-blocked kernel where a neighbour shares its layout: between two rewritten
     convs (the producer writes the border, the consumer reads blocked), after a rewritten conv whose output only
-    it reads (its output converted back to NCHW for the other ops: MobileNetV3's squeeze-excitation), or before a
-    rewritten conv (its input converted from NCHW). With neither neighbour (ShuffleNet's, after a channel
-    shuffle) it still does when its output is at most :data:`NARROW_OUTPUT` pixels wide: the NCHW schedule
-    vectorizes along a row, which then fills few lanes, and the two conversions cost less."""
+    it reads (its output converted back to NCHW for the other ops; MobileNetV3's squeeze-excitation before a
+    rewritten conv stays blocked instead, see :func:`_squeeze_excitation`), or before a rewritten conv (its input
+    converted from NCHW). With neither neighbour (ShuffleNet's, after a channel shuffle) it still does when its
+    output is at most :data:`NARROW_OUTPUT` pixels wide: the NCHW schedule vectorizes along a row, which then
+    fills few lanes, and the two conversions cost less.
+
+    The block is :func:`depthwise_block`'s: V, or V/2 or V/4 for channels that are no multiple of V
+    (MobileNetV3's 72, ShuffleNet's 136: V/2), in which its neighbours write and read it too (a group of V or 2V
+    channels, even a partial last one, is stored as blocks of that width)."""
     planned = {layer.last_var: layer for layer in convs}
     for dw in depthwise:
-        if dw.depthwise[0][1] % v or dw.residual is not None:  # the depthwise kernel adds no shortcut
+        b = depthwise_block(dw.depthwise[0][1], v)
+        if b is None or dw.residual is not None:  # the depthwise kernel adds no shortcut
             continue
         producer = planned.get(dw.call.args[0])
         if producer is not None and (single_user(producer.last_var) is None or
                                      not single_user(producer.last_var).same_as(dw.conv_var) or
-                                     producer.sparse_weight.vector_width % v):
+                                     producer.sparse_weight.vector_width % b):
             producer = None
         consumer = only_conv_consumer(dw.last_var)
-        if consumer is not None and consumer.sparse_weight.vector_width % v:
+        if consumer is not None and consumer.sparse_weight.vector_width % b:
             consumer = None
+        se = excitation(dw, b) if consumer is None else None
+        if se is not None:
+            mean, scale, consumer = se
+            plans[mean.conv_var], plans[scale.conv_var] = mean, scale  # emitted on the blocked tensor
         if producer is None and consumer is None and _output_width(dw) > NARROW_OUTPUT:
             continue
         padding = dw.depthwise[2]
         if producer is not None:
-            producer.layout = replace(producer.layout, output_blocked=True, output_pad=tuple(padding))
-            producer.report_row.implementation += f"; writes NCHW{v}c padded for {dw.report_row.name}"
+            producer.layout = replace(producer.layout, output_blocked=True, output_pad=tuple(padding), out_block=b)
+            producer.report_row.implementation += f"; writes NCHW{b}c padded for {dw.report_row.name}"
         else:
             dw.block_input = True
         if consumer is not None:
-            consumer.layout = replace(consumer.layout, input_prepadded=True, input_block=v)
-            dw.layout = replace(dw.layout, output_blocked=True, output_pad=tuple(consumer.spec.padding), out_block=v)
+            consumer.layout = replace(consumer.layout, input_prepadded=True, input_block=b)
+            dw.layout = replace(dw.layout, output_blocked=True, output_pad=tuple(consumer.spec.padding), out_block=b)
         else:
-            dw.layout = replace(dw.layout, output_blocked=True, output_pad=(0, 0, 0, 0), out_block=v)
+            dw.layout = replace(dw.layout, output_blocked=True, output_pad=(0, 0, 0, 0), out_block=b)
             dw.unblock_output = True
         neighbours = [f"after {producer.report_row.name}"] if producer is not None else ["from NCHW"]
-        neighbours += [f"before {consumer.report_row.name}"] if consumer is not None else ["back to NCHW"]
+        through = f"its squeeze-excitation NCHW{b}c, " if se is not None else ""
+        neighbours += [f"{through}before {consumer.report_row.name}"] if consumer is not None else ["back to NCHW"]
         dw.report_row.reason = "depthwise conv (no channel reduction for SIMD blocks to skip), run " \
                                "channel-blocked"
-        dw.report_row.implementation = f"alcs depthwise NCHW{v}c kernel ({', '.join(neighbours)})"
+        dw.report_row.implementation = f"alcs depthwise NCHW{b}c kernel ({', '.join(neighbours)})"
         plans[dw.last_var] = dw
         for var in dw.fused_vars:
             plans[var] = None
 
 
+def _squeeze_excitation(dw, b, users, excitations, only_conv_consumer):
+    """``(mean, scale, consumer)`` when the depthwise conv's output feeds MobileNetV3's squeeze-excitation and
+    nothing else: a global mean (whose [N, C/b, 1, 1, b] result is NCHW [N, C, 1, 1] in memory, so the gate's
+    convs read it as it is) and the scale ``y * gate`` whose one reader is a rewritten conv without padding
+    (the mean reads no border) and that conv. The three then stay NCHW[b]c; else None."""
+    var = dw.last_var
+    uses = users.get(var, [])
+    if len(uses) != 2 or any(u is None for u in uses):
+        return None
+    mean = next((m for m in excitations if m.kind == "mean" and m.call.args[0].same_as(var)), None)
+    scale = next((s for s in excitations if s.kind == "scale" and not s.gate.same_as(var) and
+                  any(a.same_as(var) for a in s.call.args)), None)
+    if mean is None or scale is None or not all(any(u.same_as(op.conv_var) for u in uses) for op in (mean, scale)):
+        return None
+    consumer = only_conv_consumer(scale.conv_var)
+    if consumer is None or any(consumer.spec.padding) or consumer.sparse_weight.vector_width % b:
+        return None
+    return mean, scale, consumer
+
+
 #: a depthwise conv with no rewritten conv beside it runs the blocked kernel when its output is at most this wide
 NARROW_OUTPUT = 32
+
+#: the narrowest channel block a depthwise conv runs in, as a fraction of V: a block of V / 4 lanes still beats
+#: the NCHW schedule, which vectorizes along a row and makes its neighbours convert their layouts
+#: (see :func:`depthwise_block`)
+NARROWEST_DEPTHWISE_BLOCK = 4
+
+#: and in lanes: no block narrower than a 128-bit register (NEON's V = 4 is already the narrowest)
+NARROWEST_DEPTHWISE_LANES = 4
+
+
+def depthwise_block(channels: int, v: int) -> int | None:
+    """The channel block a depthwise conv over ``channels`` runs in: the widest of V, V/2, .. down to
+    V / :data:`NARROWEST_DEPTHWISE_BLOCK` and :data:`NARROWEST_DEPTHWISE_LANES` that divides them (MobileNetV3's
+    72, 88 and 120 channels run in blocks of 8 on AVX-512, 100 in blocks of 4), or None (it stays NCHW). Its
+    neighbours write and read that block."""
+    narrowest = max(-(-v // NARROWEST_DEPTHWISE_BLOCK), min(v, NARROWEST_DEPTHWISE_LANES))
+    b = v
+    while b >= narrowest:
+        if channels % b == 0:
+            return b
+        if b % 2:
+            break
+        b //= 2
+    return None
 
 
 def _output_width(dw) -> int:

@@ -68,7 +68,7 @@ class _Layer:
         self.conv_var = conv_var
         self.call = call
         self.kind = kind  # "conv2d" | "linear" (a 1x1 conv on a 1x1 image) | "depthwise" | "other" (1-D, ...) |
-        # "concat" (channel concat) | "maxpool"
+        # "concat" (channel concat) | "maxpool" | "mean" (a global average pool) | "scale" (x * a per-channel gate)
         self.bias = None  # the bias constant, float32 [Cout]
         self.activation = None
         self.slope = None  # PReLU's per-channel slopes, float32 [Cout], when the activation is "prelu"
@@ -87,6 +87,7 @@ class _Layer:
         self.schedule = None  # a tuned SparseConvSchedule (alcs tune), else the target's default
         self.winograd = None  # the output tile m when the conv runs as Winograd F(m x m, 3x3)
         self.weight = None  # the dense OIHW weight (Winograd transforms it)
+        self.gate = None  # a channel scale's [N, C, 1, 1] operand (a squeeze-excitation's gate)
 
     def epilogue_layout(self) -> KernelLayout:
         return KernelLayout(bias=self.bias is not None, activation=self.activation,
@@ -150,6 +151,7 @@ class SparseConvRewrite:
         self._users = users
         self._claimed_adds = {}  # a shortcut add is fused into the first conv that reaches it, not both operands'
         self._pools = []  # max pools that may run channel-blocked between rewritten convs
+        self._excitations = []  # global means and channel scales: a squeeze-excitation may run channel-blocked
 
         layers = []
         for b in bindings:
@@ -167,7 +169,34 @@ class SparseConvRewrite:
                 self._pools.append(pool)
             elif op == "relax.concat" and self._is_channel_concat(call):
                 layers.append(_Layer(b.var, call, "concat"))  # may join blocked convs' outputs, see layout_chain
+            elif op == "relax.mean" and self._is_global_mean(call):
+                self._excitations.append(_Layer(b.var, call, "mean"))
+            elif op == "relax.multiply" and (gate := self._channel_scale_gate(call)) is not None:
+                scale = _Layer(b.var, call, "scale")
+                scale.gate = gate
+                self._excitations.append(scale)
         return layers
+
+    @staticmethod
+    def _is_global_mean(call) -> bool:
+        """A float32 mean of a 4-D tensor over its image, keeping the dims: ONNX's GlobalAveragePool."""
+        shape = static_shape(call.args[0])
+        return shape is not None and len(shape) == 4 and dtype(call) == "float32" and bool(call.attrs.keepdims) \
+            and call.attrs.axis is not None and sorted(int(a) % 4 for a in call.attrs.axis) == [2, 3]
+
+    @staticmethod
+    def _channel_scale_gate(call):
+        """The gate of ``x[N, C, H, W] * gate[N, C, 1, 1]`` (two float32 vars, either order), else None."""
+        args = list(call.args)
+        shapes = [static_shape(a) for a in args]
+        if not all(isinstance(a, relax.Var) for a in args) or any(s is None or len(s) != 4 for s in shapes) or \
+                dtype(call) != "float32":
+            return None
+        for data, gate in ((0, 1), (1, 0)):
+            x, g = shapes[data], shapes[gate]
+            if tuple(g) == (x[0], x[1], 1, 1) and tuple(x[2:]) != (1, 1):
+                return args[gate]
+        return None
 
     @staticmethod
     def _is_channel_concat(call) -> bool:
@@ -572,7 +601,7 @@ class SparseConvRewrite:
             plan_layouts([layer for layer in layers if layer.spec is not None],
                          [layer for layer in layers if layer.kind == "depthwise"], self._users, self._single_user,
                          self.target_info.vector_width, plans, self._pools,
-                         [layer for layer in layers if layer.kind == "concat"])
+                         [layer for layer in layers if layer.kind == "concat"], self._excitations)
             for layer in layers:
                 if layer.spec is not None and layer.kind == "conv2d":
                     layer.report_row.kernel = layer.layout
@@ -624,11 +653,22 @@ class _Rewriter(relax.PyExprMutator):
             parts = [self.visit_expr(part) for part in layer.call.args[0].fields]
             self.set_var_remap(binding.var, emit_as(self.builder_, relax.op.concat(parts, axis=1), binding.var))
             return None
+        if layer.kind == "scale":  # NCHW[b]c x gate [N, C, 1, 1] viewed as [N, C/b, 1, 1, b]
+            data = self.visit_expr(next(a for a in layer.call.args if not a.same_as(layer.gate)))
+            n, cb, _, _, b = static_shape(data)
+            gate = self.builder_.emit(relax.op.reshape(self.visit_expr(layer.gate), (n, cb, 1, 1, b)))
+            self.set_var_remap(binding.var, emit_as(self.builder_, relax.op.multiply(data, gate), binding.var))
+            return None
         data = self.visit_expr(layer.call.args[0])
         if layer.kind == "depthwise":
             return self._emit_depthwise(binding, layer, data)
         if layer.kind == "maxpool":
             return self._emit_max_pool(binding, layer, data)
+        if layer.kind == "mean":  # of NCHW[b]c over the image: [N, C/b, 1, 1, b], laid out as NCHW [N, C, 1, 1]
+            mean = self.builder_.emit(relax.op.mean(data, axis=[2, 3], keepdims=True))
+            call = relax.op.reshape(mean, static_shape(layer.call))
+            self.set_var_remap(binding.var, emit_as(self.builder_, call, binding.var))
+            return None
         if layer.winograd:
             return self._emit_winograd(binding, layer, data)
         if layer.kind == "linear":  # [N, K] -> [N, K, 1, 1]: a view, no copy

@@ -100,9 +100,11 @@ class KernelGeometry(EpilogueShapes):
 
     @property
     def layout_blocks(self) -> int:
-        """Blocks of ``layout_block`` channels in a blocked output / residual."""
+        """Blocks of ``layout_block`` channels in a blocked output / residual: those holding an output channel (a
+        partial last group of V = k * b channels, 72 = 4.5 * 16, is stored as the blocks of b its channels fill,
+        9 of 8)."""
         if self.vector_width and self.layout_block:
-            return self.num_blocks * self.vector_width // self.layout_block
+            return -(-self.out_channels // self.layout_block)
         return self.num_blocks
 
     @property
@@ -234,6 +236,7 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
         raise ValueError(f"the blocked layout's block ({B}) must divide V ({V})")
     K = V // B
     N, NB, Cout = geom.batch, geom.num_blocks, geom.out_channels
+    LB = -(-Cout // B)  # blocks of the blocked output / residual: a partial last group leaves its empty blocks out
     Ho, Wo = geom.out_height, geom.out_width
     TR, TW = min(sched.tile_rows, Ho), min(sched.tile_cols, Wo)
     RT_FULL, TR_REM = divmod(Ho, TR)
@@ -262,13 +265,13 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
         HP, WP = H + PT + PB, W + PL + PR
     else:
         C = H = W = HP = WP = 1  # unused
-    y_shape = (N, NB * K, HOP, WOP, B) if BLOCKED else (N, Cout, HOP, WOP)
+    y_shape = (N, LB, HOP, WOP, B) if BLOCKED else (N, Cout, HOP, WOP)
     if geom.residual not in (None, "nchw", "blocked"):
         raise ValueError(f"residual layout must be None, 'nchw' or 'blocked', got {geom.residual!r}")
     HAS_RES = geom.residual is not None
     RES_BLOCKED = geom.residual == "blocked"
     RPT, RPL = geom.residual_pad[0], geom.residual_pad[1]
-    res_shape = (geom.residual_shape[0], NB * K) + geom.residual_shape[2:4] + (B,) if RES_BLOCKED \
+    res_shape = (geom.residual_shape[0], LB) + geom.residual_shape[2:4] + (B,) if RES_BLOCKED \
         else geom.residual_shape
     x_shape = tuple(geom.input_shape)
     PRELU = activation == "prelu"
@@ -300,6 +303,17 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
         for lane in range(0, V, 16):  # one 64-byte line per 16 lanes
             address = tvm.tirx.call_intrin("handle", "tirx.address_of", values[row, lane])
             T.evaluate(tvm.tirx.call_intrin("void", "tirx.prefetch", address, 0, 2, 1))
+
+    @contextmanager
+    def block_exists(block):
+        """What is emitted inside runs only for ``block < LB``: a run-time test when the last group leaves blocks
+        of the blocked layout empty."""
+        if NB * K > LB:
+            with T.If(block < LB):
+                with T.Then():
+                    yield
+        else:
+            yield
 
     @contextmanager
     def channel_exists(channel):
@@ -335,7 +349,7 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
             with loop("r", T.unroll(tr)) as r:
                 with loop("c", T.unroll(tw)) as c:
                     if RES_BLOCKED:
-                        with loop("kb", T.unroll(K)) as kb:
+                        with loop("kb", T.unroll(K)) as kb, block_exists(ob * K + kb):
                             with loop("v", T.vectorized(B)) as v:
                                 i = (r * tw + c) * V + kb * B + v
                                 T.buffer_store(acc, acc[i] + res[n, ob * K + kb, RPT + row0 + r, RPL + col0 + c, v],
@@ -347,7 +361,7 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
         if BLOCKED:
             with loop("r", T.unroll(tr)) as r:
                 with loop("c", T.unroll(tw)) as c:
-                    with loop("kb", T.unroll(K)) as kb:
+                    with loop("kb", T.unroll(K)) as kb, block_exists(ob * K + kb):
                         with loop("v", T.vectorized(B)) as v:
                             T.buffer_store(y, activate(activation, acc[(r * tw + c) * V + kb * B + v],
                                                        slope(bias, ob * V + kb * B + v)),
@@ -394,7 +408,7 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
             else:
                 row_tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, rt * TR, TR, prefetch)
 
-    zero_output_border = zero_border(N, NB * K if BLOCKED else Cout, HOP, WOP, (OT, OL), (Ho, Wo),
+    zero_output_border = zero_border(N, LB if BLOCKED else Cout, HOP, WOP, (OT, OL), (Ho, Wo),
                                      B if BLOCKED else None)
 
     def body(x, indptr, offsets, vstart, values, bias, order, res, y):
