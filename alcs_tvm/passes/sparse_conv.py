@@ -5,10 +5,11 @@ Pattern (after parameters are bound as constants, see :func:`alcs_tvm.frontend.p
     y = R.nn.conv2d(x, W: Constant, groups=1, NCHW/OIHW, float32)
     [y = R.add(y, b: Constant of shape [1, C, 1, 1] or [C, 1, 1])]      # bias, if y has no other user
     [y = R.add(y, shortcut)]                                             # a residual add, likewise
-    [y = R.nn.relu(y) | R.clip(y, 0, 6) | R.minimum(R.maximum(y, 0), 6)]  # activation, likewise
+    [y = relu(y) | relu6(y) | prelu(y) | sigmoid(y) | silu(y) | ...]      # activation, likewise
 
-becomes ``R.call_tir(alcs_sparse_conv2d_k, (x, indptr, offsets, values, bias[, shortcut]), R.Tensor(out_shape))``
-with the packed constants (a residual add fuses into the first of its two operands' convs to reach it). Per
+(the epilogue's Relax dataflow patterns: :mod:`.epilogue_patterns`) becomes
+``R.call_tir(alcs_sparse_conv2d_k, (x, indptr, offsets, values, bias[, shortcut]), R.Tensor(out_shape))`` with the
+packed constants (a residual add fuses into the first of its two operands' convs to reach it). Per
 layer the pass decides sparse or dense: sparse skips pruned blocks; dense runs the same register-tiled kernel
 with every block kept (still far faster than an unscheduled Relax conv). A grouped conv is the conv over all
 input channels whose weight is zero outside each group: it runs the sparse kernel with that block-diagonal weight.
@@ -38,7 +39,8 @@ from ..sparse_format import BlockSparseWeight, block_diagonal, widest_block_form
 from ..target import resolve_target
 from ..winograd import WINOGRAD_TILES, choose_algorithm, winograd_applies, winograd_conv2d, winograd_layout
 from .conv_transpose import SubpixelConvTranspose
-from .relax_expr import const_array, const_scalar, dtype, emit_as, is_const, scalar_value, static_shape
+from .epilogue_patterns import BindingGraph, match_epilogue
+from .relax_expr import const_array, dtype, emit_as, is_const, static_shape
 from .layout_chain import plan_layouts
 
 __all__ = ["SparseConvRewrite", "DEFAULT_DENSITY_THRESHOLD"]
@@ -143,11 +145,8 @@ class SparseConvRewrite:
         for v in relax.analysis.used_vars(func.body.body):
             users.setdefault(v, []).append(None)  # a function output: never fuse away
 
-        def single_user(var):
-            uses = users.get(var, [])
-            return uses[0] if len(uses) == 1 and uses[0] is not None else None
-
-        self._single_user = single_user
+        graph = BindingGraph(value_of, users)
+        self._single_user = graph.single_user
         self._users = users
         self._claimed_adds = {}  # a shortcut add is fused into the first conv that reaches it, not both operands'
         self._pools = []  # max pools that may run channel-blocked between rewritten convs
@@ -159,7 +158,7 @@ class SparseConvRewrite:
             op = call.op.name if isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) else None
             if op == "relax.nn.conv2d" or (op == "relax.matmul" and self._is_linear(call)):
                 layer = _Layer(b.var, call, "conv2d" if op == "relax.nn.conv2d" else "linear")
-                self._extend_chain(layer, value_of, single_user)
+                self._extend_chain(layer, graph)
                 layers.append(layer)
             elif op in _OTHER_CONVS:
                 layers.append(_Layer(b.var, call, "other"))
@@ -221,191 +220,11 @@ class SparseConvRewrite:
         return is_const(w) and dtype(w) == "float32" and dtype(x) == "float32" and \
             const_array(w).ndim == 2 and static_shape(x) is not None and len(static_shape(x)) == 2
 
-    def _extend_chain(self, layer, value_of, single_user):
-        user = single_user(layer.last_var)
-        bias = None if user is None else self._bias_of(value_of[user], layer.last_var, layer.call)
-        if bias is not None:
-            layer.bias = bias
-            layer.fused_vars.append(layer.last_var)
-            layer.last_var = user
-            user = single_user(layer.last_var)
-        shortcut = None if user is None or layer.kind != "conv2d" else \
-            self._residual_of(value_of[user], layer.last_var, layer.call)
-        if shortcut is not None and user not in self._claimed_adds:
-            self._claimed_adds[user] = layer
-            layer.residual, layer.residual_binding = shortcut, user
-            layer.fused_vars.append(layer.last_var)
-            layer.last_var = user
-            user = single_user(layer.last_var)
-        composite = self._composite_activation(layer.last_var, value_of, single_user)
-        if composite is not None:
-            act, inner, out = composite
-            layer.fused_vars += [layer.last_var] + inner
-            layer.last_var, layer.activation = out, act
-            return
-        if user is None:
-            return
-        act = self._activation_of(value_of[user], layer.last_var)
-        if act == "relu-or-max":  # maximum(y, 0): relu, or the first half of relu6 = minimum(maximum(y, 0), 6)
-            after = single_user(user)
-            if after is not None and self._activation_of(value_of[after], user) == "min6":
-                layer.fused_vars += [layer.last_var, user]
-                layer.last_var, layer.activation = after, "relu6"
-                return
-            act = "relu"
-        if act == "prelu":
-            attrs = layer.call.attrs
-            value = value_of[user]
-            # LeakyReLU is a PReLU whose one slope is its alpha
-            slope = np.array([float(value.attrs.alpha)], np.float32) if value.op.name == "relax.nn.leakyrelu" \
-                else const_array(value.args[1]).reshape(-1)
-            out_shape = static_shape(layer.call)
-            if layer.kind != "conv2d" or int(attrs.groups) != 1 and static_shape(layer.call.args[1])[1] == 1 or \
-                    out_shape is None or slope.size not in (1, out_shape[1]):
-                return  # the depthwise kernel takes no slopes
-            layer.slope = np.ascontiguousarray(np.broadcast_to(slope, (out_shape[1],)), np.float32)
-        if act in ("relu", "relu6", "prelu"):
-            layer.fused_vars.append(layer.last_var)
-            layer.last_var, layer.activation = user, act
-
-    @staticmethod
-    def _bias_of(value, conv_out, conv_call):
-        if not (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name == "relax.add"):
-            return None
-        args = list(value.args)
-        if not any(a.same_as(conv_out) for a in args):
-            return None
-        other = args[1] if args[0].same_as(conv_out) else args[0]
-        if not is_const(other) or dtype(other) != "float32":
-            return None
-        out_shape = static_shape(conv_call)
-        if out_shape is None:
-            return None
-        cout = out_shape[1]
-        data = const_array(other)
-        allowed = ((1, cout, 1, 1), (cout, 1, 1)) if len(out_shape) == 4 else ((cout,), (1, cout))
-        if data.shape not in allowed:
-            return None
-        return np.ascontiguousarray(data.reshape(cout), np.float32)
-
-    @staticmethod
-    def _residual_of(value, conv_out, conv_call):
-        """``add(conv_out, shortcut)`` with a non-constant float32 shortcut of the conv's output shape."""
-        if not (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name == "relax.add"):
-            return None
-        args = list(value.args)
-        if len(args) != 2 or not any(a.same_as(conv_out) for a in args):
-            return None
-        other = args[1] if args[0].same_as(conv_out) else args[0]
-        if other.same_as(conv_out) or is_const(other) or not isinstance(other, relax.Var) or \
-                dtype(other) != "float32" or static_shape(other) is None or \
-                static_shape(other) != static_shape(conv_call):
-            return None
-        return other
-
-    def _composite_activation(self, y, value_of, single_user):
-        """``(activation, inner vars, output var)`` when ``y`` feeds an activation the importer writes as several
-        ops, each of whose values only the next one reads:
-
-        * silu ``y * sigmoid(y)`` (SiLU/Swish as exporters write it),
-        * hardswish ``y * hardsigmoid(y)`` (TVM's import of ONNX HardSwish) or ``y * (clip(y + 3, 0, 6) / 6)``,
-        * hardsigmoid ``clip(y * 1/6 + 0.5, 0, 1)`` (torch's Hardsigmoid as ONNX HardSigmoid),
-        * sigmoid ``sigmoid(y)``."""
-        users = self._users.get(y, [])
-        if None in users:
-            return None
-
-        def call(var, op):
-            value = value_of.get(var)
-            return value if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and \
-                value.op.name == op else None
-
-        def reads(value, *vars_):
-            return len(value.args) == len(vars_) and \
-                all(any(a.same_as(v) for a in value.args) for v in vars_)
-
-        def const_arg(value, src):
-            other = value.args[1] if value.args[0].same_as(src) else value.args[0]
-            return const_scalar(other)
-
-        def hardsigmoid(u):
-            """``u = y * 1/6`` -> ``+ 0.5`` -> ``clip(0, 1)``: the clip's var, else None."""
-            scaled = call(u, "relax.multiply")
-            if scaled is None or const_arg(scaled, y) is None or abs(const_arg(scaled, y) - 1 / 6) > 1e-6:
-                return None
-            shifted = single_user(u)
-            add = call(shifted, "relax.add") if shifted is not None else None
-            if add is None or const_arg(add, u) != 0.5:
-                return None
-            clipped = single_user(shifted)
-            clip = call(clipped, "relax.clip") if clipped is not None else None
-            if clip is None or [scalar_value(a) for a in clip.args[1:3]] != [0.0, 1.0]:
-                return None
-            return clipped
-
-        if len(users) == 1:
-            (u,) = users
-            if call(u, "relax.sigmoid") is not None:
-                return "sigmoid", [], u
-            gate = hardsigmoid(u)
-            return None if gate is None else ("hardsigmoid", [u, single_user(u)], gate)
-        if len(users) != 2:
-            return None
-        for first, second in (users, users[::-1]):
-            product = call(second, "relax.multiply")
-            if product is None:
-                continue
-            if call(first, "relax.sigmoid") is not None and single_user(first) is not None and \
-                    single_user(first).same_as(second) and reads(product, y, first):
-                return "silu", [first], second
-            gate = hardsigmoid(first)  # y * hardsigmoid(y): TVM's import of ONNX HardSwish
-            if gate is not None and single_user(gate) is not None and single_user(gate).same_as(second) and \
-                    reads(product, y, gate):
-                return "hardswish", [first, single_user(first), gate], second
-            add = call(first, "relax.add")
-            if add is None or const_arg(add, y) != 3.0:
-                continue
-            clipped = single_user(first)
-            clip = call(clipped, "relax.clip") if clipped is not None else None
-            if clip is None or [scalar_value(a) for a in clip.args[1:3]] != [0.0, 6.0]:
-                continue
-            scaled = single_user(clipped)
-            divide, multiply = call(scaled, "relax.divide"), call(scaled, "relax.multiply")
-            if scaled is None or not ((divide is not None and const_arg(divide, clipped) == 6.0) or
-                                      (multiply is not None and const_arg(multiply, clipped) is not None and
-                                       abs(const_arg(multiply, clipped) - 1 / 6) < 1e-6)):
-                continue
-            if single_user(scaled) is not None and single_user(scaled).same_as(second) and reads(product, y, scaled):
-                return "hardswish", [first, clipped, scaled], second
-        return None
-
-    @staticmethod
-    def _activation_of(value, src):
-        if not (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op)):
-            return None
-        if not value.args or not value.args[0].same_as(src):
-            return None
-        name = value.op.name
-        if name in _ACTIVATION_OPS:
-            return _ACTIVATION_OPS[name]
-        if name == "relax.nn.leakyrelu":
-            return "prelu"
-        if name == "relax.nn.prelu":  # constant slopes per channel (axis 1), or one for all
-            slope = value.args[1]
-            return "prelu" if is_const(slope) and dtype(slope) == "float32" and \
-                (int(value.attrs.axis) == 1 or const_array(slope).size == 1) else None
-        if name == "relax.clip":
-            lo, hi = (scalar_value(a) for a in value.args[1:3])
-            if lo == 0 and hi == 6:
-                return "relu6"
-            if lo == 0 and hi is not None and hi >= 3.4e38:
-                return "relu"
-            return None
-        if name == "relax.maximum" and const_scalar(value.args[1]) == 0.0:
-            return "relu-or-max"
-        if name == "relax.minimum" and const_scalar(value.args[1]) == 6.0:
-            return "min6"
-        return None
+    def _extend_chain(self, layer, graph):
+        epi = match_epilogue(layer.conv_var, layer.call, layer.kind, graph, self._claimed_adds)
+        layer.bias, layer.residual, layer.residual_binding = epi.bias, epi.residual, epi.residual_binding
+        layer.activation, layer.slope = epi.activation, epi.slope
+        layer.fused_vars, layer.last_var = epi.fused_vars, epi.last_var
 
     def _decide_linear(self, layer, index) -> LayerDecision:
         x, w = layer.call.args
