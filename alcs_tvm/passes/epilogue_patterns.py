@@ -36,7 +36,8 @@ __all__ = ["ACTIVATIONS", "BindingGraph", "Epilogue", "match_epilogue"]
 
 
 def _op(name, *args):
-    return is_op(f"relax.{name}")(*args)
+    # no PatternContext edges: these patterns are matched one expression at a time, not over a dataflow block
+    return is_op(f"relax.{name}")(*args, add_constraint=False)
 
 
 def _near(value, target, tol):
