@@ -17,7 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 __all__ = ["LIGHT_ZOO", "MTCNN", "light_zoo_model", "mtcnn_model", "public_model", "public_model_names", "network",
-           "prune_convs", "input_shapes"]
+           "prune_simd_blocks", "input_shapes"]
 
 LIGHT_ZOO = ("bvlc_alexnet", "zfnet512", "vgg19", "squeezenet", "shufflenet", "resnet50", "inception_v1",
              "inception_v2", "densenet121")
@@ -206,10 +206,13 @@ def _calibrate_batchnorm(model: onnx.ModelProto, rng) -> onnx.ModelProto:
     return model
 
 
-def prune_convs(model: onnx.ModelProto, group_width, sparsity: float, seed: int = 0) -> onnx.ModelProto:
-    """A copy of ``model`` with a random ``sparsity`` fraction of the SIMD blocks of every Conv's weight zeroed,
-    except a depthwise conv's (one input channel per group: no channel reduction for a block to skip);
-    ``group_width``: an int, or a :class:`~alcs_tvm.target.TargetInfo` (each layer its width).
+def prune_simd_blocks(model: onnx.ModelProto, group_width, sparsity: float, seed: int = 0,
+                      fully_connected: bool = True) -> onnx.ModelProto:
+    """A copy of ``model`` with a random ``sparsity`` fraction of the SIMD blocks zeroed in the weight of every Conv
+    but a depthwise one (one input channel per group: no channel reduction for a block to skip) and, with
+    ``fully_connected``, of every Gemm or MatMul with a constant 2-D weight (a block: ``V`` consecutive outputs at
+    one input); ``group_width``: an int, or a :class:`~alcs_tvm.target.TargetInfo` (each conv its width, a fully
+    connected layer the SIMD width, as the compiler runs them).
 
     A grouped conv's blocks are ``V`` consecutive output channels at one ``(cin within the group, kh, kw)`` of its
     ``[Cout, Cin/groups, Kh, Kw]`` weight: the compiled model runs it as the block-diagonal groups=1 conv, where each
@@ -220,14 +223,25 @@ def prune_convs(model: onnx.ModelProto, group_width, sparsity: float, seed: int 
     pruned.CopyFrom(model)
     rng = np.random.default_rng(seed)
     inits = {init.name: init for init in pruned.graph.initializer}
-    for node in pruned.graph.node:
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        if node.op_type != "Conv" or node.input[1] not in inits:
-            continue
-        weight = numpy_helper.to_array(inits[node.input[1]])
-        if weight.ndim != 4 or (group > 1 and weight.shape[1] == 1):  # depthwise
-            continue
-        width = layer_group_width(group_width, weight.shape[0])
+
+    def prune(name, weight, width):
         value = random_block_sparse(weight.astype(np.float32), width, sparsity, rng).reshape(weight.shape)
-        inits[node.input[1]].CopyFrom(numpy_helper.from_array(value, node.input[1]))
+        inits[name].CopyFrom(numpy_helper.from_array(value, name))
+
+    for node in pruned.graph.node:
+        attrs = {a.name: a.i for a in node.attribute}
+        weight_name = node.input[1] if len(node.input) > 1 else None
+        if weight_name not in inits:
+            continue
+        weight = numpy_helper.to_array(inits[weight_name])
+        if node.op_type == "Conv" and weight.ndim == 4 and not (attrs.get("group", 1) > 1 and weight.shape[1] == 1):
+            prune(weight_name, weight, layer_group_width(group_width, weight.shape[0]))
+        elif fully_connected and node.op_type in ("Gemm", "MatMul") and weight.ndim == 2 and \
+                not attrs.get("transA", 0):
+            width = getattr(group_width, "vector_width", group_width)
+            if node.op_type == "Gemm" and attrs.get("transB", 0):  # [out, in]: blocks run down axis 0
+                prune(weight_name, weight, width)
+            else:  # [in, out]
+                value = random_block_sparse(weight.T.astype(np.float32), width, sparsity, rng).reshape(weight.T.shape)
+                inits[weight_name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value.T), weight_name))
     return pruned

@@ -23,7 +23,7 @@ def _run(model, x, sparsity):
     ONNX Runtime's, and return the report's rows by name."""
     info = resolve_target("x86")
     if sparsity:
-        model = public_models.prune_convs(model, info, sparsity / 100, seed=sparsity)
+        model = public_models.prune_simd_blocks(model, info, sparsity / 100, seed=sparsity)
     executable, report = compiler.compile(model, info)
     out = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     (expected,) = ort.InferenceSession(model.SerializeToString(),

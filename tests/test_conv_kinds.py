@@ -43,7 +43,7 @@ def test_grouped_convs_run_the_kernel_block_diagonal_and_match_onnx_runtime(grou
     x = np.random.default_rng(0).standard_normal((1, 8, 20, 20)).astype(np.float32)
     model = g.model(y, [1, 8, 20, 20], [1, 16, 10, 10])
     if sparsity:
-        model = public_models.prune_convs(model, 16, sparsity, seed=groups)
+        model = public_models.prune_simd_blocks(model, 16, sparsity, seed=groups)
     report = _run(model, x)
     grouped = [layer for layer in report.layers if layer.op == "grouped_conv2d"]
     assert [layer.name for layer in grouped] == ["g1x1", "g3x3", "g3x3s2"]

