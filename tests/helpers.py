@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -215,3 +216,17 @@ def assert_aarch64_elf(path):
     machine = int.from_bytes(header[18:20], "little")
     assert machine == EM_AARCH64, f"{path}: e_machine {machine}, not aarch64 ({EM_AARCH64})"
     assert rpc.elf_machine(path) == "aarch64"
+
+
+def wait_busy(tracker: str, key: str, timeout: float = 60) -> None:
+    """Wait until the tracker at ``tracker`` has handed out its (single) server under ``key`` to a session."""
+    from alcs_tvm.tracker import tracker_summary
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        queue = tracker_summary(tracker).get("queue_info", {}).get(key, {})
+        if queue.get("free", 1) == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{key} never became busy")
+

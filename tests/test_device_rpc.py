@@ -12,7 +12,7 @@ import time
 import helpers
 import numpy as np
 import pytest
-from helpers import REPO, run_cli
+from helpers import REPO, run_cli, wait_busy
 
 from alcs_tvm import device, rpc
 from alcs_tvm.run import read_sidecar, run_model, write_sidecar
@@ -207,17 +207,6 @@ def test_unknown_key(rpc_devices, tiny_cnn):
         rpc.connect(tracker=rpc_devices.tracker, key="pixel-9", timeout=5)
 
 
-def _wait_busy(tracker, key, timeout=60):
-    """Wait until the tracker sees the (single) server under ``key`` taken by a session."""
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        queue = rpc.tracker_summary(tracker).get("queue_info", {}).get(key, {})
-        if queue.get("free", 1) == 0:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{key} never became busy")
-
-
 @pytest.mark.device
 def test_device_faults_then_retry(rpc_devices, tiny_cnn):
     """A frozen device times out (bounded), a killed device fails fast, a restarted one works again."""
@@ -225,6 +214,7 @@ def test_device_faults_then_retry(rpc_devices, tiny_cnn):
     lib = tiny_cnn["libs"]["arm64"]
     long_run = dict(repeat=20, number=2000)  # ~1 min on the emulated device: certainly still running when hit
     entry = device.start_arm64_server(rpc_devices.tracker, key=key, log_dir=rpc_devices.log_dir)
+    spare = {}  # the server of step 2, started during step 1
     try:
         # 1. frozen device (SIGSTOP): the client gives up after its timeout instead of hanging
         result = {}
@@ -239,24 +229,30 @@ def test_device_faults_then_retry(rpc_devices, tiny_cnn):
 
         thread = threading.Thread(target=run)
         thread.start()
-        _wait_busy(rpc_devices.tracker, key)
+        wait_busy(rpc_devices.tracker, key)
         time.sleep(1.0)
         os.killpg(entry["pid"], signal.SIGSTOP)
+        # the next step's server starts while the frozen one is waited out: the run above holds the frozen one, so
+        # the tracker can hand out only the new one
+        starter = threading.Thread(target=lambda: spare.update(entry=device.start_arm64_server(
+            rpc_devices.tracker, key=key, log_dir=rpc_devices.log_dir)))
+        starter.start()
         thread.join(60)
         assert not thread.is_alive(), "run_model hung on a frozen device"
         assert isinstance(result["err"], TimeoutError), repr(result.get("err"))
         assert "did not answer within 8 s" in str(result["err"]) and key in str(result["err"])
         assert result["t"] < 30
         assert device.stop_process(entry)
+        starter.join(180)
+        entry = spare["entry"]
 
         # 2. device server killed in the middle of a run: `alcs run` fails fast with one clear line
-        entry = device.start_arm64_server(rpc_devices.tracker, key=key, log_dir=rpc_devices.log_dir)
         proc = subprocess.Popen([sys.executable, "-m", "alcs_tvm.cli", "run", str(lib), "--inputs",
                                  str(tiny_cnn["in_npz"]), "--print-time", "--repeat", "20", "--number", "2000",
                                  "--rpc-tracker", rpc_devices.tracker, "--rpc-key", key, "--device-timeout", "120"],
                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            _wait_busy(rpc_devices.tracker, key)
+            wait_busy(rpc_devices.tracker, key)
             time.sleep(1.5)
             t_kill = time.time()
             assert device.stop_process(entry)  # SIGTERM/SIGKILL to the server's whole process group
@@ -275,4 +271,6 @@ def test_device_faults_then_retry(rpc_devices, tiny_cnn):
         assert_close(outputs[0], tiny_cnn["ref"])
     finally:
         device.stop_process(entry)
+        if spare.get("entry") is not None and spare["entry"] is not entry:  # the test failed before step 2
+            device.stop_process(spare["entry"])
     assert not device._group_alive(entry["pid"])

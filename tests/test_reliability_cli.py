@@ -439,16 +439,22 @@ def test_frozen_device_fails_alcs_run_with_one_line(private_devices, tiny):
     setup = private_devices
     entry = server_entry(setup)
     os.killpg(entry["pid"], signal.SIGSTOP)  # registered, so the tracker hands it out
+    run = ["run", tiny.libs["x86"], "--fill-mode", "zeros", "--rpc-tracker", setup.tracker, "--rpc-key", setup.key]
+    first = subprocess.Popen([sys.executable, "-m", "alcs_tvm.cli", *map(str, run)], cwd=REPO, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        code, out, err, _ = alcs("run", tiny.libs["x86"], "--fill-mode", "zeros", "--rpc-tracker", setup.tracker,
-                                 "--rpc-key", setup.key, timeout=300)
-        assert code == 2 and out == "" and one_line(err), (code, err)
-        assert "did not answer within 30 s during connect" in err and setup.key in err  # was 60 s
-        # an explicit --device-timeout still rules (the tracker handed the frozen server out and has no other)
-        code, _, err, _ = alcs("run", tiny.libs["x86"], "--fill-mode", "zeros", "--rpc-tracker", setup.tracker,
-                               "--rpc-key", setup.key, "--device-timeout", 5)
+        # while the first run waits on the frozen server, the tracker has no other: an explicit --device-timeout
+        # rules for the next request
+        helpers.wait_busy(setup.tracker, setup.key)
+        code, _, err, _ = alcs(*run, "--device-timeout", 5)
         assert code == 2 and one_line(err) and f"no free '{setup.key}' device" in err and "within 5 s" in err
+        out, err = first.communicate(timeout=300)
+        assert first.returncode == 2 and out == "" and one_line(err), (first.returncode, err)
+        assert "did not answer within 30 s during connect" in err and setup.key in err  # was 60 s
     finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
         device.stop_process(entry)
         setup.restore()
 
