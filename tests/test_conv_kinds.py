@@ -252,8 +252,8 @@ def test_prelu_fuses_into_the_kernel_with_its_slopes_and_matches_onnx_runtime():
 @pytest.mark.device
 def test_every_kind_on_the_emulated_arm64_device(rpc_devices, cross_cxx, tmp_path):
     """The same kernels built for arm64 (NEON) and run on the emulated device: a grouped conv, a transposed conv
-    (with a PReLU after it), fused SiLU, HardSwish, PReLU and Sigmoid, and a blocked max pool, against ONNX Runtime
-    on the same input."""
+    (with a PReLU after it), fused SiLU, HardSwish, PReLU and Sigmoid, a blocked max pool, and a blocked depthwise
+    conv with its squeeze-excitation, against ONNX Runtime on the same input."""
     from helpers import run_cli
 
     from alcs_tvm.run import run_model
@@ -280,6 +280,14 @@ def test_every_kind_on_the_emulated_arm64_device(rpc_devices, cross_cxx, tmp_pat
     y = g.conv("pooled", "gate", 16, 16, kernel=1, act=None)
     nodes, y = _activation_nodes("sigmoid", y, "gate")
     g.nodes += nodes
+    # MobileNetV3's block: expand -> depthwise -> squeeze-excitation -> project, blocked throughout
+    y = g.conv(y, "expand", 24, 16, kernel=1, act="HardSwish")
+    y = g.conv(y, "dw_se", 24, 24, kernel=3, groups=24, act="HardSwish")
+    g.nodes.append(helper.make_node("GlobalAveragePool", [y], ["se_pool"]))
+    gate = g.conv("se_pool", "se_reduce", 8, 24, kernel=1)
+    gate = g.conv(gate, "se_expand", 24, 8, kernel=1, act="HardSigmoid")
+    g.nodes.append(helper.make_node("Mul", [y, gate], ["se_out"]))
+    y = g.conv("se_out", "project", 16, 24, kernel=1, act=None)
     model = g.model(y, [1, 3, 8, 8], [1, 16, 8, 8])
     path = tmp_path / "kinds.onnx"
     onnx.save(model, path)
@@ -291,6 +299,8 @@ def test_every_kind_on_the_emulated_arm64_device(rpc_devices, cross_cxx, tmp_pat
     # a transposed conv's activation follows its depth-to-space: it fuses into that copy, not into the kernel
     assert rows["up"]["symbol"].startswith("alcs_spconv_") and rows["gate"]["symbol"].endswith("_sigmoid")
     assert rows["mix"]["symbol"].endswith("_prelu") and "for the max pool" in rows["mix"]["implementation"]
+    assert rows["dw_se"]["implementation"] == \
+        "alcs depthwise NCHW4c kernel (after expand, its squeeze-excitation NCHW4c, before project)", rows["dw_se"]
     x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32) * 3
     outputs, _ = run_model(library, {"x": x}, tracker=rpc_devices.tracker, key=rpc_devices.arm64_key, timeout=120)
     (expected,) = ort.InferenceSession(model.SerializeToString(),
