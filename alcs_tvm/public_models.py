@@ -224,9 +224,11 @@ def prune_simd_blocks(model: onnx.ModelProto, group_width, sparsity: float, seed
     rng = np.random.default_rng(seed)
     inits = {init.name: init for init in pruned.graph.initializer}
 
-    def prune(name, weight, width):
-        value = random_block_sparse(weight.astype(np.float32), width, sparsity, rng).reshape(weight.shape)
-        inits[name].CopyFrom(numpy_helper.from_array(value, name))
+    def prune(name, weight, width, outputs_first=True):
+        """``weight``'s blocks run down its output axis: axis 0, or axis 1 of a ``[in, out]`` weight."""
+        blocked = weight if outputs_first else weight.T
+        value = random_block_sparse(blocked.astype(np.float32), width, sparsity, rng).reshape(blocked.shape)
+        inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value if outputs_first else value.T), name))
 
     for node in pruned.graph.node:
         attrs = {a.name: a.i for a in node.attribute}
@@ -238,10 +240,6 @@ def prune_simd_blocks(model: onnx.ModelProto, group_width, sparsity: float, seed
             prune(weight_name, weight, layer_group_width(group_width, weight.shape[0]))
         elif fully_connected and node.op_type in ("Gemm", "MatMul") and weight.ndim == 2 and \
                 not attrs.get("transA", 0):
-            width = getattr(group_width, "vector_width", group_width)
-            if node.op_type == "Gemm" and attrs.get("transB", 0):  # [out, in]: blocks run down axis 0
-                prune(weight_name, weight, width)
-            else:  # [in, out]
-                value = random_block_sparse(weight.T.astype(np.float32), width, sparsity, rng).reshape(weight.T.shape)
-                inits[weight_name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value.T), weight_name))
+            prune(weight_name, weight, getattr(group_width, "vector_width", group_width),
+                  outputs_first=node.op_type == "Gemm" and bool(attrs.get("transB", 0)))
     return pruned

@@ -440,8 +440,7 @@ def test_frozen_device_fails_alcs_run_with_one_line(private_devices, tiny):
     entry = server_entry(setup)
     os.killpg(entry["pid"], signal.SIGSTOP)  # registered, so the tracker hands it out
     run = ["run", tiny.libs["x86"], "--fill-mode", "zeros", "--rpc-tracker", setup.tracker, "--rpc-key", setup.key]
-    first = subprocess.Popen([sys.executable, "-m", "alcs_tvm.cli", *map(str, run)], cwd=REPO, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = start_alcs(*run)
     try:
         # while the first run waits on the frozen server, the tracker has no other: an explicit --device-timeout
         # rules for the next request
