@@ -23,6 +23,7 @@ def _caused_by_ctrl_c(err: BaseException | None) -> bool:
 try:
     from .commands import COMMANDS
     from .commands.common import INTERRUPTS
+    from .startup import load_tvm_without_torch
 except BaseException as _err:  # Ctrl-C while the command modules load (they import no TVM, torch or numpy)
     if not _caused_by_ctrl_c(_err):
         raise
@@ -64,6 +65,8 @@ def main(argv=None) -> int:
     INTERRUPTS.install(args.command)
     err = None
     try:
+        if not getattr(args, "uses_torch", False):  # a command that trains sets it (alcs_tvm.startup)
+            load_tvm_without_torch()
         code = int(args.func(args) or 0)
     except BaseException as caught:  # noqa: BLE001 - after Ctrl-C, whatever TVM raised instead is the interrupt
         err = caught

@@ -427,9 +427,9 @@ def start_tracker(port: int = DEFAULT_TRACKER_PORT, host: str = "127.0.0.1", log
     if not _port_free(port, host):
         raise ConnectionError(f"port {host}:{port} is already in use; choose another --tracker-port")
     log_dir = Path(log_dir or cache_dir() / "logs")
-    cmd = [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", host, "--port", str(port),
-           "--port-end", str(port + 1)]
-    entry = _spawn(cmd, dict(os.environ), log_dir / f"tracker-{port}.log", "tracker", host=host, port=port)
+    cmd = _host_module_cmd("tvm.exec.rpc_tracker") + ["--host", host, "--port", str(port), "--port-end",
+                                                        str(port + 1)]
+    entry = _spawn(cmd, _host_env(), log_dir / f"tracker-{port}.log", "tracker", host=host, port=port)
     deadline = time.time() + timeout
     while True:
         # listening first: an answer on the port could otherwise come from another tracker that holds it
@@ -446,9 +446,23 @@ def start_tracker(port: int = DEFAULT_TRACKER_PORT, host: str = "127.0.0.1", log
         time.sleep(0.2)
 
 
-def _server_cmd(python, tracker: str | None, key: str, port: int):
-    cmd = [str(python), "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port),
-           "--port-end", str(port + 1)]
+def _host_module_cmd(module: str) -> list[str]:
+    """``python -m MODULE`` for a TVM entry point run by this host's Python, TVM imported without torch
+    (:mod:`alcs_tvm.startup`)."""
+    return [sys.executable, "-m", "alcs_tvm.startup", module]
+
+
+def _host_env() -> dict:
+    """This process's environment, with this package importable (also when it runs from a source tree)."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
+def _server_cmd(launcher: list[str], tracker: str | None, key: str, port: int):
+    """``launcher`` runs ``tvm.exec.rpc_server``: the device's ``python -m`` or :func:`_host_module_cmd`."""
+    cmd = launcher + ["--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)]
     if tracker:  # without a tracker the server is standalone: clients connect with --rpc 127.0.0.1:PORT
         cmd += ["--tracker", tracker, "--key", key]
     return cmd
@@ -492,7 +506,8 @@ def start_arm64_server(tracker: str | None, key: str = DEFAULT_KEY, qemu_cpu: st
     log_dir = Path(log_dir or cache_dir() / "logs")
 
     def spawn(port):
-        return _spawn(_server_cmd(image.python, tracker, key, port), image.env(qemu_cpu),
+        launcher = [str(image.python), "-m", "tvm.exec.rpc_server"]
+        return _spawn(_server_cmd(launcher, tracker, key, port), image.env(qemu_cpu),
                       log_dir / f"server-{key}-{port}.log", "arm64-qemu", key=key, port=port, tracker=tracker,
                       qemu_cpu=_qemu_cpu(qemu_cpu))
 
@@ -507,7 +522,7 @@ def start_x86_server(tracker: str | None, key: str = X86_KEY, port: int | None =
     log_dir = Path(log_dir or cache_dir() / "logs")
 
     def spawn(port):
-        return _spawn(_server_cmd(sys.executable, tracker, key, port), dict(os.environ),
+        return _spawn(_server_cmd(_host_module_cmd("tvm.exec.rpc_server"), tracker, key, port), _host_env(),
                       log_dir / f"server-{key}-{port}.log", "x86-local", key=key, port=port, tracker=tracker)
 
     return _start_server(spawn, port, taken_ports, wait, timeout)

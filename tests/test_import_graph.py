@@ -126,3 +126,44 @@ def test_cli_parser_imports_no_tvm_or_torch():
                             env=dict(os.environ, PYTHONPATH=str(PACKAGE.parent)))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def _loads_torch(stderr: str) -> bool:
+    """Whether a ``python -X importtime`` run loaded torch (its extension module), from the run's stderr."""
+    return any(line.startswith("import time:") and line.rsplit("|", 1)[-1].strip() == "torch._C"
+               for line in stderr.splitlines())
+
+
+def test_commands_and_rpc_processes_load_tvm_without_torch(tmp_path):
+    """TVM imports torch at its own import (about 2 of its 3 s of CPU) although no command but prune and flow hands
+    it a torch tensor: `alcs compile` and the tracker and server processes load TVM without it; a plain import loads
+    it as before, and torch stays importable after TVM."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    model = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    env = dict(os.environ, PYTHONPATH=str(PACKAGE.parent))
+
+    def importtime(*args):
+        result = subprocess.run([sys.executable, "-X", "importtime", "-m", *map(str, args)], capture_output=True,
+                                text=True, timeout=300, env=env)
+        return result, _loads_torch(result.stderr)
+
+    result, torch_loaded = importtime("alcs_tvm.cli", "compile", model, "-o", tmp_path / "relu.so")
+    assert result.returncode == 0 and (tmp_path / "relu.so").exists(), result.stderr[-2000:]
+    assert not torch_loaded
+    result, torch_loaded = importtime("alcs_tvm.startup", "tvm.exec.rpc_tracker", "--help")
+    assert result.returncode == 0 and "--port" in result.stdout and not torch_loaded
+    # the check sees torch where it is loaded: a plain `import tvm` (what `alcs prune` and `alcs flow` do)
+    result = subprocess.run([sys.executable, "-X", "importtime", "-c", "import tvm"], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0 and _loads_torch(result.stderr)
+    code = ("import sys; from alcs_tvm.startup import load_tvm_without_torch; load_tvm_without_torch(); "
+            "import tvm, tvm.relax.frontend.onnx; loaded = 'torch' in sys.modules; import torch; "
+            "print(loaded, float(torch.ones(3).sum()))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0 and result.stdout.split() == ["False", "3.0"], result.stderr[-2000:]

@@ -43,7 +43,7 @@ def register(subparsers):
     p.add_argument("--retrain", action="store_true", help="train the dense model even if the work dir has one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--torch-threads", type=int, default=1, help="threads for training (default 1)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, uses_torch=True)
 
 
 def run(args):

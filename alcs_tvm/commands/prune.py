@@ -49,7 +49,7 @@ def register(subparsers):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--torch-threads", type=int, default=1,
                    help="threads for training (small models: 1 is fastest, and far faster on a busy host)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, uses_torch=True)
 
 
 def rest_model(table, path, layers, rest_model=None, model_name=None) -> str:
