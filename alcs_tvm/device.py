@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import signal
+import site
 import socket
 import subprocess
 import sys
@@ -453,10 +454,13 @@ def _host_module_cmd(module: str) -> list[str]:
 
 
 def _host_env() -> dict:
-    """This process's environment, with this package importable (also when it runs from a source tree)."""
+    """This process's environment, with this package importable also when it runs from a source tree (a
+    site-packages directory is never put on ``PYTHONPATH``: its packages would shadow the standard library's)."""
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    installed = {str(Path(p).resolve()) for p in site.getsitepackages() + [site.getusersitepackages()]}
+    if root not in installed:
+        env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     return env
 
 
