@@ -7,9 +7,10 @@ reads, so the wide tensor stays in L1 instead of making a round trip through the
 sparse kernel's loop (its packed arrays are the same), the depthwise conv the blocked depthwise kernel's.
 
 :func:`fusion_blocker` is the rule the layout planner applies (:mod:`alcs_tvm.passes.layout_chain`), on shapes
-only: a groups=1 1x1 stride-1 conv without padding or shortcut whose one reader is a depthwise conv with a
-kernel at least as tall as its row stride, no dilation, and a wide tensor large enough that its round trip costs
-more than the rows the strips recompute.
+only: a 1x1 stride-1 conv without padding or shortcut whose one reader is a depthwise conv (chained
+channel-blocked) with a kernel at least as tall as its row stride and no dilation. No size limit: on the pairs of
+MobileNetV2 the fused kernel is at least as fast as the two kernels alone with warm caches, from 7x7 to
+112x112 (docs/peers.md), and inside a model it also saves the wide tensor's round trip and a call.
 """
 from __future__ import annotations
 
@@ -18,16 +19,18 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .kernels import epilogue_slope, pack_sparse_conv2d, padded_input_shape
+from .schedules import choose_tile, register_budget
 from .layer import Conv2dSpec, KernelLayout, conv_output_size, normalize_padding
 from .schedules.expand_depthwise_cpu import ExpandDepthwiseGeometry, expand_depthwise_template
 from .sparse_format import BlockSparseWeight
+from .target import resolve_target
 
 __all__ = ["DepthwiseConv", "ExpandDepthwiseKernel", "expand_depthwise_kernel", "fusion_blocker",
-           "MIN_FUSED_BYTES", "strip_rows"]
+           "strip_rows"]
 
 #: the smallest wide tensor (fp32 bytes of the expand's output) whose round trip the fused kernel saves: below it
 #: the tensor stays in L1/L2 between the two kernels anyway and the separate kernels' wider tiles win
-MIN_FUSED_BYTES = 0
+MIN_FUSED_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,6 @@ def fusion_blocker(spec: Conv2dSpec, layout: KernelLayout, depthwise: DepthwiseC
         return "the depthwise conv is dilated or strides over more rows than its kernel has"
     if depthwise.activation == "prelu":
         return "the depthwise conv's activation is PReLU"
-    if 4 * spec.batch * spec.out_channels * spec.out_height * spec.out_width < MIN_FUSED_BYTES:
-        return "the wide tensor stays in the caches between two kernels"
     return None
 
 
@@ -88,8 +89,9 @@ def strip_rows(out_height: int, groups: int, batch: int = 1) -> int:
     return -(-out_height // strips)
 
 
-#: tasks a fused kernel is split into when it can: enough for a few cores and to balance groups of uneven density
-MIN_TASKS = 8
+#: tasks a fused kernel is split into when it can: enough for a few cores; each strip beyond one per group
+#: recomputes KH - SH expanded rows, so no more than that
+MIN_TASKS = 4
 
 #: the shortest strip: a strip of r output rows recomputes KH - SH expanded rows
 MIN_STRIP_ROWS = 8
@@ -115,11 +117,13 @@ def kernel_symbol(geom: ExpandDepthwiseGeometry, expand_activation, activation) 
 
 def expand_depthwise_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, layout: KernelLayout,
                             depthwise: DepthwiseConv, *, bias=None, slope=None, out_block: int | None = None,
-                            output_pad=(0, 0, 0, 0), strip: int | None = None) -> ExpandDepthwiseKernel:
+                            output_pad=(0, 0, 0, 0), strip: int | None = None,
+                            target="x86") -> ExpandDepthwiseKernel:
     """The fused kernel of the 1x1 conv ``weight`` at ``spec`` - its input read as ``layout`` says (pre-padded,
     channel-blocked, a border), its ``bias``, ``layout.activation`` (``slope``: PReLU's) - and ``depthwise``,
     whose output it writes as NCHW[``out_block``]c (default V) with an ``output_pad`` zero border. ``strip``:
-    output rows per task (default :func:`strip_rows`)."""
+    output rows per task (default :func:`strip_rows`). The expand's register tile is one row of as many pixels
+    as ``target``'s register file holds accumulators for (:func:`~alcs_tvm.schedules.register_budget`)."""
     why = fusion_blocker(spec, layout, depthwise)
     if why:
         raise ValueError(f"cannot fuse {spec.describe()} with its depthwise conv: {why}")
@@ -151,6 +155,9 @@ def expand_depthwise_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, layout:
     if depthwise.bias is not None:
         dw_bias[:spec.out_channels] = depthwise.bias
     ho = depthwise.out_height
+    family = resolve_target(target, v).family
+    max_accumulators, max_cols = register_budget(family, v)
+    expand_cols = choose_tile(1, spec.out_width, max_accumulators, max_cols)[1]
     geom = ExpandDepthwiseGeometry(
         batch=spec.batch, input_shape=padded if layout.input_prepadded else spec.input_shape,
         batch_stride=batch_stride, row_step=buffer_spec.padded_width * input_block, col_step=input_block,
@@ -158,7 +165,7 @@ def expand_depthwise_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, layout:
         nruns=len(packed.offsets), height=spec.out_height, width=spec.out_width,
         padding=tuple(depthwise.padding), kernel=(kh, kw), stride=tuple(depthwise.stride), out_height=ho,
         out_width=depthwise.out_width, out_block=b, out_pad=tuple(output_pad),
-        strip_rows=strip or strip_rows(ho, nb, spec.batch))
+        strip_rows=strip or strip_rows(ho, nb, spec.batch), expand_cols=expand_cols)
     func = expand_depthwise_template(geom, expand_activation=layout.activation, activation=depthwise.activation,
                                      expand_slopes=layout.activation == "prelu",
                                      name=kernel_symbol(geom, layout.activation, depthwise.activation))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ..expand_depthwise import fusion_blocker
 from ..frontend import layer_node_name
 from ..layer import conv_output_size
 
@@ -267,7 +268,15 @@ def _chain_depthwise(convs, depthwise, single_user, only_conv_consumer, excitati
         padding = dw.depthwise[2]
         if producer is not None:
             producer.layout = replace(producer.layout, output_blocked=True, output_pad=tuple(padding), out_block=b)
-            producer.report_row.implementation += f"; writes NCHW{b}c padded for {dw.report_row.name}"
+            why_not = _fusion_blocker(producer, dw)
+            if why_not is None:  # one kernel: the wide tensor between them is never written
+                dw.expand, producer.fused_depthwise = producer, dw
+                plans[producer.last_var] = None
+                producer.report_row.implementation += f"; fused with {dw.report_row.name} (one kernel, the " \
+                                                      f"expanded rows stay in a ring per channel group)"
+            else:
+                producer.report_row.implementation += f"; writes NCHW{b}c padded for {dw.report_row.name} " \
+                                                      f"(not fused: {why_not})"
         else:
             dw.block_input = True
         if consumer is not None:
@@ -276,15 +285,25 @@ def _chain_depthwise(convs, depthwise, single_user, only_conv_consumer, excitati
         else:
             dw.layout = replace(dw.layout, output_blocked=True, output_pad=(0, 0, 0, 0), out_block=b)
             dw.unblock_output = True
-        neighbours = [f"after {producer.report_row.name}"] if producer is not None else ["from NCHW"]
+        neighbours = [f"fused with {producer.report_row.name}" if dw.expand is not None else
+                      f"after {producer.report_row.name}"] if producer is not None else ["from NCHW"]
         through = f"its squeeze-excitation NCHW{b}c, " if se is not None else ""
         neighbours += [f"{through}before {consumer.report_row.name}"] if consumer is not None else ["back to NCHW"]
         dw.report_row.reason = "depthwise conv (no channel reduction for SIMD blocks to skip), run " \
                                "channel-blocked"
-        dw.report_row.implementation = f"alcs depthwise NCHW{b}c kernel ({', '.join(neighbours)})"
+        kernel = "expand + depthwise" if dw.expand is not None else "depthwise"
+        dw.report_row.implementation = f"alcs {kernel} NCHW{b}c kernel ({', '.join(neighbours)})"
         plans[dw.last_var] = dw
         for var in dw.fused_vars:
             plans[var] = None
+
+
+def _fusion_blocker(producer, dw) -> str | None:
+    """Why the 1x1 conv ``producer`` does not run in one kernel with the depthwise conv ``dw`` it alone feeds
+    (:func:`~alcs_tvm.expand_depthwise.fusion_blocker`, on shapes), or None."""
+    if producer.kind != "conv2d" or producer.winograd:
+        return "not a direct conv"
+    return fusion_blocker(producer.spec, producer.layout, dw.depthwise_conv)
 
 
 def _squeeze_excitation(dw, b, users, excitations, only_conv_consumer):

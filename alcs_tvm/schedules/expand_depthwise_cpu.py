@@ -162,23 +162,24 @@ def expand_depthwise_template(geom: ExpandDepthwiseGeometry, *, expand_activatio
                     expand_tile(xf, indptr, offsets, vstart, values, ebias, ring, n, ob, p - PT, slot, full * TE,
                                 rem)
 
-    def depthwise_tile(ring, w, bias, y, n, ob, r, col0, tw):
-        acc = named("dacc", T.decl_buffer((tw * V,), "float32", scope="global"))
+    def depthwise_tile(ring, w, bias, y, n, ob, kb, r, col0, tw):
+        """Output pixels ``col0 ..`` of row ``r`` in output block ``ob * K + kb`` (``B`` lanes: with V-wide
+        vectors the accumulators and the inputs shared between neighbouring taps outgrow the register file)."""
+        lane0 = kb * B
+        acc = named("dacc", T.decl_buffer((tw * B,), "float32", scope="global"))
         with loop("c", T.unroll(tw)) as c:
-            with loop("v", T.vectorized(V)) as v:
-                T.buffer_store(acc, bias[ob * V + v], [c * V + v])
+            with loop("v", T.vectorized(B)) as v:
+                T.buffer_store(acc, bias[ob * V + lane0 + v], [c * B + v])
         with loop("kh", T.unroll(KH)) as kh:
             slot = (r * SH + kh) % KH
             with loop("kw", T.unroll(KW)) as kw:
                 with loop("c", T.unroll(tw)) as c:
-                    with loop("v", T.vectorized(V)) as v:
-                        T.buffer_store(acc, acc[c * V + v] + w[ob, kh, kw, v] *
-                                       ring[(slot * WP + (col0 + c) * SW + kw) * V + v], [c * V + v])
+                    with loop("v", T.vectorized(B)) as v:
+                        T.buffer_store(acc, acc[c * B + v] + w[ob, kh, kw, lane0 + v] *
+                                       ring[(slot * WP + (col0 + c) * SW + kw) * V + lane0 + v], [c * B + v])
         with loop("c", T.unroll(tw)) as c:
-            with loop("kb", T.unroll(K)) as kb, block_exists(ob * K + kb):
-                with loop("v", T.vectorized(B)) as v:
-                    T.buffer_store(y, activate(activation, acc[c * V + kb * B + v]),
-                                   [n, ob * K + kb, OT + r, OL + col0 + c, v])
+            with loop("v", T.vectorized(B)) as v:
+                T.buffer_store(y, activate(activation, acc[c * B + v]), [n, ob * K + kb, OT + r, OL + col0 + c, v])
 
     def strip(xf, indptr, offsets, vstart, values, ebias, w, bias, y, n, ob, r0, rows):
         ring = named("ring", T.decl_buffer((RING,), "float32", scope="global"))
@@ -196,10 +197,11 @@ def expand_depthwise_template(geom: ExpandDepthwiseGeometry, *, expand_activatio
             with loop("j", T.serial(SH)) as j:
                 expand_row(xf, indptr, offsets, vstart, values, ebias, ring, n, ob, r * SH + KH - SH + j)
             full, rem = divmod(Wo, TD)
-            with loop("ct", T.serial(full)) as ct:
-                depthwise_tile(ring, w, bias, y, n, ob, r, ct * TD, TD)
-            if rem:
-                depthwise_tile(ring, w, bias, y, n, ob, r, full * TD, rem)
+            with loop("kb", T.serial(K)) as kb, block_exists(ob * K + kb):
+                with loop("ct", T.serial(full)) as ct:
+                    depthwise_tile(ring, w, bias, y, n, ob, kb, r, ct * TD, TD)
+                if rem:
+                    depthwise_tile(ring, w, bias, y, n, ob, kb, r, full * TD, rem)
 
     zero_output_border = zero_border(N, LB, HOP, WOP, (OT, OL), (Ho, Wo), B)
     x_size = 1
