@@ -55,7 +55,8 @@ def _unblocked(y, pad):
 def run_fused(seed, cin, cout, hw, v, sparsity, *, stride=1, kernel=3, padding=1, block=None, in_block=1,
               in_border=(0, 0, 0, 0), out_pad=(0, 0, 0, 0), act="relu6", dw_act="relu6", bias=True, strip=None,
               batch=1, target="x86", run=None):
-    """Build and run one fused kernel; returns ``(got, expected)`` in NCHW."""
+    """Build and run one fused kernel; returns ``(got, expected)`` in NCHW. ``run(kernel, data)``: the kernel's
+    raw output where it runs somewhere else (default: compiled for ``target``, run here)."""
     import tvm
     rng = np.random.default_rng(seed)
     h, w = (hw, hw) if isinstance(hw, int) else hw
@@ -70,17 +71,23 @@ def run_fused(seed, cin, cout, hw, v, sparsity, *, stride=1, kernel=3, padding=1
     layout = KernelLayout(bias=bias, activation=act, input_prepadded=in_block > 1 or any(in_border),
                           input_block=in_block, input_border=in_border if any(in_border) else None)
     kernel_ = expand_depthwise_kernel(BlockSparseWeight.from_dense(weight, v), spec, layout, dw, bias=b,
-                                      slope=slope, out_block=block, output_pad=out_pad, strip=strip)
+                                      slope=slope, out_block=block, output_pad=out_pad, strip=strip, target=target)
     data = _blocked(x, in_block, in_border) if layout.input_prepadded else x
     expected = _reference(x, weight, b, act, slope, dw)
-    if run is not None:
-        return run(kernel_, data), expected
-    from alcs_tvm.target import resolve_target
-    lib = tvm.compile(kernel_.func, target=resolve_target(target).target)
-    args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in [data] + kernel_.arrays] + \
-        [tvm.runtime.tensor(np.full(kernel_.output_shape, np.nan, np.float32))]
-    lib[kernel_.func.attrs["global_symbol"]](*args)
-    return _unblocked(args[-1].numpy(), out_pad), expected
+    if run is None:
+        from alcs_tvm.target import resolve_target
+        lib = tvm.compile(kernel_.func, target=resolve_target(target).target)
+        run = functools.partial(run_here, lib)
+    return _unblocked(run(kernel_, data), out_pad), expected
+
+
+def run_here(lib, kernel, data):
+    """The kernel's output on this host; it starts as NaN, so every element it fails to write shows."""
+    import tvm
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in [data] + kernel.arrays] + \
+        [tvm.runtime.tensor(np.full(kernel.output_shape, np.nan, np.float32))]
+    lib[kernel.func.attrs["global_symbol"]](*args)
+    return args[-1].numpy()
 
 
 CASES = {  # name: (cin, cout, hw, V, keyword arguments)

@@ -272,8 +272,9 @@ def _chain_depthwise(convs, depthwise, single_user, only_conv_consumer, excitati
             if why_not is None:  # one kernel: the wide tensor between them is never written
                 dw.expand, producer.fused_depthwise = producer, dw
                 plans[producer.last_var] = None
-                producer.report_row.implementation += f"; fused with {dw.report_row.name} (one kernel, the " \
-                                                      f"expanded rows stay in a ring per channel group)"
+                producer.report_row.implementation += f"; fused with {dw.report_row.name}: one kernel writing " \
+                                                      f"its NCHW{b}c output (the expanded rows stay in a ring " \
+                                                      f"per channel group)"
             else:
                 producer.report_row.implementation += f"; writes NCHW{b}c padded for {dw.report_row.name} " \
                                                       f"(not fused: {why_not})"
