@@ -7,7 +7,9 @@ into their epilogue (a residual block's add), so ResNet's and MobileNetV2's bloc
 conv to the next. A depthwise conv next to a rewritten conv (MobileNetV2's expand -> depthwise -> project) runs
 the channel-blocked depthwise kernel in the same layout, or in NCHW[V/2]c or NCHW[V/4]c where its channels are no
 multiple of V (see :func:`_chain_depthwise` for the other cases; MobileNetV3's squeeze-excitation after it stays
-in its layout), a max pool between rewritten convs (ResNet's stem -> pool -> first block) the blocked pool
+in its layout); where the conv before it is a 1x1 conv it alone reads, the two run as one kernel
+(:mod:`alcs_tvm.expand_depthwise`, whose rule on shapes decides), so the wide tensor between them is never
+written; a max pool between rewritten convs (ResNet's stem -> pool -> first block) the blocked pool
 kernel, and a channel concat of rewritten convs' outputs read by rewritten convs or such pools (SqueezeNet's fire
 modules, Inception's blocks) joins their blocked outputs along the channel-block axis: N, C/V, H, W, V with the
 border its readers need, which every input carries too (see :func:`_blocked_joins`).
@@ -242,6 +244,10 @@ def _chain_depthwise(convs, depthwise, single_user, only_conv_consumer, excitati
     converted from NCHW). With neither neighbour (ShuffleNet's, after a channel shuffle) it still does when its
     output is at most :data:`NARROW_OUTPUT` pixels wide: the NCHW schedule vectorizes along a row, which then
     fills few lanes, and the two conversions cost less.
+
+    A producer that passes :func:`~alcs_tvm.expand_depthwise.fusion_blocker` (a 1x1 stride-1 conv without a
+    shortcut) is emitted with the depthwise conv as one kernel (``dw.expand``; the producer's binding emits
+    nothing): its layout still says how its input is read, the depthwise conv's how the output is written.
 
     The block is :func:`depthwise_block`'s: V, or V/2 or V/4 for channels that are no multiple of V
     (MobileNetV3's 72, ShuffleNet's 136: V/2), in which its neighbours write and read it too (a group of V or 2V

@@ -13,8 +13,9 @@ packed constants (a residual add fuses into the first of its two operands' convs
 layer the pass decides sparse or dense: sparse skips pruned blocks; dense runs the same register-tiled kernel
 with every block kept (still far faster than an unscheduled Relax conv). A grouped conv is the conv over all
 input channels whose weight is zero outside each group: it runs the sparse kernel with that block-diagonal weight.
-Depthwise convolutions are left to the dense schedules (or the blocked depthwise kernel inside a chain): they are
-memory-bound, with no reduction over input channels for SIMD blocks to skip. A transposed 2-D conv becomes a
+Depthwise convolutions are left to the dense schedules (or the blocked depthwise kernel inside a chain, in one kernel
+with the 1x1 conv before it where :mod:`.layout_chain` fuses the two): they are memory-bound, with no reduction
+over input channels for SIMD blocks to skip. A transposed 2-D conv becomes a
 sub-pixel conv first (:mod:`.conv_transpose`). Linear layers (``R.matmul(x[N, K], W: Constant[K, Out])``
 [+ bias]) run the same kernel as a 1x1 conv on a 1x1 image (V along the output features) when their weight is
 sparse enough; a dense one stays a Relax matmul. 1-D and 3-D convs, and transposed convs with dilation or groups,
