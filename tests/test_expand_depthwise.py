@@ -124,3 +124,32 @@ def test_fusion_rule():
     tall = DepthwiseConv(144, 56, 56, np.zeros((144, 1, 1, 1), np.float32), (0, 0, 0, 0), (2, 2))
     assert "strides" in fusion_blocker(spec, KernelLayout(), tall)
     assert strip_rows(56, 3) == 28 and strip_rows(7, 30) == 7 and strip_rows(112, 1) == 28 and strip_rows(9, 1) == 9
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.8])
+@skip_unless_host_runs("x86-avx512")
+def test_mobilenet_v2_runs_every_expand_and_depthwise_pair_fused_and_matches_onnx_runtime(tmp_path, sparsity):
+    """Full-size MobileNetV2 (224x224, random weights, every groups=1 conv SIMD-pruned in its group width as
+    tools/bench_peers.py prunes it): its 16 expand -> depthwise pairs (stride 1 and 2, V = 16 and 32, 144 channels
+    in V = 16 groups, 7x7 to 112x112) run fused, the first depthwise conv (after the stem's 3x3 conv) alone; the
+    output equals ONNX Runtime's."""
+    import onnxruntime as ort
+    import tvm
+    from tvm import relax
+
+    from alcs_tvm import compiler, zoo
+    from alcs_tvm.target import resolve_target
+
+    model = zoo.get_model("mobilenet_v2").eval()
+    if sparsity:
+        zoo.simd_prune_(model, resolve_target("x86"), sparsity, rng=0)
+    path = zoo.export_onnx(model, tmp_path / "mobilenet_v2.onnx", (1, 3, 224, 224))
+    executable, report = compiler.compile(str(path), "x86")
+    depthwise = [row for row in report.layers if "depthwise" in row.reason]
+    fused = [row for row in depthwise if row.implementation.startswith("alcs expand + depthwise")]
+    assert len(depthwise) == 17 and len(fused) == 16, report.table()
+    assert {row.symbol.split("_v")[1][:2] for row in fused} == {"16", "32"}
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    out = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    (expected,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    assert_close(out, expected)
