@@ -1,5 +1,5 @@
-"""A 1x1 expand conv fused with the depthwise conv that reads it: when it applies, and its kernel with its
-constants.
+"""A conv - a 1x1 expand conv, or a strided one such as MobileNet's stem - fused with the depthwise conv that
+reads it: when it applies, and its kernel with its constants.
 
 The two run as one kernel (:mod:`alcs_tvm.schedules.expand_depthwise_cpu`) that never writes the wide tensor
 between them: each task expands one channel group a few rows at a time into a ring of rows the depthwise window
@@ -7,10 +7,12 @@ reads, so the wide tensor stays in L1 instead of making a round trip through the
 sparse kernel's loop (its packed arrays are the same), the depthwise conv the blocked depthwise kernel's.
 
 :func:`fusion_blocker` is the rule the layout planner applies (:mod:`alcs_tvm.passes.layout_chain`), on shapes
-only: a 1x1 stride-1 conv without padding or shortcut whose one reader is a depthwise conv (chained
-channel-blocked) with a kernel at least as tall as its row stride and no dilation. No size limit: on the pairs of
-MobileNetV2 the fused kernel is at least as fast as the two kernels alone with warm caches, from 7x7 to
-112x112 (docs/peers.md), and inside a model it also saves the wide tensor's round trip and a call.
+only: a conv without a fused shortcut whose taps share no input loads (1x1, or strided along the width: the
+sparse kernel groups a stride-1 conv's adjacent taps into runs, which the fused loop, one tap at a time, would
+give up) and whose one reader is a depthwise conv (chained channel-blocked) with a kernel at least as tall as its
+row stride and no dilation. No size limit: on the pairs of MobileNetV2 the fused kernel is at least as fast as
+the two kernels alone with warm caches, from 7x7 to 112x112 (docs/peers.md), and inside a model it also saves
+the wide tensor's round trip and a call.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .kernels import epilogue_slope, pack_sparse_conv2d, padded_input_shape
+from .kernels import epilogue_slope, max_run_length, pack_sparse_conv2d, padded_input_shape
 from .schedules import choose_tile, register_budget
 from .layer import Conv2dSpec, KernelLayout, conv_output_size, normalize_padding
 from .schedules.expand_depthwise_cpu import ExpandDepthwiseGeometry, expand_depthwise_template
@@ -27,11 +29,6 @@ from .target import resolve_target
 
 __all__ = ["DepthwiseConv", "ExpandDepthwiseKernel", "expand_depthwise_kernel", "fusion_blocker",
            "strip_rows"]
-
-#: the smallest wide tensor (fp32 bytes of the expand's output) whose round trip the fused kernel saves: below it
-#: the tensor stays in L1/L2 between the two kernels anyway and the separate kernels' wider tiles win
-MIN_FUSED_BYTES = 1 << 20
-
 
 @dataclass(frozen=True)
 class DepthwiseConv:
@@ -64,10 +61,11 @@ class DepthwiseConv:
 
 
 def fusion_blocker(spec: Conv2dSpec, layout: KernelLayout, depthwise: DepthwiseConv) -> str | None:
-    """Why the 1x1 conv ``spec`` (called as ``layout``) cannot run fused with the depthwise conv reading its
-    output, or None when it runs fused."""
-    if spec.kernel != (1, 1) or spec.stride != (1, 1) or any(spec.padding) or spec.dilation != (1, 1):
-        return "the conv is not a 1x1 stride-1 conv without padding"
+    """Why the conv ``spec`` (called as ``layout``) cannot run fused with the depthwise conv reading its output,
+    or None when it runs fused."""
+    if max_run_length(spec) > 1:
+        return "the conv's taps share input loads (a stride-1 conv wider than 1x1), which the fused loop, one " \
+               "tap at a time, would give up"
     if layout.residual is not None:
         return "the conv adds a shortcut"
     if depthwise.channels != spec.out_channels or (depthwise.height, depthwise.width) != \
@@ -119,7 +117,7 @@ def expand_depthwise_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, layout:
                             depthwise: DepthwiseConv, *, bias=None, slope=None, out_block: int | None = None,
                             output_pad=(0, 0, 0, 0), strip: int | None = None,
                             target="x86") -> ExpandDepthwiseKernel:
-    """The fused kernel of the 1x1 conv ``weight`` at ``spec`` - its input read as ``layout`` says (pre-padded,
+    """The fused kernel of the conv ``weight`` at ``spec`` - its input read as ``layout`` says (pre-padded,
     channel-blocked, a border), its ``bias``, ``layout.activation`` (``slope``: PReLU's) - and ``depthwise``,
     whose output it writes as NCHW[``out_block``]c (default V) with an ``output_pad`` zero border. ``strip``:
     output rows per task (default :func:`strip_rows`). The expand's register tile is one row of as many pixels
@@ -136,11 +134,17 @@ def expand_depthwise_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, layout:
     input_block = layout.input_block
     if input_block != 1 and not layout.input_prepadded:
         raise ValueError("a channel-blocked input must come pre-padded")
-    border = (0, 0, 0, 0) if layout.input_border is None else normalize_padding(layout.input_border)
+    # as the sparse kernel reads its input: offsets into the bordered buffer, shifted to where this conv's
+    # padding starts; an unpadded NCHW input is padded inside the kernel
+    border = spec.padding if layout.input_border is None else normalize_padding(layout.input_border)
+    if any(b < p for b, p in zip(border, spec.padding)):
+        raise ValueError(f"input border {border} is narrower than the conv's padding {spec.padding}")
+    if border != spec.padding and not layout.input_prepadded:
+        raise ValueError("an input border needs a pre-padded input")
     buffer_spec = replace(spec, padding=tuple(border))
     slope = epilogue_slope(layout.activation, slope, spec.out_channels)
     packed = pack_sparse_conv2d(weight, buffer_spec, bias, input_block, 1, slope)
-    shift = (border[0] * buffer_spec.padded_width + border[1]) * input_block
+    shift = ((border[0] - spec.padding[0]) * buffer_spec.padded_width + border[1] - spec.padding[1]) * input_block
     offsets = packed.offsets
     if shift and weight.nnz_blocks:
         offsets = (offsets + shift).astype(np.int32)
@@ -160,7 +164,9 @@ def expand_depthwise_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, layout:
     expand_cols = choose_tile(1, spec.out_width, max_accumulators, max_cols)[1]
     geom = ExpandDepthwiseGeometry(
         batch=spec.batch, input_shape=padded if layout.input_prepadded else spec.input_shape,
-        batch_stride=batch_stride, row_step=buffer_spec.padded_width * input_block, col_step=input_block,
+        batch_stride=batch_stride, row_step=spec.stride[0] * buffer_spec.padded_width * input_block,
+        col_step=spec.stride[1] * input_block,
+        input_pad=tuple(spec.padding) if not layout.input_prepadded else (0, 0, 0, 0),
         channels=spec.out_channels, num_blocks=nb, vector_width=v, nnz=len(packed.values),
         nruns=len(packed.offsets), height=spec.out_height, width=spec.out_width,
         padding=tuple(depthwise.padding), kernel=(kh, kw), stride=tuple(depthwise.stride), out_height=ho,

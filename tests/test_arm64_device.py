@@ -121,12 +121,14 @@ def test_sparse_operator_on_arm64_device(device_session, cross_cxx, tmp_path, ca
 
 
 # the fused 1x1 expand + depthwise kernel: (cin, cout, hw, V, keyword arguments of run_fused); NEON groups of 4
-# and 8, stride 1 and 2, strips, a partial last group, blocked and NCHW input, a 5x5 depthwise conv
+# and 8, stride 1 and 2, strips, a partial last group, blocked and NCHW input, a 5x5 depthwise conv, a strided
+# 3x3 first conv (MobileNet's stem)
 FUSED_DEVICE_CASES = {
     "v4-s1-strips": (8, 12, 11, 4, {"strip": 4, "out_pad": (1, 1, 1, 1)}),
     "v8-s2-partial": (8, 20, 13, 8, {"stride": 2, "block": 4, "in_block": 4}),
     "v8-s1-5x5-prelu": (4, 16, 9, 8, {"kernel": 5, "padding": 2, "act": "prelu", "dw_act": "hardswish"}),
     "v8-blocked-border": (16, 32, 10, 8, {"in_block": 8, "in_border": (1, 1, 1, 1), "strip": 3}),
+    "v8-stem-3x3-s2": (3, 16, 17, 8, {"expand": (3, 2, 1), "strip": 4}),  # the input padded inside the kernel
 }
 
 

@@ -203,14 +203,15 @@ def test_resnet_blocks_stay_blocked_with_shortcuts_fused(pruned_models):
 
 def test_expand_depthwise_project_chain_runs_blocked(pruned_models):
     """MobileNetV2's expand -> depthwise -> project: the depthwise conv between two rewritten convs runs
-    channel-blocked, in one kernel with the expand conv before it (the first one, after the stem's 3x3 conv, in
-    the depthwise kernel: the stem writes NCHW), its neighbours write/read NCHW16c, and outputs still match."""
+    channel-blocked, in one kernel with the expand conv before it (the first one, after the tiny net's 3x3
+    stride-1 stem, which writes NCHW, in the depthwise kernel), the project conv reads NCHW16c, and
+    outputs still match."""
     path = pruned_models["mobilenet_v2_tiny"]
     executable, report = alcs_compile(str(path), "x86")
     depthwise = [layer for layer in report.layers if "depthwise" in layer.reason]
     fused = [layer for layer in depthwise if layer.implementation.startswith("alcs expand + depthwise NCHW16c")]
     assert depthwise[0].implementation.startswith("alcs depthwise NCHW16c kernel (")
-    assert len(fused) == len(depthwise) - 1 and all(layer.symbol.startswith("alcs_expand_dwconv_") for layer in fused)
+    assert fused == depthwise[1:] and all(layer.symbol.startswith("alcs_expand_dwconv_") for layer in fused)
     x = np.random.default_rng(7).standard_normal((1, 3, 32, 32)).astype(np.float32)
     assert_close(run_vm(executable, x), run_onnxruntime(path, x))
 

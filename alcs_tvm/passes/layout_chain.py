@@ -7,7 +7,7 @@ into their epilogue (a residual block's add), so ResNet's and MobileNetV2's bloc
 conv to the next. A depthwise conv next to a rewritten conv (MobileNetV2's expand -> depthwise -> project) runs
 the channel-blocked depthwise kernel in the same layout, or in NCHW[V/2]c or NCHW[V/4]c where its channels are no
 multiple of V (see :func:`_chain_depthwise` for the other cases; MobileNetV3's squeeze-excitation after it stays
-in its layout); where the conv before it is a 1x1 conv it alone reads, the two run as one kernel
+in its layout); where the conv before it is a 1x1 (or strided) conv it alone reads, the two run as one kernel
 (:mod:`alcs_tvm.expand_depthwise`, whose rule on shapes decides), so the wide tensor between them is never
 written; a max pool between rewritten convs (ResNet's stem -> pool -> first block) the blocked pool
 kernel, and a channel concat of rewritten convs' outputs read by rewritten convs or such pools (SqueezeNet's fire
@@ -245,7 +245,7 @@ def _chain_depthwise(convs, depthwise, single_user, only_conv_consumer, excitati
     output is at most :data:`NARROW_OUTPUT` pixels wide: the NCHW schedule vectorizes along a row, which then
     fills few lanes, and the two conversions cost less.
 
-    A producer that passes :func:`~alcs_tvm.expand_depthwise.fusion_blocker` (a 1x1 stride-1 conv without a
+    A producer that passes :func:`~alcs_tvm.expand_depthwise.fusion_blocker` (a 1x1 or strided conv without a
     shortcut) is emitted with the depthwise conv as one kernel (``dw.expand``; the producer's binding emits
     nothing): its layout still says how its input is read, the depthwise conv's how the output is written.
 
@@ -306,7 +306,7 @@ def _chain_depthwise(convs, depthwise, single_user, only_conv_consumer, excitati
 
 
 def _fusion_blocker(producer, dw) -> str | None:
-    """Why the 1x1 conv ``producer`` does not run in one kernel with the depthwise conv ``dw`` it alone feeds
+    """Why the conv ``producer`` does not run in one kernel with the depthwise conv ``dw`` it alone feeds
     (:func:`~alcs_tvm.expand_depthwise.fusion_blocker`, on shapes), or None."""
     if producer.kind != "conv2d" or producer.winograd:
         return "not a direct conv"

@@ -1,4 +1,5 @@
-"""A sparse 1x1 expand conv and the depthwise conv after it in one loop-level TIR template.
+"""A sparse conv (a 1x1 expand conv, or a strided one) and the depthwise conv after it in one loop-level TIR
+template.
 
 MobileNet-style blocks widen the channels with a 1x1 conv and filter the wide tensor with a depthwise conv. Run
 as two kernels, the wide tensor is written whole by the first and read back by the second; at the early layers it
@@ -23,8 +24,10 @@ the depthwise conv's window needs, in a ring of rows small enough for L1::
           store depthwise activation(acc) as NCHW[B]c blocks (with the next conv's zero border)
 
 The expand's arrays (``indptr``, ``offsets``, ``vstart``, ``values``, ``bias``, ``block_order``) are the sparse
-kernel's (:func:`alcs_tvm.kernels.pack_sparse_conv2d`, runs of length 1), so its input may be NCHW or NCHW[b]c
-with any border. Strips after the first recompute the ``KH - SH`` rows their window shares with the strip above,
+kernel's (:func:`alcs_tvm.kernels.pack_sparse_conv2d`, runs of length 1): ``offsets`` hold each kept tap's
+``(cin, kh, kw)``, so the first conv may be any conv whose taps share no input loads (1x1, or strided: MobileNet's
+stem), and its input NCHW or NCHW[b]c with any border, or NCHW without its padding, which the kernel then pads
+into a workspace first as the sparse kernel does. Strips after the first recompute the ``KH - SH`` rows their window shares with the strip above,
 which is what lets several tasks work on one group.
 
 Built with TVM's IRBuilder from plain Python functions like :mod:`.sparse_conv2d_cpu` (see :mod:`.tir_builder`).
@@ -46,7 +49,7 @@ __all__ = ["ExpandDepthwiseGeometry", "expand_depthwise_template"]
 @dataclass(frozen=True)
 class ExpandDepthwiseGeometry:
     """Sizes in fp32 elements. The expand conv: its input buffer ``input_shape`` (``batch_stride`` elements per
-    image), ``row_step`` / ``col_step`` between vertically / horizontally adjacent pixels, ``channels`` output
+    image; with ``input_pad``, an unpadded NCHW input the kernel first pads into a workspace of that stride), ``row_step`` / ``col_step`` between vertically / horizontally adjacent pixels, ``channels`` output
     channels in ``num_blocks`` groups of ``vector_width``, ``nnz`` / ``nruns`` its packed lengths, over an
     ``height x width`` image. The depthwise conv: ``padding`` (top, left, bottom, right), ``kernel``, ``stride``,
     its ``out_height x out_width`` output written as NCHW[``out_block``]c with ``out_pad`` zero border."""
@@ -70,6 +73,7 @@ class ExpandDepthwiseGeometry:
     out_width: int
     out_block: int
     out_pad: tuple = (0, 0, 0, 0)
+    input_pad: tuple = (0, 0, 0, 0)  # the expand's padding, done here: the input comes NCHW without it
     strip_rows: int = 0  # output rows per task (0: all)
     expand_cols: int = 8  # register tile of the expand (pixels of one row)
     depthwise_cols: int = 8  # register tile of the depthwise conv
@@ -207,6 +211,26 @@ def expand_depthwise_template(geom: ExpandDepthwiseGeometry, *, expand_activatio
     x_size = 1
     for d in geom.input_shape:
         x_size *= int(d)
+    IPT, IPL, IPB, IPR = geom.input_pad
+    INTERNAL_PAD = bool(any(geom.input_pad))
+
+    def pad_input(x, xp):
+        """The NCHW input with the expand's zero padding, as the sparse kernel pads it."""
+        _, C, H_IN, W_IN = geom.input_shape
+        HPI, WPI = H_IN + IPT + IPB, W_IN + IPL + IPR
+        with loop("nch", T.parallel(N * C * HPI)) as nch:
+            with T.If(tvm.tirx.any(nch % HPI < IPT, nch % HPI >= IPT + H_IN)):
+                with T.Then():
+                    with loop("w", T.vectorized(WPI)) as w:
+                        T.buffer_store(xp, T.float32(0), [nch * WPI + w])
+                with T.Else():
+                    for start, count in ((0, IPL), (IPL + W_IN, IPR)):
+                        if count:  # a loop of extent 0 cannot be vectorized
+                            with loop("w", T.vectorized(count)) as w:
+                                T.buffer_store(xp, T.float32(0), [nch * WPI + start + w])
+                    with loop("w", T.vectorized(W_IN)) as w:
+                        T.buffer_store(xp, x[nch // HPI // C, nch // HPI % C, nch % HPI - IPT, w],
+                                       [nch * WPI + IPL + w])
 
     with IRBuilder() as builder:
         with T.prim_func():
@@ -222,7 +246,11 @@ def expand_depthwise_template(geom: ExpandDepthwiseGeometry, *, expand_activatio
             w = T.arg("w", T.buffer((NB, KH, KW, V), "float32"))
             bias = T.arg("bias", T.buffer((NB * V,), "float32"))
             y = T.arg("y", T.buffer((N, LB, HOP, WOP, B), "float32"))
-            xf = named("xf", T.decl_buffer((x_size,), "float32", data=x.data, elem_offset=x.elem_offset))
+            if INTERNAL_PAD:
+                xf = named("xp", T.alloc_buffer((N * BATCH_STRIDE,), "float32"))
+                pad_input(x, xf)
+            else:
+                xf = named("xf", T.decl_buffer((x_size,), "float32", data=x.data, elem_offset=x.elem_offset))
             if OUT_BORDER:
                 zero_output_border(y)
             with loop("task", T.parallel(N * NB * S)) as task:
