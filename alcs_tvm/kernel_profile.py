@@ -48,6 +48,8 @@ def kernel_kind(symbol: str) -> str:
         return "alcs conv"
     if symbol.startswith("alcs_dwconv_"):
         return "alcs depthwise (blocked)"
+    if symbol.startswith("alcs_expand_dwconv_"):
+        return "alcs expand + depthwise"
     if symbol.startswith("alcs_winograd"):
         return "alcs Winograd GEMM" if "_gemm" in symbol else "alcs Winograd transform"
     for part, kind in (("conv2d_transpose", "transposed conv"), ("conv2d", "conv (TVM schedule)"),

@@ -98,7 +98,7 @@ def pytest_runtest_setup(item):
 #: once a worker has run other tests and imported their modules (50 s -> 100 s).
 WORK_UNITS = {
     "test_tuning": 10_000,
-    "devices": 350,
+    "devices": 380,
     "devices_rpc": 200,
     "devices_measuring": 160,
     "private_devices": 135,
@@ -107,6 +107,7 @@ WORK_UNITS = {
     "test_compile": 75,
     "test_zoo_real_nets": 43,
     "test_blocked_concat": 38,
+    "test_expand_depthwise": 37,
     "test_sparse_conv2d": 36,
     "test_winograd": 33,
     "test_reliability_import": 33,

@@ -118,3 +118,44 @@ def test_sparse_operator_on_arm64_device(device_session, cross_cxx, tmp_path, ca
     out = args[-1].numpy()
 
     assert_close(out, torch_conv(x, weight, bias, stride, padding, dilation, activation))
+
+
+# the fused 1x1 expand + depthwise kernel: (cin, cout, hw, V, keyword arguments of run_fused); NEON groups of 4
+# and 8, stride 1 and 2, strips, a partial last group, blocked and NCHW input, a 5x5 depthwise conv, a strided
+# 3x3 first conv (MobileNet's stem)
+FUSED_DEVICE_CASES = {
+    "v4-s1-strips": (8, 12, 11, 4, {"strip": 4, "out_pad": (1, 1, 1, 1)}),
+    "v8-s2-partial": (8, 20, 13, 8, {"stride": 2, "block": 4, "in_block": 4}),
+    "v8-s1-5x5-prelu": (4, 16, 9, 8, {"kernel": 5, "padding": 2, "act": "prelu", "dw_act": "hardswish"}),
+    "v8-blocked-border": (16, 32, 10, 8, {"in_block": 8, "in_border": (1, 1, 1, 1), "strip": 3}),
+    "v8-stem-3x3-s2": (3, 16, 17, 8, {"expand": (3, 2, 1), "strip": 4}),  # the input padded inside the kernel
+}
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.7])
+@pytest.mark.parametrize("name", sorted(FUSED_DEVICE_CASES))
+def test_expand_depthwise_on_arm64_device(device_session, cross_cxx, tmp_path, name, sparsity):
+    import tvm
+    from tvm.support import cc
+
+    from alcs_tvm import rpc
+    from alcs_tvm.target import resolve_target
+    from test_expand_depthwise import run_fused
+
+    info = resolve_target("arm64")
+
+    def on_device(kernel, data):
+        library = tmp_path / "fused.so"
+        tvm.compile(kernel.func, target=info.target).export_library(str(library),
+                                                                    fcompile=cc.cross_compiler(cross_cxx))
+        remote = rpc.upload_library(device_session, library)
+        dev = device_session.cpu()
+        args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in [data] + kernel.arrays] + \
+            [tvm.runtime.tensor(np.full(kernel.output_shape, np.nan, np.float32), dev)]
+        remote[kernel.func.attrs["global_symbol"]](*args)
+        return args[-1].numpy()
+
+    cin, cout, hw, v, kwargs = FUSED_DEVICE_CASES[name]
+    got, expected = run_fused(stable_seed(name, sparsity), cin, cout, hw, v, sparsity, target="arm64",
+                              run=on_device, **kwargs)
+    assert_close(got, expected)

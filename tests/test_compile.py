@@ -202,13 +202,16 @@ def test_resnet_blocks_stay_blocked_with_shortcuts_fused(pruned_models):
 
 
 def test_expand_depthwise_project_chain_runs_blocked(pruned_models):
-    """MobileNetV2's expand -> depthwise -> project: the depthwise conv between two rewritten convs runs the
-    channel-blocked depthwise kernel, its neighbours write/read NCHW16c, and outputs still match."""
+    """MobileNetV2's expand -> depthwise -> project: the depthwise conv between two rewritten convs runs
+    channel-blocked, in one kernel with the expand conv before it (the first one, after the tiny net's 3x3
+    stride-1 stem, which writes NCHW, in the depthwise kernel), the project conv reads NCHW16c, and
+    outputs still match."""
     path = pruned_models["mobilenet_v2_tiny"]
     executable, report = alcs_compile(str(path), "x86")
     depthwise = [layer for layer in report.layers if "depthwise" in layer.reason]
-    blocked = [layer for layer in depthwise if layer.implementation.startswith("alcs depthwise NCHW16c")]
-    assert blocked and len(blocked) >= len(depthwise) - 1  # the first one follows the stem's conv directly
+    fused = [layer for layer in depthwise if layer.implementation.startswith("alcs expand + depthwise NCHW16c")]
+    assert depthwise[0].implementation.startswith("alcs depthwise NCHW16c kernel (")
+    assert fused == depthwise[1:] and all(layer.symbol.startswith("alcs_expand_dwconv_") for layer in fused)
     x = np.random.default_rng(7).standard_normal((1, 3, 32, 32)).astype(np.float32)
     assert_close(run_vm(executable, x), run_onnxruntime(path, x))
 

@@ -210,8 +210,10 @@ def test_activations_fuse_into_the_kernels_and_match_onnx_runtime(activation):
     for name in ("stem", "expand"):
         assert f"+{fused}" in rows[name].implementation, rows[name]
         assert rows[name].symbol.endswith(f"_{fused}"), rows[name]
-    assert rows["dw"].symbol and rows["dw"].symbol.startswith("alcs_dwconv_") and \
-        rows["dw"].symbol.endswith(f"_{fused}"), rows["dw"]
+    # the expand conv and the depthwise conv run as one kernel: both activations in its epilogues
+    assert rows["dw"].symbol and rows["dw"].symbol == rows["expand"].symbol and \
+        rows["dw"].symbol.startswith("alcs_expand_dwconv_") and rows["dw"].symbol.endswith(f"_{fused}_{fused}"), \
+        rows["dw"]
 
 
 def test_an_activation_whose_input_is_read_elsewhere_is_not_fused():
@@ -299,8 +301,9 @@ def test_every_kind_on_the_emulated_arm64_device(rpc_devices, cross_cxx, tmp_pat
     # a transposed conv's activation follows its depth-to-space: it fuses into that copy, not into the kernel
     assert rows["up"]["symbol"].startswith("alcs_spconv_") and rows["gate"]["symbol"].endswith("_sigmoid")
     assert rows["mix"]["symbol"].endswith("_prelu") and "for the max pool" in rows["mix"]["implementation"]
-    assert rows["dw_se"]["implementation"] == \
-        "alcs depthwise NCHW4c kernel (after expand, its squeeze-excitation NCHW4c, before project)", rows["dw_se"]
+    assert rows["dw_se"]["implementation"] == "alcs expand + depthwise NCHW4c kernel (fused with expand, its " \
+        "squeeze-excitation NCHW4c, before project)", rows["dw_se"]
+    assert rows["dw_se"]["symbol"].startswith("alcs_expand_dwconv_k3x3s1_v8_hardswish_hardswish"), rows["dw_se"]
     x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32) * 3
     outputs, _ = run_model(library, {"x": x}, tracker=rpc_devices.tracker, key=rpc_devices.arm64_key, timeout=120)
     (expected,) = ort.InferenceSession(model.SerializeToString(),
@@ -345,12 +348,13 @@ def test_depthwise_convs_without_two_rewritten_neighbours_run_the_blocked_kernel
     x = np.random.default_rng(1).standard_normal((1, 8, 10, 10)).astype(np.float32)
     report = _run(g.model("sum", [1, 8, 10, 10], [1, 32, 10, 10]), x)
     rows = {layer.name: layer for layer in report.layers}
-    assert "(after expand, its squeeze-excitation NCHW16c, before project)" in rows["dw_se"].implementation
+    assert "(fused with expand, its squeeze-excitation NCHW16c, before project)" in rows["dw_se"].implementation
     assert rows["project"].kernel.input_block == 16
     assert rows["dw_se"].symbol.endswith("_hardswish")
     assert "from NCHW, before pw" in rows["dw_shuffled"].implementation
     assert "from NCHW, back to NCHW" in rows["dw_alone"].implementation
-    for name in ("dw_se", "dw_shuffled", "dw_alone"):
+    assert rows["dw_se"].symbol.startswith("alcs_expand_dwconv_"), rows["dw_se"]
+    for name in ("dw_shuffled", "dw_alone"):
         assert rows[name].symbol.startswith("alcs_dwconv_"), rows[name]
 
     wide = OnnxGraph(np.random.default_rng(3))
@@ -401,14 +405,18 @@ def test_depthwise_convs_over_channels_off_the_simd_width_run_in_narrower_blocks
         assert rows["dw"].symbol is None and rows["dw"].implementation == "relax dense schedule", rows["dw"]
         assert rows["project"].kernel.input_block == 1
         return
-    assert rows["dw"].implementation == f"alcs depthwise NCHW{block}c kernel (after expand, before project)", \
-        rows["dw"]
-    assert rows["dw"].symbol.startswith("alcs_dwconv_k3x3") and f"_v{block}" in rows["dw"].symbol, rows["dw"]
-    assert rows["expand"].implementation.endswith(f"; writes NCHW{block}c padded for dw"), rows["expand"]
+    # the expand conv (a partial last group of 16 or 32, or grouped) and the depthwise conv run as one kernel
+    assert rows["dw"].implementation == \
+        f"alcs expand + depthwise NCHW{block}c kernel (fused with expand, before project)", rows["dw"]
+    assert rows["dw"].symbol.startswith(f"alcs_expand_dwconv_k3x3s{stride}") and \
+        rows["dw"].symbol == rows["expand"].symbol, rows["dw"]
+    assert f"; fused with dw: one kernel writing its NCHW{block}c output" in rows["expand"].implementation, \
+        rows["expand"]
     assert rows["expand"].kernel.out_block == block and rows["expand"].kernel.output_blocked
     assert rows["project"].kernel.input_block == block and rows["project"].kernel.input_prepadded
     through = "back to NCHW" if project_kernel == 3 else f"its squeeze-excitation NCHW{block}c, before project2"
-    assert rows["dw_se"].implementation == f"alcs depthwise NCHW{block}c kernel (after expand2, {through})"
+    assert rows["dw_se"].implementation == f"alcs expand + depthwise NCHW{block}c kernel (fused with expand2, " \
+                                           f"{through})"
     assert rows["project2"].kernel.input_block == (1 if project_kernel == 3 else block)
     if sparsity:
         assert rows["project"].decision == "sparse" and rows["expand2"].decision == "sparse", report.table()

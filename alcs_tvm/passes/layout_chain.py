@@ -7,7 +7,9 @@ into their epilogue (a residual block's add), so ResNet's and MobileNetV2's bloc
 conv to the next. A depthwise conv next to a rewritten conv (MobileNetV2's expand -> depthwise -> project) runs
 the channel-blocked depthwise kernel in the same layout, or in NCHW[V/2]c or NCHW[V/4]c where its channels are no
 multiple of V (see :func:`_chain_depthwise` for the other cases; MobileNetV3's squeeze-excitation after it stays
-in its layout), a max pool between rewritten convs (ResNet's stem -> pool -> first block) the blocked pool
+in its layout); where the conv before it is a 1x1 (or strided) conv it alone reads, the two run as one kernel
+(:mod:`alcs_tvm.expand_depthwise`, whose rule on shapes decides), so the wide tensor between them is never
+written; a max pool between rewritten convs (ResNet's stem -> pool -> first block) the blocked pool
 kernel, and a channel concat of rewritten convs' outputs read by rewritten convs or such pools (SqueezeNet's fire
 modules, Inception's blocks) joins their blocked outputs along the channel-block axis: N, C/V, H, W, V with the
 border its readers need, which every input carries too (see :func:`_blocked_joins`).
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ..expand_depthwise import fusion_blocker
 from ..frontend import layer_node_name
 from ..layer import conv_output_size
 
@@ -242,6 +245,10 @@ def _chain_depthwise(convs, depthwise, single_user, only_conv_consumer, excitati
     output is at most :data:`NARROW_OUTPUT` pixels wide: the NCHW schedule vectorizes along a row, which then
     fills few lanes, and the two conversions cost less.
 
+    A producer that passes :func:`~alcs_tvm.expand_depthwise.fusion_blocker` (a 1x1 or strided conv without a
+    shortcut) is emitted with the depthwise conv as one kernel (``dw.expand``; the producer's binding emits
+    nothing): its layout still says how its input is read, the depthwise conv's how the output is written.
+
     The block is :func:`depthwise_block`'s: V, or V/2 or V/4 for channels that are no multiple of V
     (MobileNetV3's 72, ShuffleNet's 136: V/2), in which its neighbours write and read it too (a group of V or 2V
     channels, even a partial last one, is stored as blocks of that width)."""
@@ -267,7 +274,16 @@ def _chain_depthwise(convs, depthwise, single_user, only_conv_consumer, excitati
         padding = dw.depthwise[2]
         if producer is not None:
             producer.layout = replace(producer.layout, output_blocked=True, output_pad=tuple(padding), out_block=b)
-            producer.report_row.implementation += f"; writes NCHW{b}c padded for {dw.report_row.name}"
+            why_not = _fusion_blocker(producer, dw)
+            if why_not is None:  # one kernel: the wide tensor between them is never written
+                dw.expand, producer.fused_depthwise = producer, dw
+                plans[producer.last_var] = None
+                producer.report_row.implementation += f"; fused with {dw.report_row.name}: one kernel writing " \
+                                                      f"its NCHW{b}c output (the expanded rows stay in a ring " \
+                                                      f"per channel group)"
+            else:
+                producer.report_row.implementation += f"; writes NCHW{b}c padded for {dw.report_row.name} " \
+                                                      f"(not fused: {why_not})"
         else:
             dw.block_input = True
         if consumer is not None:
@@ -276,15 +292,25 @@ def _chain_depthwise(convs, depthwise, single_user, only_conv_consumer, excitati
         else:
             dw.layout = replace(dw.layout, output_blocked=True, output_pad=(0, 0, 0, 0), out_block=b)
             dw.unblock_output = True
-        neighbours = [f"after {producer.report_row.name}"] if producer is not None else ["from NCHW"]
+        neighbours = [f"fused with {producer.report_row.name}" if dw.expand is not None else
+                      f"after {producer.report_row.name}"] if producer is not None else ["from NCHW"]
         through = f"its squeeze-excitation NCHW{b}c, " if se is not None else ""
         neighbours += [f"{through}before {consumer.report_row.name}"] if consumer is not None else ["back to NCHW"]
         dw.report_row.reason = "depthwise conv (no channel reduction for SIMD blocks to skip), run " \
                                "channel-blocked"
-        dw.report_row.implementation = f"alcs depthwise NCHW{b}c kernel ({', '.join(neighbours)})"
+        kernel = "expand + depthwise" if dw.expand is not None else "depthwise"
+        dw.report_row.implementation = f"alcs {kernel} NCHW{b}c kernel ({', '.join(neighbours)})"
         plans[dw.last_var] = dw
         for var in dw.fused_vars:
             plans[var] = None
+
+
+def _fusion_blocker(producer, dw) -> str | None:
+    """Why the conv ``producer`` does not run in one kernel with the depthwise conv ``dw`` it alone feeds
+    (:func:`~alcs_tvm.expand_depthwise.fusion_blocker`, on shapes), or None."""
+    if producer.kind != "conv2d" or producer.winograd:
+        return "not a direct conv"
+    return fusion_blocker(producer.spec, producer.layout, dw.depthwise_conv)
 
 
 def _squeeze_excitation(dw, b, users, excitations, only_conv_consumer):

@@ -13,8 +13,9 @@ packed constants (a residual add fuses into the first of its two operands' convs
 layer the pass decides sparse or dense: sparse skips pruned blocks; dense runs the same register-tiled kernel
 with every block kept (still far faster than an unscheduled Relax conv). A grouped conv is the conv over all
 input channels whose weight is zero outside each group: it runs the sparse kernel with that block-diagonal weight.
-Depthwise convolutions are left to the dense schedules (or the blocked depthwise kernel inside a chain): they are
-memory-bound, with no reduction over input channels for SIMD blocks to skip. A transposed 2-D conv becomes a
+Depthwise convolutions are left to the dense schedules (or the blocked depthwise kernel inside a chain, in one kernel
+with the 1x1 conv before it where :mod:`.layout_chain` fuses the two): they are memory-bound, with no reduction
+over input channels for SIMD blocks to skip. A transposed 2-D conv becomes a
 sub-pixel conv first (:mod:`.conv_transpose`). Linear layers (``R.matmul(x[N, K], W: Constant[K, Out])``
 [+ bias]) run the same kernel as a 1x1 conv on a 1x1 image (V along the output features) when their weight is
 sparse enough; a dense one stays a Relax matmul. 1-D and 3-D convs, and transposed convs with dilation or groups,
@@ -28,6 +29,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from ..expand_depthwise import DepthwiseConv, expand_depthwise_kernel
 from ..frontend import layer_node_name, rewrite_functions
 from ..kernels import sparse_conv2d_kernel
 from ..layer import Conv2dSpec, KernelLayout, conv_output_size, layer_key
@@ -90,6 +92,11 @@ class _Layer:
         self.winograd = None  # the output tile m when the conv runs as Winograd F(m x m, 3x3)
         self.weight = None  # the dense OIHW weight (Winograd transforms it)
         self.gate = None  # a channel scale's [N, C, 1, 1] operand (a squeeze-excitation's gate)
+        self.depthwise_conv = None  # a depthwise conv's DepthwiseConv (what a fused kernel needs of it)
+        # a 1x1 conv and the depthwise conv reading it run as one kernel (see layout_chain): the depthwise layer
+        # holds its expand conv here, the expand conv its depthwise layer
+        self.expand = None
+        self.fused_depthwise = None
 
     def epilogue_layout(self) -> KernelLayout:
         return KernelLayout(bias=self.bias is not None, activation=self.activation,
@@ -299,6 +306,10 @@ class SparseConvRewrite:
                 layer.layout = layer.epilogue_layout()
                 layer.depthwise = (in_shape, w_shape, [int(p) for p in attrs.padding],
                                    [int(x) for x in attrs.strides], [int(x) for x in attrs.dilation])
+                padding, strides, dilation = layer.depthwise[2:]
+                layer.depthwise_conv = DepthwiseConv(in_shape[1], in_shape[2], in_shape[3], const_array(weight),
+                                                     tuple(padding), tuple(strides), tuple(dilation), layer.bias,
+                                                     layer.activation)
             return dense("depthwise conv: memory-bound, no channel reduction for SIMD blocks to skip")
         if not is_const(weight):
             return dense("weight is not a constant (bind parameters first)")
@@ -424,7 +435,8 @@ class SparseConvRewrite:
             for layer in layers:
                 if layer.spec is not None and layer.kind == "conv2d":
                     layer.report_row.kernel = layer.layout
-                    if self.tuning is not None and not layer.winograd:  # records are direct-kernel tiles
+                    if self.tuning is not None and not layer.winograd and layer.fused_depthwise is None:
+                        # records are direct-kernel tiles
                         self._apply_tuning(layer)
         if not any(plans.values()):
             return mod
@@ -478,6 +490,8 @@ class _Rewriter(relax.PyExprMutator):
             gate = self.builder_.emit(relax.op.reshape(self.visit_expr(layer.gate), (n, cb, 1, 1, b)))
             self.set_var_remap(binding.var, emit_as(self.builder_, relax.op.multiply(data, gate), binding.var))
             return None
+        if layer.kind == "depthwise" and layer.expand is not None:
+            return self._emit_expand_depthwise(binding, layer, self.visit_expr(layer.expand.call.args[0]))
         data = self.visit_expr(layer.call.args[0])
         if layer.kind == "depthwise":
             return self._emit_depthwise(binding, layer, data)
@@ -572,6 +586,19 @@ class _Rewriter(relax.PyExprMutator):
         self.set_var_remap(binding.var, emit_as(self.builder_, call, binding.var))
         return None
 
+    def _emit_expand_depthwise(self, binding, layer, data):
+        """The expand conv ``layer.expand`` and the depthwise ``layer`` as one kernel on the expand's input."""
+        expand = layer.expand
+        kernel = expand_depthwise_kernel(expand.sparse_weight, expand.spec, expand.layout, layer.depthwise_conv,
+                                         bias=expand.bias, slope=expand.slope, out_block=layer.layout.out_block,
+                                         output_pad=layer.layout.output_pad, target=self.info)
+        gv = self._function(("expand_depthwise", kernel.geometry, expand.layout.activation, layer.activation,
+                             expand.layout.activation == "prelu"), lambda: kernel.func)
+        layer.report_row.symbol = expand.report_row.symbol = gv.name_hint
+        call = relax.call_tir(gv, [data] + [relax.const(a) for a in kernel.arrays],
+                              relax.TensorType(kernel.output_shape, "float32"))
+        return self._emit_depthwise_output(binding, layer, call, kernel.output_shape)
+
     def _emit_depthwise(self, binding, layer, data):
         geom, consts, out_shape = _blocked_depthwise(layer)
         if layer.block_input:  # NCHW -> padded NCHW[V]c
@@ -583,6 +610,9 @@ class _Rewriter(relax.PyExprMutator):
                             (f"_{layer.activation}" if layer.activation else ""))
         layer.report_row.symbol = gv.name_hint
         call = relax.call_tir(gv, [data] + [relax.const(a) for a in consts], relax.TensorType(out_shape, "float32"))
+        return self._emit_depthwise_output(binding, layer, call, out_shape)
+
+    def _emit_depthwise_output(self, binding, layer, call, out_shape):
         if layer.unblock_output:  # NCHW[V]c -> NCHW
             n, cb, ho, wo, v = out_shape
             blocked = self.builder_.emit(call)
