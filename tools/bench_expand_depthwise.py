@@ -92,7 +92,7 @@ def main(argv=None):
 
     set_threads(args.threads)
     info = resolve_target("x86")
-    print(f"| pair | V | s | separate ms | fused ms | separate / fused | max abs diff |")
+    print("| pair | V | s | separate ms | fused ms | separate / fused | max abs diff |")
     print("|---|---|---|---|---|---|---|")
     for cin, channels, hw, stride in PAIRS:
         for sparsity in [int(s) for s in args.sparsities.split(",")]:

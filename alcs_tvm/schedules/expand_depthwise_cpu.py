@@ -98,14 +98,14 @@ def expand_depthwise_template(geom: ExpandDepthwiseGeometry, *, expand_activatio
         raise ValueError(f"unsupported activations: expand {expand_activation!r}, depthwise {activation!r}")
     if expand_slopes != (expand_activation == "prelu"):
         raise ValueError("expand_slopes is set exactly for a PReLU expand")
-    N, V, NB, C = geom.batch, geom.vector_width, geom.num_blocks, geom.channels
+    N, V, NB = geom.batch, geom.vector_width, geom.num_blocks
     B = geom.out_block
     if V % B:
         raise ValueError(f"the output block ({B}) must divide V ({V})")
     K, LB = V // B, geom.out_blocks
     H, W = geom.height, geom.width
     PT, PL, PB, PR = geom.padding
-    HP, WP = H + PT + PB, W + PL + PR
+    WP = W + PL + PR
     KH, KW = geom.kernel
     SH, SW = geom.stride
     if not 1 <= SH <= KH:
