@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import tvm
 
 from ..layer import ACTIVATIONS
-from .sparse_conv2d_cpu import activate, zero_border
+from .sparse_conv2d_cpu import activate, pad_nchw, zero_border
 from .tir_builder import IRBuilder, T, loop, named
 
 __all__ = ["ExpandDepthwiseGeometry", "expand_depthwise_template"]
@@ -211,26 +211,7 @@ def expand_depthwise_template(geom: ExpandDepthwiseGeometry, *, expand_activatio
     x_size = 1
     for d in geom.input_shape:
         x_size *= int(d)
-    IPT, IPL, IPB, IPR = geom.input_pad
-    INTERNAL_PAD = bool(any(geom.input_pad))
-
-    def pad_input(x, xp):
-        """The NCHW input with the expand's zero padding, as the sparse kernel pads it."""
-        _, C, H_IN, W_IN = geom.input_shape
-        HPI, WPI = H_IN + IPT + IPB, W_IN + IPL + IPR
-        with loop("nch", T.parallel(N * C * HPI)) as nch:
-            with T.If(tvm.tirx.any(nch % HPI < IPT, nch % HPI >= IPT + H_IN)):
-                with T.Then():
-                    with loop("w", T.vectorized(WPI)) as w:
-                        T.buffer_store(xp, T.float32(0), [nch * WPI + w])
-                with T.Else():
-                    for start, count in ((0, IPL), (IPL + W_IN, IPR)):
-                        if count:  # a loop of extent 0 cannot be vectorized
-                            with loop("w", T.vectorized(count)) as w:
-                                T.buffer_store(xp, T.float32(0), [nch * WPI + start + w])
-                    with loop("w", T.vectorized(W_IN)) as w:
-                        T.buffer_store(xp, x[nch // HPI // C, nch // HPI % C, nch % HPI - IPT, w],
-                                       [nch * WPI + IPL + w])
+    INTERNAL_PAD = bool(any(geom.input_pad))  # an NCHW input padded here, as the sparse kernel pads it
 
     with IRBuilder() as builder:
         with T.prim_func():
@@ -248,7 +229,7 @@ def expand_depthwise_template(geom: ExpandDepthwiseGeometry, *, expand_activatio
             y = T.arg("y", T.buffer((N, LB, HOP, WOP, B), "float32"))
             if INTERNAL_PAD:
                 xf = named("xp", T.alloc_buffer((N * BATCH_STRIDE,), "float32"))
-                pad_input(x, xf)
+                pad_nchw(x, xf, geom.input_shape, geom.input_pad)
             else:
                 xf = named("xf", T.decl_buffer((x_size,), "float32", data=x.data, elem_offset=x.elem_offset))
             if OUT_BORDER:

@@ -120,6 +120,29 @@ def bordered_shape(batch, channels, height, width, pad=(0, 0, 0, 0), lanes=()) -
     return (batch, channels, height + top + bottom, width + left + right) + tuple(lanes)
 
 
+def pad_nchw(x, xp, input_shape, pad):
+    """Store the NCHW input ``x`` (``input_shape``) into the flat buffer ``xp`` inside a zero border ``pad`` (top,
+    left, bottom, right): one parallel task per (image, channel, padded row). Call it inside a PrimFunc being built
+    (:mod:`.tir_builder`)."""
+    n_images, channels, height, width = (int(d) for d in input_shape)
+    top, left, bottom, right = pad
+    padded_height, padded_width = height + top + bottom, width + left + right
+    with loop("nch", T.parallel(n_images * channels * padded_height)) as nch:
+        row = nch % padded_height
+        with T.If(tvm.tirx.any(row < top, row >= top + height)):
+            with T.Then():
+                with loop("w", T.vectorized(padded_width)) as w:
+                    T.buffer_store(xp, T.float32(0), [nch * padded_width + w])
+            with T.Else():
+                for start, count in ((0, left), (left + width, right)):
+                    if count:  # a loop of extent 0 cannot be vectorized: pads like [1, 0, 1, 0] have none
+                        with loop("w", T.vectorized(count)) as w:
+                            T.buffer_store(xp, T.float32(0), [nch * padded_width + start + w])
+                with loop("w", T.vectorized(width)) as w:
+                    T.buffer_store(xp, x[nch // padded_height // channels, nch // padded_height % channels,
+                                         row - top, w], [nch * padded_width + left + w])
+
+
 def zero_border(n_images, channels, height, width, top_left, interior, lanes=None):
     """Emitter ``zero(y)`` zeroing the border around the ``interior`` of the next conv's input: NCHW[lanes]c
     (``channels`` counts blocks) when ``lanes`` is given, else NCHW. Call it inside a PrimFunc being built
@@ -257,14 +280,8 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
     HAS_BIAS = bool(has_bias)
     ROW_OUTER = bool(sched.row_outer)
     OUT_BORDER = bool(any(geom.out_pad))
-    PT, PL, PB, PR = geom.input_pad
     INTERNAL_PAD = bool(any(geom.input_pad))
     PADDED_SIZE = _prod(geom.padded_shape)
-    if INTERNAL_PAD:
-        _, C, H, W = geom.input_shape
-        HP, WP = H + PT + PB, W + PL + PR
-    else:
-        C = H = W = HP = WP = 1  # unused
     y_shape = (N, LB, HOP, WOP, B) if BLOCKED else (N, Cout, HOP, WOP)
     if geom.residual not in (None, "nchw", "blocked"):
         raise ValueError(f"residual layout must be None, 'nchw' or 'blocked', got {geom.residual!r}")
@@ -416,20 +433,7 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
             zero_output_border(y)
         if INTERNAL_PAD:
             xp = named("xp", T.alloc_buffer((PADDED_SIZE,), "float32"))
-            with loop("nch", T.parallel(N * C * HP)) as nch:
-                with T.If(tvm.tirx.any(nch % HP < PT, nch % HP >= PT + H)):
-                    with T.Then():
-                        with loop("w", T.vectorized(WP)) as w:
-                            T.buffer_store(xp, T.float32(0), [nch * WP + w])
-                    with T.Else():
-                        if PL > 0:  # a loop of extent 0 cannot be vectorized: pads like [1, 0, 1, 0] have none
-                            with loop("w", T.vectorized(PL)) as w:
-                                T.buffer_store(xp, T.float32(0), [nch * WP + w])
-                        with loop("w", T.vectorized(W)) as w:
-                            T.buffer_store(xp, x[nch // HP // C, nch // HP % C, nch % HP - PT, w], [nch * WP + PL + w])
-                        if PR > 0:
-                            with loop("w", T.vectorized(PR)) as w:
-                                T.buffer_store(xp, T.float32(0), [nch * WP + PL + W + w])
+            pad_nchw(x, xp, geom.input_shape, geom.input_pad)
             conv(xp, indptr, offsets, vstart, values, bias, order, res, y)
         else:
             xf = named("xf", T.decl_buffer((PADDED_SIZE,), "float32", data=x.data, elem_offset=x.elem_offset))
