@@ -34,14 +34,13 @@ Built with TVM's IRBuilder from plain Python functions like :mod:`.sparse_conv2d
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import tvm
 
 from ..layer import ACTIVATIONS
-from .sparse_conv2d_cpu import activate, pad_nchw, zero_border
-from .tir_builder import IRBuilder, T, loop, named
+from .sparse_conv2d_cpu import activate, pad_nchw, shape_size, zero_border
+from .tir_builder import IRBuilder, T, loop, named, only_if
 
 __all__ = ["ExpandDepthwiseGeometry", "expand_depthwise_template"]
 
@@ -121,14 +120,10 @@ def expand_depthwise_template(geom: ExpandDepthwiseGeometry, *, expand_activatio
     RING = KH * WP * V
     OUT_BORDER = bool(any(geom.out_pad))
 
-    @contextmanager
     def block_exists(block):
-        if NB * K > LB:  # a partial last group leaves blocks of the output layout empty
-            with T.If(block < LB):
-                with T.Then():
-                    yield
-        else:
-            yield
+        """What is emitted inside runs only for ``block < LB``: a partial last group leaves blocks of the output
+        layout empty."""
+        return only_if(block < LB, NB * K > LB)
 
     def slope(ebias, channel):
         return ebias[NB * V + channel] if expand_slopes else None
@@ -208,9 +203,6 @@ def expand_depthwise_template(geom: ExpandDepthwiseGeometry, *, expand_activatio
                     depthwise_tile(ring, w, bias, y, n, ob, kb, r, full * TD, rem)
 
     zero_output_border = zero_border(N, LB, HOP, WOP, (OT, OL), (Ho, Wo), B)
-    x_size = 1
-    for d in geom.input_shape:
-        x_size *= int(d)
     INTERNAL_PAD = bool(any(geom.input_pad))  # an NCHW input padded here, as the sparse kernel pads it
 
     with IRBuilder() as builder:
@@ -231,7 +223,7 @@ def expand_depthwise_template(geom: ExpandDepthwiseGeometry, *, expand_activatio
                 xf = named("xp", T.alloc_buffer((N * BATCH_STRIDE,), "float32"))
                 pad_nchw(x, xf, geom.input_shape, geom.input_pad)
             else:
-                xf = named("xf", T.decl_buffer((x_size,), "float32", data=x.data, elem_offset=x.elem_offset))
+                xf = named("xf", T.decl_buffer((shape_size(geom.input_shape),), "float32", data=x.data, elem_offset=x.elem_offset))
             if OUT_BORDER:
                 zero_output_border(y)
             with loop("task", T.parallel(N * NB * S)) as task:

@@ -26,14 +26,13 @@ The template is built with TVM's IRBuilder from plain Python functions, not pars
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import tvm
 
 from ..layer import ACTIVATIONS
 from . import SparseConvSchedule
-from .tir_builder import IRBuilder, T, loop, named
+from .tir_builder import IRBuilder, T, loop, named, only_if
 
 __all__ = ["KernelGeometry", "sparse_conv2d_template", "activation_buffer_offsets", "activate", "bordered_shape",
            "EpilogueShapes"]
@@ -109,7 +108,7 @@ class KernelGeometry(EpilogueShapes):
 
     @property
     def batch_stride(self) -> int:
-        return _prod(self.padded_shape[1:])
+        return shape_size(self.padded_shape[1:])
 
 
 
@@ -213,13 +212,13 @@ def activation_buffer_offsets(geom: KernelGeometry) -> dict:
         if shape is None:
             continue
         offsets[key] = end
-        size = _prod(shape)
+        size = shape_size(shape)
         end += -(-size // ACTIVATION_ALIGN) * ACTIVATION_ALIGN
     offsets["size"] = end
     return offsets
 
 
-def _prod(values) -> int:
+def shape_size(values) -> int:
     out = 1
     for v in values:
         out *= int(v)
@@ -281,7 +280,7 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
     ROW_OUTER = bool(sched.row_outer)
     OUT_BORDER = bool(any(geom.out_pad))
     INTERNAL_PAD = bool(any(geom.input_pad))
-    PADDED_SIZE = _prod(geom.padded_shape)
+    PADDED_SIZE = shape_size(geom.padded_shape)
     y_shape = (N, LB, HOP, WOP, B) if BLOCKED else (N, Cout, HOP, WOP)
     if geom.residual not in (None, "nchw", "blocked"):
         raise ValueError(f"residual layout must be None, 'nchw' or 'blocked', got {geom.residual!r}")
@@ -321,26 +320,14 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
             address = tvm.tirx.call_intrin("handle", "tirx.address_of", values[row, lane])
             T.evaluate(tvm.tirx.call_intrin("void", "tirx.prefetch", address, 0, 2, 1))
 
-    @contextmanager
     def block_exists(block):
         """What is emitted inside runs only for ``block < LB``: a run-time test when the last group leaves blocks
         of the blocked layout empty."""
-        if NB * K > LB:
-            with T.If(block < LB):
-                with T.Then():
-                    yield
-        else:
-            yield
+        return only_if(block < LB, NB * K > LB)
 
-    @contextmanager
     def channel_exists(channel):
         """What is emitted inside runs only for ``channel < Cout``: a run-time test when the last block is partial."""
-        if PARTIAL:
-            with T.If(channel < Cout):
-                with T.Then():
-                    yield
-        else:
-            yield
+        return only_if(channel < Cout, PARTIAL)
 
     def tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, row0, col0, tr, tw, prefetch=None):
         acc = named("acc", T.decl_buffer((tr * tw * V,), "float32", scope="global"))

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-__all__ = ["IRBuilder", "T", "loop", "named", "root_block"]
+__all__ = ["IRBuilder", "T", "loop", "named", "only_if", "root_block"]
 
 
 @contextmanager
@@ -36,6 +36,18 @@ def loop(name: str, for_frame):
     with for_frame as var:
         IRBuilder.name(name, var)
         yield var
+
+
+@contextmanager
+def only_if(condition, needed: bool = True):
+    """Emit what is inside under a run-time ``if condition`` when the test is ``needed`` (a shape can make it
+    false), else as it is."""
+    if needed:
+        with T.If(condition):
+            with T.Then():
+                yield
+    else:
+        yield
 
 
 def named(name: str, value):
