@@ -32,8 +32,9 @@ __all__ = ["DepthwiseConv", "ExpandDepthwiseKernel", "expand_depthwise_kernel", 
 
 @dataclass(frozen=True)
 class DepthwiseConv:
-    """A depthwise conv over ``channels`` channels of an ``height x width`` image, as the fused kernel runs it:
-    ``weight`` [C, 1, KH, KW] float32, ``bias`` [C] or None, ``activation``."""
+    """A depthwise conv over ``channels`` channels of ``batch`` images of ``height x width``: ``weight`` [C, 1, KH, KW]
+    float32, ``bias`` [C] or None, ``activation``. The pass's one description of a depthwise conv, which the
+    blocked depthwise kernel and the fused kernel both run."""
 
     channels: int
     height: int
@@ -44,6 +45,7 @@ class DepthwiseConv:
     dilation: tuple = (1, 1)
     bias: np.ndarray | None = None
     activation: str | None = None
+    batch: int = 1
 
     @property
     def kernel(self) -> tuple:

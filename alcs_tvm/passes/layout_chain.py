@@ -24,7 +24,6 @@ from dataclasses import replace
 
 from ..expand_depthwise import fusion_blocker
 from ..frontend import layer_node_name
-from ..layer import conv_output_size
 
 __all__ = ["plan_layouts"]
 
@@ -254,7 +253,7 @@ def _chain_depthwise(convs, depthwise, single_user, only_conv_consumer, excitati
     channels, even a partial last one, is stored as blocks of that width)."""
     planned = {layer.last_var: layer for layer in convs}
     for dw in depthwise:
-        b = depthwise_block(dw.depthwise[0][1], v)
+        b = depthwise_block(dw.depthwise_conv.channels, v)
         if b is None or dw.residual is not None:  # the depthwise kernel adds no shortcut
             continue
         producer = planned.get(dw.call.args[0])
@@ -269,9 +268,9 @@ def _chain_depthwise(convs, depthwise, single_user, only_conv_consumer, excitati
         if se is not None:
             mean, scale, consumer = se
             plans[mean.conv_var], plans[scale.conv_var] = mean, scale  # emitted on the blocked tensor
-        if producer is None and consumer is None and _output_width(dw) > NARROW_OUTPUT:
+        if producer is None and consumer is None and dw.depthwise_conv.out_width > NARROW_OUTPUT:
             continue
-        padding = dw.depthwise[2]
+        padding = dw.depthwise_conv.padding
         if producer is not None:
             producer.layout = replace(producer.layout, output_blocked=True, output_pad=tuple(padding), out_block=b)
             why_not = _fusion_blocker(producer, dw)
@@ -359,8 +358,3 @@ def depthwise_block(channels: int, v: int) -> int | None:
             break
         b //= 2
     return None
-
-
-def _output_width(dw) -> int:
-    in_shape, w_shape, padding, strides, dilation = dw.depthwise
-    return conv_output_size(in_shape[3] + padding[1] + padding[3], w_shape[3], strides[1], dilation[1])

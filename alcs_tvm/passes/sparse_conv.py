@@ -32,7 +32,7 @@ from tvm import relax
 from ..expand_depthwise import DepthwiseConv, expand_depthwise_kernel
 from ..frontend import layer_node_name, rewrite_functions
 from ..kernels import sparse_conv2d_kernel
-from ..layer import Conv2dSpec, KernelLayout, conv_output_size, layer_key
+from ..layer import Conv2dSpec, KernelLayout, layer_key
 from ..report import CompileReport, LayerDecision
 from ..schedules.depthwise_cpu import DepthwiseGeometry, depthwise_nchwc_template
 from ..schedules.pool_cpu import PoolGeometry, max_pool_nchwc_template
@@ -87,12 +87,11 @@ class _Layer:
         self.sparse_weight = None
         self.spec = None
         self.layout = None  # KernelLayout: the epilogue, then the layouts planned with the neighbours
-        self.depthwise = None  # (input shape, weight shape, padding, strides, dilation) of a depthwise conv
         self.schedule = None  # a tuned SparseConvSchedule (alcs tune), else the target's default
         self.winograd = None  # the output tile m when the conv runs as Winograd F(m x m, 3x3)
         self.weight = None  # the dense OIHW weight (Winograd transforms it)
         self.gate = None  # a channel scale's [N, C, 1, 1] operand (a squeeze-excitation's gate)
-        self.depthwise_conv = None  # a depthwise conv's DepthwiseConv (what a fused kernel needs of it)
+        self.depthwise_conv = None  # a depthwise conv's DepthwiseConv
         # a 1x1 conv and the depthwise conv reading it run as one kernel (see layout_chain): the depthwise layer
         # holds its expand conv here, the expand conv its depthwise layer
         self.expand = None
@@ -304,12 +303,10 @@ class SparseConvRewrite:
             if is_const(weight) and dtype(data) == "float32" and str(attrs.data_layout) == "NCHW":
                 layer.kind = "depthwise"  # may run blocked between two rewritten convs, see layout_chain
                 layer.layout = layer.epilogue_layout()
-                layer.depthwise = (in_shape, w_shape, [int(p) for p in attrs.padding],
-                                   [int(x) for x in attrs.strides], [int(x) for x in attrs.dilation])
-                padding, strides, dilation = layer.depthwise[2:]
-                layer.depthwise_conv = DepthwiseConv(in_shape[1], in_shape[2], in_shape[3], const_array(weight),
-                                                     tuple(padding), tuple(strides), tuple(dilation), layer.bias,
-                                                     layer.activation)
+                layer.depthwise_conv = DepthwiseConv(
+                    in_shape[1], in_shape[2], in_shape[3], const_array(weight),
+                    tuple(int(p) for p in attrs.padding), tuple(int(x) for x in attrs.strides),
+                    tuple(int(x) for x in attrs.dilation), layer.bias, layer.activation, batch=in_shape[0])
             return dense("depthwise conv: memory-bound, no channel reduction for SIMD blocks to skip")
         if not is_const(weight):
             return dense("weight is not a constant (bind parameters first)")
@@ -445,17 +442,15 @@ class SparseConvRewrite:
 
 def _blocked_depthwise(layer):
     """The depthwise kernel and its constants (weight [CB, Kh, Kw, V], bias [C]) for a chained layer."""
-    in_shape, w_shape, padding, strides, dilation = layer.depthwise
-    n, c, h, w = in_shape
-    v = layer.layout.out_block
-    kh, kw = w_shape[2], w_shape[3]
-    hp, wp = h + padding[0] + padding[2], w + padding[1] + padding[3]
-    ho = conv_output_size(hp, kh, strides[0], dilation[0])
-    wo = conv_output_size(wp, kw, strides[1], dilation[1])
-    geom = DepthwiseGeometry(n, c // v, v, hp, wp, (kh, kw), tuple(strides), tuple(dilation), ho, wo,
+    conv = layer.depthwise_conv
+    n, c, v = conv.batch, conv.channels, layer.layout.out_block
+    (kh, kw), padding = conv.kernel, conv.padding
+    hp, wp = conv.height + padding[0] + padding[2], conv.width + padding[1] + padding[3]
+    ho, wo = conv.out_height, conv.out_width
+    geom = DepthwiseGeometry(n, c // v, v, hp, wp, (kh, kw), conv.stride, conv.dilation, ho, wo,
                              layer.layout.output_pad)
-    weight = const_array(layer.call.args[1]).reshape(c // v, v, kh, kw).transpose(0, 2, 3, 1)
-    bias = np.zeros(c, np.float32) if layer.bias is None else layer.bias
+    weight = conv.weight.reshape(c // v, v, kh, kw).transpose(0, 2, 3, 1)
+    bias = np.zeros(c, np.float32) if conv.bias is None else conv.bias
     out_shape = bordered_shape(n, c // v, ho, wo, layer.layout.output_pad, (v,))
     return geom, [np.ascontiguousarray(weight, np.float32), bias], out_shape
 
@@ -602,7 +597,7 @@ class _Rewriter(relax.PyExprMutator):
     def _emit_depthwise(self, binding, layer, data):
         geom, consts, out_shape = _blocked_depthwise(layer)
         if layer.block_input:  # NCHW -> padded NCHW[V]c
-            data = self._block_channels(data, tuple(layer.depthwise[2]), geom.vector_width)
+            data = self._block_channels(data, layer.depthwise_conv.padding, geom.vector_width)
         kh, kw = geom.kernel
         gv = self._function((geom, layer.activation),
                             lambda: depthwise_nchwc_template(geom, activation=layer.activation),
