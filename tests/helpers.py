@@ -148,6 +148,17 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def blocked(a, block, border=(0, 0, 0, 0)):
+    """NCHW -> NCHW[block]c with a zero border (top, left, bottom, right), channels zero-padded to a multiple of
+    ``block``; with ``block == 1`` the bordered NCHW array itself."""
+    top, left, bottom, right = border
+    a = np.pad(a, ((0, 0), (0, (-a.shape[1]) % block), (top, bottom), (left, right)))
+    if block == 1:
+        return a
+    n, c, h, w = a.shape
+    return np.ascontiguousarray(a.reshape(n, c // block, block, h, w).transpose(0, 1, 3, 4, 2))
+
+
 def run_vm(executable, *inputs):
     """Run ``main`` of a compiled Relax executable (or a library loaded with ``tvm.runtime.load_module``) on the
     local CPU; returns its output as a numpy array."""

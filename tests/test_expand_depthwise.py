@@ -35,15 +35,6 @@ def _reference(x, weight, bias, act, slope, dw: DepthwiseConv, spec: Conv2dSpec)
     return _ACT[dw.activation](t).numpy()
 
 
-def _blocked(x, block, border=(0, 0, 0, 0)):
-    n, c, h, w = x.shape
-    top, left, bottom, right = border
-    x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
-    if block == 1:
-        return x
-    return np.ascontiguousarray(x.reshape(n, c // block, block, *x.shape[2:]).transpose(0, 1, 3, 4, 2))
-
-
 def _unblocked(y, pad):
     n, cb, hp, wp, b = y.shape
     top, left, bottom, right = pad
@@ -79,7 +70,7 @@ def run_fused(seed, cin, cout, hw, v, sparsity, *, stride=1, kernel=3, padding=1
     kernel_ = expand_depthwise_kernel(BlockSparseWeight.from_dense(weight, v), spec, layout, dw, bias=b,
                                       slope=slope, out_block=block, output_pad=out_pad, strip=strip, target=target)
     in_pad = tuple(p + e for p, e in zip(spec.padding, in_border))
-    data = _blocked(x, in_block, in_pad) if layout.input_prepadded else x
+    data = helpers.blocked(x, in_block, in_pad) if layout.input_prepadded else x
     expected = _reference(x, weight, b, act, slope, dw, spec)
     if run is None:
         from alcs_tvm.target import resolve_target
@@ -147,10 +138,6 @@ def test_mobilenet_v2_runs_every_expand_and_depthwise_pair_fused_and_matches_onn
     tools/bench_peers.py prunes it): its 16 expand -> depthwise pairs (stride 1 and 2, V = 16 and 32, 144 channels
     in V = 16 groups, 7x7 to 112x112) and the stem's 3x3 stride-2 conv with the first depthwise conv run fused; the
     output equals ONNX Runtime's."""
-    import onnxruntime as ort
-    import tvm
-    from tvm import relax
-
     from alcs_tvm import compiler, zoo
     from alcs_tvm.target import resolve_target
 
@@ -165,6 +152,4 @@ def test_mobilenet_v2_runs_every_expand_and_depthwise_pair_fused_and_matches_onn
     assert fused[0].symbol.startswith("alcs_expand_dwconv_k3x3s1_v16"), fused[0]  # the stem's pair
     assert {row.symbol.split("_v")[1][:2] for row in fused} == {"16", "32"}
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
-    out = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
-    (expected,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})
-    assert_close(out, expected)
+    assert_close(helpers.run_vm(executable, x), helpers.run_onnxruntime(path, x))

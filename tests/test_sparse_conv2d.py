@@ -121,11 +121,7 @@ def test_model_layouts_prepadded_blocked_in_and_out(input_block, output_pad):
                           output_blocked=True, output_pad=output_pad)
     kernel = sparse_conv2d_kernel(BlockSparseWeight.from_dense(weight, 8), spec, layout, bias=b,
                                   target={"kind": "llvm"})
-    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    if input_block > 1:
-        n, c, h, w = padded.shape
-        padded = padded.reshape(n, c // input_block, input_block, h, w).transpose(0, 1, 3, 4, 2)
-    out = run_kernel(kernel, padded)
+    out = run_kernel(kernel, helpers.blocked(x, input_block, (1, 1, 1, 1)))
     top, left, bottom, right = output_pad
     ref = torch_conv(x, weight, b, 2, 1, 1, "relu")
     n, cout, ho, wo = ref.shape
@@ -138,14 +134,6 @@ def test_model_layouts_prepadded_blocked_in_and_out(input_block, output_pad):
     assert np.all(out[border] == 0)
 
 
-def _blocked(a, v, border=(0, 0, 0, 0)):
-    """NCHW -> NCHW[v]c with a zero border (top, left, bottom, right)."""
-    top, left, bottom, right = border
-    a = np.pad(a, ((0, 0), (0, (-a.shape[1]) % v), (top, bottom), (left, right)))
-    n, c, h, w = a.shape
-    return np.ascontiguousarray(a.reshape(n, c // v, v, h, w).transpose(0, 1, 3, 4, 2))
-
-
 @pytest.mark.parametrize("kernel_size, stride, pad, border", [(1, 2, 0, (1, 1, 1, 1)), (3, 1, 1, (2, 1, 1, 2)),
                                                               (3, 2, 1, (1, 1, 1, 1))])
 def test_input_border_wider_than_padding(kernel_size, stride, pad, border):
@@ -156,7 +144,7 @@ def test_input_border_wider_than_padding(kernel_size, stride, pad, border):
     layout = KernelLayout(bias=b is not None, input_prepadded=True, input_block=8, input_border=border)
     kernel = sparse_conv2d_kernel(BlockSparseWeight.from_dense(weight, 8), spec, layout, bias=b,
                                   target={"kind": "llvm"})
-    assert_close(run_kernel(kernel, _blocked(x, 8, border)), torch_conv(x, weight, b, stride, pad, 1, None))
+    assert_close(run_kernel(kernel, helpers.blocked(x, 8, border)), torch_conv(x, weight, b, stride, pad, 1, None))
 
 
 @pytest.mark.parametrize("residual, blocked_out", [("nchw", False), ("blocked", True), ("nchw", True),
@@ -172,7 +160,7 @@ def test_residual_added_before_activation(residual, blocked_out, activation):
                           residual_pad=res_pad)
     kernel = sparse_conv2d_kernel(BlockSparseWeight.from_dense(weight, 8), spec, layout, bias=b,
                                   target={"kind": "llvm"})
-    res = _blocked(shortcut, 8, res_pad) if residual == "blocked" else shortcut
+    res = helpers.blocked(shortcut, 8, res_pad) if residual == "blocked" else shortcut
     assert kernel.residual_shape == res.shape
     out = run_kernel(kernel, x, [res])
     if blocked_out:
@@ -269,7 +257,7 @@ def test_wide_group_writes_narrower_blocks(residual):
     kernel = sparse_conv2d_kernel(BlockSparseWeight.from_dense(weight, 32), spec, layout, bias=b,
                                   target="x86-avx512")
     assert kernel.output_shape == (1, 4, 11, 11, 16)
-    out = run_kernel(kernel, x, [_blocked(shortcut, 16, (0, 0, 0, 0))] if residual else [])
+    out = run_kernel(kernel, x, [helpers.blocked(shortcut, 16, (0, 0, 0, 0))] if residual else [])
     assert np.all(out[:, :, 0] == 0) and np.all(out[:, :, :, -1] == 0)  # the zero border
     out = out[:, :, 1:-1, 1:-1].transpose(0, 1, 4, 2, 3).reshape(1, 64, 9, 9)
     ref = torch_conv(x, weight, b, 1, 1, 1, None) + (shortcut if residual else 0)
@@ -292,7 +280,7 @@ def test_a_partial_group_writes_only_the_blocks_its_channels_fill(cout, width, r
     kernel = sparse_conv2d_kernel(BlockSparseWeight.from_dense(weight, width), spec, layout, bias=b,
                                   target="x86-avx512")
     assert kernel.output_shape == (1, cout // 8, 9, 9, 8)
-    out = run_kernel(kernel, x, [_blocked(shortcut, 8)] if residual else [])
+    out = run_kernel(kernel, x, [helpers.blocked(shortcut, 8)] if residual else [])
     assert np.all(out[:, :, [0, -1]] == 0) and np.all(out[:, :, :, -2:] == 0)  # the zero border
     out = out[:, :, 1:-1, :-2].transpose(0, 1, 4, 2, 3).reshape(1, cout, 7, 7)
     ref = torch_conv(x, weight, b, 1, 0, 1, None) + (shortcut if residual else 0)
