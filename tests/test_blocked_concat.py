@@ -16,6 +16,8 @@ from alcs_tvm.target import resolve_target
 
 RTOL = 1e-4
 SPARSITIES = (0, 70)
+V = resolve_target("x86").vector_width  # the host's SIMD width: the block of the channel-blocked layouts
+BLOCKED = f"NCHW{V}c"
 
 
 def _run(model, x, sparsity):
@@ -67,16 +69,16 @@ def test_fire_modules_join_blocked_and_the_max_pool_after_the_concat_runs_blocke
     for fire in ("fire2", "fire3", "fire4"):
         cat = rows[f"{fire}_cat"]
         assert cat.op == "concat" and cat.decision == "blocked", report.table()
-        assert f"joins the NCHW16c outputs of {fire}_e1, {fire}_e3" in cat.implementation
+        assert f"joins the {BLOCKED} outputs of {fire}_e1, {fire}_e3" in cat.implementation
         for branch in ("e1", "e3"):
             row = rows[f"{fire}_{branch}"]
-            assert row.kernel.output_blocked and f"writes NCHW16c for {fire}_cat" in row.implementation
+            assert row.kernel.output_blocked and f"writes {BLOCKED} for {fire}_cat" in row.implementation
             assert row.kernel.output_pad == (0, 0, 0, 0)  # 1x1 and pool readers need no border
         # the squeeze conv writes the 3x3's border, which the 1x1 skips
         assert rows[f"{fire}_e1"].kernel.input_border == (1, 1, 1, 1) and rows[f"{fire}_e3"].kernel.input_prepadded
     assert "for the max pool before fire4_squeeze" in rows["fire3_cat"].implementation
-    assert rows["fire3_squeeze"].kernel.input_block == 16 and rows["fire4_squeeze"].kernel.input_block == 16
-    assert rows["classifier"].kernel.input_block == 16
+    assert rows["fire3_squeeze"].kernel.input_block == V and rows["fire4_squeeze"].kernel.input_block == V
+    assert rows["classifier"].kernel.input_block == V
     assert not any("relax" in row.implementation for row in report.layers), report.table()
 
 
@@ -101,13 +103,13 @@ def test_an_inception_block_joins_four_branches_with_the_border_its_readers_need
     rows, report = _run(g.model("out", [1, 8, 13, 13], [1, 64, 13, 13]), x, sparsity)
     mixed = rows["mixed"]
     assert mixed.decision == "blocked", report.table()
-    assert mixed.implementation == "joins the NCHW16c outputs of b1, b2, b3, b4 with a (1, 1, 2, 1) (top, left, " \
+    assert mixed.implementation == f"joins the {BLOCKED} outputs of b1, b2, b3, b4 with a (1, 1, 2, 1) (top, left, " \
                                    "bottom, right) zero border for low, high, narrow, the max pool before pooled"
     for branch in ("b1", "b2", "b3", "b4"):
         assert rows[branch].kernel.output_blocked and rows[branch].kernel.output_pad == (1, 1, 2, 1)
     assert rows["low"].kernel.input_border == (1, 1, 2, 1) and rows["high"].kernel.input_border == (1, 1, 2, 1)
-    assert rows["narrow"].kernel.input_border == (1, 1, 2, 1) and rows["pooled"].kernel.input_block == 16
-    assert "writes NCHW16c for b1, b2_reduce, b3_reduce, the max pool before b4" in rows["stem"].implementation
+    assert rows["narrow"].kernel.input_border == (1, 1, 2, 1) and rows["pooled"].kernel.input_block == V
+    assert f"writes {BLOCKED} for b1, b2_reduce, b3_reduce, the max pool before b4" in rows["stem"].implementation
     out = rows["out_cat"]
     assert out.decision == "nchw" and out.implementation == "relax concat (NCHW)"
     assert out.reason == "a reader is not a rewritten conv or a blocked max pool or concat"
@@ -128,9 +130,9 @@ def test_spatial_pyramid_pooling_joins_a_conv_and_the_pools_that_also_read_it(sp
     y = g.conv("spp", "cv2", 32, 64, kernel=3, act=None)
     x = np.random.default_rng(0).standard_normal((1, 8, 10, 10)).astype(np.float32)
     rows, report = _run(g.model(y, [1, 8, 10, 10], [1, 32, 10, 10]), x, sparsity)
-    assert rows["spp"].implementation == "joins the NCHW16c outputs of cv1, max pool pool0, max pool pool1, max " \
+    assert rows["spp"].implementation == f"joins the {BLOCKED} outputs of cv1, max pool pool0, max pool pool1, max " \
                                          "pool pool2 with a 1-pixel zero border for cv2", report.table()
-    assert rows["cv1"].implementation.endswith("; writes NCHW16c for max pool pool0, spp")
+    assert rows["cv1"].implementation.endswith(f"; writes {BLOCKED} for max pool pool0, spp")
     assert rows["cv1"].kernel.output_pad == (1, 1, 1, 1) and rows["cv2"].kernel.input_prepadded
 
 
@@ -158,17 +160,17 @@ def test_concats_read_by_other_ops_or_of_other_inputs_stay_nchw(sparsity):
                 helper.make_node("Mul", [d, d], ["squared"])]
     mixed = g.conv("shared_cat", "mixed", 16, 32, kernel=1, act=None)
     g.nodes.append(helper.make_node("Add", [mixed, "squared"], ["mixed_sum"]))
-    f = g.conv("mixed_sum", "f", 8, 16, kernel=1)
+    f = g.conv("mixed_sum", "f", V // 2, 16, kernel=1)  # channels not a multiple of V
     h = g.conv("mixed_sum", "h", 16, 16, kernel=1)
     g.nodes.append(helper.make_node("Concat", [f, h], ["narrow_cat"], name="narrow_cat", axis=1))
-    y = g.conv("narrow_cat", "y", 16, 24, kernel=1)
+    y = g.conv("narrow_cat", "y", 16, 16 + V // 2, kernel=1)
     x = np.random.default_rng(0).standard_normal((1, 16, 9, 9)).astype(np.float32)
     rows, report = _run(g.model(y, [1, 16, 9, 9], [1, 16, 9, 9]), x, sparsity)
     why = {"dense_cat": "a reader is not a rewritten conv or a blocked max pool or concat",
-           "input_cat": "an input is not written channel-blocked (a rewritten conv with channels a multiple of 16, "
+           "input_cat": f"an input is not written channel-blocked (a rewritten conv with channels a multiple of {V}, "
                         "or a blocked pool or concat)",
            "shared_cat": "an input has readers that read NCHW",
-           "narrow_cat": "an input is not written channel-blocked (a rewritten conv with channels a multiple of 16, "
+           "narrow_cat": f"an input is not written channel-blocked (a rewritten conv with channels a multiple of {V}, "
                          "or a blocked pool or concat)"}
     for name, reason in why.items():
         row = rows[name]

@@ -14,11 +14,14 @@ from alcs_tvm.compiler import export
 from alcs_tvm.target import resolve_target
 
 RTOL = 1e-4
+V = resolve_target("x86").vector_width  # the host's SIMD width: the pruning group and the layouts' block
+BLOCKED = f"NCHW{V}c"
 
 
 @pytest.fixture(scope="module")
 def pruned_models(tmp_path_factory):
-    """Tiny ResNet / MobileNetV2 pruned with 16-wide SIMD blocks at 70%, exported to ONNX."""
+    """Tiny ResNet / MobileNetV2 pruned in 16-wide SIMD blocks at 70% (8-wide blocks too, for AVX2 hosts), exported
+    to ONNX."""
     out = {}
     for name in ("resnet_tiny", "mobilenet_v2_tiny"):
         model = zoo.get_model(name).eval()
@@ -46,7 +49,7 @@ def test_pruned_model_matches_onnx_runtime(pruned_models, name):
         groups = next((a.i for a in node.attribute if a.name == "group"), 1)
         if groups == 1:  # every pruned groups=1 conv goes sparse, at the density it was pruned to
             assert layer.decision == "sparse", layer
-            assert layer.vector_width == 16 and layer.density == pytest.approx(0.3, abs=0.05)
+            assert layer.vector_width == V and layer.density == pytest.approx(0.3, abs=0.05)
         else:  # depthwise stays dense and says why
             assert layer.decision == "dense" and "depthwise" in layer.reason
 
@@ -171,7 +174,7 @@ def test_pruned_linear_head_goes_sparse_batch_2(tmp_path):
 
 
 def test_resnet_blocks_stay_blocked_with_shortcuts_fused(pruned_models):
-    """In ResNet every rewritten conv but the last writes NCHW16c with the zero border its readers need: conv1 for
+    """In ResNet every rewritten conv but the last writes NCHW[V]c with the zero border its readers need: conv1 for
     conv2, and a block's output for the next block's conv1 (border 1), its 1x1 stride-2 shortcut conv (reads
     the border-1 tensor with padding 0) and the next block's conv2, whose epilogue adds it (the residual add and
     relu are fused: no separate add op, no transpose, no pad copy). The result still matches ONNX Runtime."""
@@ -185,16 +188,16 @@ def test_resnet_blocks_stay_blocked_with_shortcuts_fused(pruned_models):
     rewrite = SparseConvRewrite("x86", layer_names=conv_node_names(frontend.load_onnx(str(path))))
     lowered = rewrite(frontend.prepare_for_sparse(frontend.import_onnx(str(path))))
     convs = [layer for layer in rewrite.report.layers if layer.op == "conv2d"]
-    blocked = [layer.name for layer in convs if "writes NCHW16c padded" in layer.implementation]
+    blocked = [layer.name for layer in convs if f"writes {BLOCKED} padded" in layer.implementation]
     assert blocked == [layer.name for layer in convs if layer.name != "/layer4/layer4.0/conv2/Conv"]
     kernels = {layer.name: layer.kernel for layer in convs}
     for stage in (1, 2, 3, 4):
         assert kernels[f"/layer{stage}/layer{stage}.0/conv2/Conv"].residual == "blocked"
     for stage in (2, 3, 4):
         shortcut = kernels[f"/layer{stage}/layer{stage}.0/downsample/downsample.0/Conv"]
-        assert shortcut.input_block == 16 and shortcut.input_border == (1, 1, 1, 1)
+        assert shortcut.input_block == V and shortcut.input_border == (1, 1, 1, 1)
     script = lowered["main"].script()
-    assert "R.Tensor((1, 1, 34, 34, 16)" in script  # the stem's output: 16 channels, 32x32 + border 1, blocked
+    assert f"R.Tensor((1, {16 // V}, 34, 34, {V})" in script  # the stem's output: 16 channels, 32x32 + border 1
     assert script.count("R.add(") == 1  # only the classifier's bias: every residual add is in a conv epilogue
     executable = tvm.compile(lowered, target=rewrite.target_info.target)
     x = np.random.default_rng(6).standard_normal((1, 3, 32, 32)).astype(np.float32)
@@ -204,13 +207,13 @@ def test_resnet_blocks_stay_blocked_with_shortcuts_fused(pruned_models):
 def test_expand_depthwise_project_chain_runs_blocked(pruned_models):
     """MobileNetV2's expand -> depthwise -> project: the depthwise conv between two rewritten convs runs
     channel-blocked, in one kernel with the expand conv before it (the first one, after the tiny net's 3x3
-    stride-1 stem, which writes NCHW, in the depthwise kernel), the project conv reads NCHW16c, and
+    stride-1 stem, which writes NCHW, in the depthwise kernel), the project conv reads NCHW[V]c, and
     outputs still match."""
     path = pruned_models["mobilenet_v2_tiny"]
     executable, report = alcs_compile(str(path), "x86")
     depthwise = [layer for layer in report.layers if "depthwise" in layer.reason]
-    fused = [layer for layer in depthwise if layer.implementation.startswith("alcs expand + depthwise NCHW16c")]
-    assert depthwise[0].implementation.startswith("alcs depthwise NCHW16c kernel (")
+    fused = [layer for layer in depthwise if layer.implementation.startswith(f"alcs expand + depthwise {BLOCKED}")]
+    assert depthwise[0].implementation.startswith(f"alcs depthwise {BLOCKED} kernel (")
     assert fused == depthwise[1:] and all(layer.symbol.startswith("alcs_expand_dwconv_") for layer in fused)
     x = np.random.default_rng(7).standard_normal((1, 3, 32, 32)).astype(np.float32)
     assert_close(run_vm(executable, x), run_onnxruntime(path, x))

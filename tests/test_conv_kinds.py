@@ -13,9 +13,11 @@ from onnx import helper, numpy_helper
 from tvm import relax
 
 from alcs_tvm import compiler, public_models
-from helpers import OnnxGraph
+from alcs_tvm.target import resolve_target
+from helpers import OnnxGraph, requires_avx512
 
 RTOL = 1e-4
+V = resolve_target("x86").vector_width  # the host's SIMD width: the block of the channel-blocked layouts
 
 
 def _run(model, x):
@@ -56,10 +58,12 @@ def test_grouped_convs_run_the_kernel_block_diagonal_and_match_onnx_runtime(grou
         assert f"grouped ({groups})" in layer.reason
 
 
+@requires_avx512
 @pytest.mark.parametrize("sparsity", [0.0, 0.6])
 def test_a_conv_with_a_partial_wide_block_matches_onnx_runtime(sparsity):
     """A 1000-class conv classifier (SqueezeNet's) runs 32-wide blocks, the last one partial, dense and pruned in
-    32-wide groups, its output read by a global average pool."""
+    32-wide groups, its output read by a global average pool (AVX-512 hosts: the only target with 32-wide
+    groups)."""
     from alcs_tvm.sparse_format import random_block_sparse
 
     g = OnnxGraph(np.random.default_rng(5))
@@ -348,8 +352,8 @@ def test_depthwise_convs_without_two_rewritten_neighbours_run_the_blocked_kernel
     x = np.random.default_rng(1).standard_normal((1, 8, 10, 10)).astype(np.float32)
     report = _run(g.model("sum", [1, 8, 10, 10], [1, 32, 10, 10]), x)
     rows = {layer.name: layer for layer in report.layers}
-    assert "(fused with expand, its squeeze-excitation NCHW16c, before project)" in rows["dw_se"].implementation
-    assert rows["project"].kernel.input_block == 16
+    assert f"(fused with expand, its squeeze-excitation NCHW{V}c, before project)" in rows["dw_se"].implementation
+    assert rows["project"].kernel.input_block == V
     assert rows["dw_se"].symbol.endswith("_hardswish")
     assert "from NCHW, before pw" in rows["dw_shuffled"].implementation
     assert "from NCHW, back to NCHW" in rows["dw_alone"].implementation
@@ -424,7 +428,7 @@ def test_depthwise_convs_over_channels_off_the_simd_width_run_in_narrower_blocks
 
 @pytest.mark.parametrize("kernel, stride, pads", [(3, 2, [1, 1, 1, 1]), (2, 2, [0, 0, 0, 0]), (3, 1, [1, 0, 2, 1])])
 def test_max_pools_between_rewritten_convs_run_blocked_and_match_onnx_runtime(kernel, stride, pads):
-    """ResNet's stem -> max pool -> block: the conv before writes NCHW16c, the pool reads and writes it (padding as
+    """ResNet's stem -> max pool -> block: the conv before writes NCHW[V]c, the pool reads and writes it (padding as
     -inf: the conv before has no ReLU, so its outputs are negative at the border too), the conv after and the
     shortcut add read it blocked."""
     g = OnnxGraph(np.random.default_rng(kernel + stride))
@@ -440,7 +444,7 @@ def test_max_pools_between_rewritten_convs_run_blocked_and_match_onnx_runtime(ke
     report = _run(model, x)
     rows = {row.name: row for row in report.layers}
     assert "for the max pool before a, b" in rows["stem"].implementation, report.table()
-    assert rows["b"].kernel.residual == "blocked" and rows["a"].kernel.input_block == 16
+    assert rows["b"].kernel.residual == "blocked" and rows["a"].kernel.input_block == V
 
 
 def test_a_max_pool_read_by_other_ops_stays_a_relax_op():

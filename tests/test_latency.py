@@ -12,7 +12,7 @@ import time
 
 import pytest
 import tvm
-from helpers import REPO, run_cli
+from helpers import REPO, requires_avx512, run_cli
 
 from alcs_tvm import frontend, zoo
 from alcs_tvm.latency import (LatencyTable, LayerNotProfiledError, LayerProfile, TableMismatchError, cache_exposure,
@@ -26,8 +26,8 @@ SPEC = Conv2dSpec.create((1, 32, 14, 14), (64, 32, 3, 3), 1, 1)
 GRID = [0.0, 0.5, 0.9]
 
 
-def _profile(dense=1.0):
-    return LayerProfile(SPEC, 16, [0.0, 0.25, 0.5, 0.9], [2.0, 1.6, 1.0, 0.3], [0.01] * 4, dense, 0.01)
+def _profile(dense=1.0, vector_width=16):
+    return LayerProfile(SPEC, vector_width, [0.0, 0.25, 0.5, 0.9], [2.0, 1.6, 1.0, 0.3], [0.01] * 4, dense, 0.01)
 
 
 def _table(info=None, **kw):
@@ -66,19 +66,6 @@ def test_latency_is_min_of_dense_and_sparse_like_the_compiler_choice():
 def test_winograd_is_an_option_when_measured_and_the_pass_runs_it(tmp_path):
     """A layer whose Winograd time beats both direct ones is chosen as Winograd, predicted at that time, saved
     and loaded with the table, and the compiler runs it so; a table without the measurement loads as before."""
-    p = _profile(dense=1.2)
-    p.winograd_tile, p.winograd_ms = 4, 0.5
-    assert p.latency(0.0) == 0.5 and p.latency(0.9) == pytest.approx(0.3)
-    table = _table(resolve_target("x86"))  # this host's: the compiler checks the table's target
-    table.layers[p.key] = p
-    decision, predicted, reason = table.choose(SPEC, 1.0, 16)
-    assert decision == "winograd4" and predicted == {"sparse": 2.0, "dense": 1.2, "winograd4": 0.5}
-    assert reason.startswith("table: winograd4 0.500 ms <=")
-    assert table.choose(SPEC, 0.1, 16)[0] == "sparse"
-    table.save(str(tmp_path / "t.json"))
-    loaded = LatencyTable.load(str(tmp_path / "t.json"))
-    assert loaded.layers[p.key].winograd_tile == 4 and loaded.layers[p.key].winograd_ms == 0.5
-
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -92,6 +79,21 @@ def test_winograd_is_an_option_when_measured_and_the_pass_runs_it(tmp_path):
                               [numpy_helper.from_array(w, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)
+    (layer,) = compiler.model_layers(model, "x86")
+    v = layer.vector_width  # the width this host's compiler looks the conv up at
+    p = _profile(dense=1.2, vector_width=v)
+    p.winograd_tile, p.winograd_ms = 4, 0.5
+    assert p.latency(0.0) == 0.5 and p.latency(0.9) == pytest.approx(0.3)
+    table = _table(resolve_target("x86"))  # this host's: the compiler checks the table's target
+    table.layers[p.key] = p
+    decision, predicted, reason = table.choose(SPEC, 1.0, v)
+    assert decision == "winograd4" and predicted == {"sparse": 2.0, "dense": 1.2, "winograd4": 0.5}
+    assert reason.startswith("table: winograd4 0.500 ms <=")
+    assert table.choose(SPEC, 0.1, v)[0] == "sparse"
+    table.save(str(tmp_path / "t.json"))
+    loaded = LatencyTable.load(str(tmp_path / "t.json"))
+    assert loaded.layers[p.key].winograd_tile == 4 and loaded.layers[p.key].winograd_ms == 0.5
+
     _, report = compiler.compile(model, "x86", latency_table=loaded)
     (row,) = report.layers
     assert row.algorithm == "winograd4" and row.reason.startswith("table: winograd4"), row
@@ -368,6 +370,7 @@ def test_resumed_table_remeasures_rest_for_another_architecture(rpc_devices, onn
     assert breakdown["(rest of model)"] == table.rest_ms["small_cnn"] and total > 0
 
 
+@requires_avx512  # profiles x86-avx512 code on this host's x86 server
 def test_a_conv_run_wider_dense_than_pruned_is_profiled_at_both_widths(rpc_devices, tmp_path):
     """A conv classifier of 500 classes runs 32 lanes wide dense (its last block partial) and 16 wide once pruned in
     16-wide groups: the table answers for both, so a pruned copy is predicted (its rest found by architecture) and

@@ -14,8 +14,10 @@ from alcs_tvm.kernels import build_sparse_conv2d, sparse_conv2d_kernel
 from alcs_tvm.layer import Conv2dSpec, KernelLayout
 from alcs_tvm.schedules import SparseConvSchedule
 from alcs_tvm.sparse_format import BlockSparseWeight, random_block_sparse
+from alcs_tvm.target import resolve_target
 
 RTOL = 1e-5
+V = resolve_target("x86").vector_width  # the host's SIMD width, which the default target ("x86") builds for
 
 
 def make_case(seed, cin, cout, hw, kernel, sparsity, vector_width, batch=1, bias=False):
@@ -86,8 +88,8 @@ def test_fully_pruned_layer_outputs_bias_and_activation(activation):
 @pytest.mark.parametrize("tile", [(1, 1), (1, 5), (3, 4), (2, 14)])
 @pytest.mark.parametrize("row_outer", [False, True])
 def test_schedule_knobs_do_not_change_results(tile, row_outer):
-    x, weight, b = make_case(11, 16, 32, (11, 13), 3, 0.7, 16, batch=2, bias=True)
-    schedule = SparseConvSchedule(16, tile[0], tile[1], row_outer=row_outer)
+    x, weight, b = make_case(11, 16, 32, (11, 13), 3, 0.7, V, batch=2, bias=True)
+    schedule = SparseConvSchedule(V, tile[0], tile[1], row_outer=row_outer)
     op = build_sparse_conv2d(weight, input_shape=x.shape, padding=1, bias=b, activation="relu", schedule=schedule)
     assert_close(op.run(x), torch_conv(x, weight, b, 1, 1, 1, "relu"))
 
@@ -229,10 +231,10 @@ def test_uneven_blocks_are_balanced_across_threads_and_stay_correct():
     from alcs_tvm.kernels import balanced_block_order
 
     rng = np.random.default_rng(4)
-    weight = rng.standard_normal((128, 32, 3, 3)).astype(np.float32)
+    weight = rng.standard_normal((8 * V, 32, 3, 3)).astype(np.float32)
     for block in range(8):  # block b keeps a fraction (b + 1) / 8 of its positions
         keep = rng.random(32 * 9) < (block + 1) / 8
-        weight[block * 16:(block + 1) * 16] *= keep.reshape(1, 32, 3, 3)
+        weight[block * V:(block + 1) * V] *= keep.reshape(1, 32, 3, 3)
     x = rng.standard_normal((1, 32, 12, 12)).astype(np.float32)
     op = build_sparse_conv2d(weight, input_shape=x.shape, padding=1)
     nnz = op.sparse_weight.block_nnz()
