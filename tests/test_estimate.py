@@ -91,6 +91,20 @@ def test_layer_estimate_row_and_memory_bound(arm64):
     assert e.mem_bytes >= 4 * (8 * 56 * 56 + 64 * 56 * 56)
 
 
+def test_attainable_speedup_counts_the_output_work_every_kernel_does(arm64):
+    """Few input channels at 90 %: the FMAs left are fewer than the clamps and stores of the output, so no kernel
+    gets near 1/(1-s); the bound is the FMAs at the model's peak plus each output vector's epilogue."""
+    n1 = est.CORES["neoverse-n1"]
+    store, relu, relu6 = (est.epilogue_cycles_per_vector(n1, a) for a in (None, "relu", "relu6"))
+    assert 0 < store <= relu < relu6  # on the N1 model a q store and each clamp take a vector pipe
+    _, weight, spec = _kernel(arm64, 0.9, cin=8, cout=64, hw=56, k=1)
+    estimate = est.estimate_layer(ModelLayer("conv", spec, 4, 0.1, LAYOUT), weight, arm64, n1)
+    density = estimate.sparse.flops / estimate.dense.flops
+    fma = 8 / 2  # cycles per output vector, dense: one by-element fmla per input channel, two per cycle
+    assert estimate.attainable_speedup == pytest.approx((fma + relu) / (fma * density + relu), rel=0.02)
+    assert estimate.attainable_speedup < 0.85 / density < estimate.row()["ideal_speedup"]
+
+
 def test_x86_kernel_on_the_host_model():
     info = resolve_target("x86")
     if info.family != "x86-avx512":
