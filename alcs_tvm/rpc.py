@@ -214,7 +214,7 @@ def connect(tracker: str | None = None, key: str | None = None, *, rpc: str | No
     class _Pending:  # lets guard() describe/abort the connect itself
         alcs_addr, alcs_key, alcs_timeout = (url, port), key or "", timeout
         alcs_budget = StepBudget(min(wait, 60.0), "--device-timeout" if timeout is not None else
-                                 f"the bound on connecting; --device-timeout S to wait longer")
+                                 "the bound on connecting; --device-timeout S to wait longer")
 
     try:
         with guard(_Pending, "connect"):

@@ -290,7 +290,7 @@ def main(argv=None):
             f"{m.get('profile_s', float('nan')):9.0f}")
     missed = [name for name, m in summary["per_model"].items()
               if not (m["mape_pct"] <= 5 and m.get("kendall_tau", 0) >= 0.9)]
-    log(f"bar (MAPE <= 5%, Kendall tau >= 0.9 on every model): "
+    log("bar (MAPE <= 5%, Kendall tau >= 0.9 on every model): "
         + (f"NOT met by {', '.join(missed)}" if missed else "met") + f"; results in {work / 'validation.json'}")
     if args.png:
         plot(points, args.png, f"{args.models}\non {args.key} ({info.family}): MAPE "
