@@ -41,7 +41,8 @@ from .toolchain import ensure_llvm_mca
 
 __all__ = ["Core", "CORES", "host_core", "EstimateError", "LoopEstimate", "KernelEstimate", "kernel_asm",
            "find_fma_loops", "run_mca", "peak_flops_per_cycle", "estimate_kernel", "useful_flops",
-           "compulsory_bytes", "instruction_mix", "epilogue_cycles_per_vector", "LayerEstimate", "estimate_layer", "estimate_model"]
+           "compulsory_bytes", "instruction_mix", "epilogue_cycles_per_vector", "LayerEstimate", "estimate_layer",
+           "estimate_model"]
 
 
 @dataclass(frozen=True)
@@ -334,12 +335,15 @@ def peak_flops_per_cycle(core: Core) -> float:
     return 2 * core.fma_lanes * len(block) / run_mca(block, core.mcpu, core.triple)
 
 
+_EPILOGUE_VECTORS = 24  # independent output vectors in the block llvm-mca times
+
+
 def _epilogue_block(core: Core, activation: str | None) -> tuple:
     """Independent output vectors, each clamped as ``activation`` (ReLU: a max; ReLU6: a max and a min; any other
     activation counted as none) and stored once."""
     clamps = {"relu": 1, "relu6": 2}.get(activation, 0)
     block = []
-    for i in range(24):
+    for i in range(_EPILOGUE_VECTORS):
         if core.isa == "aarch64":
             block += [f"fmax v{i}.4s, v{i}.4s, v30.4s", f"fmin v{i}.4s, v{i}.4s, v31.4s"][:clamps]
             block.append(f"str q{i}, [x0, #{16 * i}]")
@@ -355,7 +359,7 @@ def epilogue_cycles_per_vector(core: Core, activation: str | None) -> float:
     (``llvm-mca`` on independent ones). On the Neoverse N1 model a q-register store takes a vector pipe, like an
     FMA."""
     block = _epilogue_block(core, activation)
-    return run_mca(block, core.mcpu, core.triple) / 24
+    return run_mca(block, core.mcpu, core.triple) / _EPILOGUE_VECTORS
 
 
 # ----------------------------------------------------------------------------------------------- estimate

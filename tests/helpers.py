@@ -214,6 +214,15 @@ def skip_unless_host_runs(family: str):
 requires_avx512 = skip_unless_host_runs("x86-avx512")
 
 
+@functools.lru_cache(maxsize=None)
+def host_vector_width() -> int:
+    """The SIMD width V of this host's x86 target (16 with AVX-512, 8 with AVX2): what a build for ``"x86"``
+    blocks its layouts in and prunes in where no wider group applies."""
+    from alcs_tvm.target import resolve_target
+
+    return resolve_target("x86").vector_width
+
+
 # ----------------------------------------------------------------------------------------------- files
 def assert_aarch64_elf(path):
     """``path`` is a 64-bit little-endian ELF object for aarch64 (e_machine 183), read from its header, and the

@@ -7,7 +7,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tvm
-from helpers import OnnxGraph
+from helpers import OnnxGraph, host_vector_width
 from onnx import helper, numpy_helper
 from tvm import relax
 
@@ -16,7 +16,7 @@ from alcs_tvm.target import resolve_target
 
 RTOL = 1e-4
 SPARSITIES = (0, 70)
-V = resolve_target("x86").vector_width  # the host's SIMD width: the block of the channel-blocked layouts
+V = host_vector_width()  # the block of the channel-blocked layouts
 BLOCKED = f"NCHW{V}c"
 
 

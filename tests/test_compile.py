@@ -14,7 +14,7 @@ from alcs_tvm.compiler import export
 from alcs_tvm.target import resolve_target
 
 RTOL = 1e-4
-V = resolve_target("x86").vector_width  # the host's SIMD width: the pruning group and the layouts' block
+V = helpers.host_vector_width()  # the pruning group and the layouts' block
 BLOCKED = f"NCHW{V}c"
 
 

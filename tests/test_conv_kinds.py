@@ -13,11 +13,10 @@ from onnx import helper, numpy_helper
 from tvm import relax
 
 from alcs_tvm import compiler, public_models
-from alcs_tvm.target import resolve_target
-from helpers import OnnxGraph, requires_avx512
+from helpers import OnnxGraph, host_vector_width, requires_avx512
 
 RTOL = 1e-4
-V = resolve_target("x86").vector_width  # the host's SIMD width: the block of the channel-blocked layouts
+V = host_vector_width()  # the block of the channel-blocked layouts
 
 
 def _run(model, x):

@@ -14,10 +14,9 @@ from alcs_tvm.kernels import build_sparse_conv2d, sparse_conv2d_kernel
 from alcs_tvm.layer import Conv2dSpec, KernelLayout
 from alcs_tvm.schedules import SparseConvSchedule
 from alcs_tvm.sparse_format import BlockSparseWeight, random_block_sparse
-from alcs_tvm.target import resolve_target
 
 RTOL = 1e-5
-V = resolve_target("x86").vector_width  # the host's SIMD width, which the default target ("x86") builds for
+V = helpers.host_vector_width()  # what the default target ("x86") builds for
 
 
 def make_case(seed, cin, cout, hw, kernel, sparsity, vector_width, batch=1, bias=False):
