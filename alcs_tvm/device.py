@@ -5,7 +5,8 @@ There is no ARM hardware on the build machines, so an ARM64 "phone" is emulated 
 * ``setup()`` installs the Debian packages it needs (``qemu-user-static``, ``mmdebstrap`` and the aarch64 cross
   toolchain), builds an arm64 Debian bookworm userland with Python 3.11 (``mmdebstrap --variant=extract``: nothing
   runs under emulation, no binfmt or chroot needed), downloads the aarch64 cp311 wheels of TVM's runtime and its
-  dependencies and unzips them into the userland. Everything is cached under ``cache_dir()``
+  dependencies and unzips them into the userland, and compiles its Python modules to bytecode (the device's
+  processes then import TVM without compiling it under qemu). Everything is cached under ``cache_dir()``
   (``~/.cache/alcs_tvm`` or ``$ALCS_TVM_CACHE``); a second call only checks a stamp file.
 * The device's Python runs as ``qemu-aarch64-static -L ROOTFS ROOTFS/usr/bin/python3.11`` with ``QEMU_CPU`` set to
   a phone core and ``TVM_USE_RUNTIME_LIB=1`` (runtime-only import). TVM's RPC server re-executes
@@ -181,6 +182,7 @@ def setup(force: bool = False, verbose: bool = True) -> DeviceImage:
             have = None
         if not force and have == want and (image.rootfs / "usr/bin/python3.11").exists():
             _write_wrapper(image)  # cheap; keeps the qemu path current
+            _compile_bytecode(image, verbose)  # images built before the bytecode step get it once
             _log(verbose, f"device image cached at {root}")
             return image
         t0 = time.time()
@@ -218,6 +220,7 @@ def setup(force: bool = False, verbose: bool = True) -> DeviceImage:
         rootfs.rename(image.rootfs)
         shutil.rmtree(build)
         _write_wrapper(image)
+        _compile_bytecode(image, verbose)
         # Smoke test: the device imports TVM's runtime and sees the wrapper as sys.executable.
         res = subprocess.run([str(image.python), "-c", "import sys, tvm, tvm.rpc.server; print(sys.executable)"],
                              env=image.env(), capture_output=True, text=True, timeout=300)
@@ -226,6 +229,33 @@ def setup(force: bool = False, verbose: bool = True) -> DeviceImage:
         stamp_path.write_text(json.dumps(want, indent=1))
         _log(verbose, f"device image ready at {root} ({time.time() - t0:.1f} s)")
         return image
+
+
+#: the device's Python (``usr/bin/python3.11`` in the userland); its bytecode is this version's
+DEVICE_PYTHON_VERSION = (3, 11)
+
+
+def _compile_bytecode(image: DeviceImage, verbose: bool) -> None:
+    """Compile the userland's Python modules (the standard library and the unzipped wheels) to bytecode, once.
+
+    The device's processes do not write bytecode (``PYTHONDONTWRITEBYTECODE``: the image stays as built), so
+    without it every emulated server compiles TVM's Python package under qemu again, most of its
+    start-up time. Bytecode depends on the Python version only, not on the CPU: a host Python of the device's
+    version compiles it natively, in seconds; another one leaves it to the device's Python under qemu."""
+    marker = image.root / "bytecode.json"
+    if marker.exists():
+        return
+    t0 = time.time()
+    same_version = sys.version_info[:2] == DEVICE_PYTHON_VERSION
+    python = sys.executable if same_version else str(image.python)
+    dirs = [image.rootfs / "usr/lib/python3.11", image.rootfs / "usr/local/lib/python3.11/dist-packages"]
+    res = subprocess.run([python, "-m", "compileall", "-q", "-j", "0", *map(str, dirs)],
+                         env=image.env() if not same_version else None, stdin=subprocess.DEVNULL,
+                         capture_output=True, text=True)
+    if res.returncode != 0:  # a module that does not compile fails when imported, as it would without this step
+        _log(verbose, f"some device modules did not compile to bytecode:\n{res.stdout[-2000:]}{res.stderr[-1000:]}")
+    write_json_atomic(marker, {"python": python, "exit": res.returncode}, prefix=".bytecode-")
+    _log(verbose, f"device bytecode compiled ({time.time() - t0:.1f} s)")
 
 
 # -------------------------------------------------------------------------------------------------- processes

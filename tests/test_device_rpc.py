@@ -167,6 +167,40 @@ def test_x86_local_and_over_rpc(rpc_devices, tiny_cnn):
     assert "could not load" in r.stderr and "x86_64" in r.stderr
 
 
+#: run on the device: every Python source module an RPC server imports, and whether its bytecode is in the image
+#: and current (the header's source mtime and size, which is how Python itself decides to recompile)
+_SERVER_BYTECODE = """
+import importlib.util, os, struct, sys
+import tvm.exec.rpc_server, tvm.rpc.server
+stale = []
+for module in list(sys.modules.values()):
+    source = getattr(module, "__file__", None) or ""
+    if not source.endswith(".py"):
+        continue
+    try:
+        header = open(importlib.util.cache_from_source(source), "rb").read(16)
+    except OSError:
+        header = b""
+    stat = os.stat(source)
+    if header[:4] != importlib.util.MAGIC_NUMBER or struct.unpack("<II", header[8:16]) != (
+            int(stat.st_mtime) & 0xFFFFFFFF, stat.st_size & 0xFFFFFFFF):
+        stale.append(source)
+print(len(sys.modules), len(stale), *stale[:5])
+"""
+
+
+@pytest.mark.device
+def test_device_servers_import_tvm_from_bytecode(rpc_devices):
+    """The device image holds current bytecode for every module an emulated RPC server imports: its processes
+    never write bytecode, so anything missing would be compiled under qemu again at every server start."""
+    image = device.setup(verbose=False)
+    result = subprocess.run([str(image.python), "-c", _SERVER_BYTECODE], env=image.env(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    imported, stale, *names = result.stdout.split()
+    assert int(imported) > 100 and int(stale) == 0, result.stdout
+
+
 def test_direct_rpc_server(tiny_cnn, tmp_path):
     """``--rpc HOST:PORT`` with a server that runs without a tracker (as a phone app in standalone mode)."""
     entry = device.start_x86_server(tracker=None, log_dir=tmp_path)
@@ -215,6 +249,17 @@ def test_device_faults_then_retry(rpc_devices, tiny_cnn):
     long_run = dict(repeat=20, number=2000)  # ~1 min on the emulated device: certainly still running when hit
     entry = device.start_arm64_server(rpc_devices.tracker, key=key, log_dir=rpc_devices.log_dir)
     spare = {}  # the server of step 2, started during step 1
+    restarted = {}  # the server of step 3, started during step 2
+
+    starters = []
+
+    def start_server(into):
+        starter = threading.Thread(target=lambda: into.update(entry=device.start_arm64_server(
+            rpc_devices.tracker, key=key, log_dir=rpc_devices.log_dir)))
+        starter.start()
+        starters.append(starter)
+        return starter
+
     try:
         # 1. frozen device (SIGSTOP): the client gives up after its timeout instead of hanging
         result = {}
@@ -234,9 +279,7 @@ def test_device_faults_then_retry(rpc_devices, tiny_cnn):
         os.killpg(entry["pid"], signal.SIGSTOP)
         # the next step's server starts while the frozen one is waited out: the run above holds the frozen one, so
         # the tracker can hand out only the new one
-        starter = threading.Thread(target=lambda: spare.update(entry=device.start_arm64_server(
-            rpc_devices.tracker, key=key, log_dir=rpc_devices.log_dir)))
-        starter.start()
+        starter = start_server(spare)
         thread.join(60)
         assert not thread.is_alive(), "run_model hung on a frozen device"
         assert isinstance(result["err"], TimeoutError), repr(result.get("err"))
@@ -253,6 +296,9 @@ def test_device_faults_then_retry(rpc_devices, tiny_cnn):
                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             wait_busy(rpc_devices.tracker, key)
+            # step 3's server starts while this run goes on: the run holds the server killed below and does not
+            # retry, so the new one only serves step 3
+            starter = start_server(restarted)
             time.sleep(1.5)
             t_kill = time.time()
             assert device.stop_process(entry)  # SIGTERM/SIGKILL to the server's whole process group
@@ -266,11 +312,15 @@ def test_device_faults_then_retry(rpc_devices, tiny_cnn):
         assert err.count("\n") == 1 and "closed the connection" in err and key in err, err
 
         # 3. retry on a restarted server succeeds
-        entry = device.start_arm64_server(rpc_devices.tracker, key=key, log_dir=rpc_devices.log_dir)
+        starter.join(180)
+        entry = restarted["entry"]
         outputs, _ = run_model(lib, {"data": tiny_cnn["x"]}, tracker=rpc_devices.tracker, key=key, timeout=60)
         assert_close(outputs[0], tiny_cnn["ref"])
     finally:
         device.stop_process(entry)
-        if spare.get("entry") is not None and spare["entry"] is not entry:  # the test failed before step 2
-            device.stop_process(spare["entry"])
+        for starter in starters:
+            starter.join(180)
+        for started in (spare, restarted):  # servers of steps the test did not reach
+            if started.get("entry") is not None and started["entry"] is not entry:
+                device.stop_process(started["entry"])
     assert not device._group_alive(entry["pid"])
