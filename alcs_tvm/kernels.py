@@ -15,7 +15,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import tvm
 
-from .schedules import SparseConvSchedule, default_sparse_conv_schedule, prefetches_next_block
+from .schedules import (SparseConvSchedule, bias_per_accumulator, default_sparse_conv_schedule,
+                        loads_bias_per_accumulator, prefetches_next_block)
 from .schedules.sparse_conv2d_cpu import KernelGeometry, activation_buffer_offsets, sparse_conv2d_template
 from .layer import Conv2dSpec, KernelLayout, normalize_padding
 from .sparse_format import BlockSparseWeight, widest_block_format
@@ -38,7 +39,8 @@ class PackedSparseConv2d:
     offsets: np.ndarray  # int32 [max(runs, 1)]: flat offset of each run's first (cin, kh, kw) in the padded input
     vstart: np.ndarray  # int32 [max(runs, 1)]: index in ``values`` of each run's first weight vector
     values: np.ndarray  # float32 [max(nnz, 1), V], in run order
-    bias: np.ndarray  # float32 [nblocks * V], zero-padded (all zeros when the conv has no bias)
+    bias: np.ndarray  # float32 [nblocks * V], zero-padded (all zeros when the conv has no bias); or per accumulator
+    # (schedules.bias_per_accumulator) where the kernel loads a copy for each
     block_order: np.ndarray  # int32 [nblocks]: the order parallel tasks visit the blocks (load balance)
     max_run: int = 1
 
@@ -268,10 +270,14 @@ def sparse_conv2d_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, layout: Ke
         vector_width=weight.vector_width,
         out_block=out_block,
     )
+    bias_copies = 0
+    if layout.bias and loads_bias_per_accumulator(info.family, spec.out_width, schedule, layout.activation):
+        bias_copies = min(schedule.tile_rows, spec.out_height) * min(schedule.tile_cols, spec.out_width)
+        packed = replace(packed, bias=bias_per_accumulator(packed.bias, weight.vector_width, bias_copies))
     func = sparse_conv2d_template(geom, schedule, has_bias=layout.bias, activation=layout.activation,
                                   name=name or kernel_symbol(spec, schedule, layout),
                                   one_activation_buffer=one_activation_buffer,
-                                  prefetch_next_block=prefetches_next_block(info.family))
+                                  prefetch_next_block=prefetches_next_block(info.family), bias_copies=bias_copies)
     return SparseConv2dKernel(func, packed, geom, schedule)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["SparseConvSchedule", "default_sparse_conv_schedule", "register_budget", "registers_per_group",
-           "choose_tile", "prefetches_next_block"]
+           "choose_tile", "prefetches_next_block", "loads_bias_per_accumulator", "bias_per_accumulator"]
 
 
 @dataclass(frozen=True)
@@ -117,3 +117,21 @@ def prefetches_next_block(family: str) -> bool:
     (:func:`~.sparse_conv2d_cpu.sparse_conv2d_template`): on x86, where it was measured to pay inside models
     (docs/benchmarks.md). The arm64 loop stays as its ``llvm-mca`` estimate was made until measured on a phone."""
     return family.startswith("x86")
+
+
+def loads_bias_per_accumulator(family: str, out_width: int, schedule: SparseConvSchedule, activation) -> bool:
+    """Whether the sparse kernel's accumulators each load their own copy of the bias
+    (:func:`.arm64.loads_bias_per_accumulator`): on arm64, chosen by the ``llvm-mca`` estimate (docs/arm64.md).
+    x86 keeps one bias per block: the variant was estimated on the arm64 models only."""
+    if family != "arm64" or schedule.vector_width % 4:
+        return False
+    from . import arm64
+
+    return arm64.loads_bias_per_accumulator(out_width, min(schedule.tile_cols, out_width), activation)
+
+
+def bias_per_accumulator(bias, vector_width: int, accumulators: int):
+    """The bias argument of a kernel whose accumulators load their own copies (:func:`.arm64.bias_per_accumulator`)."""
+    from . import arm64
+
+    return arm64.bias_per_accumulator(bias, vector_width, accumulators)

@@ -16,6 +16,7 @@ Chosen by ``llvm-mca`` estimates of the generated code on the Neoverse N1 (Corte
 * V = 4 (layers whose Cout is not a multiple of 8): 20 registers, 16 in a row (1x14 on 56-wide 3x3 layers:
   two FMA pipes busy behind the 4-cycle FMA latency, where the earlier 14-register budget's 1x8 was not).
 """
+import numpy as np
 
 
 def register_budget(family: str, vector_width: int) -> tuple:
@@ -23,3 +24,26 @@ def register_budget(family: str, vector_width: int) -> tuple:
     if vector_width >= 8:
         return 28, 28
     return 20, 16
+
+
+#: fp32 lanes of a q register
+LANES = 4
+
+
+def loads_bias_per_accumulator(out_width: int, tile_cols: int, activation) -> bool:
+    """Whether each accumulator starts from its own copy of the bias in memory (a ``ldr q`` on a load pipe)
+    instead of a register copy of one loaded bias (a ``mov`` on the vector pipes that the FMAs, the clamp and the
+    q-register stores share): where the tile spans the output row (no column-tile loop LLVM would hoist the loads
+    out of and spill) and the epilogue clamps (ReLU, ReLU6: its vector pipes are the tile code's bottleneck). The
+    copies sit 32 bytes apart, so that LLVM does not pair them into ``ldp q``, which the Cortex-A55 model issues
+    slower than two ``ldr q``."""
+    return tile_cols >= out_width and activation in ("relu", "relu6")
+
+
+def bias_per_accumulator(bias: np.ndarray, vector_width: int, accumulators: int) -> np.ndarray:
+    """The kernel's bias argument for :func:`loads_bias_per_accumulator`: per output block, per accumulator of the
+    register tile, per q register of the group, its 4 lanes then 4 unread zeros."""
+    quads = np.asarray(bias, np.float32).reshape(-1, 1, vector_width // LANES, 1, LANES)
+    out = np.zeros((quads.shape[0], accumulators, vector_width // LANES, 2, LANES), np.float32)
+    out[:, :, :, :1, :] = quads
+    return out.reshape(-1)
