@@ -16,7 +16,7 @@ import numpy as np
 import tvm
 
 from .schedules import (SparseConvSchedule, bias_per_accumulator, default_sparse_conv_schedule,
-                        loads_bias_per_accumulator, prefetches_next_block)
+                        loads_bias_per_accumulator, prefetches_next_block, splits_tasks_per_tile)
 from .schedules.sparse_conv2d_cpu import KernelGeometry, activation_buffer_offsets, sparse_conv2d_template
 from .layer import Conv2dSpec, KernelLayout, normalize_padding
 from .sparse_format import BlockSparseWeight, widest_block_format
@@ -270,14 +270,18 @@ def sparse_conv2d_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, layout: Ke
         vector_width=weight.vector_width,
         out_block=out_block,
     )
+    tile_tasks = splits_tasks_per_tile(info.family, spec.kernel == (1, 1), spec.out_height, spec.out_width, schedule,
+                                       layout.activation) and not prefetches_next_block(info.family)
     bias_copies = 0
-    if layout.bias and loads_bias_per_accumulator(info.family, spec.out_width, schedule, layout.activation):
+    if layout.bias and loads_bias_per_accumulator(info.family, spec.out_width, schedule, layout.activation,
+                                                  tile_tasks):
         bias_copies = min(schedule.tile_rows, spec.out_height) * min(schedule.tile_cols, spec.out_width)
         packed = replace(packed, bias=bias_per_accumulator(packed.bias, weight.vector_width, bias_copies))
     func = sparse_conv2d_template(geom, schedule, has_bias=layout.bias, activation=layout.activation,
                                   name=name or kernel_symbol(spec, schedule, layout),
                                   one_activation_buffer=one_activation_buffer,
-                                  prefetch_next_block=prefetches_next_block(info.family), bias_copies=bias_copies)
+                                  prefetch_next_block=prefetches_next_block(info.family), bias_copies=bias_copies,
+                                  tile_tasks=tile_tasks)
     return SparseConv2dKernel(func, packed, geom, schedule)
 
 

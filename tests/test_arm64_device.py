@@ -77,6 +77,7 @@ DEVICE_CASES_V8 = [
     (16, 16, 9, 3, 1, 2, 2, 0.3, False, None, 2),
     (24, 48, 14, 1, 1, 0, 1, 0.9, True, "relu6", 1),   # each accumulator loads its own copy of the bias
     (16, 32, 7, 3, 1, 1, 1, 0.5, True, "relu", 2),     # ... 2x7 tiles and a remainder row, batch 2
+    (16, 32, 28, 1, 1, 0, 1, 0.8, True, "relu6", 2),   # ... one task per 1x14 tile, batch 2
 ]
 
 
@@ -163,10 +164,12 @@ def test_expand_depthwise_on_arm64_device(device_session, cross_cxx, tmp_path, n
     assert_close(got, expected)
 
 
+@pytest.mark.parametrize("hw", [14, 28])
 @pytest.mark.parametrize("sparsity", [0.0, 0.9])
-def test_blocked_relu6_pointwise_on_arm64_device(device_session, cross_cxx, tmp_path, sparsity):
+def test_blocked_relu6_pointwise_on_arm64_device(device_session, cross_cxx, tmp_path, sparsity, hw):
     """A MobileNetV2 expand conv as the compiled model calls it: V=8 groups written as NCHW[4]c blocks with a zero
-    border for the depthwise conv, bias + ReLU6, the tile spanning the output row (per-accumulator bias copies)."""
+    border for the depthwise conv, bias + ReLU6, per-accumulator bias copies (the 1x14 tile spans the 14-wide row;
+    at 28 each tile is its own task)."""
     import tvm
     from tvm.support import cc
 
@@ -176,7 +179,7 @@ def test_blocked_relu6_pointwise_on_arm64_device(device_session, cross_cxx, tmp_
     from alcs_tvm.sparse_format import BlockSparseWeight, random_block_sparse
     from alcs_tvm.target import resolve_target
 
-    cin, cout, hw, v, block = 24, 48, 14, 8, 4
+    cin, cout, v, block = 24, 48, 8, 4
     rng = np.random.default_rng(stable_seed(cin, cout, hw, sparsity))
     weight = random_block_sparse(rng.standard_normal((cout, cin, 1, 1)).astype(np.float32), v, sparsity, rng)
     bias = rng.standard_normal(cout).astype(np.float32)

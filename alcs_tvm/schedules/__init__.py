@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["SparseConvSchedule", "default_sparse_conv_schedule", "register_budget", "registers_per_group",
-           "choose_tile", "prefetches_next_block", "loads_bias_per_accumulator", "bias_per_accumulator"]
+           "choose_tile", "prefetches_next_block", "loads_bias_per_accumulator", "bias_per_accumulator",
+           "splits_tasks_per_tile"]
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,8 @@ def prefetches_next_block(family: str) -> bool:
     return family.startswith("x86")
 
 
-def loads_bias_per_accumulator(family: str, out_width: int, schedule: SparseConvSchedule, activation) -> bool:
+def loads_bias_per_accumulator(family: str, out_width: int, schedule: SparseConvSchedule, activation,
+                               tile_tasks: bool = False) -> bool:
     """Whether the sparse kernel's accumulators each load their own copy of the bias
     (:func:`.arm64.loads_bias_per_accumulator`): on arm64, chosen by the ``llvm-mca`` estimate (docs/arm64.md).
     x86 keeps one bias per block: the variant was estimated on the arm64 models only."""
@@ -127,7 +129,19 @@ def loads_bias_per_accumulator(family: str, out_width: int, schedule: SparseConv
         return False
     from . import arm64
 
-    return arm64.loads_bias_per_accumulator(out_width, min(schedule.tile_cols, out_width), activation)
+    return arm64.loads_bias_per_accumulator(out_width, min(schedule.tile_cols, out_width), activation, tile_tasks)
+
+
+def splits_tasks_per_tile(family: str, pointwise: bool, out_height: int, out_width: int,
+                          schedule: SparseConvSchedule, activation) -> bool:
+    """Whether each register tile of the sparse kernel is its own parallel task (:func:`.arm64.splits_tasks_per_tile`,
+    arm64 only, chosen by the ``llvm-mca`` estimate; x86 keeps its measured row-tile tasks)."""
+    if family != "arm64" or schedule.row_outer:
+        return False
+    from . import arm64
+
+    return arm64.splits_tasks_per_tile(pointwise, out_height, out_width, min(schedule.tile_rows, out_height),
+                                       min(schedule.tile_cols, out_width), activation)
 
 
 def bias_per_accumulator(bias, vector_width: int, accumulators: int):

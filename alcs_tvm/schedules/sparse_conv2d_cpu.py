@@ -229,7 +229,7 @@ def shape_size(values) -> int:
 
 def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, has_bias: bool,
                            activation=None, name: str = "alcs_sparse_conv2d", one_activation_buffer: bool = False,
-                           prefetch_next_block: bool = False, bias_copies: int = 0):
+                           prefetch_next_block: bool = False, bias_copies: int = 0, tile_tasks: bool = False):
     """Return the PrimFunc ``(x, indptr, offsets, vstart, values, bias, block_order, [residual,] y)`` for one
     conv layer (``residual`` when ``geom.residual`` is set: added to the accumulators before the activation).
 
@@ -254,7 +254,11 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
     ``bias_copies``: ``bias`` holds, per output block, that many copies of the block's bias, one per accumulator of
     the register tile, each 4-lane quarter followed by 4 unread lanes
     (:func:`alcs_tvm.schedules.arm64.bias_per_accumulator`), and each accumulator starts from its own copy: a
-    load per accumulator instead of one load and a register copy per accumulator (0: one bias per block)."""
+    load per accumulator instead of one load and a register copy per accumulator (0: one bias per block).
+
+    ``tile_tasks``: one parallel task per register tile (image, block, row tile, column tile) instead of per row
+    tile, for a row of whole tiles: without the column-tile loop LLVM has no loop to hoist a tile's set-up out of
+    (the accumulators' bias, whose hoisted copies it would spill)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     V = sched.vector_width
@@ -313,9 +317,16 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
         IO_SIZE, X_AT, Y_AT = io_at["size"], io_at["x"], io_at["y"]
         RES_AT, RES_SHAPE = io_at.get("residual", 0), res_shape if HAS_RES else (1,)
 
+    TILE_TASKS = bool(tile_tasks)
+    if TILE_TASKS and (ROW_OUTER or HAS_ROW_REM or HAS_COL_REM or prefetch_next_block):
+        raise ValueError("tile_tasks needs block-outer order, whole tiles and no prefetch")
+
     def segment(xf, indptr, offsets, vstart, values, acc, base, ob, k, run, tr, tw, next_rows=None):
         with loop("q", T.serial(indptr[ob * RMAX + k], indptr[ob * RMAX + k + 1])) as q:
-            at = base + offsets[q]
+            if TILE_TASKS:  # in 64 bits, so that LLVM keeps the tile's input address outside the loop
+                at = T.Cast("int64", base) + T.Cast("int64", offsets[q])
+            else:
+                at = base + offsets[q]
             vb = vstart[q]
             if next_rows is not None:
                 prefetch_row(values, next_rows + vb)
@@ -325,8 +336,9 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
                     with loop("l", T.unroll(run)) as l:
                         with loop("v", T.vectorized(V)) as v:
                             i = (r * tw + c) * V + v
+                            step = r * ROW_STEP + (c + l) * COL_STEP
                             T.buffer_store(acc, acc[i] + values[vb + l, v] * xf[
-                                at + r * ROW_STEP + (c + l) * COL_STEP], [i])
+                                at + (T.Cast("int64", step) if TILE_TASKS else step)], [i])
 
     def prefetch_row(values, row):
         for lane in range(0, V, 16):  # one 64-byte line per 16 lanes
@@ -407,7 +419,18 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
         if HAS_COL_REM:
             tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, row0, CT_FULL * TW, tr, TW_REM)
 
+    def conv_per_tile(xf, indptr, offsets, vstart, values, bias, order, res, y):
+        with loop("task", T.parallel(N * NB * RT * CT_FULL)) as task:
+            n = task // (NB * RT * CT_FULL)
+            ob = order[task // (RT * CT_FULL) % NB]
+            rt = task // CT_FULL % RT
+            ct = task % CT_FULL
+            tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, rt * TR, ct * TW, TR, TW)
+
     def conv(xf, indptr, offsets, vstart, values, bias, order, res, y):
+        if TILE_TASKS:
+            conv_per_tile(xf, indptr, offsets, vstart, values, bias, order, res, y)
+            return
         with loop("task", T.parallel(N * NB * RT)) as task:
             n = task // (NB * RT)
             if ROW_OUTER:
