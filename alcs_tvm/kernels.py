@@ -15,9 +15,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import tvm
 
-from .schedules import (SparseConvSchedule, bias_per_accumulator, default_sparse_conv_schedule,
-                        loads_bias_per_accumulator, prefetches_next_block, splits_tasks_per_tile)
-from .schedules.sparse_conv2d_cpu import KernelGeometry, activation_buffer_offsets, sparse_conv2d_template
+from .schedules import (SparseConvSchedule, default_sparse_conv_schedule, loads_bias_per_accumulator,
+                        prefetches_next_block, splits_tasks_per_tile)
+from .schedules.sparse_conv2d_cpu import QUARTER, KernelGeometry, activation_buffer_offsets, sparse_conv2d_template
 from .layer import Conv2dSpec, KernelLayout, normalize_padding
 from .sparse_format import BlockSparseWeight, widest_block_format
 from .target import TargetInfo, resolve_target
@@ -40,7 +40,7 @@ class PackedSparseConv2d:
     vstart: np.ndarray  # int32 [max(runs, 1)]: index in ``values`` of each run's first weight vector
     values: np.ndarray  # float32 [max(nnz, 1), V], in run order
     bias: np.ndarray  # float32 [nblocks * V], zero-padded (all zeros when the conv has no bias); or per accumulator
-    # (schedules.bias_per_accumulator) where the kernel loads a copy for each
+    # (bias_per_accumulator) where the kernel loads a copy for each
     block_order: np.ndarray  # int32 [nblocks]: the order parallel tasks visit the blocks (load balance)
     max_run: int = 1
 
@@ -203,6 +203,17 @@ def kernel_symbol(spec: Conv2dSpec, schedule: SparseConvSchedule, layout: Kernel
     order = "_rowouter" if schedule.row_outer else ""
     return f"alcs_spconv_k{kh}x{kw}{stride}_v{schedule.vector_width}_r{schedule.tile_rows}x{schedule.tile_cols}" \
         f"{order}{epilogue}"
+
+
+def bias_per_accumulator(bias: np.ndarray, vector_width: int, accumulators: int) -> np.ndarray:
+    """The bias argument of a kernel whose accumulators load their own copies (``bias_copies`` of
+    :func:`~.schedules.sparse_conv2d_cpu.sparse_conv2d_template`): per output block, per accumulator of the register
+    tile, per quarter of the group, its ``QUARTER`` lanes then as many unread zeros (so that LLVM does not pair two
+    loads into one ``ldp q``)."""
+    quarters = np.asarray(bias, np.float32).reshape(-1, 1, vector_width // QUARTER, 1, QUARTER)
+    out = np.zeros((quarters.shape[0], accumulators, vector_width // QUARTER, 2, QUARTER), np.float32)
+    out[:, :, :, :1, :] = quarters
+    return out.reshape(-1)
 
 
 def sparse_conv2d_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, layout: KernelLayout = KernelLayout(), *,

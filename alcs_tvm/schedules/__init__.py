@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import arm64, x86
+
 __all__ = ["SparseConvSchedule", "default_sparse_conv_schedule", "register_budget", "registers_per_group",
-           "choose_tile", "prefetches_next_block", "loads_bias_per_accumulator", "bias_per_accumulator",
+           "choose_tile", "prefetches_next_block", "loads_bias_per_accumulator",
            "splits_tasks_per_tile"]
 
 
@@ -74,10 +76,7 @@ def registers_per_group(family: str, vector_width: int) -> int:
 def register_budget(family: str, vector_width: int, max_run: int = 1) -> tuple:
     """``(max_accumulators, max_cols)`` of the register tile, in group-wide accumulators: the target's register
     file less the weight vectors and broadcast input a run of ``max_run`` taps keeps live."""
-    if family.startswith("x86"):
-        from . import x86 as module
-    else:
-        from . import arm64 as module
+    module = x86 if family.startswith("x86") else arm64
     max_accumulators, max_cols = module.register_budget(family, vector_width)
     registers = registers_per_group(family, vector_width)
     return max(1, (max_accumulators - 2 * (max_run - 1)) // registers), max(1, max_cols // registers)
@@ -127,8 +126,6 @@ def loads_bias_per_accumulator(family: str, out_width: int, schedule: SparseConv
     x86 keeps one bias per block: the variant was estimated on the arm64 models only."""
     if family != "arm64" or schedule.vector_width % 4:
         return False
-    from . import arm64
-
     return arm64.loads_bias_per_accumulator(out_width, min(schedule.tile_cols, out_width), activation, tile_tasks)
 
 
@@ -138,14 +135,6 @@ def splits_tasks_per_tile(family: str, pointwise: bool, out_height: int, out_wid
     arm64 only, chosen by the ``llvm-mca`` estimate; x86 keeps its measured row-tile tasks)."""
     if family != "arm64" or schedule.row_outer:
         return False
-    from . import arm64
-
     return arm64.splits_tasks_per_tile(pointwise, out_height, out_width, min(schedule.tile_rows, out_height),
                                        min(schedule.tile_cols, out_width), activation)
 
-
-def bias_per_accumulator(bias, vector_width: int, accumulators: int):
-    """The bias argument of a kernel whose accumulators load their own copies (:func:`.arm64.bias_per_accumulator`)."""
-    from . import arm64
-
-    return arm64.bias_per_accumulator(bias, vector_width, accumulators)

@@ -16,7 +16,6 @@ Chosen by ``llvm-mca`` estimates of the generated code on the Neoverse N1 (Corte
 * V = 4 (layers whose Cout is not a multiple of 8): 20 registers, 16 in a row (1x14 on 56-wide 3x3 layers:
   two FMA pipes busy behind the 4-cycle FMA latency, where the earlier 14-register budget's 1x8 was not).
 """
-import numpy as np
 
 
 def register_budget(family: str, vector_width: int) -> tuple:
@@ -25,9 +24,6 @@ def register_budget(family: str, vector_width: int) -> tuple:
         return 28, 28
     return 20, 16
 
-
-#: fp32 lanes of a q register
-LANES = 4
 
 
 def loads_bias_per_accumulator(out_width: int, tile_cols: int, activation, tile_tasks: bool = False) -> bool:
@@ -50,11 +46,3 @@ def splits_tasks_per_tile(pointwise: bool, out_height: int, out_width: int, tile
     return (pointwise and activation in ("relu", "relu6") and out_width > tile_cols and out_width % tile_cols == 0
             and out_height % tile_rows == 0)
 
-
-def bias_per_accumulator(bias: np.ndarray, vector_width: int, accumulators: int) -> np.ndarray:
-    """The kernel's bias argument for :func:`loads_bias_per_accumulator`: per output block, per accumulator of the
-    register tile, per q register of the group, its 4 lanes then 4 unread zeros."""
-    quads = np.asarray(bias, np.float32).reshape(-1, 1, vector_width // LANES, 1, LANES)
-    out = np.zeros((quads.shape[0], accumulators, vector_width // LANES, 2, LANES), np.float32)
-    out[:, :, :, :1, :] = quads
-    return out.reshape(-1)

@@ -253,7 +253,7 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
 
     ``bias_copies``: ``bias`` holds, per output block, that many copies of the block's bias, one per accumulator of
     the register tile, each 4-lane quarter followed by 4 unread lanes
-    (:func:`alcs_tvm.schedules.arm64.bias_per_accumulator`), and each accumulator starts from its own copy: a
+    (:func:`alcs_tvm.kernels.bias_per_accumulator`), and each accumulator starts from its own copy: a
     load per accumulator instead of one load and a register copy per accumulator (0: one bias per block).
 
     ``tile_tasks``: one parallel task per register tile (image, block, row tile, column tile) instead of per row
