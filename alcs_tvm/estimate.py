@@ -219,7 +219,10 @@ def _natural_loops(succ: list) -> dict:
 @dataclass(frozen=True)
 class AsmLoop:
     """An innermost loop of FMAs: its body (instructions in address order) and what the code around it runs
-    once per pass of the enclosing loop (``outer_text``, ``None`` at the top level)."""
+    once per pass of the enclosing loop (``outer_text``, ``None`` at the top level): the blocks on the way into
+    and out of the inner loops. LLVM gives a pass that skips every inner loop its own copy of the set-up (the
+    accumulators' initial values moved straight into the registers the epilogue reads), which such a pass runs
+    instead (``empty_text``)."""
 
     text: tuple
     fmas: int
@@ -227,6 +230,9 @@ class AsmLoop:
     outer_id: int | None
     outer_text: tuple | None
     outer_fma_loops: int  # FMA loops inside the same enclosing loop
+    # the code a pass of the enclosing loop runs when it enters none of its inner loops (a register tile of an
+    # output block with no kept position); ``outer_text`` is then the code of the passes that do enter them
+    empty_text: tuple | None = None
 
 
 def find_fma_loops(asm: str, isa: str) -> list:
@@ -237,7 +243,8 @@ def find_fma_loops(asm: str, isa: str) -> list:
         raise EstimateError("no function found in the assembly")
     name = max(funcs, key=lambda f: sum(1 for line in funcs[f] if fma.match(line)))
     blocks = _blocks(funcs[name], isa)
-    loops = _natural_loops(_cfg(blocks))
+    succ = _cfg(blocks)
+    loops = _natural_loops(succ)
     if not loops:
         raise EstimateError(f"no loop in {name}")
 
@@ -253,14 +260,46 @@ def find_fma_loops(asm: str, isa: str) -> list:
                  for line in text if fma.match(line)}
         parents = [o for o in loops if nested(h, o)]
         outer = min(parents, key=lambda o: len(loops[o])) if parents else None
-        outer_text, siblings = None, 0
+        outer_text, empty_text, siblings = None, None, 0
         if outer is not None:
             inside = set().union(*(loops[o] for o in loops if nested(o, outer)))
-            outer_text = tuple(line for b in sorted(loops[outer] - inside) for line in blocks[b].lines)
+            taken, empty = _pass_paths(succ, outer, loops[outer] - inside, inside)
+            outer_text = tuple(line for b in sorted(taken) for line in blocks[b].lines)
+            empty_text = tuple(line for b in sorted(empty) for line in blocks[b].lines)
             siblings = sum(1 for o in fma_loops if nested(o, outer))
         result.append(AsmLoop(text, sum(1 for line in text if fma.match(line)), len(dests), outer, outer_text,
-                              siblings))
+                              siblings, empty_text))
     return result
+
+
+def _pass_paths(succ: list, header: int, region: set, inner: set) -> tuple:
+    """``(taken, empty)``: the blocks of an enclosing loop's own code (``region``, its blocks outside the
+    ``inner`` loops) that a pass entering an inner loop can run - those that lead into one or come after one -
+    and those a pass entering none runs (on a path from the ``header`` back to it that avoids them all)."""
+    pred = {b: [] for b in region}
+    for b in region:
+        for s in succ[b]:
+            if s in region and s != header:
+                pred[s].append(b)
+
+    def walk(start, step):
+        seen, todo = set(start), list(start)
+        while todo:
+            for nxt in step(todo.pop()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    def forward(b):
+        return [s for s in succ[b] if s in region and s != header]
+
+    into = walk({b for b in region if any(s in inner for s in succ[b])}, lambda b: pred[b])
+    after = walk({s for b in inner for s in succ[b] if s in region and s != header}, forward)
+    taken = into | after
+    from_header = walk({header}, forward)
+    to_latch = walk({b for b in from_header if header in succ[b]}, lambda b: [p for p in pred[b] if p in from_header])
+    return taken, from_header & to_latch
 
 
 def instruction_mix(text, isa: str) -> dict:
@@ -522,6 +561,7 @@ def estimate_kernel(kernel: SparseConv2dKernel, info: TargetInfo, core: Core) ->
     tile_cycles = 0.0
     seen = set()
     by_tile = {r * c * regs: count for (r, c), count in tiles.items()}
+    empty_blocks = int((runs.sum(axis=1) == 0).sum())
     for loop in loops:
         if loop.outer_id is None or loop.outer_id in seen or not loop.outer_text:
             continue
@@ -532,7 +572,11 @@ def estimate_kernel(kernel: SparseConv2dKernel, info: TargetInfo, core: Core) ->
         else:
             tile_rows = min(kernel.schedule.tile_rows, geom.out_height)
             passes = n_tasks * -(-geom.out_height // tile_rows)
-        tile_cycles += passes * run_mca(loop.outer_text, core.mcpu, core.triple)
+        # a pass over an output block without kept positions skips the inner loops and runs its own code
+        empty = passes * empty_blocks // geom.num_blocks
+        tile_cycles += (passes - empty) * run_mca(loop.outer_text, core.mcpu, core.triple)
+        if empty:
+            tile_cycles += empty * run_mca(loop.empty_text or loop.outer_text, core.mcpu, core.triple)
     return KernelEstimate(core, loop_cycles, tile_cycles, useful_flops(kernel), peak_flops_per_cycle(core),
                           compulsory_bytes(kernel), estimates)
 

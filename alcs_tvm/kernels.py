@@ -15,8 +15,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import tvm
 
-from .schedules import SparseConvSchedule, default_sparse_conv_schedule, prefetches_next_block
-from .schedules.sparse_conv2d_cpu import KernelGeometry, activation_buffer_offsets, sparse_conv2d_template
+from .schedules import (SparseConvSchedule, default_sparse_conv_schedule, loads_bias_per_accumulator,
+                        prefetches_next_block, splits_tasks_per_tile)
+from .schedules.sparse_conv2d_cpu import QUARTER, KernelGeometry, activation_buffer_offsets, sparse_conv2d_template
 from .layer import Conv2dSpec, KernelLayout, normalize_padding
 from .sparse_format import BlockSparseWeight, widest_block_format
 from .target import TargetInfo, resolve_target
@@ -38,7 +39,8 @@ class PackedSparseConv2d:
     offsets: np.ndarray  # int32 [max(runs, 1)]: flat offset of each run's first (cin, kh, kw) in the padded input
     vstart: np.ndarray  # int32 [max(runs, 1)]: index in ``values`` of each run's first weight vector
     values: np.ndarray  # float32 [max(nnz, 1), V], in run order
-    bias: np.ndarray  # float32 [nblocks * V], zero-padded (all zeros when the conv has no bias)
+    bias: np.ndarray  # float32 [nblocks * V], zero-padded (all zeros when the conv has no bias); or per accumulator
+    # (bias_per_accumulator) where the kernel loads a copy for each
     block_order: np.ndarray  # int32 [nblocks]: the order parallel tasks visit the blocks (load balance)
     max_run: int = 1
 
@@ -203,6 +205,17 @@ def kernel_symbol(spec: Conv2dSpec, schedule: SparseConvSchedule, layout: Kernel
         f"{order}{epilogue}"
 
 
+def bias_per_accumulator(bias: np.ndarray, vector_width: int, accumulators: int) -> np.ndarray:
+    """The bias argument of a kernel whose accumulators load their own copies (``bias_copies`` of
+    :func:`~.schedules.sparse_conv2d_cpu.sparse_conv2d_template`): per output block, per accumulator of the register
+    tile, per quarter of the group, its ``QUARTER`` lanes then as many unread zeros (so that LLVM does not pair two
+    loads into one ``ldp q``)."""
+    quarters = np.asarray(bias, np.float32).reshape(-1, 1, vector_width // QUARTER, 1, QUARTER)
+    out = np.zeros((quarters.shape[0], accumulators, vector_width // QUARTER, 2, QUARTER), np.float32)
+    out[:, :, :, :1, :] = quarters
+    return out.reshape(-1)
+
+
 def sparse_conv2d_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, layout: KernelLayout = KernelLayout(), *,
                          bias=None, target="x86", schedule: SparseConvSchedule | None = None, name: str | None = None,
                          one_activation_buffer=False, slope=None) -> SparseConv2dKernel:
@@ -268,10 +281,18 @@ def sparse_conv2d_kernel(weight: BlockSparseWeight, spec: Conv2dSpec, layout: Ke
         vector_width=weight.vector_width,
         out_block=out_block,
     )
+    tile_tasks = splits_tasks_per_tile(info.family, spec.kernel == (1, 1), spec.out_height, spec.out_width, schedule,
+                                       layout.activation) and not prefetches_next_block(info.family)
+    bias_copies = 0
+    if layout.bias and loads_bias_per_accumulator(info.family, spec.out_width, schedule, layout.activation,
+                                                  tile_tasks):
+        bias_copies = min(schedule.tile_rows, spec.out_height) * min(schedule.tile_cols, spec.out_width)
+        packed = replace(packed, bias=bias_per_accumulator(packed.bias, weight.vector_width, bias_copies))
     func = sparse_conv2d_template(geom, schedule, has_bias=layout.bias, activation=layout.activation,
                                   name=name or kernel_symbol(spec, schedule, layout),
                                   one_activation_buffer=one_activation_buffer,
-                                  prefetch_next_block=prefetches_next_block(info.family))
+                                  prefetch_next_block=prefetches_next_block(info.family), bias_copies=bias_copies,
+                                  tile_tasks=tile_tasks)
     return SparseConv2dKernel(func, packed, geom, schedule)
 
 

@@ -75,6 +75,9 @@ DEVICE_CASES_V8 = [
     (8, 24, 13, 3, 2, 1, 1, 0.8, False, "relu6", 1),
     (24, 16, 10, 1, 1, 0, 1, 0.9, True, "relu", 1),
     (16, 16, 9, 3, 1, 2, 2, 0.3, False, None, 2),
+    (24, 48, 14, 1, 1, 0, 1, 0.9, True, "relu6", 1),   # each accumulator loads its own copy of the bias
+    (16, 32, 7, 3, 1, 1, 1, 0.5, True, "relu", 2),     # ... 2x7 tiles and a remainder row, batch 2
+    (16, 32, 28, 1, 1, 0, 1, 0.8, True, "relu6", 2),   # ... one task per 1x14 tile, batch 2
 ]
 
 
@@ -159,3 +162,46 @@ def test_expand_depthwise_on_arm64_device(device_session, cross_cxx, tmp_path, n
     got, expected = run_fused(stable_seed(name, sparsity), cin, cout, hw, v, sparsity, target="arm64",
                               run=on_device, **kwargs)
     assert_close(got, expected)
+
+
+@pytest.mark.parametrize("hw", [14, 28])
+@pytest.mark.parametrize("sparsity", [0.0, 0.9])
+def test_blocked_relu6_pointwise_on_arm64_device(device_session, cross_cxx, tmp_path, sparsity, hw):
+    """A MobileNetV2 expand conv as the compiled model calls it: V=8 groups written as NCHW[4]c blocks with a zero
+    border for the depthwise conv, bias + ReLU6, per-accumulator bias copies (the 1x14 tile spans the 14-wide row;
+    at 28 each tile is its own task)."""
+    import tvm
+    from tvm.support import cc
+
+    from alcs_tvm import rpc
+    from alcs_tvm.kernels import sparse_conv2d_kernel
+    from alcs_tvm.layer import Conv2dSpec, KernelLayout
+    from alcs_tvm.sparse_format import BlockSparseWeight, random_block_sparse
+    from alcs_tvm.target import resolve_target
+
+    cin, cout, v, block = 24, 48, 8, 4
+    rng = np.random.default_rng(stable_seed(cin, cout, hw, sparsity))
+    weight = random_block_sparse(rng.standard_normal((cout, cin, 1, 1)).astype(np.float32), v, sparsity, rng)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    x = (rng.standard_normal((1, cin, hw, hw)) * 3).astype(np.float32)
+    info = resolve_target("arm64")
+    spec = Conv2dSpec.create(x.shape, weight.shape, 1, 0, 1)
+    layout = KernelLayout(bias=True, activation="relu6", output_blocked=True, out_block=block,
+                          output_pad=(1, 1, 1, 1))
+    kernel = sparse_conv2d_kernel(BlockSparseWeight.from_dense(weight, v), spec, layout, bias=bias, target=info)
+    assert kernel.schedule.vector_width == v and kernel.packed.bias.size > cout  # the per-accumulator copies
+    library = tmp_path / "kernel.so"
+    tvm.compile(kernel.func, target=info.target).export_library(str(library),
+                                                                fcompile=cc.cross_compiler(cross_cxx))
+    remote = rpc.upload_library(device_session, library)
+    dev = device_session.cpu()
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev)
+            for a in [x] + kernel.packed.arrays() + [np.full(kernel.output_shape, np.nan, np.float32)]]
+    remote[kernel.func.attrs["global_symbol"]](*args)
+    out = args[-1].numpy()  # [1, cout / 4, hw + 2, hw + 2, 4]
+
+    border = out.copy()
+    border[:, :, 1:-1, 1:-1, :] = 0
+    assert not border.any()
+    inner = out[:, :, 1:-1, 1:-1, :].transpose(0, 1, 4, 2, 3).reshape(1, cout, hw, hw)
+    assert_close(inner, torch_conv(x, weight, bias, 1, 0, 1, "relu6"))

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import arm64, x86
+
 __all__ = ["SparseConvSchedule", "default_sparse_conv_schedule", "register_budget", "registers_per_group",
-           "choose_tile", "prefetches_next_block"]
+           "choose_tile", "prefetches_next_block", "loads_bias_per_accumulator",
+           "splits_tasks_per_tile"]
 
 
 @dataclass(frozen=True)
@@ -73,10 +76,7 @@ def registers_per_group(family: str, vector_width: int) -> int:
 def register_budget(family: str, vector_width: int, max_run: int = 1) -> tuple:
     """``(max_accumulators, max_cols)`` of the register tile, in group-wide accumulators: the target's register
     file less the weight vectors and broadcast input a run of ``max_run`` taps keeps live."""
-    if family.startswith("x86"):
-        from . import x86 as module
-    else:
-        from . import arm64 as module
+    module = x86 if family.startswith("x86") else arm64
     max_accumulators, max_cols = module.register_budget(family, vector_width)
     registers = registers_per_group(family, vector_width)
     return max(1, (max_accumulators - 2 * (max_run - 1)) // registers), max(1, max_cols // registers)
@@ -117,3 +117,24 @@ def prefetches_next_block(family: str) -> bool:
     (:func:`~.sparse_conv2d_cpu.sparse_conv2d_template`): on x86, where it was measured to pay inside models
     (docs/benchmarks.md). The arm64 loop stays as its ``llvm-mca`` estimate was made until measured on a phone."""
     return family.startswith("x86")
+
+
+def loads_bias_per_accumulator(family: str, out_width: int, schedule: SparseConvSchedule, activation,
+                               tile_tasks: bool = False) -> bool:
+    """Whether the sparse kernel's accumulators each load their own copy of the bias
+    (:func:`.arm64.loads_bias_per_accumulator`): on arm64, chosen by the ``llvm-mca`` estimate (docs/arm64.md).
+    x86 keeps one bias per block: the variant was estimated on the arm64 models only."""
+    if family != "arm64" or schedule.vector_width % 4:
+        return False
+    return arm64.loads_bias_per_accumulator(out_width, min(schedule.tile_cols, out_width), activation, tile_tasks)
+
+
+def splits_tasks_per_tile(family: str, pointwise: bool, out_height: int, out_width: int,
+                          schedule: SparseConvSchedule, activation) -> bool:
+    """Whether each register tile of the sparse kernel is its own parallel task (:func:`.arm64.splits_tasks_per_tile`,
+    arm64 only, chosen by the ``llvm-mca`` estimate; x86 keeps its measured row-tile tasks)."""
+    if family != "arm64" or schedule.row_outer:
+        return False
+    return arm64.splits_tasks_per_tile(pointwise, out_height, out_width, min(schedule.tile_rows, out_height),
+                                       min(schedule.tile_cols, out_width), activation)
+

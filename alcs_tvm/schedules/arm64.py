@@ -23,3 +23,26 @@ def register_budget(family: str, vector_width: int) -> tuple:
     if vector_width >= 8:
         return 28, 28
     return 20, 16
+
+
+
+def loads_bias_per_accumulator(out_width: int, tile_cols: int, activation, tile_tasks: bool = False) -> bool:
+    """Whether each accumulator starts from its own copy of the bias in memory (a ``ldr q`` on a load pipe)
+    instead of a register copy of one loaded bias (a ``mov`` on the vector pipes that the FMAs, the clamp and the
+    q-register stores share): where no column-tile loop surrounds the tile (it spans the output row, or each tile
+    is its own task: LLVM would hoist the loads out of that loop and spill them) and the epilogue clamps (ReLU,
+    ReLU6: its vector pipes are the tile code's bottleneck). The copies sit 32 bytes apart, so that LLVM does not
+    pair them into ``ldp q``, which the Cortex-A55 model issues slower than two ``ldr q``."""
+    return (tile_tasks or tile_cols >= out_width) and activation in ("relu", "relu6")
+
+
+def splits_tasks_per_tile(pointwise: bool, out_height: int, out_width: int, tile_rows: int, tile_cols: int,
+                          activation) -> bool:
+    """Whether each register tile is its own parallel task (no column-tile loop, so that its accumulators can
+    load their own bias copies): 1x1 convs with a clamping epilogue whose rows split into several whole tiles
+    (MobileNetV2's expand convs at 28-112 pixels wide), where the tile code is a large share of the time. 3x3
+    convs keep the column loop: their runs make the tile code a small share, and the Cortex-A55 model runs the
+    per-tile task arithmetic slower."""
+    return (pointwise and activation in ("relu", "relu6") and out_width > tile_cols and out_width % tile_cols == 0
+            and out_height % tile_rows == 0)
+

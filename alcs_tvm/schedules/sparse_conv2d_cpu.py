@@ -200,6 +200,8 @@ def vector_exp(x):
     return p * scale
 
 
+QUARTER = 4  # lanes per copy of the bias in the bias_copies layout (a NEON q register)
+
 ACTIVATION_ALIGN = 64  # fp32 elements (256 bytes): every array in the shared buffer starts vector-aligned
 
 
@@ -227,7 +229,7 @@ def shape_size(values) -> int:
 
 def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, has_bias: bool,
                            activation=None, name: str = "alcs_sparse_conv2d", one_activation_buffer: bool = False,
-                           prefetch_next_block: bool = False):
+                           prefetch_next_block: bool = False, bias_copies: int = 0, tile_tasks: bool = False):
     """Return the PrimFunc ``(x, indptr, offsets, vstart, values, bias, block_order, [residual,] y)`` for one
     conv layer (``residual`` when ``geom.residual`` is set: added to the accumulators before the activation).
 
@@ -247,7 +249,16 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
 
     ``prefetch_next_block``: in block order, the first column tile of a block's second row tile prefetches the
     next block's weights (a line per 16 lanes per kept position) into L2. Inside a model a layer's weights come
-    from memory; without it each block's first row tile waits for them while the later ones only compute."""
+    from memory; without it each block's first row tile waits for them while the later ones only compute.
+
+    ``bias_copies``: ``bias`` holds, per output block, that many copies of the block's bias, one per accumulator of
+    the register tile, each 4-lane quarter followed by 4 unread lanes
+    (:func:`alcs_tvm.kernels.bias_per_accumulator`), and each accumulator starts from its own copy: a
+    load per accumulator instead of one load and a register copy per accumulator (0: one bias per block).
+
+    ``tile_tasks``: one parallel task per register tile (image, block, row tile, column tile) instead of per row
+    tile, for a row of whole tiles: without the column-tile loop LLVM has no loop to hoist a tile's set-up out of
+    (the accumulators' bias, whose hoisted copies it would spill)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     V = sched.vector_width
@@ -292,6 +303,12 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
     x_shape = tuple(geom.input_shape)
     PRELU = activation == "prelu"
     bias_len = NB * V * (2 if PRELU else 1)  # PReLU's slopes follow the bias
+    BIAS_COPIES = int(bias_copies)
+    if BIAS_COPIES:
+        if not has_bias or PRELU or V % QUARTER or BIAS_COPIES < TR * TW:
+            raise ValueError(f"bias_copies={BIAS_COPIES} needs a bias, no PReLU, V a multiple of {QUARTER} and a copy "
+                             f"per accumulator of the {TR}x{TW} tile")
+        bias_len = NB * BIAS_COPIES * V * 2
 
     def slope(bias, channel):
         return bias[NB * V + channel] if PRELU else None
@@ -300,9 +317,16 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
         IO_SIZE, X_AT, Y_AT = io_at["size"], io_at["x"], io_at["y"]
         RES_AT, RES_SHAPE = io_at.get("residual", 0), res_shape if HAS_RES else (1,)
 
+    TILE_TASKS = bool(tile_tasks)
+    if TILE_TASKS and (ROW_OUTER or HAS_ROW_REM or HAS_COL_REM or prefetch_next_block):
+        raise ValueError("tile_tasks needs block-outer order, whole tiles and no prefetch")
+
     def segment(xf, indptr, offsets, vstart, values, acc, base, ob, k, run, tr, tw, next_rows=None):
         with loop("q", T.serial(indptr[ob * RMAX + k], indptr[ob * RMAX + k + 1])) as q:
-            at = base + offsets[q]
+            if TILE_TASKS:  # in 64 bits, so that LLVM keeps the tile's input address outside the loop
+                at = T.Cast("int64", base) + T.Cast("int64", offsets[q])
+            else:
+                at = base + offsets[q]
             vb = vstart[q]
             if next_rows is not None:
                 prefetch_row(values, next_rows + vb)
@@ -312,8 +336,9 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
                     with loop("l", T.unroll(run)) as l:
                         with loop("v", T.vectorized(V)) as v:
                             i = (r * tw + c) * V + v
+                            step = r * ROW_STEP + (c + l) * COL_STEP
                             T.buffer_store(acc, acc[i] + values[vb + l, v] * xf[
-                                at + r * ROW_STEP + (c + l) * COL_STEP], [i])
+                                at + (T.Cast("int64", step) if TILE_TASKS else step)], [i])
 
     def prefetch_row(values, row):
         for lane in range(0, V, 16):  # one 64-byte line per 16 lanes
@@ -331,9 +356,16 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
 
     def tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, row0, col0, tr, tw, prefetch=None):
         acc = named("acc", T.decl_buffer((tr * tw * V,), "float32", scope="global"))
-        with loop("i", T.unroll(tr * tw)) as i:
-            with loop("v", T.vectorized(V)) as v:
-                T.buffer_store(acc, bias[ob * V + v] if HAS_BIAS else T.float32(0), [i * V + v])
+        if BIAS_COPIES:  # accumulator i's own copy of the bias: its quarters 8 lanes apart
+            with loop("i", T.unroll(tr * tw)) as i:
+                with loop("h", T.unroll(V // QUARTER)) as h:
+                    with loop("v", T.vectorized(QUARTER)) as v:
+                        T.buffer_store(acc, bias[((ob * BIAS_COPIES + i) * (V // QUARTER) + h) * 2 * QUARTER + v],
+                                       [i * V + h * QUARTER + v])
+        else:
+            with loop("i", T.unroll(tr * tw)) as i:
+                with loop("v", T.vectorized(V)) as v:
+                    T.buffer_store(acc, bias[ob * V + v] if HAS_BIAS else T.float32(0), [i * V + v])
         base = n * BATCH_STRIDE + row0 * ROW_STEP + col0 * COL_STEP
 
         def segments(next_rows=None):
@@ -387,7 +419,18 @@ def sparse_conv2d_template(geom: KernelGeometry, sched: SparseConvSchedule, *, h
         if HAS_COL_REM:
             tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, row0, CT_FULL * TW, tr, TW_REM)
 
+    def conv_per_tile(xf, indptr, offsets, vstart, values, bias, order, res, y):
+        with loop("task", T.parallel(N * NB * RT * CT_FULL)) as task:
+            n = task // (NB * RT * CT_FULL)
+            ob = order[task // (RT * CT_FULL) % NB]
+            rt = task // CT_FULL % RT
+            ct = task % CT_FULL
+            tile(xf, indptr, offsets, vstart, values, bias, res, y, n, ob, rt * TR, ct * TW, TR, TW)
+
     def conv(xf, indptr, offsets, vstart, values, bias, order, res, y):
+        if TILE_TASKS:
+            conv_per_tile(xf, indptr, offsets, vstart, values, bias, order, res, y)
+            return
         with loop("task", T.parallel(N * NB * RT)) as task:
             n = task // (NB * RT)
             if ROW_OUTER:
